@@ -66,15 +66,25 @@ class NetBuilder:
             self.params[name] = init().astype(np.float32)
         return name
 
-    def conv(self, x: str, cout: int, name: str, k: int = 3, stride: int = 1, group: int = 1) -> str:
+    def conv(
+        self, x: str, cout: int, name: str, k: int = 3, stride: int = 1, group: int = 1
+    ) -> str:
         cin = self.channels[x]
         std = np.sqrt(2.0 / (cin // group * k * k))
-        w = self._param(f"{name}.weight", lambda: self.rng.normal(0, std, (cout, cin // group, k, k)))
+        w = self._param(
+            f"{name}.weight", lambda: self.rng.normal(0, std, (cout, cin // group, k, k))
+        )
         pad = k // 2
         self.nodes.append(
             helper.make_node(
-                "Conv", [x, w], [name], name=name, kernel_shape=[k, k], strides=[stride, stride],
-                pads=[pad] * 4, group=group,
+                "Conv",
+                [x, w],
+                [name],
+                name=name,
+                kernel_shape=[k, k],
+                strides=[stride, stride],
+                pads=[pad] * 4,
+                group=group,
             )
         )
         self.channels[name] = cout
@@ -89,10 +99,14 @@ class NetBuilder:
             self.constants["bn_eps"] = np.array(EPS, dtype=np.float32)
             p = name
             self.nodes += [
-                helper.make_node("ReduceMean", [x], [f"{p}.batch_mean"], axes=[0, 2, 3], keepdims=1),
+                helper.make_node(
+                    "ReduceMean", [x], [f"{p}.batch_mean"], axes=[0, 2, 3], keepdims=1
+                ),
                 helper.make_node("Sub", [x, f"{p}.batch_mean"], [f"{p}.centered"]),
                 helper.make_node("Mul", [f"{p}.centered", f"{p}.centered"], [f"{p}.sq"]),
-                helper.make_node("ReduceMean", [f"{p}.sq"], [f"{p}.batch_var"], axes=[0, 2, 3], keepdims=1),
+                helper.make_node(
+                    "ReduceMean", [f"{p}.sq"], [f"{p}.batch_var"], axes=[0, 2, 3], keepdims=1
+                ),
                 helper.make_node("Add", [f"{p}.batch_var", "bn_eps"], [f"{p}.var_eps"]),
                 helper.make_node("Sqrt", [f"{p}.var_eps"], [f"{p}.std"]),
                 helper.make_node("Div", [f"{p}.centered", f"{p}.std"], [f"{p}.normed"]),
@@ -107,7 +121,9 @@ class NetBuilder:
                 helper.make_node(
                     "BatchNormalization",
                     [x, gamma, beta, f"{name}.running_mean", f"{name}.running_var"],
-                    [name], name=name, epsilon=EPS,
+                    [name],
+                    name=name,
+                    epsilon=EPS,
                 )
             )
         self.channels[name] = c
@@ -161,7 +177,9 @@ def mobilenet_digits(nb: NetBuilder) -> str:
     def inverted(x: str, cout: int, expand: int, stride: int, name: str) -> str:
         cin = nb.channels[x]
         hidden = cin * expand
-        h = nb.relu6(nb.bn(nb.conv(x, hidden, f"{name}.expand", k=1), f"{name}.bn1"), f"{name}.act1")
+        h = nb.relu6(
+            nb.bn(nb.conv(x, hidden, f"{name}.expand", k=1), f"{name}.bn1"), f"{name}.act1"
+        )
         h = nb.conv(h, hidden, f"{name}.dw", k=3, stride=stride, group=hidden)
         h = nb.relu6(nb.bn(h, f"{name}.bn2"), f"{name}.act2")
         h = nb.bn(nb.conv(h, cout, f"{name}.project", k=1), f"{name}.bn3")
@@ -180,7 +198,9 @@ def mobilenet_digits(nb: NetBuilder) -> str:
 ARCHITECTURES = {"digits_resnet": resnet_digits, "digits_mobilenet": mobilenet_digits}
 
 
-def make_model(nb: NetBuilder, output: str, extra: dict[str, np.ndarray], name: str) -> onnx.ModelProto:
+def make_model(
+    nb: NetBuilder, output: str, extra: dict[str, np.ndarray], name: str
+) -> onnx.ModelProto:
     inits = {**{k: v for k, v in nb.params.items()}, **nb.constants, **extra}
     used = {i for n in nb.nodes for i in n.input}
     graph = helper.make_graph(
@@ -279,12 +299,12 @@ def train(
     # Population statistics of every BN input: one full-batch pass of the training form.
     nb_train, out = _rebuild(arch, trained, training=True)
     stats_model = make_model(nb_train, out, {}, arch + "_stats")
-    for bn_name, (mean_name, var_name) in nb_train.bn_stats.items():
+    for mean_name, var_name in nb_train.bn_stats.values():
         for t in (mean_name, var_name):
             stats_model.graph.output.append(helper.make_empty_tensor_value_info(t))
     sess = ort.InferenceSession(stats_model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    results = dict(zip(names, sess.run(None, {"input": x})))
+    results = dict(zip(names, sess.run(None, {"input": x}), strict=True))
     full_batch_logits = results["logits"]
     extra = {}
     for bn_name, (mean_name, var_name) in nb_train.bn_stats.items():

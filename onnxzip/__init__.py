@@ -1,0 +1,43 @@
+"""onnxzip: prune, quantize and verify ONNX models on the graph itself, checked with onnxruntime.
+
+Python API (each function takes a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``)::
+
+    import onnxzip
+    model = onnxzip.load_model("model.onnx")                # normalised onnx_ir.Model
+    info = onnxzip.inspect_model("model.onnx")              # InspectReport
+    data = onnxzip.open_samples(onnxzip.input_specs(model), "samples.npz")
+    report = onnxzip.verify("model.onnx", "small.onnx", data,
+                            thresholds=onnxzip.Thresholds(min_cosine=0.99))
+    report.passed, report.outputs[0].snr_db
+    onnxzip.save_model(model, "out.onnx")                   # checked, atomic
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from onnxzip.analysis import InspectReport, inspect_model
+from onnxzip.data import Batch, InputSpec, Samples, input_specs, open_samples
+from onnxzip.errors import DataError, InputError, ModelError, OnnxzipError, ParityError
+from onnxzip.io import load_model, save_model
+from onnxzip.verify import Thresholds, VerifyReport, verify
+
+__all__ = [
+    "Batch",
+    "DataError",
+    "InputError",
+    "InputSpec",
+    "InspectReport",
+    "ModelError",
+    "OnnxzipError",
+    "ParityError",
+    "Samples",
+    "Thresholds",
+    "VerifyReport",
+    "input_specs",
+    "inspect_model",
+    "load_model",
+    "open_samples",
+    "save_model",
+    "verify",
+]

@@ -1,0 +1,3 @@
+from onnxzip.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,227 @@
+"""What a model is: opsets, inputs and outputs, op histogram, parameters, size and MACs.
+
+MACs (multiply-accumulates) are counted from inferred shapes, one sample at a time:
+
+* Conv:          MACs = |Y| / N * (C_in / group) * prod(kernel)   (Y the output, N its batch)
+                 = prod(Y.shape[1:]) * prod(W.shape[1:])
+* ConvTranspose: MACs = prod(X.shape[1:]) * prod(W.shape[1:])      (each input pixel scatters
+                 a C_out/group x kernel patch)
+* Gemm:          MACs = M * N * K, with M the output's first dim
+* MatMul:        MACs = prod(Y.shape) * K, K the contracted dim of the first operand
+
+A symbolic dimension that is the batch dimension of a graph input counts as 1; any other
+unknown dimension makes that node's count unknown, and the total is then marked incomplete.
+Biases, activations and normalisation are not counted: they are a few percent at most in the
+networks onnxzip targets and no int8 kernel changes their cost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxzip import io
+from onnxzip.data import input_specs
+from onnxzip.report import table
+
+# Integer initializers of these types are shapes, axes and indices, not parameters.
+_INDEX_TYPES = {ir.DataType.INT64}
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: list
+
+
+@dataclass
+class NodeMacs:
+    node: str
+    op_type: str
+    macs: int | None
+
+
+@dataclass
+class InspectReport:
+    """Everything ``onnxzip inspect`` prints, as data."""
+
+    source: str
+    ir_version: int
+    opsets: dict[str, int]
+    producer: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    op_histogram: dict[str, int]
+    nodes: int
+    parameters: int
+    weight_bytes: int
+    file_bytes: int | None
+    macs: int
+    macs_complete: bool
+    macs_per_node: list[NodeMacs] = field(default_factory=list)
+
+    def format(self, per_node: bool = False) -> str:
+        lines = [
+            f"model       {self.source}",
+            f"ir_version  {self.ir_version}",
+            "opsets      "
+            + ", ".join(f"{d or 'ai.onnx'}:{v}" for d, v in sorted(self.opsets.items())),
+        ]
+        if self.producer:
+            lines.append(f"producer    {self.producer}")
+        for kind, items in (("input", self.inputs), ("output", self.outputs)):
+            for t in items:
+                dims = ", ".join("?" if d is None else str(d) for d in t.shape)
+                lines.append(f"{kind:<11} {t.name}: {t.dtype}[{dims}]")
+        lines.append(f"nodes       {self.nodes}")
+        lines.append(f"parameters  {self.parameters:,}")
+        lines.append(f"weights     {self.weight_bytes:,} bytes")
+        if self.file_bytes is not None:
+            lines.append(f"file        {self.file_bytes:,} bytes")
+        note = "" if self.macs_complete else " (incomplete: some shapes unknown)"
+        lines.append(f"MACs        {self.macs:,} per sample{note}")
+        lines.append("")
+        hist = sorted(self.op_histogram.items(), key=lambda kv: (-kv[1], kv[0]))
+        lines.append(table(["op", "count"], [[op, n] for op, n in hist]))
+        if per_node and self.macs_per_node:
+            lines.append("")
+            total = max(self.macs, 1)
+            rows = [
+                [m.node, m.op_type, m.macs, None if m.macs is None else 100.0 * m.macs / total]
+                for m in self.macs_per_node
+            ]
+            lines.append(table(["node", "op", "MACs", "%"], rows))
+        return "\n".join(lines)
+
+
+def _dims(value: ir.Value, batch_names: set[str]) -> list[int] | None:
+    if value.shape is None:
+        return None
+    dims = []
+    for d in value.shape:
+        if isinstance(d, int):
+            dims.append(d)
+        elif d.value is not None and d.value in batch_names:
+            dims.append(1)
+        else:
+            return None
+    return dims
+
+
+def _const_shape(value: ir.Value | None, batch_names: set[str]) -> list[int] | None:
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return list(value.const_value.shape)
+    return _dims(value, batch_names)
+
+
+def node_macs(node: ir.Node, batch_names: set[str]) -> int | None:
+    """MACs of one Conv, ConvTranspose, Gemm or MatMul node for one sample (None if unknown)."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if op in ("Conv", "ConvTranspose"):
+        w = _const_shape(node.inputs[1], batch_names)
+        side = node.outputs[0] if op == "Conv" else node.inputs[0]
+        s = _dims(side, batch_names)
+        if w is None or s is None:
+            return None
+        return math.prod(s[1:]) * math.prod(w[1:])
+    if op == "Gemm":
+        a = _const_shape(node.inputs[0], batch_names)
+        y = _dims(node.outputs[0], batch_names)
+        if a is None or y is None or len(a) != 2:
+            return None
+        trans_a = node.attributes.get("transA")
+        k = a[0] if trans_a is not None and trans_a.as_int() else a[1]
+        return y[0] * y[1] * k
+    if op == "MatMul":
+        a = _const_shape(node.inputs[0], batch_names)
+        y = _dims(node.outputs[0], batch_names)
+        if a is None or y is None or not a:
+            return None
+        return math.prod(y) * a[-1]
+    return None
+
+
+def _parameters(model: ir.Model) -> tuple[int, int]:
+    count = nbytes = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or tensor.dtype in _INDEX_TYPES:
+            continue
+        count += math.prod(tensor.shape.numpy())
+        nbytes += tensor.nbytes
+    for node in model.graph:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            attr = node.attributes.get("value")
+            if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                tensor = attr.as_tensor()
+                if tensor.dtype not in _INDEX_TYPES:
+                    count += math.prod(tensor.shape.numpy())
+                    nbytes += tensor.nbytes
+    return int(count), int(nbytes)
+
+
+def _tensor_info(value: ir.Value) -> TensorInfo:
+    shape = []
+    if value.shape is not None:
+        shape = [d if isinstance(d, int) else d.value for d in value.shape]
+    dtype = str(np.dtype(value.dtype.numpy())) if value.dtype is not None else "?"
+    return TensorInfo(value.name or "", dtype, shape)
+
+
+def inspect_model(model, *, source: str | None = None) -> InspectReport:
+    """Describes a model given as a path, ``ModelProto`` or ``onnx_ir.Model``.
+
+    Raises:
+        ModelError: the model cannot be loaded.
+    """
+    file_bytes = None
+    if isinstance(model, (str, Path)):
+        source = source or str(model)
+        file_bytes = io.file_size(model)
+    ir_model = io.load_model(model, name=source)
+    graph = ir_model.graph
+    specs = input_specs(ir_model)
+    batch_names = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], str)}
+
+    histogram = Counter()
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        histogram[key] += 1
+
+    per_node = []
+    complete = True
+    for node in graph:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and node.domain in (
+            "",
+            "ai.onnx",
+        ):
+            macs = node_macs(node, batch_names)
+            complete &= macs is not None
+            per_node.append(NodeMacs(node.name or node.outputs[0].name, node.op_type, macs))
+    params, nbytes = _parameters(ir_model)
+    return InspectReport(
+        source=source or "model",
+        ir_version=ir_model.ir_version,
+        opsets=dict(ir_model.opset_imports),
+        producer=" ".join(p for p in (ir_model.producer_name, ir_model.producer_version) if p),
+        inputs=[_tensor_info(v) for v in graph.inputs if not v.is_initializer()],
+        outputs=[_tensor_info(v) for v in graph.outputs],
+        op_histogram=dict(histogram),
+        nodes=sum(histogram.values()),
+        parameters=params,
+        weight_bytes=nbytes,
+        file_bytes=file_bytes,
+        macs=sum(m.macs or 0 for m in per_node),
+        macs_complete=complete,
+        macs_per_node=per_node,
+    )

@@ -1,0 +1,223 @@
+"""Command line: ``python -m onnxzip SUBCOMMAND ...``.
+
+Exit codes: 0 success, 1 a parity check failed, 2 bad input or usage, 3 internal error.
+Errors on bad input are one line on stderr; a traceback appears only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from onnxzip import __version__, progress
+from onnxzip.errors import EXIT_INTERNAL, EXIT_OK, EXIT_PARITY, InputError, OnnxzipError
+
+logger = logging.getLogger("onnxzip")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in one line with exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InputError(f"{self.prog}: {message} (see --help)")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output and diagnostics")
+    group.add_argument(
+        "--json", type=Path, metavar="PATH", help="also write the report as JSON to PATH"
+    )
+    group.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars, only errors and results"
+    )
+    group.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    group.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def _data_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("samples")
+    src = group.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--data",
+        type=Path,
+        metavar="D",
+        help=".npz keyed by input name (optional 'labels'), or a folder of them",
+    )
+    src.add_argument(
+        "--synthetic", type=int, metavar="N", help="use N random samples (reported as synthetic)"
+    )
+    group.add_argument(
+        "--batch-size", type=int, default=32, metavar="B", help="samples per run (default 32)"
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed for --synthetic (default 0)")
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="onnxzip", description="Prune, quantize and verify ONNX models with onnxruntime."
+    )
+    parser.add_argument("--version", action="version", version=f"onnxzip {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser(
+        "inspect", help="opsets, inputs/outputs, op histogram, parameters, size, MACs"
+    )
+    p.add_argument("model", type=Path, metavar="MODEL")
+    p.add_argument(
+        "--per-node", action="store_true", help="list MACs of every Conv/Gemm/MatMul node"
+    )
+    _common(p)
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser(
+        "verify", help="compare a candidate model's outputs with a reference's in onnxruntime"
+    )
+    p.add_argument("reference", type=Path, metavar="REFERENCE")
+    p.add_argument("candidate", type=Path, metavar="CANDIDATE")
+    _data_options(p)
+    t = p.add_argument_group("thresholds (exit 1 when one fails)")
+    t.add_argument(
+        "--min-cosine", type=float, metavar="C", help="minimum mean per-sample cosine similarity"
+    )
+    t.add_argument("--min-snr", type=float, metavar="DB", help="minimum SNR in dB")
+    t.add_argument("--max-abs-error", type=float, metavar="E", help="maximum absolute error")
+    t.add_argument(
+        "--min-top1", type=_fraction, metavar="F", help="minimum top-1 agreement, a fraction (0.99)"
+    )
+    t.add_argument(
+        "--max-accuracy-drop",
+        type=_fraction,
+        metavar="F",
+        help="maximum accuracy drop against labels, a fraction (0.01 = one point)",
+    )
+    d = p.add_argument_group("debugging")
+    d.add_argument(
+        "--per-node",
+        action="store_true",
+        help="compare every intermediate tensor both models share; name the first and worst diverging node",
+    )
+    d.add_argument(
+        "--per-node-samples",
+        type=int,
+        default=32,
+        metavar="N",
+        help="samples for --per-node (default 32)",
+    )
+    d.add_argument(
+        "--node-tolerance",
+        type=float,
+        default=1e-4,
+        metavar="T",
+        help="relative error above which a tensor diverges (default 1e-4)",
+    )
+    d.add_argument(
+        "--optimization",
+        choices=["none", "basic", "extended", "all"],
+        default="all",
+        help="onnxruntime graph optimisation for the comparison (default all, as served)",
+    )
+    _common(p)
+    p.set_defaults(func=_cmd_verify)
+    return parser
+
+
+def _emit(report, args: argparse.Namespace, text: str) -> None:
+    print(text)
+    if args.json is not None:
+        from onnxzip.report import write_json
+
+        write_json(report, args.json)
+        logger.info("report written to %s", args.json)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from onnxzip.analysis import inspect_model
+
+    report = inspect_model(args.model)
+    _emit(report, args, report.format(per_node=args.per_node))
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from onnxzip import io
+    from onnxzip.data import input_specs, open_samples
+    from onnxzip.verify import Thresholds, verify
+
+    if args.per_node_samples < 1:
+        raise InputError("--per-node-samples must be at least 1")
+    reference = io.load_model(args.reference, name=str(args.reference))
+    samples = open_samples(input_specs(reference), args.data, args.synthetic, args.seed)
+    thresholds = Thresholds(
+        min_cosine=args.min_cosine,
+        min_snr_db=args.min_snr,
+        max_abs_error=args.max_abs_error,
+        min_top1=args.min_top1,
+        max_accuracy_drop=args.max_accuracy_drop,
+    )
+    report = verify(
+        reference,
+        args.candidate,
+        samples,
+        thresholds=thresholds,
+        batch_size=args.batch_size,
+        per_node=args.per_node,
+        per_node_samples=args.per_node_samples,
+        node_tolerance=args.node_tolerance,
+        optimization=args.optimization,
+        reference_name=str(args.reference),
+        candidate_name=str(args.candidate),
+    )
+    _emit(report, args, report.format())
+    return EXIT_OK if report.passed else EXIT_PARITY
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s")
+    )
+    root = logging.getLogger("onnxzip")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    progress.set_enabled(False if args.quiet else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        _configure_logging(args)
+        return args.func(args)
+    except OnnxzipError as exc:
+        if debug:
+            raise
+        print(f"onnxzip: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnxzip: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(
+            f"onnxzip: internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL

@@ -1,0 +1,363 @@
+"""Sample data: reading, validating, batching and splitting the inputs fed to models.
+
+A data set is an ``.npz`` file whose arrays are keyed by model input name, the first axis
+indexing samples, plus an optional integer array ``labels`` (one class per sample); or a folder of
+such files, read one file at a time so that a data set never has to fit in memory. Every file's
+array headers are validated against the model's inputs before any sample is used (names, dtypes,
+ranks, fixed dimensions, sample counts), so a mistake in the last file fails at once.
+
+Held-out split: with fraction ``f``, sample ``i`` (counted across files) is held out when
+``floor((i + 1) f) > floor(i f)``. The rule needs no total count, interleaves held-out samples
+through the whole set, and never changes as files are streamed: calibration and verification
+can never see the same sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxzip.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+LABELS = "labels"
+DEFAULT_HOLDOUT = 0.2
+SYNTHETIC_DIM = 16  # size given to symbolic non-batch dimensions of synthetic samples
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: name, numpy dtype and shape (``str`` or ``None`` for a symbolic dim)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+    @property
+    def fixed_batch(self) -> int | None:
+        return self.shape[0] if self.shape and isinstance(self.shape[0], int) else None
+
+    def describe(self) -> str:
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name}: {self.dtype}[{dims}]"
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """The inputs a caller must feed (graph inputs that are not initializers)."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.is_initializer():
+            continue
+        if value.dtype is None:
+            raise DataError(f"model input '{value.name}' has no element type")
+        dims: tuple[int | str | None, ...] = ()
+        if value.shape is not None:
+            dims = tuple(d if isinstance(d, int) else d.value for d in value.shape)
+        specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), dims))
+    return specs
+
+
+@dataclass
+class Batch:
+    """Inputs for one onnxruntime run, and the labels of those samples when known."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+
+def _is_holdout(index: np.ndarray, fraction: float) -> np.ndarray:
+    return np.floor((index + 1) * fraction) > np.floor(index * fraction)
+
+
+def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes and dtypes of every array in an ``.npz`` without reading the data."""
+    headers = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version == (1, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+                    else:
+                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+                headers[info.filename[: -len(".npy")]] = (tuple(shape), np.dtype(dtype))
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
+    return headers
+
+
+class Samples:
+    """A stream of samples for a model. Subclasses yield whole chunks; this class batches them."""
+
+    synthetic = False
+    has_labels = False
+    count: int | None = None
+
+    def __init__(self, specs: list[InputSpec]):
+        if not specs:
+            raise DataError("the model has no inputs to feed")
+        self.specs = specs
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def chunks(self) -> Iterator[Batch]:
+        """Yields the samples in order, in chunks of any size (a file, a slice)."""
+        raise NotImplementedError
+
+    def batch_size_for(self, requested: int) -> int:
+        """The batch size the model accepts: a fixed batch dimension overrides the request."""
+        fixed = {s.fixed_batch for s in self.specs} - {None}
+        if len(fixed) > 1:
+            raise DataError(f"model inputs fix different batch sizes: {sorted(fixed)}")
+        if fixed:
+            (size,) = fixed
+            if size != requested:
+                logger.info(
+                    "the model fixes batch size %d; using it instead of %d", size, requested
+                )
+            return size
+        if requested < 1:
+            raise DataError(f"batch size must be at least 1, got {requested}")
+        return requested
+
+    def batches(
+        self, batch_size: int = 32, split: str = "all", holdout: float = DEFAULT_HOLDOUT
+    ) -> Iterator[Batch]:
+        """Yields batches of ``batch_size`` samples.
+
+        Args:
+            batch_size: samples per batch (a fixed batch dimension in the model wins).
+            split: ``"all"``, ``"calibration"`` (samples not held out) or ``"holdout"``.
+            holdout: the held-out fraction used by the two splits, in (0, 1).
+        """
+        if split not in ("all", "calibration", "holdout"):
+            raise ValueError(f"unknown split {split!r}")
+        if split != "all" and not 0.0 < holdout < 1.0:
+            raise DataError(f"held-out fraction must be in (0, 1), got {holdout}")
+        size = self.batch_size_for(batch_size)
+        fixed = any(s.fixed_batch is not None for s in self.specs)
+        pending: list[Batch] = []
+        pending_n = 0
+        start = 0
+        yielded = 0
+        for chunk in self.chunks():
+            n = len(chunk)
+            if split != "all":
+                keep = _is_holdout(np.arange(start, start + n), holdout)
+                if split == "calibration":
+                    keep = ~keep
+                chunk = _take(chunk, np.nonzero(keep)[0])
+            start += n
+            if len(chunk) == 0:
+                continue
+            if pending and not _same_trailing_shapes(pending[-1], chunk):
+                # Symbolic non-batch dims differ between files: never concatenate across them.
+                if not fixed:
+                    yield _concat(pending)
+                    yielded += pending_n
+                pending, pending_n = [], 0
+            pending.append(chunk)
+            pending_n += len(chunk)
+            while pending_n >= size:
+                merged = _concat(pending)
+                yield _take(merged, np.arange(size))
+                yielded += size
+                rest = _take(merged, np.arange(size, len(merged)))
+                pending, pending_n = ([rest], len(rest)) if len(rest) else ([], 0)
+        if pending_n:
+            if fixed:
+                logger.warning(
+                    "dropped the last %d samples: the model's fixed batch size is %d",
+                    pending_n,
+                    size,
+                )
+            else:
+                yield _concat(pending)
+                yielded += pending_n
+        if yielded == 0:
+            where = "" if split == "all" else f" in the {split} split"
+            raise DataError(f"{self.describe()}: no samples{where}")
+
+
+def _take(batch: Batch, index: np.ndarray) -> Batch:
+    labels = None if batch.labels is None else batch.labels[index]
+    return Batch({k: v[index] for k, v in batch.inputs.items()}, labels)
+
+
+def _same_trailing_shapes(a: Batch, b: Batch) -> bool:
+    return all(a.inputs[k].shape[1:] == b.inputs[k].shape[1:] for k in a.inputs)
+
+
+def _concat(batches: list[Batch]) -> Batch:
+    if len(batches) == 1:
+        return batches[0]
+    inputs = {k: np.concatenate([b.inputs[k] for b in batches]) for k in batches[0].inputs}
+    labels = None
+    if all(b.labels is not None for b in batches):
+        labels = np.concatenate([b.labels for b in batches])
+    return Batch(inputs, labels)
+
+
+class NpzSamples(Samples):
+    """Samples from an ``.npz`` file or a folder of ``.npz`` files (streamed file by file)."""
+
+    def __init__(self, path: str | Path, specs: list[InputSpec]):
+        super().__init__(specs)
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DataError(f"{self.path}: no such file or folder")
+        if self.path.is_dir():
+            self.files = sorted(self.path.glob("*.npz"))
+            if not self.files:
+                raise DataError(f"{self.path}: folder holds no .npz files")
+        else:
+            self.files = [self.path]
+        self.count = 0
+        labelled = []
+        for file in self.files:
+            n, has_labels = self._validate(file)
+            self.count += n
+            labelled.append(has_labels)
+        if self.count == 0:
+            raise DataError(f"{self.path}: the data set is empty (0 samples)")
+        if any(labelled) and not all(labelled):
+            missing = [f.name for f, has in zip(self.files, labelled, strict=True) if not has][0]
+            raise DataError(
+                f"{self.path}: some files have 'labels' and some do not (e.g. {missing})"
+            )
+        self.has_labels = all(labelled)
+
+    def describe(self) -> str:
+        return str(self.path)
+
+    def _validate(self, file: Path) -> tuple[int, bool]:
+        headers = _npz_headers(file)
+        names = {s.name for s in self.specs}
+        for key in headers:
+            if key != LABELS and key not in names:
+                expected = ", ".join(sorted(names))
+                raise DataError(
+                    f"{file}: array '{key}' is not a model input (the model takes: {expected})"
+                )
+        counts = {}
+        for spec in self.specs:
+            if spec.name not in headers:
+                raise DataError(f"{file}: no array for model input '{spec.name}'")
+            shape, dtype = headers[spec.name]
+            if dtype != spec.dtype:
+                raise DataError(
+                    f"{file}: array '{spec.name}' has dtype {dtype}, the model input expects {spec.dtype}"
+                )
+            if spec.shape and len(shape) != len(spec.shape):
+                raise DataError(
+                    f"{file}: array '{spec.name}' has shape {shape} (rank {len(shape)}); the model input "
+                    f"is {spec.describe()} (rank {len(spec.shape)}, first axis = samples)"
+                )
+            for axis, (got, want) in enumerate(zip(shape, spec.shape, strict=True)):
+                if axis > 0 and isinstance(want, int) and got != want:
+                    raise DataError(
+                        f"{file}: array '{spec.name}' has shape {shape}; the model input is "
+                        f"{spec.describe()} (axis {axis} must be {want})"
+                    )
+            counts[spec.name] = shape[0] if shape else 1
+        if len(set(counts.values())) > 1:
+            raise DataError(f"{file}: arrays hold different numbers of samples: {counts}")
+        n = next(iter(counts.values()))
+        if LABELS in headers:
+            shape, dtype = headers[LABELS]
+            if dtype.kind not in "iu" or len(shape) != 1:
+                raise DataError(
+                    f"{file}: 'labels' must be a 1-D integer array, got {dtype}{list(shape)}"
+                )
+            if shape[0] != n:
+                raise DataError(f"{file}: {shape[0]} labels for {n} samples")
+        return n, LABELS in headers
+
+    def chunks(self) -> Iterator[Batch]:
+        for file in self.files:
+            with np.load(file, allow_pickle=False) as archive:
+                inputs = {spec.name: archive[spec.name] for spec in self.specs}
+                labels = archive[LABELS].astype(np.int64) if LABELS in archive.files else None
+            for name, array in inputs.items():
+                if array.dtype.kind in "fc":
+                    bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+                    if bad.any():
+                        raise DataError(
+                            f"{file}: array '{name}' contains NaN or Inf (first at sample {int(np.argmax(bad))})"
+                        )
+            yield Batch(inputs, labels)
+
+
+class SyntheticSamples(Samples):
+    """``count`` random samples drawn from the input specs (seeded). Reports say they are synthetic.
+
+    Floats are standard normal, integers uniform in {0, 1}, booleans fair coins; symbolic
+    non-batch dimensions get size ``SYNTHETIC_DIM``.
+    """
+
+    synthetic = True
+
+    def __init__(self, specs: list[InputSpec], count: int, seed: int = 0):
+        super().__init__(specs)
+        if count < 1:
+            raise DataError(f"--synthetic needs at least 1 sample, got {count}")
+        self.count = count
+        self.seed = seed
+
+    def describe(self) -> str:
+        return f"{self.count} synthetic samples"
+
+    def chunks(self) -> Iterator[Batch]:
+        rng = np.random.default_rng(self.seed)
+        step = 256
+        for start in range(0, self.count, step):
+            n = min(step, self.count - start)
+            inputs = {}
+            for spec in self.specs:
+                dims = [d if isinstance(d, int) else SYNTHETIC_DIM for d in spec.shape[1:]]
+                shape = (n, *dims)
+                if spec.dtype.kind == "f":
+                    inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+                elif spec.dtype.kind in "iu":
+                    inputs[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
+                elif spec.dtype.kind == "b":
+                    inputs[spec.name] = rng.integers(0, 2, shape).astype(bool)
+                else:
+                    raise DataError(f"cannot synthesise samples for input {spec.describe()}")
+            yield Batch(inputs)
+
+
+def open_samples(
+    specs: list[InputSpec],
+    path: str | Path | None = None,
+    synthetic: int | None = None,
+    seed: int = 0,
+) -> Samples:
+    """Samples from ``path`` (an .npz or a folder of them), or ``synthetic`` random ones."""
+    if path is not None and synthetic is not None:
+        raise DataError("give either --data or --synthetic, not both")
+    if path is not None:
+        return NpzSamples(path, specs)
+    if synthetic is not None:
+        return SyntheticSamples(specs, synthetic, seed)
+    raise DataError("no samples: give --data FILE.npz or --synthetic N")
+
+
+def holdout_count(total: int, fraction: float = DEFAULT_HOLDOUT) -> int:
+    """How many of ``total`` samples the held-out rule sets aside."""
+    return int(math.floor(total * fraction))

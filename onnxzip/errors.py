@@ -1,0 +1,37 @@
+"""Error types and the exit codes the command line maps them to.
+
+0 success, 1 a parity check failed, 2 bad input or usage, 3 internal error.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_PARITY = 1
+EXIT_INPUT = 2
+EXIT_INTERNAL = 3
+
+
+class OnnxzipError(Exception):
+    """Base class for errors onnxzip reports as one line."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class InputError(OnnxzipError):
+    """The user's model, data, paths or options are unusable. The message names the file and the problem."""
+
+    exit_code = EXIT_INPUT
+
+
+class ModelError(InputError):
+    """A model cannot be read, checked or normalised to what onnxruntime 1.19 runs."""
+
+
+class DataError(InputError):
+    """Sample data do not match the model or cannot be read."""
+
+
+class ParityError(OnnxzipError):
+    """A compressed model's outputs moved further from the reference than a threshold allows."""
+
+    exit_code = EXIT_PARITY

@@ -1,0 +1,318 @@
+"""Loading and saving models: the one module of onnxzip that imports ``onnx``.
+
+Everything else in onnxzip works on ``onnx_ir`` objects. This module turns a path or a
+``ModelProto`` into an ``onnx_ir.Model`` that onnxruntime 1.19 can run, and writes one back.
+
+Normalisation on load:
+  * the default-domain opset is raised to at least 13 with ``onnx.version_converter`` (QDQ with
+    per-channel axes and most channel rules need it), and lowered to 21 when newer, since
+    onnxruntime 1.19 implements opsets up to 21. A model whose ops cannot be expressed at 21 is
+    refused, naming the op;
+  * the IR version is capped at 10 (the newest onnxruntime 1.19 reads);
+  * shapes are inferred (``data_prop`` on), so every value carries the type and shape later passes
+    read.
+
+Saving checks the model with ``onnx.checker`` (full check) *before* it reaches the target path:
+the model is written to a temporary folder beside the target, checked there, then renamed into
+place, so a crash never leaves a half-written file at the target. Models whose weights exceed
+the 2 GB protobuf limit get their tensors in an external data file beside the model.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx.checker
+import onnx.defs
+import onnx.shape_inference
+import onnx.version_converter
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from onnxzip.errors import InputError, ModelError
+
+logger = logging.getLogger(__name__)
+
+MIN_OPSET = 13
+MAX_OPSET = 21
+MAX_IR_VERSION = 10
+# Protobuf cannot serialise a message of 2 GiB or more; leave headroom for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("==>"):
+            return line
+    return text.splitlines()[0]
+
+
+def _default_opset(proto: onnx.ModelProto) -> int | None:
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            return opset.version
+    return None
+
+
+def _blocking_ops(proto: onnx.ModelProto, version: int) -> list[str]:
+    """Ops of the default domain whose definition at ``version`` is newer than MAX_OPSET."""
+    blocking = []
+    for op in sorted({n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx")}):
+        try:
+            schema = onnx.defs.get_schema(op, version, "")
+        except onnx.defs.SchemaError:
+            blocking.append(f"{op} (unknown op)")
+            continue
+        if schema.since_version > MAX_OPSET:
+            try:
+                onnx.defs.get_schema(op, MAX_OPSET, "")
+                blocking.append(f"{op} (changed in opset {schema.since_version})")
+            except onnx.defs.SchemaError:
+                blocking.append(f"{op} (introduced in opset {schema.since_version})")
+    return blocking
+
+
+def _convert_opset(proto: onnx.ModelProto, target: int, source: str) -> onnx.ModelProto:
+    version = _default_opset(proto)
+    try:
+        converted = onnx.version_converter.convert_version(proto, target)
+    except Exception as exc:  # the converter raises bare RuntimeErrors from C++
+        if version is not None and version > target:
+            blocking = _blocking_ops(proto, version)
+            if blocking:
+                raise ModelError(
+                    f"{source}: opset {version} cannot be converted down to {target} "
+                    f"(onnxruntime 1.19 runs opset <= {MAX_OPSET}): op {blocking[0]} has no "
+                    f"equivalent at opset {target}"
+                ) from exc
+        raise ModelError(
+            f"{source}: cannot convert opset {version} to {target}: {_one_line(exc)}"
+        ) from exc
+    logger.info("%s: converted opset %s -> %d", source, version, target)
+    return converted
+
+
+def normalize_proto(proto: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
+    """Returns a copy of ``proto`` at opset 13..21 and IR <= 10, with inferred shapes.
+
+    Raises:
+        ModelError: the opset cannot be converted, or shape inference fails.
+    """
+    version = _default_opset(proto)
+    if version is not None and version > MAX_OPSET:
+        proto = _convert_opset(proto, MAX_OPSET, source)
+    elif version is not None and version < MIN_OPSET:
+        proto = _convert_opset(proto, MIN_OPSET, source)
+    else:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+        proto = copy
+    if proto.ir_version > MAX_IR_VERSION:
+        proto.ir_version = MAX_IR_VERSION
+    try:
+        proto = onnx.shape_inference.infer_shapes(
+            proto, check_type=False, strict_mode=False, data_prop=True
+        )
+    except Exception as exc:
+        raise ModelError(f"{source}: shape inference failed: {_one_line(exc)}") from exc
+    return proto
+
+
+def _check_external_data(proto: onnx.ModelProto, base_dir: Path, source: str) -> None:
+    tensors = list(proto.graph.initializer)
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                tensors.append(attr.t)
+    for tensor in tensors:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        path = (base_dir / location).resolve()
+        if not location or not path.is_file():
+            raise ModelError(
+                f"{source}: external data file '{location}' for tensor '{tensor.name}' is missing"
+            )
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if end > path.stat().st_size:
+            raise ModelError(
+                f"{source}: external data file '{location}' is shorter than tensor "
+                f"'{tensor.name}' needs ({path.stat().st_size} < {end} bytes)"
+            )
+
+
+def _read_proto(path: Path) -> onnx.ModelProto:
+    source = str(path)
+    if not path.exists():
+        raise ModelError(f"{source}: no such file")
+    if path.is_dir():
+        raise ModelError(f"{source}: is a directory, not an ONNX model file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{source}: not a readable ONNX model ({_one_line(exc)})") from exc
+    except OSError as exc:
+        raise ModelError(f"{source}: cannot read: {exc.strerror or exc}") from exc
+    if proto.ir_version <= 0 or not proto.HasField("graph"):
+        raise ModelError(f"{source}: not an ONNX model (no IR version or no graph)")
+    _check_external_data(proto, path.parent, source)
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # ValidationError, or C++ errors surfaced as RuntimeError
+        raise ModelError(f"{source}: fails onnx.checker: {_one_line(exc)}") from exc
+    return proto
+
+
+def load_model(model, *, name: str | None = None) -> ir.Model:
+    """Loads and normalises a model given as a path, a ``ModelProto`` or an ``onnx_ir.Model``.
+
+    External data files are resolved beside the model file and stay memory-mapped.
+
+    Args:
+        model: path to an ``.onnx`` file, an ``onnx.ModelProto`` or an ``onnx_ir.Model``.
+        name: how error messages name the model (defaults to the path).
+
+    Returns:
+        An ``onnx_ir.Model`` at opset 13..21, IR <= 10, with inferred shapes.
+
+    Raises:
+        ModelError: missing or unreadable file, checker failure, missing external data,
+            an opset that cannot be converted.
+    """
+    base_dir: Path | None = None
+    if isinstance(model, ir.Model):
+        proto = ir.to_proto(model)
+        source = name or "model"
+    elif isinstance(model, onnx.ModelProto):
+        proto = model
+        source = name or "model"
+        try:
+            onnx.checker.check_model(proto)
+        except Exception as exc:
+            raise ModelError(f"{source}: fails onnx.checker: {_one_line(exc)}") from exc
+    elif isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        source = name or str(path)
+        proto = _read_proto(path)
+        base_dir = path.parent
+    else:
+        raise InputError(f"cannot load a model from {type(model).__name__}")
+    proto = normalize_proto(proto, source)
+    result = ir.serde.deserialize_model(proto)
+    if base_dir is not None:
+        ir.external_data.set_base_dir(result.graph, str(base_dir))
+    return result
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """Serialises an IR model to a ``ModelProto`` (tensors included)."""
+    return ir.to_proto(model)
+
+
+def model_bytes(model: ir.Model) -> bytes:
+    """The serialised model, for an in-memory onnxruntime session (models under 2 GB)."""
+    return ir.to_proto(model).SerializeToString()
+
+
+def weights_nbytes(model: ir.Model) -> int:
+    """Bytes held by the main graph's initializers."""
+    total = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            total += value.const_value.nbytes
+    return total
+
+
+def _target_dir(target: Path) -> Path:
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{target}: output folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{target}: output folder '{folder}' is not writable")
+    return folder
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> Path:
+    """Checks and writes ``model`` to ``path`` atomically.
+
+    The model is written into a temporary folder beside ``path``, checked there with
+    ``onnx.checker.check_model(full_check=True)``, and only then renamed over ``path``.
+    If its initializers exceed ``external_data_threshold`` bytes they go to
+    ``<name>.data`` beside the model.
+
+    Returns:
+        The path written.
+
+    Raises:
+        InputError: the folder is missing or not writable, or the disk is full.
+        ModelError: the model fails the checker (nothing is written).
+    """
+    target = Path(path)
+    folder = _target_dir(target)
+    if target.is_dir():
+        raise InputError(f"{target}: is a directory")
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if opset is not None and opset > MAX_OPSET:
+        raise ModelError(
+            f"{target}: refusing to write opset {opset} (onnxruntime 1.19 runs <= {MAX_OPSET})"
+        )
+    data_name = target.name + ".data" if weights_nbytes(model) > external_data_threshold else None
+
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxzip-", dir=folder))
+    try:
+        tmp_model = tmp_dir / target.name
+        try:
+            ir.save(model, tmp_model, external_data=data_name)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise InputError(
+                    f"{target}: disk full or file too large while writing ({exc.strerror})"
+                ) from exc
+            raise InputError(f"{target}: cannot write: {exc.strerror or exc}") from exc
+        try:
+            onnx.checker.check_model(str(tmp_model), full_check=True)
+        except Exception as exc:
+            raise ModelError(
+                f"{target}: the model to be written fails onnx.checker: {_one_line(exc)}"
+            ) from exc
+        with open(tmp_model, "rb") as handle:
+            os.fsync(handle.fileno())
+        if data_name:
+            os.replace(tmp_dir / data_name, folder / data_name)
+        os.replace(tmp_model, target)
+    except OSError as exc:
+        raise InputError(f"{target}: cannot write: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    logger.info("wrote %s", target)
+    return target
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model file plus the external data files it references."""
+    p = Path(path)
+    size = p.stat().st_size
+    proto = onnx.load(str(p), load_external_data=False)
+    locations = set()
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            locations.update(e.value for e in tensor.external_data if e.key == "location")
+    for location in locations:
+        size += (p.parent / location).stat().st_size
+    return size

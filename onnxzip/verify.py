@@ -1,0 +1,491 @@
+"""Parity between a reference model and a candidate, measured with onnxruntime.
+
+Both models run on the same batches. For every output, with ``r`` the reference and ``c`` the
+candidate values:
+
+* max and mean absolute error: ``max |r - c|`` and ``mean |r - c|`` over all elements;
+* cosine similarity per sample, ``<r, c> / (|r| |c|)`` over the sample's flattened output,
+  reported as mean and minimum over samples (two all-zero vectors count as 1);
+* SNR in dB: ``10 log10(sum r^2 / sum (r - c)^2)`` over all elements (+inf when equal);
+* for class scores (a float output of shape ``[N, C]`` with ``C >= 2``): top-1 agreement, the
+  fraction of samples whose argmax is the same, and accuracy against ``labels`` when present.
+
+All statistics are accumulated batch by batch, so memory does not grow with the sample count
+(apart from one cosine per sample).
+
+Per-node mode exposes every intermediate tensor that both models share by name and compares
+them on a few batches, in the reference's topological order; the first tensor whose relative
+error ``max |r - c| / max |r|`` exceeds a tolerance names the first diverging node, and the
+tensor with the lowest SNR names the worst.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxzip import io, progress
+from onnxzip.data import Samples, input_specs
+from onnxzip.errors import InputError
+from onnxzip.report import table
+from onnxzip.runtime import Runner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Thresholds:
+    """Parity requirements; ``None`` means not checked. Fractions are in [0, 1]."""
+
+    min_cosine: float | None = None
+    min_snr_db: float | None = None
+    max_abs_error: float | None = None
+    min_top1: float | None = None
+    max_accuracy_drop: float | None = None
+
+
+@dataclass
+class OutputParity:
+    name: str
+    elements: int
+    max_abs_error: float
+    mean_abs_error: float
+    cosine_mean: float
+    cosine_min: float
+    snr_db: float
+    top1_agreement: float | None = None
+    reference_accuracy: float | None = None
+    candidate_accuracy: float | None = None
+
+
+@dataclass
+class NodeParity:
+    tensor: str
+    node: str
+    op_type: str
+    max_abs_error: float
+    relative_error: float
+    cosine: float
+    snr_db: float
+
+
+@dataclass
+class PerNodeReport:
+    samples: int
+    tolerance: float
+    compared: int
+    skipped_shape_mismatch: list[str]
+    first_diverging: NodeParity | None
+    worst: NodeParity | None
+    nodes: list[NodeParity] = field(default_factory=list)
+
+
+@dataclass
+class VerifyReport:
+    """Result of ``verify``: per-output parity, threshold failures, optional per-node diff."""
+
+    reference: str
+    candidate: str
+    data: str
+    synthetic: bool
+    samples: int
+    outputs: list[OutputParity]
+    thresholds: Thresholds
+    failures: list[str]
+    per_node: PerNodeReport | None = None
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def format(self) -> str:
+        lines = [
+            f"reference  {self.reference}",
+            f"candidate  {self.candidate}",
+            f"data       {self.data} ({self.samples} samples{', SYNTHETIC: not real data' if self.synthetic else ''})",
+            "",
+        ]
+        rows = []
+        for o in self.outputs:
+            rows.append(
+                [
+                    o.name,
+                    o.max_abs_error,
+                    o.mean_abs_error,
+                    o.cosine_mean,
+                    o.cosine_min,
+                    o.snr_db,
+                    _pct(o.top1_agreement),
+                    _pct(o.reference_accuracy),
+                    _pct(o.candidate_accuracy),
+                ]
+            )
+        lines.append(
+            table(
+                [
+                    "output",
+                    "max abs",
+                    "mean abs",
+                    "cosine",
+                    "min cos",
+                    "SNR dB",
+                    "top-1 agree %",
+                    "ref acc %",
+                    "cand acc %",
+                ],
+                rows,
+            )
+        )
+        if self.per_node is not None:
+            p = self.per_node
+            lines.append("")
+            lines.append(
+                f"per-node: {p.compared} shared tensors compared on {p.samples} samples "
+                f"(relative tolerance {p.tolerance:g})"
+            )
+            if p.skipped_shape_mismatch:
+                lines.append(
+                    f"  skipped {len(p.skipped_shape_mismatch)} tensors whose shapes differ"
+                )
+            if p.first_diverging is None:
+                lines.append("  no node diverges")
+            else:
+                for label, n in (("first diverging", p.first_diverging), ("worst", p.worst)):
+                    lines.append(
+                        f"  {label}: node '{n.node}' ({n.op_type}) output '{n.tensor}': max abs "
+                        f"{n.max_abs_error:.4g}, relative {n.relative_error:.3g}, SNR {n.snr_db:.1f} dB"
+                    )
+        lines.append("")
+        lines.append("PASS" if self.passed else "FAIL: " + "; ".join(self.failures))
+        return "\n".join(lines)
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else round(100.0 * x, 2)
+
+
+class _Accumulator:
+    """Streaming parity statistics for one output."""
+
+    def __init__(self, classifier: bool):
+        self.classifier = classifier
+        self.elements = 0
+        self.max_abs = 0.0
+        self.sum_abs = 0.0
+        self.sum_ref2 = 0.0
+        self.sum_diff2 = 0.0
+        self.cosines: list[np.ndarray] = []
+        self.agree = 0
+        self.samples = 0
+        self.ref_correct = 0
+        self.cand_correct = 0
+        self.labelled = 0
+
+    def add(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None) -> None:
+        r = ref.astype(np.float64).reshape(len(ref), -1)
+        c = cand.astype(np.float64).reshape(len(cand), -1)
+        diff = np.abs(r - c)
+        self.elements += diff.size
+        if diff.size:
+            self.max_abs = max(self.max_abs, float(np.nanmax(diff)))
+        self.sum_abs += float(diff.sum())
+        self.sum_ref2 += float((r * r).sum())
+        self.sum_diff2 += float((diff * diff).sum())
+        self.cosines.append(_cosine_rows(r, c))
+        self.samples += len(r)
+        if self.classifier:
+            ra, ca = r.argmax(axis=1), c.argmax(axis=1)
+            self.agree += int((ra == ca).sum())
+            if labels is not None:
+                self.ref_correct += int((ra == labels).sum())
+                self.cand_correct += int((ca == labels).sum())
+                self.labelled += len(labels)
+
+    def result(self, name: str) -> OutputParity:
+        cos = np.concatenate(self.cosines) if self.cosines else np.ones(1)
+        return OutputParity(
+            name=name,
+            elements=self.elements,
+            max_abs_error=self.max_abs,
+            mean_abs_error=self.sum_abs / max(self.elements, 1),
+            cosine_mean=float(cos.mean()),
+            cosine_min=float(cos.min()),
+            snr_db=_snr_db(self.sum_ref2, self.sum_diff2),
+            top1_agreement=self.agree / self.samples if self.classifier and self.samples else None,
+            reference_accuracy=self.ref_correct / self.labelled if self.labelled else None,
+            candidate_accuracy=self.cand_correct / self.labelled if self.labelled else None,
+        )
+
+
+def _cosine_rows(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+    nr = np.linalg.norm(r, axis=1)
+    nc = np.linalg.norm(c, axis=1)
+    dot = (r * c).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = dot / (nr * nc)
+    both_zero = (nr == 0) & (nc == 0)
+    cos = np.where(both_zero, 1.0, np.where((nr == 0) | (nc == 0), 0.0, cos))
+    return np.clip(cos, -1.0, 1.0)
+
+
+def _snr_db(signal: float, noise: float) -> float:
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def _is_classifier(value: ir.Value) -> bool:
+    if value.dtype is None or not value.dtype.is_floating_point() or value.shape is None:
+        return False
+    if len(value.shape) != 2:
+        return False
+    classes = value.shape[1]
+    return isinstance(classes, int) and classes >= 2
+
+
+def _check_compatible(
+    reference: ir.Model, candidate: ir.Model, ref_name: str, cand_name: str
+) -> None:
+    ref_in = {s.name: s for s in input_specs(reference)}
+    cand_in = {s.name: s for s in input_specs(candidate)}
+    if set(ref_in) != set(cand_in):
+        raise InputError(
+            f"{cand_name}: inputs {sorted(cand_in)} differ from the reference's {sorted(ref_in)}"
+        )
+    for name, spec in ref_in.items():
+        if cand_in[name].dtype != spec.dtype:
+            raise InputError(
+                f"{cand_name}: input '{name}' is {cand_in[name].dtype}, the reference's is {spec.dtype}"
+            )
+    ref_out = [v.name for v in reference.graph.outputs]
+    cand_out = {v.name for v in candidate.graph.outputs}
+    missing = [n for n in ref_out if n not in cand_out]
+    if missing:
+        raise InputError(
+            f"{cand_name}: has no output '{missing[0]}' (the reference's outputs: {ref_out})"
+        )
+
+
+def _failures(outputs: list[OutputParity], t: Thresholds) -> list[str]:
+    failures = []
+    for o in outputs:
+        if t.min_cosine is not None and not o.cosine_mean >= t.min_cosine:
+            failures.append(f"{o.name}: cosine {o.cosine_mean:.6f} < {t.min_cosine}")
+        if t.min_snr_db is not None and not o.snr_db >= t.min_snr_db:
+            failures.append(f"{o.name}: SNR {o.snr_db:.2f} dB < {t.min_snr_db} dB")
+        if t.max_abs_error is not None and not o.max_abs_error <= t.max_abs_error:
+            failures.append(f"{o.name}: max abs error {o.max_abs_error:.6g} > {t.max_abs_error}")
+        if (
+            t.min_top1 is not None
+            and o.top1_agreement is not None
+            and not o.top1_agreement >= t.min_top1
+        ):
+            failures.append(f"{o.name}: top-1 agreement {o.top1_agreement:.4f} < {t.min_top1}")
+        if (
+            t.max_accuracy_drop is not None
+            and o.reference_accuracy is not None
+            and o.candidate_accuracy is not None
+            and o.reference_accuracy - o.candidate_accuracy > t.max_accuracy_drop
+        ):
+            drop = o.reference_accuracy - o.candidate_accuracy
+            failures.append(f"{o.name}: accuracy drop {drop:.4f} > {t.max_accuracy_drop}")
+    if t.min_top1 is not None and not any(o.top1_agreement is not None for o in outputs):
+        failures.append("--min-top1 given but no output holds class scores")
+    if t.max_accuracy_drop is not None and not any(
+        o.reference_accuracy is not None for o in outputs
+    ):
+        failures.append(
+            "--max-accuracy-drop given but the data have no labels or no output holds class scores"
+        )
+    return failures
+
+
+def verify(
+    reference,
+    candidate,
+    samples: Samples,
+    *,
+    thresholds: Thresholds | None = None,
+    batch_size: int = 32,
+    per_node: bool = False,
+    per_node_samples: int = 32,
+    node_tolerance: float = 1e-4,
+    optimization: str = "all",
+    reference_name: str | None = None,
+    candidate_name: str | None = None,
+) -> VerifyReport:
+    """Runs ``reference`` and ``candidate`` in onnxruntime on ``samples`` and compares outputs.
+
+    Args:
+        reference, candidate: paths, ``ModelProto`` or ``onnx_ir.Model``.
+        samples: from ``onnxzip.data.open_samples``; every sample is used.
+        thresholds: parity requirements; failures are listed in the report (``passed`` False).
+        batch_size: samples per onnxruntime run.
+        per_node: also compare every intermediate tensor both models share by name.
+        per_node_samples: how many samples the per-node comparison uses.
+        node_tolerance: relative error above which a tensor counts as diverging.
+        optimization: onnxruntime graph optimisation level for the output comparison
+            ("all", as served, by default); the per-node pass always runs unoptimised.
+
+    Returns:
+        A ``VerifyReport``.
+
+    Raises:
+        InputError: the models do not take the same inputs or lack each other's outputs.
+        ModelError: a model cannot be loaded or run.
+    """
+    thresholds = thresholds or Thresholds()
+    ref_name = reference_name or (
+        str(reference) if not isinstance(reference, ir.Model) else "reference"
+    )
+    cand_name = candidate_name or (
+        str(candidate) if not isinstance(candidate, ir.Model) else "candidate"
+    )
+    ref_model = io.load_model(reference, name=ref_name)
+    cand_model = io.load_model(candidate, name=cand_name)
+    _check_compatible(ref_model, cand_model, ref_name, cand_name)
+
+    ref_run = Runner(ref_model, name=ref_name, optimization=optimization)
+    cand_run = Runner(cand_model, name=cand_name, optimization=optimization)
+    outputs = [v for v in ref_model.graph.outputs]
+    accumulators = {v.name: _Accumulator(_is_classifier(v)) for v in outputs}
+    names = [v.name for v in outputs]
+    total = None
+    if samples.count is not None:
+        total = math.ceil(samples.count / samples.batch_size_for(batch_size))
+    count = 0
+    for batch in progress.bar(samples.batches(batch_size), total=total, desc="verify"):
+        ref_out = ref_run.run(batch, names)
+        cand_out = cand_run.run(batch, names)
+        for name in names:
+            r, c = ref_out[name], cand_out[name]
+            if r.shape != c.shape:
+                raise InputError(
+                    f"{cand_name}: output '{name}' has shape {list(c.shape)}, the reference's is {list(r.shape)}"
+                )
+            accumulators[name].add(r, c, batch.labels)
+        count += len(batch)
+    results = [accumulators[n].result(n) for n in names]
+    report = VerifyReport(
+        reference=ref_name,
+        candidate=cand_name,
+        data=samples.describe(),
+        synthetic=samples.synthetic,
+        samples=count,
+        outputs=results,
+        thresholds=thresholds,
+        failures=_failures(results, thresholds),
+    )
+    if per_node:
+        report.per_node = compare_nodes(
+            ref_model,
+            cand_model,
+            samples,
+            batch_size=batch_size,
+            max_samples=per_node_samples,
+            tolerance=node_tolerance,
+        )
+    for failure in report.failures:
+        logger.info("parity check failed: %s", failure)
+    return report
+
+
+def _expose_all(model: ir.Model) -> tuple[ir.Model, dict[str, ir.Node]]:
+    """A copy of ``model`` whose every typed main-graph node output is also a graph output."""
+    exposed = model.clone()
+    graph = exposed.graph
+    existing = {v.name for v in graph.outputs}
+    producers = {}
+    for node in graph:
+        for value in node.outputs:
+            if not value.name or value.type is None or not isinstance(value.type, ir.TensorType):
+                continue
+            producers[value.name] = node
+            if value.name not in existing:
+                graph.outputs.append(value)
+                existing.add(value.name)
+    return exposed, producers
+
+
+def compare_nodes(
+    reference: ir.Model,
+    candidate: ir.Model,
+    samples: Samples,
+    *,
+    batch_size: int = 32,
+    max_samples: int = 32,
+    tolerance: float = 1e-4,
+) -> PerNodeReport:
+    """Compares every intermediate tensor the two models share by name (see module docstring)."""
+    ref_exposed, ref_producers = _expose_all(reference)
+    cand_exposed, _ = _expose_all(candidate)
+    ref_run = Runner(ref_exposed, name="reference (all tensors)", optimization="none")
+    cand_run = Runner(cand_exposed, name="candidate (all tensors)", optimization="none")
+    cand_names = set(cand_run.output_names)
+    # ref_producers was filled in graph order, which is topological: "first" means upstream-most.
+    shared = [n for n in ref_producers if n in cand_names]
+    stats: dict[str, list[float]] = {n: [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0] for n in shared}
+    # max_abs, max_ref, sum_ref2, sum_diff2, dot, sum_cand2, shape_mismatch
+    seen = 0
+    for batch in samples.batches(min(batch_size, max_samples)):
+        ref_out = ref_run.run(batch, shared)
+        cand_out = cand_run.run(batch, shared)
+        for name in shared:
+            s = stats[name]
+            r, c = ref_out[name], cand_out[name]
+            if r.shape != c.shape or r.dtype.kind not in "fiub" or c.dtype.kind not in "fiub":
+                s[6] = 1.0
+                continue
+            r = r.astype(np.float64)
+            c = c.astype(np.float64)
+            d = r - c
+            if d.size:
+                s[0] = max(s[0], float(np.max(np.abs(d))))
+                s[1] = max(s[1], float(np.max(np.abs(r))))
+            s[2] += float((r * r).sum())
+            s[3] += float((d * d).sum())
+            s[4] += float((r * c).sum())
+            s[5] += float((c * c).sum())
+        seen += len(batch)
+        if seen >= max_samples:
+            break
+    nodes, skipped = [], []
+    for name in shared:
+        max_abs, max_ref, ref2, diff2, dot, cand2, mismatch = stats[name]
+        if mismatch:
+            skipped.append(name)
+            continue
+        node = ref_producers[name]
+        denom = math.sqrt(ref2 * cand2)
+        cosine = 1.0 if ref2 == 0 and cand2 == 0 else (dot / denom if denom else 0.0)
+        nodes.append(
+            NodeParity(
+                tensor=name,
+                node=node.name or name,
+                op_type=node.op_type,
+                max_abs_error=max_abs,
+                relative_error=max_abs / max_ref
+                if max_ref > 0
+                else (0.0 if max_abs == 0 else math.inf),
+                cosine=cosine,
+                snr_db=_snr_db(ref2, diff2),
+            )
+        )
+    diverging = [n for n in nodes if n.relative_error > tolerance]
+    first = diverging[0] if diverging else None
+    worst = min(diverging, key=lambda n: (n.snr_db, -n.relative_error)) if diverging else None
+    return PerNodeReport(
+        samples=min(seen, max_samples),
+        tolerance=tolerance,
+        compared=len(nodes),
+        skipped_shape_mismatch=skipped,
+        first_diverging=first,
+        worst=worst,
+        nodes=nodes,
+    )
