@@ -187,8 +187,9 @@ def inspect_model(model, *, source: str | None = None) -> InspectReport:
     file_bytes = None
     if isinstance(model, (str, Path)):
         source = source or str(model)
-        file_bytes = io.file_size(model)
     ir_model = io.load_model(model, name=source)
+    if isinstance(model, (str, Path)):
+        file_bytes = io.file_size(model)
     graph = ir_model.graph
     specs = input_specs(ir_model)
     batch_names = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], str)}

@@ -30,6 +30,7 @@ from pathlib import Path
 import onnx
 import onnx.checker
 import onnx.defs
+import onnx.external_data_helper
 import onnx.shape_inference
 import onnx.version_converter
 import onnx_ir as ir
@@ -219,8 +220,25 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
 
 
 def model_bytes(model: ir.Model) -> bytes:
-    """The serialised model, for an in-memory onnxruntime session (models under 2 GB)."""
-    return ir.to_proto(model).SerializeToString()
+    """The serialised model with every tensor inline, for an in-memory onnxruntime session.
+
+    Tensors still in external data files (models loaded from disk keep them memory-mapped) are
+    read into the message; only for models under 2 GB.
+    """
+    proto = ir.to_proto(model)
+    base_dirs = {
+        name: value.const_value.base_dir
+        for name, value in model.graph.initializers.items()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.name in base_dirs:
+            onnx.external_data_helper.load_external_data_for_tensor(
+                tensor, str(base_dirs[tensor.name])
+            )
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    return proto.SerializeToString()
 
 
 def weights_nbytes(model: ir.Model) -> int:
@@ -274,11 +292,19 @@ def save_model(
         )
     data_name = target.name + ".data" if weights_nbytes(model) > external_data_threshold else None
 
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxzip-", dir=folder))
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxzip-", dir=folder))
+    except OSError as exc:
+        raise InputError(f"{target}: cannot write in '{folder}': {exc.strerror or exc}") from exc
     try:
         tmp_model = tmp_dir / target.name
         try:
-            ir.save(model, tmp_model, external_data=data_name)
+            ir.save(
+                model,
+                tmp_model,
+                external_data=data_name,
+                size_threshold_bytes=min(1024, external_data_threshold),
+            )
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 raise InputError(

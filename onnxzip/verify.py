@@ -229,6 +229,7 @@ def _cosine_rows(r: np.ndarray, c: np.ndarray) -> np.ndarray:
         cos = dot / (nr * nc)
     both_zero = (nr == 0) & (nc == 0)
     cos = np.where(both_zero, 1.0, np.where((nr == 0) | (nc == 0), 0.0, cos))
+    cos = np.where((r == c).all(axis=1), 1.0, cos)  # identical rows: exactly 1, not 1 - 1e-16
     return np.clip(cos, -1.0, 1.0)
 
 

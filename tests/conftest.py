@@ -1,0 +1,64 @@
+"""Shared fixtures: the shipped digits models and data, small models written as ONNX text."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+ONNX_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
+
+
+@pytest.fixture(scope="session")
+def resnet_path() -> Path:
+    return MODELS / "digits_resnet.onnx"
+
+
+@pytest.fixture(scope="session")
+def mobilenet_path() -> Path:
+    return MODELS / "digits_mobilenet.onnx"
+
+
+@pytest.fixture(scope="session")
+def test_npz() -> Path:
+    return MODELS / "digits_test.npz"
+
+
+@pytest.fixture(scope="session")
+def calib_npz() -> Path:
+    return MODELS / "digits_calib.npz"
+
+
+def parse(text: str) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(text)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Runs the command line in-process; returns (exit code, stdout, stderr)."""
+    from onnxzip.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def python() -> str:
+    return sys.executable
+
+
+def random_npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)
+    return path

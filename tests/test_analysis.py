@@ -1,0 +1,107 @@
+"""inspect: MACs and parameters against hand counts, op histograms."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import ONNX_DATA, parse
+
+from onnxzip.analysis import inspect_model
+
+
+def test_digits_resnet_matches_hand_count(resnet_path):
+    report = inspect_model(resnet_path)
+    # Conv MACs = Cout * H_out * W_out * Cin/group * k*k, for one sample (the batch N counts as 1).
+    hand = {
+        "stem.conv": 16 * 8 * 8 * 1 * 9,
+        "s1.conv1": 16 * 8 * 8 * 16 * 9,
+        "s1.conv2": 16 * 8 * 8 * 16 * 9,
+        "s2.conv1": 32 * 4 * 4 * 16 * 9,
+        "s2.conv2": 32 * 4 * 4 * 32 * 9,
+        "s2.down": 32 * 4 * 4 * 16 * 1,
+        "fc": 32 * 10,
+    }
+    assert {m.node: m.macs for m in report.macs_per_node} == hand
+    assert report.macs == sum(hand.values()) == 533_824
+    assert report.macs_complete
+    conv_weights = 16 * 1 * 9 + 2 * 16 * 16 * 9 + 32 * 16 * 9 + 32 * 32 * 9 + 32 * 16
+    bn = 4 * (16 + 16 + 16 + 32 + 32 + 32)  # scale, bias, mean, var
+    fc = 32 * 10 + 10
+    assert report.parameters == conv_weights + bn + fc == 19_994
+    assert report.weight_bytes == 4 * report.parameters
+    assert report.op_histogram == {
+        "Conv": 6,
+        "BatchNormalization": 6,
+        "Relu": 5,
+        "Add": 2,
+        "GlobalAveragePool": 1,
+        "Flatten": 1,
+        "Gemm": 1,
+    }
+    assert report.file_bytes == resnet_path.stat().st_size
+    assert report.inputs[0].shape == ["N", 1, 8, 8]
+
+
+def test_digits_mobilenet_depthwise_counts_per_group(mobilenet_path):
+    report = inspect_model(mobilenet_path)
+    macs = {m.node: m.macs for m in report.macs_per_node}
+    assert macs["b1.dw"] == 48 * 8 * 8 * 1 * 9  # depthwise: one input channel per output channel
+    assert macs["b2.dw"] == 48 * 4 * 4 * 1 * 9  # stride 2
+    assert macs["b1.expand"] == 48 * 8 * 8 * 16
+    assert report.macs == sum(macs.values())
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        # Gemm: M * N * K, batch M symbolic counts as 1.
+        ("(float[N, 6] a) => (float[N, 4] y) { y = Gemm <transB = 1> (a, w) }", 6 * 4),
+        # MatMul with a batch of matrices: prod(Y) * K.
+        ("(float[N, 3, 5] a) => (float[N, 3, 7] y) { y = MatMul (a, w) }", 3 * 7 * 5),
+        # ConvTranspose: every input pixel scatters Cout x k x k.
+        (
+            "(float[N, 2, 4, 4] x) => (float[N, 3, 9, 9] y) { y = ConvTranspose <strides = [2, 2]> (x, w) }",
+            2 * 4 * 4 * 3 * 3 * 3,
+        ),
+        # Grouped conv: Cin/group inputs per output.
+        (
+            "(float[N, 4, 5, 5] x) => (float[N, 6, 5, 5] y) { y = Conv <group = 2, pads = [1, 1, 1, 1]> (x, w) }",
+            6 * 5 * 5 * 2 * 9,
+        ),
+    ],
+)
+def test_macs_per_op(tmp_path, text, expected):
+    weights = {
+        "Gemm": (4, 6),
+        "MatMul": (5, 7),
+        "ConvTranspose": (2, 3, 3, 3),
+        "Conv": (6, 2, 3, 3),
+    }
+    op = next(k for k in weights if f"= {k} " in text)
+    model = onnx.parser.parse_model(
+        f'<ir_version: 8, opset_import: ["" : 17]>\ng {text}'.replace("{", "{\n", 1)
+    )
+    model.graph.initializer.append(
+        onnx.numpy_helper.from_array(np.ones(weights[op], np.float32), "w")
+    )
+    report = inspect_model(model)
+    assert report.macs == expected
+    assert report.parameters == int(np.prod(weights[op]))
+
+
+def test_unknown_non_batch_dimension_marks_total_incomplete():
+    model = parse(
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "g (float[N, S, 8] a, float[8, 4] w) => (float[N, S, 4] y) {\n y = MatMul (a, w) }"
+    )
+    report = inspect_model(model)
+    assert not report.macs_complete
+    assert report.macs_per_node[0].macs is None
+
+
+def test_light_resnet50_has_the_known_four_gigamacs():
+    report = inspect_model(ONNX_DATA / "light" / "light_resnet50.onnx")
+    assert report.macs_complete
+    assert 4.0e9 < report.macs < 4.2e9  # ResNet-50 is ~4.1 GMACs at 224x224
+    assert report.op_histogram["Conv"] == 53

@@ -1,0 +1,141 @@
+"""Sample data: validation against model inputs, streaming, batching and the held-out split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxzip.data import InputSpec, NpzSamples, SyntheticSamples, holdout_count, open_samples
+from onnxzip.errors import DataError
+
+IMAGE = [InputSpec("input", np.dtype("float32"), ("N", 1, 8, 8))]
+TWO = [
+    InputSpec("ids", np.dtype("int64"), ("batch", "seq")),
+    InputSpec("mask", np.dtype("int64"), ("batch", "seq")),
+]
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 1, 8, 8), dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    "arrays,needle",
+    [
+        ({"pixels": images(4)}, "'pixels' is not a model input"),
+        ({"input": images(4).astype(np.float64)}, "dtype float64"),
+        ({"input": images(4)[:, 0]}, "rank 3"),
+        ({"input": np.zeros((4, 1, 8, 7), np.float32)}, "axis 3 must be 8"),
+        ({"input": images(4), "labels": np.arange(3)}, "3 labels for 4 samples"),
+        ({"input": images(4), "labels": np.zeros(4, np.float32)}, "1-D integer"),
+        ({"input": images(0)}, "empty"),
+    ],
+)
+def test_invalid_npz_gives_one_line_naming_file_and_problem(tmp_path, arrays, needle):
+    path = tmp_path / "d.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DataError) as err:
+        NpzSamples(path, IMAGE)
+    assert needle in str(err.value)
+    assert str(path) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_input_array(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, ids=np.zeros((2, 5), np.int64))
+    with pytest.raises(DataError, match="no array for model input 'mask'"):
+        NpzSamples(path, TWO)
+
+
+def test_nan_in_samples_is_refused_when_read(tmp_path):
+    x = images(6)
+    x[4, 0, 2, 2] = np.nan
+    path = tmp_path / "d.npz"
+    np.savez(path, input=x)
+    samples = NpzSamples(path, IMAGE)
+    with pytest.raises(DataError, match="NaN or Inf \\(first at sample 4\\)"):
+        list(samples.batches(4))
+
+
+def test_not_an_npz_file(tmp_path):
+    path = tmp_path / "d.npz"
+    path.write_bytes(b"not a zip archive at all")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        NpzSamples(path, IMAGE)
+
+
+def test_folder_is_streamed_and_batches_cross_file_boundaries(tmp_path):
+    x = images(23)
+    y = np.arange(23) % 10
+    for i, (a, b) in enumerate([(0, 5), (5, 17), (17, 23)]):
+        np.savez(tmp_path / f"part{i}.npz", input=x[a:b], labels=y[a:b])
+    samples = NpzSamples(tmp_path, IMAGE)
+    assert samples.count == 23 and samples.has_labels
+    batches = list(samples.batches(8))
+    assert [len(b) for b in batches] == [8, 8, 7]
+    np.testing.assert_array_equal(np.concatenate([b.inputs["input"] for b in batches]), x)
+    np.testing.assert_array_equal(np.concatenate([b.labels for b in batches]), y)
+
+
+def test_holdout_split_is_disjoint_complete_and_stable(tmp_path):
+    x = images(50)
+    x[:, 0, 0, 0] = np.arange(50)  # tag every sample with its index
+    path = tmp_path / "d.npz"
+    np.savez(path, input=x)
+    samples = NpzSamples(path, IMAGE)
+
+    def ids(split):
+        return [
+            int(v) for b in samples.batches(7, split, 0.2) for v in b.inputs["input"][:, 0, 0, 0]
+        ]
+
+    calib, held = ids("calibration"), ids("holdout")
+    assert set(calib).isdisjoint(held)
+    assert sorted(calib + held) == list(range(50))
+    assert len(held) == holdout_count(50, 0.2) == 10
+    # Streaming the same samples in several files gives the same split.
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for i in range(0, 50, 13):
+        np.savez(folder / f"p{i:02d}.npz", input=x[i : i + 13])
+    parts = NpzSamples(folder, IMAGE)
+    assert [
+        int(v) for b in parts.batches(7, "holdout", 0.2) for v in b.inputs["input"][:, 0, 0, 0]
+    ] == held
+
+
+def test_fixed_batch_dimension_overrides_batch_size(tmp_path):
+    spec = [InputSpec("input", np.dtype("float32"), (1, 1, 8, 8))]
+    path = tmp_path / "d.npz"
+    np.savez(path, input=images(5))
+    batches = list(NpzSamples(path, spec).batches(32))
+    assert [len(b) for b in batches] == [1] * 5
+
+
+def test_files_with_different_symbolic_lengths_are_not_concatenated(tmp_path):
+    np.savez(tmp_path / "a.npz", ids=np.ones((3, 5), np.int64), mask=np.ones((3, 5), np.int64))
+    np.savez(tmp_path / "b.npz", ids=np.ones((2, 9), np.int64), mask=np.ones((2, 9), np.int64))
+    batches = list(NpzSamples(tmp_path, TWO).batches(4))
+    assert [b.inputs["ids"].shape for b in batches] == [(3, 5), (2, 9)]
+
+
+def test_synthetic_samples_follow_the_specs():
+    specs = IMAGE
+    samples = SyntheticSamples(specs, 10, seed=3)
+    batches = list(samples.batches(4))
+    assert [b.inputs["input"].shape for b in batches] == [(4, 1, 8, 8), (4, 1, 8, 8), (2, 1, 8, 8)]
+    assert samples.synthetic and batches[0].labels is None
+    again = list(SyntheticSamples(specs, 10, seed=3).batches(4))
+    np.testing.assert_array_equal(batches[0].inputs["input"], again[0].inputs["input"])
+    ints = list(SyntheticSamples(TWO, 3).batches(8))[0]
+    assert ints.inputs["ids"].shape == (3, 16) and ints.inputs["ids"].dtype == np.int64
+
+
+def test_open_samples_requires_exactly_one_source(tmp_path):
+    with pytest.raises(DataError, match="either --data or --synthetic"):
+        open_samples(IMAGE, tmp_path / "x.npz", 4)
+    with pytest.raises(DataError, match="no samples"):
+        open_samples(IMAGE)
+    with pytest.raises(DataError, match="no such file"):
+        open_samples(IMAGE, tmp_path / "missing.npz")

@@ -1,0 +1,195 @@
+"""Model I/O: normalisation to what onnxruntime 1.19 runs, checked atomic saves, external data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from conftest import parse, save
+
+from onnxzip import io
+from onnxzip.errors import InputError, ModelError
+
+RELU_CONV = """
+<ir_version: {ir}, opset_import: ["" : {opset}]>
+g (float[N, 2, 5, 5] x) => (float[N, 3, 5, 5] y) {{
+    c = Conv <pads = [1, 1, 1, 1]> (x, w)
+    y = Relu (c)
+}}
+"""
+
+
+def relu_conv(opset: int, ir_version: int = 8) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(RELU_CONV.format(opset=opset, ir=ir_version))
+    w = np.random.default_rng(0).normal(size=(3, 2, 3, 3)).astype(np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
+    return model
+
+
+def ort_run(model: onnx.ModelProto | bytes, x: np.ndarray) -> np.ndarray:
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )[0]
+
+
+X = np.random.default_rng(1).normal(size=(2, 2, 5, 5)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "opset,expected", [(9, 13), (11, 13), (13, 13), (17, 17), (21, 21), (23, 21)]
+)
+def test_opset_normalised_into_13_to_21_with_same_outputs(opset, expected):
+    proto = relu_conv(opset, ir_version=11 if opset > 21 else 8)
+    model = io.load_model(proto)
+    assert model.opset_imports[""] == expected
+    assert model.ir_version <= io.MAX_IR_VERSION
+    # onnxruntime 1.19 runs the normalised model, and it computes the same thing.
+    reference = ort_run(relu_conv(min(opset, 21), 8), X)
+    np.testing.assert_allclose(ort_run(io.model_bytes(model), X), reference, rtol=0, atol=0)
+
+
+def test_ir_version_capped_at_10():
+    model = io.load_model(relu_conv(21, ir_version=12))
+    assert model.ir_version == 10
+
+
+def test_opset_above_21_with_new_op_is_refused_naming_the_op():
+    text = """
+    <ir_version: 11, opset_import: ["" : 23]>
+    g (float[1, 4, 8] x, float[8] s) => (float[1, 4, 8] y) {
+        y = RMSNormalization (x, s)
+    }
+    """
+    with pytest.raises(ModelError) as err:
+        io.load_model(onnx.parser.parse_model(text))
+    message = str(err.value)
+    assert "RMSNormalization" in message and "23" in message
+    assert "\n" not in message
+
+
+def test_shapes_are_inferred_on_load(resnet_path):
+    model = io.load_model(resnet_path)
+    shapes = {v.name: v.shape for n in model.graph for v in n.outputs}
+    assert [d if isinstance(d, int) else "N" for d in shapes["s2.conv1"]] == ["N", 32, 4, 4]
+    assert [d if isinstance(d, int) else "N" for d in shapes["logits"]] == ["N", 10]
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (None, "no such file"),
+        ("dir", "is a directory"),
+        (os.urandom(4096), "ONNX model"),
+        (b"", "ONNX model"),
+    ],
+)
+def test_bad_model_paths_raise_one_line(tmp_path, content, needle):
+    path = tmp_path / "m.onnx"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ModelError) as err:
+        io.load_model(path)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_truncated_model_is_refused(tmp_path, resnet_path):
+    data = resnet_path.read_bytes()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError):
+        io.load_model(path)
+
+
+def test_model_failing_checker_is_refused(tmp_path):
+    proto = relu_conv(17)
+    proto.graph.node[1].input[0] = "does_not_exist"
+    with pytest.raises(ModelError, match="onnx.checker"):
+        io.load_model(save(proto, tmp_path / "bad.onnx"))
+
+
+def test_save_round_trip_is_checked_and_equal(tmp_path, resnet_path):
+    model = io.load_model(resnet_path)
+    out = io.save_model(model, tmp_path / "copy.onnx")
+    onnx.checker.check_model(str(out), full_check=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.onnx"]  # no temporary left behind
+    x = np.load(Path(resnet_path).parent / "digits_test.npz")["input"][:16]
+    a = ort.InferenceSession(str(resnet_path), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x}
+    )[0]
+    b = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})[
+        0
+    ]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_save_refuses_invalid_model_and_writes_nothing(tmp_path):
+    model = io.load_model(relu_conv(17))
+    relu = [n for n in model.graph if n.op_type == "Relu"][0]
+    relu.domain = "not.a.domain"  # unknown domain without an opset import: the checker refuses
+    target = tmp_path / "out.onnx"
+    target.write_bytes(b"previous")
+    with pytest.raises(ModelError, match="onnx.checker"):
+        io.save_model(model, target)
+    assert target.read_bytes() == b"previous"  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+
+
+def test_save_into_missing_folder_is_input_error(tmp_path):
+    model = io.load_model(relu_conv(17))
+    with pytest.raises(InputError, match="does not exist"):
+        io.save_model(model, tmp_path / "nope" / "out.onnx")
+
+
+def test_save_into_unwritable_folder_is_input_error():
+    # /proc refuses new files even to root, so this holds whoever runs the tests.
+    with pytest.raises(InputError, match="cannot write"):
+        io.save_model(io.load_model(relu_conv(17)), Path("/proc/onnxzip-out.onnx"))
+
+
+def test_large_weights_go_to_external_data_and_load_back(tmp_path):
+    model = io.load_model(relu_conv(17))
+    out = io.save_model(model, tmp_path / "ext.onnx", external_data_threshold=16)
+    assert (tmp_path / "ext.onnx.data").is_file()
+    proto = onnx.load(str(out), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    reloaded = io.load_model(out)
+    np.testing.assert_array_equal(ort_run(io.model_bytes(reloaded), X), ort_run(relu_conv(17), X))
+    assert io.file_size(out) == out.stat().st_size + (tmp_path / "ext.onnx.data").stat().st_size
+
+
+def test_missing_external_data_file_is_named(tmp_path):
+    model = io.load_model(relu_conv(17))
+    out = io.save_model(model, tmp_path / "ext.onnx", external_data_threshold=16)
+    (tmp_path / "ext.onnx.data").unlink()
+    with pytest.raises(ModelError, match="ext.onnx.data"):
+        io.load_model(out)
+
+
+def test_loading_never_changes_the_input_file(tmp_path):
+    path = save(relu_conv(11), tmp_path / "old.onnx")
+    before = path.read_bytes()
+    io.load_model(path)
+    assert path.read_bytes() == before
+
+
+def test_ir_model_and_proto_inputs_accepted():
+    proto = parse(
+        RELU_CONV.format(opset=17, ir=8).replace(
+            "float[N, 2, 5, 5] x", "float[N, 2, 5, 5] x, float[3, 2, 3, 3] w"
+        )
+    )
+    model = io.load_model(proto)
+    again = io.load_model(model)
+    assert isinstance(again, ir.Model)
+    assert [n.op_type for n in again.graph] == ["Conv", "Relu"]

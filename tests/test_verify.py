@@ -1,0 +1,110 @@
+"""verify: parity numbers against hand-computed values, thresholds, the per-node diff."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from conftest import parse
+
+from onnxzip import io
+from onnxzip.data import InputSpec, NpzSamples, SyntheticSamples, input_specs
+from onnxzip.errors import InputError
+from onnxzip.verify import Thresholds, verify
+
+SCALE = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 6] x) => (float[N, 6] y) {{
+    s = Constant <value = float {{{s}}}> ()
+    y = Mul (x, s)
+}}
+"""
+
+
+def perturbed(path, tmp_path, tensor="s1.conv2.weight", channel=3, delta=0.5):
+    proto = onnx.load(str(path))
+    for init in proto.graph.initializer:
+        if init.name == tensor:
+            w = onnx.numpy_helper.to_array(init).copy()
+            w[channel] += delta
+            init.CopyFrom(onnx.numpy_helper.from_array(w, tensor))
+    out = tmp_path / "perturbed.onnx"
+    onnx.save(proto, str(out))
+    return out
+
+
+def test_model_against_itself_is_exact(resnet_path, test_npz):
+    model = io.load_model(resnet_path)
+    report = verify(resnet_path, resnet_path, NpzSamples(test_npz, input_specs(model)))
+    (out,) = report.outputs
+    assert report.passed and report.samples == 360 and not report.synthetic
+    assert out.max_abs_error == 0 and out.mean_abs_error == 0
+    assert out.cosine_mean == 1.0 and out.cosine_min == 1.0
+    assert math.isinf(out.snr_db)
+    assert out.top1_agreement == 1.0
+    assert out.reference_accuracy == out.candidate_accuracy
+
+
+def test_metrics_match_hand_computed_values():
+    ref = parse(SCALE.format(s=1.0))
+    cand = parse(SCALE.format(s=1.01))
+    specs = [InputSpec("x", np.dtype("float32"), ("N", 6))]
+    samples = SyntheticSamples(specs, 100, seed=5)
+    x = np.concatenate([b.inputs["x"] for b in samples.batches(100)]).astype(np.float64)
+    report = verify(ref, cand, samples, optimization="none")
+    (out,) = report.outputs
+    # c = 1.01 r: the error is 0.01 |r|, the SNR 10 log10(1 / 0.01^2) = 40 dB, the cosine 1.
+    assert out.snr_db == pytest.approx(40.0, abs=1e-3)
+    assert out.cosine_mean == pytest.approx(1.0, abs=1e-6)
+    expected = 0.01 * np.abs(x * np.float32(1.0))
+    assert out.max_abs_error == pytest.approx(expected.max(), rel=1e-3)
+    assert out.mean_abs_error == pytest.approx(expected.mean(), rel=1e-3)
+    assert out.top1_agreement == 1.0  # scaling never changes the argmax
+    assert report.synthetic
+
+
+def test_cosine_sign_flip_and_thresholds():
+    ref = parse(SCALE.format(s=1.0))
+    cand = parse(SCALE.format(s=-1.0))
+    samples = SyntheticSamples([InputSpec("x", np.dtype("float32"), ("N", 6))], 20)
+    report = verify(
+        ref, cand, samples, thresholds=Thresholds(min_cosine=0.99, min_snr_db=10, min_top1=0.5)
+    )
+    (out,) = report.outputs
+    assert out.cosine_mean == pytest.approx(-1.0) and out.cosine_min == pytest.approx(-1.0)
+    assert out.snr_db == pytest.approx(10 * math.log10(1 / 4), abs=1e-6)
+    assert not report.passed
+    assert len(report.failures) == 3
+
+
+def test_perturbed_weight_fails_and_per_node_names_the_node(resnet_path, test_npz, tmp_path):
+    bad = perturbed(resnet_path, tmp_path)
+    model = io.load_model(resnet_path)
+    samples = NpzSamples(test_npz, input_specs(model))
+    report = verify(
+        resnet_path, bad, samples, thresholds=Thresholds(min_cosine=0.9999), per_node=True
+    )
+    assert not report.passed
+    per = report.per_node
+    assert per.first_diverging.node == "s1.conv2" and per.first_diverging.op_type == "Conv"
+    upstream = [n for n in per.nodes if n.node in ("stem.conv", "stem.bn", "s1.conv1", "s1.relu1")]
+    assert len(upstream) == 4 and all(n.max_abs_error == 0 for n in upstream)
+    assert per.worst is not None and per.worst.snr_db <= per.first_diverging.snr_db
+
+
+def test_accuracy_threshold_needs_labels(resnet_path):
+    model = io.load_model(resnet_path)
+    samples = SyntheticSamples(input_specs(model), 8)
+    report = verify(
+        resnet_path, resnet_path, samples, thresholds=Thresholds(max_accuracy_drop=0.01)
+    )
+    assert not report.passed and "labels" in report.failures[0]
+
+
+def test_models_with_different_inputs_are_refused(resnet_path):
+    other = parse(SCALE.format(s=1.0))
+    samples = SyntheticSamples(input_specs(io.load_model(resnet_path)), 4)
+    with pytest.raises(InputError, match="inputs"):
+        verify(resnet_path, other, samples)
