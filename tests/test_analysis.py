@@ -105,3 +105,13 @@ def test_light_resnet50_has_the_known_four_gigamacs():
     assert report.macs_complete
     assert 4.0e9 < report.macs < 4.2e9  # ResNet-50 is ~4.1 GMACs at 224x224
     assert report.op_histogram["Conv"] == 53
+
+
+LIGHT = sorted((ONNX_DATA / "light").glob("*.onnx"))
+
+
+@pytest.mark.parametrize("path", LIGHT, ids=[p.stem for p in LIGHT])
+def test_light_architectures_are_inspected_completely(path):
+    report = inspect_model(path)
+    assert report.macs_complete and report.macs > 1e8
+    assert report.nodes == sum(report.op_histogram.values()) > 10

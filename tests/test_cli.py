@@ -166,3 +166,28 @@ def test_real_process_inspect(resnet_path):
     assert proc.returncode == 0, proc.stderr
     assert "MACs        533,824 per sample" in proc.stdout
     assert proc.stderr == ""
+
+
+def test_internal_error_exits_3_with_hint(resnet_path, capsys, monkeypatch):
+    import onnxzip.analysis
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something unexpected\nsecond line")
+
+    monkeypatch.setattr(onnxzip.analysis, "inspect_model", broken)
+    code, out, err = run_cli(["inspect", resnet_path], capsys)
+    assert code == 3
+    assert err.strip().splitlines() == [
+        "onnxzip: internal error: RuntimeError: something unexpected (rerun with --debug for the traceback)"
+    ]
+
+
+def test_library_calls_print_nothing(resnet_path, test_npz, capsys):
+    import onnxzip
+
+    model = onnxzip.load_model(resnet_path)
+    data = onnxzip.open_samples(onnxzip.input_specs(model), test_npz)
+    onnxzip.verify(resnet_path, resnet_path, data, per_node=True)
+    onnxzip.inspect_model(resnet_path)
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""

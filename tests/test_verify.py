@@ -108,3 +108,13 @@ def test_models_with_different_inputs_are_refused(resnet_path):
     samples = SyntheticSamples(input_specs(io.load_model(resnet_path)), 4)
     with pytest.raises(InputError, match="inputs"):
         verify(resnet_path, other, samples)
+
+
+def test_fixed_batch_light_model_against_itself():
+    from conftest import ONNX_DATA
+
+    path = ONNX_DATA / "light" / "light_squeezenet.onnx"
+    model = io.load_model(path)
+    samples = SyntheticSamples(input_specs(model), 3)
+    report = verify(path, path, samples, batch_size=8, thresholds=Thresholds(min_cosine=1.0))
+    assert report.passed and report.samples == 3  # batch fixed at 1 in the model: three runs
