@@ -52,6 +52,12 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=32, metavar="B", help="samples per run (default 32)"
     )
     group.add_argument("--seed", type=int, default=0, help="seed for --synthetic (default 0)")
+    group.add_argument(
+        "--holdout",
+        type=_fraction,
+        metavar="F",
+        help="use only the held-out fraction F of --data: the samples that calibration with the same F never sees",
+    )
 
 
 def _fraction(text: str) -> float:
@@ -177,6 +183,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         per_node_samples=args.per_node_samples,
         node_tolerance=args.node_tolerance,
         optimization=args.optimization,
+        split="all" if args.holdout is None else "holdout",
+        holdout=args.holdout or 0.0,
         reference_name=str(args.reference),
         candidate_name=str(args.candidate),
     )

@@ -318,6 +318,8 @@ def verify(
     per_node_samples: int = 32,
     node_tolerance: float = 1e-4,
     optimization: str = "all",
+    split: str = "all",
+    holdout: float = 0.0,
     reference_name: str | None = None,
     candidate_name: str | None = None,
 ) -> VerifyReport:
@@ -333,6 +335,8 @@ def verify(
         node_tolerance: relative error above which a tensor counts as diverging.
         optimization: onnxruntime graph optimisation level for the output comparison
             ("all", as served, by default); the per-node pass always runs unoptimised.
+        split, holdout: which samples to use (``"all"``, or ``"holdout"`` for the held-out
+            fraction ``holdout`` that calibration never sees; see ``onnxzip.data``).
 
     Returns:
         A ``VerifyReport``.
@@ -358,10 +362,11 @@ def verify(
     accumulators = {v.name: _Accumulator(_is_classifier(v)) for v in outputs}
     names = [v.name for v in outputs]
     total = None
-    if samples.count is not None:
+    if samples.count is not None and split == "all":
         total = math.ceil(samples.count / samples.batch_size_for(batch_size))
     count = 0
-    for batch in progress.bar(samples.batches(batch_size), total=total, desc="verify"):
+    batches = samples.batches(batch_size, split, holdout)
+    for batch in progress.bar(batches, total=total, desc="verify"):
         ref_out = ref_run.run(batch, names)
         cand_out = cand_run.run(batch, names)
         for name in names:
@@ -376,7 +381,8 @@ def verify(
     report = VerifyReport(
         reference=ref_name,
         candidate=cand_name,
-        data=samples.describe(),
+        data=samples.describe()
+        + ("" if split == "all" else f" ({split} split, fraction {holdout:g})"),
         synthetic=samples.synthetic,
         samples=count,
         outputs=results,
@@ -422,6 +428,8 @@ def compare_nodes(
     batch_size: int = 32,
     max_samples: int = 32,
     tolerance: float = 1e-4,
+    split: str = "all",
+    holdout: float = 0.0,
 ) -> PerNodeReport:
     """Compares every intermediate tensor the two models share by name (see module docstring)."""
     ref_exposed, ref_producers = _expose_all(reference)
@@ -434,7 +442,7 @@ def compare_nodes(
     stats: dict[str, list[float]] = {n: [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0] for n in shared}
     # max_abs, max_ref, sum_ref2, sum_diff2, dot, sum_cand2, shape_mismatch
     seen = 0
-    for batch in samples.batches(min(batch_size, max_samples)):
+    for batch in samples.batches(min(batch_size, max_samples), split, holdout):
         ref_out = ref_run.run(batch, shared)
         cand_out = cand_run.run(batch, shared)
         for name in shared:

@@ -191,3 +191,24 @@ def test_library_calls_print_nothing(resnet_path, test_npz, capsys):
     onnxzip.inspect_model(resnet_path)
     out, err = capsys.readouterr()
     assert out == "" and err == ""
+
+
+def test_verify_holdout_uses_only_held_out_samples(resnet_path, test_npz, capsys, tmp_path):
+    code, out, _ = run_cli(
+        [
+            "verify",
+            resnet_path,
+            resnet_path,
+            "--data",
+            test_npz,
+            "--holdout",
+            "0.25",
+            "--json",
+            tmp_path / "v.json",
+        ],
+        capsys,
+    )
+    assert code == 0
+    data = json.loads((tmp_path / "v.json").read_text())
+    assert data["samples"] == 90  # a quarter of 360
+    assert "holdout split" in data["data"]
