@@ -56,7 +56,8 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         "--holdout",
         type=_fraction,
         metavar="F",
-        help="use only the held-out fraction F of --data: the samples that calibration with the same F never sees",
+        help="held-out fraction F of --data: verify compares on it only; quantize keeps it out of "
+        "calibration and verifies on it (default there 0.2; 0 calibrates on everything)",
     )
 
 
@@ -68,6 +69,56 @@ def _fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
     return value
+
+
+def _threshold_options(parser: argparse.ArgumentParser) -> None:
+    t = parser.add_argument_group("thresholds (exit 1 when one fails)")
+    t.add_argument(
+        "--min-cosine", type=float, metavar="C", help="minimum mean per-sample cosine similarity"
+    )
+    t.add_argument("--min-snr", type=float, metavar="DB", help="minimum SNR in dB")
+    t.add_argument("--max-abs-error", type=float, metavar="E", help="maximum absolute error")
+    t.add_argument(
+        "--min-top1", type=_fraction, metavar="F", help="minimum top-1 agreement, a fraction (0.99)"
+    )
+    t.add_argument(
+        "--max-accuracy-drop",
+        type=_fraction,
+        metavar="F",
+        help="maximum accuracy drop against labels, a fraction (0.01 = one point)",
+    )
+
+
+def _thresholds(args: argparse.Namespace):
+    from onnxzip.verify import Thresholds
+
+    return Thresholds(
+        min_cosine=args.min_cosine,
+        min_snr_db=args.min_snr,
+        max_abs_error=args.max_abs_error,
+        min_top1=args.min_top1,
+        max_accuracy_drop=args.max_accuracy_drop,
+    )
+
+
+def _output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="OUT", help="where to write the model"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="allow OUT to be the input model's path"
+    )
+
+
+def _check_output(args: argparse.Namespace, model_path: Path) -> None:
+    out = args.output
+    if out.exists() and out.resolve() == model_path.resolve() and not args.overwrite:
+        raise InputError(f"{out}: is the input model; choose another -o or pass --overwrite")
+    if out.is_dir():
+        raise InputError(f"{out}: is a directory; -o takes a file path")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{out}: output folder '{folder}' does not exist")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,21 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("reference", type=Path, metavar="REFERENCE")
     p.add_argument("candidate", type=Path, metavar="CANDIDATE")
     _data_options(p)
-    t = p.add_argument_group("thresholds (exit 1 when one fails)")
-    t.add_argument(
-        "--min-cosine", type=float, metavar="C", help="minimum mean per-sample cosine similarity"
-    )
-    t.add_argument("--min-snr", type=float, metavar="DB", help="minimum SNR in dB")
-    t.add_argument("--max-abs-error", type=float, metavar="E", help="maximum absolute error")
-    t.add_argument(
-        "--min-top1", type=_fraction, metavar="F", help="minimum top-1 agreement, a fraction (0.99)"
-    )
-    t.add_argument(
-        "--max-accuracy-drop",
-        type=_fraction,
-        metavar="F",
-        help="maximum accuracy drop against labels, a fraction (0.01 = one point)",
-    )
+    _threshold_options(p)
     d = p.add_argument_group("debugging")
     d.add_argument(
         "--per-node",
@@ -137,6 +174,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser(
+        "quantize", help="int8 QDQ quantization calibrated on samples, verified on held-out ones"
+    )
+    p.add_argument("model", type=Path, metavar="MODEL")
+    _output_options(p)
+    _data_options(p)
+    p.add_argument(
+        "--verify-data",
+        type=Path,
+        metavar="V",
+        help="verify on these samples instead of a held-out part of --data",
+    )
+    q = p.add_argument_group("quantization")
+    q.add_argument(
+        "--calibration",
+        choices=["minmax", "percentile", "entropy", "mse"],
+        default="minmax",
+        help="how activation ranges are chosen (default minmax)",
+    )
+    q.add_argument(
+        "--percentile",
+        type=float,
+        default=99.99,
+        metavar="P",
+        help="for --calibration percentile (99.99)",
+    )
+    q.add_argument(
+        "--bins", type=int, default=2048, metavar="B", help="histogram bins per sign (2048)"
+    )
+    q.add_argument(
+        "--per-tensor",
+        action="store_true",
+        help="one weight scale per tensor instead of per channel",
+    )
+    q.add_argument(
+        "--activation-type",
+        choices=["uint8", "int8"],
+        default="uint8",
+        help="activation codes (uint8)",
+    )
+    q.add_argument(
+        "--symmetric-activations", action="store_true", help="zero-point 0 (int8) or 128 (uint8)"
+    )
+    q.add_argument(
+        "--exclude",
+        nargs="+",
+        default=[],
+        metavar="NAME_OR_OP",
+        help="node names or op types to keep in float",
+    )
+    q.add_argument("--quantize-softmax", action="store_true", help="also quantize Softmax")
+    _threshold_options(p)
+    _common(p)
+    p.set_defaults(func=_cmd_quantize)
     return parser
 
 
@@ -160,19 +252,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from onnxzip import io
     from onnxzip.data import input_specs, open_samples
-    from onnxzip.verify import Thresholds, verify
+    from onnxzip.verify import verify
 
     if args.per_node_samples < 1:
         raise InputError("--per-node-samples must be at least 1")
     reference = io.load_model(args.reference, name=str(args.reference))
     samples = open_samples(input_specs(reference), args.data, args.synthetic, args.seed)
-    thresholds = Thresholds(
-        min_cosine=args.min_cosine,
-        min_snr_db=args.min_snr,
-        max_abs_error=args.max_abs_error,
-        min_top1=args.min_top1,
-        max_accuracy_drop=args.max_accuracy_drop,
-    )
+    thresholds = _thresholds(args)
     report = verify(
         reference,
         args.candidate,
@@ -190,6 +276,44 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     )
     _emit(report, args, report.format())
     return EXIT_OK if report.passed else EXIT_PARITY
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from onnxzip import io
+    from onnxzip.data import input_specs, open_samples
+    from onnxzip.quantize import QuantizeConfig, quantize
+
+    _check_output(args, args.model)
+    holdout = 0.2 if args.holdout is None else args.holdout
+    if holdout >= 1:
+        raise InputError("--holdout must be below 1")
+    model = io.load_model(args.model, name=str(args.model))
+    specs = input_specs(model)
+    samples = open_samples(specs, args.data, args.synthetic, args.seed)
+    verify_samples = open_samples(specs, args.verify_data) if args.verify_data is not None else None
+    config = QuantizeConfig(
+        calibration=args.calibration,
+        percentile=args.percentile,
+        bins=args.bins,
+        per_channel=not args.per_tensor,
+        activation_type=args.activation_type,
+        symmetric_activations=args.symmetric_activations,
+        exclude=tuple(args.exclude),
+        quantize_softmax=args.quantize_softmax,
+        batch_size=args.batch_size,
+        holdout=holdout,
+    )
+    quantized, report = quantize(
+        model,
+        samples,
+        config,
+        verify_samples=verify_samples,
+        thresholds=_thresholds(args),
+        source=str(args.model),
+    )
+    io.save_model(quantized, args.output)
+    _emit(report, args, report.format() + f"\n\nwrote {args.output}")
+    return EXIT_OK if report.parity is None or report.parity.passed else EXIT_PARITY
 
 
 def _configure_logging(args: argparse.Namespace) -> None:

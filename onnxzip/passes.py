@@ -1,0 +1,165 @@
+"""Graph clean-ups that quantization and pruning build on, each exact up to float rounding.
+
+* ``drop_initializer_inputs``: old exporters (IR < 4) list every initializer as a graph input
+  too, which makes weights overridable and blocks constant folding. Inference never overrides
+  them, so they stop being inputs.
+* ``sum_to_add``: a two-input ``Sum`` is an ``Add`` (onnxruntime has quantized kernels for Add).
+* ``fold_batchnorm``: ``BatchNormalization`` after a ``Conv`` (or ``ConvTranspose``) whose output
+  feeds nothing else is folded into the convolution's weights and bias. With
+  ``s = gamma / sqrt(var + eps)`` per output channel ``c``::
+
+      W'[c] = W[c] * s[c]          b'[c] = (b[c] - mean[c]) * s[c] + beta[c]
+
+  (for ConvTranspose the output channel is axis 1 of ``W``, per group).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+logger = logging.getLogger(__name__)
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant data when it is an initializer (not an overridable input)."""
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    return value.const_value.numpy()
+
+
+def _attr_int(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_int()
+
+
+def _attr_float(node: ir.Node, name: str, default: float) -> float:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_float()
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Registers a new initializer under a name no other value in the graph uses."""
+    taken = set(graph.initializers)
+    taken.update(v.name for v in graph.inputs)
+    for node in graph:
+        taken.update(v.name for v in node.outputs)
+    unique, i = name, 1
+    while unique in taken:
+        unique = f"{name}_{i}"
+        i += 1
+    value = ir.Value(name=unique, const_value=ir.tensor(array, name=unique))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = ir.DataType.from_numpy(array.dtype)
+    graph.register_initializer(value)
+    return value
+
+
+def drop_initializer_inputs(model: ir.Model) -> int:
+    graph = model.graph
+    keep = [v for v in graph.inputs if not v.is_initializer()]
+    dropped = len(graph.inputs) - len(keep)
+    if dropped:
+        graph.inputs.clear()
+        graph.inputs.extend(keep)
+    return dropped
+
+
+def sum_to_add(model: ir.Model) -> int:
+    count = 0
+    for node in list(model.graph):
+        if node.op_type == "Sum" and node.domain == "" and len(node.inputs) == 2:
+            add = ir.node("Add", inputs=list(node.inputs), name=node.name)
+            model.graph.insert_after(node, add)
+            add.outputs[0].name = None
+            old = node.outputs[0]
+            name = old.name
+            _transfer_output(old, add.outputs[0])
+            model.graph.remove(node, safe=True)
+            add.outputs[0].name = name
+            count += 1
+    return count
+
+
+def _transfer_output(old: ir.Value, new: ir.Value) -> None:
+    """Gives ``new`` the uses, type, shape and graph-output slots of ``old``."""
+    new.type = old.type
+    new.shape = old.shape
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+
+
+def fold_batchnorm(model: ir.Model) -> list[str]:
+    """Folds BatchNormalization into the preceding Conv/ConvTranspose; returns folded BN names."""
+    graph = model.graph
+    folded = []
+    for bn in list(graph):
+        if bn.op_type != "BatchNormalization" or bn.domain != "" or len(bn.outputs) != 1:
+            continue
+        if _attr_int(bn, "training_mode", 0):
+            continue
+        conv = bn.inputs[0].producer() if bn.inputs[0] is not None else None
+        if conv is None or conv.op_type not in ("Conv", "ConvTranspose") or conv.domain != "":
+            continue
+        conv_out = conv.outputs[0]
+        if len(conv_out.uses()) != 1 or conv_out.is_graph_output():
+            continue
+        gamma, beta, mean, var = (const_array(v) for v in bn.inputs[1:5])
+        w = const_array(conv.inputs[1])
+        if any(a is None for a in (gamma, beta, mean, var, w)):
+            continue
+        b = (
+            const_array(conv.inputs[2])
+            if len(conv.inputs) > 2 and conv.inputs[2] is not None
+            else None
+        )
+        if len(conv.inputs) > 2 and conv.inputs[2] is not None and b is None:
+            continue
+        eps = _attr_float(bn, "epsilon", 1e-5)
+        scale = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)
+        cout = scale.shape[0]
+        if conv.op_type == "Conv":
+            w_new = w.astype(np.float64) * scale.reshape(-1, *([1] * (w.ndim - 1)))
+        else:
+            group = _attr_int(conv, "group", 1)
+            per_group = w.shape[1]
+            w64 = w.astype(np.float64).reshape(group, w.shape[0] // group, per_group, *w.shape[2:])
+            s = scale.reshape(group, 1, per_group, *([1] * (w.ndim - 2)))
+            w_new = (w64 * s).reshape(w.shape)
+        b0 = np.zeros(cout) if b is None else b.astype(np.float64)
+        b_new = (b0 - mean.astype(np.float64)) * scale + beta.astype(np.float64)
+        base = conv.name or conv_out.name or "conv"
+        w_value = add_initializer(graph, f"{base}.weight_bnfold", w_new.astype(w.dtype))
+        b_value = add_initializer(graph, f"{base}.bias_bnfold", b_new.astype(w.dtype))
+        conv.replace_input_with(1, w_value)
+        if len(conv.inputs) > 2:
+            conv.replace_input_with(2, b_value)
+        else:
+            conv.resize_inputs(3)
+            conv.replace_input_with(2, b_value)
+        bn_out = bn.outputs[0]
+        name = bn_out.name
+        bn_out.replace_all_uses_with(conv_out, replace_graph_outputs=True)
+        graph.remove(bn, safe=True)
+        conv_out.name = name  # the folded tensor keeps the BN output's name: per-node diffs line up
+        folded.append(bn.name or name)
+    remove_unused_initializers(model)
+    return folded
+
+
+def remove_unused_initializers(model: ir.Model) -> None:
+    graph = model.graph
+    for name in list(graph.initializers):
+        value = graph.initializers[name]
+        if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+            del graph.initializers[name]
+
+
+def prepare_for_inference(model: ir.Model) -> dict:
+    """Runs the clean-ups above in order and says what each did."""
+    return {
+        "initializer_inputs_dropped": drop_initializer_inputs(model),
+        "sum_to_add": sum_to_add(model),
+        "batchnorm_folded": fold_batchnorm(model),
+    }

@@ -1,0 +1,336 @@
+"""Static int8 quantization with QDQ: prepare, plan, calibrate, insert, verify.
+
+``quantize(model, samples, config) -> (model, QuantizeReport)``:
+
+1. prepare: initializer inputs dropped, two-input Sum as Add, BatchNormalization folded into
+   the preceding convolution (``onnxzip.passes``);
+2. plan: per-op rules (``rules.py``) mark activations, weights and biases, fold ReLU/Clip into
+   their producer's range, and give a reason for every weighted node kept in float;
+3. calibrate: one onnxruntime session exposes every planned activation; each batch is reduced
+   to mergeable statistics (``calibrate.py``) and the chosen method turns them into ranges;
+4. insert: one inserter (``qdq.py``) builds all Q/DQ pairs, int8 weights and int32 biases;
+5. verify: the quantized model against the original on held-out samples calibration never saw.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from onnxzip import io, passes, progress
+from onnxzip.data import Samples
+from onnxzip.errors import DataError, InputError
+from onnxzip.quantize import calibrate as cal
+from onnxzip.quantize import params as qp
+from onnxzip.quantize.qdq import insert_qdq
+from onnxzip.quantize.rules import Context, Plan, handler_for, node_key
+from onnxzip.report import table
+from onnxzip.runtime import Runner
+from onnxzip.verify import Thresholds, VerifyReport, verify
+
+logger = logging.getLogger(__name__)
+
+_WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+@dataclass
+class QuantizeConfig:
+    """Options of ``quantize``; the defaults are what ``onnxzip quantize`` does with no flags."""
+
+    calibration: str = "minmax"
+    percentile: float = 99.99
+    bins: int = cal.DEFAULT_BINS
+    per_channel: bool = True
+    activation_type: str = "uint8"
+    symmetric_activations: bool = False
+    exclude: tuple[str, ...] = ()
+    quantize_softmax: bool = False
+    batch_size: int = 32
+    holdout: float = 0.2  # fraction of the samples kept for verification; 0 calibrates on all
+
+    def validate(self) -> None:
+        if self.calibration not in cal.METHODS:
+            raise InputError(
+                f"unknown calibration method '{self.calibration}' (choose from {', '.join(cal.METHODS)})"
+            )
+        if not 0 < self.percentile <= 100:
+            raise InputError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.activation_type not in ("uint8", "int8"):
+            raise InputError(f"activation type must be uint8 or int8, got '{self.activation_type}'")
+        if not 0 <= self.holdout < 1:
+            raise InputError(f"held-out fraction must be in [0, 1), got {self.holdout}")
+        if self.bins < 16:
+            raise InputError(f"histogram bins must be at least 16, got {self.bins}")
+
+
+@dataclass
+class TensorRange:
+    tensor: str
+    observed_min: float
+    observed_max: float
+    range_min: float
+    range_max: float
+    scale: float
+    zero_point: int
+
+
+@dataclass
+class KeptFloat:
+    node: str
+    op_type: str
+    reason: str
+
+
+@dataclass
+class QuantizeReport:
+    config: QuantizeConfig
+    source: str
+    data: str
+    synthetic: bool
+    calibration_samples: int
+    prepared: dict
+    quantized_ops: dict[str, int]
+    folded_activations: list[str]
+    kept_float: list[KeptFloat]
+    qdq_pairs: int
+    weights_quantized: int
+    biases_quantized: int
+    weight_bytes_before: int
+    weight_bytes_after: int
+    ranges: list[TensorRange] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    parity: VerifyReport | None = None
+
+    def format(self) -> str:
+        c = self.config
+        lines = [
+            f"model        {self.source}",
+            f"calibration  {c.calibration}{f' {c.percentile}' if c.calibration == 'percentile' else ''} on "
+            f"{self.calibration_samples} samples of {self.data}{' (SYNTHETIC)' if self.synthetic else ''}",
+            f"activations  {c.activation_type} {'symmetric' if c.symmetric_activations else 'asymmetric'}, "
+            f"weights int8 {'per-channel' if c.per_channel else 'per-tensor'} symmetric, bias int32",
+            "quantized    "
+            + ", ".join(f"{op} x{n}" for op, n in sorted(self.quantized_ops.items())),
+            f"folded       {len(self.folded_activations)} ReLU/Clip into their producers' ranges",
+            f"Q/DQ         {self.qdq_pairs} activation pairs, {self.weights_quantized} weights, "
+            f"{self.biases_quantized} biases",
+            f"weights      {self.weight_bytes_before:,} -> {self.weight_bytes_after:,} bytes",
+            "time         " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()),
+        ]
+        if self.kept_float:
+            lines.append("")
+            lines.append("kept in float:")
+            lines.append(
+                table(
+                    ["node", "op", "reason"],
+                    [[k.node, k.op_type, k.reason] for k in self.kept_float],
+                )
+            )
+        if self.parity is not None:
+            lines.append("")
+            lines.append(self.parity.format())
+        return "\n".join(lines)
+
+
+def _excluded(node: ir.Node, exclude: tuple[str, ...]) -> bool:
+    return bool(exclude) and (node.name in exclude or node.op_type in exclude)
+
+
+def plan_quantization(model: ir.Model, config: QuantizeConfig) -> tuple[Plan, list[KeptFloat]]:
+    """Runs the per-op rules over the main graph in topological order."""
+    plan = Plan()
+    ctx = Context(plan, config.per_channel, config.symmetric_activations, config.quantize_softmax)
+    opset = model.opset_imports.get("", 13)
+    kept = []
+    for node in model.graph:
+        key = node_key(node)
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        handler = handler_for(node.op_type, opset)
+        if handler is None:
+            continue
+        if _excluded(node, config.exclude):
+            kept.append(KeptFloat(key, node.op_type, "excluded by the user"))
+            continue
+        before = (
+            dict(plan.activations),
+            dict(plan.shared),
+            dict(plan.weights),
+            set(plan.constants),
+            dict(plan.biases),
+        )
+        reason = handler(node, ctx)
+        if reason is None:
+            if key not in plan.folded:
+                plan.quantized_nodes[key] = node.op_type
+        else:
+            # A refusing handler must leave no half-made marks behind.
+            plan.activations, plan.shared, plan.weights, plan.constants, plan.biases = before
+            plan.kept_float[key] = reason
+            if node.op_type in _WEIGHTED or node.op_type in ("Add", "Mul", "Concat"):
+                kept.append(KeptFloat(key, node.op_type, reason))
+    return plan, kept
+
+
+def calibrate(
+    model: ir.Model,
+    tensors: list[str],
+    samples: Samples,
+    config: QuantizeConfig,
+    holdout: float = 0.0,
+) -> tuple[dict[str, cal.TensorStats], int]:
+    """Streams the samples not held out through one session exposing ``tensors``."""
+    exposed = model.clone()
+    outputs = {v.name for v in exposed.graph.outputs}
+    by_name = {v.name: v for v in exposed.graph.inputs}
+    for node in exposed.graph:
+        for v in node.outputs:
+            by_name[v.name] = v
+    for name in tensors:
+        if name not in outputs and name not in {v.name for v in exposed.graph.inputs}:
+            exposed.graph.outputs.append(by_name[name])
+    runner = Runner(exposed, name="calibration model", optimization="basic")
+    histogram = config.calibration != "minmax"
+    stats = {name: cal.TensorStats(config.bins, histogram) for name in tensors}
+    split = "calibration" if holdout > 0 else "all"
+    inputs = set(runner.input_names)
+    count = 0
+    total = None
+    if samples.count is not None:
+        kept = samples.count - math.floor(samples.count * holdout)
+        total = math.ceil(kept / samples.batch_size_for(config.batch_size))
+    fetch = [t for t in tensors if t not in inputs]
+    for batch in progress.bar(
+        samples.batches(config.batch_size, split, holdout or 0.5), total=total, desc="calibrate"
+    ):
+        results = runner.run(batch, fetch) if fetch else {}
+        for name in tensors:
+            array = batch.inputs[name] if name in inputs else results[name]
+            stats[name].update(array)
+        count += len(batch)
+    for name, s in stats.items():
+        if s.nonfinite:
+            raise DataError(
+                f"tensor '{name}' holds {s.nonfinite} NaN/Inf values on the calibration samples"
+            )
+    return stats, count
+
+
+def _resolve_shared(plan: Plan, tensor: str) -> str:
+    seen = set()
+    while tensor in plan.shared and tensor not in seen:
+        seen.add(tensor)
+        tensor = plan.resolve(plan.shared[tensor])
+    return tensor
+
+
+def quantize(
+    model,
+    samples: Samples,
+    config: QuantizeConfig | None = None,
+    *,
+    verify_samples: Samples | None = None,
+    thresholds: Thresholds | None = None,
+    source: str | None = None,
+) -> tuple[ir.Model, QuantizeReport]:
+    """Quantizes ``model`` (path, ModelProto or onnx_ir.Model) to int8 QDQ.
+
+    Args:
+        samples: calibration data; unless ``verify_samples`` is given, a held-out fraction
+            ``config.holdout`` of it is kept out of calibration and used for verification.
+        config: options (``QuantizeConfig()`` by default).
+        verify_samples: separate verification data.
+        thresholds: parity requirements recorded in the report's ``parity``.
+
+    Returns:
+        The quantized model (a new object; the input is not modified) and its report.
+
+    Raises:
+        InputError: bad options, data or model.
+    """
+    config = config or QuantizeConfig()
+    config.validate()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    source = source or (str(model) if not isinstance(model, ir.Model) else "model")
+    original = io.load_model(model, name=source)
+    work = io.load_model(original, name=source)
+    weight_before = io.weights_nbytes(original)
+    prepared = passes.prepare_for_inference(work)
+    plan, kept = plan_quantization(work, config)
+    timings["plan"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    sources = sorted(set(plan.activations.values()))
+    holdout = 0.0 if verify_samples is not None else config.holdout
+    stats, calibrated = calibrate(work, sources, samples, config, holdout)
+    timings["calibrate"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    act_params: dict[str, qp.QParams] = {}
+    ranges = []
+    for tensor, src in plan.activations.items():
+        s = stats[src]
+        try:
+            p, (lo, hi) = cal.params_for(
+                s,
+                config.calibration,
+                percentile=config.percentile,
+                dtype=config.activation_type,
+                symmetric=config.symmetric_activations,
+            )
+        except qp.RangeError as exc:
+            raise DataError(f"tensor '{src}': {exc}") from exc
+        act_params[tensor] = p
+        ranges.append(TensorRange(tensor, s.min, s.max, lo, hi, float(p.scale), int(p.zero_point)))
+    for tensor in plan.shared:
+        root = _resolve_shared(plan, tensor)
+        if root not in act_params:
+            raise InputError(f"internal: shared tensor '{tensor}' has no calibrated source")
+        act_params[tensor] = act_params[root]
+    inserted = insert_qdq(work, plan, act_params)
+    timings["insert"] = time.perf_counter() - t0
+
+    report = QuantizeReport(
+        config=config,
+        source=source,
+        data=samples.describe(),
+        synthetic=samples.synthetic,
+        calibration_samples=calibrated,
+        prepared=prepared,
+        quantized_ops=dict(Counter(plan.quantized_nodes.values())),
+        folded_activations=sorted(plan.folded),
+        kept_float=kept,
+        qdq_pairs=inserted.qdq_pairs,
+        weights_quantized=inserted.weights,
+        biases_quantized=inserted.biases,
+        weight_bytes_before=weight_before,
+        weight_bytes_after=io.weights_nbytes(work),
+        ranges=ranges,
+        seconds=timings,
+    )
+    if verify_samples is not None or config.holdout > 0:
+        t0 = time.perf_counter()
+        data = verify_samples or samples
+        split = "all" if verify_samples is not None else "holdout"
+        report.parity = verify(
+            original,
+            work,
+            data,
+            thresholds=thresholds,
+            batch_size=config.batch_size,
+            split=split,
+            holdout=config.holdout,
+            reference_name=source,
+            candidate_name="quantized",
+        )
+        timings["verify"] = time.perf_counter() - t0
+    return work, report
+
+
+__all__ = ["QuantizeConfig", "QuantizeReport", "quantize", "plan_quantization", "calibrate"]

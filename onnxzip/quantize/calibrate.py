@@ -1,0 +1,221 @@
+"""Activation ranges from sample data: streamed, mergeable statistics and four range methods.
+
+One onnxruntime session exposes every activation that needs a range. Each batch is reduced at
+once to a ``TensorStats`` per tensor: min, max, element count and, for the histogram methods, a
+histogram with fixed edges. So memory is (tensors x bins) plus one batch, whatever the number
+of samples, and two ``TensorStats`` computed on different shards merge exactly.
+
+The histogram covers ``[-R, R]`` with ``2B`` equal bins, where ``R = 2^e`` is the smallest power of
+two holding every value seen so far. When a larger value arrives ``R`` doubles and adjacent
+bin pairs merge, which is exact because the edges of the coarser grid are edges of the finer
+one; two statistics with different ``R`` merge by coarsening the finer one first.
+
+Methods (``[lo, hi]`` is then widened to contain 0 by the parameter maths):
+
+* ``minmax``: the observed min and max.
+* ``percentile`` p: clips a fraction ``1 - p/100`` of the values, split between both tails,
+  read from the histogram's cumulative counts; never outside [min, max].
+* ``entropy``: TensorRT's KL-divergence calibration on the histogram of |x|: for each candidate
+  threshold ``T`` (every bin edge from ``levels`` bins up to the last non-empty bin), the clipped
+  distribution P (outliers added to the last bin) is compared with its quantization Q to
+  ``levels`` levels; the ``T`` with the smallest KL(P || Q) wins. The range is ``[-T, T]``
+  intersected with [min, max].
+* ``mse``: the range ``[a lo, a hi]``, over a grid of shrink factors ``a`` in (0, 1], whose
+  quantize-dequantize error summed over the histogram (bin centres weighted by counts) is
+  smallest. All candidates are evaluated in one vectorised array operation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxzip.quantize.params import activation_params, qrange
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BINS = 2048
+METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+def _radius_for(absmax: float) -> float:
+    if absmax <= 0 or not math.isfinite(absmax):
+        return 2.0**-126
+    return 2.0 ** math.ceil(math.log2(absmax))
+
+
+@dataclass
+class TensorStats:
+    """Mergeable statistics of one tensor's values."""
+
+    bins: int = DEFAULT_BINS  # per side: the histogram has 2 * bins bins over [-radius, radius]
+    histogram: bool = True
+    min: float = math.inf
+    max: float = -math.inf
+    count: int = 0
+    nonfinite: int = 0
+    radius: float = 0.0
+    hist: np.ndarray | None = field(default=None, repr=False)
+
+    def _coarsen_to(self, radius: float) -> None:
+        assert self.hist is not None
+        while self.radius < radius:
+            # Doubling R: the middle B bins of the new grid each merge two old bins.
+            pairs = self.hist.reshape(-1, 2).sum(axis=1)  # 2B -> B bins over [-R, R]
+            new = np.zeros_like(self.hist)
+            b = self.bins
+            new[b // 2 : b // 2 + b] = pairs
+            self.hist = new
+            self.radius *= 2
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x).reshape(-1)
+        if x.size == 0:
+            return
+        if x.dtype.kind != "f":
+            x = x.astype(np.float32)
+        finite = np.isfinite(x)
+        if not finite.all():
+            self.nonfinite += int(x.size - finite.sum())
+            x = x[finite]
+            if x.size == 0:
+                return
+        lo, hi = float(x.min()), float(x.max())
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
+        self.count += int(x.size)
+        if not self.histogram:
+            return
+        radius = _radius_for(max(abs(self.min), abs(self.max)))
+        if self.hist is None:
+            self.hist = np.zeros(2 * self.bins, dtype=np.int64)
+            self.radius = radius
+        elif radius > self.radius:
+            self._coarsen_to(radius)
+        width = self.radius / self.bins
+        idx = np.floor((x.astype(np.float64) + self.radius) / width).astype(np.int64)
+        np.clip(idx, 0, 2 * self.bins - 1, out=idx)
+        self.hist += np.bincount(idx, minlength=2 * self.bins)
+
+    def merge(self, other: TensorStats) -> TensorStats:
+        """Combines two statistics as if one pass had seen both sets of values."""
+        if other.bins != self.bins or other.histogram != self.histogram:
+            raise ValueError("cannot merge statistics with different histogram settings")
+        out = TensorStats(self.bins, self.histogram)
+        out.min, out.max = min(self.min, other.min), max(self.max, other.max)
+        out.count = self.count + other.count
+        out.nonfinite = self.nonfinite + other.nonfinite
+        if self.histogram:
+            parts = [s for s in (self, other) if s.hist is not None]
+            if parts:
+                out.radius = max(s.radius for s in parts)
+                out.hist = np.zeros(2 * self.bins, dtype=np.int64)
+                for s in parts:
+                    copy = TensorStats(s.bins, True, radius=s.radius, hist=s.hist.copy())
+                    copy._coarsen_to(out.radius)
+                    out.hist += copy.hist
+        return out
+
+    # -- ranges -----------------------------------------------------------------------------
+
+    def edges(self) -> np.ndarray:
+        return np.linspace(-self.radius, self.radius, 2 * self.bins + 1)
+
+    def range(
+        self,
+        method: str = "minmax",
+        *,
+        percentile: float = 99.99,
+        dtype: str = "uint8",
+        symmetric: bool = False,
+    ) -> tuple[float, float]:
+        if self.count == 0:
+            return 0.0, 0.0
+        if method == "minmax" or self.hist is None or self.min == self.max:
+            return self.min, self.max
+        if method == "percentile":
+            return self._percentile(percentile)
+        if method == "entropy":
+            return self._entropy(dtype, symmetric)
+        if method == "mse":
+            return self._mse(dtype, symmetric)
+        raise ValueError(f"unknown calibration method {method!r}")
+
+    def _percentile(self, p: float) -> tuple[float, float]:
+        tail = (1.0 - p / 100.0) / 2.0
+        cdf = np.cumsum(self.hist) / self.hist.sum()
+        edges = self.edges()
+        lo_bin = int(np.searchsorted(cdf, tail, side="right"))
+        hi_bin = int(np.searchsorted(cdf, 1.0 - tail, side="left"))
+        lo = max(self.min, edges[lo_bin])
+        hi = min(self.max, edges[min(hi_bin + 1, len(edges) - 1)])
+        return float(lo), float(hi)
+
+    def _abs_hist(self) -> np.ndarray:
+        b = self.bins
+        return self.hist[b:] + self.hist[:b][::-1]
+
+    def _entropy(self, dtype: str, symmetric: bool) -> tuple[float, float]:
+        qmin, qmax = qrange(dtype, symmetric=symmetric)
+        levels = (qmax - qmin + 1) // 2 if (symmetric or self.min < 0) else qmax - qmin + 1
+        hist = self._abs_hist().astype(np.float64)
+        nonzero = np.nonzero(hist)[0]
+        last = int(nonzero[-1]) + 1 if nonzero.size else 0
+        width = self.radius / self.bins
+        if last <= levels:
+            threshold = last * width
+        else:
+            candidates = np.unique(
+                np.linspace(levels, last, num=min(last - levels + 1, 256)).astype(int)
+            )
+            total_tail = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])
+            best, threshold = math.inf, last * width
+            for i in candidates:
+                p = hist[:i].copy()
+                p[i - 1] += total_tail[i]
+                # Q: merge hist[:i] into `levels` chunks, spread each chunk's mass over its non-empty bins.
+                starts = (np.arange(levels) * i) // levels
+                chunk_sum = np.add.reduceat(hist[:i], starts)
+                chunk_nz = np.add.reduceat((hist[:i] > 0).astype(np.float64), starts)
+                chunk_of = np.repeat(np.arange(levels), np.diff(np.append(starts, i)))
+                q = np.where(
+                    hist[:i] > 0, chunk_sum[chunk_of] / np.maximum(chunk_nz[chunk_of], 1), 0.0
+                )
+                mask = p > 0
+                ps = p / p.sum()
+                qs = q / max(q.sum(), 1e-300)
+                qs = np.where(mask & (qs == 0), 1e-12, qs)
+                kl = float(np.sum(ps[mask] * np.log(ps[mask] / qs[mask])))
+                if kl < best:
+                    best, threshold = kl, i * width
+        return float(max(self.min, -threshold)), float(min(self.max, threshold))
+
+    def _mse(self, dtype: str, symmetric: bool) -> tuple[float, float]:
+        centers = (self.edges()[:-1] + self.edges()[1:]) / 2
+        keep = self.hist > 0
+        c, h = centers[keep], self.hist[keep].astype(np.float64)
+        c = np.clip(c, self.min, self.max)
+        lo0, hi0 = min(self.min, 0.0), max(self.max, 0.0)
+        alphas = np.linspace(0.02, 1.0, 50)
+        qmin, qmax = qrange(dtype, symmetric=symmetric)
+        if symmetric:
+            bound = alphas * max(-lo0, hi0)
+            scale = np.maximum(bound / (qmax if dtype == "int8" else (qmax - qmin) / 2), 1e-30)
+            zero = np.zeros_like(scale) if dtype == "int8" else np.full_like(scale, 128.0)
+        else:
+            scale = np.maximum(alphas * (hi0 - lo0) / (qmax - qmin), 1e-30)
+            zero = np.clip(np.round(qmin - alphas * lo0 / scale), qmin, qmax)
+        q = np.clip(np.rint(c[None, :] / scale[:, None]) + zero[:, None], qmin, qmax)
+        err = ((q - zero[:, None]) * scale[:, None] - c[None, :]) ** 2 @ h
+        a = alphas[int(np.argmin(err))]
+        return float(a * lo0) if self.min < 0 else self.min, float(
+            a * hi0
+        ) if self.max > 0 else self.max
+
+
+def params_for(stats: TensorStats, method: str, *, percentile: float, dtype: str, symmetric: bool):
+    lo, hi = stats.range(method, percentile=percentile, dtype=dtype, symmetric=symmetric)
+    return activation_params(lo, hi, dtype, symmetric), (lo, hi)

@@ -1,0 +1,316 @@
+"""Per-op quantization rules: each handler only *marks* what to quantize.
+
+Handlers are registered per (op type, opset range) and visited in topological order. They mark
+activations (per-tensor, calibrated), weights (per-channel int8 initializers), biases (int32,
+scale ``S_x * S_w``), outputs that share their input's parameters (ops that move values without
+changing them), and ReLU/Clip nodes folded into their producer's output range. One inserter
+(``qdq.py``) then builds every Q/DQ pair from these marks.
+
+The layout is the one onnxruntime fuses: ``DQ(x), DQ(w), DQ(b) -> Conv -> Q`` becomes
+QLinearConv; ``Gemm`` becomes QGemm (float output allowed when it is a graph output); ``MatMul``
+becomes QLinearMatMul or MatMulIntegerToFloat; Add/Mul/Concat/AveragePool/GlobalAveragePool/
+Sigmoid/Softmax become their QLinear kernels; MaxPool, Resize, Reshape, Flatten, Transpose,
+Squeeze and Unsqueeze run directly on 8-bit codes when input and output share parameters.
+
+A node no handler accepts stays in float; the handler's reason goes to the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from onnxzip.passes import const_array
+
+
+@dataclass
+class Plan:
+    """What to quantize, filled by the handlers."""
+
+    activations: dict[str, str] = field(
+        default_factory=dict
+    )  # tensor -> tensor whose range it uses
+    shared: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose params it reuses
+    weights: dict[tuple[str, int], int | None] = field(
+        default_factory=dict
+    )  # (node, input) -> axis
+    constants: set[tuple[str, int]] = field(default_factory=set)  # constant activation inputs
+    biases: dict[tuple[str, int], tuple[str, int]] = field(
+        default_factory=dict
+    )  # bias -> (x tensor, weight input)
+    folded: dict[str, str] = field(
+        default_factory=dict
+    )  # folded node -> producer output it aliases
+    alias: dict[str, str] = field(default_factory=dict)  # folded output -> tensor that replaces it
+    quantized_nodes: dict[str, str] = field(default_factory=dict)  # node -> op type
+    kept_float: dict[str, str] = field(default_factory=dict)  # node -> reason
+
+    def resolve(self, name: str) -> str:
+        while name in self.alias:
+            name = self.alias[name]
+        return name
+
+    def is_marked(self, value: ir.Value | None) -> bool:
+        if value is None or value.name is None:
+            return False
+        name = self.resolve(value.name)
+        return name in self.activations or name in self.shared
+
+
+@dataclass
+class Context:
+    plan: Plan
+    per_channel: bool
+    symmetric_activations: bool
+    quantize_softmax: bool
+
+    def mark_activation(self, value: ir.Value, range_from: ir.Value | None = None) -> None:
+        name = self.plan.resolve(value.name)
+        if name not in self.plan.shared:
+            self.plan.activations.setdefault(name, (range_from or value).name)
+
+    def mark_input(self, node: ir.Node, index: int) -> None:
+        """An activation input, or a constant input quantized per tensor with its own range."""
+        value = node.inputs[index]
+        if const_array(value) is not None:
+            self.plan.constants.add((node_key(node), index))
+        else:
+            self.mark_activation(value)
+
+
+Handler = Callable[[ir.Node, Context], str | None]
+_REGISTRY: dict[str, list[tuple[int, int, Handler]]] = {}
+
+
+def register(*op_types: str, versions: tuple[int, int] = (13, 21)):
+    """Registers a handler for ops of the default domain within an opset range (inclusive)."""
+
+    def wrap(fn: Handler) -> Handler:
+        for op in op_types:
+            _REGISTRY.setdefault(op, []).append((versions[0], versions[1], fn))
+        return fn
+
+    return wrap
+
+
+def handler_for(op_type: str, opset: int) -> Handler | None:
+    for lo, hi, fn in _REGISTRY.get(op_type, []):
+        if lo <= opset <= hi:
+            return fn
+    return None
+
+
+def supported_ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def node_key(node: ir.Node) -> str:
+    return node.name or node.outputs[0].name
+
+
+def _is_float(value: ir.Value | None) -> bool:
+    return (
+        value is not None
+        and value.dtype is not None
+        and value.dtype.is_floating_point()
+        and value.dtype.itemsize == 4
+    )
+
+
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+# -- weighted ops -------------------------------------------------------------------------------
+
+
+@register("Conv", "ConvTranspose")
+def _conv(node: ir.Node, ctx: Context) -> str | None:
+    x, w = node.inputs[0], node.inputs[1]
+    if not _is_float(x):
+        return "input is not float32"
+    weight = const_array(w)
+    if weight is None:
+        return "weight is not a constant initializer"
+    group = _attr(node, "group", 1)
+    if node.op_type == "Conv":
+        axis = 0
+    else:
+        axis = 1 if group == 1 else None  # grouped ConvTranspose: per-channel axis mixes groups
+    ctx.mark_activation(x)
+    key = node_key(node)
+    ctx.plan.weights[(key, 1)] = axis if ctx.per_channel else None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        if const_array(node.inputs[2]) is None:
+            return "bias is not a constant initializer"
+        ctx.plan.biases[(key, 2)] = (x.name, 1)
+    ctx.mark_activation(node.outputs[0])
+    return None
+
+
+@register("Gemm")
+def _gemm(node: ir.Node, ctx: Context) -> str | None:
+    a, b = node.inputs[0], node.inputs[1]
+    if not _is_float(a):
+        return "input is not float32"
+    if _attr(node, "transA", 0):
+        return "transA=1 has no quantized Gemm kernel"
+    weight = const_array(b)
+    if weight is None or weight.ndim != 2:
+        return "B is not a constant 2-D initializer"
+    key = node_key(node)
+    ctx.mark_activation(a)
+    ctx.plan.weights[(key, 1)] = (0 if _attr(node, "transB", 0) else 1) if ctx.per_channel else None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = const_array(node.inputs[2])
+        if (
+            bias is not None
+            and bias.ndim == 1
+            and _attr(node, "beta", 1.0) == 1.0
+            and _attr(node, "alpha", 1.0) == 1.0
+        ):
+            ctx.plan.biases[(key, 2)] = (a.name, 1)
+    out = node.outputs[0]
+    if not out.is_graph_output():
+        ctx.mark_activation(out)  # QGemm with a float output serves graph outputs
+    return None
+
+
+@register("MatMul")
+def _matmul(node: ir.Node, ctx: Context) -> str | None:
+    a, b = node.inputs[0], node.inputs[1]
+    if not (_is_float(a) and _is_float(b)):
+        return "inputs are not float32"
+    key = node_key(node)
+    ctx.mark_activation(a)
+    weight = const_array(b)
+    if weight is not None:
+        if weight.ndim != 2:
+            return "constant B is not 2-D"
+        ctx.plan.weights[(key, 1)] = 1 if ctx.per_channel else None
+    else:
+        ctx.mark_activation(b)
+    out = node.outputs[0]
+    if not out.is_graph_output():
+        ctx.mark_activation(out)
+    return None
+
+
+# -- elementwise and pooling ops with QLinear kernels -------------------------------------------
+
+
+@register("Add", "Mul")
+def _binary(node: ir.Node, ctx: Context) -> str | None:
+    if not all(_is_float(v) for v in node.inputs):
+        return "inputs are not float32"
+    if all(const_array(v) is not None for v in node.inputs):
+        return "both inputs are constants"
+    for i in range(2):
+        ctx.mark_input(node, i)
+    ctx.mark_activation(node.outputs[0])
+    return None
+
+
+@register("Concat")
+def _concat(node: ir.Node, ctx: Context) -> str | None:
+    if not all(_is_float(v) for v in node.inputs):
+        return "inputs are not float32"
+    for i in range(len(node.inputs)):
+        ctx.mark_input(node, i)
+    ctx.mark_activation(node.outputs[0])
+    return None
+
+
+@register("AveragePool", "GlobalAveragePool", "Sigmoid")
+def _unary_qlinear(node: ir.Node, ctx: Context) -> str | None:
+    if not _is_float(node.inputs[0]):
+        return "input is not float32"
+    ctx.mark_activation(node.inputs[0])
+    ctx.mark_activation(node.outputs[0])
+    return None
+
+
+@register("Softmax")
+def _softmax(node: ir.Node, ctx: Context) -> str | None:
+    if not ctx.quantize_softmax:
+        return "Softmax stays float unless asked (--quantize-softmax)"
+    return _unary_qlinear(node, ctx)
+
+
+# -- ops that move values without changing them -----------------------------------------------
+
+
+@register("MaxPool", "Resize", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
+def _passthrough(node: ir.Node, ctx: Context) -> str | None:
+    x = node.inputs[0]
+    if not ctx.plan.is_marked(x):
+        return "input is not quantized; a data-movement op is quantized only to extend a quantized region"
+    if node.op_type == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].uses():
+        return "MaxPool indices output is used"
+    if node.op_type == "Resize" and _attr(node, "mode", "nearest") != "nearest":
+        # Linear interpolation creates new values: give the output its own range.
+        ctx.mark_activation(node.outputs[0])
+        return None
+    out = node.outputs[0]
+    ctx.plan.shared[out.name] = ctx.plan.resolve(x.name)
+    return None
+
+
+# -- activations folded into their producer's output range ------------------------------------
+
+_FOLD_INTO = {
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "Add",
+    "Mul",
+    "Concat",
+    "AveragePool",
+    "GlobalAveragePool",
+}
+
+
+@register("Relu", "Clip")
+def _fold_activation(node: ir.Node, ctx: Context) -> str | None:
+    x, y = node.inputs[0], node.outputs[0]
+    producer = x.producer()
+    if ctx.symmetric_activations:
+        return "symmetric activations cannot absorb a ReLU (negative codes stay)"
+    if (
+        producer is None
+        or producer.op_type not in _FOLD_INTO
+        or node_key(producer) not in ctx.plan.quantized_nodes
+    ):
+        return "producer is not a quantized op"
+    if len(x.uses()) != 1 or x.is_graph_output() or y.is_graph_output():
+        return "the pre-activation tensor has other uses or is a graph output"
+    if node.op_type == "Clip":
+        lo = (
+            const_array(node.inputs[1])
+            if len(node.inputs) > 1 and node.inputs[1] is not None
+            else None
+        )
+        hi = (
+            const_array(node.inputs[2])
+            if len(node.inputs) > 2 and node.inputs[2] is not None
+            else None
+        )
+        if len(node.inputs) > 1 and node.inputs[1] is not None and lo is None:
+            return "Clip bounds are not constants"
+        if len(node.inputs) > 2 and node.inputs[2] is not None and hi is None:
+            return "Clip bounds are not constants"
+        if lo is not None and float(lo) > 0:
+            return "Clip's lower bound is above 0: the quantized range must contain 0"
+    name = ctx.plan.resolve(x.name)
+    if name not in ctx.plan.activations:
+        return "producer output is not quantized"
+    # The producer's output is quantized with the activation's output range; saturation at the
+    # range ends does what ReLU/Clip did, so the node goes.
+    ctx.plan.activations[name] = y.name
+    ctx.plan.alias[y.name] = name
+    ctx.plan.folded[node_key(node)] = name
+    return None
