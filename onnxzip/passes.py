@@ -3,6 +3,8 @@
 * ``drop_initializer_inputs``: old exporters (IR < 4) list every initializer as a graph input
   too, which makes weights overridable and blocks constant folding. Inference never overrides
   them, so they stop being inputs.
+* ``lift_constants``: ``Constant`` nodes become initializers, so every rule reads constants in
+  one way.
 * ``sum_to_add``: a two-input ``Sum`` is an ``Add`` (onnxruntime has quantized kernels for Add).
 * ``fold_batchnorm``: ``BatchNormalization`` after a ``Conv`` (or ``ConvTranspose``) whose output
   feeds nothing else is folded into the convolution's weights and bias. With
@@ -19,6 +21,7 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +61,15 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def drop_initializer_inputs(model: ir.Model) -> int:
-    graph = model.graph
-    keep = [v for v in graph.inputs if not v.is_initializer()]
-    dropped = len(graph.inputs) - len(keep)
-    if dropped:
-        graph.inputs.clear()
-        graph.inputs.extend(keep)
-    return dropped
+    before = len(model.graph.inputs)
+    ir.passes.common.RemoveInitializersFromInputsPass()(model)
+    return before - len(model.graph.inputs)
+
+
+def lift_constants(model: ir.Model) -> int:
+    before = len(model.graph.initializers)
+    ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    return len(model.graph.initializers) - before
 
 
 def sum_to_add(model: ir.Model) -> int:
@@ -160,6 +165,7 @@ def prepare_for_inference(model: ir.Model) -> dict:
     """Runs the clean-ups above in order and says what each did."""
     return {
         "initializer_inputs_dropped": drop_initializer_inputs(model),
+        "constants_lifted": lift_constants(model),
         "sum_to_add": sum_to_add(model),
         "batchnorm_folded": fold_batchnorm(model),
     }

@@ -75,8 +75,12 @@ def insert_qdq(
     # 1. Folded activations disappear: their consumers read the producer's output.
     for key, target in plan.folded.items():
         node = nodes[key]
-        node.outputs[0].replace_all_uses_with(values[target])
+        folded_out, producer_out = node.outputs[0], values[target]
+        output_name = folded_out.name if folded_out.is_graph_output() else None
+        folded_out.replace_all_uses_with(producer_out, replace_graph_outputs=True)
         graph.remove(node, safe=True)
+        if output_name is not None:
+            producer_out.name = output_name  # a graph output keeps its name
 
     # 2. Activations: one Q/DQ pair per tensor, shared by all its consumers.
     pairs = 0

@@ -286,7 +286,7 @@ def _fold_activation(node: ir.Node, ctx: Context) -> str | None:
         or node_key(producer) not in ctx.plan.quantized_nodes
     ):
         return "producer is not a quantized op"
-    if len(x.uses()) != 1 or x.is_graph_output() or y.is_graph_output():
+    if len(x.uses()) != 1 or x.is_graph_output():
         return "the pre-activation tensor has other uses or is a graph output"
     if node.op_type == "Clip":
         lo = (

@@ -1,0 +1,94 @@
+"""Streamed calibration statistics: exact histograms, exact merges, the four range methods."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxzip.quantize.calibrate import TensorStats
+
+
+def stats_of(*chunks, bins=256, histogram=True) -> TensorStats:
+    s = TensorStats(bins, histogram)
+    for c in chunks:
+        s.update(c)
+    return s
+
+
+def test_histogram_counts_match_numpy_after_growth():
+    rng = np.random.default_rng(0)
+    small = rng.normal(0, 0.1, 10_000).astype(np.float32)
+    large = rng.normal(0, 3.0, 10_000).astype(np.float32)
+    s = stats_of(small, large)  # the radius grows from 0.5 to 16: bins merge pairwise
+    assert s.radius == 2 ** np.ceil(np.log2(np.abs(np.concatenate([small, large])).max()))
+    expected, _ = np.histogram(np.concatenate([small, large]).astype(np.float64), bins=s.edges())
+    np.testing.assert_array_equal(s.hist, expected)
+    assert s.count == 20_000
+
+
+def test_merging_two_halves_equals_one_pass():
+    rng = np.random.default_rng(1)
+    a = rng.normal(0, 0.3, (64, 8)).astype(np.float32)
+    b = rng.normal(2, 5.0, (64, 8)).astype(np.float32)
+    one = stats_of(a, b)
+    merged = stats_of(a).merge(stats_of(b))
+    assert merged.min == one.min and merged.max == one.max and merged.count == one.count
+    assert merged.radius == one.radius
+    np.testing.assert_array_equal(merged.hist, one.hist)
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        assert merged.range(method) == one.range(method)
+
+
+def test_memory_does_not_grow_with_samples():
+    s = TensorStats(128)
+    for seed in range(20):
+        s.update(np.random.default_rng(seed).normal(size=5000).astype(np.float32))
+    assert s.hist.shape == (256,) and s.count == 100_000
+
+
+def test_minmax_and_percentile():
+    x = np.linspace(0.0, 1.0, 100_001, dtype=np.float32)
+    s = stats_of(x, bins=2048)
+    assert s.range("minmax") == (0.0, 1.0)
+    lo, hi = s.range("percentile", percentile=99.0)
+    assert lo == pytest.approx(0.005, abs=2e-3) and hi == pytest.approx(0.995, abs=2e-3)
+    assert s.range("percentile", percentile=100.0) == pytest.approx((0.0, 1.0), abs=1e-3)
+
+
+def test_entropy_clips_rare_outliers_but_keeps_the_bulk():
+    rng = np.random.default_rng(2)
+    bulk = np.abs(rng.normal(0, 1, 200_000)).astype(np.float32)
+    s = stats_of(bulk, np.array([60.0, 80.0], np.float32), bins=2048)
+    lo, hi = s.range("entropy")
+    assert lo == s.min and 2.0 < hi < 60.0
+
+
+def test_mse_clips_a_heavy_tail_where_that_lowers_the_error():
+    x = np.random.default_rng(4).laplace(0, 1, 1_000_000).astype(np.float32)
+    s = stats_of(x, bins=2048)
+    lo, hi = s.range("mse")
+    assert 3.0 < hi < 0.8 * x.max() and 0.8 * x.min() < lo < -3.0
+
+    def sq_error(a, b):
+        from onnxzip.quantize import params as qp
+
+        p = qp.activation_params(a, b)
+        return float(np.mean((qp.dequantize(qp.quantize(x, p), p) - x) ** 2))
+
+    assert sq_error(lo, hi) < sq_error(float(x.min()), float(x.max()))
+
+
+def test_uniform_data_is_not_clipped_much():
+    x = np.random.default_rng(3).uniform(0, 1, 100_000).astype(np.float32)
+    s = stats_of(x, bins=2048)
+    for method in ("mse", "entropy"):
+        assert s.range(method)[1] > 0.85, method
+
+
+def test_degenerate_and_non_finite_values():
+    zeros = stats_of(np.zeros(100, np.float32))
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        assert zeros.range(method) == (0.0, 0.0)
+    s = stats_of(np.array([1.0, np.nan, np.inf, 2.0], np.float32))
+    assert s.nonfinite == 2 and s.range("minmax") == (1.0, 2.0)
+    assert TensorStats().range("minmax") == (0.0, 0.0)
