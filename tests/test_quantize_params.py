@@ -61,11 +61,16 @@ def _ort_quantize(x: np.ndarray, scale: float, zero: np.ndarray) -> np.ndarray:
         "q",
         [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(x.shape))],
         [oh.make_tensor_value_info("y", elem, list(x.shape))],
-        [onnx.numpy_helper.from_array(np.array(scale, np.float32), "s"), onnx.numpy_helper.from_array(zero, "z")],
+        [
+            onnx.numpy_helper.from_array(np.array(scale, np.float32), "s"),
+            onnx.numpy_helper.from_array(zero, "z"),
+        ],
     )
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
     model.ir_version = 8
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )[0]
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "int8"])
@@ -109,6 +114,8 @@ def test_bias_is_int32_with_product_scale():
     p = qp.bias_params(np.float32(0.5), w)
     np.testing.assert_allclose(p.scale, [0.005, 0.001], rtol=1e-6)
     codes, saturated = qp.quantize_bias(np.array([1.0, -0.0105], np.float32), p)
-    assert codes.dtype == np.int32 and list(codes) == [200, -10] and saturated == 0  # -10.5 -> -10 (even)
+    assert (
+        codes.dtype == np.int32 and list(codes) == [200, -10] and saturated == 0
+    )  # -10.5 -> -10 (even)
     huge, saturated = qp.quantize_bias(np.array([1e30, 0.0], np.float32), p)
     assert saturated == 1 and huge[0] == 2**31 - 1

@@ -15,7 +15,8 @@ Methods (``[lo, hi]`` is then widened to contain 0 by the parameter maths):
 * ``minmax``: the observed min and max.
 * ``percentile`` p: clips a fraction ``1 - p/100`` of the values, split between both tails,
   read from the histogram's cumulative counts; never outside [min, max].
-* ``entropy``: TensorRT's KL-divergence calibration on the histogram of |x|: for each candidate
+* ``entropy``: TensorRT's KL-divergence calibration on the histogram of |x| (exact zeros left
+  out: they quantize without error at any threshold): for each candidate
   threshold ``T`` (every bin edge from ``levels`` bins up to the last non-empty bin), the clipped
   distribution P (outliers added to the last bin) is compared with its quantization Q to
   ``levels`` levels; the ``T`` with the smallest KL(P || Q) wins. The range is ``[-T, T]``
@@ -56,6 +57,7 @@ class TensorStats:
     min: float = math.inf
     max: float = -math.inf
     count: int = 0
+    zeros: int = 0  # exact zeros: quantized without error whatever the range
     nonfinite: int = 0
     radius: float = 0.0
     hist: np.ndarray | None = field(default=None, repr=False)
@@ -87,6 +89,7 @@ class TensorStats:
         self.min = min(self.min, lo)
         self.max = max(self.max, hi)
         self.count += int(x.size)
+        self.zeros += int(np.count_nonzero(x == 0))
         if not self.histogram:
             return
         radius = _radius_for(max(abs(self.min), abs(self.max)))
@@ -107,6 +110,7 @@ class TensorStats:
         out = TensorStats(self.bins, self.histogram)
         out.min, out.max = min(self.min, other.min), max(self.max, other.max)
         out.count = self.count + other.count
+        out.zeros = self.zeros + other.zeros
         out.nonfinite = self.nonfinite + other.nonfinite
         if self.histogram:
             parts = [s for s in (self, other) if s.hist is not None]
@@ -162,6 +166,9 @@ class TensorStats:
         qmin, qmax = qrange(dtype, symmetric=symmetric)
         levels = (qmax - qmin + 1) // 2 if (symmetric or self.min < 0) else qmax - qmin + 1
         hist = self._abs_hist().astype(np.float64)
+        # Exact zeros (a ReLU's floor) cost nothing at any threshold; left in, their spike in the
+        # first bin dominates the divergence and drags the threshold far below the data.
+        hist[0] -= self.zeros
         nonzero = np.nonzero(hist)[0]
         last = int(nonzero[-1]) + 1 if nonzero.size else 0
         width = self.radius / self.bins

@@ -1,0 +1,317 @@
+"""QDQ placement on every supported op: parity with onnxruntime and fused int8 kernels."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnxruntime as ort
+import pytest
+from conftest import run_cli
+
+from onnxzip import io
+from onnxzip.data import NpzSamples, SyntheticSamples, input_specs
+from onnxzip.errors import DataError
+from onnxzip.quantize import QuantizeConfig, quantize
+from onnxzip.verify import verify
+
+H = '<ir_version: 8, opset_import: ["" : 17]>\n'
+FLOAT_COMPUTE = {
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "Add",
+    "Mul",
+    "Concat",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Sigmoid",
+    "Softmax",
+    "Relu",
+    "Clip",
+}
+
+# name: (graph text, weight shapes, kernels the optimised session must contain)
+CASES = {
+    "conv_bias_relu": (
+        "g (float[N,4,8,8] x) => (float[N,6,8,8] y) { c = Conv <pads=[1,1,1,1]> (x, w, b)\n y = Relu(c) }",
+        {"w": (6, 4, 3, 3), "b": (6,)},
+        {"QLinearConv": 1},
+    ),
+    "conv_no_bias_grouped": (
+        "g (float[N,4,8,8] x) => (float[N,8,8,8] y) { y = Conv <pads=[1,1,1,1], group=2> (x, w) }",
+        {"w": (8, 2, 3, 3)},
+        {"QLinearConv": 1},
+    ),
+    "depthwise_multiplier_clip6": (
+        "g (float[N,4,8,8] x) => (float[N,8,8,8] y) { lo = Constant<value=float {0.0}>()\n"
+        " hi = Constant<value=float {6.0}>()\n c = Conv <pads=[1,1,1,1], group=4> (x, w)\n y = Clip(c, lo, hi) }",
+        {"w": (8, 1, 3, 3)},
+        {"QLinearConv": 1},
+    ),
+    "gemm_graph_output": (
+        "g (float[N,16] x) => (float[N,5] y) { y = Gemm <transB=1> (x, w, b) }",
+        {"w": (5, 16), "b": (5,)},
+        {"QGemm": 1},
+    ),
+    "gemm_no_trans_then_relu": (
+        "g (float[N,16] x) => (float[N,5] y) { m = Gemm (x, w, b)\n y = Relu(m) }",
+        {"w": (16, 5), "b": (5,)},
+        {"QGemm": 1},
+    ),
+    "matmul_weight": (
+        "g (float[N,7,16] x) => (float[N,7,5] y) { m = MatMul (x, w)\n y = Relu(m) }",
+        {"w": (16, 5)},
+        {"QLinearMatMul": 1},
+    ),
+    "matmul_activations_sigmoid": (
+        "g (float[N,7,16] x, float[N,16,3] z) => (float[N,7,3] y) { m = MatMul (x, z)\n y = Sigmoid(m) }",
+        {},
+        {"QLinearMatMul": 1, "QLinearSigmoid": 1},
+    ),
+    "add_mul_concat": (
+        "g (float[N,4,8,8] x) => (float[N,8,8,8] y) { a = Conv (x, w1)\n b = Conv (x, w2)\n s = Add(a, b)\n"
+        " p = Mul(s, b)\n y = Concat <axis=1> (s, p) }",
+        {"w1": (4, 4, 1, 1), "w2": (4, 4, 1, 1)},
+        {"QLinearConv": 2, "QLinearAdd": 1, "QLinearMul": 1, "QLinearConcat": 1},
+    ),
+    "add_constant": (
+        "g (float[N,4,8,8] x) => (float[N,4,8,8] y) { a = Conv (x, w)\n y = Add(a, c) }",
+        {"w": (4, 4, 1, 1), "c": (1, 4, 1, 1)},
+        {"QLinearConv": 1, "QLinearAdd": 1},
+    ),
+    "pools_reshape_transpose_flatten": (
+        "g (float[N,4,8,8] x) => (float[N,24] y) { c = Conv (x, w)\n r = Relu(c)\n"
+        " m = MaxPool <kernel_shape=[2,2], strides=[2,2]> (r)\n a = AveragePool <kernel_shape=[2,2], strides=[2,2]> (m)\n"
+        " t = Transpose <perm=[0,1,3,2]> (a)\n y = Flatten (t) }",
+        {"w": (6, 4, 1, 1)},
+        {"QLinearConv": 1, "QLinearAveragePool": 1},
+    ),
+    "gap_resize": (
+        "g (float[N,4,8,8] x) => (float[N,6,1,1] y, float[N,6,16,16] z) { c = Conv (x, w)\n y = GlobalAveragePool(c)\n"
+        ' sc = Constant<value=float[4] {1.0,1.0,2.0,2.0}>()\n z = Resize <mode="nearest"> (c, , sc) }',
+        {"w": (6, 4, 1, 1)},
+        {"QLinearConv": 1, "QLinearGlobalAveragePool": 1, "Resize": 1},
+    ),
+    "reshape_softmax": (
+        "g (float[N,16] x) => (float[N,5] y) { g = Gemm <transB=1> (x, w)\n s = Constant<value=int64[2] {0, 5}>()\n"
+        " r = Reshape(g, s)\n y = Softmax(r) }",
+        {"w": (5, 16)},
+        {"QGemm": 1, "QLinearSoftmax": 1},
+    ),
+}
+
+
+def build(text: str, weights: dict) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(H + text)
+    rng = np.random.default_rng(0)
+    for name, shape in weights.items():
+        model.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+        )
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def optimized_ops(model, tmp_path) -> tuple[Counter, onnx.GraphProto]:
+    """What onnxruntime runs after its default (serving) optimisations."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = os.path.join(tmp_path, "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(io.model_bytes(model), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(options.optimized_model_filepath).graph
+    return Counter(n.op_type for n in graph.node), graph
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_placement_fuses_into_int8_kernels_with_parity(case, tmp_path):
+    text, weights, kernels = CASES[case]
+    proto = build(text, weights)
+    specs = input_specs(io.load_model(proto))
+    config = QuantizeConfig(holdout=0, quantize_softmax=True)
+    quantized, report = quantize(proto, SyntheticSamples(specs, 256, seed=1), config)
+    assert not report.kept_float
+    saved = io.save_model(quantized, tmp_path / "q.onnx")  # passes the checker's full check
+    ops, _ = optimized_ops(quantized, tmp_path)
+    for kernel, count in kernels.items():
+        assert ops[kernel] == count, (case, dict(ops))
+    assert not FLOAT_COMPUTE & set(ops), (case, dict(ops))  # nothing fell back to float kernels
+    # Parity on samples calibration never saw; QDQ error is bounded, not zero.
+    parity = verify(proto, saved, SyntheticSamples(specs, 64, seed=2))
+    for out in parity.outputs:
+        assert out.cosine_mean > 0.995, (case, out)
+
+
+def test_fused_kernels_compute_what_the_qdq_graph_says(tmp_path):
+    """Optimised (fused int8 kernels) and unoptimised (reference QDQ semantics) runs agree."""
+    text, weights, _ = CASES["add_mul_concat"]
+    proto = build(text, weights)
+    specs = input_specs(io.load_model(proto))
+    quantized, _ = quantize(proto, SyntheticSamples(specs, 128), QuantizeConfig(holdout=0))
+    report = verify(quantized, quantized, SyntheticSamples(specs, 32, seed=9), optimization="none")
+    assert report.outputs[0].max_abs_error == 0
+    fused = verify(quantized, quantized, SyntheticSamples(specs, 32, seed=9), optimization="all")
+    assert fused.outputs[0].cosine_mean == 1.0
+    x = {"x": next(SyntheticSamples(specs, 8, seed=3).batches(8)).inputs["x"]}
+    data = io.model_bytes(quantized)
+    none = ort.SessionOptions()
+    none.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(data, none, providers=["CPUExecutionProvider"]).run(None, x)[0]
+    out = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, x)[0]
+    # Fused kernels requantize in one step; the difference stays within one output step.
+    assert np.max(np.abs(ref - out)) <= 2 * np.max(np.abs(ref)) / 255 + 1e-6
+
+
+@pytest.mark.parametrize("arch", ["digits_resnet", "digits_mobilenet"])
+def test_digits_models_keep_accuracy_and_run_int8_kernels(arch, calib_npz, test_npz, tmp_path):
+    path = calib_npz.parent / f"{arch}.onnx"
+    specs = input_specs(io.load_model(path))
+    quantized, report = quantize(
+        path,
+        NpzSamples(calib_npz, specs),
+        QuantizeConfig(),
+        verify_samples=NpzSamples(test_npz, specs),
+    )
+    (out,) = report.parity.outputs
+    assert out.reference_accuracy - out.candidate_accuracy <= 0.005  # at most half a point
+    assert out.cosine_mean > 0.999 and out.snr_db > 25
+    assert report.weight_bytes_after < 0.4 * report.weight_bytes_before
+    ops, _ = optimized_ops(quantized, tmp_path)
+    assert (
+        ops["Conv"] == 0
+        and ops["QLinearConv"]
+        == Counter(n.op_type for n in onnx.load(str(path)).graph.node)["Conv"]
+    )
+    assert ops["BatchNormalization"] == 0 and ops["QGemm"] == 1
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"per_channel": False}, {"activation_type": "int8", "symmetric_activations": True}],
+)
+def test_every_method_and_option_gives_a_valid_model(
+    method, options, resnet_path, calib_npz, tmp_path
+):
+    specs = input_specs(io.load_model(resnet_path))
+    config = QuantizeConfig(calibration=method, **options)
+    quantized, report = quantize(resnet_path, NpzSamples(calib_npz, specs), config)
+    io.save_model(quantized, tmp_path / "q.onnx")
+    assert report.calibration_samples == 410 and report.parity.samples == 102  # 20 % held out
+    (out,) = report.parity.outputs
+    assert out.top1_agreement > 0.9 and out.cosine_mean > 0.9
+    scales = [
+        t for t in quantized.graph.initializers.values() if t.name.endswith("weight_bnfold_scale")
+    ]
+    assert scales and all(
+        (s.const_value.numpy().ndim == 0) == (not config.per_channel) for s in scales
+    )
+    zero_points = [
+        n.inputs[2].const_value.numpy() for n in quantized.graph if n.op_type == "QuantizeLinear"
+    ]
+    assert all(z.dtype == np.dtype(config.activation_type) for z in zero_points)
+    if config.symmetric_activations:
+        assert all(int(z) == 0 for z in zero_points)
+    assert report.folded_activations == (
+        []
+        if config.symmetric_activations
+        else ["s1.relu1", "s1.relu2", "s2.relu1", "s2.relu2", "stem.relu"]
+    )
+
+
+def test_exclude_by_name_and_op_type_keeps_float_with_reason(resnet_path, calib_npz):
+    specs = input_specs(io.load_model(resnet_path))
+    config = QuantizeConfig(exclude=("s2.conv2", "Gemm"), holdout=0)
+    quantized, report = quantize(resnet_path, NpzSamples(calib_npz, specs), config)
+    kept = {k.node: k.reason for k in report.kept_float}
+    assert kept == {"s2.conv2": "excluded by the user", "fc": "excluded by the user"}
+    conv2 = next(n for n in quantized.graph if n.name == "s2.conv2")
+    assert (
+        conv2.inputs[1].const_value is not None and conv2.inputs[1].dtype == onnx.TensorProto.FLOAT
+    )
+
+
+def test_all_zero_activation_gets_valid_parameters(tmp_path):
+    proto = build(
+        "g (float[N,4,8,8] x) => (float[N,4,8,8] y) { c = Conv (x, w)\n r = Relu(c)\n y = Conv (r, w2) }",
+        {"w": (4, 4, 1, 1), "w2": (4, 4, 1, 1)},
+    )
+    proto.graph.initializer[0].CopyFrom(
+        onnx.numpy_helper.from_array(np.zeros((4, 4, 1, 1), np.float32), "w")
+    )
+    specs = input_specs(io.load_model(proto))
+    quantized, report = quantize(proto, SyntheticSamples(specs, 16), QuantizeConfig(holdout=0))
+    for r in report.ranges:
+        assert np.isfinite(r.scale) and r.scale > 0
+    out = verify(proto, quantized, SyntheticSamples(specs, 8, seed=4)).outputs[0]
+    assert out.max_abs_error == 0  # zeros quantize exactly
+
+
+def test_nan_activation_is_refused_naming_the_tensor():
+    proto = build(
+        "g (float[N,4] x) => (float[N,3] y) { l = Log(x)\n y = Gemm <transB=1> (l, w) }",
+        {"w": (3, 4)},
+    )
+    specs = input_specs(io.load_model(proto))
+    with pytest.raises(DataError, match="tensor 'l'.*NaN"):
+        quantize(proto, SyntheticSamples(specs, 16), QuantizeConfig(holdout=0))
+
+
+def test_cli_quantize_writes_checked_model_and_report(
+    resnet_path, calib_npz, test_npz, tmp_path, capsys
+):
+    out = tmp_path / "q.onnx"
+    code, stdout, _ = run_cli(
+        [
+            "quantize",
+            resnet_path,
+            "-o",
+            out,
+            "--data",
+            calib_npz,
+            "--verify-data",
+            test_npz,
+            "--calibration",
+            "percentile",
+            "--max-accuracy-drop",
+            "0.005",
+            "--json",
+            tmp_path / "r.json",
+        ],
+        capsys,
+    )
+    assert code == 0, stdout
+    onnx.checker.check_model(str(out), full_check=True)
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["parity"]["samples"] == 360 and data["calibration_samples"] == 512
+    assert data["quantized_ops"]["Conv"] == 6 and data["config"]["calibration"] == "percentile"
+
+
+def test_cli_quantize_refuses_to_overwrite_its_input(resnet_path, calib_npz, tmp_path, capsys):
+    copy = tmp_path / "m.onnx"
+    copy.write_bytes(resnet_path.read_bytes())
+    code, _, err = run_cli(["quantize", copy, "-o", copy, "--data", calib_npz], capsys)
+    assert code == 2 and "--overwrite" in err
+    assert copy.read_bytes() == resnet_path.read_bytes()
+
+
+def test_cli_quantize_parity_failure_exits_1(resnet_path, calib_npz, tmp_path, capsys):
+    code, stdout, _ = run_cli(
+        [
+            "quantize",
+            resnet_path,
+            "-o",
+            tmp_path / "q.onnx",
+            "--data",
+            calib_npz,
+            "--min-snr",
+            "80",
+        ],
+        capsys,
+    )
+    assert code == 1 and "FAIL" in stdout
