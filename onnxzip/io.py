@@ -31,6 +31,7 @@ import onnx
 import onnx.checker
 import onnx.defs
 import onnx.external_data_helper
+import onnx.helper
 import onnx.shape_inference
 import onnx.version_converter
 import onnx_ir as ir
@@ -116,15 +117,56 @@ def normalize_proto(proto: onnx.ModelProto, source: str = "model") -> onnx.Model
         copy = onnx.ModelProto()
         copy.CopyFrom(proto)
         proto = copy
-    if proto.ir_version > MAX_IR_VERSION:
-        proto.ir_version = MAX_IR_VERSION
+    # The IR version must be one that the opsets in use require (IR 3 files upgraded to opset 13
+    # say IR 3, which also forbids initializers that are not graph inputs), and at most 10.
     try:
-        proto = onnx.shape_inference.infer_shapes(
-            proto, check_type=False, strict_mode=False, data_prop=True
-        )
+        needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+    except Exception:  # an opset onnx does not know: leave the IR version to the checks below
+        needed = proto.ir_version
+    proto.ir_version = min(max(proto.ir_version, needed), MAX_IR_VERSION)
+    try:
+        _infer_shapes_in_place(proto)
     except Exception as exc:
         raise ModelError(f"{source}: shape inference failed: {_one_line(exc)}") from exc
     return proto
+
+
+_SMALL_TENSOR = 1024  # elements: shape inference reads the values of small constants only
+
+
+def _elements(tensor: onnx.TensorProto) -> int:
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    return count
+
+
+def _infer_shapes_in_place(proto: onnx.ModelProto) -> None:
+    """Runs onnx shape inference on a copy without the weights' data, then keeps its results.
+
+    Serialising the weights dominates the cost of ``onnx.shape_inference`` on large models, and
+    inference needs only their types and dims (values matter only for small shape constants).
+    """
+    light = onnx.ModelProto()
+    light.CopyFrom(proto)  # a memory copy: far cheaper than the serialisation inference does
+    for tensor in light.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and _elements(tensor) > _SMALL_TENSOR:
+            for data_field in (
+                "raw_data",
+                "float_data",
+                "int32_data",
+                "int64_data",
+                "double_data",
+                "uint64_data",
+            ):
+                tensor.ClearField(data_field)
+    inferred = onnx.shape_inference.infer_shapes(
+        light, check_type=False, strict_mode=False, data_prop=True
+    )
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(inferred.graph.value_info)
+    del proto.graph.output[:]
+    proto.graph.output.extend(inferred.graph.output)
 
 
 def _check_external_data(proto: onnx.ModelProto, base_dir: Path, source: str) -> None:
@@ -173,6 +215,15 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     return proto
 
 
+def _is_normalized(model: ir.Model) -> bool:
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if model.ir_version > MAX_IR_VERSION or (
+        opset is not None and not MIN_OPSET <= opset <= MAX_OPSET
+    ):
+        return False
+    return all(v.type is not None for node in model.graph for v in node.outputs if v.name)
+
+
 def load_model(model, *, name: str | None = None) -> ir.Model:
     """Loads and normalises a model given as a path, a ``ModelProto`` or an ``onnx_ir.Model``.
 
@@ -183,7 +234,8 @@ def load_model(model, *, name: str | None = None) -> ir.Model:
         name: how error messages name the model (defaults to the path).
 
     Returns:
-        An ``onnx_ir.Model`` at opset 13..21, IR <= 10, with inferred shapes.
+        An ``onnx_ir.Model`` at opset 13..21, IR <= 10, with inferred shapes. An ``onnx_ir.Model``
+        that already is all of that is returned as it is (not copied): clone it before editing.
 
     Raises:
         ModelError: missing or unreadable file, checker failure, missing external data,
@@ -191,6 +243,8 @@ def load_model(model, *, name: str | None = None) -> ir.Model:
     """
     base_dir: Path | None = None
     if isinstance(model, ir.Model):
+        if _is_normalized(model):
+            return model
         proto = ir.to_proto(model)
         source = name or "model"
     elif isinstance(model, onnx.ModelProto):
@@ -342,3 +396,18 @@ def file_size(path: str | os.PathLike) -> int:
     for location in locations:
         size += (p.parent / location).stat().st_size
     return size
+
+
+def onnx_package_dir() -> Path:
+    """The installed onnx package (its backend test data hold real architectures)."""
+    return Path(onnx.__file__).parent
+
+
+def convert_opset(model: ir.Model, opset: int, name: str = "model") -> ir.Model:
+    """A copy of ``model`` converted to default-domain ``opset`` (13..21) and normalised."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ModelError(f"{name}: target opset {opset} is outside {MIN_OPSET}..{MAX_OPSET}")
+    proto = ir.to_proto(model)
+    if _default_opset(proto) != opset:
+        proto = _convert_opset(proto, opset, name)
+    return load_model(proto, name=name)

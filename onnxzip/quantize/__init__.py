@@ -259,7 +259,7 @@ def quantize(
     t0 = time.perf_counter()
     source = source or (str(model) if not isinstance(model, ir.Model) else "model")
     original = io.load_model(model, name=source)
-    work = io.load_model(original, name=source)
+    work = original.clone()  # tensors are shared, never written: the caller's model stays as it was
     weight_before = io.weights_nbytes(original)
     prepared = passes.prepare_for_inference(work)
     plan, kept = plan_quantization(work, config)

@@ -1,0 +1,200 @@
+"""Models the project builds for its tests and benchmarks (no model hub is reachable).
+
+* ``from_light(name)``: a real architecture from ``onnx/backend/test/data/light/`` (ResNet-50,
+  VGG-19, SqueezeNet, Inception, ...). Those files generate every weight with ConstantOfShape
+  (all 0.02); here each becomes a seeded random initializer of a sensible distribution for the op
+  that reads it (He-normal convolution weights, BatchNormalization statistics near identity),
+  the initializer inputs of the IR-3 era are dropped, and the opset is converted to 17.
+* ``mobilenet_v2()``: the MobileNetV2 architecture (inverted residuals, depthwise convolutions,
+  ReLU6 as Clip, BatchNormalization), random weights, built with onnx_ir.
+
+Random-weight models serve latency, size and parity measurements only, never accuracy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxzip import io, passes
+
+LIGHT_DIR = Path(io.onnx_package_dir()) / "backend" / "test" / "data" / "light"
+
+
+def light_models() -> list[str]:
+    return sorted(p.stem.removeprefix("light_") for p in LIGHT_DIR.glob("light_*.onnx"))
+
+
+def _random_for(value: ir.Value, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    uses = value.uses()
+    node, index = (uses[0].node, uses[0].idx) if uses else (None, -1)
+    op = node.op_type if node is not None else ""
+    if op == "BatchNormalization":
+        feeds_sum = any(u.node.op_type in ("Add", "Sum") for u in node.outputs[0].uses())
+        if index == 1 and feeds_sum:
+            # The last BN of a residual branch starts small (as in Fixup / zero-gamma init), or the
+            # sum of 16 branches grows the activations by ~2^16.
+            return rng.uniform(0.1, 0.3, shape)
+        if index in (1, 4):  # scale, variance
+            return rng.uniform(0.9, 1.1, shape)
+        return rng.normal(0.0, 0.02, shape)  # bias, mean: small, or they drown the input's signal
+    if op in ("Conv", "ConvTranspose") and index == 1:
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        return rng.normal(0.0, np.sqrt(2.0 / max(fan_in, 1)), shape)
+    if op in ("Gemm", "MatMul") and index == 1:
+        fan_in = (
+            shape[-1]
+            if (
+                op == "Gemm"
+                and node.attributes.get("transB")
+                and node.attributes["transB"].as_int()
+            )
+            else shape[0]
+        )
+        return rng.normal(0.0, np.sqrt(1.0 / max(fan_in, 1)), shape)
+    return rng.normal(0.0, 0.01, shape)
+
+
+def from_light(name: str, seed: int = 0, opset: int = 17) -> ir.Model:
+    """A light architecture with its ConstantOfShape weights replaced by random initializers."""
+    path = LIGHT_DIR / f"light_{name}.onnx"
+    model = io.load_model(path)
+    passes.drop_initializer_inputs(model)
+    graph = model.graph
+    rng = np.random.default_rng(seed)
+    for node in list(graph):
+        if node.op_type != "ConstantOfShape":
+            continue
+        shape_array = passes.const_array(node.inputs[0])
+        if shape_array is None:
+            continue
+        out = node.outputs[0]
+        shape = tuple(int(d) for d in shape_array)
+        array = _random_for(out, shape, rng).astype(np.float32)
+        name = out.name
+        out.name = f"{name}__generated"
+        value = passes.add_initializer(graph, name, array)
+        out.replace_all_uses_with(value, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+    passes.remove_unused_initializers(model)
+    return io.convert_opset(model, opset)
+
+
+class _Builder:
+    """Small onnx_ir graph builder for the project's own architectures."""
+
+    def __init__(self, name: str, seed: int):
+        self.graph = ir.Graph(inputs=[], outputs=[], nodes=[], opset_imports={"": 17}, name=name)
+        self.rng = np.random.default_rng(seed)
+        self.channels: dict[str, int] = {}
+
+    def input(self, name: str, shape: list) -> ir.Value:
+        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(shape))
+        self.graph.inputs.append(value)
+        self.channels[name] = shape[1]
+        return value
+
+    def init(self, name: str, array: np.ndarray) -> ir.Value:
+        return passes.add_initializer(self.graph, name, array.astype(np.float32))
+
+    def op(self, op_type: str, inputs: list, name: str, **attrs) -> ir.Value:
+        node = ir.node(op_type, inputs, attributes=attrs or None, name=name)
+        node.outputs[0].name = name
+        self.graph.append(node)
+        return node.outputs[0]
+
+    def conv_bn(
+        self,
+        x: ir.Value,
+        cout: int,
+        name: str,
+        k: int = 1,
+        stride: int = 1,
+        group: int = 1,
+        act: bool = True,
+    ) -> ir.Value:
+        cin = self.channels[x.name]
+        fan_in = cin // group * k * k
+        w = self.init(
+            f"{name}.weight", self.rng.normal(0, np.sqrt(2.0 / fan_in), (cout, cin // group, k, k))
+        )
+        y = self.op(
+            "Conv",
+            [x, w],
+            f"{name}.conv",
+            kernel_shape=[k, k],
+            strides=[stride, stride],
+            pads=[k // 2] * 4,
+            group=group,
+        )
+        bn = [
+            self.init(f"{name}.bn.{p}", a)
+            for p, a in (
+                ("scale", self.rng.uniform(0.8, 1.2, cout)),
+                ("bias", self.rng.normal(0, 0.1, cout)),
+                ("mean", self.rng.normal(0, 0.1, cout)),
+                ("var", self.rng.uniform(0.8, 1.2, cout)),
+            )
+        ]
+        y = self.op("BatchNormalization", [y, *bn], f"{name}.bn", epsilon=1e-5)
+        if act:
+            lo, hi = (
+                self.init(f"{name}.min", np.array(0.0)),
+                self.init(f"{name}.max", np.array(6.0)),
+            )
+            y = self.op("Clip", [y, lo, hi], f"{name}.relu6")
+        self.channels[y.name] = cout
+        return y
+
+
+def mobilenet_v2(
+    resolution: int = 224, classes: int = 1000, width: float = 1.0, seed: int = 0
+) -> ir.Model:
+    """MobileNetV2 (Sandler et al. 2018) with random weights, batch dimension symbolic."""
+
+    def div8(c: float) -> int:
+        return max(8, int(c + 4) // 8 * 8)
+
+    b = _Builder("mobilenet_v2", seed)
+    x = b.input("input", ["N", 3, resolution, resolution])
+    x = b.conv_bn(x, div8(32 * width), "stem", k=3, stride=2)
+    settings = [
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ]
+    block = 0
+    for t, c, n, s in settings:
+        cout = div8(c * width)
+        for i in range(n):
+            stride = s if i == 0 else 1
+            cin = b.channels[x.name]
+            name = f"block{block}"
+            h = x
+            if t != 1:
+                h = b.conv_bn(h, cin * t, f"{name}.expand")
+            h = b.conv_bn(h, cin * t, f"{name}.dw", k=3, stride=stride, group=cin * t)
+            h = b.conv_bn(h, cout, f"{name}.project", act=False)
+            if stride == 1 and cin == cout:
+                h = b.op("Add", [h, x], f"{name}.add")
+                b.channels[h.name] = cout
+            x = h
+            block += 1
+    x = b.conv_bn(x, max(1280, div8(1280 * width)), "head", k=1)
+    x = b.op("GlobalAveragePool", [x], "pool")
+    x = b.op("Flatten", [x], "flatten", axis=1)
+    cin = max(1280, div8(1280 * width))
+    w = b.init("fc.weight", b.rng.normal(0, np.sqrt(1.0 / cin), (classes, cin)))
+    bias = b.init("fc.bias", np.zeros(classes))
+    y = b.op("Gemm", [x, w, bias], "logits", transB=1)
+    y.type = ir.TensorType(ir.DataType.FLOAT)
+    y.shape = ir.Shape(["N", classes])
+    b.graph.outputs.append(y)
+    model = ir.Model(b.graph, ir_version=8, producer_name="onnxzip.zoo")
+    return io.load_model(model, name="mobilenet_v2")

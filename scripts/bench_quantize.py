@@ -1,0 +1,323 @@
+"""Benchmark: onnxzip quantize against onnxruntime's quantize_static, side by side in one run.
+
+For each model (the two digits CNNs with real data, ResNet-50 from onnx's light architectures
+with random weights, a MobileNetV2 built by onnxzip.zoo) and each calibration method (MinMax,
+Percentile 99.99, Entropy), both tools run in their own fresh process on the same samples:
+
+* onnxzip:  ``python -m onnxzip quantize MODEL -o OUT --data CALIB --holdout 0 --calibration M``
+* onnxruntime: ``quant_pre_process`` then ``quantize_static`` (QDQ, per-channel, QUInt8
+  activations, QInt8 weights), its recommended flow.
+
+Measured: tool wall time and peak resident memory of each process (``os.wait4``), model size,
+parity against fp32 on held-out samples (cosine, SNR, top-1 agreement), digits test accuracy,
+and latency (onnxruntime CPU, 2 threads, batch 1, default optimisation; 3 warm-up runs, then 5
+interleaved rounds of about a second per model; median per model). Writes JSON and prints a
+Markdown table.
+
+Usage: python scripts/bench_quantize.py [--out results/bench_quantize.json] [--models ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from onnxzip import io, zoo  # noqa: E402
+from onnxzip.data import NpzSamples, input_specs  # noqa: E402
+from onnxzip.verify import verify  # noqa: E402
+
+METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+
+ORT_WORKER = r"""
+import sys, numpy as np
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                      quantize_static)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+model, out, calib, method, batch, tmp = sys.argv[1:7]
+batch = int(batch)
+with np.load(calib) as archive:
+    data = {k: archive[k] for k in archive.files if k != "labels"}
+n = len(next(iter(data.values())))
+class Reader(CalibrationDataReader):
+    def __init__(self):
+        self.it = iter([{k: v[i:i + batch] for k, v in data.items()} for i in range(0, n, batch)])
+    def get_next(self):
+        return next(self.it, None)
+pre = tmp + "/pre.onnx"
+quant_pre_process(model, pre)
+extra = {"CalibPercentile": 99.99} if method == "Percentile" else {}
+quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=getattr(CalibrationMethod, method), extra_options=extra)
+"""
+
+
+# Linux carries a process's peak RSS across fork and exec, so a tool started straight from this
+# (large) process would report at least this process's size. A small launcher process starts the
+# tool instead and reports the tool's own wall time and peak RSS.
+LAUNCHER = r"""
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+_, status, usage = os.wait4(proc.pid, 0)
+wall = time.perf_counter() - start
+err = proc.stderr.read().decode(errors="replace")
+print(json.dumps({"seconds": wall, "peak_mib": usage.ru_maxrss / 1024.0,
+                  "code": os.waitstatus_to_exitcode(status), "stderr": err[-4000:]}))
+"""
+
+
+def run_measured(cmd: list[str], cwd: Path) -> dict:
+    """Runs a command in a fresh process: wall seconds and peak RSS (MiB) from the OS."""
+    out = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, *cmd], cwd=cwd, capture_output=True, text=True, check=True
+    )
+    info = json.loads(out.stdout)
+    result = {"seconds": info["seconds"], "peak_mib": info["peak_mib"]}
+    if info["code"] != 0:
+        lines = [line for line in info["stderr"].strip().splitlines() if line.strip()]
+        result["error"] = lines[-1] if lines else f"exit code {info['code']}"
+    return result
+
+
+def smooth_images(n: int, seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Low-frequency random images: random 7x7 colour cells plus a little noise."""
+    rng = np.random.default_rng(seed)
+    c, h, w = shape
+    base = rng.normal(0, 1, (n, c, 7, 7)).astype(np.float32)
+    x = np.kron(base, np.ones((1, 1, -(-h // 7), -(-w // 7)), np.float32))[:, :, :h, :w]
+    return (x + 0.1 * rng.normal(0, 1, x.shape)).astype(np.float32)
+
+
+def prepare_models(work: Path, names: list[str]) -> dict[str, dict]:
+    models = {}
+    for name in names:
+        if name.startswith("digits"):
+            models[name] = {
+                "path": ROOT / "models" / f"{name}.onnx",
+                "calib": ROOT / "models" / "digits_calib.npz",
+                "val": ROOT / "models" / "digits_test.npz",
+                "batch": 32,
+                "real_data": True,
+            }
+            continue
+        model = zoo.from_light("resnet50") if name == "resnet50" else zoo.mobilenet_v2()
+        path = work / f"{name}.onnx"
+        io.save_model(model, path)
+        spec = input_specs(model)[0]
+        shape = tuple(spec.shape[1:])
+        calib, val = work / f"{name}_calib.npz", work / f"{name}_val.npz"
+        np.savez(calib, **{spec.name: smooth_images(32, 0, shape)})
+        np.savez(val, **{spec.name: smooth_images(16, 1, shape)})
+        batch = spec.fixed_batch or 8
+        models[name] = {
+            "path": path,
+            "calib": calib,
+            "val": val,
+            "batch": batch,
+            "real_data": False,
+        }
+    return models
+
+
+def latency(
+    paths: dict[str, Path], feed: dict[str, np.ndarray], rounds: int = 5, seconds: float = 1.0
+) -> dict:
+    sessions = {}
+    for key, path in paths.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        options.log_severity_level = 3
+        sessions[key] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(3):
+            sessions[key].run(None, feed)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for key, session in sessions.items():
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                session.run(None, feed)
+                times[key].append(time.perf_counter() - t0)
+    return {k: {"median_ms": 1000 * float(np.median(v)), "runs": len(v)} for k, v in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_quantize.json")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["digits_resnet", "digits_mobilenet", "resnet50", "mobilenet_v2"],
+    )
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    args = parser.parse_args(argv)
+    ort.set_default_logger_severity(3)
+    results = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": _cpu_model(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "versions": _versions(),
+        "models": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        models = prepare_models(work, args.models)
+        for name, m in models.items():
+            print(f"== {name}", flush=True)
+            entry = {"fp32_bytes": io.file_size(m["path"]), "runs": {}}
+            outputs = {"fp32": m["path"]}
+            for method in args.methods:
+                for tool in ("onnxzip", "onnxruntime"):
+                    out = work / f"{name}_{tool}_{method}.onnx"
+                    if tool == "onnxzip":
+                        cmd = [
+                            sys.executable,
+                            "-m",
+                            "onnxzip",
+                            "quantize",
+                            str(m["path"]),
+                            "-o",
+                            str(out),
+                            "--data",
+                            str(m["calib"]),
+                            "--holdout",
+                            "0",
+                            "--calibration",
+                            method,
+                            "--batch-size",
+                            str(m["batch"]),
+                            "--quiet",
+                        ]
+                    else:
+                        scratch = tempfile.mkdtemp(dir=work)
+                        cmd = [
+                            sys.executable,
+                            "-c",
+                            ORT_WORKER,
+                            str(m["path"]),
+                            str(out),
+                            str(m["calib"]),
+                            METHODS[method],
+                            str(m["batch"]),
+                            scratch,
+                        ]
+                    measured = run_measured(cmd, cwd=work)
+                    if "error" in measured:
+                        entry["runs"][f"{tool}/{method}"] = measured
+                        print(f"  {tool:<12}{method:<11}FAILED: {measured['error']}", flush=True)
+                        continue
+                    specs = input_specs(io.load_model(m["path"]))
+                    parity = verify(
+                        m["path"], out, NpzSamples(m["val"], specs), batch_size=m["batch"]
+                    )
+                    o = parity.outputs[0]
+                    run = {
+                        **measured,
+                        "bytes": io.file_size(out),
+                        "cosine": o.cosine_mean,
+                        "snr_db": o.snr_db,
+                        "top1_agreement": o.top1_agreement,
+                        "accuracy": o.candidate_accuracy,
+                        "fp32_accuracy": o.reference_accuracy,
+                    }
+                    entry["runs"][f"{tool}/{method}"] = run
+                    outputs[f"{tool}/{method}"] = out
+                    print(
+                        f"  {tool:<12}{method:<11}{measured['seconds']:7.2f} s {measured['peak_mib']:7.0f} MiB "
+                        f"cos {o.cosine_mean:.5f} SNR {o.snr_db:6.2f}"
+                        + (
+                            f" acc {100 * o.candidate_accuracy:.2f}"
+                            if o.candidate_accuracy is not None
+                            else ""
+                        ),
+                        flush=True,
+                    )
+            feed_data = np.load(m["val"])
+            feed = {k: feed_data[k][:1] for k in feed_data.files if k != "labels"}
+            lat_keys = {k: v for k, v in outputs.items() if k == "fp32" or k.endswith("/minmax")}
+            entry["latency"] = latency(lat_keys, feed)
+            for k, v in entry["latency"].items():
+                print(f"  latency {k:<22}{v['median_ms']:8.2f} ms ({v['runs']} runs)", flush=True)
+            results["models"][name] = entry
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, allow_nan=False, default=str) + "\n")
+    print(markdown(results))
+    return 0
+
+
+def _fmt(value, scale: float = 1.0, digits: int = 2) -> str:
+    return "" if value is None else f"{scale * value:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "| model | tool / method | tool time s | peak MiB | size KiB | cosine | SNR dB | top-1 agree % "
+        "| accuracy % | latency ms | speed-up vs fp32 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, entry in results["models"].items():
+        fp32 = entry["latency"]["fp32"]["median_ms"]
+        acc = next(iter(entry["runs"].values()))["fp32_accuracy"]
+        lines.append(
+            f"| {name} | fp32 | | | {entry['fp32_bytes'] / 1024:.0f} | | | | {_fmt(acc, 100)} | {fp32:.2f} | 1.00 |"
+        )
+        for key, r in entry["runs"].items():
+            if "error" in r:
+                lines.append(f"| {name} | {key} | failed: {r['error'][:80]} |" + " |" * 8)
+                continue
+            lat = entry["latency"].get(key, {}).get("median_ms")
+            cells = [
+                name,
+                key,
+                _fmt(r["seconds"], digits=1),
+                _fmt(r["peak_mib"], digits=0),
+                _fmt(r["bytes"] / 1024, digits=0),
+                _fmt(r["cosine"], digits=5),
+                _fmt(r["snr_db"]),
+                _fmt(r["top1_agreement"], 100, 1),
+                _fmt(r["accuracy"], 100),
+                _fmt(lat),
+                "" if lat is None else f"{fp32 / lat:.2f}x",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {
+        p: version(p) for p in ("onnxruntime-training", "onnx", "onnx-ir", "onnxscript", "numpy")
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
