@@ -17,7 +17,8 @@ Methods (``[lo, hi]`` is then widened to contain 0 by the parameter maths):
   read from the histogram's cumulative counts; never outside [min, max].
 * ``entropy``: TensorRT's KL-divergence calibration on the histogram of |x| (exact zeros left
   out: they quantize without error at any threshold): for each candidate
-  threshold ``T`` (every bin edge from ``levels`` bins up to the last non-empty bin), the clipped
+  threshold ``T`` (bin edges from ``levels`` bins up to the last non-empty bin, searched coarse
+  to fine), the clipped
   distribution P (outliers added to the last bin) is compared with its quantization Q to
   ``levels`` levels; the ``T`` with the smallest KL(P || Q) wins. The range is ``[-T, T]``
   intersected with [min, max].
@@ -42,9 +43,12 @@ DEFAULT_BINS = 2048
 METHODS = ("minmax", "percentile", "entropy", "mse")
 
 
+_MIN_RADIUS = 2.0**-100  # keeps bins / radius finite in float32
+
+
 def _radius_for(absmax: float) -> float:
-    if absmax <= 0 or not math.isfinite(absmax):
-        return 2.0**-126
+    if absmax <= _MIN_RADIUS or not math.isfinite(absmax):
+        return _MIN_RADIUS
     return 2.0 ** math.ceil(math.log2(absmax))
 
 
@@ -79,29 +83,32 @@ class TensorStats:
             return
         if x.dtype.kind != "f":
             x = x.astype(np.float32)
-        finite = np.isfinite(x)
-        if not finite.all():
+        lo, hi = float(x.min()), float(x.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN or Inf show up in min or max
+            finite = np.isfinite(x)
             self.nonfinite += int(x.size - finite.sum())
             x = x[finite]
             if x.size == 0:
                 return
-        lo, hi = float(x.min()), float(x.max())
+            lo, hi = float(x.min()), float(x.max())
         self.min = min(self.min, lo)
         self.max = max(self.max, hi)
         self.count += int(x.size)
-        self.zeros += int(np.count_nonzero(x == 0))
         if not self.histogram:
             return
+        self.zeros += int(x.size - np.count_nonzero(x))
         radius = _radius_for(max(abs(self.min), abs(self.max)))
         if self.hist is None:
             self.hist = np.zeros(2 * self.bins, dtype=np.int64)
             self.radius = radius
         elif radius > self.radius:
             self._coarsen_to(radius)
-        width = self.radius / self.bins
-        idx = np.floor((x.astype(np.float64) + self.radius) / width).astype(np.int64)
-        np.clip(idx, 0, 2 * self.bins - 1, out=idx)
-        self.hist += np.bincount(idx, minlength=2 * self.bins)
+        # Bin index floor((x + R) / w) with w = R / B. R is a power of two, so the scale B / R
+        # is exact in float32, and x * (B / R) + B >= 0 truncates like floor.
+        idx = (x * np.float32(self.bins / self.radius) + np.float32(self.bins)).astype(np.int32)
+        counts = np.bincount(idx, minlength=2 * self.bins + 1)
+        counts[2 * self.bins - 1] += counts[2 * self.bins]  # x == R belongs to the last bin
+        self.hist += counts[: 2 * self.bins]
 
     def merge(self, other: TensorStats) -> TensorStats:
         """Combines two statistics as if one pass had seen both sets of values."""
@@ -175,14 +182,11 @@ class TensorStats:
         if last <= levels:
             threshold = last * width
         else:
-            candidates = np.unique(
-                np.linspace(levels, last, num=min(last - levels + 1, 256)).astype(int)
-            )
-            total_tail = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])
-            best, threshold = math.inf, last * width
-            for i in candidates:
+            tail = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])
+
+            def divergence(i: int) -> float:
                 p = hist[:i].copy()
-                p[i - 1] += total_tail[i]
+                p[i - 1] += tail[i]
                 # Q: merge hist[:i] into `levels` chunks, spread each chunk's mass over its non-empty bins.
                 starts = (np.arange(levels) * i) // levels
                 chunk_sum = np.add.reduceat(hist[:i], starts)
@@ -192,12 +196,20 @@ class TensorStats:
                     hist[:i] > 0, chunk_sum[chunk_of] / np.maximum(chunk_nz[chunk_of], 1), 0.0
                 )
                 mask = p > 0
-                ps = p / p.sum()
-                qs = q / max(q.sum(), 1e-300)
-                qs = np.where(mask & (qs == 0), 1e-12, qs)
-                kl = float(np.sum(ps[mask] * np.log(ps[mask] / qs[mask])))
-                if kl < best:
-                    best, threshold = kl, i * width
+                ps = p[mask] / p.sum()
+                qs = q[mask] / max(q.sum(), 1e-300)
+                qs = np.where(qs == 0, 1e-12, qs)
+                return float(np.sum(ps * np.log(ps / qs)))
+
+            # Coarse-to-fine search over thresholds: 48 candidates, then every bin near the best.
+            coarse = np.unique(
+                np.linspace(levels, last, num=min(last - levels + 1, 48)).astype(int)
+            )
+            best = min(coarse, key=divergence)
+            step = max(1, (last - levels) // 47)
+            fine = range(max(levels, best - step), min(last, best + step) + 1, max(1, step // 16))
+            best = min(fine, key=divergence)
+            threshold = best * width
         return float(max(self.min, -threshold)), float(min(self.max, threshold))
 
     def _mse(self, dtype: str, symmetric: bool) -> tuple[float, float]:

@@ -149,8 +149,11 @@ def insert_qdq(
             dq.outputs[0].shape = w_value.shape
             graph.insert_before(node, dq)
             shared_dq[cache] = (dq.outputs[0], p)
+        else:
+            _ensure_before(
+                graph, shared_dq[cache][0].producer(), node
+            )  # shared with an earlier consumer
         out, p = shared_dq[cache]
-        _ensure_before(graph, out.producer(), node)
         node.replace_input_with(index, out)
         weight_params[(key, index)] = p
 
