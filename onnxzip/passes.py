@@ -43,16 +43,23 @@ def _attr_float(node: ir.Node, name: str, default: float) -> float:
     return default if attr is None else attr.as_float()
 
 
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Registers a new initializer under a name no other value in the graph uses."""
-    taken = set(graph.initializers)
-    taken.update(v.name for v in graph.inputs)
-    for node in graph:
-        taken.update(v.name for v in node.outputs)
-    unique, i = name, 1
-    while unique in taken:
-        unique = f"{name}_{i}"
-        i += 1
+def add_initializer(
+    graph: ir.Graph, name: str, array: np.ndarray, *, name_is_unique: bool = False
+) -> ir.Value:
+    """Registers a new initializer under a name no other value in the graph uses.
+
+    ``name_is_unique`` skips the scan of the graph when the caller already guarantees it.
+    """
+    unique = name
+    if not name_is_unique:
+        taken = set(graph.initializers)
+        taken.update(v.name for v in graph.inputs)
+        for node in graph:
+            taken.update(v.name for v in node.outputs)
+        i = 1
+        while unique in taken:
+            unique = f"{name}_{i}"
+            i += 1
     value = ir.Value(name=unique, const_value=ir.tensor(array, name=unique))
     value.shape = ir.Shape(array.shape)
     value.dtype = ir.DataType.from_numpy(array.dtype)

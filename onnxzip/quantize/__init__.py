@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
@@ -194,7 +196,7 @@ def calibrate(
     for name in tensors:
         if name not in outputs and name not in {v.name for v in exposed.graph.inputs}:
             exposed.graph.outputs.append(by_name[name])
-    runner = Runner(exposed, name="calibration model", optimization="basic")
+    runner = Runner(exposed, name="calibration model", optimization="all")
     histogram = config.calibration != "minmax"
     stats = {name: cal.TensorStats(config.bins, histogram) for name in tensors}
     split = "calibration" if holdout > 0 else "all"
@@ -205,14 +207,20 @@ def calibrate(
         kept = samples.count - math.floor(samples.count * holdout)
         total = math.ceil(kept / samples.batch_size_for(config.batch_size))
     fetch = [t for t in tensors if t not in inputs]
-    for batch in progress.bar(
-        samples.batches(config.batch_size, split, holdout or 0.5), total=total, desc="calibrate"
-    ):
-        results = runner.run(batch, fetch) if fetch else {}
-        for name in tensors:
-            array = batch.inputs[name] if name in inputs else results[name]
-            stats[name].update(array)
-        count += len(batch)
+    # Each tensor's statistics update on its own; numpy releases the GIL in the heavy loops, so
+    # the updates of one batch run on all cores while onnxruntime waits for the next batch.
+    workers = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+    try:
+        batches = samples.batches(config.batch_size, split, holdout or 0.5)
+        for batch in progress.bar(batches, total=total, desc="calibrate"):
+            results = runner.run(batch, fetch) if fetch else {}
+            arrays = {
+                name: batch.inputs[name] if name in inputs else results[name] for name in tensors
+            }
+            list(workers.map(lambda item: stats[item[0]].update(item[1]), arrays.items()))
+            count += len(batch)
+    finally:
+        workers.shutdown()
     for name, s in stats.items():
         if s.nonfinite:
             raise DataError(

@@ -52,7 +52,7 @@ class _Names:
 
 
 def _scalar_init(graph: ir.Graph, names: _Names, base: str, array: np.ndarray) -> ir.Value:
-    return add_initializer(graph, names.fresh(base), np.asarray(array))
+    return add_initializer(graph, names.fresh(base), np.asarray(array), name_is_unique=True)
 
 
 def insert_qdq(
