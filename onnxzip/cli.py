@@ -226,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="node names or op types to keep in float",
     )
     q.add_argument("--quantize-softmax", action="store_true", help="also quantize Softmax")
+    q.add_argument(
+        "--max-drop",
+        type=float,
+        metavar="X",
+        help="accuracy guard: keep the most harmful layers in float until top-1 drops by at most X points "
+        "(against labels, else agreement with the original); --min-cosine works as a guard target too",
+    )
     _threshold_options(p)
     _common(p)
     p.set_defaults(func=_cmd_quantize)
@@ -302,6 +309,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         quantize_softmax=args.quantize_softmax,
         batch_size=args.batch_size,
         holdout=holdout,
+        max_drop=args.max_drop,
+        min_cosine=args.min_cosine,
     )
     quantized, report = quantize(
         model,

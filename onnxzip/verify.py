@@ -168,7 +168,7 @@ def _pct(x: float | None) -> float | None:
     return None if x is None else round(100.0 * x, 2)
 
 
-class _Accumulator:
+class OutputAccumulator:
     """Streaming parity statistics for one output."""
 
     def __init__(self, classifier: bool):
@@ -241,7 +241,7 @@ def _snr_db(signal: float, noise: float) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-def _is_classifier(value: ir.Value) -> bool:
+def is_classifier(value: ir.Value) -> bool:
     if value.dtype is None or not value.dtype.is_floating_point() or value.shape is None:
         return False
     if len(value.shape) != 2:
@@ -359,7 +359,7 @@ def verify(
     ref_run = Runner(ref_model, name=ref_name, optimization=optimization)
     cand_run = Runner(cand_model, name=cand_name, optimization=optimization)
     outputs = [v for v in ref_model.graph.outputs]
-    accumulators = {v.name: _Accumulator(_is_classifier(v)) for v in outputs}
+    accumulators = {v.name: OutputAccumulator(is_classifier(v)) for v in outputs}
     names = [v.name for v in outputs]
     total = None
     if samples.count is not None and split == "all":

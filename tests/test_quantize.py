@@ -15,7 +15,7 @@ from conftest import run_cli
 
 from onnxzip import io
 from onnxzip.data import NpzSamples, SyntheticSamples, input_specs
-from onnxzip.errors import DataError
+from onnxzip.errors import DataError, InputError
 from onnxzip.quantize import QuantizeConfig, quantize
 from onnxzip.verify import verify
 
@@ -315,3 +315,43 @@ def test_cli_quantize_parity_failure_exits_1(resnet_path, calib_npz, tmp_path, c
         capsys,
     )
     assert code == 1 and "FAIL" in stdout
+
+
+def test_accuracy_guard_keeps_harmful_layers_in_float_until_the_target_holds(
+    mobilenet_path, calib_npz
+):
+    specs = input_specs(io.load_model(mobilenet_path))
+    samples = NpzSamples(calib_npz, specs)
+    _, plain = quantize(mobilenet_path, samples, QuantizeConfig(calibration="entropy"))
+    before = plain.parity.outputs[0].cosine_mean
+    target = round(1 - (1 - before) / 2, 6)  # halve the distance to a perfect cosine
+    config = QuantizeConfig(calibration="entropy", min_cosine=target)
+    quantized, report = quantize(mobilenet_path, samples, config)
+    guard = report.guard
+    assert (
+        guard.met and guard.metric_before == pytest.approx(before) and guard.metric_after >= target
+    )
+    assert 1 <= len(guard.kept_float) < guard.candidates
+    gains = [s.snr_gain_db for s in guard.kept_float]
+    assert gains == sorted(gains, reverse=True)  # the most harmful layers go first
+    kept = {k.node for k in report.kept_float if k.reason.startswith("accuracy guard")}
+    assert kept == {s.node for s in guard.kept_float}
+    for name in kept:  # those layers really run in float
+        node = next(n for n in quantized.graph if n.name == name)
+        assert node.inputs[1].producer() is None and node.inputs[1].dtype == onnx.TensorProto.FLOAT
+    assert report.parity.outputs[0].cosine_mean >= target  # same held-out samples the guard scored
+
+
+def test_accuracy_guard_with_labels_and_without_verification_data(resnet_path, calib_npz, test_npz):
+    specs = input_specs(io.load_model(resnet_path))
+    config = QuantizeConfig(max_drop=0.0)
+    _, report = quantize(
+        resnet_path,
+        NpzSamples(calib_npz, specs),
+        config,
+        verify_samples=NpzSamples(test_npz, specs),
+    )
+    out = report.parity.outputs[0]
+    assert report.guard.met and out.reference_accuracy - out.candidate_accuracy <= 0
+    with pytest.raises(InputError, match="verification samples"):
+        quantize(resnet_path, NpzSamples(calib_npz, specs), QuantizeConfig(max_drop=0.5, holdout=0))

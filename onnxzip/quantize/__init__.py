@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxzip import io, passes, progress
@@ -33,7 +35,7 @@ from onnxzip.quantize.qdq import insert_qdq
 from onnxzip.quantize.rules import Context, Plan, handler_for, node_key
 from onnxzip.report import table
 from onnxzip.runtime import Runner
-from onnxzip.verify import Thresholds, VerifyReport, verify
+from onnxzip.verify import OutputAccumulator, Thresholds, VerifyReport, is_classifier, verify
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,13 @@ class QuantizeConfig:
     quantize_softmax: bool = False
     batch_size: int = 32
     holdout: float = 0.2  # fraction of the samples kept for verification; 0 calibrates on all
+    max_drop: float | None = None  # accuracy guard: top-1 points (against labels, else agreement)
+    min_cosine: float | None = None  # accuracy guard: minimum mean output cosine
+    guard_samples: int = 512  # held-out samples the guard scores candidates on
+
+    @property
+    def guarded(self) -> bool:
+        return self.max_drop is not None or self.min_cosine is not None
 
     def validate(self) -> None:
         if self.calibration not in cal.METHODS:
@@ -66,6 +75,10 @@ class QuantizeConfig:
             raise InputError(f"activation type must be uint8 or int8, got '{self.activation_type}'")
         if not 0 <= self.holdout < 1:
             raise InputError(f"held-out fraction must be in [0, 1), got {self.holdout}")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise InputError(f"--max-drop must be at least 0, got {self.max_drop}")
+        if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
+            raise InputError(f"--min-cosine must be in [-1, 1], got {self.min_cosine}")
         if self.bins < 16:
             raise InputError(f"histogram bins must be at least 16, got {self.bins}")
 
@@ -106,6 +119,7 @@ class QuantizeReport:
     weight_bytes_after: int
     ranges: list[TensorRange] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    guard: GuardReport | None = None
     parity: VerifyReport | None = None
 
     def format(self) -> str:
@@ -132,6 +146,14 @@ class QuantizeReport:
                     ["node", "op", "reason"],
                     [[k.node, k.op_type, k.reason] for k in self.kept_float],
                 )
+            )
+        if self.guard is not None:
+            g = self.guard
+            lines.append("")
+            state = "met" if g.met else "NOT met"
+            lines.append(
+                f"accuracy guard: {g.target}: {state}; metric {g.metric_before:.4f} -> {g.metric_after:.4f} "
+                f"on {g.evaluated_samples} held-out samples, {len(g.kept_float)} of {g.candidates} layers kept in float"
             )
         if self.parity is not None:
             lines.append("")
@@ -237,6 +259,80 @@ def _resolve_shared(plan: Plan, tensor: str) -> str:
     return tensor
 
 
+class _Builder:
+    """Plans and inserts Q/DQ on copies of the prepared model, reusing calibration statistics.
+
+    The accuracy guard rebuilds the model with different layers left in float; ranges come from
+    the float model, so statistics computed once serve every rebuild (a rebuild that needs a
+    tensor not yet seen calibrates just that tensor).
+    """
+
+    def __init__(
+        self, prepared: ir.Model, samples: Samples, config: QuantizeConfig, holdout: float
+    ):
+        self.prepared = prepared
+        self.samples = samples
+        self.config = config
+        self.holdout = holdout
+        self.stats: dict[str, cal.TensorStats] = {}
+        self.calibrated = 0
+        self.params: dict[str, tuple[qp.QParams, float, float]] = {}
+
+    def _ensure_stats(self, sources: list[str]) -> None:
+        missing = [s for s in sources if s not in self.stats]
+        if missing:
+            stats, count = calibrate(
+                self.prepared, missing, self.samples, self.config, self.holdout
+            )
+            self.stats.update(stats)
+            self.calibrated = max(self.calibrated, count)
+
+    def _params(self, src: str) -> tuple[qp.QParams, float, float]:
+        if src not in self.params:
+            c = self.config
+            try:
+                p, (lo, hi) = cal.params_for(
+                    self.stats[src],
+                    c.calibration,
+                    percentile=c.percentile,
+                    dtype=c.activation_type,
+                    symmetric=c.symmetric_activations,
+                )
+            except qp.RangeError as exc:
+                raise DataError(f"tensor '{src}': {exc}") from exc
+            self.params[src] = (p, lo, hi)
+        return self.params[src]
+
+    def build(self, keep_float: frozenset[str] = frozenset()):
+        model = self.prepared.clone()
+        config = self.config
+        if keep_float:
+            config = dataclasses.replace(
+                config, exclude=tuple(config.exclude) + tuple(sorted(keep_float))
+            )
+        plan, kept = plan_quantization(model, config)
+        self._ensure_stats(sorted(set(plan.activations.values())))
+        act_params: dict[str, qp.QParams] = {}
+        ranges = []
+        for tensor, src in plan.activations.items():
+            p, lo, hi = self._params(src)
+            act_params[tensor] = p
+            s = self.stats[src]
+            ranges.append(
+                TensorRange(tensor, s.min, s.max, lo, hi, float(p.scale), int(p.zero_point))
+            )
+        for tensor in plan.shared:
+            root = _resolve_shared(plan, tensor)
+            if root not in act_params:
+                raise InputError(f"internal: shared tensor '{tensor}' has no calibrated source")
+            act_params[tensor] = act_params[root]
+        inserted = insert_qdq(model, plan, act_params)
+        for k in kept:
+            if k.node in keep_float:
+                k.reason = "kept in float by the accuracy guard"
+        return model, plan, kept, inserted, ranges
+
+
 def quantize(
     model,
     samples: Samples,
@@ -251,7 +347,9 @@ def quantize(
     Args:
         samples: calibration data; unless ``verify_samples`` is given, a held-out fraction
             ``config.holdout`` of it is kept out of calibration and used for verification.
-        config: options (``QuantizeConfig()`` by default).
+        config: options (``QuantizeConfig()`` by default). With ``max_drop`` or
+            ``min_cosine`` set, the accuracy guard keeps the most harmful layers in float until
+            the target holds on the verification samples.
         verify_samples: separate verification data.
         thresholds: parity requirements recorded in the report's ``parity``.
 
@@ -267,50 +365,41 @@ def quantize(
     t0 = time.perf_counter()
     source = source or (str(model) if not isinstance(model, ir.Model) else "model")
     original = io.load_model(model, name=source)
-    work = original.clone()  # tensors are shared, never written: the caller's model stays as it was
+    prepared = (
+        original.clone()
+    )  # tensors are shared, never written: the caller's model stays as it was
     weight_before = io.weights_nbytes(original)
-    prepared = passes.prepare_for_inference(work)
-    plan, kept = plan_quantization(work, config)
-    timings["plan"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    sources = sorted(set(plan.activations.values()))
+    prepared_info = passes.prepare_for_inference(prepared)
     holdout = 0.0 if verify_samples is not None else config.holdout
-    stats, calibrated = calibrate(work, sources, samples, config, holdout)
-    timings["calibrate"] = time.perf_counter() - t0
+    builder = _Builder(prepared, samples, config, holdout)
+    timings["prepare"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    act_params: dict[str, qp.QParams] = {}
-    ranges = []
-    for tensor, src in plan.activations.items():
-        s = stats[src]
-        try:
-            p, (lo, hi) = cal.params_for(
-                s,
-                config.calibration,
-                percentile=config.percentile,
-                dtype=config.activation_type,
-                symmetric=config.symmetric_activations,
+    work, plan, kept, inserted, ranges = builder.build()
+    timings["calibrate+insert"] = time.perf_counter() - t0
+
+    verifying = verify_samples is not None or config.holdout > 0
+    data = verify_samples or samples
+    split = "all" if verify_samples is not None else "holdout"
+    guard_report = None
+    if config.guarded:
+        if not verifying:
+            raise InputError(
+                "the accuracy guard needs verification samples: --verify-data or --holdout > 0"
             )
-        except qp.RangeError as exc:
-            raise DataError(f"tensor '{src}': {exc}") from exc
-        act_params[tensor] = p
-        ranges.append(TensorRange(tensor, s.min, s.max, lo, hi, float(p.scale), int(p.zero_point)))
-    for tensor in plan.shared:
-        root = _resolve_shared(plan, tensor)
-        if root not in act_params:
-            raise InputError(f"internal: shared tensor '{tensor}' has no calibrated source")
-        act_params[tensor] = act_params[root]
-    inserted = insert_qdq(work, plan, act_params)
-    timings["insert"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        work, plan, kept, inserted, ranges, guard_report = _guard(
+            original, builder, (work, plan, kept, inserted, ranges), data, split, config
+        )
+        timings["guard"] = time.perf_counter() - t0
 
     report = QuantizeReport(
         config=config,
         source=source,
         data=samples.describe(),
         synthetic=samples.synthetic,
-        calibration_samples=calibrated,
-        prepared=prepared,
+        calibration_samples=builder.calibrated,
+        prepared=prepared_info,
         quantized_ops=dict(Counter(plan.quantized_nodes.values())),
         folded_activations=sorted(plan.folded),
         kept_float=kept,
@@ -321,11 +410,10 @@ def quantize(
         weight_bytes_after=io.weights_nbytes(work),
         ranges=ranges,
         seconds=timings,
+        guard=guard_report,
     )
-    if verify_samples is not None or config.holdout > 0:
+    if verifying:
         t0 = time.perf_counter()
-        data = verify_samples or samples
-        split = "all" if verify_samples is not None else "holdout"
         report.parity = verify(
             original,
             work,
@@ -339,6 +427,125 @@ def quantize(
         )
         timings["verify"] = time.perf_counter() - t0
     return work, report
+
+
+# -- accuracy guard -------------------------------------------------------------------------------
+
+
+@dataclass
+class GuardStep:
+    node: str
+    op_type: str
+    snr_gain_db: float  # how much reverting this layer alone raised the output SNR
+    metric_after: float
+
+
+@dataclass
+class GuardReport:
+    target: str
+    metric_before: float
+    metric_after: float
+    met: bool
+    evaluated_samples: int
+    candidates: int
+    kept_float: list[GuardStep] = field(default_factory=list)
+
+
+class _Evaluator:
+    """Reference outputs computed once; candidates scored on the same held-out batches."""
+
+    def __init__(self, original: ir.Model, data: Samples, split: str, config: QuantizeConfig):
+        ref = Runner(original, name="reference", optimization="all")
+        self.names = ref.output_names
+        self.classifier = {v.name: is_classifier(v) for v in original.graph.outputs}
+        self.batches, self.reference = [], []
+        seen = 0
+        for batch in data.batches(config.batch_size, split, config.holdout or 0.5):
+            self.batches.append(batch)
+            self.reference.append(ref.run(batch, self.names))
+            seen += len(batch)
+            if seen >= config.guard_samples:
+                break
+        self.samples = seen
+        self.has_labels = all(b.labels is not None for b in self.batches)
+        if config.max_drop is not None and not any(self.classifier.values()):
+            raise InputError(
+                "--max-drop needs an output of class scores ([N, C]); use --min-cosine instead"
+            )
+
+    def score(self, model: ir.Model, config: QuantizeConfig) -> tuple[float, float, bool]:
+        """(target metric, mean output SNR in dB, target met)."""
+        run = Runner(model, name="candidate", optimization="all")
+        acc = {n: OutputAccumulator(self.classifier[n]) for n in self.names}
+        for batch, ref in zip(self.batches, self.reference, strict=True):
+            out = run.run(batch, self.names)
+            for n in self.names:
+                acc[n].add(ref[n], out[n], batch.labels)
+        results = [acc[n].result(n) for n in self.names]
+        snr = float(np.mean([min(r.snr_db, 200.0) for r in results]))
+        met = True
+        metric = snr
+        if config.max_drop is not None:
+            r = next(r for r in results if r.top1_agreement is not None)
+            if self.has_labels:
+                metric = 100.0 * (r.reference_accuracy - r.candidate_accuracy)
+            else:
+                metric = 100.0 * (1.0 - r.top1_agreement)
+            met &= metric <= config.max_drop + 1e-9
+        if config.min_cosine is not None:
+            cos = min(r.cosine_mean for r in results)
+            if config.max_drop is None:
+                metric = cos
+            met &= cos >= config.min_cosine
+        return metric, snr, met
+
+
+def _guard(original, builder: _Builder, first, data: Samples, split: str, config: QuantizeConfig):
+    """Keeps the layers whose quantization hurts most in float until the target holds."""
+    target = " and ".join(
+        t
+        for t in (
+            f"top-1 drop <= {config.max_drop} points" if config.max_drop is not None else "",
+            f"cosine >= {config.min_cosine}" if config.min_cosine is not None else "",
+        )
+        if t
+    )
+    evaluator = _Evaluator(original, data, split, config)
+    work, plan, *_ = first
+    metric, snr, met = evaluator.score(work, config)
+    report = GuardReport(target, metric, metric, met, evaluator.samples, 0)
+    if met:
+        return (*first, report)
+    # Sensitivity: revert each quantized layer alone and see how much the output SNR recovers.
+    candidates = [k for k, op in plan.quantized_nodes.items()]
+    report.candidates = len(candidates)
+    gains = {}
+    for key in progress.bar(
+        candidates, total=len(candidates), desc="guard: sensitivity", unit="layer"
+    ):
+        model, *_ = builder.build(frozenset([key]))
+        gains[key] = evaluator.score(model, config)[1] - snr
+    order = sorted(candidates, key=lambda k: -gains[k])
+    kept: set[str] = set()
+    best = first
+    for key in order:
+        kept.add(key)
+        built = builder.build(frozenset(kept))
+        metric, _, met = evaluator.score(built[0], config)
+        report.kept_float.append(GuardStep(key, plan.quantized_nodes[key], gains[key], metric))
+        best = built
+        logger.info("guard: %s kept in float, metric %.4f", key, metric)
+        if met:
+            break
+    report.metric_after = report.kept_float[-1].metric_after if report.kept_float else metric
+    report.met = met
+    for k in best[2]:
+        if k.node in kept:
+            step = next(s for s in report.kept_float if s.node == k.node)
+            k.reason = (
+                f"accuracy guard: quantizing it alone cost {step.snr_gain_db:.2f} dB of output SNR"
+            )
+    return (*best, report)
 
 
 __all__ = ["QuantizeConfig", "QuantizeReport", "quantize", "plan_quantization", "calibrate"]
