@@ -227,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--quantize-softmax", action="store_true", help="also quantize Softmax")
     q.add_argument(
+        "--mode",
+        choices=["static", "dynamic"],
+        default="static",
+        help="static: calibrated QDQ (default); dynamic: int8 MatMul/Gemm weights, activations "
+        "quantized at run time (transformers); the samples then serve verification only",
+    )
+    q.add_argument(
         "--max-drop",
         type=float,
         metavar="X",
@@ -310,6 +317,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         holdout=holdout,
         max_drop=args.max_drop,
+        mode=args.mode,
         min_cosine=args.min_cosine,
     )
     quantized, report = quantize(

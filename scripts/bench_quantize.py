@@ -8,7 +8,8 @@ Percentile 99.99, Entropy), both tools run in their own fresh process on the sam
 * onnxruntime: ``quant_pre_process`` then ``quantize_static`` (QDQ, per-channel, QUInt8
   activations, QInt8 weights), its recommended flow.
 
-Measured: tool wall time and peak resident memory of each process (``os.wait4``), model size,
+Measured: tool wall time (median of ``--repeat`` runs, the tools alternating) and peak resident
+memory of each process (``os.wait4`` in a small launcher process), model size,
 parity against fp32 on held-out samples (cosine, SNR, top-1 agreement), digits test accuracy,
 and latency (onnxruntime CPU, 2 threads, batch 1, default optimisation; 3 warm-up runs, then 5
 interleaved rounds of about a second per model; median per model). Writes JSON and prints a
@@ -165,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         default=["digits_resnet", "digits_mobilenet", "resnet50", "mobilenet_v2"],
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each tool; the median time is reported"
+    )
     args = parser.parse_args(argv)
     ort.set_default_logger_severity(3)
     results = {
@@ -185,10 +189,12 @@ def main(argv: list[str] | None = None) -> int:
             entry = {"fp32_bytes": io.file_size(m["path"]), "runs": {}}
             outputs = {"fp32": m["path"]}
             for method in args.methods:
+                commands, outs = {}, {}
                 for tool in ("onnxzip", "onnxruntime"):
                     out = work / f"{name}_{tool}_{method}.onnx"
+                    outs[tool] = out
                     if tool == "onnxzip":
-                        cmd = [
+                        commands[tool] = [
                             sys.executable,
                             "-m",
                             "onnxzip",
@@ -208,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                         ]
                     else:
                         scratch = tempfile.mkdtemp(dir=work)
-                        cmd = [
+                        commands[tool] = [
                             sys.executable,
                             "-c",
                             ORT_WORKER,
@@ -219,29 +225,41 @@ def main(argv: list[str] | None = None) -> int:
                             str(m["batch"]),
                             scratch,
                         ]
-                    measured = run_measured(cmd, cwd=work)
-                    if "error" in measured:
-                        entry["runs"][f"{tool}/{method}"] = measured
-                        print(f"  {tool:<12}{method:<11}FAILED: {measured['error']}", flush=True)
+                # Alternate the two tools, `repeat` times each: the median wall time and the
+                # largest peak memory are reported.
+                measured = {tool: [] for tool in commands}
+                for _ in range(args.repeat):
+                    for tool, cmd in commands.items():
+                        measured[tool].append(run_measured(cmd, cwd=work))
+                for tool, runs in measured.items():
+                    failed = [r for r in runs if "error" in r]
+                    key = f"{tool}/{method}"
+                    if failed:
+                        entry["runs"][key] = failed[0]
+                        print(f"  {tool:<12}{method:<11}FAILED: {failed[0]['error']}", flush=True)
                         continue
+                    summary = {
+                        "seconds": float(np.median([r["seconds"] for r in runs])),
+                        "seconds_all": [r["seconds"] for r in runs],
+                        "peak_mib": max(r["peak_mib"] for r in runs),
+                    }
                     specs = input_specs(io.load_model(m["path"]))
                     parity = verify(
-                        m["path"], out, NpzSamples(m["val"], specs), batch_size=m["batch"]
+                        m["path"], outs[tool], NpzSamples(m["val"], specs), batch_size=m["batch"]
                     )
                     o = parity.outputs[0]
-                    run = {
-                        **measured,
-                        "bytes": io.file_size(out),
+                    entry["runs"][key] = {
+                        **summary,
+                        "bytes": io.file_size(outs[tool]),
                         "cosine": o.cosine_mean,
                         "snr_db": o.snr_db,
                         "top1_agreement": o.top1_agreement,
                         "accuracy": o.candidate_accuracy,
                         "fp32_accuracy": o.reference_accuracy,
                     }
-                    entry["runs"][f"{tool}/{method}"] = run
-                    outputs[f"{tool}/{method}"] = out
+                    outputs[key] = outs[tool]
                     print(
-                        f"  {tool:<12}{method:<11}{measured['seconds']:7.2f} s {measured['peak_mib']:7.0f} MiB "
+                        f"  {tool:<12}{method:<11}{summary['seconds']:7.2f} s {summary['peak_mib']:7.0f} MiB "
                         f"cos {o.cosine_mean:.5f} SNR {o.snr_db:6.2f}"
                         + (
                             f" acc {100 * o.candidate_accuracy:.2f}"

@@ -355,3 +355,57 @@ def test_accuracy_guard_with_labels_and_without_verification_data(resnet_path, c
     assert report.guard.met and out.reference_accuracy - out.candidate_accuracy <= 0
     with pytest.raises(InputError, match="verification samples"):
         quantize(resnet_path, NpzSamples(calib_npz, specs), QuantizeConfig(max_drop=0.5, holdout=0))
+
+
+DYNAMIC_FFN = (
+    "g (float[N,S,16] x) => (float[N,S,16] y) { h = MatMul (x, w1)\n h2 = Add (h, b1)\n a = Relu (h2)\n"
+    " q = MatMul (x, wq)\n k = MatMul (x, wk)\n s = Add (q, k)\n t = Add (a, s)\n y = MatMul (t, w2) }"
+)
+
+
+def test_dynamic_mode_quantizes_matmul_weights_and_shares_activation_quantization(tmp_path):
+    proto = build(
+        DYNAMIC_FFN, {"w1": (16, 32), "b1": (32,), "wq": (16, 32), "wk": (16, 32), "w2": (32, 16)}
+    )
+    specs = input_specs(io.load_model(proto))
+    config = QuantizeConfig(mode="dynamic", holdout=0)
+    quantized, report = quantize(
+        proto,
+        SyntheticSamples(specs, 8),
+        config,
+        verify_samples=SyntheticSamples(specs, 16, seed=5),
+    )
+    assert report.quantized_ops == {"MatMul": 4} and report.weights_quantized == 4
+    ops = Counter(n.op_type for n in quantized.graph)
+    # x feeds three projections through one DynamicQuantizeLinear; t has its own.
+    assert ops["DynamicQuantizeLinear"] == 2 and ops["MatMulInteger"] == 4 and ops["MatMul"] == 0
+    weights = [
+        v.const_value.numpy()
+        for k, v in quantized.graph.initializers.items()
+        if k.endswith("weight_quantized")
+    ]
+    assert len(weights) == 4 and all(w.dtype == np.int8 for w in weights)
+    io.save_model(quantized, tmp_path / "d.onnx")
+    fused, _ = optimized_ops(quantized, tmp_path)
+    assert fused["DynamicQuantizeMatMul"] + fused["MatMulIntegerToFloat"] == 4, dict(fused)
+    assert report.parity.outputs[0].cosine_mean > 0.999
+
+
+def test_dynamic_mode_gemm_with_transposed_weight_and_bias():
+    proto = build(
+        "g (float[N,16] x) => (float[N,5] y) { y = Gemm <transB=1> (x, w, b) }",
+        {"w": (5, 16), "b": (5,)},
+    )
+    specs = input_specs(io.load_model(proto))
+    quantized, report = quantize(
+        proto,
+        SyntheticSamples(specs, 8),
+        QuantizeConfig(mode="dynamic", holdout=0),
+        verify_samples=SyntheticSamples(specs, 64, seed=3),
+    )
+    assert report.quantized_ops == {"Gemm": 1}
+    assert [
+        n.op_type for n in quantized.graph if n.op_type in ("Gemm", "MatMulInteger", "Add")
+    ] == ["MatMulInteger", "Add"]
+    out = report.parity.outputs[0]
+    assert out.cosine_mean > 0.999 and out.top1_agreement > 0.95

@@ -31,7 +31,8 @@ from onnxzip.data import Samples
 from onnxzip.errors import DataError, InputError
 from onnxzip.quantize import calibrate as cal
 from onnxzip.quantize import params as qp
-from onnxzip.quantize.qdq import insert_qdq
+from onnxzip.quantize.dynamic import quantize_dynamic
+from onnxzip.quantize.qdq import InsertResult, insert_qdq
 from onnxzip.quantize.rules import Context, Plan, handler_for, node_key
 from onnxzip.report import table
 from onnxzip.runtime import Runner
@@ -56,6 +57,9 @@ class QuantizeConfig:
     quantize_softmax: bool = False
     batch_size: int = 32
     holdout: float = 0.2  # fraction of the samples kept for verification; 0 calibrates on all
+    mode: str = (
+        "static"  # static: calibrated QDQ; dynamic: int8 MatMul weights, activations at run time
+    )
     max_drop: float | None = None  # accuracy guard: top-1 points (against labels, else agreement)
     min_cosine: float | None = None  # accuracy guard: minimum mean output cosine
     guard_samples: int = 512  # held-out samples the guard scores candidates on
@@ -65,6 +69,8 @@ class QuantizeConfig:
         return self.max_drop is not None or self.min_cosine is not None
 
     def validate(self) -> None:
+        if self.mode not in ("static", "dynamic"):
+            raise InputError(f"unknown mode '{self.mode}' (choose static or dynamic)")
         if self.calibration not in cal.METHODS:
             raise InputError(
                 f"unknown calibration method '{self.calibration}' (choose from {', '.join(cal.METHODS)})"
@@ -126,10 +132,18 @@ class QuantizeReport:
         c = self.config
         lines = [
             f"model        {self.source}",
-            f"calibration  {c.calibration}{f' {c.percentile}' if c.calibration == 'percentile' else ''} on "
-            f"{self.calibration_samples} samples of {self.data}{' (SYNTHETIC)' if self.synthetic else ''}",
-            f"activations  {c.activation_type} {'symmetric' if c.symmetric_activations else 'asymmetric'}, "
-            f"weights int8 {'per-channel' if c.per_channel else 'per-tensor'} symmetric, bias int32",
+            (
+                f"calibration  {c.calibration}{f' {c.percentile}' if c.calibration == 'percentile' else ''} on "
+                f"{self.calibration_samples} samples of {self.data}{' (SYNTHETIC)' if self.synthetic else ''}"
+                if c.mode == "static"
+                else f"mode         dynamic (no calibration); verified on {self.data}"
+            ),
+            (
+                f"activations  {c.activation_type} {'symmetric' if c.symmetric_activations else 'asymmetric'}, "
+                f"weights int8 {'per-channel' if c.per_channel else 'per-tensor'} symmetric, bias int32"
+                if c.mode == "static"
+                else "weights      int8 per output column; activations uint8, quantized at run time"
+            ),
             "quantized    "
             + ", ".join(f"{op} x{n}" for op, n in sorted(self.quantized_ops.items())),
             f"folded       {len(self.folded_activations)} ReLU/Clip into their producers' ranges",
@@ -310,6 +324,8 @@ class _Builder:
             config = dataclasses.replace(
                 config, exclude=tuple(config.exclude) + tuple(sorted(keep_float))
             )
+        if config.mode == "dynamic":
+            return self._build_dynamic(model, config, keep_float)
         plan, kept = plan_quantization(model, config)
         self._ensure_stats(sorted(set(plan.activations.values())))
         act_params: dict[str, qp.QParams] = {}
@@ -331,6 +347,17 @@ class _Builder:
             if k.node in keep_float:
                 k.reason = "kept in float by the accuracy guard"
         return model, plan, kept, inserted, ranges
+
+    def _build_dynamic(self, model: ir.Model, config: QuantizeConfig, keep_float: frozenset[str]):
+        result = quantize_dynamic(model, tuple(config.exclude))
+        plan = Plan(quantized_nodes=dict(result.quantized))
+        ops = {n.name or n.outputs[0].name: n.op_type for n in self.prepared.graph}
+        kept = []
+        for key, reason in result.kept_float.items():
+            if key in keep_float:
+                reason = "kept in float by the accuracy guard"
+            kept.append(KeptFloat(key, ops.get(key, "?"), reason))
+        return model, plan, kept, InsertResult(0, len(result.quantized), 0, 0), []
 
 
 def quantize(

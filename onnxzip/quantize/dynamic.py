@@ -1,0 +1,122 @@
+"""Dynamic quantization of MatMul/Gemm with constant weights (transformer projections, FFNs).
+
+Weights are quantized once, per output column, symmetric int8: ``W = S_w[n] Wq[:, n]``.
+Activations are quantized at run time, per tensor, by ``DynamicQuantizeLinear`` (uint8, range
+from the current batch, so no calibration). With ``x = S_x (xq - Z_x)``::
+
+    x @ W = S_x S_w[n] * ((xq - Z_x) @ Wq[:, n])
+
+which is ``MatMulInteger(xq, Wq, Z_x, 0)`` (an int32 accumulator), cast to float and scaled by
+``S_x * S_w``. onnxruntime fuses the pattern into ``DynamicQuantizeMatMul``. One
+``DynamicQuantizeLinear`` serves every projection that reads the same activation (Q, K and V
+share their input). A Gemm with ``transA = 0`` and ``alpha = beta = 1`` is handled as a MatMul
+followed by the Add of its bias.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxzip.passes import add_initializer, const_array, remove_unused_initializers
+from onnxzip.quantize import params as qp
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DynamicResult:
+    quantized: dict[str, str] = field(default_factory=dict)  # node -> op type
+    kept_float: dict[str, str] = field(default_factory=dict)  # node -> reason
+
+
+def _float32(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype == ir.DataType.FLOAT
+
+
+def _weight_matrix(node: ir.Node) -> tuple[np.ndarray | None, str | None]:
+    b = const_array(node.inputs[1])
+    if b is None or b.ndim != 2 or b.dtype != np.float32:
+        return None, "weight is not a constant 2-D float32 initializer"
+    if node.op_type == "Gemm":
+        attrs = {k: v.value for k, v in node.attributes.items()}
+        if (
+            attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+        ):
+            return None, "Gemm with transA, alpha or beta other than the defaults"
+        if attrs.get("transB", 0):
+            b = np.ascontiguousarray(b.T)
+    return b, None
+
+
+def quantize_dynamic(model: ir.Model, exclude: tuple[str, ...] = ()) -> DynamicResult:
+    """Rewrites eligible MatMul/Gemm nodes of ``model`` in place."""
+    graph = model.graph
+    result = DynamicResult()
+    activations: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
+    for node in list(graph):
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            continue
+        key = node.name or node.outputs[0].name
+        if node.name in exclude or node.op_type in exclude:
+            result.kept_float[key] = "excluded by the user"
+            continue
+        if not _float32(node.inputs[0]):
+            result.kept_float[key] = "input is not float32"
+            continue
+        w, reason = _weight_matrix(node)
+        if w is None:
+            result.kept_float[key] = reason
+            continue
+        bias = None
+        if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+            bias = node.inputs[2]
+        params = qp.weight_params(w, axis=1)
+        codes = qp.quantize(w, params, symmetric_weight=True)
+        base = key
+        w_q = add_initializer(graph, f"{base}.weight_quantized", codes)
+        w_zp = add_initializer(graph, f"{base}.weight_zero_point", np.zeros(w.shape[1], np.int8))
+        w_scale = add_initializer(graph, f"{base}.weight_scale", params.scale.astype(np.float32))
+
+        x = node.inputs[0]
+        new_nodes = []
+        if id(x) not in activations:
+            dql = ir.node(
+                "DynamicQuantizeLinear", [x], num_outputs=3, name=f"{base}_DynamicQuantizeLinear"
+            )
+            for out, suffix in zip(dql.outputs, ("quantized", "scale", "zero_point"), strict=True):
+                out.name = f"{x.name}_dynamic_{suffix}"
+            new_nodes.append(dql)
+            activations[id(x)] = tuple(dql.outputs)
+        x_q, x_scale, x_zp = activations[id(x)]
+        mm = ir.node("MatMulInteger", [x_q, w_q, x_zp, w_zp], name=f"{base}_MatMulInteger")
+        cast = ir.node(
+            "Cast", [mm.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{base}_Cast"
+        )
+        scale = ir.node("Mul", [x_scale, w_scale], name=f"{base}_scale")
+        out = ir.node("Mul", [cast.outputs[0], scale.outputs[0]], name=f"{base}_output")
+        new_nodes += [mm, cast, scale, out]
+        result_value = out.outputs[0]
+        if bias is not None:
+            add = ir.node("Add", [out.outputs[0], bias], name=f"{base}_bias")
+            new_nodes.append(add)
+            result_value = add.outputs[0]
+        for n in new_nodes:
+            for v in n.outputs:
+                if v.name is None:
+                    v.name = n.name
+        graph.insert_before(node, new_nodes)
+        original = node.outputs[0]
+        name = original.name
+        result_value.type, result_value.shape = original.type, original.shape
+        original.replace_all_uses_with(result_value, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        result_value.name = name
+        result.quantized[key] = node.op_type
+    remove_unused_initializers(model)
+    return result
