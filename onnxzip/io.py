@@ -169,7 +169,9 @@ def _infer_shapes_in_place(proto: onnx.ModelProto) -> None:
     proto.graph.output.extend(inferred.graph.output)
 
 
-def _check_external_data(proto: onnx.ModelProto, base_dir: Path, source: str) -> None:
+def _check_external_data(proto: onnx.ModelProto, base_dir: Path, source: str) -> bool:
+    """Raises if a tensor's external data file is missing or short; says whether there are any."""
+    found = False
     tensors = list(proto.graph.initializer)
     for node in proto.graph.node:
         for attr in node.attribute:
@@ -178,6 +180,7 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path, source: str) ->
     for tensor in tensors:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
+        found = True
         info = {entry.key: entry.value for entry in tensor.external_data}
         location = info.get("location", "")
         path = (base_dir / location).resolve()
@@ -191,6 +194,7 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path, source: str) ->
                 f"{source}: external data file '{location}' is shorter than tensor "
                 f"'{tensor.name}' needs ({path.stat().st_size} < {end} bytes)"
             )
+    return found
 
 
 def _read_proto(path: Path) -> onnx.ModelProto:
@@ -200,16 +204,20 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     if path.is_dir():
         raise ModelError(f"{source}: is a directory, not an ONNX model file")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"{source}: not a readable ONNX model ({_one_line(exc)})") from exc
+        data = path.read_bytes()
     except OSError as exc:
         raise ModelError(f"{source}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        proto = onnx.load_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{source}: not a readable ONNX model ({_one_line(exc)})") from exc
     if proto.ir_version <= 0 or not proto.HasField("graph"):
         raise ModelError(f"{source}: not an ONNX model (no IR version or no graph)")
-    _check_external_data(proto, path.parent, source)
+    has_external = _check_external_data(proto, path.parent, source)
     try:
-        onnx.checker.check_model(str(path))
+        # The bytes in hand are checked as they are; with external data the checker needs the
+        # path to find the tensors' files.
+        onnx.checker.check_model(str(path) if has_external else data)
     except Exception as exc:  # ValidationError, or C++ errors surfaced as RuntimeError
         raise ModelError(f"{source}: fails onnx.checker: {_one_line(exc)}") from exc
     return proto
@@ -352,27 +360,42 @@ def save_model(
         raise InputError(f"{target}: cannot write in '{folder}': {exc.strerror or exc}") from exc
     try:
         tmp_model = tmp_dir / target.name
+        data = None if data_name else model_bytes(model)
         try:
-            ir.save(
-                model,
-                tmp_model,
-                external_data=data_name,
-                size_threshold_bytes=min(1024, external_data_threshold),
-            )
+            # Checked before any byte reaches the disk when the model fits in one message.
+            onnx.checker.check_model(data, full_check=True) if data is not None else None
+        except Exception as exc:
+            raise ModelError(
+                f"{target}: the model to be written fails onnx.checker: {_one_line(exc)}"
+            ) from exc
+        try:
+            if data is not None:
+                with open(tmp_model, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            else:
+                ir.save(
+                    model,
+                    tmp_model,
+                    external_data=data_name,
+                    size_threshold_bytes=min(1024, external_data_threshold),
+                )
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 raise InputError(
                     f"{target}: disk full or file too large while writing ({exc.strerror})"
                 ) from exc
             raise InputError(f"{target}: cannot write: {exc.strerror or exc}") from exc
-        try:
-            onnx.checker.check_model(str(tmp_model), full_check=True)
-        except Exception as exc:
-            raise ModelError(
-                f"{target}: the model to be written fails onnx.checker: {_one_line(exc)}"
-            ) from exc
-        with open(tmp_model, "rb") as handle:
-            os.fsync(handle.fileno())
+        if data is None:
+            try:
+                onnx.checker.check_model(str(tmp_model), full_check=True)
+            except Exception as exc:
+                raise ModelError(
+                    f"{target}: the model to be written fails onnx.checker: {_one_line(exc)}"
+                ) from exc
+            with open(tmp_model, "rb") as handle:
+                os.fsync(handle.fileno())
         if data_name:
             os.replace(tmp_dir / data_name, folder / data_name)
         os.replace(tmp_model, target)

@@ -222,41 +222,70 @@ def calibrate(
     config: QuantizeConfig,
     holdout: float = 0.0,
 ) -> tuple[dict[str, cal.TensorStats], int]:
-    """Streams the samples not held out through one session exposing ``tensors``."""
+    """Streams the samples not held out through one session that exposes ``tensors``.
+
+    For ``minmax`` the session itself reduces each tensor to its min and max (ReduceMin /
+    ReduceMax appended to the graph), so only two scalars per tensor leave onnxruntime. The
+    histogram methods need every value: the tensors are exposed as outputs and reduced by
+    numpy, one tensor per worker thread (numpy releases the GIL in the heavy loops).
+    """
+    histogram = config.calibration != "minmax"
     exposed = model.clone()
-    outputs = {v.name for v in exposed.graph.outputs}
-    by_name = {v.name: v for v in exposed.graph.inputs}
-    for node in exposed.graph:
+    graph = exposed.graph
+    by_name = {v.name: v for v in graph.inputs}
+    for node in graph:
         for v in node.outputs:
             by_name[v.name] = v
+    outputs = {v.name for v in graph.outputs}
+    fetch: dict[str, tuple[str, ...]] = {}  # tensor -> the outputs that carry its statistics
     for name in tensors:
-        if name not in outputs and name not in {v.name for v in exposed.graph.inputs}:
-            exposed.graph.outputs.append(by_name[name])
+        value = by_name[name]
+        if histogram:
+            if name not in outputs:
+                graph.outputs.append(value)
+                outputs.add(name)
+            fetch[name] = (name,)
+        else:
+            # ReduceMin/Max skip NaN in onnxruntime; the sum is NaN or Inf when x holds either
+            # (a finite float32 sum past 3.4e38 would also trip it: no sane activation does that).
+            reduced = []
+            for op in ("ReduceMin", "ReduceMax", "ReduceSum"):
+                node = ir.node(op, [value], attributes={"keepdims": 0}, name=f"{name}__{op}")
+                node.outputs[0].name = f"{name}__{op}"
+                node.outputs[0].type = value.type
+                node.outputs[0].shape = ir.Shape([])
+                graph.append(node)
+                graph.outputs.append(node.outputs[0])
+                reduced.append(node.outputs[0].name)
+            fetch[name] = tuple(reduced)
     runner = Runner(exposed, name="calibration model", optimization="all")
-    histogram = config.calibration != "minmax"
     stats = {name: cal.TensorStats(config.bins, histogram) for name in tensors}
     split = "calibration" if holdout > 0 else "all"
-    inputs = set(runner.input_names)
     count = 0
     total = None
     if samples.count is not None:
         kept = samples.count - math.floor(samples.count * holdout)
         total = math.ceil(kept / samples.batch_size_for(config.batch_size))
-    fetch = [t for t in tensors if t not in inputs]
-    # Each tensor's statistics update on its own; numpy releases the GIL in the heavy loops, so
-    # the updates of one batch run on all cores while onnxruntime waits for the next batch.
-    workers = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+    names = [o for outs in fetch.values() for o in outs]
+    workers = (
+        ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) if histogram else None
+    )
     try:
         batches = samples.batches(config.batch_size, split, holdout or 0.5)
         for batch in progress.bar(batches, total=total, desc="calibrate"):
-            results = runner.run(batch, fetch) if fetch else {}
-            arrays = {
-                name: batch.inputs[name] if name in inputs else results[name] for name in tensors
-            }
-            list(workers.map(lambda item: stats[item[0]].update(item[1]), arrays.items()))
+            results = runner.run(batch, names)
+            if workers is not None:
+                list(workers.map(lambda name, out=results: stats[name].update(out[name]), tensors))
+            else:
+                for name, (lo, hi, finite) in fetch.items():
+                    if math.isfinite(float(results[finite])):
+                        stats[name].update_range(float(results[lo]), float(results[hi]), len(batch))
+                    else:
+                        stats[name].update_range(math.nan, math.nan, len(batch))
             count += len(batch)
     finally:
-        workers.shutdown()
+        if workers is not None:
+            workers.shutdown()
     for name, s in stats.items():
         if s.nonfinite:
             raise DataError(

@@ -60,7 +60,7 @@ class TensorStats:
     histogram: bool = True
     min: float = math.inf
     max: float = -math.inf
-    count: int = 0
+    count: int = 0  # values seen (samples, where only ranges were reported)
     zeros: int = 0  # exact zeros: quantized without error whatever the range
     nonfinite: int = 0
     radius: float = 0.0
@@ -109,6 +109,17 @@ class TensorStats:
         counts = np.bincount(idx, minlength=2 * self.bins + 1)
         counts[2 * self.bins - 1] += counts[2 * self.bins]  # x == R belongs to the last bin
         self.hist += counts[: 2 * self.bins]
+
+    def update_range(self, lo: float, hi: float, samples: int) -> None:
+        """Folds in a batch already reduced to its min and max (no histogram)."""
+        if self.histogram:
+            raise ValueError("a histogram needs the values, not just their range")
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            self.nonfinite += samples  # the batch held NaN or Inf somewhere
+            return
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
+        self.count += samples
 
     def merge(self, other: TensorStats) -> TensorStats:
         """Combines two statistics as if one pass had seen both sets of values."""
