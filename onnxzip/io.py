@@ -141,7 +141,7 @@ def _elements(tensor: onnx.TensorProto) -> int:
     return count
 
 
-def _infer_shapes_in_place(proto: onnx.ModelProto) -> None:
+def _infer_shapes_in_place(proto: onnx.ModelProto, strict: bool = False) -> None:
     """Runs onnx shape inference on a copy without the weights' data, then keeps its results.
 
     Serialising the weights dominates the cost of ``onnx.shape_inference`` on large models, and
@@ -161,7 +161,7 @@ def _infer_shapes_in_place(proto: onnx.ModelProto) -> None:
             ):
                 tensor.ClearField(data_field)
     inferred = onnx.shape_inference.infer_shapes(
-        light, check_type=False, strict_mode=False, data_prop=True
+        light, check_type=strict, strict_mode=strict, data_prop=True
     )
     del proto.graph.value_info[:]
     proto.graph.value_info.extend(inferred.graph.value_info)
@@ -434,3 +434,35 @@ def convert_opset(model: ir.Model, opset: int, name: str = "model") -> ir.Model:
     if _default_opset(proto) != opset:
         proto = _convert_opset(proto, opset, name)
     return load_model(proto, name=name)
+
+
+def reinfer_shapes(model: ir.Model, name: str = "model") -> ir.Model:
+    """A copy of ``model`` with every intermediate shape inferred anew, strictly.
+
+    For rewritten graphs: stale shapes are dropped first, and any inconsistency the rewrite
+    introduced is an error rather than a model that fails later.
+
+    Raises:
+        ModelError: shape inference fails.
+    """
+    base_dirs = {
+        str(v.const_value.base_dir)
+        for v in model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }
+    for node in model.graph:
+        for value in node.outputs:
+            if not value.is_graph_output():
+                value.shape = None
+    proto = ir.to_proto(model)
+    del proto.graph.value_info[:]
+    try:
+        _infer_shapes_in_place(proto, strict=True)
+    except Exception as exc:
+        raise ModelError(
+            f"{name}: shape inference failed after rewriting: {_one_line(exc)}"
+        ) from exc
+    result = ir.serde.deserialize_model(proto)
+    for base_dir in base_dirs:
+        ir.external_data.set_base_dir(result.graph, base_dir)
+    return result

@@ -1,0 +1,378 @@
+"""Structured channel pruning: find coupled-channel groups, score them, remove channels.
+
+``prune(model, config) -> (model, PruneReport)``:
+
+1. prepare: the same exact clean-ups as quantization (constants lifted, Sum as Add); BatchNorm
+   stays, its parameters are pruned with the channels;
+2. groups (``groups.py`` + ``rules.py``): from every channel producer, the closure of coupled
+   spaces and slices, or a blocked group naming its blocker;
+3. scores (``importance.py``): one score per group channel;
+4. selection: the same ratio in every group (local), or one threshold over scores normalised by
+   each group's mean (global) with a per-group cap; counts rounded to multiples of ``round_to``;
+   ``target_macs`` searches the ratio whose pruned model has at most that fraction of the MACs,
+   computed analytically from the weight slices without rewriting;
+5. rewrite (``rewrite.py``): slices, attributes, shape constants, strict shape inference.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxzip import io, passes
+from onnxzip.analysis import inspect_model, node_macs
+from onnxzip.errors import InputError
+from onnxzip.pruning import importance, rewrite
+from onnxzip.pruning.groups import Group, GroupBuilder, identity, node_name
+from onnxzip.pruning.rules import rule_for
+from onnxzip.report import table
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneConfig:
+    """Options of ``prune``; ``ratio`` or ``target_macs`` says how much."""
+
+    ratio: float | None = None
+    target_macs: float | None = None
+    criterion: str = "l1"
+    scope: str = "global"  # or "local"
+    max_group_ratio: float = 0.9
+    round_to: int = 1
+    exclude: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if (self.ratio is None) == (self.target_macs is None):
+            raise InputError("give exactly one of --ratio and --target-macs")
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise InputError(f"--ratio must be in [0, 1), got {self.ratio}")
+        if self.target_macs is not None and not 0 < self.target_macs <= 1:
+            raise InputError(f"--target-macs must be in (0, 1], got {self.target_macs}")
+        if not 0 < self.max_group_ratio < 1:
+            raise InputError(f"--max-group-ratio must be in (0, 1), got {self.max_group_ratio}")
+        if self.round_to < 1:
+            raise InputError(f"--round-to must be at least 1, got {self.round_to}")
+        if self.scope not in ("global", "local"):
+            raise InputError(f"scope must be global or local, got '{self.scope}'")
+        if self.criterion not in importance.CRITERIA:
+            raise InputError(
+                f"unknown criterion '{self.criterion}' (choose from {', '.join(sorted(importance.CRITERIA))})"
+            )
+
+
+@dataclass
+class GroupReport:
+    id: int
+    roots: list[str]
+    members: list[str]
+    channels: int
+    kept: int
+    blocked_by: str | None = None
+    reason: str | None = None
+    score_min: float | None = None
+    score_median: float | None = None
+    score_max: float | None = None
+    note: str | None = None
+
+
+@dataclass
+class PruneReport:
+    source: str
+    config: PruneConfig
+    groups: list[GroupReport]
+    macs_before: int
+    macs_after: int
+    parameters_before: int
+    parameters_after: int
+    weight_bytes_before: int
+    weight_bytes_after: int
+    ratio_used: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def format(self) -> str:
+        pruned = [g for g in self.groups if g.kept < g.channels]
+        blocked = [g for g in self.groups if g.reason]
+        lines = [
+            f"model       {self.source}",
+            f"groups      {len(self.groups)} ({len(blocked)} blocked, {len(pruned)} pruned)",
+            f"MACs        {self.macs_before:,} -> {self.macs_after:,} "
+            f"({100 * self.macs_after / max(self.macs_before, 1):.1f} %)",
+            f"parameters  {self.parameters_before:,} -> {self.parameters_after:,} "
+            f"({100 * self.parameters_after / max(self.parameters_before, 1):.1f} %)",
+            f"weights     {self.weight_bytes_before:,} -> {self.weight_bytes_after:,} bytes",
+            "time        " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()),
+            "",
+            format_groups(self.groups),
+        ]
+        return "\n".join(lines)
+
+
+def format_groups(groups: list[GroupReport]) -> str:
+    rows = []
+    for g in groups:
+        members = ", ".join(g.members[:4]) + (
+            f" (+{len(g.members) - 4})" if len(g.members) > 4 else ""
+        )
+        state = f"blocked by {g.blocked_by or 'input'}: {g.reason}" if g.reason else (g.note or "")
+        rows.append([g.id, members, g.channels, g.kept, state])
+    return table(["group", "members", "channels", "kept", "notes"], rows)
+
+
+# -- analysis ---------------------------------------------------------------------------------------
+
+
+def _is_producer(node: ir.Node) -> tuple[int, int] | None:
+    """(output axis, channels) when the node creates a fresh channel space."""
+    if node.domain not in ("", "ai.onnx") or not node.outputs:
+        return None
+    out = node.outputs[0]
+    if out.shape is None:
+        return None
+    if node.op_type in ("Conv", "ConvTranspose"):
+        w = passes.const_array(node.inputs[1])
+        if w is None:
+            return None
+        group = node.attributes["group"].as_int() if "group" in node.attributes else 1
+        cin = node.inputs[0].shape[1] if node.inputs[0].shape is not None else None
+        if node.op_type == "Conv" and group > 1 and group == cin:
+            return None  # depthwise: its channels are its input's
+        channels = w.shape[0] if node.op_type == "Conv" else w.shape[1] * group
+        return 1, int(channels)
+    if node.op_type in ("Gemm", "MatMul"):
+        w = passes.const_array(node.inputs[1])
+        if w is None or w.ndim != 2:
+            return None
+        trans_b = (
+            node.op_type == "Gemm"
+            and "transB" in node.attributes
+            and node.attributes["transB"].as_int()
+        )
+        return len(out.shape) - 1, int(w.shape[0] if trans_b else w.shape[1])
+    return None
+
+
+def find_groups(model: ir.Model) -> list[Group]:
+    """Every channel group of the main graph, blocked ones included."""
+    graph = model.graph
+    find = rule_for(model.opset_imports.get("", 13))
+    groups: list[Group] = []
+    claimed: set[str] = set()
+    for node in graph:
+        producer = _is_producer(node)
+        if producer is None or node_name(node) in claimed:
+            continue
+        axis, channels = producer
+        group = Group(id=len(groups), size=channels)
+        builder = GroupBuilder(graph, group)
+        find(node)(builder, node, ("out", 0), axis, identity(channels))
+        builder.visit(node.outputs[0], axis, identity(channels), node)
+        builder.run(find)
+        group.roots = [
+            m.node for m in group.slices if m.role == "out" and m.node not in group.depthwise
+        ]
+        group.roots = list(dict.fromkeys(group.roots)) or [node_name(node)]
+        claimed.update(group.roots)
+        groups.append(group)
+    return groups
+
+
+# -- selection --------------------------------------------------------------------------------------
+
+
+def _keep_count(channels: int, remove: int, config: PruneConfig) -> int:
+    keep = max(1, channels - remove)
+    keep = max(keep, channels - math.floor(config.max_group_ratio * channels))
+    if config.round_to > 1:
+        if channels <= config.round_to:
+            return channels
+        keep = max(config.round_to, int(round(keep / config.round_to)) * config.round_to)
+    return min(channels, keep)
+
+
+def select(
+    groups: list[Group], scores: dict[int, np.ndarray], ratio: float, config: PruneConfig
+) -> dict[int, np.ndarray]:
+    """Group channels to remove for an overall ``ratio``."""
+    removal: dict[int, np.ndarray] = {}
+    if config.scope == "local" or not scores:
+        for gid, s in scores.items():
+            keep = _keep_count(len(s), math.floor(ratio * len(s)), config)
+            removal[gid] = np.sort(np.argsort(s, kind="stable")[: len(s) - keep])
+        return removal
+    normalised = {gid: s / (s.mean() if s.mean() > 0 else 1.0) for gid, s in scores.items()}
+    everything = np.concatenate(list(normalised.values()))
+    threshold = np.quantile(everything, ratio) if ratio > 0 else -np.inf
+    for gid, s in normalised.items():
+        below = int(np.count_nonzero(s < threshold))
+        keep = _keep_count(len(s), below, config)
+        removal[gid] = np.sort(np.argsort(s, kind="stable")[: len(s) - keep])
+    return removal
+
+
+def estimate_macs(
+    model: ir.Model, groups: list[Group], removal: dict[int, np.ndarray], base: dict[str, int]
+) -> int:
+    """MACs after ``removal``: each weighted node scales by the kept fraction of its weight's axes."""
+    cut: dict[tuple[str, int], int] = {}
+    for g in groups:
+        channels = removal.get(g.id)
+        if channels is None or not len(channels):
+            continue
+        for m in g.slices:
+            if m.role in ("out", "in") and m.axis in (0, 1):
+                key = (m.node, m.axis)
+                cut[key] = cut.get(key, 0) + int(sum(len(m.positions[c]) for c in channels))
+    total = 0
+    for node in model.graph:
+        macs = base.get(node_name(node))
+        if not macs:
+            continue
+        w = passes.const_array(node.inputs[1])
+        factor = 1.0
+        for axis in (0, 1):
+            n = cut.get((node_name(node), axis), 0)
+            if (
+                n
+                and w is not None
+                and w.ndim > axis
+                and not (node.op_type == "Conv" and axis == 1 and w.shape[1] == 1)
+            ):
+                factor *= 1 - n / w.shape[axis]
+        total += int(macs * factor)
+    return total
+
+
+# -- the API ----------------------------------------------------------------------------------------
+
+
+def prune(model, config: PruneConfig, *, source: str | None = None) -> tuple[ir.Model, PruneReport]:
+    """Prunes ``model`` (path, ModelProto or onnx_ir.Model); the input is not modified.
+
+    Raises:
+        InputError: bad options or model.
+        ModelError: the rewritten model fails shape inference (a rule is wrong: a bug).
+    """
+    config.validate()
+    timings = {}
+    t0 = time.perf_counter()
+    source = source or (str(model) if not isinstance(model, ir.Model) else "model")
+    original = io.load_model(model, name=source)
+    work = original.clone()
+    passes.drop_initializer_inputs(work)
+    passes.lift_constants(work)
+    passes.sum_to_add(work)
+    before = inspect_model(work, source=source)
+    groups = find_groups(work)
+    timings["analyse"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    excluded = set(config.exclude)
+    scores, notes = {}, {}
+    for g in groups:
+        if g.blocked:
+            continue
+        if excluded & (set(g.members()) | {m.node for m in g.slices}):
+            notes[g.id] = "excluded by the user"
+            continue
+        s, note = importance.score(g, config.criterion)
+        scores[g.id] = s
+        if note:
+            notes[g.id] = note
+    batch_names = {
+        d
+        for v in work.graph.inputs
+        if v.shape is not None and len(v.shape)
+        for d in [v.shape[0].value if not isinstance(v.shape[0], int) else None]
+        if d
+    }
+    base = {
+        node_name(n): node_macs(n, batch_names) or 0
+        for n in work.graph
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    }
+    macs0 = sum(base.values())
+    if config.target_macs is not None:
+        lo, hi = 0.0, 0.999
+        ratio = hi
+        for _ in range(25):
+            mid = (lo + hi) / 2
+            if (
+                estimate_macs(work, groups, select(groups, scores, mid, config), base)
+                <= config.target_macs * macs0
+            ):
+                ratio, hi = mid, mid
+            else:
+                lo = mid
+        if (
+            estimate_macs(work, groups, select(groups, scores, ratio, config), base)
+            > config.target_macs * macs0
+        ):
+            logger.warning(
+                "MACs cannot reach %.2f of the original: the prunable groups are capped",
+                config.target_macs,
+            )
+    else:
+        ratio = config.ratio
+    removal = select(groups, scores, ratio, config)
+    timings["select"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    pruned = rewrite.apply(work, groups, removal)
+    timings["rewrite"] = time.perf_counter() - t0
+    after = inspect_model(pruned, source=source)
+
+    reports = []
+    for g in groups:
+        s = scores.get(g.id)
+        removed = len(removal.get(g.id, []))
+        reports.append(
+            GroupReport(
+                id=g.id,
+                roots=g.roots,
+                members=g.members(),
+                channels=g.size,
+                kept=g.size - removed,
+                blocked_by=g.blocked_by,
+                reason=g.reason,
+                score_min=None if s is None else float(s.min()),
+                score_median=None if s is None else float(np.median(s)),
+                score_max=None if s is None else float(s.max()),
+                note=notes.get(g.id),
+            )
+        )
+    report = PruneReport(
+        source=source,
+        config=config,
+        groups=reports,
+        macs_before=before.macs,
+        macs_after=after.macs,
+        parameters_before=before.parameters,
+        parameters_after=after.parameters,
+        weight_bytes_before=before.weight_bytes,
+        weight_bytes_after=after.weight_bytes,
+        ratio_used=ratio,
+        seconds=timings,
+    )
+    return pruned, report
+
+
+def analyse(model, *, source: str | None = None) -> list[GroupReport]:
+    """The channel groups of a model, for ``inspect --groups``."""
+    source = source or (str(model) if not isinstance(model, ir.Model) else "model")
+    work = io.load_model(model, name=source).clone()
+    passes.drop_initializer_inputs(work)
+    passes.lift_constants(work)
+    passes.sum_to_add(work)
+    return [
+        GroupReport(g.id, g.roots, g.members(), g.size, g.size, g.blocked_by, g.reason)
+        for g in find_groups(work)
+    ]
+
+
+__all__ = ["PruneConfig", "PruneReport", "GroupReport", "prune", "analyse", "find_groups", "select"]

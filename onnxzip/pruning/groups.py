@@ -1,0 +1,164 @@
+"""Coupled-channel groups over the onnx_ir graph (the dependency graph of structured pruning).
+
+A *channel space* is a tensor together with one of its axes. A group starts at a channel
+producer (a Conv's output channels, a Gemm's or constant-weight MatMul's output features) and
+is the closure of every space and every weight slice whose index must be removed together with
+the producer's channel ``c``. Each space carries a map from the group's channel ``c`` to the
+positions that channel occupies on its axis: the identity at the producer, shifted by offsets
+through Concat and Split, widened to blocks ``[c k, (c + 1) k)`` through Flatten/Reshape and
+depthwise channel multipliers.
+
+The closure walks both ways: from a space to every consumer (forward) and to its producer
+(backward), so a residual ``Add`` pulls the other branch's producer into the group and every
+other reader of that branch too. Per-op rules (``rules.py``) say, for an op entered on one
+port, which slices to take and which spaces continue. An op without a rule, a graph input or
+output, or a rule's refusal *blocks* the group; the group records which node blocked it and why
+and is never pruned.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+Positions = list  # per group channel: np.ndarray of positions on the space's axis
+
+
+def identity(size: int) -> Positions:
+    return [np.array([c], dtype=np.int64) for c in range(size)]
+
+
+def same_positions(a: Positions, b: Positions) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@dataclass
+class SliceMember:
+    """An initializer sliced along ``axis`` at the positions of the group's channels."""
+
+    node: str
+    value: ir.Value
+    axis: int
+    positions: Positions
+    role: (
+        str  # "out" (producer weights/bias), "in" (consumer weights), "param" (per-channel params)
+    )
+
+
+@dataclass
+class Group:
+    id: int
+    size: int
+    roots: list[str] = field(default_factory=list)
+    spaces: dict[tuple[str, int], Positions] = field(default_factory=dict)
+    slices: list[SliceMember] = field(default_factory=list)
+    depthwise: list[str] = field(
+        default_factory=list
+    )  # Conv nodes whose `group` follows the channels
+    blocked_by: str | None = None
+    reason: str | None = None
+
+    @property
+    def blocked(self) -> bool:
+        return self.reason is not None
+
+    def members(self) -> list[str]:
+        seen = []
+        for s in self.slices:
+            if s.node not in seen:
+                seen.append(s.node)
+        return seen
+
+
+class GroupBuilder:
+    """The worklist closure of one group; rules call ``visit``, ``take`` and ``block``."""
+
+    def __init__(self, graph: ir.Graph, group: Group):
+        self.graph = graph
+        self.group = group
+        self.queue: deque = deque()
+
+    # -- called by rules ------------------------------------------------------------------------
+    def visit(
+        self,
+        value: ir.Value,
+        axis: int,
+        positions: Positions,
+        from_node: ir.Node | None,
+        from_port: tuple[str, int] | None = None,
+    ) -> None:
+        """The channels also live on ``value``'s ``axis`` at ``positions``."""
+        self.queue.append((value, axis, positions, from_node, from_port))
+
+    def take(
+        self, node: ir.Node, value: ir.Value, axis: int, positions: Positions, role: str
+    ) -> None:
+        self.group.slices.append(SliceMember(node_name(node), value, axis, positions, role))
+
+    def block(self, node: ir.Node | None, reason: str) -> None:
+        if self.group.reason is None:
+            self.group.blocked_by = node_name(node) if node is not None else None
+            self.group.reason = reason
+
+    # -- the closure ----------------------------------------------------------------------------
+    def run(self, rule_for) -> None:
+        while self.queue and not self.group.blocked:
+            value, axis, positions, from_node, from_port = self.queue.popleft()
+            key = (value.name, axis)
+            seen = self.group.spaces.get(key)
+            if seen is not None:
+                if not same_positions(seen, positions):
+                    self.block(
+                        from_node,
+                        f"tensor '{value.name}' is reached with two different channel maps",
+                    )
+                continue
+            if (
+                value.shape is None
+                or axis >= len(value.shape)
+                or not isinstance(value.shape[axis], int)
+            ):
+                self.block(from_node, f"tensor '{value.name}' has no static size on axis {axis}")
+                continue
+            self.group.spaces[key] = positions
+            if value.is_graph_output():
+                self.block(value.producer(), f"channels reach the graph output '{value.name}'")
+                continue
+            producer = value.producer()
+            if producer is None:
+                if value.is_graph_input():
+                    self.block(None, f"channels reach the graph input '{value.name}'")
+                continue
+            if producer is not from_node:
+                index = list(producer.outputs).index(value)
+                self._apply(rule_for, producer, ("out", index), axis, positions)
+            for use in value.uses():
+                if use.node is from_node and from_port == ("in", use.idx):
+                    continue
+                if use.node is from_node and from_port is None:
+                    continue
+                self._apply(rule_for, use.node, ("in", use.idx), axis, positions)
+                if self.group.blocked:
+                    break
+
+    def _apply(
+        self, rule_for, node: ir.Node, port: tuple[str, int], axis: int, positions: Positions
+    ) -> None:
+        if node.graph is not self.graph:
+            self.block(node, "channels reach a subgraph (If/Loop/Scan body)")
+            return
+        rule = rule_for(node)
+        if rule is None:
+            self.block(
+                node,
+                f"no channel rule for {node.domain + '.' if node.domain else ''}{node.op_type}",
+            )
+            return
+        rule(self, node, port, axis, positions)
+
+
+def node_name(node: ir.Node) -> str:
+    return node.name or (node.outputs[0].name if node.outputs else node.op_type)
