@@ -65,6 +65,7 @@ class InspectReport:
     macs: int
     macs_complete: bool
     macs_per_node: list[NodeMacs] = field(default_factory=list)
+    groups: list | None = None  # channel groups, with --groups
 
     def format(self, per_node: bool = False) -> str:
         lines = [

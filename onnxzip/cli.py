@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--per-node", action="store_true", help="list MACs of every Conv/Gemm/MatMul node"
     )
+    p.add_argument(
+        "--groups",
+        action="store_true",
+        help="list the coupled-channel groups pruning would see, and what blocks each blocked one",
+    )
     _common(p)
     p.set_defaults(func=_cmd_inspect)
 
@@ -243,6 +248,58 @@ def build_parser() -> argparse.ArgumentParser:
     _threshold_options(p)
     _common(p)
     p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser(
+        "prune", help="remove whole channels: smaller weights and shapes, a dense model"
+    )
+    p.add_argument("model", type=Path, metavar="MODEL")
+    _output_options(p)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--ratio",
+        type=float,
+        metavar="R",
+        help="fraction of prunable channels to remove, in [0, 1)",
+    )
+    how.add_argument(
+        "--target-macs", type=float, metavar="F", help="prune until MACs <= F x the original's"
+    )
+    p.add_argument(
+        "--criterion", default="l1", help="channel importance: l1, l2 or bn (default l1)"
+    )
+    p.add_argument(
+        "--scope",
+        choices=["global", "local"],
+        default="global",
+        help="one threshold over normalised scores (global, default) or the same ratio per group",
+    )
+    p.add_argument(
+        "--max-group-ratio",
+        type=float,
+        default=0.9,
+        metavar="F",
+        help="never remove more than this fraction of one group (0.9)",
+    )
+    p.add_argument(
+        "--round-to", type=int, default=1, metavar="N", help="keep channel counts multiples of N"
+    )
+    p.add_argument(
+        "--exclude",
+        nargs="+",
+        default=[],
+        metavar="NODE",
+        help="leave the groups of these nodes alone",
+    )
+    p.add_argument(
+        "--data", type=Path, metavar="D", help="samples to verify the pruned model on (optional)"
+    )
+    p.add_argument("--synthetic", type=int, metavar="N", help="verify on N random samples instead")
+    p.add_argument(
+        "--batch-size", type=int, default=32, metavar="B", help="samples per run (default 32)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for --synthetic (default 0)")
+    _common(p)
+    p.set_defaults(func=_cmd_prune)
     return parser
 
 
@@ -259,7 +316,53 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from onnxzip.analysis import inspect_model
 
     report = inspect_model(args.model)
-    _emit(report, args, report.format(per_node=args.per_node))
+    text = report.format(per_node=args.per_node)
+    if args.groups:
+        from onnxzip.pruning import analyse, format_groups
+
+        report.groups = analyse(args.model)
+        text += "\n\n" + format_groups(report.groups)
+    _emit(report, args, text)
+    return EXIT_OK
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from onnxzip import io
+    from onnxzip.data import input_specs, open_samples
+    from onnxzip.pruning import PruneConfig, prune
+
+    _check_output(args, args.model)
+    if args.data is not None and args.synthetic is not None:
+        raise InputError("give either --data or --synthetic, not both")
+    model = io.load_model(args.model, name=str(args.model))
+    samples = None
+    if args.data is not None or args.synthetic is not None:
+        samples = open_samples(input_specs(model), args.data, args.synthetic, args.seed)
+    config = PruneConfig(
+        ratio=args.ratio,
+        target_macs=args.target_macs,
+        criterion=args.criterion,
+        scope=args.scope,
+        max_group_ratio=args.max_group_ratio,
+        round_to=args.round_to,
+        exclude=tuple(args.exclude),
+    )
+    pruned, report = prune(model, config, source=str(args.model))
+    io.save_model(pruned, args.output)
+    text = report.format()
+    if samples is not None:
+        from onnxzip.verify import verify
+
+        report.parity = verify(
+            model,
+            pruned,
+            samples,
+            batch_size=args.batch_size,
+            reference_name=str(args.model),
+            candidate_name=str(args.output),
+        )
+        text += "\n\n" + report.parity.format()
+    _emit(report, args, text + f"\n\nwrote {args.output}")
     return EXIT_OK
 
 

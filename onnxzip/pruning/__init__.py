@@ -94,6 +94,7 @@ class PruneReport:
     weight_bytes_after: int
     ratio_used: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    parity: object | None = None  # a VerifyReport when samples were given
 
     def format(self) -> str:
         pruned = [g for g in self.groups if g.kept < g.channels]

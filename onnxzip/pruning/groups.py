@@ -131,6 +131,10 @@ class GroupBuilder:
             if producer is None:
                 if value.is_graph_input():
                     self.block(None, f"channels reach the graph input '{value.name}'")
+                elif value.const_value is not None and from_node is not None:
+                    # A constant that reaches the channels through ops (Unsqueeze of a per-channel
+                    # scale, say) is cut where it is stored.
+                    self.take(from_node, value, axis, positions, "param")
                 continue
             if producer is not from_node:
                 index = list(producer.outputs).index(value)
