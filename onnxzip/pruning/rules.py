@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip.passes import const_array
-from onnxzip.pruning.groups import GroupBuilder, Positions
+from onnxzip.pruning.groups import GroupBuilder, Positions, node_name
 
 Rule = Callable[[GroupBuilder, ir.Node, tuple, int, Positions], None]
 _REGISTRY: dict[str, list[tuple[int, int, Rule]]] = {}
@@ -115,7 +115,7 @@ def _conv(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
             b.take(node, w, 0, pos, "out")
             if bias is not None:
                 b.take(node, bias, 0, pos, "out")
-            b.group.depthwise.append(node.name)
+            b.group.depthwise.append(node_name(node))
             return b.visit(x, 1, inner, node, ("in", 0))
         b.take(node, w, 0, pos, "out")
         if bias is not None:
@@ -127,7 +127,7 @@ def _conv(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
         b.take(node, w, 0, outer, "out")
         if bias is not None:
             b.take(node, bias, 0, outer, "out")
-        b.group.depthwise.append(node.name)
+        b.group.depthwise.append(node_name(node))
         return b.visit(node.outputs[0], 1, outer, node)
     b.take(node, w, 1, pos, "in")
     return None

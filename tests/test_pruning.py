@@ -1,0 +1,390 @@
+"""Structured pruning: groups, per-rule behaviour, the masking-equivalence oracle, selection."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnx_ir as ir
+import pytest
+from conftest import run_cli
+
+from onnxzip import io, passes, zoo
+from onnxzip.analysis import inspect_model
+from onnxzip.data import SyntheticSamples, input_specs
+from onnxzip.errors import InputError
+from onnxzip.pruning import PruneConfig, find_groups, prune, rewrite
+from onnxzip.runtime import Runner
+
+H = '<ir_version: 8, opset_import: ["" : 17]>\n'
+
+
+def build(text: str, weights: dict, seed: int = 0) -> ir.Model:
+    proto = onnx.parser.parse_model(H + text)
+    rng = np.random.default_rng(seed)
+    for name, shape in weights.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(0, 0.5, shape).astype(np.float32), name)
+        )
+    onnx.checker.check_model(proto, full_check=True)
+    return prepared(io.load_model(proto))
+
+
+def prepared(model: ir.Model) -> ir.Model:
+    model = model.clone()
+    passes.drop_initializer_inputs(model)
+    passes.lift_constants(model)
+    passes.sum_to_add(model)
+    return model
+
+
+def masked_and_pruned(model: ir.Model, gid: int, channels: list[int]) -> tuple[ir.Model, ir.Model]:
+    """The oracle: zeroing the consumers' slices of some channels == removing those channels."""
+    work = model.clone()
+    groups = find_groups(work)
+    group = groups[gid]
+    masked = model.clone()
+    inits = masked.graph.initializers
+    for m in group.slices:
+        if m.role != "in":
+            continue
+        w = inits[m.value.name].const_value.numpy().copy()
+        index = [slice(None)] * w.ndim
+        index[m.axis] = np.concatenate([m.positions[c] for c in channels])
+        w[tuple(index)] = 0
+        inits[m.value.name].const_value = ir.tensor(w, name=m.value.name)
+    pruned = rewrite.apply(work, groups, {gid: np.array(channels)})
+    return masked, pruned
+
+
+def assert_oracle(model: ir.Model, group_ids=None, samples: int = 2) -> int:
+    groups = find_groups(model.clone())
+    batch = next(SyntheticSamples(input_specs(model), samples, seed=1).batches(samples))
+    checked = 0
+    for g in groups:
+        if g.blocked or (group_ids is not None and g.id not in group_ids):
+            continue
+        channels = list(range(g.size % 2, g.size, 3))[: max(1, g.size // 2)]
+        masked, pruned = masked_and_pruned(model, g.id, channels)
+        onnx.checker.check_model(io.to_proto(pruned), full_check=True)
+        a = Runner(masked, optimization="none").run(batch)
+        b = Runner(pruned, optimization="none").run(batch)
+        for name in a:
+            scale = np.abs(a[name]).max() + 1e-12
+            assert np.abs(a[name] - b[name]).max() / scale < 2e-5, (g.id, g.roots, name)
+        checked += 1
+    return checked
+
+
+# -- per-rule unit tests on tiny models ------------------------------------------------------------
+
+
+def groups_of(model: ir.Model) -> list:
+    return find_groups(model)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_chain_with_and_without_bias(bias):
+    text = (
+        "g (float[N,3,8,8] x) => (float[N,4,8,8] y) { c = Conv <pads=[1,1,1,1]> (x, w1"
+        + (", b1" if bias else "")
+        + ")\n r = Relu(c)\n y = Conv (r, w2) }"
+    )
+    weights = {"w1": (6, 3, 3, 3), "w2": (4, 6, 1, 1)} | ({"b1": (6,)} if bias else {})
+    model = build(text, weights)
+    g0 = groups_of(model)[0]
+    assert not g0.blocked and g0.size == 6
+    roles = sorted((m.value.name, m.axis, m.role) for m in g0.slices)
+    expected = [("w1", 0, "out"), ("w2", 1, "in")] + ([("b1", 0, "out")] if bias else [])
+    assert roles == sorted(expected)
+    assert groups_of(model)[1].reason.startswith("channels reach the graph output")
+    assert assert_oracle(model) == 1
+
+
+def test_depthwise_with_channel_multiplier_updates_group():
+    text = (
+        "g (float[N,3,8,8] x) => (float[N,5,8,8] y) { a = Conv (x, w1)\n"
+        " d = Conv <group=4, pads=[1,1,1,1]> (a, wd, bd)\n y = Conv (d, w2) }"
+    )
+    model = build(text, {"w1": (4, 3, 1, 1), "wd": (8, 1, 3, 3), "bd": (8,), "w2": (5, 8, 1, 1)})
+    g0 = groups_of(model)[0]
+    assert g0.depthwise and not g0.blocked
+    wd = next(m for m in g0.slices if m.value.name == "wd")
+    assert [list(p) for p in wd.positions] == [[0, 1], [2, 3], [4, 5], [6, 7]]  # multiplier 2
+    masked, pruned = masked_and_pruned(model, 0, [1, 3])
+    dw = next(
+        n
+        for n in pruned.graph
+        if n.name == "" and n.op_type == "Conv" and n.attributes.get("group")
+    )
+    assert dw.attributes["group"].as_int() == 2 and dw.inputs[1].const_value.shape == (4, 1, 3, 3)
+    assert assert_oracle(model) == 1
+
+
+def test_grouped_conv_blocks_naming_the_node():
+    text = "g (float[N,3,8,8] x) => (float[N,4,8,8] y) { a = Conv (x, w1)\n y = Conv <group=2> (a, w2) }"
+    model = build(text, {"w1": (4, 3, 1, 1), "w2": (4, 2, 1, 1)})
+    g0 = groups_of(model)[0]
+    assert g0.blocked and "grouped Conv" in g0.reason
+
+
+def test_residual_add_and_squeeze_excite_gate_join_one_group():
+    text = (
+        "g (float[N,4,8,8] x) => (float[N,3,8,8] y) { a = Conv (x, w1)\n b = Conv (a, w2)\n"
+        " p = GlobalAveragePool (b)\n s = Conv (p, w3)\n s2 = Relu (s)\n e = Conv (s2, w4)\n g = Sigmoid (e)\n"
+        " m = Mul (b, g)\n r = Add (m, a)\n y = Conv (r, w5) }"
+    )
+    model = build(
+        text,
+        {
+            "w1": (6, 4, 1, 1),
+            "w2": (6, 6, 1, 1),
+            "w3": (2, 6, 1, 1),
+            "w4": (6, 2, 1, 1),
+            "w5": (3, 6, 1, 1),
+        },
+    )
+    g0 = groups_of(model)[0]
+    # a, b (via the residual Add), e (the SE gate) are producers of one 6-channel group.
+    outs = {m.value.name for m in g0.slices if m.role == "out"}
+    ins = {m.value.name for m in g0.slices if m.role == "in"}
+    assert outs == {"w1", "w2", "w4"} and ins == {"w2", "w3", "w5"}
+    assert assert_oracle(model) >= 2
+
+
+def test_concat_offsets_and_split_sizes():
+    text = (
+        "g (float[N,3,8,8] x) => (float[N,4,8,8] y) { a = Conv (x, w1)\n b = Conv (x, w2)\n"
+        " c = Concat <axis=1> (a, b)\n s = Constant <value=int64[2] {5, 4}> ()\n"
+        " p, q = Split <axis=1> (c, s)\n u = Conv (p, w3)\n v = Conv (q, w4)\n y = Add (u, v) }"
+    )
+    model = build(
+        text, {"w1": (4, 3, 1, 1), "w2": (5, 3, 1, 1), "w3": (4, 5, 1, 1), "w4": (4, 4, 1, 1)}
+    )
+    groups = groups_of(model)
+    ga, gb = groups[0], groups[1]
+    assert ("c", 1) in ga.spaces and [list(p) for p in ga.spaces[("c", 1)]] == [[0], [1], [2], [3]]
+    assert [list(p) for p in gb.spaces[("c", 1)]] == [
+        [4],
+        [5],
+        [6],
+        [7],
+        [8],
+    ]  # offset by a's 4 channels
+    masked, pruned = masked_and_pruned(
+        model, 1, [0, 4]
+    )  # b's channels 0 and 4: one in each Split part
+    split = next(n for n in pruned.graph if n.op_type == "Split")
+    assert list(split.inputs[1].const_value.numpy()) == [4, 3]
+    assert assert_oracle(model) == 2
+
+
+def test_flatten_into_gemm_maps_blocks_of_features():
+    text = (
+        "g (float[N,3,4,4] x) => (float[N,5] y) { a = Conv (x, w1)\n r = Relu (a)\n f = Flatten (r)\n"
+        " y = Gemm <transB=1> (f, w2, b2) }"
+    )
+    model = build(text, {"w1": (6, 3, 1, 1), "w2": (5, 96), "b2": (5,)})
+    g0 = groups_of(model)[0]
+    gemm = next(m for m in g0.slices if m.value.name == "w2")
+    assert gemm.axis == 1 and list(gemm.positions[2]) == list(
+        range(32, 48)
+    )  # channel 2 -> [2*16, 3*16)
+    assert assert_oracle(model) == 1
+
+
+def test_reshape_shape_constant_is_rewritten():
+    text = (
+        "g (float[N,3,4,4] x) => (float[N,5] y) { a = Conv (x, w1)\n s = Constant <value=int64[2] {-1, 96}> ()\n"
+        " f = Reshape (a, s)\n y = MatMul (f, w2) }"
+    )
+    model = build(text, {"w1": (6, 3, 1, 1), "w2": (96, 5)})
+    masked, pruned = masked_and_pruned(model, 0, [0, 5])
+    reshape = next(n for n in pruned.graph if n.op_type == "Reshape")
+    assert list(reshape.inputs[1].const_value.numpy()) == [-1, 64]
+    assert assert_oracle(model) == 1
+
+
+def test_per_channel_constants_prelu_and_batchnorm_are_sliced():
+    text = (
+        "g (float[N,3,8,8] x) => (float[N,2,8,8] y) { a = Conv (x, w1)\n b = Mul (a, k)\n c = Add (b, t)\n"
+        " d = PRelu (c, slope)\n e = BatchNormalization (d, sc, bi, mu, var)\n y = Conv (e, w2) }"
+    )
+    model = build(
+        text,
+        {
+            "w1": (4, 3, 1, 1),
+            "k": (4, 1, 1),
+            "t": (1, 4, 1, 1),
+            "slope": (4, 1, 1),
+            "sc": (4,),
+            "bi": (4,),
+            "mu": (4,),
+            "var": (4,),
+            "w2": (2, 4, 1, 1),
+        },
+    )
+    init = model.graph.initializers["var"]
+    init.const_value = ir.tensor(np.abs(init.const_value.numpy()) + 0.5, name="var")
+    g0 = groups_of(model)[0]
+    params = {(m.value.name, m.axis) for m in g0.slices if m.role == "param"}
+    assert params == {("k", 0), ("t", 1), ("slope", 0), ("sc", 0), ("bi", 0), ("mu", 0), ("var", 0)}
+    assert assert_oracle(model) == 1
+
+
+@pytest.mark.parametrize(
+    "text,weights,reason",
+    [
+        (
+            "g (float[N,3,8,8] x) => (float[N,4,8,8] y) { a = Conv (x, w1)\n y = Relu (a) }",
+            {"w1": (4, 3, 1, 1)},
+            "graph output",
+        ),
+        (
+            "g (float[N,3,8,8] x) => (float[N,1,8,8] y) { a = Conv (x, w1)\n y = ReduceMean <axes=[1]> (a) }",
+            {"w1": (4, 3, 1, 1)},
+            "reduces over the channel axis",
+        ),
+        (
+            "g (float[N,3,8,8] x) => (float[N,4,8,8] y) { a = Conv (x, w1)\n b = LRN <size=3> (a)\n y = Conv (b, w2) }",
+            {"w1": (4, 3, 1, 1), "w2": (4, 4, 1, 1)},
+            "LRN",
+        ),
+        (
+            "g (float[N,3,8,8] x) => (float[N,4,8,8] y) { a = Conv (x, w1)\n p = Constant <value=int64[8] {0,1,0,0,0,1,0,0}> ()\n"
+            " b = Pad (a, p)\n y = Conv (b, w2) }",
+            {"w1": (4, 3, 1, 1), "w2": (4, 6, 1, 1)},
+            "Pad pads the channel axis",
+        ),
+        (
+            "g (float[N,3,8,8] x) => (float[N,4,8,8] y, int64[4] s) { a = Conv (x, w1)\n s = Shape (a)\n y = Conv (a, w2) }",
+            {"w1": (4, 3, 1, 1), "w2": (4, 4, 1, 1)},
+            "shape is read",
+        ),
+    ],
+)
+def test_blockers_are_named_with_a_reason(text, weights, reason):
+    model = build(text, weights)
+    g0 = groups_of(model)[0]
+    assert g0.blocked and reason in g0.reason and g0.blocked_by
+
+
+def test_unknown_op_blocks():
+    text = (
+        '<ir_version: 8, opset_import: ["" : 17, "custom.domain" : 1]>\n'
+        "g (float[N,3,8,8] x) => (float[N,4,8,8] y) { a = Conv (x, w1)\n b = custom.domain.Foo (a)\n y = Conv (b, w2) }"
+    )
+    proto = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(0)
+    for name, shape in {"w1": (4, 3, 1, 1), "w2": (4, 4, 1, 1)}.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+        )
+    model = ir.serde.deserialize_model(proto)
+    for v in [n.outputs[0] for n in model.graph]:
+        v.shape = ir.Shape(["N", 4, 8, 8])
+    g0 = find_groups(model)[0]
+    assert g0.blocked and "no channel rule for custom.domain.Foo" in g0.reason
+
+
+# -- the corpus ---------------------------------------------------------------------------------
+
+
+def test_masking_equivalence_digits_models(resnet_path, mobilenet_path):
+    for path in (resnet_path, mobilenet_path):
+        model = prepared(io.load_model(path))
+        assert assert_oracle(model, samples=4) == len(
+            [g for g in find_groups(model) if not g.blocked]
+        )
+
+
+def test_masking_equivalence_mobilenet_v2():
+    model = prepared(zoo.mobilenet_v2(resolution=64, classes=16))
+    assert assert_oracle(model) == 25
+
+
+@pytest.mark.parametrize(
+    "name,every", [("resnet50", 5), ("squeezenet", 2), ("inception_v2", 7), ("densenet121", 15)]
+)
+def test_masking_equivalence_light_architectures(name, every):
+    model = prepared(zoo.from_light(name))
+    ids = {g.id for g in find_groups(model) if not g.blocked and g.id % every == 0}
+    assert assert_oracle(model, ids, samples=1) == len(ids) > 0
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet50", "squeezenet", "inception_v1", "inception_v2", "densenet121"]
+)
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_light_architectures_prune_at_30_and_50_percent(name, ratio, tmp_path):
+    model = zoo.from_light(name)
+    pruned, report = prune(model, PruneConfig(ratio=ratio))
+    io.save_model(pruned, tmp_path / "p.onnx")  # full checker
+    assert report.macs_after < report.macs_before
+    assert report.parameters_after < report.parameters_before
+    assert any(g.kept < g.channels for g in report.groups)
+
+
+def test_target_macs_and_round_to():
+    model = zoo.from_light("resnet50")
+    pruned, report = prune(model, PruneConfig(target_macs=0.5, round_to=8))
+    assert 0.45 < report.macs_after / report.macs_before <= 0.5
+    assert inspect_model(pruned).macs == report.macs_after  # the estimate is what the shapes say
+    for g in report.groups:
+        if g.kept < g.channels:
+            assert g.kept % 8 == 0
+
+
+def test_local_scope_prunes_every_group_alike(resnet_path):
+    _, report = prune(resnet_path, PruneConfig(ratio=0.25, scope="local"))
+    for g in report.groups:
+        if not g.reason:
+            assert g.kept == g.channels - g.channels // 4
+
+
+def test_exclude_and_bn_criterion(resnet_path):
+    _, report = prune(resnet_path, PruneConfig(ratio=0.5, criterion="bn", exclude=("s1.conv1",)))
+    by_root = {tuple(g.roots): g for g in report.groups}
+    excluded = [g for g in report.groups if g.note == "excluded by the user"]
+    assert excluded and all(g.kept == g.channels for g in excluded)
+    assert by_root[("s2.conv1",)].kept < by_root[("s2.conv1",)].channels
+
+
+def test_bad_options_are_input_errors(resnet_path):
+    for config in (
+        PruneConfig(),
+        PruneConfig(ratio=1.0),
+        PruneConfig(ratio=0.3, target_macs=0.5),
+        PruneConfig(ratio=0.3, criterion="magic"),
+        PruneConfig(target_macs=0.0),
+    ):
+        with pytest.raises(InputError):
+            prune(resnet_path, config)
+
+
+def test_cli_prune_and_inspect_groups(resnet_path, test_npz, tmp_path, capsys):
+    out = tmp_path / "p.onnx"
+    code, stdout, _ = run_cli(
+        [
+            "prune",
+            resnet_path,
+            "-o",
+            out,
+            "--target-macs",
+            "0.6",
+            "--data",
+            test_npz,
+            "--json",
+            tmp_path / "r.json",
+        ],
+        capsys,
+    )
+    assert code == 0 and out.exists()
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["macs_after"] <= 0.6 * data["macs_before"] and data["parity"]["samples"] == 360
+    code, stdout, _ = run_cli(["inspect", resnet_path, "--groups"], capsys)
+    assert code == 0 and "blocked by fc: channels reach the graph output 'logits'" in stdout
+    code, _, err = run_cli(["prune", resnet_path, "-o", out, "--ratio", "1.5"], capsys)
+    assert code == 2 and err.count("\n") == 1
