@@ -281,7 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="never remove more than this fraction of one group (0.9)",
     )
     p.add_argument(
-        "--round-to", type=int, default=1, metavar="N", help="keep channel counts multiples of N"
+        "--round-to",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep channel counts multiples of N (default 0 = automatic: 16 for groups of 128+ "
+        "channels, 8 from 32, else any count)",
     )
     p.add_argument(
         "--exclude",

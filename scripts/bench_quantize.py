@@ -24,10 +24,8 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,6 +34,9 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import cpu_model, latency, run_measured, smooth_images, versions  # noqa: E402
 
 from onnxzip import io, zoo  # noqa: E402
 from onnxzip.data import NpzSamples, input_specs  # noqa: E402
@@ -65,43 +66,6 @@ quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=Tr
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=getattr(CalibrationMethod, method), extra_options=extra)
 """
-
-
-# Linux carries a process's peak RSS across fork and exec, so a tool started straight from this
-# (large) process would report at least this process's size. A small launcher process starts the
-# tool instead and reports the tool's own wall time and peak RSS.
-LAUNCHER = r"""
-import json, os, subprocess, sys, time
-start = time.perf_counter()
-proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-_, status, usage = os.wait4(proc.pid, 0)
-wall = time.perf_counter() - start
-err = proc.stderr.read().decode(errors="replace")
-print(json.dumps({"seconds": wall, "peak_mib": usage.ru_maxrss / 1024.0,
-                  "code": os.waitstatus_to_exitcode(status), "stderr": err[-4000:]}))
-"""
-
-
-def run_measured(cmd: list[str], cwd: Path) -> dict:
-    """Runs a command in a fresh process: wall seconds and peak RSS (MiB) from the OS."""
-    out = subprocess.run(
-        [sys.executable, "-c", LAUNCHER, *cmd], cwd=cwd, capture_output=True, text=True, check=True
-    )
-    info = json.loads(out.stdout)
-    result = {"seconds": info["seconds"], "peak_mib": info["peak_mib"]}
-    if info["code"] != 0:
-        lines = [line for line in info["stderr"].strip().splitlines() if line.strip()]
-        result["error"] = lines[-1] if lines else f"exit code {info['code']}"
-    return result
-
-
-def smooth_images(n: int, seed: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Low-frequency random images: random 7x7 colour cells plus a little noise."""
-    rng = np.random.default_rng(seed)
-    c, h, w = shape
-    base = rng.normal(0, 1, (n, c, 7, 7)).astype(np.float32)
-    x = np.kron(base, np.ones((1, 1, -(-h // 7), -(-w // 7)), np.float32))[:, :, :h, :w]
-    return (x + 0.1 * rng.normal(0, 1, x.shape)).astype(np.float32)
 
 
 def prepare_models(work: Path, names: list[str]) -> dict[str, dict]:
@@ -135,28 +99,6 @@ def prepare_models(work: Path, names: list[str]) -> dict[str, dict]:
     return models
 
 
-def latency(
-    paths: dict[str, Path], feed: dict[str, np.ndarray], rounds: int = 5, seconds: float = 1.0
-) -> dict:
-    sessions = {}
-    for key, path in paths.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 2
-        options.log_severity_level = 3
-        sessions[key] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        for _ in range(3):
-            sessions[key].run(None, feed)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for key, session in sessions.items():
-            end = time.perf_counter() + seconds
-            while time.perf_counter() < end:
-                t0 = time.perf_counter()
-                session.run(None, feed)
-                times[key].append(time.perf_counter() - t0)
-    return {k: {"median_ms": 1000 * float(np.median(v)), "runs": len(v)} for k, v in times.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_quantize.json")
@@ -174,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "python": platform.python_version(),
         },
-        "versions": _versions(),
+        "versions": versions(),
         "models": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -317,24 +259,6 @@ def markdown(results: dict) -> str:
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _versions() -> dict:
-    from importlib.metadata import version
-
-    return {
-        p: version(p) for p in ("onnxruntime-training", "onnx", "onnx-ir", "onnxscript", "numpy")
-    }
 
 
 if __name__ == "__main__":

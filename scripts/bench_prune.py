@@ -1,0 +1,146 @@
+"""Benchmark: structured pruning, MACs against real latency, side by side in one run.
+
+For ResNet-50 (light architecture, random weights), MobileNetV2 (onnxzip.zoo) and the two digits
+CNNs: ``onnxzip prune --target-macs F`` for several F, each in a fresh process (wall time and
+peak memory), then MACs, parameters, latency of every pruned model interleaved with the
+original's (onnxruntime CPU, 2 threads, batch 1, median), and for the digits models the test
+accuracy before any recovery. Writes JSON and prints a Markdown table.
+
+Usage: python scripts/bench_prune.py [--out results/bench_prune.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import cpu_model, latency, run_measured, versions  # noqa: E402
+
+from onnxzip import io, zoo  # noqa: E402
+from onnxzip.analysis import inspect_model  # noqa: E402
+from onnxzip.data import NpzSamples, input_specs  # noqa: E402
+from onnxzip.verify import verify  # noqa: E402
+
+TARGETS = {
+    "resnet50": [0.7, 0.5, 0.3],
+    "mobilenet_v2": [0.7, 0.5],
+    "digits_resnet": [0.7, 0.5],
+    "digits_mobilenet": [0.7, 0.5],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_prune.json")
+    parser.add_argument("--models", nargs="+", default=list(TARGETS))
+    args = parser.parse_args(argv)
+    ort.set_default_logger_severity(3)
+    results = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
+        "versions": versions(),
+        "models": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name in args.models:
+            if name.startswith("digits"):
+                path = ROOT / "models" / f"{name}.onnx"
+            else:
+                path = work / f"{name}.onnx"
+                io.save_model(
+                    zoo.from_light("resnet50") if name == "resnet50" else zoo.mobilenet_v2(), path
+                )
+            base = inspect_model(path)
+            entry = {"macs": base.macs, "parameters": base.parameters, "runs": {}}
+            paths = {"original": path}
+            print(f"== {name}", flush=True)
+            for target in TARGETS[name]:
+                out = work / f"{name}_{target}.onnx"
+                measured = run_measured(
+                    [
+                        sys.executable,
+                        "-m",
+                        "onnxzip",
+                        "prune",
+                        str(path),
+                        "-o",
+                        str(out),
+                        "--target-macs",
+                        str(target),
+                        "--quiet",
+                    ],
+                    cwd=work,
+                )
+                if "error" in measured:
+                    entry["runs"][str(target)] = measured
+                    print(f"  target {target}: FAILED {measured['error']}")
+                    continue
+                info = inspect_model(out)
+                run = {**measured, "macs": info.macs, "parameters": info.parameters}
+                if name.startswith("digits"):
+                    test = ROOT / "models" / "digits_test.npz"
+                    o = verify(
+                        path, out, NpzSamples(test, input_specs(io.load_model(path)))
+                    ).outputs[0]
+                    run["accuracy"], run["fp32_accuracy"] = (
+                        o.candidate_accuracy,
+                        o.reference_accuracy,
+                    )
+                entry["runs"][str(target)] = run
+                paths[str(target)] = out
+                print(
+                    f"  target {target}: MACs {info.macs / base.macs:.3f} params {info.parameters / base.parameters:.3f} "
+                    f"tool {measured['seconds']:.2f} s {measured['peak_mib']:.0f} MiB",
+                    flush=True,
+                )
+            spec = input_specs(io.load_model(path))[0]
+            shape = [1 if not isinstance(d, int) else d for d in spec.shape]
+            feed = {spec.name: np.random.default_rng(0).normal(size=shape).astype(np.float32)}
+            entry["latency"] = latency(paths, feed)
+            for key, value in entry["latency"].items():
+                print(f"  latency {key:<10}{value['median_ms']:8.3f} ms", flush=True)
+            results["models"][name] = entry
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown(results))
+    return 0
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "| model | target MACs | MACs | parameters | latency ms | latency vs original | tool s | accuracy % |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, entry in results["models"].items():
+        base = entry["latency"]["original"]["median_ms"]
+        lines.append(
+            f"| {name} | 1.0 | {entry['macs']:,} | {entry['parameters']:,} | {base:.3f} | 1.00 | | |"
+        )
+        for target, r in entry["runs"].items():
+            if "error" in r:
+                lines.append(f"| {name} | {target} | failed: {r['error'][:60]} | | | | | |")
+                continue
+            lat = entry["latency"][target]["median_ms"]
+            acc = "" if r.get("accuracy") is None else f"{100 * r['accuracy']:.2f}"
+            lines.append(
+                f"| {name} | {target} | {r['macs']:,} ({r['macs'] / entry['macs']:.2f}) | {r['parameters']:,} | "
+                f"{lat:.3f} | {lat / base:.2f} | {r['seconds']:.1f} | {acc} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
