@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="keep channel counts multiples of N (default 0 = automatic: 16 for groups of 128+ "
+        help="keep channel counts multiples of N (default 0 = automatic: 16 for groups of 64+ "
         "channels, 8 from 32, else any count)",
     )
     p.add_argument(
@@ -296,7 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave the groups of these nodes alone",
     )
     p.add_argument(
-        "--data", type=Path, metavar="D", help="samples to verify the pruned model on (optional)"
+        "--data",
+        type=Path,
+        metavar="D",
+        help="samples: dead channels go for free, biases absorb what is removed, parity reported",
     )
     p.add_argument("--synthetic", type=int, metavar="N", help="verify on N random samples instead")
     p.add_argument(
@@ -351,8 +354,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         max_group_ratio=args.max_group_ratio,
         round_to=args.round_to,
         exclude=tuple(args.exclude),
+        batch_size=args.batch_size,
     )
-    pruned, report = prune(model, config, source=str(args.model))
+    pruned, report = prune(model, config, samples=samples, source=str(args.model))
     io.save_model(pruned, args.output)
     text = report.format()
     if samples is not None:

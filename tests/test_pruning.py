@@ -388,3 +388,42 @@ def test_cli_prune_and_inspect_groups(resnet_path, test_npz, tmp_path, capsys):
     assert code == 0 and "blocked by fc: channels reach the graph output 'logits'" in stdout
     code, _, err = run_cli(["prune", resnet_path, "-o", out, "--ratio", "1.5"], capsys)
     assert code == 2 and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        "f = Flatten (p)\n y = Gemm <transB=1> (f, w2, b2) }",  # Gemm with a bias
+        "f = Flatten (p)\n y = MatMul (f, w3) }",  # MatMul: the bias becomes an Add
+        "c2 = Conv (p, w4)\n y = Flatten (c2) }",  # an unpadded Conv without bias
+    ],
+)
+def test_dead_channels_go_for_free_with_their_constant_folded_into_the_bias(head):
+    text = ("g (float[N,3,4,4] x) => (float[N,5] y) { a = Conv (x, w1, b1)\n r = Relu (a)\n"
+            " p = GlobalAveragePool (r)\n " + head)
+    model = build(text, {"w1": (6, 3, 1, 1), "b1": (6,), "w2": (5, 6), "b2": (5,), "w3": (6, 5), "w4": (5, 6, 1, 1)})
+    inits = model.graph.initializers
+    w1, b1 = inits["w1"].const_value.numpy().copy(), inits["b1"].const_value.numpy().copy()
+    w1[1], b1[1] = 0.0, 0.75  # channel 1: constant 0.75 after the ReLU
+    w1[4], b1[4] = 0.0, -1.0  # channel 4: a ReLU that never fires
+    inits["w1"].const_value = ir.tensor(w1, name="w1")
+    inits["b1"].const_value = ir.tensor(b1, name="b1")
+    samples = SyntheticSamples(input_specs(model), 16, seed=2)
+    pruned, report = prune(model, PruneConfig(ratio=0.0), samples=samples)
+    g0 = report.groups[0]
+    assert g0.kept == 4 and g0.note == "2 dead"
+    batch = next(SyntheticSamples(input_specs(model), 8, seed=7).batches(8))
+    a = Runner(model, optimization="none").run(batch)["y"]
+    b = Runner(pruned, optimization="none").run(batch)["y"]
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)  # lossless
+
+
+def test_mean_compensation_reduces_the_error_of_pruning(resnet_path, calib_npz, test_npz):
+    from onnxzip.data import NpzSamples
+    from onnxzip.verify import verify
+
+    specs = input_specs(io.load_model(resnet_path))
+    plain, _ = prune(resnet_path, PruneConfig(target_macs=0.7))
+    compensated, _ = prune(resnet_path, PruneConfig(target_macs=0.7), samples=NpzSamples(calib_npz, specs))
+    snr = [verify(resnet_path, m, NpzSamples(test_npz, specs)).outputs[0].snr_db for m in (plain, compensated)]
+    assert snr[1] > snr[0] + 1.0

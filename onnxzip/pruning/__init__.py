@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxzip import io, passes
+from onnxzip import io, passes, progress
 from onnxzip.analysis import inspect_model, node_macs
+from onnxzip.data import Samples
 from onnxzip.errors import InputError
 from onnxzip.pruning import importance, rewrite
 from onnxzip.pruning.groups import Group, GroupBuilder, identity, node_name
 from onnxzip.pruning.rules import rule_for
 from onnxzip.report import table
+from onnxzip.runtime import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +46,9 @@ class PruneConfig:
     criterion: str = "l1"
     scope: str = "global"  # or "local"
     max_group_ratio: float = 0.9
-    round_to: int = 0  # 0: automatic, 16 for groups of >= 128 channels, 8 from 32, else 1
+    round_to: int = 0  # 0: automatic, 16 for groups of >= 64 channels, 8 from 32, else 1
     exclude: tuple[str, ...] = ()
+    batch_size: int = 32  # for the channel statistics, when samples are given
 
     def validate(self) -> None:
         if (self.ratio is None) == (self.target_macs is None):
@@ -192,7 +195,7 @@ def round_to_for(channels: int, config: PruneConfig) -> int:
     with multiples of 16)."""
     if config.round_to:
         return config.round_to
-    return 16 if channels >= 128 else 8 if channels >= 32 else 1
+    return 16 if channels >= 64 else 8 if channels >= 32 else 1
 
 
 def _keep_count(channels: int, remove: int, config: PruneConfig) -> int:
@@ -262,8 +265,70 @@ def estimate_macs(
 # -- the API ----------------------------------------------------------------------------------------
 
 
-def prune(model, config: PruneConfig, *, source: str | None = None) -> tuple[ir.Model, PruneReport]:
+def channel_statistics(
+    model: ir.Model, groups: list[Group], samples: Samples, batch_size: int = 32
+) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+    """Mean and standard deviation of every position the groups' consumers read, over samples.
+
+    Streamed: per batch only sums and sums of squares per position are kept.
+    """
+    keys = sorted(
+        {m.source for g in groups if not g.blocked for m in g.slices if m.role == "in" and m.source}
+    )
+    if not keys:
+        return {}
+    exposed = model.clone()
+    by_name = {v.name: v for n in exposed.graph for v in n.outputs}
+    outputs = {v.name for v in exposed.graph.outputs}
+    for name in sorted({k[0] for k in keys}):
+        if name in by_name and name not in outputs:
+            exposed.graph.outputs.append(by_name[name])
+    runner = Runner(exposed, name="statistics model", optimization="basic")
+    names = sorted({k[0] for k in keys if k[0] in by_name})
+    sums: dict = {}
+    squares: dict = {}
+    counts: dict = {}
+    for batch in progress.bar(samples.batches(batch_size), desc="channel statistics"):
+        out = runner.run(batch, names)
+        for name, axis in keys:
+            if name not in out:
+                continue
+            x = np.moveaxis(out[name].astype(np.float64), axis, 0)
+            x = x.reshape(x.shape[0], -1)
+            key = (name, axis)
+            sums[key] = sums.get(key, 0) + x.sum(axis=1)
+            squares[key] = squares.get(key, 0) + (x * x).sum(axis=1)
+            counts[key] = counts.get(key, 0) + x.shape[1]
+    stats = {}
+    for key, total in sums.items():
+        mean = total / counts[key]
+        var = np.maximum(squares[key] / counts[key] - mean * mean, 0.0)
+        stats[key] = (mean, np.sqrt(var))
+    return stats
+
+
+def dead_channels(group: Group, stats: dict) -> np.ndarray:
+    """Channels constant on every sample wherever the group's consumers read them."""
+    dead = np.ones(group.size, dtype=bool)
+    seen = False
+    for m in group.slices:
+        if m.role != "in" or m.source not in stats:
+            continue
+        seen = True
+        mean, std = stats[m.source]
+        for c, positions in enumerate(m.positions):
+            if np.any(std[positions] > 1e-6 * (1.0 + np.abs(mean[positions]))):
+                dead[c] = False
+    return np.nonzero(dead)[0] if seen else np.zeros(0, dtype=np.int64)
+
+
+def prune(
+    model, config: PruneConfig, *, samples: Samples | None = None, source: str | None = None
+) -> tuple[ir.Model, PruneReport]:
     """Prunes ``model`` (path, ModelProto or onnx_ir.Model); the input is not modified.
+
+    With ``samples``, channels that are constant on them (dead) are removed on top of the
+    selection, and every consumer's bias absorbs the mean contribution of what was removed.
 
     Raises:
         InputError: bad options or model.
@@ -333,8 +398,26 @@ def prune(model, config: PruneConfig, *, source: str | None = None) -> tuple[ir.
     removal = select(groups, scores, ratio, config)
     timings["select"] = time.perf_counter() - t0
 
+    means = None
+    dead_count = {}
+    if samples is not None:
+        t0 = time.perf_counter()
+        stats = channel_statistics(work, groups, samples, config.batch_size)
+        means = {k: v[0] for k, v in stats.items()}
+        for g in groups:
+            if g.id not in scores:
+                continue
+            dead = dead_channels(g, stats)
+            if len(dead):
+                merged = np.union1d(removal.get(g.id, []), dead).astype(np.int64)
+                if len(merged) >= g.size:  # keep at least one channel
+                    merged = merged[: g.size - 1]
+                removal[g.id] = merged
+                dead_count[g.id] = len(dead)
+        timings["statistics"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
-    pruned = rewrite.apply(work, groups, removal)
+    pruned = rewrite.apply(work, groups, removal, means)
     timings["rewrite"] = time.perf_counter() - t0
     after = inspect_model(pruned, source=source)
 
@@ -354,7 +437,15 @@ def prune(model, config: PruneConfig, *, source: str | None = None) -> tuple[ir.
                 score_min=None if s is None else float(s.min()),
                 score_median=None if s is None else float(np.median(s)),
                 score_max=None if s is None else float(s.max()),
-                note=notes.get(g.id),
+                note="; ".join(
+                    n
+                    for n in (
+                        notes.get(g.id),
+                        f"{dead_count[g.id]} dead" if g.id in dead_count else None,
+                    )
+                    if n
+                )
+                or None,
             )
         )
     report = PruneReport(

@@ -46,6 +46,7 @@ class SliceMember:
     role: (
         str  # "out" (producer weights/bias), "in" (consumer weights), "param" (per-channel params)
     )
+    source: tuple[str, int] | None = None  # for "in": the (tensor, axis) space the weights read
 
 
 @dataclass
@@ -94,9 +95,15 @@ class GroupBuilder:
         self.queue.append((value, axis, positions, from_node, from_port))
 
     def take(
-        self, node: ir.Node, value: ir.Value, axis: int, positions: Positions, role: str
+        self,
+        node: ir.Node,
+        value: ir.Value,
+        axis: int,
+        positions: Positions,
+        role: str,
+        source: tuple[str, int] | None = None,
     ) -> None:
-        self.group.slices.append(SliceMember(node_name(node), value, axis, positions, role))
+        self.group.slices.append(SliceMember(node_name(node), value, axis, positions, role, source))
 
     def block(self, node: ir.Node | None, reason: str) -> None:
         if self.group.reason is None:

@@ -31,10 +31,21 @@ def removed_positions(group: Group, channels: np.ndarray, positions: list) -> np
     return np.unique(np.concatenate([positions[c] for c in channels]))
 
 
-def apply(model: ir.Model, groups: list[Group], removal: dict[int, np.ndarray]) -> ir.Model:
-    """Removes ``removal[group.id]`` channels from each group; returns the re-inferred model."""
+def apply(
+    model: ir.Model,
+    groups: list[Group],
+    removal: dict[int, np.ndarray],
+    means: dict[tuple[str, int], np.ndarray] | None = None,
+) -> ir.Model:
+    """Removes ``removal[group.id]`` channels from each group; returns the re-inferred model.
+
+    With ``means`` (the mean of each consumed channel position over sample data), each consumer
+    adds what the removed channels contributed on average to its bias (see ``compensate``).
+    """
     graph = model.graph
     nodes = {node_name(n): n for n in graph}
+    if means:
+        compensate(model, nodes, groups, removal, means)
     # (initializer name) -> (node name) -> axis -> positions to delete
     cuts: dict[str, dict[str, dict[int, set]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(set))
@@ -115,6 +126,108 @@ def apply(model: ir.Model, groups: list[Group], removal: dict[int, np.ndarray]) 
 
     remove_unused_initializers(model)
     return io.reinfer_shapes(model)
+
+
+_OUT_AXIS = {"Conv": 0, "MatMul": 1}
+
+
+def _out_axis(node: ir.Node) -> int:
+    if node.op_type == "Gemm":
+        trans_b = "transB" in node.attributes and node.attributes["transB"].as_int()
+        return 0 if trans_b else 1
+    return _OUT_AXIS[node.op_type]
+
+
+def compensate(
+    model: ir.Model,
+    nodes: dict[str, ir.Node],
+    groups: list[Group],
+    removal: dict[int, np.ndarray],
+    means: dict[tuple[str, int], np.ndarray],
+) -> None:
+    """Folds the removed channels' mean contribution into each consumer's bias.
+
+    A consumer ``y = W x + b`` loses ``sum_p W[:, p] x_p`` over the removed positions ``p``.
+    Replacing ``x_p`` by its mean ``mu_p`` over the samples keeps the first-order behaviour:
+    ``b' = b + sum_p W[:, p] mu_p`` (summed over the kernel window for a Conv). This is exact
+    for Gemm/MatMul, and for Conv away from zero padding; for a dead channel (constant on the
+    samples, a ReLU that never fires) it restores exactly what removal took away.
+    """
+    graph = model.graph
+    deltas: dict[str, np.ndarray] = {}
+    for group in groups:
+        channels = removal.get(group.id)
+        if channels is None or not len(channels):
+            continue
+        for m in group.slices:
+            if m.role != "in" or m.source not in means:
+                continue
+            node = nodes[m.node]
+            if node.op_type not in ("Conv", "Gemm", "MatMul"):
+                continue
+            w = const_array(m.value).astype(np.float64)
+            positions = removed_positions(group, channels, m.positions)
+            mu = means[m.source][positions]
+            taken = np.take(w, positions, axis=m.axis)  # the removed slices, axis m.axis
+            moved = np.moveaxis(taken, m.axis, -1)  # [... , removed]
+            contribution = moved @ mu  # the input axis contracted with the means
+            out_axis = _out_axis(node)
+            # Sum what is left besides the output axis (a Conv's kernel window).
+            remaining_out = out_axis if out_axis < m.axis else out_axis - 1
+            contribution = (
+                np.moveaxis(contribution, remaining_out, 0)
+                .reshape(contribution.shape[remaining_out], -1)
+                .sum(axis=1)
+            )
+            deltas[m.node] = deltas.get(m.node, 0) + contribution
+    for name, delta in deltas.items():
+        node = nodes[name]
+        out_axis = _out_axis(node)
+        w_value = node.inputs[1]
+        bias_index = 2
+        if node.op_type == "MatMul":
+            old = node.outputs[0]
+            bias = add_initializer(graph, f"{name}_pruning_bias", delta.astype(np.float32))
+            add = ir.node("Add", [old, bias], name=f"{name}_pruning_bias")
+            graph.insert_after(node, add)
+            out_name = old.name
+            old.replace_all_uses_with(add.outputs[0], replace_graph_outputs=True)
+            add.replace_input_with(0, old)  # the line above redirected the Add's own input too
+            old.name = f"{out_name}_before_bias"
+            add.outputs[0].name = out_name
+            new_bias = bias
+        else:
+            existing = node.inputs[bias_index] if len(node.inputs) > bias_index else None
+            base = (
+                const_array(existing) if existing is not None else np.zeros(delta.shape, np.float32)
+            )
+            if base.ndim != 1 or base.shape[0] != delta.shape[0]:
+                continue  # a broadcast Gemm C: leave the bias alone
+            new_bias = add_initializer(
+                graph, f"{name}_bias_compensated", (base + delta).astype(np.float32)
+            )
+            if len(node.inputs) <= bias_index:
+                node.resize_inputs(bias_index + 1)
+            node.replace_input_with(bias_index, new_bias)
+        # The new bias follows the node's output channels wherever they are pruned.
+        for group in groups:
+            channels = removal.get(group.id)
+            if channels is None or not len(channels):
+                continue
+            for m in list(group.slices):
+                if m.node == name and m.role == "out" and m.value is w_value and m.axis == out_axis:
+                    if not any(s.node == name and s.value is new_bias for s in group.slices):
+                        group.slices.append(type(m)(name, new_bias, 0, m.positions, "out"))
+                    old_bias = [
+                        s
+                        for s in group.slices
+                        if s.node == name
+                        and s.role == "out"
+                        and s.value is not w_value
+                        and s.value is not new_bias
+                    ]
+                    for s in old_bias:
+                        group.slices.remove(s)
 
 
 def _cut(array: np.ndarray, axes: dict[int, set]) -> np.ndarray:

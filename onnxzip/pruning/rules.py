@@ -129,7 +129,7 @@ def _conv(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
             b.take(node, bias, 0, outer, "out")
         b.group.depthwise.append(node_name(node))
         return b.visit(node.outputs[0], 1, outer, node)
-    b.take(node, w, 1, pos, "in")
+    b.take(node, w, 1, pos, "in", (node.inputs[0].name, axis))
     return None
 
 
@@ -152,7 +152,7 @@ def _conv_transpose(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
         if bias is not None:
             b.take(node, bias, 0, pos, "out")
         return None
-    b.take(node, w, 0, pos, "in")
+    b.take(node, w, 0, pos, "in", (node.inputs[0].name, axis))
     return None
 
 
@@ -178,7 +178,7 @@ def _gemm(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
             elif c.ndim == 2 and c.shape[0] > 1:
                 return b.block(node, "Gemm C varies along the batch axis")
         return None
-    b.take(node, w, 1 if trans_b else 0, pos, "in")
+    b.take(node, w, 1 if trans_b else 0, pos, "in", (node.inputs[0].name, axis))
     return None
 
 
@@ -195,7 +195,7 @@ def _matmul(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
         return None
     if port[1] != 0 or axis != _rank(a) - 1:
         return b.block(node, "channels reach a MatMul on something other than A's last axis")
-    b.take(node, w, 0, pos, "in")
+    b.take(node, w, 0, pos, "in", (node.inputs[0].name, axis))
     return None
 
 
