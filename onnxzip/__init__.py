@@ -9,7 +9,9 @@ Python API (each function takes a path, an ``onnx.ModelProto`` or an ``onnx_ir.M
     report = onnxzip.verify("model.onnx", "small.onnx", data,
                             thresholds=onnxzip.Thresholds(min_cosine=0.99))
     report.passed, report.outputs[0].snr_db
-    onnxzip.save_model(model, "out.onnx")                   # checked, atomic
+    q, qreport = onnxzip.quantize(model, data)              # int8 QDQ
+    p, preport = onnxzip.prune(model, onnxzip.PruneConfig(target_macs=0.5))
+    onnxzip.save_model(q, "out.onnx")                       # checked, atomic
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from onnxzip.analysis import InspectReport, inspect_model
 from onnxzip.data import Batch, InputSpec, Samples, input_specs, open_samples
 from onnxzip.errors import DataError, InputError, ModelError, OnnxzipError, ParityError
 from onnxzip.io import load_model, save_model
+from onnxzip.pruning import PruneConfig, PruneReport, prune
+from onnxzip.quantize import QuantizeConfig, QuantizeReport, quantize
 from onnxzip.verify import Thresholds, VerifyReport, verify
 
 __all__ = [
@@ -38,6 +42,12 @@ __all__ = [
     "inspect_model",
     "load_model",
     "open_samples",
+    "prune",
+    "PruneConfig",
+    "PruneReport",
+    "quantize",
+    "QuantizeConfig",
+    "QuantizeReport",
     "save_model",
     "verify",
 ]

@@ -9,8 +9,9 @@ MACs (multiply-accumulates) are counted from inferred shapes, one sample at a ti
 * Gemm:          MACs = M * N * K, with M the output's first dim
 * MatMul:        MACs = prod(Y.shape) * K, K the contracted dim of the first operand
 
-A symbolic dimension that is the batch dimension of a graph input counts as 1; any other
-unknown dimension makes that node's count unknown, and the total is then marked incomplete.
+A symbolic dimension that is the batch dimension of a graph input counts as 1. Other symbolic
+dimensions (a sequence length) also count as 1, so a transformer's MACs are per token, and the
+total is marked incomplete; a node whose shapes are unknown counts nothing.
 Biases, activations and normalisation are not counted: they are a few percent at most in the
 networks onnxzip targets and no int8 kernel changes their cost.
 """
@@ -85,7 +86,11 @@ class InspectReport:
         lines.append(f"weights     {self.weight_bytes:,} bytes")
         if self.file_bytes is not None:
             lines.append(f"file        {self.file_bytes:,} bytes")
-        note = "" if self.macs_complete else " (incomplete: some shapes unknown)"
+        note = (
+            ""
+            if self.macs_complete
+            else " (symbolic dims other than the batch counted as 1, or shapes unknown)"
+        )
         lines.append(f"MACs        {self.macs:,} per sample{note}")
         lines.append("")
         hist = sorted(self.op_histogram.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -121,6 +126,16 @@ def _const_shape(value: ir.Value | None, batch_names: set[str]) -> list[int] | N
     if value.const_value is not None:
         return list(value.const_value.shape)
     return _dims(value, batch_names)
+
+
+def symbolic_dims(model: ir.Model) -> set[str]:
+    """Every symbolic dimension name in the main graph."""
+    names = set()
+    values = list(model.graph.inputs) + [v for n in model.graph for v in n.outputs]
+    for value in values:
+        if value.shape is not None:
+            names.update(d.value for d in value.shape if not isinstance(d, int) and d.value)
+    return names
 
 
 def node_macs(node: ir.Node, batch_names: set[str]) -> int | None:
@@ -202,13 +217,17 @@ def inspect_model(model, *, source: str | None = None) -> InspectReport:
 
     per_node = []
     complete = True
+    symbolic = symbolic_dims(ir_model)
     for node in graph:
         if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and node.domain in (
             "",
             "ai.onnx",
         ):
             macs = node_macs(node, batch_names)
-            complete &= macs is not None
+            if macs is None:
+                # Sequence lengths and other symbolic dims count as 1: MACs per token.
+                complete = False
+                macs = node_macs(node, symbolic)
             per_node.append(NodeMacs(node.name or node.outputs[0].name, node.op_type, macs))
     params, nbytes = _parameters(ir_model)
     return InspectReport(

@@ -198,3 +198,111 @@ def mobilenet_v2(
     b.graph.outputs.append(y)
     model = ir.Model(b.graph, ir_version=8, producer_name="onnxzip.zoo")
     return io.load_model(model, name="mobilenet_v2")
+
+
+def bert_encoder(
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    ffn: int = 256,
+    vocab: int = 1000,
+    seed: int = 0,
+) -> ir.Model:
+    """A small BERT-style encoder: embeddings, LayerNorm, self-attention with heads, GELU FFN.
+
+    Inputs ``input_ids`` and ``attention_mask`` (int64 ``[N, S]``); output the last hidden state
+    ``[N, S, hidden]``. GELU is spelled with Erf, as exporters write it below opset 20.
+    """
+    b = _Builder("bert_encoder", seed)
+    head = hidden // heads
+    ids = ir.Value(
+        name="input_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["N", "S"])
+    )
+    mask = ir.Value(
+        name="attention_mask", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["N", "S"])
+    )
+    b.graph.inputs.extend([ids, mask])
+
+    def const(name: str, array) -> ir.Value:
+        return b.init(name, np.asarray(array, dtype=np.float32))
+
+    def ints(name: str, values) -> ir.Value:
+        return passes.add_initializer(b.graph, name, np.asarray(values, dtype=np.int64))
+
+    def linear(x: ir.Value, din: int, dout: int, name: str) -> ir.Value:
+        w = const(f"{name}.weight", b.rng.normal(0, np.sqrt(1.0 / din), (din, dout)))
+        bias = const(f"{name}.bias", b.rng.normal(0, 0.02, dout))
+        return b.op("Add", [b.op("MatMul", [x, w], f"{name}.matmul"), bias], f"{name}.out")
+
+    def layer_norm(x: ir.Value, name: str) -> ir.Value:
+        scale = const(f"{name}.scale", b.rng.uniform(0.9, 1.1, hidden))
+        bias = const(f"{name}.bias", b.rng.normal(0, 0.02, hidden))
+        return b.op("LayerNormalization", [x, scale, bias], name, axis=-1, epsilon=1e-12)
+
+    table = const("embeddings.word", b.rng.normal(0, 0.5, (vocab, hidden)))
+    x = b.op("Gather", [table, ids], "embeddings.gather")
+    x = layer_norm(x, "embeddings.norm")
+    m = b.op("Cast", [mask], "mask.cast", to=ir.DataType.FLOAT)
+    m = b.op("Sub", [const("mask.one", 1.0), m], "mask.invert")
+    m = b.op("Mul", [m, const("mask.big", -10000.0)], "mask.scale")
+    m = b.op("Unsqueeze", [m, ints("mask.axes", [1, 2])], "mask.unsqueeze")
+    split = ints("heads.split", [0, 0, heads, head])
+    merge = ints("heads.merge", [0, 0, hidden])
+    for i in range(layers):
+        p = f"layer{i}"
+        q = b.op(
+            "Transpose",
+            [b.op("Reshape", [linear(x, hidden, hidden, f"{p}.q"), split], f"{p}.q.heads")],
+            f"{p}.q.t",
+            perm=[0, 2, 1, 3],
+        )
+        k = b.op(
+            "Transpose",
+            [b.op("Reshape", [linear(x, hidden, hidden, f"{p}.k"), split], f"{p}.k.heads")],
+            f"{p}.k.t",
+            perm=[0, 2, 3, 1],
+        )
+        v = b.op(
+            "Transpose",
+            [b.op("Reshape", [linear(x, hidden, hidden, f"{p}.v"), split], f"{p}.v.heads")],
+            f"{p}.v.t",
+            perm=[0, 2, 1, 3],
+        )
+        scores = b.op(
+            "Div",
+            [b.op("MatMul", [q, k], f"{p}.scores"), const(f"{p}.sqrt_d", np.sqrt(head))],
+            f"{p}.scaled",
+        )
+        probs = b.op("Softmax", [b.op("Add", [scores, m], f"{p}.masked")], f"{p}.probs", axis=-1)
+        ctx = b.op(
+            "Transpose",
+            [b.op("MatMul", [probs, v], f"{p}.context")],
+            f"{p}.context.t",
+            perm=[0, 2, 1, 3],
+        )
+        ctx = b.op("Reshape", [ctx, merge], f"{p}.context.merged")
+        x = layer_norm(
+            b.op("Add", [x, linear(ctx, hidden, hidden, f"{p}.attn_out")], f"{p}.attn.res"),
+            f"{p}.attn.norm",
+        )
+        h = linear(x, hidden, ffn, f"{p}.ffn.in")
+        gelu = b.op("Mul", [h, const(f"{p}.half", 0.5)], f"{p}.gelu.half")
+        erf = b.op(
+            "Erf",
+            [b.op("Div", [h, const(f"{p}.sqrt2", np.sqrt(2.0))], f"{p}.gelu.scaled")],
+            f"{p}.gelu.erf",
+        )
+        gelu = b.op(
+            "Mul",
+            [gelu, b.op("Add", [erf, const(f"{p}.one", 1.0)], f"{p}.gelu.plus1")],
+            f"{p}.gelu",
+        )
+        x = layer_norm(
+            b.op("Add", [x, linear(gelu, ffn, hidden, f"{p}.ffn.out")], f"{p}.ffn.res"),
+            f"{p}.ffn.norm",
+        )
+    x.type = ir.TensorType(ir.DataType.FLOAT)
+    x.shape = ir.Shape(["N", "S", hidden])
+    b.graph.outputs.append(x)
+    model = ir.Model(b.graph, ir_version=8, producer_name="onnxzip.zoo")
+    return io.load_model(model, name="bert_encoder")

@@ -90,14 +90,14 @@ def test_macs_per_op(tmp_path, text, expected):
     assert report.parameters == int(np.prod(weights[op]))
 
 
-def test_unknown_non_batch_dimension_marks_total_incomplete():
+def test_symbolic_sequence_dimension_counts_per_token_and_marks_incomplete():
     model = parse(
         '<ir_version: 8, opset_import: ["" : 17]>\n'
         "g (float[N, S, 8] a, float[8, 4] w) => (float[N, S, 4] y) {\n y = MatMul (a, w) }"
     )
     report = inspect_model(model)
     assert not report.macs_complete
-    assert report.macs_per_node[0].macs is None
+    assert report.macs_per_node[0].macs == report.macs == 8 * 4  # per token: S counts as 1
 
 
 def test_light_resnet50_has_the_known_four_gigamacs():

@@ -399,9 +399,21 @@ def test_cli_prune_and_inspect_groups(resnet_path, test_npz, tmp_path, capsys):
     ],
 )
 def test_dead_channels_go_for_free_with_their_constant_folded_into_the_bias(head):
-    text = ("g (float[N,3,4,4] x) => (float[N,5] y) { a = Conv (x, w1, b1)\n r = Relu (a)\n"
-            " p = GlobalAveragePool (r)\n " + head)
-    model = build(text, {"w1": (6, 3, 1, 1), "b1": (6,), "w2": (5, 6), "b2": (5,), "w3": (6, 5), "w4": (5, 6, 1, 1)})
+    text = (
+        "g (float[N,3,4,4] x) => (float[N,5] y) { a = Conv (x, w1, b1)\n r = Relu (a)\n"
+        " p = GlobalAveragePool (r)\n " + head
+    )
+    model = build(
+        text,
+        {
+            "w1": (6, 3, 1, 1),
+            "b1": (6,),
+            "w2": (5, 6),
+            "b2": (5,),
+            "w3": (6, 5),
+            "w4": (5, 6, 1, 1),
+        },
+    )
     inits = model.graph.initializers
     w1, b1 = inits["w1"].const_value.numpy().copy(), inits["b1"].const_value.numpy().copy()
     w1[1], b1[1] = 0.0, 0.75  # channel 1: constant 0.75 after the ReLU
@@ -424,6 +436,44 @@ def test_mean_compensation_reduces_the_error_of_pruning(resnet_path, calib_npz, 
 
     specs = input_specs(io.load_model(resnet_path))
     plain, _ = prune(resnet_path, PruneConfig(target_macs=0.7))
-    compensated, _ = prune(resnet_path, PruneConfig(target_macs=0.7), samples=NpzSamples(calib_npz, specs))
-    snr = [verify(resnet_path, m, NpzSamples(test_npz, specs)).outputs[0].snr_db for m in (plain, compensated)]
+    compensated, _ = prune(
+        resnet_path, PruneConfig(target_macs=0.7), samples=NpzSamples(calib_npz, specs)
+    )
+    snr = [
+        verify(resnet_path, m, NpzSamples(test_npz, specs)).outputs[0].snr_db
+        for m in (plain, compensated)
+    ]
     assert snr[1] > snr[0] + 1.0
+
+
+def test_bert_style_encoder_heads_and_ffn_groups():
+    model = prepared(zoo.bert_encoder())
+    groups = find_groups(model)
+    heads = [g for g in groups if g.size == 4 and not g.blocked]
+    ffn = [g for g in groups if g.size == 256 and not g.blocked]
+    assert len(heads) == 2 and len(ffn) == 2
+    members = {m.value.name for m in heads[0].slices}
+    assert {
+        "layer0.q.weight",
+        "layer0.k.weight",
+        "layer0.v.weight",
+        "layer0.attn_out.weight",
+    } <= members
+    hidden = [g for g in groups if g.size == 64]
+    assert hidden and all("LayerNormalization" in g.reason for g in hidden)
+    assert assert_oracle(model, samples=3) == 4  # heads and FFN, both layers
+
+
+def test_bert_style_encoder_prunes_whole_heads_and_rewrites_reshape(tmp_path):
+    model = zoo.bert_encoder()
+    pruned, report = prune(model, PruneConfig(ratio=0.5, scope="local"))
+    io.save_model(pruned, tmp_path / "bert.onnx")
+    heads = [g for g in report.groups if g.channels == 4]
+    assert all(g.kept == 2 for g in heads)
+    shapes = {
+        tuple(n.inputs[1].const_value.numpy()) for n in pruned.graph if n.op_type == "Reshape"
+    }
+    assert (0, 0, 2, 16) in shapes and (0, 0, 32) in shapes  # 2 heads of 16, merged to 32 features
+    q = pruned.graph.initializers["layer0.q.weight"].const_value.shape
+    assert tuple(q) == (64, 32)
+    assert report.macs_after < report.macs_before

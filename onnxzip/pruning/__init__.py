@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import io, passes, progress
-from onnxzip.analysis import inspect_model, node_macs
+from onnxzip.analysis import inspect_model, node_macs, symbolic_dims
 from onnxzip.data import Samples
 from onnxzip.errors import InputError
 from onnxzip.pruning import importance, rewrite
@@ -360,13 +360,7 @@ def prune(
         scores[g.id] = s
         if note:
             notes[g.id] = note
-    batch_names = {
-        d
-        for v in work.graph.inputs
-        if v.shape is not None and len(v.shape)
-        for d in [v.shape[0].value if not isinstance(v.shape[0], int) else None]
-        if d
-    }
+    batch_names = symbolic_dims(work)  # MACs per sample and per token
     base = {
         node_name(n): node_macs(n, batch_names) or 0
         for n in work.graph

@@ -105,6 +105,24 @@ class GroupBuilder:
     ) -> None:
         self.group.slices.append(SliceMember(node_name(node), value, axis, positions, role, source))
 
+    def coarsen(self, partition: list[np.ndarray]):
+        """Merges the group's channels: new channel ``h`` is the union of ``partition[h]``.
+
+        Used when the channels must go in blocks (attention heads): every recorded map, slice
+        and pending visit is re-indexed, so the group's unit becomes the block.
+        """
+
+        def merge(positions: Positions) -> Positions:
+            return [np.sort(np.concatenate([positions[c] for c in part])) for part in partition]
+
+        g = self.group
+        g.spaces = {k: merge(v) for k, v in g.spaces.items()}
+        for m in g.slices:
+            m.positions = merge(m.positions)
+        self.queue = deque((v, a, merge(p), n, port) for v, a, p, n, port in self.queue)
+        g.size = len(partition)
+        return merge
+
     def block(self, node: ir.Node | None, reason: str) -> None:
         if self.group.reason is None:
             self.group.blocked_by = node_name(node) if node is not None else None

@@ -186,6 +186,8 @@ def _gemm(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
 def _matmul(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     a, w = node.inputs[0], node.inputs[1]
     weight = const_array(w)
+    if weight is None and w.producer() is not None:
+        return _batched_matmul(b, node, port, axis, pos)
     if weight is None or weight.ndim != 2:
         return b.block(node, "MatMul B is not a constant 2-D initializer")
     if port[0] == "out":
@@ -196,6 +198,34 @@ def _matmul(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     if port[1] != 0 or axis != _rank(a) - 1:
         return b.block(node, "channels reach a MatMul on something other than A's last axis")
     b.take(node, w, 0, pos, "in", (node.inputs[0].name, axis))
+    return None
+
+
+def _batched_matmul(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
+    """A MatMul of two activations (attention): its batch axes behave elementwise."""
+    out = node.outputs[0]
+    out_rank = _rank(out)
+    ranks = [_rank(v) for v in node.inputs]
+    if out_rank is None or None in ranks:
+        return b.block(node, "MatMul operand ranks unknown")
+    out_axis = axis if port[0] == "out" else axis + (out_rank - ranks[port[1]])
+    if out_axis >= out_rank - 2 or out_axis < 0:
+        return b.block(node, "channels reach a MatMul of two activations on a matrix axis")
+    size = _dim(out, out_axis)
+    for i, operand in enumerate(node.inputs):
+        if port == ("in", i):
+            continue
+        a = out_axis - (out_rank - ranks[i])
+        dim = operand.shape[a] if a >= 0 else 1
+        if dim == 1:
+            continue
+        if dim != size:
+            return b.block(
+                node, f"MatMul operand {i} has {dim} on a batch axis where the output has {size}"
+            )
+        b.visit(operand, a, pos, node, ("in", i))
+    if port[0] == "in":
+        b.visit(out, out_axis, pos, node)
     return None
 
 
@@ -468,39 +498,60 @@ def _flatten(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     return b.visit(x, f, narrowed, node, ("in", 0))
 
 
+def _heads(b: GroupBuilder, node: ir.Node, pos: Positions, head: int) -> Positions | None:
+    """Positions of whole heads of ``head`` features, merging the group's channels into heads."""
+    heads_of = []
+    for p in pos:
+        h = np.unique(p // head)
+        if len(h) != 1:
+            b.block(node, "a channel spans two attention heads")
+            return None
+        heads_of.append(int(h[0]))
+    order = sorted(set(heads_of))
+    partition = [np.array([c for c, h in enumerate(heads_of) if h == k]) for k in order]
+    if any(len(part) > 1 for part in partition):
+        merge = b.coarsen(partition)
+        pos = merge(pos)
+    narrowed = narrow(pos, head)
+    if narrowed is None:
+        b.block(node, "attention heads are not removed whole")
+    return narrowed
+
+
 @register("Reshape")
 def _reshape(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
+    """Reshapes that keep the dims before the channel axis and regroup only the ones after it.
+
+    * ``[.., C, X..] -> [.., C, Y..]`` with the same product of the rest: channels stay put;
+    * ``[.., C, r..] -> [.., C * prod(r)]`` (Flatten-like, or attention heads merged back into
+      features): channel ``c`` becomes the block ``[c k, (c + 1) k)``;
+    * ``[.., D] -> [.., H, Dh..]`` (features split into heads, or a flattened feature axis seen
+      from the Gemm side): whole blocks of ``Dh`` features become one position on the new axis;
+      when the group's channels are single features they are merged into heads first.
+    """
     x, out = node.inputs[0], node.outputs[0]
     if const_array(node.inputs[1]) is None:
         return b.block(node, "Reshape target shape is not constant")
-    in_dims = [_dim(x, a) for a in range(_rank(x))]
-    out_dims = [_dim(out, a) for a in range(_rank(out))]
-    # Dims before the channel axis must be kept as a prefix (batch dims may be symbolic on both).
-    if port[0] == "in":
-        a, src_dims, dst_dims = axis, in_dims, out_dims
-    else:
-        a, src_dims, dst_dims = axis, out_dims, in_dims
-    if any(d is None for d in src_dims[a:]) or any(d is None for d in dst_dims[a:]):
-        return b.block(node, "Reshape with symbolic dims after the channel axis")
-    if src_dims[:a] != dst_dims[:a]:
+    forward = port[0] == "in"
+    here_value, there_value = (x, out) if forward else (out, x)
+    here = [_dim(here_value, d) for d in range(_rank(here_value))]
+    there = [_dim(there_value, d) for d in range(_rank(there_value))]
+    a = axis
+    if any(d is None for d in here[a:]) or any(d is None for d in there[a:]):
+        return b.block(node, "Reshape with symbolic dims from the channel axis on")
+    if len(there) <= a or here[:a] != there[:a]:
         return b.block(node, "Reshape changes the dims before the channel axis")
-    rest_src = src_dims[a + 1 :]
-    if dst_dims[a] == src_dims[a] * math.prod(rest_src) and len(dst_dims) == a + 1:
-        # [.., C, H, W] -> [.., C*H*W] (or back): blocks of H*W positions.
-        block = math.prod(rest_src)
-        if port[0] == "in":
-            return b.visit(out, a, widen(pos, block), node)
-        return b.block(node, "Reshape splits features into channels")
-    if dst_dims[a] == src_dims[a] and math.prod(dst_dims[a + 1 :]) == math.prod(rest_src):
-        target = (out, a, node, None) if port[0] == "in" else (x, a, node, ("in", 0))
-        return b.visit(target[0], target[1], pos, target[2], target[3])
-    if port[0] == "out" and a < len(dst_dims) and len(src_dims) == a + 1:
-        block = math.prod(dst_dims[a + 1 :]) if dst_dims[a + 1 :] else 1
-        if dst_dims[a] * block == src_dims[a]:
-            narrowed = narrow(pos, block)
-            if narrowed is None:
-                return b.block(node, "features of a flattened channel are not removed together")
-            return b.visit(x, a, narrowed, node, ("in", 0))
+    tail_here, tail_there = here[a:], there[a:]
+    target_port = None if forward else ("in", 0)
+    if tail_there[0] == tail_here[0] and math.prod(tail_there[1:]) == math.prod(tail_here[1:]):
+        return b.visit(there_value, a, pos, node, target_port)
+    if len(tail_there) == 1 and tail_there[0] == math.prod(tail_here):
+        return b.visit(there_value, a, widen(pos, math.prod(tail_here[1:])), node, target_port)
+    if len(tail_here) == 1 and len(tail_there) >= 2 and math.prod(tail_there) == tail_here[0]:
+        narrowed = _heads(b, node, pos, math.prod(tail_there[1:]))
+        if narrowed is not None:
+            b.visit(there_value, a, narrowed, node, target_port)
+        return None
     return b.block(node, "Reshape mixes the channel axis with other axes")
 
 

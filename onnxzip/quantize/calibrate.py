@@ -212,13 +212,13 @@ class TensorStats:
                 qs = np.where(qs == 0, 1e-12, qs)
                 return float(np.sum(ps * np.log(ps / qs)))
 
-            # Coarse-to-fine search over thresholds: 48 candidates, then every bin near the best.
+            # Coarse-to-fine search over thresholds: 24 candidates, then 16 around the best.
             coarse = np.unique(
-                np.linspace(levels, last, num=min(last - levels + 1, 48)).astype(int)
+                np.linspace(levels, last, num=min(last - levels + 1, 24)).astype(int)
             )
             best = min(coarse, key=divergence)
-            step = max(1, (last - levels) // 47)
-            fine = range(max(levels, best - step), min(last, best + step) + 1, max(1, step // 16))
+            step = max(1, (last - levels) // 23)
+            fine = range(max(levels, best - step), min(last, best + step) + 1, max(1, step // 8))
             best = min(fine, key=divergence)
             threshold = best * width
         return float(max(self.min, -threshold)), float(min(self.max, threshold))
