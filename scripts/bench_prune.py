@@ -1,7 +1,8 @@
 """Benchmark: structured pruning, MACs against real latency, side by side in one run.
 
-For ResNet-50 (light architecture, random weights), MobileNetV2 (onnxzip.zoo) and the two digits
-CNNs: ``onnxzip prune --target-macs F`` for several F, each in a fresh process (wall time and
+For ResNet-50 (light architecture, random weights), MobileNetV2 and a BERT-style encoder
+(onnxzip.zoo; 4 layers, hidden 256, 4 heads, FFN 1024; MACs per token, latency at 128 tokens)
+and the two digits CNNs: ``onnxzip prune --target-macs F`` for several F, each in a fresh process (wall time and
 peak memory), then MACs, parameters, latency of every pruned model interleaved with the
 original's (onnxruntime CPU, 2 threads, batch 1, median), and for the digits models the test
 accuracy before any recovery. Writes JSON and prints a Markdown table.
@@ -36,9 +37,31 @@ from onnxzip.verify import verify  # noqa: E402
 TARGETS = {
     "resnet50": [0.7, 0.5, 0.3],
     "mobilenet_v2": [0.7, 0.5],
+    "bert_encoder": [0.7, 0.5],
     "digits_resnet": [0.7, 0.5],
     "digits_mobilenet": [0.7, 0.5],
 }
+SEQUENCE = 128  # tokens per sample for the BERT-style encoder's latency
+BUILDERS = {
+    "resnet50": lambda: zoo.from_light("resnet50"),
+    "mobilenet_v2": lambda: zoo.mobilenet_v2(),
+    "bert_encoder": lambda: zoo.bert_encoder(layers=4, hidden=256, heads=4, ffn=1024, vocab=8000),
+}
+
+
+def feed_for(model) -> dict[str, np.ndarray]:
+    """One sample: an image of the model's size, or a 128-token sentence with a full mask."""
+    rng = np.random.default_rng(0)
+    feed = {}
+    for spec in input_specs(model):
+        shape = [1] + [d if isinstance(d, int) else SEQUENCE for d in spec.shape[1:]]
+        if spec.dtype.kind == "f":
+            feed[spec.name] = rng.normal(size=shape).astype(spec.dtype)
+        elif "mask" in spec.name:
+            feed[spec.name] = np.ones(shape, dtype=spec.dtype)
+        else:
+            feed[spec.name] = rng.integers(0, 1000, shape).astype(spec.dtype)
+    return feed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 path = ROOT / "models" / f"{name}.onnx"
             else:
                 path = work / f"{name}.onnx"
-                io.save_model(
-                    zoo.from_light("resnet50") if name == "resnet50" else zoo.mobilenet_v2(), path
-                )
+                io.save_model(BUILDERS[name](), path)
             base = inspect_model(path)
             entry = {"macs": base.macs, "parameters": base.parameters, "runs": {}}
             paths = {"original": path}
@@ -106,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"tool {measured['seconds']:.2f} s {measured['peak_mib']:.0f} MiB",
                     flush=True,
                 )
-            spec = input_specs(io.load_model(path))[0]
-            shape = [1 if not isinstance(d, int) else d for d in spec.shape]
-            feed = {spec.name: np.random.default_rng(0).normal(size=shape).astype(np.float32)}
+            feed = feed_for(io.load_model(path))
             entry["latency"] = latency(paths, feed)
             for key, value in entry["latency"].items():
                 print(f"  latency {key:<10}{value['median_ms']:8.3f} ms", flush=True)
