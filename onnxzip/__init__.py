@@ -24,6 +24,7 @@ from onnxzip.errors import DataError, InputError, ModelError, OnnxzipError, Pari
 from onnxzip.io import load_model, save_model
 from onnxzip.pruning import PruneConfig, PruneReport, prune
 from onnxzip.quantize import QuantizeConfig, QuantizeReport, quantize
+from onnxzip.recover import RecoverConfig, RecoverReport, recover
 from onnxzip.verify import Thresholds, VerifyReport, verify
 
 __all__ = [
@@ -48,6 +49,9 @@ __all__ = [
     "quantize",
     "QuantizeConfig",
     "QuantizeReport",
+    "recover",
+    "RecoverConfig",
+    "RecoverReport",
     "save_model",
     "verify",
 ]

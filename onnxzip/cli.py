@@ -306,6 +306,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=32, metavar="B", help="samples per run (default 32)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed for --synthetic (default 0)")
+    r = p.add_argument_group("recovery (distillation from the original, no labels needed)")
+    r.add_argument(
+        "--recover-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fine-tune the pruned model for N steps on --data (default 0: no recovery)",
+    )
+    r.add_argument(
+        "--recover-lr", type=float, default=1e-3, metavar="LR", help="AdamW learning rate (1e-3)"
+    )
+    r.add_argument(
+        "--holdout",
+        type=_fraction,
+        default=0.2,
+        metavar="F",
+        help="fraction of --data never trained on, for the parity report (0.2)",
+    )
     _common(p)
     p.set_defaults(func=_cmd_prune)
     return parser
@@ -357,8 +375,27 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     pruned, report = prune(model, config, samples=samples, source=str(args.model))
-    io.save_model(pruned, args.output)
     text = report.format()
+    split, holdout = "all", 0.0
+    if args.recover_steps:
+        from onnxzip.recover import RecoverConfig, recover
+
+        if samples is None:
+            raise InputError("--recover-steps needs --data (or --synthetic) to train on")
+        recovery = RecoverConfig(
+            steps=args.recover_steps,
+            learning_rate=args.recover_lr,
+            batch_size=args.batch_size,
+            holdout=args.holdout,
+        )
+        pruned, report.recovery = recover(model, pruned, samples, recovery)
+        r = report.recovery
+        text += (
+            f"\n\nrecovery    {r.steps} steps on {r.samples_seen} samples, distillation loss "
+            f"{r.first_loss:.4f} -> {r.last_loss:.4f}, {r.seconds:.1f} s"
+        )
+        split, holdout = ("holdout", args.holdout) if args.holdout > 0 else ("all", 0.0)
+    io.save_model(pruned, args.output)
     if samples is not None:
         from onnxzip.verify import verify
 
@@ -367,10 +404,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             pruned,
             samples,
             batch_size=args.batch_size,
+            split=split,
+            holdout=holdout,
             reference_name=str(args.model),
             candidate_name=str(args.output),
         )
         text += "\n\n" + report.parity.format()
+
     _emit(report, args, text + f"\n\nwrote {args.output}")
     return EXIT_OK
 

@@ -466,3 +466,15 @@ def reinfer_shapes(model: ir.Model, name: str = "model") -> ir.Model:
     for base_dir in base_dirs:
         ir.external_data.set_base_dir(result.graph, base_dir)
     return result
+
+
+def cap_ir_version(path: str | os.PathLike) -> None:
+    """Rewrites a model file onnx saved with a newer IR version than onnxruntime 1.19 reads.
+
+    onnxruntime's artifact builder writes ``optimizer_model.onnx`` with the newest IR version
+    the installed onnx knows.
+    """
+    proto = onnx.load(str(path))
+    if proto.ir_version > MAX_IR_VERSION:
+        proto.ir_version = MAX_IR_VERSION
+        onnx.save(proto, str(path))

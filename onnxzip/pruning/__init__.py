@@ -97,6 +97,7 @@ class PruneReport:
     weight_bytes_after: int
     ratio_used: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    recovery: object | None = None  # a RecoverReport after --recover-steps
     parity: object | None = None  # a VerifyReport when samples were given
 
     def format(self) -> str:

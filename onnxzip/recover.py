@@ -1,0 +1,315 @@
+"""Recovery after pruning: fine-tune the pruned model on the original's outputs (distillation).
+
+No labels are needed: the original model (the teacher) runs in onnxruntime on each batch and
+the pruned model (the student) is trained to reproduce it, with onnxruntime's training
+artifacts as the engine (``generate_artifacts`` with AdamW, then ``onnxruntime.training.api``).
+
+The training twin is the student with its loss written into the graph:
+
+* class scores ``s`` (a float output ``[N, C]``) against the teacher's ``t``, at temperature
+  ``T``: ``L = -T^2 mean_n sum_c softmax(t / T)[n, c] * log_softmax(s / T)[n, c]``, the
+  KL divergence up to a constant (the teacher probabilities arrive as an extra input);
+* any other float output: the mean squared error to the teacher's output.
+
+Several outputs add their losses. BatchNormalization after a convolution is folded into it
+first (exact), so the twin has no BatchNormalization at all: onnxruntime's gradient builder
+would otherwise switch it to batch statistics. The folded model is checked against the pruned
+one in onnxruntime before any step. The trained weights are written back by name into
+the inference model, which keeps every other part of the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxzip import _ort_training, io, passes, progress
+from onnxzip.data import Samples
+from onnxzip.errors import InputError, ModelError
+from onnxzip.runtime import Runner
+from onnxzip.verify import is_classifier
+
+logger = logging.getLogger(__name__)
+
+_TRAINABLE_OPS = {
+    "Conv": (1, 2),
+    "ConvTranspose": (1, 2),
+    "Gemm": (1, 2),
+    "MatMul": (1,),
+    "Add": (1,),
+}
+
+
+@dataclass
+class RecoverConfig:
+    steps: int = 300
+    learning_rate: float = 1e-3
+    batch_size: int = 32
+    temperature: float = 2.0
+    holdout: float = 0.2  # the held-out part of the samples is never trained on
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise InputError(f"--recover-steps must be at least 1, got {self.steps}")
+        if not self.learning_rate > 0:
+            raise InputError(f"learning rate must be positive, got {self.learning_rate}")
+        if not self.temperature > 0:
+            raise InputError(f"temperature must be positive, got {self.temperature}")
+
+
+@dataclass
+class RecoverReport:
+    steps: int
+    samples_seen: int
+    trainable_parameters: int
+    first_loss: float
+    last_loss: float
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def _trainable(model: ir.Model) -> list[str]:
+    """Weights and biases of the weighted ops (and constant Add operands after a MatMul)."""
+    names = []
+    for node in model.graph:
+        for index in _TRAINABLE_OPS.get(node.op_type, ()):
+            if index >= len(node.inputs) or node.inputs[index] is None:
+                continue
+            value = node.inputs[index]
+            if value.const_value is None or value.dtype != ir.DataType.FLOAT or value.name in names:
+                continue
+            if node.op_type == "Add" and (
+                node.inputs[0].producer() is None or node.inputs[0].producer().op_type != "MatMul"
+            ):
+                continue
+            names.append(value.name)
+    return names
+
+
+def _training_twin(student: ir.Model, temperature: float) -> tuple[ir.Model, list[str]]:
+    """The student with its distillation loss as the first output; returns the target inputs."""
+    twin = student.clone()
+    graph = twin.graph
+    outputs = list(graph.outputs)
+    losses, targets = [], []
+    for i, out in enumerate(outputs):
+        if out.dtype != ir.DataType.FLOAT:
+            continue
+        target = ir.Value(name=f"distill_target_{i}", type=out.type, shape=out.shape)
+        graph.inputs.append(target)
+        targets.append(target.name)
+        if is_classifier(out):
+            t = passes.add_initializer(
+                graph, f"distill_temperature_{i}", np.array(temperature, np.float32)
+            )
+            scaled = ir.node("Div", [out, t], name=f"distill_scale_{i}")
+            logp = ir.node(
+                "LogSoftmax", [scaled.outputs[0]], attributes={"axis": -1}, name=f"distill_logp_{i}"
+            )
+            prod = ir.node("Mul", [target, logp.outputs[0]], name=f"distill_prod_{i}")
+            axes = passes.add_initializer(graph, f"distill_axes_{i}", np.array([1], np.int64))
+            per_sample = ir.node(
+                "ReduceSum",
+                [prod.outputs[0], axes],
+                attributes={"keepdims": 0},
+                name=f"distill_sum_{i}",
+            )
+            mean = ir.node(
+                "ReduceMean",
+                [per_sample.outputs[0]],
+                attributes={"keepdims": 0},
+                name=f"distill_mean_{i}",
+            )
+            factor = passes.add_initializer(
+                graph, f"distill_factor_{i}", np.array(-(temperature**2), np.float32)
+            )
+            loss = ir.node("Mul", [mean.outputs[0], factor], name=f"distill_loss_{i}")
+            new = [scaled, logp, prod, per_sample, mean, loss]
+        else:
+            diff = ir.node("Sub", [out, target], name=f"distill_diff_{i}")
+            sq = ir.node("Mul", [diff.outputs[0], diff.outputs[0]], name=f"distill_sq_{i}")
+            loss = ir.node(
+                "ReduceMean", [sq.outputs[0]], attributes={"keepdims": 0}, name=f"distill_loss_{i}"
+            )
+            new = [diff, sq, loss]
+        for node in new:
+            node.outputs[0].name = node.name
+            graph.append(node)
+        losses.append(new[-1].outputs[0])
+    if not losses:
+        raise InputError("recovery needs a float output to distil")
+    total = losses[0]
+    for j, extra in enumerate(losses[1:]):
+        add = ir.node("Add", [total, extra], name=f"distill_total_{j}")
+        add.outputs[0].name = add.name
+        graph.append(add)
+        total = add.outputs[0]
+    total.type = ir.TensorType(ir.DataType.FLOAT)
+    total.shape = ir.Shape([])
+    graph.outputs.clear()
+    graph.outputs.append(total)
+    return twin, targets
+
+
+def _softmax(x: np.ndarray, temperature: float) -> np.ndarray:
+    z = x / temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def recover(
+    teacher, student: ir.Model, samples: Samples, config: RecoverConfig | None = None
+) -> tuple[ir.Model, RecoverReport]:
+    """Fine-tunes ``student`` to reproduce ``teacher`` on the samples not held out.
+
+    Returns the fine-tuned inference model (a new object) and a report with the loss curve.
+
+    Raises:
+        ModelError: onnxruntime cannot build or run the training graph (the op is named).
+    """
+    config = config or RecoverConfig()
+    config.validate()
+    start = time.perf_counter()
+    teacher_model = io.load_model(teacher, name="teacher")
+    original_student = student
+    student = student.clone()
+    passes.lift_constants(student)
+    passes.fold_batchnorm(student)
+    leftover = [n.op_type for n in student.graph if n.op_type == "BatchNormalization"]
+    if leftover:
+        raise ModelError(
+            "recovery: a BatchNormalization that follows no convolution cannot be trained safely"
+        )
+    _check_same(original_student, student, samples, config)
+    twin, targets = _training_twin(student, config.temperature)
+    trainable = _trainable(student)
+    if not trainable:
+        raise InputError(
+            "recovery: the model has no trainable weights (Conv/Gemm/MatMul initializers)"
+        )
+    frozen = [
+        name
+        for name, v in twin.graph.initializers.items()
+        if name not in trainable and v.dtype is not None and v.dtype.is_floating_point()
+    ]
+
+    teacher_run = Runner(teacher_model, name="teacher")
+    out_names = [v.name for v in student.graph.outputs]
+    float_outputs = [v for v in student.graph.outputs if v.dtype == ir.DataType.FLOAT]
+    classifier = {v.name: is_classifier(v) for v in float_outputs}
+
+    artifacts = _ort_training.artifacts()
+    api = _ort_training.api()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        proto = io.to_proto(twin)
+        proto.ir_version = min(proto.ir_version, io.MAX_IR_VERSION)
+        try:
+            artifacts.generate_artifacts(
+                proto,
+                requires_grad=trainable,
+                frozen_params=frozen,
+                loss=None,
+                optimizer=artifacts.OptimType.AdamW,
+                artifact_directory=str(folder),
+            )
+        except Exception as exc:  # onnxruntime's builders raise RuntimeError with C++ text
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"recovery: onnxruntime cannot build the training graph: {first}"
+            ) from exc
+        io.cap_ir_version(folder / "optimizer_model.onnx")
+        state = api.CheckpointState.load_checkpoint(str(folder / "checkpoint"))
+        module = api.Module(
+            str(folder / "training_model.onnx"),
+            state,
+            str(folder / "eval_model.onnx"),
+            device="cpu",
+        )
+        optimizer = api.Optimizer(str(folder / "optimizer_model.onnx"), module)
+        input_names = module.input_names()
+
+        losses: list[float] = []
+        seen = 0
+        step = 0
+        bar = progress.bar(range(config.steps), total=config.steps, desc="recover", unit="step")
+        batches = _cycle(samples, config)
+        module.train()
+        for step in bar:
+            batch = next(batches)
+            teacher_out = teacher_run.run(batch, out_names)
+            feeds = dict(batch.inputs)
+            for i, v in enumerate(student.graph.outputs):
+                if v.dtype != ir.DataType.FLOAT:
+                    continue
+                t = teacher_out[v.name]
+                feeds[f"distill_target_{i}"] = (
+                    _softmax(t, config.temperature).astype(np.float32) if classifier[v.name] else t
+                )
+            lr = config.learning_rate * 0.5 * (1 + math.cos(math.pi * step / config.steps))
+            optimizer.set_learning_rate(lr)
+            try:
+                loss = module(*[np.ascontiguousarray(feeds[name]) for name in input_names])
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0]
+                raise ModelError(
+                    f"recovery: onnxruntime failed in a training step: {first}"
+                ) from exc
+            optimizer.step()
+            module.lazy_reset_grad()
+            losses.append(float(loss))
+            seen += len(batch)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        trained = {name: np.array(state.parameters[name].data, copy=True) for name in trainable}
+
+    for name, array in trained.items():
+        value = student.graph.initializers[name]
+        value.const_value = ir.tensor(array.astype(np.float32), name=name)
+    logger.info("recovery: %d steps, loss %.4f -> %.4f", config.steps, losses[0], losses[-1])
+    report = RecoverReport(
+        steps=config.steps,
+        samples_seen=seen,
+        trainable_parameters=int(sum(a.size for a in trained.values())),
+        first_loss=losses[0],
+        last_loss=losses[-1],
+        seconds=time.perf_counter() - start,
+        losses=[round(x, 6) for x in losses[:: max(1, len(losses) // 50)]],
+    )
+    return student, report
+
+
+def _check_same(before: ir.Model, after: ir.Model, samples: Samples, config: RecoverConfig) -> None:
+    """The folded student must compute what the pruned model computes, before any step."""
+    batch = next(samples.batches(min(config.batch_size, 8)))
+    a = Runner(before, name="pruned model", optimization="none").run(batch)
+    b = Runner(after, name="training twin", optimization="none").run(batch)
+    for name, x in a.items():
+        gap = float(np.max(np.abs(x.astype(np.float64) - b[name])))
+        if gap > 1e-3 * (1.0 + float(np.max(np.abs(x)))):
+            raise ModelError(
+                f"recovery: the prepared model differs from the pruned one on '{name}' by {gap:.3g}"
+            )
+
+
+def _cycle(samples: Samples, config: RecoverConfig):
+    """Training batches forever, shuffled within each pass, from the samples not held out."""
+    rng = np.random.default_rng(0)
+    split = "calibration" if config.holdout > 0 else "all"
+    while True:
+        yielded = False
+        for batch in samples.batches(config.batch_size, split, config.holdout or 0.5):
+            order = rng.permutation(len(batch))
+            batch.inputs = {k: v[order] for k, v in batch.inputs.items()}
+            yielded = True
+            yield batch
+        if not yielded:
+            raise InputError("recovery: no training samples")
