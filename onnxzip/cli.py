@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune the pruned model for N steps on --data (default 0: no recovery)",
     )
     r.add_argument(
-        "--recover-lr", type=float, default=1e-3, metavar="LR", help="AdamW learning rate (1e-3)"
+        "--recover-lr", type=float, default=5e-3, metavar="LR", help="AdamW learning rate (5e-3)"
     )
     r.add_argument(
         "--holdout",
