@@ -250,6 +250,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser(
+        "stats", help="per-channel gradient statistics from onnxruntime training artifacts"
+    )
+    p.add_argument("model", type=Path, metavar="MODEL")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="STATS.npz",
+        help="where to write the statistics",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="allow OUT to be the input model's path"
+    )
+    _data_options(p)
+    p.add_argument(
+        "--no-labels",
+        action="store_true",
+        help="ignore 'labels' in the data: use the model's own predictions as targets",
+    )
+    _common(p)
+    p.set_defaults(func=_cmd_stats)
+
+    p = sub.add_parser(
         "prune", help="remove whole channels: smaller weights and shapes, a dense model"
     )
     p.add_argument("model", type=Path, metavar="MODEL")
@@ -265,7 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-macs", type=float, metavar="F", help="prune until MACs <= F x the original's"
     )
     p.add_argument(
-        "--criterion", default="l1", help="channel importance: l1, l2 or bn (default l1)"
+        "--criterion",
+        default="l1",
+        help="channel importance: l1, l2, bn, or from gradients (needs --data): taylor, fisher, "
+        "grad-stability (default l1)",
     )
     p.add_argument(
         "--scope",
@@ -350,6 +377,78 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         text += "\n\n" + format_groups(report.groups)
     _emit(report, args, text)
     return EXIT_OK
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from onnxzip import io
+    from onnxzip.data import input_specs, open_samples
+    from onnxzip.gradients import gradient_statistics
+    from onnxzip.pruning import prepared_groups
+    from onnxzip.report import table
+
+    _check_output(args, args.model)
+    if args.output.suffix != ".npz":
+        raise InputError(f"{args.output}: statistics are written as .npz")
+    model = io.load_model(args.model, name=str(args.model))
+    samples = open_samples(input_specs(model), args.data, args.synthetic, args.seed)
+    work, groups = prepared_groups(model)
+    stats, report = gradient_statistics(
+        work, groups, samples, batch_size=args.batch_size, use_labels=not args.no_labels
+    )
+    arrays = {}
+    rows = []
+    for g in groups:
+        s = stats.get(g.id)
+        if s is None:
+            continue
+        arrays[f"group{g.id}.taylor"] = s.score("taylor")
+        arrays[f"group{g.id}.fisher"] = s.score("fisher")
+        arrays[f"group{g.id}.grad_mean"] = s.mean
+        arrays[f"group{g.id}.grad_std"] = s.std
+        arrays[f"group{g.id}.batches"] = np.array(s.batches)
+        taylor = s.score("taylor")
+        rows.append(
+            [
+                g.id,
+                ", ".join(g.roots[:3]),
+                g.size,
+                float(taylor.min()),
+                float(np.median(taylor)),
+                float(taylor.max()),
+            ]
+        )
+    _write_npz(args.output, arrays)
+    text = (
+        f"loss        {report.loss}\nsamples     {report.samples} in {report.batches} batches"
+        f"{' (SYNTHETIC)' if samples.synthetic else ''}\ntime        {report.seconds:.2f} s\n\n"
+        + table(
+            ["group", "producers", "channels", "taylor min", "taylor median", "taylor max"], rows
+        )
+        + f"\n\nwrote {args.output}"
+    )
+    _emit(report, args, text)
+    return EXIT_OK
+
+
+def _write_npz(path: Path, arrays: dict) -> None:
+    """Atomic .npz write: a temporary file beside the target, then a rename."""
+    import os
+    import tempfile
+
+    import numpy as np
+
+    fd, tmp = tempfile.mkstemp(
+        prefix=".onnxzip-", suffix=".npz", dir=path.parent if str(path.parent) else "."
+    )
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:

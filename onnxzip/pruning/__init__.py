@@ -63,9 +63,13 @@ class PruneConfig:
             raise InputError(f"--round-to must be at least 0 (0 = automatic), got {self.round_to}")
         if self.scope not in ("global", "local"):
             raise InputError(f"scope must be global or local, got '{self.scope}'")
-        if self.criterion not in importance.CRITERIA:
+        if (
+            self.criterion not in importance.CRITERIA
+            and self.criterion not in importance.GRADIENT_CRITERIA
+        ):
             raise InputError(
-                f"unknown criterion '{self.criterion}' (choose from {', '.join(sorted(importance.CRITERIA))})"
+                f"unknown criterion '{self.criterion}' (choose from "
+                f"{', '.join(sorted(importance.CRITERIA) + list(importance.GRADIENT_CRITERIA))})"
             )
 
 
@@ -348,6 +352,18 @@ def prune(
     groups = find_groups(work)
     timings["analyse"] = time.perf_counter() - t0
 
+    gradients = None
+    if config.criterion in importance.GRADIENT_CRITERIA:
+        if samples is None:
+            raise InputError(
+                f"criterion '{config.criterion}' needs samples (--data) for its gradients"
+            )
+        from onnxzip.gradients import gradient_statistics
+
+        t0 = time.perf_counter()
+        gradients, _ = gradient_statistics(work, groups, samples, batch_size=config.batch_size)
+        timings["gradients"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     excluded = set(config.exclude)
     scores, notes = {}, {}
@@ -357,7 +373,7 @@ def prune(
         if excluded & (set(g.members()) | {m.node for m in g.slices}):
             notes[g.id] = "excluded by the user"
             continue
-        s, note = importance.score(g, config.criterion)
+        s, note = importance.score(g, config.criterion, gradients)
         scores[g.id] = s
         if note:
             notes[g.id] = note
@@ -457,6 +473,15 @@ def prune(
         seconds=timings,
     )
     return pruned, report
+
+
+def prepared_groups(model) -> tuple[ir.Model, list[Group]]:
+    """The prepared copy pruning works on, and its groups."""
+    work = io.load_model(model).clone()
+    passes.drop_initializer_inputs(work)
+    passes.lift_constants(work)
+    passes.sum_to_add(work)
+    return work, find_groups(work)
 
 
 def analyse(model, *, source: str | None = None) -> list[GroupReport]:

@@ -6,7 +6,10 @@
 * ``bn``: ``|gamma|`` of the group's BatchNormalization scales (summed when several BNs share the
   channels); a group without BatchNormalization falls back to ``l1`` and says so.
 
-Further criteria (gradient statistics) plug in through ``register``.
+* ``taylor``, ``fisher``, ``grad-stability``: from the gate-gradient statistics of
+  ``onnxzip.gradients`` (onnxruntime training artifacts), passed in by ``prune``.
+
+Further criteria plug in through ``register``.
 """
 
 from __future__ import annotations
@@ -76,7 +79,21 @@ def bn(group: Group) -> tuple[np.ndarray, str | None]:
     return scores, None
 
 
-def score(group: Group, criterion: str) -> tuple[np.ndarray, str | None]:
+GRADIENT_CRITERIA = ("taylor", "fisher", "grad-stability")
+
+
+def score(
+    group: Group, criterion: str, gradients: dict | None = None
+) -> tuple[np.ndarray, str | None]:
+    """Scores of a group's channels. Gradient criteria read ``gradients[group.id]``
+    (``onnxzip.gradients.ChannelGradients``); a group without them falls back to ``l1``."""
+    if criterion in GRADIENT_CRITERIA:
+        stats = (gradients or {}).get(group.id)
+        if stats is None or len(stats.total) != group.size:
+            return l1(group)[
+                0
+            ], f"no gradient statistics for this group: scored by l1 instead of {criterion}"
+        return stats.score(criterion), None
     if criterion not in CRITERIA:
         raise KeyError(criterion)
     return CRITERIA[criterion](group)

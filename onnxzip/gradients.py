@@ -1,0 +1,279 @@
+"""Per-channel gradient statistics with onnxruntime's training artifacts as the gradient engine.
+
+The trainable twin is the inference model with BatchNormalization folded into the preceding
+convolutions (exact; the training graph would otherwise switch it to batch statistics) and a
+per-channel *gate* after every pruning group's producer: ``y' = y * g`` with ``g = 1``. The gate
+changes nothing in the forward pass, and its gradient is exactly
+
+    dL/dg_c = sum over samples and positions of  y_c * dL/dy'_c
+
+the first-order Taylor estimate of how the loss changes when channel ``c`` is removed. Only the
+gates are trainable (``generate_artifacts`` with ``optimizer=None``); every weight is frozen.
+
+Loss: cross-entropy against ``labels`` when the data carry them, else against the model's own
+predictions (argmax of the original's class scores on the same batch). A model without class
+scores uses ``0.5 * ||y||^2`` of its float outputs: the gradient then measures each channel's
+contribution to the output's energy.
+
+Statistics per group channel, streamed batch by batch (count, sum, sum of squares of the gate
+gradient ``G_b`` of each batch, summed over the group's producers and the channel's positions):
+
+* ``taylor``: ``|sum_b G_b|``;
+* ``fisher``: ``sum_b G_b^2`` (per batch, not per sample);
+* ``grad-stability``: ``|mean_b G_b| + std_b G_b`` — a channel whose gradient stays near zero
+  with a small spread matters little.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxzip import _ort_training, io, passes, progress
+from onnxzip.data import Samples
+from onnxzip.errors import InputError, ModelError
+from onnxzip.pruning.groups import Group
+from onnxzip.runtime import Runner
+from onnxzip.verify import is_classifier
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChannelGradients:
+    """Streamed statistics of one group's per-channel gate gradients."""
+
+    batches: int
+    total: np.ndarray  # sum_b G_b
+    squares: np.ndarray  # sum_b G_b^2
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.batches, 1)
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(np.maximum(self.squares / max(self.batches, 1) - self.mean**2, 0.0))
+
+    def score(self, criterion: str) -> np.ndarray:
+        if criterion == "taylor":
+            return np.abs(self.total)
+        if criterion == "fisher":
+            return self.squares
+        if criterion == "grad-stability":
+            return np.abs(self.mean) + self.std
+        raise KeyError(criterion)
+
+    def merge(self, other: ChannelGradients) -> ChannelGradients:
+        return ChannelGradients(
+            self.batches + other.batches, self.total + other.total, self.squares + other.squares
+        )
+
+
+@dataclass
+class GradientReport:
+    loss: str
+    batches: int
+    samples: int
+    groups: int
+    skipped: dict[int, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _gated_twin(
+    model: ir.Model, groups: list[Group]
+) -> tuple[ir.Model, dict[str, tuple[int, str, int]]]:
+    """BN folded, a gate after each root producer; gate name -> (group id, root, axis)."""
+    twin = model.clone()
+    passes.lift_constants(twin)
+    passes.fold_batchnorm(twin)
+    if any(n.op_type == "BatchNormalization" for n in twin.graph):
+        raise ModelError(
+            "gradients: a BatchNormalization that follows no convolution cannot be differentiated safely"
+        )
+    nodes = {n.name or n.outputs[0].name: n for n in twin.graph}
+    gates = {}
+    for group in groups:
+        if group.blocked:
+            continue
+        for root in group.roots:
+            node = nodes.get(root)
+            if node is None:
+                continue
+            out = node.outputs[0]
+            if out.shape is None:
+                continue
+            rank = len(out.shape)
+            axis = 1 if node.op_type in ("Conv", "ConvTranspose") else rank - 1
+            size = out.shape[axis]
+            shape = [size] + [1] * (rank - axis - 1)
+            name = f"gate_{len(gates)}"
+            gate = passes.add_initializer(twin.graph, name, np.ones(shape, np.float32))
+            mul = ir.node("Mul", [out, gate], name=f"{name}_mul")
+            mul.outputs[0].name = f"{name}_out"
+            mul.outputs[0].type, mul.outputs[0].shape = out.type, out.shape
+            twin.graph.insert_after(node, mul)
+            for use in list(out.uses()):
+                if use.node is not mul:
+                    use.node.replace_input_with(use.idx, mul.outputs[0])
+            if out.is_graph_output():
+                continue
+            gates[name] = (group.id, root, axis)
+    return twin, gates
+
+
+def _with_energy_loss(twin: ir.Model) -> ir.Model:
+    """0.5 * sum of squares of the float outputs, as the first (and only) output."""
+    graph = twin.graph
+    terms = []
+    for i, out in enumerate(list(graph.outputs)):
+        if out.dtype != ir.DataType.FLOAT:
+            continue
+        sq = ir.node("Mul", [out, out], name=f"energy_sq_{i}")
+        total = ir.node(
+            "ReduceSum", [sq.outputs[0]], attributes={"keepdims": 0}, name=f"energy_sum_{i}"
+        )
+        for n in (sq, total):
+            n.outputs[0].name = n.name
+            graph.append(n)
+        terms.append(total.outputs[0])
+    if not terms:
+        raise InputError("gradients: the model has no float output to take a loss on")
+    loss = terms[0]
+    for j, t in enumerate(terms[1:]):
+        add = ir.node("Add", [loss, t], name=f"energy_add_{j}")
+        add.outputs[0].name = add.name
+        graph.append(add)
+        loss = add.outputs[0]
+    half = passes.add_initializer(graph, "energy_half", np.array(0.5, np.float32))
+    scaled = ir.node("Mul", [loss, half], name="energy_loss")
+    scaled.outputs[0].name = "energy_loss"
+    graph.append(scaled)
+    scaled.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    scaled.outputs[0].shape = ir.Shape([])
+    graph.outputs.clear()
+    graph.outputs.append(scaled.outputs[0])
+    return twin
+
+
+def gradient_statistics(
+    model: ir.Model,
+    groups: list[Group],
+    samples: Samples,
+    *,
+    batch_size: int = 32,
+    use_labels: bool = True,
+    split: str = "all",
+    holdout: float = 0.0,
+) -> tuple[dict[int, ChannelGradients], GradientReport]:
+    """Gate-gradient statistics per group channel over the samples (see the module docstring).
+
+    Raises:
+        ModelError: onnxruntime cannot build a gradient for some op (the message names it).
+    """
+    start = time.perf_counter()
+    twin, gates = _gated_twin(model, groups)
+    if not gates:
+        raise InputError("gradients: no prunable group to score")
+    outputs = [v for v in twin.graph.outputs]
+    classifier = next((v for v in outputs if is_classifier(v)), None)
+    labelled = use_labels and samples.has_labels and classifier is not None
+    artifacts = _ort_training.artifacts()
+    api = _ort_training.api()
+    if classifier is not None:
+        twin.graph.outputs.clear()
+        twin.graph.outputs.append(classifier)
+        loss = artifacts.LossType.CrossEntropyLoss
+        loss_name = "cross-entropy against " + (
+            "labels" if labelled else "the model's own predictions"
+        )
+    else:
+        twin = _with_energy_loss(twin)
+        loss = None
+        loss_name = "0.5 * ||outputs||^2 (no class scores)"
+    frozen = [
+        n
+        for n, v in twin.graph.initializers.items()
+        if n not in gates and v.dtype is not None and v.dtype.is_floating_point()
+    ]
+    positions = {g.id: g for g in groups}
+    root_positions = {}
+    for name, (gid, root, _axis) in gates.items():
+        member = next(
+            (m for m in positions[gid].slices if m.node == root and m.role == "out"), None
+        )
+        root_positions[name] = member.positions if member is not None else None
+
+    teacher = Runner(model, name="model") if classifier is not None and not labelled else None
+    stats: dict[int, ChannelGradients] = {}
+    batches = seen = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        proto = io.to_proto(twin)
+        try:
+            artifacts.generate_artifacts(
+                proto,
+                requires_grad=list(gates),
+                frozen_params=frozen,
+                loss=loss,
+                optimizer=None,
+                artifact_directory=str(folder),
+            )
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"gradients: onnxruntime cannot build the gradient graph: {first}"
+            ) from exc
+        state = api.CheckpointState.load_checkpoint(str(folder / "checkpoint"))
+        module = api.Module(
+            str(folder / "training_model.onnx"),
+            state,
+            str(folder / "eval_model.onnx"),
+            device="cpu",
+        )
+        names = module.input_names()
+        module.train()
+        for batch in progress.bar(
+            samples.batches(batch_size, split, holdout or 0.5), desc="gradients"
+        ):
+            feeds = dict(batch.inputs)
+            if classifier is not None:
+                if labelled:
+                    feeds["labels"] = batch.labels.astype(np.int64)
+                else:
+                    scores = teacher.run(batch, [classifier.name])[classifier.name]
+                    feeds["labels"] = scores.argmax(axis=-1).astype(np.int64)
+            try:
+                module(*[np.ascontiguousarray(feeds[n]) for n in names])
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0]
+                raise ModelError(
+                    f"gradients: onnxruntime failed in a backward pass: {first}"
+                ) from exc
+            per_group: dict[int, np.ndarray] = {}
+            for name, (gid, _root, _axis) in gates.items():
+                grad = np.array(state.parameters[name].grad, copy=True).reshape(
+                    -1
+                )  # a view: copy it
+                pos = root_positions[name]
+                if pos is None:
+                    continue
+                channel = np.array([grad[p].sum() for p in pos])
+                per_group[gid] = per_group.get(gid, 0) + channel
+            module.lazy_reset_grad()
+            for gid, g in per_group.items():
+                s = stats.get(gid)
+                update = ChannelGradients(1, g, g * g)
+                stats[gid] = update if s is None else s.merge(update)
+            batches += 1
+            seen += len(batch)
+    report = GradientReport(
+        loss_name, batches, seen, len(stats), seconds=time.perf_counter() - start
+    )
+    return stats, report

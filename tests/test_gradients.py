@@ -1,0 +1,177 @@
+"""Gradient statistics: onnxruntime training gradients against finite differences, criteria."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnx_ir as ir
+from conftest import run_cli
+
+from onnxzip import io
+from onnxzip.data import NpzSamples, SyntheticSamples, input_specs
+from onnxzip.gradients import _gated_twin, gradient_statistics
+from onnxzip.pruning import PruneConfig, prepared_groups, prune
+from onnxzip.runtime import Runner
+from onnxzip.verify import verify
+
+TINY = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,6,6] x) => (float[N,4] y) {
+    a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+    r = Relu (a)
+    c = Conv (r, w2, b2)
+    s = Sigmoid (c)
+    p = GlobalAveragePool (s)
+    f = Flatten (p)
+    y = Gemm <transB=1> (f, w3, b3)
+}
+"""
+
+
+def tiny(seed: int = 0) -> ir.Model:
+    proto = onnx.parser.parse_model(TINY)
+    rng = np.random.default_rng(seed)
+    for name, shape in {
+        "w1": (5, 3, 3, 3),
+        "b1": (5,),
+        "w2": (6, 5, 1, 1),
+        "b2": (6,),
+        "w3": (4, 6),
+        "b3": (4,),
+    }.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(0, 0.6, shape).astype(np.float32), name)
+        )
+    return io.load_model(proto)
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(labels)), labels].mean())
+
+
+def test_gate_gradients_match_central_finite_differences(tmp_path):
+    model = tiny()
+    work, groups = prepared_groups(model)
+    x = np.random.default_rng(1).normal(size=(6, 3, 6, 6)).astype(np.float32)
+    labels = np.array([0, 1, 2, 3, 1, 0], dtype=np.int64)
+    np.savez(tmp_path / "d.npz", x=x, labels=labels)
+    samples = NpzSamples(tmp_path / "d.npz", input_specs(model))
+    stats, report = gradient_statistics(work, groups, samples, batch_size=6)
+    assert report.loss == "cross-entropy against labels" and report.batches == 1
+    twin, gates = _gated_twin(work, groups)
+    eps = 1e-2
+    checked = 0
+    for name, (gid, _root, _axis) in gates.items():
+        gate = twin.graph.initializers[name]
+        base = gate.const_value.numpy().copy()
+        numeric = []
+        for c in range(base.shape[0]):
+            losses = []
+            for sign in (1, -1):
+                g = base.copy()
+                g[c] += sign * eps
+                gate.const_value = ir.tensor(g, name=name)
+                logits = Runner(twin, optimization="none").session.run(None, {"x": x})[0]
+                losses.append(cross_entropy(logits, labels))
+            numeric.append((losses[0] - losses[1]) / (2 * eps))
+        gate.const_value = ir.tensor(base, name=name)
+        np.testing.assert_allclose(stats[gid].total, numeric, rtol=2e-2, atol=2e-4)
+        checked += 1
+    assert checked == 2  # the conv1 and conv2 groups (the Gemm's group reaches the output)
+
+
+def test_own_predictions_are_the_targets_without_labels():
+    model = tiny()
+    work, groups = prepared_groups(model)
+    samples = SyntheticSamples(input_specs(model), 20, seed=3)
+    stats, report = gradient_statistics(work, groups, samples, batch_size=8)
+    assert report.loss == "cross-entropy against the model's own predictions"
+    assert report.batches == 3 and report.samples == 20
+    for s in stats.values():
+        assert s.batches == 3 and np.all(np.isfinite(s.score("grad-stability")))
+        np.testing.assert_allclose(s.score("fisher"), s.squares)
+
+
+def test_energy_loss_for_models_without_class_scores():
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "g (float[N,3,4,4] x) => (float[N,2,4,4] y) { a = Conv (x, w1)\n r = Relu (a)\n y = Conv (r, w2) }"
+    )
+    rng = np.random.default_rng(0)
+    for name, shape in {"w1": (4, 3, 1, 1), "w2": (2, 4, 1, 1)}.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+        )
+    model = io.load_model(proto)
+    work, groups = prepared_groups(model)
+    stats, report = gradient_statistics(
+        work, groups, SyntheticSamples(input_specs(model), 8), batch_size=8
+    )
+    assert report.loss.startswith("0.5 * ||outputs||^2") and len(stats) == 1
+
+
+def test_a_gradient_criterion_beats_l1_before_recovery(mobilenet_path, calib_npz, test_npz):
+    """Floor: on the digits nets at half the MACs, some gradient criterion keeps more accuracy than l1."""
+    model = io.load_model(mobilenet_path)
+    specs = input_specs(model)
+    accuracy = {}
+    for criterion in ("l1", "taylor", "fisher", "grad-stability"):
+        pruned, report = prune(
+            model,
+            PruneConfig(target_macs=0.5, criterion=criterion),
+            samples=NpzSamples(calib_npz, specs),
+        )
+        assert report.macs_after <= 0.5 * report.macs_before
+        accuracy[criterion] = (
+            verify(model, pruned, NpzSamples(test_npz, specs)).outputs[0].candidate_accuracy
+        )
+    assert max(accuracy[c] for c in ("taylor", "fisher", "grad-stability")) > accuracy["l1"], (
+        accuracy
+    )
+
+
+def test_cli_stats_and_gradient_criterion(resnet_path, calib_npz, tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    code, stdout, _ = run_cli(
+        ["stats", resnet_path, "-o", out, "--data", calib_npz, "--json", tmp_path / "r.json"],
+        capsys,
+    )
+    assert code == 0 and "cross-entropy against labels" in stdout
+    with np.load(out) as data:
+        assert data["group0.taylor"].shape == (16,) and int(data["group0.batches"]) == 16
+    assert json.loads((tmp_path / "r.json").read_text())["samples"] == 512
+    code, _, err = run_cli(
+        [
+            "prune",
+            resnet_path,
+            "-o",
+            tmp_path / "p.onnx",
+            "--ratio",
+            "0.3",
+            "--criterion",
+            "taylor",
+        ],
+        capsys,
+    )
+    assert code == 2 and "needs samples" in err
+    code, stdout, _ = run_cli(
+        [
+            "prune",
+            resnet_path,
+            "-o",
+            tmp_path / "p.onnx",
+            "--target-macs",
+            "0.6",
+            "--criterion",
+            "fisher",
+            "--data",
+            calib_npz,
+        ],
+        capsys,
+    )
+    assert code == 0 and "gradients" in stdout
