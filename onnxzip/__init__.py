@@ -19,6 +19,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from onnxzip.analysis import InspectReport, inspect_model
+from onnxzip.compress import CompressConfig, CompressReport, compress
 from onnxzip.data import Batch, InputSpec, Samples, input_specs, open_samples
 from onnxzip.errors import DataError, InputError, ModelError, OnnxzipError, ParityError
 from onnxzip.io import load_model, save_model
@@ -29,6 +30,9 @@ from onnxzip.verify import Thresholds, VerifyReport, verify
 
 __all__ = [
     "Batch",
+    "compress",
+    "CompressConfig",
+    "CompressReport",
     "DataError",
     "InputError",
     "InputSpec",

@@ -250,6 +250,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser(
+        "compress", help="prune, recover, quantize and verify in one go (the main job)"
+    )
+    p.add_argument("model", type=Path, metavar="MODEL")
+    _output_options(p)
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        metavar="D",
+        help=".npz keyed by input name (optional 'labels'), or a folder of them",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=32, metavar="B", help="samples per run (default 32)"
+    )
+    p.add_argument(
+        "--holdout",
+        type=_fraction,
+        default=0.2,
+        metavar="F",
+        help="fraction of --data no stage trains or calibrates on; every accuracy decision and the "
+        "final parity use it (0.2)",
+    )
+    c = p.add_argument_group("stages")
+    prune_group = c.add_mutually_exclusive_group()
+    prune_group.add_argument(
+        "--target-macs",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="prune to at most F x the MACs (default 0.5)",
+    )
+    prune_group.add_argument("--no-prune", action="store_true", help="skip pruning")
+    c.add_argument(
+        "--criterion",
+        default="l1",
+        help="pruning criterion (l1, l2, bn, taylor, fisher, grad-stability)",
+    )
+    c.add_argument(
+        "--recover-steps",
+        type=int,
+        default=500,
+        metavar="N",
+        help="distillation steps after pruning (default 500; 0 skips recovery)",
+    )
+    c.add_argument(
+        "--quantize",
+        choices=["int8", "dynamic", "none"],
+        default="int8",
+        help="static int8 QDQ (default), dynamic (transformers) or none",
+    )
+    c.add_argument(
+        "--calibration", choices=["minmax", "percentile", "entropy", "mse"], default="minmax"
+    )
+    b = p.add_argument_group(
+        "accuracy budget (the pruning amount is searched; exit 1 if it cannot hold)"
+    )
+    b.add_argument(
+        "--max-drop", type=float, metavar="X", help="at most X top-1 points below the original"
+    )
+    b.add_argument("--min-cosine", type=float, metavar="C", help="at least this mean output cosine")
+    p.add_argument(
+        "--verify-data",
+        type=Path,
+        metavar="V",
+        help="samples for every accuracy decision and the final parity "
+        "(default: the held-out part of --data)",
+    )
+    p.add_argument(
+        "--no-latency", action="store_true", help="skip the latency measurement in the report"
+    )
+    _common(p)
+    p.set_defaults(func=_cmd_compress)
+
+    p = sub.add_parser(
         "stats", help="per-channel gradient statistics from onnxruntime training artifacts"
     )
     p.add_argument("model", type=Path, metavar="MODEL")
@@ -377,6 +451,37 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         text += "\n\n" + format_groups(report.groups)
     _emit(report, args, text)
     return EXIT_OK
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from onnxzip import io
+    from onnxzip.compress import CompressConfig, compress
+    from onnxzip.data import input_specs, open_samples
+
+    _check_output(args, args.model)
+    model = io.load_model(args.model, name=str(args.model))
+    samples = open_samples(input_specs(model), args.data)
+    config = CompressConfig(
+        target_macs=None if args.no_prune else args.target_macs,
+        criterion=args.criterion,
+        recover_steps=args.recover_steps,
+        quantize=args.quantize,
+        calibration=args.calibration,
+        max_drop=args.max_drop,
+        min_cosine=args.min_cosine,
+        holdout=args.holdout,
+        batch_size=args.batch_size,
+        latency=not args.no_latency,
+    )
+    verify_samples = None
+    if args.verify_data is not None:
+        verify_samples = open_samples(input_specs(model), args.verify_data)
+    compressed, report = compress(
+        model, samples, config, verify_samples=verify_samples, source=str(args.model)
+    )
+    io.save_model(compressed, args.output)
+    _emit(report, args, report.format() + f"\n\nwrote {args.output}")
+    return EXIT_OK if report.parity.passed else EXIT_PARITY
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:

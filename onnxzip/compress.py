@@ -1,0 +1,360 @@
+"""The one-command job: prune (with gradient statistics when asked), recover, quantize, verify.
+
+``compress(model, samples, config) -> (model, CompressReport)``. The samples are split once: a
+held-out fraction (``holdout``, default 0.2) that no stage ever trains or calibrates on, used for
+every accuracy decision and for the final parity against the original; the rest feeds the
+statistics, the recovery fine-tuning and the calibration.
+
+With an accuracy budget (``max_drop`` top-1 points, measured against labels when the samples
+have them, else against the original's predictions; or ``min_cosine``), the pruning amount is
+searched: the requested MACs target first, then progressively milder ones, each pruned,
+recovered and measured on the held-out samples, until one fits the budget; what remains of the
+budget goes to quantization, whose accuracy guard keeps harmful layers in float. The report
+says what was tried.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxzip import io
+from onnxzip.analysis import inspect_model
+from onnxzip.data import Samples
+from onnxzip.errors import InputError
+from onnxzip.pruning import PruneConfig, PruneReport, prune
+from onnxzip.quantize import QuantizeConfig, QuantizeReport, quantize
+from onnxzip.recover import RecoverConfig, RecoverReport, recover
+from onnxzip.report import table
+from onnxzip.runtime import session_options
+from onnxzip.verify import OutputParity, Thresholds, VerifyReport, verify
+
+logger = logging.getLogger(__name__)
+
+MILDER = (0.5, 0.6, 0.7, 0.8, 0.9)  # MACs targets tried, from the requested one up, under a budget
+
+
+@dataclass
+class CompressConfig:
+    target_macs: float | None = 0.5  # None: no pruning
+    criterion: str = "l1"
+    recover_steps: int = 500
+    quantize: str = "int8"  # int8 | dynamic | none
+    calibration: str = "minmax"
+    max_drop: float | None = None  # top-1 points
+    min_cosine: float | None = None
+    holdout: float = 0.2
+    batch_size: int = 32
+    latency: bool = True
+
+    def validate(self) -> None:
+        if self.quantize not in ("int8", "dynamic", "none"):
+            raise InputError(f"--quantize must be int8, dynamic or none, got '{self.quantize}'")
+        if self.target_macs is not None and not 0 < self.target_macs <= 1:
+            raise InputError(f"--target-macs must be in (0, 1], got {self.target_macs}")
+        if not 0 < self.holdout < 1:
+            raise InputError(f"--holdout must be in (0, 1), got {self.holdout}")
+        if self.recover_steps < 0:
+            raise InputError(f"--recover-steps must be at least 0, got {self.recover_steps}")
+
+
+@dataclass
+class Attempt:
+    target_macs: float
+    macs: float
+    accuracy_drop: float | None
+    cosine: float
+    fits: bool
+
+
+@dataclass
+class CompressReport:
+    source: str
+    config: CompressConfig
+    data: str
+    synthetic: bool
+    before: dict
+    after: dict
+    attempts: list[Attempt] = field(default_factory=list)
+    prune: PruneReport | None = None
+    recovery: RecoverReport | None = None
+    quantize: QuantizeReport | None = None
+    parity: VerifyReport | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def format(self) -> str:
+        b, a = self.before, self.after
+        rows = [
+            [
+                "file bytes",
+                b["file_bytes"],
+                a["file_bytes"],
+                _ratio(a["file_bytes"], b["file_bytes"]),
+            ],
+            [
+                "parameters",
+                b["parameters"],
+                a["parameters"],
+                _ratio(a["parameters"], b["parameters"]),
+            ],
+            ["MACs", b["macs"], a["macs"], _ratio(a["macs"], b["macs"])],
+        ]
+        if self.latency_ms:
+            lb, la = self.latency_ms["original"], self.latency_ms["compressed"]
+            rows.append(
+                ["latency ms (batch 1, 2 threads)", round(lb, 4), round(la, 4), _ratio(la, lb)]
+            )
+        out = self.parity.outputs[0] if self.parity and self.parity.outputs else None
+        if out is not None and out.reference_accuracy is not None:
+            rows.append(
+                [
+                    "accuracy %",
+                    round(100 * out.reference_accuracy, 2),
+                    round(100 * out.candidate_accuracy, 2),
+                    None,
+                ]
+            )
+        lines = [
+            f"model     {self.source}",
+            f"data      {self.data}{' (SYNTHETIC)' if self.synthetic else ''}; "
+            f"{int(100 * self.config.holdout)} % held out from training and calibration",
+            "",
+            table(["", "original", "compressed", "ratio"], rows),
+        ]
+        if self.attempts:
+            lines += [
+                "",
+                "pruning amounts tried (top-1 drop and cosine on the verification samples):",
+                table(
+                    ["target MACs", "MACs", "top-1 drop points", "cosine", "fits"],
+                    [
+                        [
+                            t.target_macs,
+                            round(t.macs, 3),
+                            None if t.accuracy_drop is None else round(t.accuracy_drop, 2),
+                            round(t.cosine, 5),
+                            t.fits,
+                        ]
+                        for t in self.attempts
+                    ],
+                ),
+            ]
+        if self.quantize is not None and self.quantize.kept_float:
+            lines += [
+                "",
+                "kept in float: "
+                + ", ".join(f"{k.node} ({k.reason})" for k in self.quantize.kept_float),
+            ]
+        if self.parity is not None:
+            lines += ["", self.parity.format()]
+        lines += ["", "time      " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())]
+        return "\n".join(lines)
+
+
+def _ratio(a, b):
+    return None if not b else round(a / b, 3)
+
+
+def _summary(model: ir.Model) -> dict:
+    info = inspect_model(model)
+    return {
+        "file_bytes": len(io.model_bytes(model)),
+        "parameters": info.parameters,
+        "macs": info.macs,
+    }
+
+
+def _drop(out: OutputParity) -> float | None:
+    if out.reference_accuracy is not None:
+        return 100.0 * (out.reference_accuracy - out.candidate_accuracy)
+    if out.top1_agreement is not None:
+        return 100.0 * (1.0 - out.top1_agreement)
+    return None
+
+
+def _fits(report: VerifyReport, config: CompressConfig) -> bool:
+    out = report.outputs[0]
+    drop = _drop(out)
+    ok = True
+    if config.max_drop is not None:
+        ok &= drop is not None and drop <= config.max_drop + 1e-9
+    if config.min_cosine is not None:
+        ok &= min(o.cosine_mean for o in report.outputs) >= config.min_cosine
+    return ok
+
+
+def _latency(
+    models: dict[str, ir.Model], samples: Samples, rounds: int = 3, seconds: float = 0.3
+) -> dict:
+    import onnxruntime as ort
+
+    batch = next(samples.batches(1))
+    sessions = {}
+    for key, model in models.items():
+        options = session_options("all", threads=2)
+        sessions[key] = ort.InferenceSession(
+            io.model_bytes(model), options, providers=["CPUExecutionProvider"]
+        )
+    feeds = {k: {i.name: batch.inputs[i.name] for i in s.get_inputs()} for k, s in sessions.items()}
+    times = {k: [] for k in sessions}
+    for key, s in sessions.items():
+        for _ in range(3):
+            s.run(None, feeds[key])
+    for _ in range(rounds):
+        for key, s in sessions.items():
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                s.run(None, feeds[key])
+                times[key].append(time.perf_counter() - t0)
+    return {k: 1000 * float(np.median(v)) for k, v in times.items()}
+
+
+def compress(
+    model,
+    samples: Samples,
+    config: CompressConfig | None = None,
+    *,
+    verify_samples: Samples | None = None,
+    source: str | None = None,
+) -> tuple[ir.Model, CompressReport]:
+    """Prunes, recovers, quantizes and verifies ``model`` (see the module docstring).
+
+    ``verify_samples``, when given, replaces the held-out part of ``samples`` for every
+    accuracy decision and the final parity (the held-out part is still never trained on).
+    """
+    config = config or CompressConfig()
+    config.validate()
+    source = source or (str(model) if not isinstance(model, ir.Model) else "model")
+    timings: dict[str, float] = {}
+    original = io.load_model(model, name=source)
+    report = CompressReport(
+        source, config, samples.describe(), samples.synthetic, _summary(original), {}
+    )
+    current = original
+    budget = config.max_drop is not None or config.min_cosine is not None
+    check_samples, check_split = (
+        (verify_samples, "all") if verify_samples is not None else (samples, "holdout")
+    )
+
+    if config.target_macs is not None and config.target_macs < 1:
+        targets = [config.target_macs] + (
+            [t for t in MILDER if t > config.target_macs] if budget else []
+        )
+        for target in targets:
+            t0 = time.perf_counter()
+            pruned, prune_report = prune(
+                original,
+                PruneConfig(
+                    target_macs=target, criterion=config.criterion, batch_size=config.batch_size
+                ),
+                samples=_Split(samples, config.holdout, "calibration"),
+                source=source,
+            )
+            timings["prune"] = timings.get("prune", 0.0) + time.perf_counter() - t0
+            recovery = None
+            if config.recover_steps:
+                t0 = time.perf_counter()
+                pruned, recovery = recover(
+                    original,
+                    pruned,
+                    samples,
+                    RecoverConfig(
+                        steps=config.recover_steps,
+                        batch_size=config.batch_size,
+                        holdout=config.holdout,
+                    ),
+                )
+                timings["recover"] = timings.get("recover", 0.0) + time.perf_counter() - t0
+            check = verify(
+                original,
+                pruned,
+                check_samples,
+                batch_size=config.batch_size,
+                split=check_split,
+                holdout=config.holdout,
+            )
+            fits = _fits(check, config) if budget else True
+            out = check.outputs[0]
+            report.attempts.append(
+                Attempt(
+                    target,
+                    prune_report.macs_after / max(prune_report.macs_before, 1),
+                    _drop(out),
+                    out.cosine_mean,
+                    fits,
+                )
+            )
+            if fits:
+                current, report.prune, report.recovery = pruned, prune_report, recovery
+                break
+        else:
+            logger.warning("no pruning amount fits the accuracy budget: the model is not pruned")
+
+    if config.quantize != "none":
+        t0 = time.perf_counter()
+        remaining = None
+        if config.max_drop is not None:
+            used = (
+                report.attempts[-1].accuracy_drop
+                if report.attempts and report.attempts[-1].fits
+                else 0.0
+            )
+            remaining = max(0.0, config.max_drop - (used or 0.0))
+        qconfig = QuantizeConfig(
+            calibration=config.calibration,
+            mode="dynamic" if config.quantize == "dynamic" else "static",
+            batch_size=config.batch_size,
+            holdout=config.holdout,
+            max_drop=remaining,
+            min_cosine=config.min_cosine,
+        )
+        current, report.quantize = quantize(
+            current, samples, qconfig, source=source, verify_samples=verify_samples
+        )
+        timings["quantize"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    thresholds = Thresholds(
+        min_cosine=config.min_cosine,
+        max_accuracy_drop=None if config.max_drop is None else config.max_drop / 100,
+    )
+    report.parity = verify(
+        original,
+        current,
+        check_samples,
+        thresholds=thresholds,
+        batch_size=config.batch_size,
+        split=check_split,
+        holdout=config.holdout,
+        reference_name=source,
+        candidate_name="compressed",
+    )
+    timings["verify"] = time.perf_counter() - t0
+    report.after = _summary(current)
+    if config.latency:
+        t0 = time.perf_counter()
+        report.latency_ms = _latency({"original": original, "compressed": current}, samples)
+        timings["latency"] = time.perf_counter() - t0
+    report.seconds = timings
+    return current, report
+
+
+class _Split(Samples):
+    """A view of one split of ``samples`` as a Samples object of its own."""
+
+    def __init__(self, samples: Samples, holdout: float, split: str):
+        super().__init__(samples.specs)
+        self.inner, self.holdout, self.split = samples, holdout, split
+        self.synthetic, self.has_labels = samples.synthetic, samples.has_labels
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()} ({self.split} split)"
+
+    def chunks(self):
+        return self.inner.batches(256, self.split, self.holdout)

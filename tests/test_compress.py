@@ -1,0 +1,89 @@
+"""compress: the whole job on the shipped digits model, budgets, the command line."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from conftest import run_cli
+
+from onnxzip import io
+from onnxzip.compress import CompressConfig, compress
+from onnxzip.data import NpzSamples, input_specs
+
+
+def test_bare_compress_halves_macs_quantizes_and_keeps_accuracy(resnet_path, calib_npz, test_npz):
+    specs = input_specs(io.load_model(resnet_path))
+    model, report = compress(
+        resnet_path,
+        NpzSamples(calib_npz, specs),
+        CompressConfig(latency=False),
+        verify_samples=NpzSamples(test_npz, specs),
+    )
+    out = report.parity.outputs[0]
+    assert report.after["macs"] <= 0.5 * report.before["macs"]
+    assert report.after["file_bytes"] < 0.35 * report.before["file_bytes"]
+    assert out.reference_accuracy - out.candidate_accuracy <= 0.01  # within a point, no labels used
+    ops = {n.op_type for n in model.graph}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "BatchNormalization" not in ops
+    assert report.recovery.steps == 500 and report.quantize.quantized_ops["Conv"] == 6
+
+
+def test_budget_searches_milder_pruning(resnet_path, calib_npz, test_npz):
+    specs = input_specs(io.load_model(resnet_path))
+    config = CompressConfig(target_macs=0.3, max_drop=0.3, recover_steps=150, latency=False)
+    _, report = compress(
+        resnet_path,
+        NpzSamples(calib_npz, specs),
+        config,
+        verify_samples=NpzSamples(test_npz, specs),
+    )
+    targets = [a.target_macs for a in report.attempts]
+    assert targets[0] == 0.3 and targets == sorted(targets)
+    assert report.attempts[-1].fits or len(targets) == 6
+    if report.attempts[-1].fits:
+        assert report.attempts[-1].accuracy_drop <= 0.3
+
+
+@pytest.mark.parametrize("quantize", ["none", "dynamic"])
+def test_stages_can_be_switched(quantize, mobilenet_path, calib_npz):
+    specs = input_specs(io.load_model(mobilenet_path))
+    config = CompressConfig(target_macs=None, quantize=quantize, latency=False)
+    model, report = compress(mobilenet_path, NpzSamples(calib_npz, specs), config)
+    assert report.prune is None and report.attempts == []
+    if quantize == "none":
+        assert report.quantize is None and report.parity.outputs[0].max_abs_error == 0
+    else:
+        assert report.quantize.quantized_ops == {"Gemm": 1}
+
+
+def test_cli_compress_writes_model_and_json(resnet_path, calib_npz, test_npz, tmp_path, capsys):
+    out = tmp_path / "small.onnx"
+    code, stdout, _ = run_cli(
+        [
+            "compress",
+            resnet_path,
+            "-o",
+            out,
+            "--data",
+            calib_npz,
+            "--verify-data",
+            test_npz,
+            "--recover-steps",
+            "300",
+            "--json",
+            tmp_path / "r.json",
+        ],
+        capsys,
+    )
+    assert code == 0, stdout
+    onnx.checker.check_model(str(out), full_check=True)
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["after"]["macs"] <= 0.5 * data["before"]["macs"]
+    assert data["latency_ms"]["original"] > 0 and data["parity"]["samples"] == 360
+    assert "latency ms" in stdout and "wrote" in stdout
+    code, _, err = run_cli(
+        ["compress", resnet_path, "-o", out, "--data", calib_npz, "--quantize", "fp4"], capsys
+    )
+    assert code == 2 and err.count("\n") == 1
