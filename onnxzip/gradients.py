@@ -27,15 +27,13 @@ gradient ``G_b`` of each batch, summed over the group's producers and the channe
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxzip import _ort_training, io, passes, progress
+from onnxzip import passes, progress, training
 from onnxzip.data import Samples
 from onnxzip.errors import InputError, ModelError
 from onnxzip.pruning.groups import Group
@@ -143,16 +141,9 @@ def _with_energy_loss(twin: ir.Model) -> ir.Model:
             n.outputs[0].name = n.name
             graph.append(n)
         terms.append(total.outputs[0])
-    if not terms:
-        raise InputError("gradients: the model has no float output to take a loss on")
-    loss = terms[0]
-    for j, t in enumerate(terms[1:]):
-        add = ir.node("Add", [loss, t], name=f"energy_add_{j}")
-        add.outputs[0].name = add.name
-        graph.append(add)
-        loss = add.outputs[0]
+    total = training.scalar_loss(graph, terms, "energy")
     half = passes.add_initializer(graph, "energy_half", np.array(0.5, np.float32))
-    scaled = ir.node("Mul", [loss, half], name="energy_loss")
+    scaled = ir.node("Mul", [total, half], name="energy_loss")
     scaled.outputs[0].name = "energy_loss"
     graph.append(scaled)
     scaled.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
@@ -184,12 +175,10 @@ def gradient_statistics(
     outputs = [v for v in twin.graph.outputs]
     classifier = next((v for v in outputs if is_classifier(v)), None)
     labelled = use_labels and samples.has_labels and classifier is not None
-    artifacts = _ort_training.artifacts()
-    api = _ort_training.api()
     if classifier is not None:
         twin.graph.outputs.clear()
         twin.graph.outputs.append(classifier)
-        loss = artifacts.LossType.CrossEntropyLoss
+        loss = "cross-entropy"
         loss_name = "cross-entropy against " + (
             "labels" if labelled else "the model's own predictions"
         )
@@ -213,60 +202,27 @@ def gradient_statistics(
     teacher = Runner(model, name="model") if classifier is not None and not labelled else None
     stats: dict[int, ChannelGradients] = {}
     batches = seen = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        proto = io.to_proto(twin)
-        try:
-            artifacts.generate_artifacts(
-                proto,
-                requires_grad=list(gates),
-                frozen_params=frozen,
-                loss=loss,
-                optimizer=None,
-                artifact_directory=str(folder),
-            )
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(
-                f"gradients: onnxruntime cannot build the gradient graph: {first}"
-            ) from exc
-        state = api.CheckpointState.load_checkpoint(str(folder / "checkpoint"))
-        module = api.Module(
-            str(folder / "training_model.onnx"),
-            state,
-            str(folder / "eval_model.onnx"),
-            device="cpu",
-        )
-        names = module.input_names()
-        module.train()
-        for batch in progress.bar(
-            samples.batches(batch_size, split, holdout or 0.5), desc="gradients"
-        ):
-            feeds = dict(batch.inputs)
+    with training.session(twin, list(gates), frozen, loss=loss, what="gradients") as sess:
+        batches_iter = samples.batches(batch_size, split, holdout or 0.5)
+        for batch in progress.bar(batches_iter, desc="gradients"):
+            feeds = {k: np.ascontiguousarray(v) for k, v in batch.inputs.items()}
             if classifier is not None:
                 if labelled:
                     feeds["labels"] = batch.labels.astype(np.int64)
                 else:
                     scores = teacher.run(batch, [classifier.name])[classifier.name]
                     feeds["labels"] = scores.argmax(axis=-1).astype(np.int64)
-            try:
-                module(*[np.ascontiguousarray(feeds[n]) for n in names])
-            except Exception as exc:
-                first = str(exc).strip().splitlines()[0]
-                raise ModelError(
-                    f"gradients: onnxruntime failed in a backward pass: {first}"
-                ) from exc
+            training.step(sess, feeds, "gradients")
             per_group: dict[int, np.ndarray] = {}
             for name, (gid, _root, _axis) in gates.items():
-                grad = np.array(state.parameters[name].grad, copy=True).reshape(
-                    -1
-                )  # a view: copy it
+                # Parameter.grad is a view the next step overwrites: copy it.
+                grad = np.array(sess.state.parameters[name].grad, copy=True).reshape(-1)
                 pos = root_positions[name]
                 if pos is None:
                     continue
                 channel = np.array([grad[p].sum() for p in pos])
                 per_group[gid] = per_group.get(gid, 0) + channel
-            module.lazy_reset_grad()
+            sess.module.lazy_reset_grad()
             for gid, g in per_group.items():
                 s = stats.get(gid)
                 update = ChannelGradients(1, g, g * g)

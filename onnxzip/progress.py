@@ -7,7 +7,7 @@ command line turns them off entirely with ``--quiet``.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TypeVar
 
 from tqdm import tqdm
@@ -24,18 +24,16 @@ def set_enabled(enabled: bool | None) -> None:
 
 def bar(
     iterable: Iterable[T], *, total: int | None = None, desc: str = "", unit: str = "batch"
-) -> Iterator[T]:
+) -> tqdm:
     disable = None if _enabled is None else not _enabled
     if disable is None and not sys.stderr.isatty():
         disable = True
-    return iter(
-        tqdm(
-            iterable,
-            total=total,
-            desc=desc,
-            unit=unit,
-            leave=False,
-            disable=disable,
-            file=sys.stderr,
-        )
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        leave=False,
+        disable=disable,
+        file=sys.stderr,
     )

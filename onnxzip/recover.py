@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxzip import _ort_training, io, passes, progress
+from onnxzip import io, passes, progress, training
 from onnxzip.data import Samples
 from onnxzip.errors import InputError, ModelError
 from onnxzip.runtime import Runner
@@ -144,18 +142,7 @@ def _training_twin(student: ir.Model, temperature: float) -> tuple[ir.Model, lis
             node.outputs[0].name = node.name
             graph.append(node)
         losses.append(new[-1].outputs[0])
-    if not losses:
-        raise InputError("recovery needs a float output to distil")
-    total = losses[0]
-    for j, extra in enumerate(losses[1:]):
-        add = ir.node("Add", [total, extra], name=f"distill_total_{j}")
-        add.outputs[0].name = add.name
-        graph.append(add)
-        total = add.outputs[0]
-    total.type = ir.TensorType(ir.DataType.FLOAT)
-    total.shape = ir.Shape([])
-    graph.outputs.clear()
-    graph.outputs.append(total)
+    training.scalar_loss(graph, losses, "recovery")
     return twin, targets
 
 
@@ -207,47 +194,15 @@ def recover(
     float_outputs = [v for v in student.graph.outputs if v.dtype == ir.DataType.FLOAT]
     classifier = {v.name: is_classifier(v) for v in float_outputs}
 
-    artifacts = _ort_training.artifacts()
-    api = _ort_training.api()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        proto = io.to_proto(twin)
-        proto.ir_version = min(proto.ir_version, io.MAX_IR_VERSION)
-        try:
-            artifacts.generate_artifacts(
-                proto,
-                requires_grad=trainable,
-                frozen_params=frozen,
-                loss=None,
-                optimizer=artifacts.OptimType.AdamW,
-                artifact_directory=str(folder),
-            )
-        except Exception as exc:  # onnxruntime's builders raise RuntimeError with C++ text
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(
-                f"recovery: onnxruntime cannot build the training graph: {first}"
-            ) from exc
-        io.cap_ir_version(folder / "optimizer_model.onnx")
-        state = api.CheckpointState.load_checkpoint(str(folder / "checkpoint"))
-        module = api.Module(
-            str(folder / "training_model.onnx"),
-            state,
-            str(folder / "eval_model.onnx"),
-            device="cpu",
-        )
-        optimizer = api.Optimizer(str(folder / "optimizer_model.onnx"), module)
-        input_names = module.input_names()
-
-        losses: list[float] = []
-        seen = 0
-        step = 0
+    losses: list[float] = []
+    seen = 0
+    with training.session(twin, trainable, frozen, optimizer=True, what="recovery") as sess:
         bar = progress.bar(range(config.steps), total=config.steps, desc="recover", unit="step")
         batches = _cycle(samples, config)
-        module.train()
         for step in bar:
             batch = next(batches)
             teacher_out = teacher_run.run(batch, out_names)
-            feeds = dict(batch.inputs)
+            feeds = {k: np.ascontiguousarray(v) for k, v in batch.inputs.items()}
             entropy = 0.0  # the teacher's: subtracted so the reported loss is the KL divergence
             for i, v in enumerate(student.graph.outputs):
                 if v.dtype != ir.DataType.FLOAT:
@@ -260,22 +215,20 @@ def recover(
                     feeds[f"distill_target_{i}"] = p.astype(np.float32)
                 else:
                     feeds[f"distill_target_{i}"] = t
-            lr = config.learning_rate * 0.5 * (1 + math.cos(math.pi * step / config.steps))
-            optimizer.set_learning_rate(lr)
-            try:
-                loss = module(*[np.ascontiguousarray(feeds[name]) for name in input_names])
-            except Exception as exc:
-                first = str(exc).strip().splitlines()[0]
-                raise ModelError(
-                    f"recovery: onnxruntime failed in a training step: {first}"
-                ) from exc
-            optimizer.step()
-            module.lazy_reset_grad()
-            losses.append(float(loss) - entropy)
+            # Cosine decay of the learning rate to zero over the steps.
+            sess.optimizer.set_learning_rate(
+                config.learning_rate * 0.5 * (1 + math.cos(math.pi * step / config.steps))
+            )
+            loss = training.step(sess, feeds, "recovery")
+            sess.optimizer.step()
+            sess.module.lazy_reset_grad()
+            losses.append(loss - entropy)
             seen += len(batch)
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        trained = {name: np.array(state.parameters[name].data, copy=True) for name in trainable}
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        trained = {
+            name: np.array(sess.state.parameters[name].data, copy=True) for name in trainable
+        }
 
     for name, array in trained.items():
         value = student.graph.initializers[name]
