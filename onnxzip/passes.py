@@ -3,6 +3,7 @@
 * ``drop_initializer_inputs``: old exporters (IR < 4) list every initializer as a graph input
   too, which makes weights overridable and blocks constant folding. Inference never overrides
   them, so they stop being inputs.
+* ``fold_constants``: ops computing only from constants (a Reshape of a weight) are evaluated.
 * ``lift_constants``: ``Constant`` nodes become initializers, so every rule reads constants in
   one way.
 * ``sum_to_add``: a two-input ``Sum`` is an ``Add`` (onnxruntime has quantized kernels for Add).
@@ -71,6 +72,25 @@ def drop_initializer_inputs(model: ir.Model) -> int:
     before = len(model.graph.inputs)
     ir.passes.common.RemoveInitializersFromInputsPass()(model)
     return before - len(model.graph.inputs)
+
+
+def fold_constants(model: ir.Model) -> int:
+    """Evaluates ops whose inputs are all constants (a Reshape or Transpose of a weight, say).
+
+    onnxscript's constant folder does the evaluation; its size limits are lifted because weights
+    are large, and its folded values are lifted to initializers afterwards.
+    """
+    from onnxscript.optimizer import _constant_folding
+
+    before = model.graph.num_nodes()
+    quiet = logging.getLogger("onnx_ir")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # it warns about every initializer it leaves alone
+    try:
+        _constant_folding.fold_constants(model, input_size_limit=2**40, output_size_limit=2**40)
+    finally:
+        quiet.setLevel(level)
+    return before - model.graph.num_nodes()
 
 
 def lift_constants(model: ir.Model) -> int:
@@ -172,6 +192,7 @@ def prepare_for_inference(model: ir.Model) -> dict:
     """Runs the clean-ups above in order and says what each did."""
     return {
         "initializer_inputs_dropped": drop_initializer_inputs(model),
+        "constants_folded": fold_constants(model),
         "constants_lifted": lift_constants(model),
         "sum_to_add": sum_to_add(model),
         "batchnorm_folded": fold_batchnorm(model),

@@ -346,6 +346,7 @@ def prune(
     original = io.load_model(model, name=source)
     work = original.clone()
     passes.drop_initializer_inputs(work)
+    passes.fold_constants(work)
     passes.lift_constants(work)
     passes.sum_to_add(work)
     before = inspect_model(work, source=source)
@@ -479,6 +480,7 @@ def prepared_groups(model) -> tuple[ir.Model, list[Group]]:
     """The prepared copy pruning works on, and its groups."""
     work = io.load_model(model).clone()
     passes.drop_initializer_inputs(work)
+    passes.fold_constants(work)
     passes.lift_constants(work)
     passes.sum_to_add(work)
     return work, find_groups(work)
@@ -489,6 +491,7 @@ def analyse(model, *, source: str | None = None) -> list[GroupReport]:
     source = source or (str(model) if not isinstance(model, ir.Model) else "model")
     work = io.load_model(model, name=source).clone()
     passes.drop_initializer_inputs(work)
+    passes.fold_constants(work)
     passes.lift_constants(work)
     passes.sum_to_add(work)
     return [
