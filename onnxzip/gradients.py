@@ -195,7 +195,7 @@ def gradient_statistics(
     root_positions = {}
     for name, (gid, root, _axis) in gates.items():
         member = next(
-            (m for m in positions[gid].slices if m.node == root and m.role == "out"), None
+            (m for m in positions[gid].slices if m.owner == root and m.role == "out"), None
         )
         root_positions[name] = member.positions if member is not None else None
 

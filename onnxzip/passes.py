@@ -34,6 +34,35 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
+def dequantized_array(value: ir.Value | None) -> np.ndarray | None:
+    """A constant, or the float value of ``DequantizeLinear`` applied to constants
+    (``(q - zero_point) * scale``, per axis when the scale is a vector)."""
+    array = const_array(value)
+    if array is not None or value is None:
+        return array
+    node = value.producer()
+    if node is None or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+        return None
+    q = const_array(node.inputs[0])
+    scale = const_array(node.inputs[1])
+    zero = (
+        const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    )
+    if (
+        q is None
+        or scale is None
+        or (len(node.inputs) > 2 and node.inputs[2] is not None and zero is None)
+    ):
+        return None
+    zero = np.zeros_like(scale, dtype=np.int64) if zero is None else zero.astype(np.int64)
+    if scale.ndim == 1 and scale.size > 1:
+        axis = _attr_int(node, "axis", 1) % q.ndim
+        shape = [1] * q.ndim
+        shape[axis] = scale.size
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return ((q.astype(np.int64) - zero) * scale.astype(np.float64)).astype(np.float32)
+
+
 def _attr_int(node: ir.Node, name: str, default: int) -> int:
     attr = node.attributes.get(name)
     return default if attr is None else attr.as_int()

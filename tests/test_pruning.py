@@ -531,3 +531,30 @@ def test_cli_prune_with_recovery(resnet_path, calib_npz, tmp_path, capsys):
         ["prune", resnet_path, "-o", out, "--ratio", "0.3", "--recover-steps", "10"], capsys
     )
     assert code == 2 and "needs --data" in err
+
+
+def test_already_quantized_models_prune_codes_scales_and_zero_points(
+    resnet_path, calib_npz, tmp_path
+):
+    from onnxzip.data import NpzSamples
+    from onnxzip.quantize import QuantizeConfig, quantize
+
+    specs = input_specs(io.load_model(resnet_path))
+    quantized, _ = quantize(resnet_path, NpzSamples(calib_npz, specs), QuantizeConfig(holdout=0))
+    model = prepared(quantized)
+    groups = find_groups(model)
+    open_groups = [g for g in groups if not g.blocked]
+    assert len(open_groups) == 4  # the same four groups as the float model
+    g = open_groups[0]
+    kinds = {(m.value.dtype, m.role) for m in g.slices}
+    assert (ir.DataType.INT8, "out") in kinds and (
+        ir.DataType.INT8,
+        "in",
+    ) in kinds  # int8 weight codes
+    assert (ir.DataType.INT32, "out") in kinds  # int32 bias codes
+    scales = [m for m in g.slices if m.role == "param" and m.value.dtype == ir.DataType.FLOAT]
+    assert scales  # per-channel weight scales follow the channels
+    assert assert_oracle(model, samples=4) == 4
+    pruned, report = prune(quantized, PruneConfig(ratio=0.3))
+    io.save_model(pruned, tmp_path / "pq.onnx")
+    assert report.macs_after < report.macs_before

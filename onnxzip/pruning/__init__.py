@@ -144,7 +144,7 @@ def _is_producer(node: ir.Node) -> tuple[int, int] | None:
     if out.shape is None:
         return None
     if node.op_type in ("Conv", "ConvTranspose"):
-        w = passes.const_array(node.inputs[1])
+        w = passes.dequantized_array(node.inputs[1])
         if w is None:
             return None
         group = node.attributes["group"].as_int() if "group" in node.attributes else 1
@@ -154,7 +154,7 @@ def _is_producer(node: ir.Node) -> tuple[int, int] | None:
         channels = w.shape[0] if node.op_type == "Conv" else w.shape[1] * group
         return 1, int(channels)
     if node.op_type in ("Gemm", "MatMul"):
-        w = passes.const_array(node.inputs[1])
+        w = passes.dequantized_array(node.inputs[1])
         if w is None or w.ndim != 2:
             return None
         trans_b = (
@@ -183,7 +183,7 @@ def find_groups(model: ir.Model) -> list[Group]:
         builder.visit(node.outputs[0], axis, identity(channels), node)
         builder.run(find)
         group.roots = [
-            m.node for m in group.slices if m.role == "out" and m.node not in group.depthwise
+            m.owner for m in group.slices if m.role == "out" and m.owner not in group.depthwise
         ]
         group.roots = list(dict.fromkeys(group.roots)) or [node_name(node)]
         claimed.update(group.roots)
@@ -245,14 +245,14 @@ def estimate_macs(
             continue
         for m in g.slices:
             if m.role in ("out", "in") and m.axis in (0, 1):
-                key = (m.node, m.axis)
+                key = (m.owner, m.axis)
                 cut[key] = cut.get(key, 0) + int(sum(len(m.positions[c]) for c in channels))
     total = 0
     for node in model.graph:
         macs = base.get(node_name(node))
         if not macs:
             continue
-        w = passes.const_array(node.inputs[1])
+        w = passes.dequantized_array(node.inputs[1])
         factor = 1.0
         for axis in (0, 1):
             n = cut.get((node_name(node), axis), 0)
@@ -371,7 +371,7 @@ def prune(
     for g in groups:
         if g.blocked:
             continue
-        if excluded & (set(g.members()) | {m.node for m in g.slices}):
+        if excluded & (set(g.members()) | {m.node for m in g.slices} | {m.owner for m in g.slices}):
             notes[g.id] = "excluded by the user"
             continue
         s, note = importance.score(g, config.criterion, gradients)

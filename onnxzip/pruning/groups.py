@@ -47,6 +47,7 @@ class SliceMember:
         str  # "out" (producer weights/bias), "in" (consumer weights), "param" (per-channel params)
     )
     source: tuple[str, int] | None = None  # for "in": the (tensor, axis) space the weights read
+    owner: str | None = None  # the weighted op the slice belongs to (``node`` reads the tensor)
 
 
 @dataclass
@@ -69,8 +70,8 @@ class Group:
     def members(self) -> list[str]:
         seen = []
         for s in self.slices:
-            if s.node not in seen:
-                seen.append(s.node)
+            if s.owner not in seen:
+                seen.append(s.owner)
         return seen
 
 
@@ -103,7 +104,39 @@ class GroupBuilder:
         role: str,
         source: tuple[str, int] | None = None,
     ) -> None:
-        self.group.slices.append(SliceMember(node_name(node), value, axis, positions, role, source))
+        producer = value.producer()
+        if (
+            value.const_value is None
+            and producer is not None
+            and producer.op_type == "DequantizeLinear"
+        ):
+            # A quantized weight: cut its codes, and its scales and zero-points when they are per
+            # channel along the same axis.
+            q, scale = producer.inputs[0], producer.inputs[1]
+            zero = producer.inputs[2] if len(producer.inputs) > 2 else None
+            rank = len(q.const_value.shape)
+            attr = producer.attributes.get("axis")
+            dq_axis = (attr.as_int() if attr is not None else 1) % rank
+            name = node_name(producer)
+            owner = node_name(node)
+            self.group.slices.append(SliceMember(name, q, axis, positions, role, source, owner))
+            if (
+                scale.const_value is not None
+                and scale.const_value.shape.numpy() != ()
+                and dq_axis == axis
+            ):
+                if scale.const_value.shape[0] > 1:
+                    self.group.slices.append(
+                        SliceMember(name, scale, 0, positions, "param", None, owner)
+                    )
+                    if zero is not None:
+                        self.group.slices.append(
+                            SliceMember(name, zero, 0, positions, "param", None, owner)
+                        )
+            return
+        self.group.slices.append(
+            SliceMember(node_name(node), value, axis, positions, role, source, node_name(node))
+        )
 
     def coarsen(self, partition: list[np.ndarray]):
         """Merges the group's channels: new channel ``h`` is the union of ``partition[h]``.

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from onnxzip.passes import const_array
+from onnxzip.passes import const_array, dequantized_array
 from onnxzip.pruning.groups import Group
 
 Criterion = Callable[[Group], tuple[np.ndarray, str | None]]
@@ -33,12 +33,20 @@ def register(name: str):
     return wrap
 
 
+def _weights(member) -> np.ndarray | None:
+    """The member's float values: quantized codes are scored through their DequantizeLinear."""
+    for use in member.value.uses():
+        if use.node.op_type == "DequantizeLinear" and use.idx == 0:
+            return dequantized_array(use.node.outputs[0])
+    return const_array(member.value)
+
+
 def _slice_norms(group: Group, power: int, roles: tuple[str, ...]) -> np.ndarray:
     scores = np.zeros(group.size)
     for member in group.slices:
         if member.role not in roles:
             continue
-        w = const_array(member.value)
+        w = _weights(member)
         if w is None or w.ndim == 0:
             continue
         moved = np.moveaxis(np.abs(w.astype(np.float64)) ** power, member.axis, 0)

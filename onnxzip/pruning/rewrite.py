@@ -21,7 +21,12 @@ import onnx_ir as ir
 
 from onnxzip import io
 from onnxzip.errors import ModelError
-from onnxzip.passes import add_initializer, const_array, remove_unused_initializers
+from onnxzip.passes import (
+    add_initializer,
+    const_array,
+    dequantized_array,
+    remove_unused_initializers,
+)
 from onnxzip.pruning.groups import Group, node_name
 
 
@@ -68,7 +73,7 @@ def apply(
             removed_in_space[key] += int(sum(len(positions[c]) for c in channels))
         for name in group.depthwise:
             node = nodes[name]
-            w = const_array(node.inputs[1])
+            w = dequantized_array(node.inputs[1])
             depthwise[name] = w.shape[0] // node.attributes["group"].as_int()
 
     for name, per_node in cuts.items():
@@ -94,7 +99,7 @@ def apply(
 
     for name, multiplier in depthwise.items():
         node = nodes[name]
-        cout = const_array(node.inputs[1]).shape[0]
+        cout = dequantized_array(node.inputs[1]).shape[0]
         node.attributes["group"] = ir.AttrInt64("group", cout // multiplier)
 
     for node in graph:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxzip.passes import const_array
+from onnxzip.passes import const_array, dequantized_array
 from onnxzip.pruning.groups import GroupBuilder, Positions, node_name
 
 Rule = Callable[[GroupBuilder, ir.Node, tuple, int, Positions], None]
@@ -87,11 +87,11 @@ def narrow(positions: Positions, block: int) -> Positions | None:
 @register("Conv")
 def _conv(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     x, w = node.inputs[0], node.inputs[1]
-    weight = const_array(w)
+    weight = dequantized_array(w)
     if weight is None:
         return b.block(node, "Conv weight is not a constant initializer")
     bias = node.inputs[2] if len(node.inputs) > 2 else None
-    if bias is not None and const_array(bias) is None:
+    if bias is not None and dequantized_array(bias) is None:
         return b.block(node, "Conv bias is not a constant initializer")
     group = _attr(node, "group", 1)
     cin = _dim(x, 1)
@@ -136,7 +136,7 @@ def _conv(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
 @register("ConvTranspose")
 def _conv_transpose(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     w = node.inputs[1]
-    if const_array(w) is None:
+    if dequantized_array(w) is None:
         return b.block(node, "ConvTranspose weight is not a constant initializer")
     if _attr(node, "group", 1) != 1:
         return b.block(node, "grouped ConvTranspose")
@@ -146,7 +146,7 @@ def _conv_transpose(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
         )
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     if port[0] == "out":
-        if bias is not None and const_array(bias) is None:
+        if bias is not None and dequantized_array(bias) is None:
             return b.block(node, "ConvTranspose bias is not a constant initializer")
         b.take(node, w, 1, pos, "out")
         if bias is not None:
@@ -159,7 +159,7 @@ def _conv_transpose(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
 @register("Gemm")
 def _gemm(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     w = node.inputs[1]
-    weight = const_array(w)
+    weight = dequantized_array(w)
     if weight is None or weight.ndim != 2:
         return b.block(node, "Gemm B is not a constant 2-D initializer")
     if _attr(node, "transA", 0):
@@ -170,7 +170,7 @@ def _gemm(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     if port[0] == "out":
         b.take(node, w, 0 if trans_b else 1, pos, "out")
         if len(node.inputs) > 2 and node.inputs[2] is not None:
-            c = const_array(node.inputs[2])
+            c = dequantized_array(node.inputs[2])
             if c is None:
                 return b.block(node, "Gemm C is not a constant initializer")
             if c.ndim >= 1 and c.shape[-1] == weight.shape[0 if trans_b else 1] and c.shape[-1] > 1:
@@ -185,7 +185,7 @@ def _gemm(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
 @register("MatMul")
 def _matmul(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     a, w = node.inputs[0], node.inputs[1]
-    weight = const_array(w)
+    weight = dequantized_array(w)
     if weight is None and w.producer() is not None:
         return _batched_matmul(b, node, port, axis, pos)
     if weight is None or weight.ndim != 2:
@@ -629,3 +629,22 @@ def _across_one_axis(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
 @register("Shape", "Size")
 def _shape(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     b.block(node, "the tensor's shape is read at run time; pruning would change what it computes")
+
+
+@register("QuantizeLinear", "DequantizeLinear")
+def _qdq(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
+    """Quantized activations: codes keep their channels; per-channel scales follow them."""
+    if port[0] == "in" and port[1] != 0:
+        return b.block(node, f"channels reach {node.op_type}'s scale or zero-point")
+    scale = const_array(node.inputs[1])
+    if scale is None:
+        return b.block(node, f"{node.op_type} scale is not constant")
+    if scale.size > 1:
+        rank = _rank(node.inputs[0])
+        attr = node.attributes.get("axis")
+        if (attr.as_int() if attr is not None else 1) % rank != axis:
+            return b.block(node, f"{node.op_type} is per channel on another axis")
+        b.take(node, node.inputs[1], 0, pos, "param")
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            b.take(node, node.inputs[2], 0, pos, "param")
+    return _through(b, node, port, axis, pos)
