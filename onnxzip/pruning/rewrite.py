@@ -222,7 +222,9 @@ def compensate(
             for m in list(group.slices):
                 if m.node == name and m.role == "out" and m.value is w_value and m.axis == out_axis:
                     if not any(s.node == name and s.value is new_bias for s in group.slices):
-                        group.slices.append(type(m)(name, new_bias, 0, m.positions, "out"))
+                        group.slices.append(
+                            type(m)(name, new_bias, 0, m.positions, "out", None, name)
+                        )
                     old_bias = [
                         s
                         for s in group.slices
