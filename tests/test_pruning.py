@@ -315,7 +315,7 @@ def test_masking_equivalence_light_architectures(name, every):
 
 
 @pytest.mark.parametrize(
-    "name", ["resnet50", "squeezenet", "inception_v1", "inception_v2", "densenet121"]
+    "name", ["resnet50", "squeezenet", "inception_v1", "inception_v2", "densenet121", "vgg19"]
 )
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
 def test_light_architectures_prune_at_30_and_50_percent(name, ratio, tmp_path):
