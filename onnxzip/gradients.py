@@ -153,6 +153,19 @@ def _with_energy_loss(twin: ir.Model) -> ir.Model:
     return twin
 
 
+def _check_twin(model: ir.Model, twin: ir.Model, samples: Samples, batch_size: int) -> None:
+    """The rewritten, gated twin computes what the model computes (gates are 1)."""
+    batch = next(samples.batches(min(batch_size, 8)))
+    a = Runner(model, name="model", optimization="none").run(batch)
+    b = Runner(twin, name="gradient twin", optimization="none").run(batch, list(a))
+    for name, x in a.items():
+        gap = float(np.max(np.abs(x.astype(np.float64) - b[name])))
+        if gap > 1e-3 * (1.0 + float(np.max(np.abs(x)))):
+            raise ModelError(
+                f"gradients: the prepared twin differs from the model on '{name}' by {gap:.3g}"
+            )
+
+
 def gradient_statistics(
     model: ir.Model,
     groups: list[Group],
@@ -172,6 +185,9 @@ def gradient_statistics(
     twin, gates = _gated_twin(model, groups)
     if not gates:
         raise InputError("gradients: no prunable group to score")
+    if training.differentiable(twin):
+        _check_twin(model, twin, samples, batch_size)
+    fixed = training.fix_batch(twin, batch_size)
     outputs = [v for v in twin.graph.outputs]
     classifier = next((v for v in outputs if is_classifier(v)), None)
     labelled = use_labels and samples.has_labels and classifier is not None
@@ -205,6 +221,8 @@ def gradient_statistics(
     with training.session(twin, list(gates), frozen, loss=loss, what="gradients") as sess:
         batches_iter = samples.batches(batch_size, split, holdout or 0.5)
         for batch in progress.bar(batches_iter, desc="gradients"):
+            if fixed and len(batch) != batch_size:
+                continue  # the twin's batch is fixed (AveragePool): partial batches are skipped
             feeds = {k: np.ascontiguousarray(v) for k, v in batch.inputs.items()}
             if classifier is not None:
                 if labelled:

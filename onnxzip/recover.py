@@ -177,7 +177,11 @@ def recover(
             "recovery: a BatchNormalization that follows no convolution cannot be trained safely"
         )
     _check_same(original_student, student, samples, config)
-    twin, targets = _training_twin(student, config.temperature)
+    base = student.clone()  # the trained weights go back into ``student``, which keeps its ops
+    if training.differentiable(base):
+        _check_same(student, base, samples, config)
+    fixed = training.fix_batch(base, config.batch_size)
+    twin, targets = _training_twin(base, config.temperature)
     trainable = _trainable(student)
     if not trainable:
         raise InputError(
@@ -201,6 +205,8 @@ def recover(
         batches = _cycle(samples, config)
         for step in bar:
             batch = next(batches)
+            while fixed and len(batch) != config.batch_size:  # a fixed batch takes only full ones
+                batch = next(batches)
             teacher_out = teacher_run.run(batch, out_names)
             feeds = {k: np.ascontiguousarray(v) for k, v in batch.inputs.items()}
             entropy = 0.0  # the teacher's: subtracted so the reported loss is the KL divergence

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxzip import _ort_training, io
@@ -22,7 +23,15 @@ from onnxzip.errors import InputError, ModelError
 
 
 def first_line(exc: BaseException) -> str:
+    """The part of an onnxruntime error a user can act on."""
     text = str(exc).strip()
+    marker = "The gradient builder has not been registered:"
+    if marker in text:
+        op = text.split(marker, 1)[1].split()[0]
+        return f"op {op} has no gradient in onnxruntime-training"
+    for line in text.splitlines():
+        if "was false." in line:
+            return line.split("was false.", 1)[1].strip() or line.strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
@@ -108,3 +117,107 @@ def step(sess: Session, feeds: dict, what: str = "training") -> float:
             f"{what}: onnxruntime failed in a training step: {first_line(exc)}"
         ) from exc
     return float(loss)
+
+
+def _replace(graph: ir.Graph, node: ir.Node, new_nodes: list[ir.Node], result: ir.Value) -> None:
+    """Puts ``new_nodes`` where ``node`` was; ``result`` takes over its output and name."""
+    graph.insert_before(node, new_nodes)
+    old = node.outputs[0]
+    name = old.name
+    result.type, result.shape = old.type, old.shape
+    old.replace_all_uses_with(result, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    result.name = name
+
+
+def _const(graph: ir.Graph, name: str, value: float) -> ir.Value:
+    from onnxzip.passes import add_initializer
+
+    return add_initializer(graph, name, np.array(value, np.float32))
+
+
+def differentiable(model: ir.Model) -> list[str]:
+    """Rewrites ops onnxruntime-training 1.19 has no gradient builder for into ops it has.
+
+    HardSwish(x) = x * Clip(x + 3, 0, 6) / 6; HardSigmoid(x) = Clip(alpha x + beta, 0, 1);
+    PRelu(x, s) = Relu(x) - s * Relu(-x); Sum of n > 2 inputs = a chain of Add. Returns the
+    rewritten op types. Exact up to float rounding; callers check the outputs.
+    """
+    graph = model.graph
+    done = []
+    for i, node in enumerate(list(graph)):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        op = node.op_type
+        p = f"grad_rewrite_{i}"
+        if op == "HardSwish":
+            x = node.inputs[0]
+            shifted = ir.node("Add", [x, _const(graph, f"{p}_3", 3.0)], name=f"{p}_add")
+            clipped = ir.node(
+                "Clip",
+                [shifted.outputs[0], _const(graph, f"{p}_0", 0.0), _const(graph, f"{p}_6", 6.0)],
+                name=f"{p}_clip",
+            )
+            scaled = ir.node(
+                "Mul",
+                [clipped.outputs[0], _const(graph, f"{p}_sixth", 1.0 / 6.0)],
+                name=f"{p}_scale",
+            )
+            out = ir.node("Mul", [x, scaled.outputs[0]], name=f"{p}_mul")
+            _replace(graph, node, [shifted, clipped, scaled, out], out.outputs[0])
+        elif op == "HardSigmoid":
+            alpha = node.attributes["alpha"].as_float() if "alpha" in node.attributes else 0.2
+            beta = node.attributes["beta"].as_float() if "beta" in node.attributes else 0.5
+            mul = ir.node(
+                "Mul", [node.inputs[0], _const(graph, f"{p}_alpha", alpha)], name=f"{p}_mul"
+            )
+            add = ir.node(
+                "Add", [mul.outputs[0], _const(graph, f"{p}_beta", beta)], name=f"{p}_add"
+            )
+            out = ir.node(
+                "Clip",
+                [add.outputs[0], _const(graph, f"{p}_0", 0.0), _const(graph, f"{p}_1", 1.0)],
+                name=f"{p}_clip",
+            )
+            _replace(graph, node, [mul, add, out], out.outputs[0])
+        elif op == "PRelu":
+            x, slope = node.inputs[0], node.inputs[1]
+            pos = ir.node("Relu", [x], name=f"{p}_pos")
+            neg_x = ir.node("Neg", [x], name=f"{p}_negx")
+            neg = ir.node("Relu", [neg_x.outputs[0]], name=f"{p}_neg")
+            scaled = ir.node("Mul", [slope, neg.outputs[0]], name=f"{p}_scaled")
+            out = ir.node("Sub", [pos.outputs[0], scaled.outputs[0]], name=f"{p}_sub")
+            _replace(graph, node, [pos, neg_x, neg, scaled, out], out.outputs[0])
+        elif op == "Sum" and len(node.inputs) > 2:
+            adds, total = [], node.inputs[0]
+            for j, term in enumerate(node.inputs[1:]):
+                add = ir.node("Add", [total, term], name=f"{p}_add{j}")
+                adds.append(add)
+                total = add.outputs[0]
+            _replace(graph, node, adds, total)
+        else:
+            continue
+        done.append(op)
+    for node in graph:
+        for value in node.outputs:
+            if value.name is None:
+                value.name = f"{node.name}_out"
+    return done
+
+
+def fix_batch(model: ir.Model, batch: int) -> bool:
+    """Gives every graph input a fixed first dimension when an AveragePool's gradient would
+    meet a symbolic batch (onnxruntime-training 1.19 mis-sizes it, even crashing with SIGFPE)."""
+    if not any(n.op_type == "AveragePool" for n in model.graph):
+        return False
+    changed = False
+    for value in model.graph.inputs:
+        if value.shape is not None and len(value.shape) and not isinstance(value.shape[0], int):
+            value.shape = ir.Shape([batch, *list(value.shape)[1:]])
+            changed = True
+    if changed:  # stale symbolic shapes downstream would contradict the fixed batch
+        for node in model.graph:
+            for value in node.outputs:
+                if not value.is_graph_output():
+                    value.shape = None
+    return changed

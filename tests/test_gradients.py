@@ -175,3 +175,89 @@ def test_cli_stats_and_gradient_criterion(resnet_path, calib_npz, tmp_path, caps
         capsys,
     )
     assert code == 0 and "gradients" in stdout
+
+
+EXOTIC = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,8,8] x) => (float[N,4] y) {
+    a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+    h = HardSwish (a)
+    c = Conv (h, w2)
+    p = PRelu (c, slope)
+    q = HardSigmoid (p)
+    s = Sum (q, q, p)
+    v = AveragePool <kernel_shape=[2,2], strides=[2,2]> (s)
+    g = GlobalAveragePool (v)
+    f = Flatten (g)
+    y = Gemm <transB=1> (f, w3, b3)
+}
+"""
+
+
+def exotic() -> ir.Model:
+    proto = onnx.parser.parse_model(EXOTIC)
+    rng = np.random.default_rng(0)
+    shapes = {
+        "w1": (6, 3, 3, 3),
+        "b1": (6,),
+        "w2": (5, 6, 1, 1),
+        "slope": (5, 1, 1),
+        "w3": (4, 5),
+        "b3": (4,),
+    }
+    for name, shape in shapes.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(0, 0.5, shape).astype(np.float32), name)
+        )
+    return io.load_model(proto)
+
+
+def test_ops_without_gradient_builders_are_rewritten_and_averagepool_batch_is_fixed(tmp_path):
+    """HardSwish, HardSigmoid, PRelu, Sum of 3 and AveragePool with a symbolic batch all train."""
+    from onnxzip.recover import RecoverConfig, recover
+
+    model = exotic()
+    samples = SyntheticSamples(input_specs(model), 40, seed=4)
+    work, groups = prepared_groups(model)
+    stats, report = gradient_statistics(work, groups, samples, batch_size=8)
+    assert report.batches == 5 and len(stats) == 2
+    assert all(
+        np.all(np.isfinite(s.score("taylor"))) and s.score("taylor").any() for s in stats.values()
+    )
+    pruned, _ = prune(model, PruneConfig(ratio=0.3, criterion="taylor"), samples=samples)
+    recovered, rec = recover(model, pruned, samples, RecoverConfig(steps=30, batch_size=8))
+    assert rec.last_loss < rec.first_loss
+    ops = {n.op_type for n in recovered.graph}
+    assert {
+        "HardSwish",
+        "PRelu",
+        "HardSigmoid",
+        "AveragePool",
+    } <= ops  # the served model keeps its ops
+    io.save_model(recovered, tmp_path / "r.onnx")
+
+
+def test_an_op_without_gradient_is_named_and_prune_falls_back_to_l1():
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "g (float[N,3,8,8] x) => (float[N,4] y) { a = Conv (x, w1)\n r = Relu (a)\n c = Conv (r, w2)\n"
+        " b = LRN <size=3> (c)\n p = GlobalAveragePool (b)\n f = Flatten (p)\n y = Gemm <transB=1> (f, w3) }"
+    )
+    rng = np.random.default_rng(0)
+    for name, shape in {"w1": (4, 3, 1, 1), "w2": (6, 4, 1, 1), "w3": (4, 6)}.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+        )
+    model = io.load_model(proto)
+    samples = SyntheticSamples(input_specs(model), 8)
+    work, groups = prepared_groups(model)
+    from onnxzip.errors import ModelError
+
+    try:
+        gradient_statistics(work, groups, samples)
+        raise AssertionError("LRN has no gradient builder in onnxruntime-training 1.19")
+    except ModelError as exc:
+        assert "op LRN has no gradient" in str(exc) and "\n" not in str(exc)
+    _, report = prune(model, PruneConfig(ratio=0.3, criterion="fisher"), samples=samples)
+    notes = [g.note for g in report.groups if not g.reason]
+    assert notes and all("op LRN has no gradient" in n and "scored by l1" in n for n in notes)

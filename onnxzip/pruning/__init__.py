@@ -27,7 +27,7 @@ import onnx_ir as ir
 from onnxzip import io, passes, progress
 from onnxzip.analysis import inspect_model, node_macs, symbolic_dims
 from onnxzip.data import Samples
-from onnxzip.errors import InputError
+from onnxzip.errors import InputError, ModelError
 from onnxzip.pruning import importance, rewrite
 from onnxzip.pruning.groups import Group, GroupBuilder, identity, node_name
 from onnxzip.pruning.rules import rule_for
@@ -354,6 +354,7 @@ def prune(
     timings["analyse"] = time.perf_counter() - t0
 
     gradients = None
+    gradients_failed = None
     if config.criterion in importance.GRADIENT_CRITERIA:
         if samples is None:
             raise InputError(
@@ -362,7 +363,12 @@ def prune(
         from onnxzip.gradients import gradient_statistics
 
         t0 = time.perf_counter()
-        gradients, _ = gradient_statistics(work, groups, samples, batch_size=config.batch_size)
+        try:
+            gradients, _ = gradient_statistics(work, groups, samples, batch_size=config.batch_size)
+        except ModelError as exc:
+            # No gradient for some op: every group falls back to l1, and the report says why.
+            logger.warning("%s; scoring by l1 instead of %s", exc, config.criterion)
+            gradients_failed = str(exc)
         timings["gradients"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -375,6 +381,8 @@ def prune(
             notes[g.id] = "excluded by the user"
             continue
         s, note = importance.score(g, config.criterion, gradients)
+        if gradients_failed and note:
+            note = f"{gradients_failed}: scored by l1"
         scores[g.id] = s
         if note:
             notes[g.id] = note
