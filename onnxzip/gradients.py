@@ -82,6 +82,7 @@ class GradientReport:
     groups: int
     skipped: dict[int, str] = field(default_factory=dict)
     seconds: float = 0.0
+    step_seconds: float = 0.0  # median per batch: the training step plus gradient bookkeeping
 
 
 def _gated_twin(
@@ -207,22 +208,30 @@ def gradient_statistics(
         for n, v in twin.graph.initializers.items()
         if n not in gates and v.dtype is not None and v.dtype.is_floating_point()
     ]
-    positions = {g.id: g for g in groups}
-    root_positions = {}
+    by_id = {g.id: g for g in groups}
+    # Per gate: which group channel each gate position belongs to, for one bincount per batch.
+    scatter = {}
     for name, (gid, root, _axis) in gates.items():
-        member = next(
-            (m for m in positions[gid].slices if m.owner == root and m.role == "out"), None
-        )
-        root_positions[name] = member.positions if member is not None else None
+        member = next((m for m in by_id[gid].slices if m.owner == root and m.role == "out"), None)
+        if member is None:
+            continue
+        flat = np.concatenate(member.positions)
+        owner = np.repeat(np.arange(len(member.positions)), [len(p) for p in member.positions])
+        scatter[name] = (gid, flat, owner, len(member.positions))
 
     teacher = Runner(model, name="model") if classifier is not None and not labelled else None
-    stats: dict[int, ChannelGradients] = {}
+    totals: dict[int, np.ndarray] = {}
+    squares: dict[int, np.ndarray] = {}
+    step_times: list[float] = []
     batches = seen = 0
     with training.session(twin, list(gates), frozen, loss=loss, what="gradients") as sess:
-        batches_iter = samples.batches(batch_size, split, holdout or 0.5)
-        for batch in progress.bar(batches_iter, desc="gradients"):
+        parameters = sess.state.parameters
+        for batch in progress.bar(
+            samples.batches(batch_size, split, holdout or 0.5), desc="gradients"
+        ):
             if fixed and len(batch) != batch_size:
                 continue  # the twin's batch is fixed (AveragePool): partial batches are skipped
+            t0 = time.perf_counter()
             feeds = {k: np.ascontiguousarray(v) for k, v in batch.inputs.items()}
             if classifier is not None:
                 if labelled:
@@ -232,22 +241,25 @@ def gradient_statistics(
                     feeds["labels"] = scores.argmax(axis=-1).astype(np.int64)
             training.step(sess, feeds, "gradients")
             per_group: dict[int, np.ndarray] = {}
-            for name, (gid, _root, _axis) in gates.items():
-                # Parameter.grad is a view the next step overwrites: copy it.
-                grad = np.array(sess.state.parameters[name].grad, copy=True).reshape(-1)
-                pos = root_positions[name]
-                if pos is None:
-                    continue
-                channel = np.array([grad[p].sum() for p in pos])
-                per_group[gid] = per_group.get(gid, 0) + channel
+            for name, (gid, flat, owner, channels) in scatter.items():
+                # Parameter.grad is a view the next step overwrites: read it before then.
+                grad = np.asarray(parameters[name].grad).reshape(-1)
+                g = np.bincount(owner, weights=grad[flat], minlength=channels)
+                per_group[gid] = per_group[gid] + g if gid in per_group else g
             sess.module.lazy_reset_grad()
             for gid, g in per_group.items():
-                s = stats.get(gid)
-                update = ChannelGradients(1, g, g * g)
-                stats[gid] = update if s is None else s.merge(update)
+                totals[gid] = totals.get(gid, 0) + g
+                squares[gid] = squares.get(gid, 0) + g * g
+            step_times.append(time.perf_counter() - t0)
             batches += 1
             seen += len(batch)
+    stats = {gid: ChannelGradients(batches, totals[gid], squares[gid]) for gid in totals}
     report = GradientReport(
-        loss_name, batches, seen, len(stats), seconds=time.perf_counter() - start
+        loss_name,
+        batches,
+        seen,
+        len(stats),
+        seconds=time.perf_counter() - start,
+        step_seconds=float(np.median(step_times)) if step_times else 0.0,
     )
     return stats, report
