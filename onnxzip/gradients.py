@@ -92,10 +92,8 @@ def _gated_twin(
     twin = model.clone()
     passes.lift_constants(twin)
     passes.fold_batchnorm(twin)
-    if any(n.op_type == "BatchNormalization" for n in twin.graph):
-        raise ModelError(
-            "gradients: a BatchNormalization that follows no convolution cannot be differentiated safely"
-        )
+    passes.batchnorm_to_affine(twin)  # the rest: constants, never batch statistics
+
     nodes = {n.name or n.outputs[0].name: n for n in twin.graph}
     gates = {}
     for group in groups:

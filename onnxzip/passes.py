@@ -209,6 +209,47 @@ def fold_batchnorm(model: ir.Model) -> list[str]:
     return folded
 
 
+def batchnorm_to_affine(model: ir.Model) -> int:
+    """Inference-mode BatchNormalization as ``x * s + t`` with constant ``s``, ``t``.
+
+    ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s``, shaped ``[C, 1, ...]`` to
+    broadcast over the channel axis. For training graphs: onnxruntime's gradient builder would
+    turn a BatchNormalization node into training-mode BN with batch statistics.
+    """
+    graph = model.graph
+    count = 0
+    for bn in list(graph):
+        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
+            continue
+        gamma, beta, mean, var = (const_array(v) for v in bn.inputs[1:5])
+        x = bn.inputs[0]
+        if any(a is None for a in (gamma, beta, mean, var)) or x.shape is None:
+            continue
+        eps = _attr_float(bn, "epsilon", 1e-5)
+        scale = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)
+        shift = beta.astype(np.float64) - mean.astype(np.float64) * scale
+        trailing = [1] * (len(x.shape) - 2)
+        base = bn.name or bn.outputs[0].name
+        s = add_initializer(
+            graph, f"{base}.affine_scale", scale.reshape(-1, *trailing).astype(np.float32)
+        )
+        t = add_initializer(
+            graph, f"{base}.affine_shift", shift.reshape(-1, *trailing).astype(np.float32)
+        )
+        mul = ir.node("Mul", [x, s], name=f"{base}.affine_mul")
+        add = ir.node("Add", [mul.outputs[0], t], name=f"{base}.affine_add")
+        mul.outputs[0].name = f"{base}.affine_mul"
+        graph.insert_before(bn, [mul, add])
+        out = bn.outputs[0]
+        name = out.name
+        add.outputs[0].type, add.outputs[0].shape = out.type, out.shape
+        out.replace_all_uses_with(add.outputs[0], replace_graph_outputs=True)
+        graph.remove(bn, safe=True)
+        add.outputs[0].name = name
+        count += 1
+    return count
+
+
 def remove_unused_initializers(model: ir.Model) -> None:
     graph = model.graph
     for name in list(graph.initializers):

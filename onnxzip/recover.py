@@ -13,8 +13,9 @@ The training twin is the student with its loss written into the graph:
 * any other float output: the mean squared error to the teacher's output.
 
 Several outputs add their losses. BatchNormalization after a convolution is folded into it
-first (exact), so the twin has no BatchNormalization at all: onnxruntime's gradient builder
-would otherwise switch it to batch statistics. The folded model is checked against the pruned
+first (exact), and any other becomes a constant affine ``x * s + t``, so the twin has no
+BatchNormalization at all: onnxruntime's gradient builder would otherwise switch it to batch
+statistics. Ops without gradient builders are rewritten (``training.differentiable``). The folded model is checked against the pruned
 one in onnxruntime before any step. The trained weights are written back by name into
 the inference model, which keeps every other part of the graph.
 """
@@ -171,14 +172,10 @@ def recover(
     student = student.clone()
     passes.lift_constants(student)
     passes.fold_batchnorm(student)
-    leftover = [n.op_type for n in student.graph if n.op_type == "BatchNormalization"]
-    if leftover:
-        raise ModelError(
-            "recovery: a BatchNormalization that follows no convolution cannot be trained safely"
-        )
     _check_same(original_student, student, samples, config)
     base = student.clone()  # the trained weights go back into ``student``, which keeps its ops
-    if training.differentiable(base):
+    rewritten = training.differentiable(base)
+    if rewritten or passes.batchnorm_to_affine(base):
         _check_same(student, base, samples, config)
     fixed = training.fix_batch(base, config.batch_size)
     twin, targets = _training_twin(base, config.temperature)

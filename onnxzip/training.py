@@ -140,8 +140,9 @@ def differentiable(model: ir.Model) -> list[str]:
     """Rewrites ops onnxruntime-training 1.19 has no gradient builder for into ops it has.
 
     HardSwish(x) = x * Clip(x + 3, 0, 6) / 6; HardSigmoid(x) = Clip(alpha x + beta, 0, 1);
-    PRelu(x, s) = Relu(x) - s * Relu(-x); Sum of n > 2 inputs = a chain of Add. Returns the
-    rewritten op types. Exact up to float rounding; callers check the outputs.
+    PRelu(x, s) = Relu(x) - s * Relu(-x); Sum of n > 2 inputs = a chain of Add; a
+    LayerNormalization with one output gets its mean and inverse-deviation outputs declared.
+    Returns the rewritten op types. Exact up to float rounding; callers check the outputs.
     """
     graph = model.graph
     done = []
@@ -188,6 +189,11 @@ def differentiable(model: ir.Model) -> list[str]:
             scaled = ir.node("Mul", [slope, neg.outputs[0]], name=f"{p}_scaled")
             out = ir.node("Sub", [pos.outputs[0], scaled.outputs[0]], name=f"{p}_sub")
             _replace(graph, node, [pos, neg_x, neg, scaled, out], out.outputs[0])
+        elif op == "LayerNormalization" and len(node.outputs) == 1:
+            # Its gradient builder reads the mean and inverse deviation outputs: declare them.
+            node.resize_outputs(3)
+            node.outputs[1].name = f"{p}_mean"
+            node.outputs[2].name = f"{p}_inv_std"
         elif op == "Sum" and len(node.inputs) > 2:
             adds, total = [], node.inputs[0]
             for j, term in enumerate(node.inputs[1:]):

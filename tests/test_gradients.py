@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnx.parser
 import onnx_ir as ir
+import pytest
 from conftest import run_cli
 
 from onnxzip import io
@@ -261,3 +262,37 @@ def test_an_op_without_gradient_is_named_and_prune_falls_back_to_l1():
     _, report = prune(model, PruneConfig(ratio=0.3, criterion="fisher"), samples=samples)
     notes = [g.note for g in report.groups if not g.reason]
     assert notes and all("op LRN has no gradient" in n and "scored by l1" in n for n in notes)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet50",
+        "squeezenet",
+        "inception_v1",
+        "inception_v2",
+        "densenet121",
+        "mobilenet_v2",
+        "bert_encoder",
+    ],
+)
+def test_stats_on_the_pruning_corpus_or_the_blocking_op_is_named(name):
+    from onnxzip import zoo
+    from onnxzip.errors import ModelError
+
+    builders = {
+        "mobilenet_v2": lambda: zoo.mobilenet_v2(resolution=64, classes=16),
+        "bert_encoder": zoo.bert_encoder,
+    }
+    model = builders[name]() if name in builders else zoo.from_light(name)
+    work, groups = prepared_groups(model)
+    samples = SyntheticSamples(input_specs(model), 2, seed=1)
+    if (
+        name == "inception_v1"
+    ):  # LRN inside the network: onnxruntime-training has no gradient for it
+        with pytest.raises(ModelError, match="op LRN has no gradient"):
+            gradient_statistics(work, groups, samples, batch_size=2)
+        return
+    stats, report = gradient_statistics(work, groups, samples, batch_size=2)
+    assert len(stats) == len([g for g in groups if not g.blocked and g.roots])
+    assert all(np.all(np.isfinite(s.score("fisher"))) for s in stats.values())
