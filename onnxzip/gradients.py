@@ -174,8 +174,14 @@ def gradient_statistics(
     use_labels: bool = True,
     split: str = "all",
     holdout: float = 0.0,
+    custom_loss=None,
+    extra_feeds=None,
 ) -> tuple[dict[int, ChannelGradients], GradientReport]:
     """Gate-gradient statistics per group channel over the samples (see the module docstring).
+
+    ``custom_loss`` is an ``onnxruntime.training.onnxblock`` loss block applied to the model's
+    outputs instead of the default loss; ``extra_feeds(batch) -> dict`` supplies the inputs it
+    adds (targets, weights).
 
     Raises:
         ModelError: onnxruntime cannot build a gradient for some op (the message names it).
@@ -190,7 +196,11 @@ def gradient_statistics(
     outputs = [v for v in twin.graph.outputs]
     classifier = next((v for v in outputs if is_classifier(v)), None)
     labelled = use_labels and samples.has_labels and classifier is not None
-    if classifier is not None:
+    if custom_loss is not None:
+        loss = custom_loss
+        loss_name = f"custom {type(custom_loss).__name__}"
+        classifier = None
+    elif classifier is not None:
         twin.graph.outputs.clear()
         twin.graph.outputs.append(classifier)
         loss = "cross-entropy"
@@ -237,6 +247,8 @@ def gradient_statistics(
                 else:
                     scores = teacher.run(batch, [classifier.name])[classifier.name]
                     feeds["labels"] = scores.argmax(axis=-1).astype(np.int64)
+            if extra_feeds is not None:
+                feeds.update(extra_feeds(batch))
             training.step(sess, feeds, "gradients")
             per_group: dict[int, np.ndarray] = {}
             for name, (gid, flat, owner, channels) in scatter.items():

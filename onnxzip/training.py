@@ -69,15 +69,21 @@ def session(
     requires_grad: list[str],
     frozen: list[str],
     *,
-    loss: str | None = None,
+    loss=None,
     optimizer: bool = False,
     what: str = "training",
 ) -> Iterator[Session]:
     """Training artifacts for ``twin``, opened; ``loss`` is None (the twin's first output is
-    the loss) or ``"cross-entropy"`` (onnxruntime adds it, with a ``labels`` input)."""
+    the loss), ``"cross-entropy"`` (onnxruntime adds it, with a ``labels`` input), or an
+    ``onnxblock`` loss block."""
     artifacts = _ort_training.artifacts()
     api = _ort_training.api()
-    loss_type = artifacts.LossType.CrossEntropyLoss if loss == "cross-entropy" else None
+    if loss == "cross-entropy":
+        loss_type = artifacts.LossType.CrossEntropyLoss
+    elif loss is None or isinstance(loss, str):
+        loss_type = None
+    else:
+        loss_type = loss  # an onnxblock loss block
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         try:

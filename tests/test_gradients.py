@@ -296,3 +296,33 @@ def test_stats_on_the_pruning_corpus_or_the_blocking_op_is_named(name):
     stats, report = gradient_statistics(work, groups, samples, batch_size=2)
     assert len(stats) == len([g for g in groups if not g.blocked and g.roots])
     assert all(np.all(np.isfinite(s.score("fisher"))) for s in stats.values())
+
+
+def test_custom_onnxblock_loss():
+    """An onnxblock MSE (sum) to zero targets is twice the 0.5 * ||y||^2 default: gradients double."""
+    from onnxzip import _ort_training
+
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "g (float[N,3,4,4] x) => (float[N,2,4,4] y) { a = Conv (x, w1)\n r = Relu (a)\n y = Conv (r, w2) }"
+    )
+    rng = np.random.default_rng(0)
+    for name, shape in {"w1": (4, 3, 1, 1), "w2": (2, 4, 1, 1)}.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+        )
+    model = io.load_model(proto)
+    work, groups = prepared_groups(model)
+    samples = SyntheticSamples(input_specs(model), 8, seed=2)
+    default, _ = gradient_statistics(work, groups, samples, batch_size=8)
+    block = _ort_training.onnxblock().loss.MSELoss(reduction="sum")
+    custom, report = gradient_statistics(
+        work,
+        groups,
+        samples,
+        batch_size=8,
+        custom_loss=block,
+        extra_feeds=lambda batch: {"target": np.zeros((len(batch), 2, 4, 4), np.float32)},
+    )
+    assert report.loss == "custom MSELoss"
+    np.testing.assert_allclose(custom[0].total, 2 * default[0].total, rtol=1e-4, atol=1e-6)
