@@ -232,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--quantize-softmax", action="store_true", help="also quantize Softmax")
     q.add_argument(
+        "--bias-correction",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="empirical per-channel bias correction from the calibration samples; auto keeps it when "
+        "the held-out output SNR improves (default)",
+    )
+    q.add_argument(
         "--mode",
         choices=["static", "dynamic"],
         default="static",
@@ -674,6 +681,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         holdout=holdout,
         max_drop=args.max_drop,
         mode=args.mode,
+        bias_correction=args.bias_correction,
         min_cosine=args.min_cosine,
     )
     quantized, report = quantize(

@@ -409,3 +409,24 @@ def test_dynamic_mode_gemm_with_transposed_weight_and_bias():
     ] == ["MatMulInteger", "Add"]
     out = report.parity.outputs[0]
     assert out.cosine_mean > 0.999 and out.top1_agreement > 0.95
+
+
+@pytest.mark.parametrize("arch", ["digits_resnet", "digits_mobilenet"])
+def test_bias_correction_raises_held_out_snr_and_auto_keeps_it(arch, calib_npz, test_npz):
+    path = calib_npz.parent / f"{arch}.onnx"
+    specs = input_specs(io.load_model(path))
+    snr = {}
+    for mode in ("off", "on", "auto"):
+        _, report = quantize(
+            path,
+            NpzSamples(calib_npz, specs),
+            QuantizeConfig(bias_correction=mode),
+            verify_samples=NpzSamples(test_npz, specs),
+        )
+        snr[mode] = report.parity.outputs[0].snr_db
+        if mode == "auto":
+            assert report.bias_correction.startswith("applied")
+        if mode == "off":
+            assert report.bias_correction is None
+    assert snr["on"] > snr["off"] + 1.0
+    assert snr["auto"] == pytest.approx(snr["on"])

@@ -64,12 +64,17 @@ class QuantizeConfig:
     max_drop: float | None = None  # accuracy guard: top-1 points (against labels, else agreement)
     min_cosine: float | None = None  # accuracy guard: minimum mean output cosine
     guard_samples: int = 512  # held-out samples the guard scores candidates on
+    bias_correction: str = "auto"  # auto: kept when it raises the held-out SNR; on; off
 
     @property
     def guarded(self) -> bool:
         return self.max_drop is not None or self.min_cosine is not None
 
     def validate(self) -> None:
+        if self.bias_correction not in ("auto", "on", "off"):
+            raise InputError(
+                f"bias correction must be auto, on or off, got '{self.bias_correction}'"
+            )
         if self.mode not in ("static", "dynamic"):
             raise InputError(f"unknown mode '{self.mode}' (choose static or dynamic)")
         if self.calibration not in cal.METHODS:
@@ -127,6 +132,7 @@ class QuantizeReport:
     ranges: list[TensorRange] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     guard: GuardReport | None = None
+    bias_correction: str | None = None
     parity: VerifyReport | None = None
 
     def format(self) -> str:
@@ -162,6 +168,8 @@ class QuantizeReport:
                     [[k.node, k.op_type, k.reason] for k in self.kept_float],
                 )
             )
+        if self.bias_correction:
+            lines.append(f"bias correction  {self.bias_correction}")
         if self.guard is not None:
             g = self.guard
             lines.append("")
@@ -443,6 +451,30 @@ def quantize(
     verifying = verify_samples is not None or config.holdout > 0
     data = verify_samples or samples
     split = "all" if verify_samples is not None else "holdout"
+    bias_note = None
+    if config.mode == "static" and config.bias_correction != "off":
+        t0 = time.perf_counter()
+        corrected, layers = correct_biases(prepared, work, plan, samples, config, holdout)
+        if layers:
+            fixed = _Builder(corrected, samples, config, holdout)
+            fixed.stats, fixed.calibrated = builder.stats, builder.calibrated
+            candidate = fixed.build()
+            use = config.bias_correction == "on"
+            if config.bias_correction == "auto" and verifying:
+                evaluator = _Evaluator(original, data, split, config)
+                before = evaluator.score(work, config)[1]
+                after = evaluator.score(candidate[0], config)[1]
+                use = after > before
+                bias_note = (
+                    f"{'applied' if use else 'not applied'}: output SNR {before:.2f} dB without, "
+                    f"{after:.2f} dB with, on the verification samples ({layers} layers)"
+                )
+            elif use:
+                bias_note = f"applied to {layers} layers"
+            if use:
+                work, plan, kept, inserted, ranges = candidate
+                builder = fixed
+        timings["bias correction"] = time.perf_counter() - t0
     guard_report = None
     if config.guarded:
         if not verifying:
@@ -473,6 +505,7 @@ def quantize(
         ranges=ranges,
         seconds=timings,
         guard=guard_report,
+        bias_correction=bias_note,
     )
     if verifying:
         t0 = time.perf_counter()
@@ -489,6 +522,98 @@ def quantize(
         )
         timings["verify"] = time.perf_counter() - t0
     return work, report
+
+
+# -- bias correction ------------------------------------------------------------------------------
+
+
+def correct_biases(
+    prepared: ir.Model,
+    quantized: ir.Model,
+    plan: Plan,
+    samples: Samples,
+    config: QuantizeConfig,
+    holdout: float,
+) -> tuple[ir.Model, int]:
+    """Empirical bias correction of the weight-quantization error.
+
+    A layer ``y = W x + b`` quantized to ``W_q`` shifts its output mean by
+    ``E[(W - W_q) x] = (W - W_q) E[x]`` per output channel (summed over a Conv's kernel window).
+    ``E[x]`` per input channel comes from the calibration samples; the returned copy of
+    ``prepared`` has ``b' = b + (W - W_q) E[x]`` for every quantized Conv/Gemm with a per-channel
+    input mean. Each layer's correction depends only on its own weights, so one pass suffices.
+    """
+    q_nodes = {node_key(n): n for n in quantized.graph}
+    layers = []
+    for n in prepared.graph:
+        key = node_key(n)
+        if (
+            n.op_type not in ("Conv", "Gemm")
+            or key not in plan.quantized_nodes
+            or key not in q_nodes
+        ):
+            continue
+        if n.op_type == "Conv" and (
+            n.attributes.get("group") and n.attributes["group"].as_int() != 1
+        ):
+            continue  # depthwise: per-channel input means would need the group layout
+        if n.op_type == "Gemm" and n.attributes.get("transA") and n.attributes["transA"].as_int():
+            continue
+        w = passes.const_array(n.inputs[1])
+        w_q = passes.dequantized_array(q_nodes[key].inputs[1])
+        if w is None or w_q is None or w.shape != w_q.shape:
+            continue
+        layers.append((n, w.astype(np.float64) - w_q.astype(np.float64)))
+    if not layers:
+        return prepared, 0
+    names = sorted({n.inputs[0].name for n, _ in layers})
+    exposed = prepared.clone()
+    by_name = {v.name: v for v in exposed.graph.inputs}
+    by_name.update({v.name: v for n in exposed.graph for v in n.outputs})
+    present = {v.name for v in exposed.graph.outputs} | {v.name for v in exposed.graph.inputs}
+    for name in names:
+        if name not in present:
+            exposed.graph.outputs.append(by_name[name])
+    runner = Runner(exposed, name="bias correction", optimization="basic")
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    split = "calibration" if holdout > 0 else "all"
+    for batch in samples.batches(config.batch_size, split, holdout or 0.5):
+        fetch = [n for n in names if n not in batch.inputs]
+        outs = runner.run(batch, fetch) if fetch else {}
+        for name in names:
+            x = (batch.inputs[name] if name in batch.inputs else outs[name]).astype(np.float64)
+            x = np.moveaxis(x, 1 if x.ndim > 2 else -1, 0).reshape(
+                x.shape[1 if x.ndim > 2 else -1], -1
+            )
+            sums[name] = sums.get(name, 0) + x.sum(axis=1)
+            counts[name] = counts.get(name, 0) + x.shape[1]
+    corrected = prepared.clone()
+    nodes = {node_key(n): n for n in corrected.graph}
+    done = 0
+    for layer, diff in layers:
+        mean = sums[layer.inputs[0].name] / max(counts[layer.inputs[0].name], 1)
+        if layer.op_type == "Conv":
+            delta = diff.reshape(diff.shape[0], diff.shape[1], -1).sum(axis=2) @ mean
+        else:
+            trans_b = (
+                layer.attributes.get("transB") is not None and layer.attributes["transB"].as_int()
+            )
+            delta = diff @ mean if trans_b else diff.T @ mean
+        node = nodes[node_key(layer)]
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        base = passes.const_array(bias) if bias is not None else np.zeros(delta.shape, np.float32)
+        if base is None or base.ndim != 1 or base.shape[0] != delta.shape[0]:
+            continue
+        value = passes.add_initializer(
+            corrected.graph, f"{node_key(node)}.bias_corrected", (base + delta).astype(np.float32)
+        )
+        if len(node.inputs) < 3:
+            node.resize_inputs(3)
+        node.replace_input_with(2, value)
+        done += 1
+    passes.remove_unused_initializers(corrected)
+    return corrected, done
 
 
 # -- accuracy guard -------------------------------------------------------------------------------
