@@ -452,7 +452,8 @@ def quantize(
     data = verify_samples or samples
     split = "all" if verify_samples is not None else "holdout"
     bias_note = None
-    if config.mode == "static" and config.bias_correction != "off":
+    wanted = config.bias_correction == "on" or (config.bias_correction == "auto" and verifying)
+    if config.mode == "static" and wanted:
         t0 = time.perf_counter()
         corrected, layers = correct_biases(prepared, work, plan, samples, config, holdout)
         if layers:
