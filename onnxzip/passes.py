@@ -103,12 +103,33 @@ def drop_initializer_inputs(model: ir.Model) -> int:
     return before - len(model.graph.inputs)
 
 
+def _is_constant(value: ir.Value | None) -> bool:
+    if value is None:
+        return True
+    if value.is_graph_input():
+        return False
+    if value.const_value is not None:
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant"
+
+
+def _foldable(node: ir.Node) -> bool:
+    return (
+        node.op_type != "Constant"
+        and bool(node.inputs)
+        and all(_is_constant(v) for v in node.inputs)
+    )
+
+
 def fold_constants(model: ir.Model) -> int:
     """Evaluates ops whose inputs are all constants (a Reshape or Transpose of a weight, say).
 
     onnxscript's constant folder does the evaluation; its size limits are lifted because weights
     are large, and its folded values are lifted to initializers afterwards.
     """
+    if not any(_foldable(node) for node in model.graph):
+        return 0  # nothing to fold: skip importing onnxscript's optimizer (0.2 s)
     from onnxscript.optimizer import _constant_folding
 
     before = model.graph.num_nodes()
