@@ -170,6 +170,13 @@ class Samples:
                 if not fixed:
                     yield _concat(pending)
                     yielded += pending_n
+                else:
+                    logger.warning(
+                        "dropped %d samples: the model's fixed batch size is %d and the next file's "
+                        "samples have other dimensions",
+                        pending_n,
+                        size,
+                    )
                 pending, pending_n = [], 0
             pending.append(chunk)
             pending_n += len(chunk)

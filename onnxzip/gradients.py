@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -80,7 +80,6 @@ class GradientReport:
     batches: int
     samples: int
     groups: int
-    skipped: dict[int, str] = field(default_factory=dict)
     seconds: float = 0.0
     step_seconds: float = 0.0  # median per batch: the training step plus gradient bookkeeping
 

@@ -149,27 +149,31 @@ def lift_constants(model: ir.Model) -> int:
     return len(model.graph.initializers) - before
 
 
+def replace_node(
+    graph: ir.Graph, node: ir.Node, new_nodes: list[ir.Node], result: ir.Value
+) -> None:
+    """Puts ``new_nodes`` where ``node`` was; ``result`` takes over the node's output.
+
+    ``result`` gets the output's uses, graph-output slots, type, shape and name, so nothing
+    downstream (and no report keyed by tensor name) sees the swap.
+    """
+    graph.insert_before(node, new_nodes)
+    old = node.outputs[0]
+    name = old.name
+    result.type, result.shape = old.type, old.shape
+    old.replace_all_uses_with(result, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    result.name = name
+
+
 def sum_to_add(model: ir.Model) -> int:
     count = 0
     for node in list(model.graph):
         if node.op_type == "Sum" and node.domain == "" and len(node.inputs) == 2:
             add = ir.node("Add", inputs=list(node.inputs), name=node.name)
-            model.graph.insert_after(node, add)
-            add.outputs[0].name = None
-            old = node.outputs[0]
-            name = old.name
-            _transfer_output(old, add.outputs[0])
-            model.graph.remove(node, safe=True)
-            add.outputs[0].name = name
+            replace_node(model.graph, node, [add], add.outputs[0])
             count += 1
     return count
-
-
-def _transfer_output(old: ir.Value, new: ir.Value) -> None:
-    """Gives ``new`` the uses, type, shape and graph-output slots of ``old``."""
-    new.type = old.type
-    new.shape = old.shape
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
 
 
 def fold_batchnorm(model: ir.Model) -> list[str]:
@@ -260,13 +264,7 @@ def batchnorm_to_affine(model: ir.Model) -> int:
         mul = ir.node("Mul", [x, s], name=f"{base}.affine_mul")
         add = ir.node("Add", [mul.outputs[0], t], name=f"{base}.affine_add")
         mul.outputs[0].name = f"{base}.affine_mul"
-        graph.insert_before(bn, [mul, add])
-        out = bn.outputs[0]
-        name = out.name
-        add.outputs[0].type, add.outputs[0].shape = out.type, out.shape
-        out.replace_all_uses_with(add.outputs[0], replace_graph_outputs=True)
-        graph.remove(bn, safe=True)
-        add.outputs[0].name = name
+        replace_node(graph, bn, [mul, add], add.outputs[0])
         count += 1
     return count
 

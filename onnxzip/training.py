@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from onnxzip import _ort_training, io
 from onnxzip.errors import InputError, ModelError
+from onnxzip.passes import add_initializer, replace_node
 
 
 def first_line(exc: BaseException) -> str:
@@ -125,20 +126,7 @@ def step(sess: Session, feeds: dict, what: str = "training") -> float:
     return float(loss)
 
 
-def _replace(graph: ir.Graph, node: ir.Node, new_nodes: list[ir.Node], result: ir.Value) -> None:
-    """Puts ``new_nodes`` where ``node`` was; ``result`` takes over its output and name."""
-    graph.insert_before(node, new_nodes)
-    old = node.outputs[0]
-    name = old.name
-    result.type, result.shape = old.type, old.shape
-    old.replace_all_uses_with(result, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    result.name = name
-
-
 def _const(graph: ir.Graph, name: str, value: float) -> ir.Value:
-    from onnxzip.passes import add_initializer
-
     return add_initializer(graph, name, np.array(value, np.float32))
 
 
@@ -171,7 +159,7 @@ def differentiable(model: ir.Model) -> list[str]:
                 name=f"{p}_scale",
             )
             out = ir.node("Mul", [x, scaled.outputs[0]], name=f"{p}_mul")
-            _replace(graph, node, [shifted, clipped, scaled, out], out.outputs[0])
+            replace_node(graph, node, [shifted, clipped, scaled, out], out.outputs[0])
         elif op == "HardSigmoid":
             alpha = node.attributes["alpha"].as_float() if "alpha" in node.attributes else 0.2
             beta = node.attributes["beta"].as_float() if "beta" in node.attributes else 0.5
@@ -186,7 +174,7 @@ def differentiable(model: ir.Model) -> list[str]:
                 [add.outputs[0], _const(graph, f"{p}_0", 0.0), _const(graph, f"{p}_1", 1.0)],
                 name=f"{p}_clip",
             )
-            _replace(graph, node, [mul, add, out], out.outputs[0])
+            replace_node(graph, node, [mul, add, out], out.outputs[0])
         elif op == "PRelu":
             x, slope = node.inputs[0], node.inputs[1]
             pos = ir.node("Relu", [x], name=f"{p}_pos")
@@ -194,7 +182,7 @@ def differentiable(model: ir.Model) -> list[str]:
             neg = ir.node("Relu", [neg_x.outputs[0]], name=f"{p}_neg")
             scaled = ir.node("Mul", [slope, neg.outputs[0]], name=f"{p}_scaled")
             out = ir.node("Sub", [pos.outputs[0], scaled.outputs[0]], name=f"{p}_sub")
-            _replace(graph, node, [pos, neg_x, neg, scaled, out], out.outputs[0])
+            replace_node(graph, node, [pos, neg_x, neg, scaled, out], out.outputs[0])
         elif op == "LayerNormalization" and len(node.outputs) == 1:
             # Its gradient builder reads the mean and inverse deviation outputs: declare them.
             node.resize_outputs(3)
@@ -206,7 +194,7 @@ def differentiable(model: ir.Model) -> list[str]:
                 add = ir.node("Add", [total, term], name=f"{p}_add{j}")
                 adds.append(add)
                 total = add.outputs[0]
-            _replace(graph, node, adds, total)
+            replace_node(graph, node, adds, total)
         else:
             continue
         done.append(op)

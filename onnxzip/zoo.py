@@ -23,10 +23,6 @@ from onnxzip import io, passes
 LIGHT_DIR = Path(io.onnx_package_dir()) / "backend" / "test" / "data" / "light"
 
 
-def light_models() -> list[str]:
-    return sorted(p.stem.removeprefix("light_") for p in LIGHT_DIR.glob("light_*.onnx"))
-
-
 def _random_for(value: ir.Value, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     uses = value.uses()
     node, index = (uses[0].node, uses[0].idx) if uses else (None, -1)

@@ -98,7 +98,8 @@ def test_own_predictions_are_the_targets_without_labels():
         np.testing.assert_allclose(s.score("fisher"), s.squares)
 
 
-def test_energy_loss_for_models_without_class_scores():
+def conv_pair() -> ir.Model:
+    """Two 1x1 convolutions with a ReLU between: one prunable group, no class scores."""
     proto = onnx.parser.parse_model(
         '<ir_version: 8, opset_import: ["" : 17]>\n'
         "g (float[N,3,4,4] x) => (float[N,2,4,4] y) { a = Conv (x, w1)\n r = Relu (a)\n y = Conv (r, w2) }"
@@ -108,7 +109,11 @@ def test_energy_loss_for_models_without_class_scores():
         proto.graph.initializer.append(
             onnx.numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
         )
-    model = io.load_model(proto)
+    return io.load_model(proto)
+
+
+def test_energy_loss_for_models_without_class_scores():
+    model = conv_pair()
     work, groups = prepared_groups(model)
     stats, report = gradient_statistics(
         work, groups, SyntheticSamples(input_specs(model), 8), batch_size=8
@@ -302,16 +307,7 @@ def test_custom_onnxblock_loss():
     """An onnxblock MSE (sum) to zero targets is twice the 0.5 * ||y||^2 default: gradients double."""
     from onnxzip import _ort_training
 
-    proto = onnx.parser.parse_model(
-        '<ir_version: 8, opset_import: ["" : 17]>\n'
-        "g (float[N,3,4,4] x) => (float[N,2,4,4] y) { a = Conv (x, w1)\n r = Relu (a)\n y = Conv (r, w2) }"
-    )
-    rng = np.random.default_rng(0)
-    for name, shape in {"w1": (4, 3, 1, 1), "w2": (2, 4, 1, 1)}.items():
-        proto.graph.initializer.append(
-            onnx.numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
-        )
-    model = io.load_model(proto)
+    model = conv_pair()
     work, groups = prepared_groups(model)
     samples = SyntheticSamples(input_specs(model), 8, seed=2)
     default, _ = gradient_statistics(work, groups, samples, batch_size=8)

@@ -385,7 +385,7 @@ class _Builder:
             if root not in act_params:
                 raise InputError(f"internal: shared tensor '{tensor}' has no calibrated source")
             act_params[tensor] = act_params[root]
-        inserted = insert_qdq(model, plan, act_params)
+        inserted = insert_qdq(model, plan, act_params, config.activation_type)
         for k in kept:
             if k.node in keep_float:
                 k.reason = "kept in float by the accuracy guard"
@@ -452,6 +452,7 @@ def quantize(
     data = verify_samples or samples
     split = "all" if verify_samples is not None else "holdout"
     bias_note = None
+    evaluator = None  # reference outputs on the verification samples, computed once when needed
     wanted = config.bias_correction == "on" or (config.bias_correction == "auto" and verifying)
     if config.mode == "static" and wanted:
         t0 = time.perf_counter()
@@ -483,8 +484,9 @@ def quantize(
                 "the accuracy guard needs verification samples: --verify-data or --holdout > 0"
             )
         t0 = time.perf_counter()
+        evaluator = evaluator or _Evaluator(original, data, split, config)
         work, plan, kept, inserted, ranges, guard_report = _guard(
-            original, builder, (work, plan, kept, inserted, ranges), data, split, config
+            builder, (work, plan, kept, inserted, ranges), evaluator, config
         )
         timings["guard"] = time.perf_counter() - t0
 
@@ -688,7 +690,7 @@ class _Evaluator:
         return metric, snr, met
 
 
-def _guard(original, builder: _Builder, first, data: Samples, split: str, config: QuantizeConfig):
+def _guard(builder: _Builder, first, evaluator: _Evaluator, config: QuantizeConfig):
     """Keeps the layers whose quantization hurts most in float until the target holds."""
     target = " and ".join(
         t
@@ -698,7 +700,6 @@ def _guard(original, builder: _Builder, first, data: Samples, split: str, config
         )
         if t
     )
-    evaluator = _Evaluator(original, data, split, config)
     work, plan, *_ = first
     metric, snr, met = evaluator.score(work, config)
     report = GuardReport(target, metric, metric, met, evaluator.samples, 0)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxzip.passes import add_initializer, const_array, remove_unused_initializers
+from onnxzip.passes import add_initializer, const_array, remove_unused_initializers, replace_node
 from onnxzip.quantize import params as qp
 
 logger = logging.getLogger(__name__)
@@ -110,13 +110,7 @@ def quantize_dynamic(model: ir.Model, exclude: tuple[str, ...] = ()) -> DynamicR
             for v in n.outputs:
                 if v.name is None:
                     v.name = n.name
-        graph.insert_before(node, new_nodes)
-        original = node.outputs[0]
-        name = original.name
-        result_value.type, result_value.shape = original.type, original.shape
-        original.replace_all_uses_with(result_value, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        result_value.name = name
+        replace_node(graph, node, new_nodes, result_value)
         result.quantized[key] = node.op_type
     remove_unused_initializers(model)
     return result

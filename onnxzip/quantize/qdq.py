@@ -59,6 +59,7 @@ def insert_qdq(
     model: ir.Model,
     plan: Plan,
     activation_params: dict[str, qp.QParams],
+    activation_type: str = "uint8",
 ) -> InsertResult:
     """Edits ``model`` in place. ``activation_params`` maps every planned tensor to its params."""
     graph = model.graph
@@ -162,8 +163,7 @@ def insert_qdq(
         node = nodes[key]
         c_value = node.inputs[index]
         c = const_array(c_value)
-        dtype = _activation_dtype(activation_params)
-        p = qp.activation_params(float(c.min()), float(c.max()), dtype)
+        p = qp.activation_params(float(c.min()), float(c.max()), activation_type)
         codes = qp.quantize(c, p)
         q_init = _scalar_init(graph, names, f"{c_value.name}_quantized", codes)
         s_init = _scalar_init(graph, names, f"{c_value.name}_scale", p.scale)
@@ -221,12 +221,6 @@ def insert_qdq(
 
     remove_unused_initializers(model)
     return InsertResult(pairs, len(shared_dq), biases, saturated)
-
-
-def _activation_dtype(activation_params: dict[str, qp.QParams]) -> str:
-    for p in activation_params.values():
-        return str(p.dtype)
-    return "uint8"
 
 
 def _ensure_before(graph: ir.Graph, producer: ir.Node | None, consumer: ir.Node) -> None:

@@ -102,10 +102,6 @@ def handler_for(op_type: str, opset: int) -> Handler | None:
     return None
 
 
-def supported_ops() -> list[str]:
-    return sorted(_REGISTRY)
-
-
 def node_key(node: ir.Node) -> str:
     return node.name or node.outputs[0].name
 
