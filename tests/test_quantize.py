@@ -153,10 +153,6 @@ def test_fused_kernels_compute_what_the_qdq_graph_says(tmp_path):
     proto = build(text, weights)
     specs = input_specs(io.load_model(proto))
     quantized, _ = quantize(proto, SyntheticSamples(specs, 128), QuantizeConfig(holdout=0))
-    report = verify(quantized, quantized, SyntheticSamples(specs, 32, seed=9), optimization="none")
-    assert report.outputs[0].max_abs_error == 0
-    fused = verify(quantized, quantized, SyntheticSamples(specs, 32, seed=9), optimization="all")
-    assert fused.outputs[0].cosine_mean == 1.0
     x = {"x": next(SyntheticSamples(specs, 8, seed=3).batches(8)).inputs["x"]}
     data = io.model_bytes(quantized)
     none = ort.SessionOptions()
@@ -165,6 +161,12 @@ def test_fused_kernels_compute_what_the_qdq_graph_says(tmp_path):
     out = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, x)[0]
     # Fused kernels requantize in one step; the difference stays within one output step.
     assert np.max(np.abs(ref - out)) <= 2 * np.max(np.abs(ref)) / 255 + 1e-6
+    r, o = (
+        ref.reshape(len(ref), -1).astype(np.float64),
+        out.reshape(len(out), -1).astype(np.float64),
+    )
+    cosine = (r * o).sum(1) / (np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1))
+    assert cosine.min() > 0.999
 
 
 @pytest.mark.parametrize("arch", ["digits_resnet", "digits_mobilenet"])
