@@ -27,7 +27,6 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import io
-from onnxzip.data import input_specs
 from onnxzip.report import table
 
 # Integer initializers of these types are shapes, axes and indices, not parameters.
@@ -207,8 +206,15 @@ def inspect_model(model, *, source: str | None = None) -> InspectReport:
     if isinstance(model, (str, Path)):
         file_bytes = io.file_size(model)
     graph = ir_model.graph
-    specs = input_specs(ir_model)
-    batch_names = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], str)}
+    batch_names = {
+        v.shape[0].value
+        for v in graph.inputs
+        if not v.is_initializer()
+        and v.shape is not None
+        and len(v.shape) > 0
+        and isinstance(v.shape[0], ir.SymbolicDim)
+        and v.shape[0].value
+    }
 
     histogram = Counter()
     for node in ir.traversal.RecursiveGraphIterator(graph):

@@ -288,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="prune to at most F x the MACs (default 0.5)",
     )
+    prune_group.add_argument(
+        "--prune",
+        type=float,
+        metavar="R",
+        dest="prune_ratio",
+        help="prune this fraction of every channel group instead of a MACs target",
+    )
     prune_group.add_argument("--no-prune", action="store_true", help="skip pruning")
     c.add_argument(
         "--criterion",
@@ -469,7 +476,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     model = io.load_model(args.model, name=str(args.model))
     samples = open_samples(input_specs(model), args.data)
     config = CompressConfig(
-        target_macs=None if args.no_prune else args.target_macs,
+        target_macs=None if args.no_prune or args.prune_ratio is not None else args.target_macs,
+        ratio=args.prune_ratio,
         criterion=args.criterion,
         recover_steps=args.recover_steps,
         quantize=args.quantize,

@@ -41,6 +41,7 @@ MILDER = (0.5, 0.6, 0.7, 0.8, 0.9)  # MACs targets tried, from the requested one
 @dataclass
 class CompressConfig:
     target_macs: float | None = 0.5  # None: no pruning
+    ratio: float | None = None  # prune this fraction of every group instead of a MACs target
     criterion: str = "l1"
     recover_steps: int = 500
     quantize: str = "int8"  # int8 | dynamic | none
@@ -58,6 +59,8 @@ class CompressConfig:
             raise InputError(f"--target-macs must be in (0, 1], got {self.target_macs}")
         if not 0 < self.holdout < 1:
             raise InputError(f"--holdout must be in (0, 1), got {self.holdout}")
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise InputError(f"--prune ratio must be in [0, 1), got {self.ratio}")
         if self.recover_steps < 0:
             raise InputError(f"--recover-steps must be at least 0, got {self.recover_steps}")
 
@@ -242,16 +245,22 @@ def compress(
         (verify_samples, "all") if verify_samples is not None else (samples, "holdout")
     )
 
-    if config.target_macs is not None and config.target_macs < 1:
-        targets = [config.target_macs] + (
-            [t for t in MILDER if t > config.target_macs] if budget else []
-        )
+    if config.ratio is not None or (config.target_macs is not None and config.target_macs < 1):
+        if config.ratio is not None:  # a fixed amount: nothing to search
+            targets = [None]
+        else:
+            targets = [config.target_macs] + (
+                [t for t in MILDER if t > config.target_macs] if budget else []
+            )
         for target in targets:
             t0 = time.perf_counter()
             pruned, prune_report = prune(
                 original,
                 PruneConfig(
-                    target_macs=target, criterion=config.criterion, batch_size=config.batch_size
+                    ratio=config.ratio if target is None else None,
+                    target_macs=target,
+                    criterion=config.criterion,
+                    batch_size=config.batch_size,
                 ),
                 samples=_Split(samples, config.holdout, "calibration"),
                 source=source,
@@ -283,7 +292,7 @@ def compress(
             out = check.outputs[0]
             report.attempts.append(
                 Attempt(
-                    target,
+                    target if target is not None else config.ratio,
                     prune_report.macs_after / max(prune_report.macs_before, 1),
                     _drop(out),
                     out.cosine_mean,

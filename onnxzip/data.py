@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxzip.errors import DataError
+from onnxzip.errors import DataError, NoSamplesError
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,9 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[int | str | None, ...]
+    # Set when the input is a shape, size, axis or count operand of an op (e.g. "Reshape shape"):
+    # random values are meaningless there and can crash a runtime, so no synthetic samples.
+    operand_of: str | None = None
 
     @property
     def fixed_batch(self) -> int | None:
@@ -56,13 +59,82 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
     for value in model.graph.inputs:
         if value.is_initializer():
             continue
+        if value.type is not None and not isinstance(value.type, ir.TensorType):
+            raise DataError(
+                f"model input '{value.name}' has type {value.type}: onnxzip feeds tensors only"
+            )
         if value.dtype is None:
             raise DataError(f"model input '{value.name}' has no element type")
         dims: tuple[int | str | None, ...] = ()
         if value.shape is not None:
             dims = tuple(d if isinstance(d, int) else d.value for d in value.shape)
-        specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), dims))
+        try:
+            dtype = np.dtype(value.dtype.numpy())
+        except Exception as exc:
+            raise DataError(
+                f"model input '{value.name}' has element type {value.dtype}, which numpy cannot hold"
+            ) from exc
+        specs.append(InputSpec(value.name, dtype, dims, _operand_role(value)))
     return specs
+
+
+# Inputs (by index) that hold shapes, sizes, axes or counts: values the caller must choose, not
+# samples (index operands such as Gather's stay: 0/1 fit any axis of size two or more). Per op type, the input indices concerned.
+_STRUCTURAL_OPERANDS: dict[str, tuple[int, ...]] = {
+    "Reshape": (1,),
+    "Expand": (1,),
+    "Tile": (1,),
+    "Slice": (1, 2, 3, 4),
+    "Pad": (1, 3),
+    "ConstantOfShape": (0,),
+    "Resize": (1, 2, 3),
+    "Upsample": (1,),
+    "Col2Im": (1, 2),
+    "Range": (0, 1, 2),
+    "TopK": (1,),
+    "Split": (1,),
+    "Squeeze": (1,),
+    "Unsqueeze": (1,),
+    "OneHot": (1,),
+    "CenterCropPad": (1,),
+    "Trilu": (1,),
+    "CumSum": (1,),
+    "ReduceSum": (1,),
+    "ReduceMean": (1,),
+    "ReduceMax": (1,),
+    "ReduceMin": (1,),
+    "ReduceProd": (1,),
+    "ReduceL1": (1,),
+    "ReduceL2": (1,),
+    "ReduceLogSum": (1,),
+    "ReduceLogSumExp": (1,),
+    "ReduceSumSquare": (1,),
+    "NonMaxSuppression": (2, 3, 4),
+    "RoiAlign": (2,),
+    "DFT": (1, 2),
+    "STFT": (1, 3),
+    "MelWeightMatrix": (0, 1, 2, 3, 4),
+    "HannWindow": (0,),
+    "HammingWindow": (0,),
+    "BlackmanWindow": (0,),
+    "MaxUnpool": (1, 2),
+    "Loop": (0, 1),
+}
+
+
+def _operand_role(value: ir.Value) -> str | None:
+    integer = value.dtype is not None and value.dtype.is_integer()
+    if integer and value.shape is not None and len(value.shape) == 0:
+        return "an integer scalar (a size, count or axis)"
+    for node, index in value.uses():
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if index in _STRUCTURAL_OPERANDS.get(node.op_type, ()):
+            return f"input {index} of {node.op_type} '{node.name or '?'}'"
+        if integer and index == 1 and node.op_type in ("Div", "Mod"):
+            # An integer division by a random 0 is a hardware fault, not an error message.
+            return f"the integer divisor of {node.op_type} '{node.name or '?'}'"
+    return None
 
 
 @dataclass
@@ -71,8 +143,11 @@ class Batch:
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
+    count: int | None = None  # set for models without a batch axis: one feed is one sample
 
     def __len__(self) -> int:
+        if self.count is not None:
+            return self.count
         return len(next(iter(self.inputs.values())))
 
 
@@ -111,6 +186,7 @@ class Samples:
         if not specs:
             raise DataError("the model has no inputs to feed")
         self.specs = specs
+        self.unbatched = not has_batch_axis(specs)
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -121,6 +197,8 @@ class Samples:
 
     def batch_size_for(self, requested: int) -> int:
         """The batch size the model accepts: a fixed batch dimension overrides the request."""
+        if self.unbatched:
+            return 1
         fixed = {s.fixed_batch for s in self.specs} - {None}
         if len(fixed) > 1:
             raise DataError(f"model inputs fix different batch sizes: {sorted(fixed)}")
@@ -149,6 +227,9 @@ class Samples:
             raise ValueError(f"unknown split {split!r}")
         if split != "all" and not 0.0 < holdout < 1.0:
             raise DataError(f"held-out fraction must be in (0, 1), got {holdout}")
+        if self.unbatched:
+            yield from self._single_feeds(split, holdout)
+            return
         size = self.batch_size_for(batch_size)
         fixed = any(s.fixed_batch is not None for s in self.specs)
         pending: list[Batch] = []
@@ -198,7 +279,41 @@ class Samples:
                 yielded += pending_n
         if yielded == 0:
             where = "" if split == "all" else f" in the {split} split"
-            raise DataError(f"{self.describe()}: no samples{where}")
+            short = f" (fewer than the model's fixed batch size {size})" if fixed and start else ""
+            raise NoSamplesError(f"{self.describe()}: no samples{where}{short}")
+
+    def _single_feeds(self, split: str, holdout: float) -> Iterator[Batch]:
+        """Models without a batch axis: each sample is one whole feed (the file's first axis)."""
+        start = 0
+        yielded = 0
+        for chunk in self.chunks():
+            n = len(next(iter(chunk.inputs.values())))
+            keep = np.ones(n, bool)
+            if split != "all":
+                keep = _is_holdout(np.arange(start, start + n), holdout)
+                if split == "calibration":
+                    keep = ~keep
+            start += n
+            for i in np.nonzero(keep)[0]:
+                labels = None if chunk.labels is None else chunk.labels[i : i + 1]
+                feed = {k: np.ascontiguousarray(v[i]) for k, v in chunk.inputs.items()}
+                yield Batch(feed, labels, count=1)
+                yielded += 1
+        if yielded == 0:
+            where = "" if split == "all" else f" in the {split} split"
+            raise NoSamplesError(f"{self.describe()}: no samples{where}")
+
+
+def has_batch_axis(specs: list[InputSpec]) -> bool:
+    """Whether the inputs share a first axis that counts samples.
+
+    Not when an input is a scalar or when inputs fix different first dimensions (a [2, 3] and a
+    [3, 4] MatMul operand): then one sample is one whole feed, and data files hold a leading sample
+    axis in front of each input's full shape.
+    """
+    if any(len(s.shape) == 0 or s.shape[0] == 0 for s in specs):
+        return False
+    return len({s.fixed_batch for s in specs} - {None}) <= 1
 
 
 def _take(batch: Batch, index: np.ndarray) -> Batch:
@@ -270,12 +385,15 @@ class NpzSamples(Samples):
                 raise DataError(
                     f"{file}: array '{spec.name}' has dtype {dtype}, the model input expects {spec.dtype}"
                 )
-            if spec.shape and len(shape) != len(spec.shape):
+            # Without a batch axis, the file adds a sample axis in front of the input's shape.
+            want_shape = (None, *spec.shape) if self.unbatched else spec.shape
+            if want_shape and len(shape) != len(want_shape):
+                where = "an added first axis" if self.unbatched else "first axis"
                 raise DataError(
                     f"{file}: array '{spec.name}' has shape {shape} (rank {len(shape)}); the model input "
-                    f"is {spec.describe()} (rank {len(spec.shape)}, first axis = samples)"
+                    f"is {spec.describe()} (rank {len(want_shape)} expected, {where} = samples)"
                 )
-            for axis, (got, want) in enumerate(zip(shape, spec.shape, strict=True)):
+            for axis, (got, want) in enumerate(zip(shape, want_shape, strict=True)):
                 if axis > 0 and isinstance(want, int) and got != want:
                     raise DataError(
                         f"{file}: array '{spec.name}' has shape {shape}; the model input is "
@@ -336,7 +454,13 @@ class SyntheticSamples(Samples):
             n = min(step, self.count - start)
             inputs = {}
             for spec in self.specs:
-                dims = [d if isinstance(d, int) else SYNTHETIC_DIM for d in spec.shape[1:]]
+                if spec.operand_of is not None:
+                    raise DataError(
+                        f"cannot synthesise samples for input '{spec.name}': it is {spec.operand_of}, "
+                        "whose values random samples cannot choose safely; give --data"
+                    )
+                full = spec.shape if self.unbatched else spec.shape[1:]
+                dims = [d if isinstance(d, int) else SYNTHETIC_DIM for d in full]
                 shape = (n, *dims)
                 if spec.dtype.kind == "f":
                     inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype)

@@ -35,3 +35,7 @@ class ParityError(OnnxzipError):
     """A compressed model's outputs moved further from the reference than a threshold allows."""
 
     exit_code = EXIT_PARITY
+
+
+class NoSamplesError(DataError):
+    """A data set, or the part of it a split selects, holds no samples."""

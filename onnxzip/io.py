@@ -98,8 +98,53 @@ def _convert_opset(proto: onnx.ModelProto, target: int, source: str) -> onnx.Mod
         raise ModelError(
             f"{source}: cannot convert opset {version} to {target}: {_one_line(exc)}"
         ) from exc
+    _check_interface_kept(proto, converted, f"{source}: converting opset {version} to {target}")
     logger.info("%s: converted opset %s -> %d", source, version, target)
     return converted
+
+
+def _ranks(values) -> dict[str, int | None]:
+    return {
+        v.name: len(v.type.tensor_type.shape.dim) if v.type.tensor_type.HasField("shape") else None
+        for v in values
+        if v.type.HasField("tensor_type")
+    }
+
+
+def _check_interface_kept(before: onnx.ModelProto, after: onnx.ModelProto, what: str) -> None:
+    """The converter must not change what callers feed and fetch (Scan-8 to Scan-9 drops the
+    batch axis from the scan inputs, for one)."""
+    for kind, old, new in (
+        ("input", _ranks(before.graph.input), _ranks(after.graph.input)),
+        ("output", _ranks(before.graph.output), _ranks(after.graph.output)),
+    ):
+        for name, rank in old.items():
+            if name in new and None not in (rank, new[name]) and rank != new[name]:
+                raise ModelError(
+                    f"{what} would change {kind} '{name}' from rank {rank} to {new[name]}"
+                )
+
+
+# Domains whose ops onnx or onnxruntime define; an op of any other domain (unless the model
+# defines it as a function) has no schema to check it against and no kernel to run it with.
+KNOWN_DOMAINS = frozenset(
+    {"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview", "ai.onnx.preview.training", "com.microsoft"}
+)
+
+
+def _check_schemas(proto: onnx.ModelProto, source: str) -> None:
+    local = {(f.domain, f.name) for f in proto.functions}
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            if node.domain not in KNOWN_DOMAINS and (node.domain, node.op_type) not in local:
+                raise ModelError(
+                    f"{source}: op {node.op_type} of custom domain '{node.domain}' has no schema: "
+                    "onnxzip can neither check nor run it"
+                )
+            for attr in node.attribute:
+                graphs.extend([attr.g] if attr.HasField("g") else list(attr.graphs))
 
 
 def normalize_proto(proto: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
@@ -108,6 +153,7 @@ def normalize_proto(proto: onnx.ModelProto, source: str = "model") -> onnx.Model
     Raises:
         ModelError: the opset cannot be converted, or shape inference fails.
     """
+    _check_schemas(proto, source)
     version = _default_opset(proto)
     if version is not None and version > MAX_OPSET:
         proto = _convert_opset(proto, MAX_OPSET, source)
@@ -125,9 +171,11 @@ def normalize_proto(proto: onnx.ModelProto, source: str = "model") -> onnx.Model
         needed = proto.ir_version
     proto.ir_version = min(max(proto.ir_version, needed), MAX_IR_VERSION)
     try:
-        _infer_shapes_in_place(proto)
+        # Strict: a model whose stored shapes contradict onnx's inference (the checker's full
+        # check) is refused here, not after the work, when the result fails to save.
+        _infer_shapes_in_place(proto, strict=True)
     except Exception as exc:
-        raise ModelError(f"{source}: shape inference failed: {_one_line(exc)}") from exc
+        raise ModelError(f"{source}: fails onnx shape inference: {_one_line(exc)}") from exc
     return proto
 
 

@@ -33,7 +33,9 @@ OPT_LEVELS = {
 def session_options(optimization: str = "all", threads: int | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = OPT_LEVELS[optimization]
-    options.log_severity_level = 3
+    options.log_severity_level = (
+        4  # failures surface as exceptions, reported by onnxzip in one line
+    )
     if threads:
         options.intra_op_num_threads = threads
     return options

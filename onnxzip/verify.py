@@ -185,9 +185,16 @@ class OutputAccumulator:
         self.cand_correct = 0
         self.labelled = 0
 
-    def add(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None) -> None:
-        r = ref.astype(np.float64).reshape(len(ref), -1)
-        c = cand.astype(np.float64).reshape(len(cand), -1)
+    def add(
+        self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None, rows: int | None = None
+    ) -> None:
+        """Adds one batch; ``rows`` = 1 for a model without a batch axis (one feed, one sample)."""
+        rows = rows if rows is not None else len(ref) if np.ndim(ref) else 1
+        if np.size(ref) == 0:  # an empty output: nothing to compare, still a sample seen
+            self.samples += rows
+            return
+        r = np.asarray(ref).astype(np.float64).reshape(rows, -1)
+        c = np.asarray(cand).astype(np.float64).reshape(rows, -1)
         diff = np.abs(r - c)
         self.elements += diff.size
         if diff.size:
@@ -358,7 +365,11 @@ def verify(
 
     ref_run = Runner(ref_model, name=ref_name, optimization=optimization)
     cand_run = Runner(cand_model, name=cand_name, optimization=optimization)
-    outputs = [v for v in ref_model.graph.outputs]
+    outputs = [
+        v for v in ref_model.graph.outputs if v.type is None or isinstance(v.type, ir.TensorType)
+    ]
+    if not outputs:
+        raise InputError(f"{ref_name}: no tensor outputs to compare (sequences, maps, optionals)")
     accumulators = {v.name: OutputAccumulator(is_classifier(v)) for v in outputs}
     names = [v.name for v in outputs]
     total = None
@@ -375,7 +386,7 @@ def verify(
                 raise InputError(
                     f"{cand_name}: output '{name}' has shape {list(c.shape)}, the reference's is {list(r.shape)}"
                 )
-            accumulators[name].add(r, c, batch.labels)
+            accumulators[name].add(r, c, batch.labels, batch.count)
         count += len(batch)
     results = [accumulators[n].result(n) for n in names]
     report = VerifyReport(

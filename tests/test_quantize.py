@@ -15,7 +15,7 @@ from conftest import run_cli
 
 from onnxzip import io
 from onnxzip.data import NpzSamples, SyntheticSamples, input_specs
-from onnxzip.errors import DataError, InputError
+from onnxzip.errors import InputError
 from onnxzip.quantize import QuantizeConfig, quantize
 from onnxzip.verify import verify
 
@@ -254,14 +254,20 @@ def test_all_zero_activation_gets_valid_parameters(tmp_path):
     assert out.max_abs_error == 0  # zeros quantize exactly
 
 
-def test_nan_activation_is_refused_naming_the_tensor():
+def test_layer_with_nan_activations_stays_float_and_says_why():
+    # Log of negative samples gives NaN: no finite range exists for 'l', so the Gemm reading it
+    # stays in float (as -inf attention masks do), named in the report, and the model is valid.
     proto = build(
         "g (float[N,4] x) => (float[N,3] y) { l = Log(x)\n y = Gemm <transB=1> (l, w) }",
         {"w": (3, 4)},
     )
     specs = input_specs(io.load_model(proto))
-    with pytest.raises(DataError, match="tensor 'l'.*NaN"):
-        quantize(proto, SyntheticSamples(specs, 16), QuantizeConfig(holdout=0))
+    quantized, report = quantize(proto, SyntheticSamples(specs, 16), QuantizeConfig(holdout=0))
+    assert [k.op_type for k in report.kept_float] == ["Gemm"]
+    assert "NaN/Inf" in report.kept_float[0].reason
+    assert not [n for n in quantized.graph if n.op_type == "QuantizeLinear"]
+    for r in report.ranges:
+        assert np.isfinite(r.scale)
 
 
 def test_cli_quantize_writes_checked_model_and_report(

@@ -103,6 +103,7 @@ class PruneReport:
     seconds: dict[str, float] = field(default_factory=dict)
     recovery: object | None = None  # a RecoverReport after --recover-steps
     parity: object | None = None  # a VerifyReport when samples were given
+    unchanged_because: str | None = None  # why no channel was removed, when none was
 
     def format(self) -> str:
         pruned = [g for g in self.groups if g.kept < g.channels]
@@ -116,10 +117,21 @@ class PruneReport:
             f"({100 * self.parameters_after / max(self.parameters_before, 1):.1f} %)",
             f"weights     {self.weight_bytes_before:,} -> {self.weight_bytes_after:,} bytes",
             "time        " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()),
-            "",
-            format_groups(self.groups),
         ]
+        if not pruned:
+            lines.append(f"unchanged   {self.nothing_pruned_because()}")
+        lines += ["", format_groups(self.groups)]
         return "\n".join(lines)
+
+    def nothing_pruned_because(self) -> str | None:
+        """Why the model came out unchanged, or None when channels were removed."""
+        if any(g.kept < g.channels for g in self.groups):
+            return None
+        if not self.groups:
+            return "no prunable channel group (no Conv, ConvTranspose, Gemm or MatMul weights)"
+        if all(g.reason for g in self.groups):
+            return f"all {len(self.groups)} groups are blocked (reasons per group below)"
+        return "the ratio or target leaves every group whole"
 
 
 def format_groups(groups: list[GroupReport]) -> str:
@@ -481,6 +493,7 @@ def prune(
         ratio_used=ratio,
         seconds=timings,
     )
+    report.unchanged_because = report.nothing_pruned_because()
     return pruned, report
 
 

@@ -117,14 +117,9 @@ def apply(
         elif node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None:
             axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
             rank = len(node.inputs[0].shape)
-            sizes = const_array(node.inputs[1]).copy()
-            changed = False
-            for j, out in enumerate(node.outputs):
-                n = removed_in_space.get((out.name, axis % rank), 0)
-                if n:
-                    sizes[j] -= n
-                    changed = True
-            if changed:
+            removed = [removed_in_space.get((out.name, axis % rank), 0) for out in node.outputs]
+            if any(removed):
+                sizes = const_array(node.inputs[1]).copy() - np.asarray(removed, dtype=np.int64)
                 node.replace_input_with(
                     1, add_initializer(graph, f"{node_name(node)}_split", sizes.astype(np.int64))
                 )

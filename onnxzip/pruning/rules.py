@@ -462,6 +462,8 @@ def _split(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
             node,
             "Split into equal parts along the channel axis (the parts would differ after pruning)",
         )
+    if const_array(node.inputs[1]) is None:
+        return b.block(node, "Split sizes are not constant")
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     if port[0] == "out":
         return b.visit(node.inputs[0], axis, shift(pos, int(offsets[port[1]])), node, ("in", 0))

@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from onnxzip import io, passes, progress
 from onnxzip.data import Samples
-from onnxzip.errors import DataError, InputError
+from onnxzip.errors import DataError, InputError, ModelError, NoSamplesError
 from onnxzip.quantize import calibrate as cal
 from onnxzip.quantize import params as qp
 from onnxzip.quantize.dynamic import quantize_dynamic
@@ -185,7 +185,9 @@ class QuantizeReport:
 
 
 def _excluded(node: ir.Node, exclude: tuple[str, ...]) -> bool:
-    return bool(exclude) and (node.name in exclude or node.op_type in exclude)
+    return bool(exclude) and (
+        node.name in exclude or node.op_type in exclude or node_key(node) in exclude
+    )
 
 
 def plan_quantization(model: ir.Model, config: QuantizeConfig) -> tuple[Plan, list[KeptFloat]]:
@@ -211,7 +213,7 @@ def plan_quantization(model: ir.Model, config: QuantizeConfig) -> tuple[Plan, li
             set(plan.constants),
             dict(plan.biases),
         )
-        reason = handler(node, ctx)
+        reason = _empty_tensor(node) or handler(node, ctx)
         if reason is None:
             if key not in plan.folded:
                 plan.quantized_nodes[key] = node.op_type
@@ -224,12 +226,22 @@ def plan_quantization(model: ir.Model, config: QuantizeConfig) -> tuple[Plan, li
     return plan, kept
 
 
+def _empty_tensor(node: ir.Node) -> str | None:
+    """A tensor with a zero-sized dimension has no range to calibrate (and onnxruntime's
+    ReduceMin/ReduceMax refuse it)."""
+    for value in (*node.inputs, *node.outputs):
+        if value is not None and value.shape is not None and 0 in value.shape:
+            return f"tensor '{value.name}' is empty (shape {list(value.shape)})"
+    return None
+
+
 def calibrate(
     model: ir.Model,
     tensors: list[str],
     samples: Samples,
     config: QuantizeConfig,
     holdout: float = 0.0,
+    expose: bool = False,
 ) -> tuple[dict[str, cal.TensorStats], int]:
     """Streams the samples not held out through one session that exposes ``tensors``.
 
@@ -249,7 +261,7 @@ def calibrate(
     fetch: dict[str, tuple[str, ...]] = {}  # tensor -> the outputs that carry its statistics
     for name in tensors:
         value = by_name[name]
-        if histogram:
+        if histogram or expose:
             if name not in outputs:
                 graph.outputs.append(value)
                 outputs.add(name)
@@ -269,6 +281,7 @@ def calibrate(
             fetch[name] = tuple(reduced)
     runner = Runner(exposed, name="calibration model", optimization="all")
     stats = {name: cal.TensorStats(config.bins, histogram) for name in tensors}
+    expose = expose or histogram
     split = "calibration" if holdout > 0 else "all"
     count = 0
     total = None
@@ -278,7 +291,7 @@ def calibrate(
         total = math.ceil(kept / samples.batch_size_for(run))
     names = [o for outs in fetch.values() for o in outs]
     workers = (
-        ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) if histogram else None
+        ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) if expose else None
     )
     try:
         # Histogram methods fetch every exposed tensor whole: small runs keep onnxruntime's arena
@@ -300,11 +313,6 @@ def calibrate(
     finally:
         if workers is not None:
             workers.shutdown()
-    for name, s in stats.items():
-        if s.nonfinite:
-            raise DataError(
-                f"tensor '{name}' holds {s.nonfinite} NaN/Inf values on the calibration samples"
-            )
     return stats, count
 
 
@@ -334,13 +342,23 @@ class _Builder:
         self.stats: dict[str, cal.TensorStats] = {}
         self.calibrated = 0
         self.params: dict[str, tuple[qp.QParams, float, float]] = {}
+        self.nonfinite_nodes: frozenset[str] = frozenset()
 
     def _ensure_stats(self, sources: list[str]) -> None:
         missing = [s for s in sources if s not in self.stats]
         if missing:
-            stats, count = calibrate(
-                self.prepared, missing, self.samples, self.config, self.holdout
-            )
+            try:
+                stats, count = calibrate(
+                    self.prepared, missing, self.samples, self.config, self.holdout
+                )
+            except ModelError as exc:
+                if self.config.calibration != "minmax":
+                    raise
+                # onnxruntime's ReduceMin/ReduceMax refuse empty tensors: reduce in numpy instead.
+                logger.info("in-graph min/max failed (%s); exposing the tensors instead", exc)
+                stats, count = calibrate(
+                    self.prepared, missing, self.samples, self.config, self.holdout, expose=True
+                )
             self.stats.update(stats)
             self.calibrated = max(self.calibrated, count)
 
@@ -363,6 +381,7 @@ class _Builder:
     def build(self, keep_float: frozenset[str] = frozenset()):
         model = self.prepared.clone()
         config = self.config
+        keep_float = keep_float | self.nonfinite_nodes
         if keep_float:
             config = dataclasses.replace(
                 config, exclude=tuple(config.exclude) + tuple(sorted(keep_float))
@@ -371,6 +390,13 @@ class _Builder:
             return self._build_dynamic(model, config, keep_float)
         plan, kept = plan_quantization(model, config)
         self._ensure_stats(sorted(set(plan.activations.values())))
+        nonfinite = self._touching_nonfinite(model, plan)
+        if nonfinite:
+            if nonfinite <= self.nonfinite_nodes:
+                raise InputError(f"internal: cannot keep {sorted(nonfinite)} in float")
+            # -inf attention masks and the like: no finite range exists; those layers stay float.
+            self.nonfinite_nodes |= nonfinite
+            return self.build(keep_float)
         act_params: dict[str, qp.QParams] = {}
         ranges = []
         for tensor, src in plan.activations.items():
@@ -387,9 +413,33 @@ class _Builder:
             act_params[tensor] = act_params[root]
         inserted = insert_qdq(model, plan, act_params, config.activation_type)
         for k in kept:
-            if k.node in keep_float:
+            if k.node in self.nonfinite_nodes:
+                k.reason = "NaN/Inf (or no values) in its activations on the calibration samples"
+            elif k.node in keep_float:
                 k.reason = "kept in float by the accuracy guard"
         return model, plan, kept, inserted, ranges
+
+    def _touching_nonfinite(self, model: ir.Model, plan: Plan) -> frozenset[str]:
+        """Quantized nodes reading or writing a planned tensor whose range is not finite."""
+        bad = {
+            t
+            for t, src in plan.activations.items()
+            if self.stats[src].nonfinite or not self.stats[src].count
+        }
+        bad |= {t for t in plan.shared if _resolve_shared(plan, t) in bad}
+        if not bad:
+            return frozenset()
+        keys = set()
+        for node in model.graph:
+            key = node_key(node)
+            if key not in plan.quantized_nodes:
+                continue
+            names = {plan.resolve(v.name) for v in (*node.inputs, *node.outputs) if v is not None}
+            if names & bad:
+                keys.add(key)
+        if not keys:
+            raise InputError(f"internal: tensors {sorted(bad)} hold NaN/Inf but no node owns them")
+        return frozenset(keys)
 
     def _build_dynamic(self, model: ir.Model, config: QuantizeConfig, keep_float: frozenset[str]):
         result = quantize_dynamic(model, tuple(config.exclude))
@@ -440,7 +490,17 @@ def quantize(
     )  # tensors are shared, never written: the caller's model stays as it was
     weight_before = io.weights_nbytes(original)
     prepared_info = passes.prepare_for_inference(prepared)
+    prepared, config = _avoid_opset21_matmul(prepared, config, source)
     holdout = 0.0 if verify_samples is not None else config.holdout
+    split = "all" if verify_samples is not None else "holdout"
+    verifying = verify_samples is not None or holdout > 0
+    if holdout > 0 and not _both_splits_hold_samples(samples, config.batch_size, holdout):
+        logger.warning(
+            "%s: too few samples to hold %g of them out; calibrating and verifying on all of them",
+            samples.describe(),
+            holdout,
+        )
+        holdout, split = 0.0, "all"
     builder = _Builder(prepared, samples, config, holdout)
     timings["prepare"] = time.perf_counter() - t0
 
@@ -448,9 +508,7 @@ def quantize(
     work, plan, kept, inserted, ranges = builder.build()
     timings["calibrate+insert"] = time.perf_counter() - t0
 
-    verifying = verify_samples is not None or config.holdout > 0
     data = verify_samples or samples
-    split = "all" if verify_samples is not None else "holdout"
     bias_note = None
     evaluator = None  # reference outputs on the verification samples, computed once when needed
     wanted = config.bias_correction == "on" or (config.bias_correction == "auto" and verifying)
@@ -519,12 +577,45 @@ def quantize(
             thresholds=thresholds,
             batch_size=config.batch_size,
             split=split,
-            holdout=config.holdout,
+            holdout=holdout,
             reference_name=source,
             candidate_name="quantized",
         )
         timings["verify"] = time.perf_counter() - t0
     return work, report
+
+
+def _avoid_opset21_matmul(
+    model: ir.Model, config: QuantizeConfig, source: str
+) -> tuple[ir.Model, QuantizeConfig]:
+    """onnxruntime 1.19 fuses a QDQ MatMul of an opset-21 model into QLinearMatMul(21), for which
+    it has no CPU kernel: such a model would not load. Quantize at opset 20 instead, or, where the
+    model does not convert down, leave MatMul in float."""
+    if model.opset_imports.get("", 0) < 21 or config.mode != "static":
+        return model, config
+    if not any(n.op_type == "MatMul" and n.domain in ("", "ai.onnx") for n in model.graph):
+        return model, config
+    try:
+        converted = io.convert_opset(model, 20, source)
+    except InputError as exc:
+        logger.warning(
+            "%s: MatMul stays in float: onnxruntime has no QLinearMatMul kernel for opset 21 and "
+            "the model does not convert to opset 20 (%s)",
+            source,
+            exc,
+        )
+        return model, dataclasses.replace(config, exclude=(*config.exclude, "MatMul"))
+    logger.info("%s: quantizing at opset 20 (no QLinearMatMul kernel for opset 21)", source)
+    return converted, config
+
+
+def _both_splits_hold_samples(samples: Samples, batch_size: int, holdout: float) -> bool:
+    for split in ("holdout", "calibration"):
+        try:
+            next(iter(samples.batches(batch_size, split, holdout)))
+        except NoSamplesError:
+            return False
+    return True
 
 
 # -- bias correction ------------------------------------------------------------------------------
@@ -670,7 +761,7 @@ class _Evaluator:
         for batch, ref in zip(self.batches, self.reference, strict=True):
             out = run.run(batch, self.names)
             for n in self.names:
-                acc[n].add(ref[n], out[n], batch.labels)
+                acc[n].add(ref[n], out[n], batch.labels, batch.count)
         results = [acc[n].result(n) for n in self.names]
         snr = float(np.mean([min(r.snr_db, 200.0) for r in results]))
         met = True

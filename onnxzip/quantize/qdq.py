@@ -110,7 +110,8 @@ def insert_qdq(
         else:
             graph.insert_after(producer, [q, dq])
         for node, index in list(value.uses()):
-            if node is not q:
+            # Subgraphs (If/Loop/Scan bodies) keep reading the float tensor: they stay as written.
+            if node is not q and node.graph is graph:
                 node.replace_input_with(index, dq.outputs[0])
         if value.is_graph_output():
             # The output keeps its name and now carries the quantized result.

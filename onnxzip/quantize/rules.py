@@ -224,6 +224,9 @@ def _concat(node: ir.Node, ctx: Context) -> str | None:
 def _unary_qlinear(node: ir.Node, ctx: Context) -> str | None:
     if not _is_float(node.inputs[0]):
         return "input is not float32"
+    dilations = node.attributes.get("dilations")
+    if dilations is not None and any(d != 1 for d in dilations.as_ints()):
+        return "onnxruntime's QLinearAveragePool has no dilations"
     ctx.mark_activation(node.inputs[0])
     ctx.mark_activation(node.outputs[0])
     return None

@@ -1,0 +1,450 @@
+"""Reliability: every bad input refused in one line with exit 2, nothing written, nothing changed.
+
+Each case of the list runs through every command that writes a model (quantize, prune, compress),
+in-process through the CLI's ``main``: the exit code is 2, stderr is one ``onnxzip: error:`` line
+naming the problem, no output (model or report) appears, no temporary file is left in the
+output folder, and the input model's bytes are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import ROOT, parse, run_cli, save
+
+WRITERS = ("quantize", "prune", "compress")
+
+
+def _writer_args(command: str, model: Path, out: Path, data: Path | None) -> list:
+    data_args = ["--data", data] if data is not None else []
+    if command == "quantize":
+        return ["quantize", model, "-o", out, *data_args]
+    if command == "prune":
+        return ["prune", model, "-o", out, "--ratio", "0.3", *data_args]
+    return ["compress", model, "-o", out, "--recover-steps", "0", "--quantize", "none", *data_args]
+
+
+def _digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _assert_refused(code, err, needle, out_dir: Path, before: set[str]):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("onnxzip: error:") and "Traceback" not in err
+    assert needle in lines[0], lines[0]
+    assert {p.name for p in out_dir.iterdir()} == before, "a refused run left files behind"
+
+
+# -- bad models ---------------------------------------------------------------------------------
+
+
+def _model_case(kind: str, tmp: Path, good: Path) -> tuple[Path, str]:
+    path = tmp / "in" / f"{kind}.onnx"
+    path.parent.mkdir(exist_ok=True)
+    if kind == "missing":
+        return path, "no such file"
+    if kind == "directory":
+        path.mkdir()
+        return path, "is a directory"
+    if kind == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+        return path, "not a readable ONNX model"
+    if kind == "truncated":
+        path.write_bytes(good.read_bytes()[:5000])
+        return path, "not a readable ONNX model"
+    if kind == "fails checker":
+        model = parse(
+            '<ir_version: 8, opset_import: ["" : 17]>\ng (float[N,4] x) => (float[N,4] y) { y = Relu (x) }'
+        )
+        model.graph.node[0].input.append("x")  # Relu takes one input
+        onnx.save(model, path)
+        return path, "onnx.checker"
+    if kind == "opset 23 op":
+        model = parse(
+            '<ir_version: 10, opset_import: ["" : 23]>\n'
+            "g (float[N,4] x, float[4] s) => (float[N,4] y) { y = RMSNormalization (x, s) }"
+        )
+        onnx.save(model, path)
+        return path, "op RMSNormalization"
+    if kind == "custom domain":
+        model = parse(
+            '<ir_version: 8, opset_import: ["" : 17, "acme.ops" : 1]>\n'
+            "g (float[N,4] x) => (float[N,4] y) { t = acme.ops.Mystery (x)\n y = Relu (t) }"
+        )
+        onnx.save(model, path)
+        return path, "custom domain 'acme.ops'"
+    if kind == "missing external data":
+        model = onnx.load(good)
+        onnx.save(model, path, save_as_external_data=True, location="weights.bin", size_threshold=0)
+        (path.parent / "weights.bin").unlink()
+        return path, "weights.bin"
+    raise AssertionError(kind)
+
+
+BAD_MODELS = [
+    "missing",
+    "directory",
+    "random bytes",
+    "truncated",
+    "fails checker",
+    "opset 23 op",
+    "custom domain",
+    "missing external data",
+]
+
+
+@pytest.mark.parametrize("command", WRITERS)
+@pytest.mark.parametrize("kind", BAD_MODELS)
+def test_bad_model_is_refused_in_one_line(kind, command, tmp_path, resnet_path, calib_npz, capsys):
+    model, needle = _model_case(kind, tmp_path, resnet_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    digest = _digest(model)
+    code, _, err = run_cli(
+        [
+            *_writer_args(command, model, out_dir / "m.onnx", calib_npz),
+            "--json",
+            out_dir / "r.json",
+        ],
+        capsys,
+    )
+    _assert_refused(code, err, needle, out_dir, set())
+    assert _digest(model) == digest
+
+
+# -- bad data -----------------------------------------------------------------------------------
+
+
+def _data_case(kind: str, tmp: Path, calib: Path) -> tuple[Path, str]:
+    path = tmp / f"{kind.replace(' ', '_')}.npz"
+    with np.load(calib) as archive:
+        x, labels = archive["input"], archive["labels"]
+    if kind == "wrong input name":
+        np.savez(path, image=x)
+        return path, "'image' is not a model input"
+    if kind == "wrong dtype":
+        np.savez(path, input=x.astype(np.float64))
+        return path, "dtype float64"
+    if kind == "wrong rank":
+        np.savez(path, input=x.reshape(len(x), -1))
+        return path, "rank 2"
+    if kind == "wrong shape":
+        np.savez(path, input=x[:, :, :6, :6])
+        return path, "axis 2 must be 8"
+    if kind == "NaN":
+        x = x.copy()
+        x[3, 0, 2, 2] = np.nan
+        np.savez(path, input=x)
+        return path, "NaN or Inf"
+    if kind == "Inf":
+        x = x.copy()
+        x[0, 0, 0, 0] = np.inf
+        np.savez(path, input=x)
+        return path, "NaN or Inf"
+    if kind == "empty":
+        np.savez(path, input=x[:0])
+        return path, "empty"
+    if kind == "labels of another length":
+        np.savez(path, input=x, labels=labels[:-3])
+        return path, "labels for"
+    if kind == "labels not integers":
+        np.savez(path, input=x, labels=labels.astype(np.float32))
+        return path, "'labels' must be a 1-D integer array"
+    if kind == "not an npz":
+        path.write_bytes(b"plain text, not a zip archive")
+        return path, str(path)
+    raise AssertionError(kind)
+
+
+BAD_DATA = [
+    "wrong input name",
+    "wrong dtype",
+    "wrong rank",
+    "wrong shape",
+    "NaN",
+    "Inf",
+    "empty",
+    "labels of another length",
+    "labels not integers",
+    "not an npz",
+]
+
+
+@pytest.mark.parametrize("command", WRITERS)
+@pytest.mark.parametrize("kind", BAD_DATA)
+def test_bad_data_is_refused_in_one_line(kind, command, tmp_path, resnet_path, calib_npz, capsys):
+    data, needle = _data_case(kind, tmp_path, calib_npz)
+    model = shutil.copy(resnet_path, tmp_path / "model.onnx")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    digest = _digest(Path(model))
+    code, _, err = run_cli(_writer_args(command, model, out_dir / "m.onnx", data), capsys)
+    _assert_refused(code, err, needle, out_dir, set())
+    assert _digest(Path(model)) == digest
+
+
+# -- bad options and targets ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_output_equal_to_input_is_refused_unless_overwrite(
+    command, tmp_path, resnet_path, calib_npz, capsys
+):
+    model = Path(shutil.copy(resnet_path, tmp_path / "model.onnx"))
+    digest = _digest(model)
+    code, _, err = run_cli(_writer_args(command, model, model, calib_npz), capsys)
+    _assert_refused(code, err, "--overwrite", tmp_path, {"model.onnx"})
+    assert _digest(model) == digest
+    args = _writer_args(command, model, model, calib_npz)
+    if command == "compress":
+        args += ["--prune", "0.3"]
+    code, _, err = run_cli([*args, "--overwrite", "--quiet"], capsys)
+    assert code in (0, 1), err
+    assert _digest(model) != digest
+    onnx.checker.check_model(onnx.load(model), full_check=True)
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_unwritable_output_folder_is_refused(command, tmp_path, resnet_path, calib_npz, capsys):
+    # /proc refuses new files even to root, so this holds whoever runs the tests.
+    target = Path("/proc/onnxzip-out.onnx")
+    code, _, err = run_cli(_writer_args(command, resnet_path, target, calib_npz), capsys)
+    _assert_refused(code, err, "cannot write", tmp_path, set())
+    assert not target.exists()
+
+
+def test_output_in_missing_folder_is_refused(tmp_path, resnet_path, calib_npz, capsys):
+    code, _, err = run_cli(
+        _writer_args("quantize", resnet_path, tmp_path / "no" / "m.onnx", calib_npz), capsys
+    )
+    _assert_refused(code, err, "no", tmp_path, set())
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["prune", "--ratio", "1.0"], "ratio"),
+        (["prune", "--ratio", "-0.1"], "ratio"),
+        (["prune", "--ratio", "nan"], "ratio"),
+        (["prune", "--target-macs", "0"], "target"),
+        (["prune", "--target-macs", "1.5"], "target"),
+        (["compress", "--prune", "1.2"], "ratio"),
+        (["compress", "--target-macs", "-1"], "target"),
+        (["quantize", "--holdout", "1"], "holdout"),
+        (["quantize", "--percentile", "101", "--calibration", "percentile"], "percentile"),
+    ],
+)
+def test_ratios_outside_their_range_are_refused(
+    args, needle, tmp_path, resnet_path, calib_npz, capsys
+):
+    command, *options = args
+    out = tmp_path / "m.onnx"
+    code, _, err = run_cli([command, resnet_path, "-o", out, "--data", calib_npz, *options], capsys)
+    _assert_refused(code, err, needle, tmp_path, set())
+
+
+# -- models with nothing to do, and control flow --------------------------------------------------
+
+
+def test_model_without_prunable_group_exits_0_unchanged_and_says_why(tmp_path, capsys):
+    model = save(
+        parse(
+            '<ir_version: 8, opset_import: ["" : 17]>\ng (float[N,4] x) => (float[N,4] y) { t = Relu (x)\n y = Sigmoid (t) }'
+        ),
+        tmp_path / "plain.onnx",
+    )
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code, stdout, _ = run_cli(
+        ["prune", model, "-o", out, "--ratio", "0.3", "--json", report], capsys
+    )
+    assert code == 0
+    assert "no prunable channel group" in stdout
+    assert "no prunable channel group" in json.loads(report.read_text())["unchanged_because"]
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+
+    def run(path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})[0]
+
+    np.testing.assert_array_equal(run(model), run(out))
+
+
+CONTROL_FLOW = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,8,8] x, bool c) => (float[N,8,8,8] y) {
+  a = Conv <pads=[1,1,1,1]> (x, w1)
+  r = Relu (a)
+  b = Conv <pads=[1,1,1,1]> (r, w2)
+  y = If (c) <
+    then_branch = t () => (float[N,8,8,8] yt) { u = Conv <pads=[1,1,1,1]> (b, w3)\n yt = Relu (u) },
+    else_branch = e () => (float[N,8,8,8] ye) { ye = Relu (b) }
+  >
+}"""
+
+
+def _control_flow_model(tmp: Path) -> Path:
+    model = onnx.parser.parse_model(CONTROL_FLOW)
+    rng = np.random.default_rng(1)
+    for name, shape in {"w1": (8, 3, 3, 3), "w2": (8, 8, 3, 3), "w3": (8, 8, 3, 3)}.items():
+        model.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+        )
+    onnx.checker.check_model(model, full_check=True)
+    return save(model, tmp / "if.onnx")
+
+
+def _branches(path: Path) -> list[bytes]:
+    model = onnx.load(path)
+    node = next(n for n in model.graph.node if n.op_type == "If")
+    return [onnx.printer.to_text(a.g) for a in node.attribute]
+
+
+def _run(path: Path, x: np.ndarray, c: bool) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x, "c": np.array(c)})[0]
+
+
+def test_control_flow_quantize_main_graph_and_leave_subgraphs_alone(tmp_path, capsys):
+    model = _control_flow_model(tmp_path)
+    rng = np.random.default_rng(2)
+    data = tmp_path / "d.npz"
+    np.savez(
+        data,
+        x=rng.normal(size=(4, 1, 3, 8, 8)).astype(np.float32),
+        c=np.array([True, False, True, False]),
+    )
+    # The scalar bool input means one sample is one whole feed: the file adds a sample axis.
+    out = tmp_path / "q.onnx"
+    code, _, err = run_cli(
+        ["quantize", model, "-o", out, "--data", data, "--holdout", "0", "--quiet"], capsys
+    )
+    assert code == 0, err
+    quantized = onnx.load(out)
+    onnx.checker.check_model(quantized, full_check=True)
+    main_ops = [n.op_type for n in quantized.graph.node]
+    assert main_ops.count("QuantizeLinear") >= 2 and main_ops.count("Conv") == 2
+    assert _branches(out) == _branches(model)  # subgraphs exactly as they were
+    x = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
+    for c in (True, False):
+        want, got = _run(model, x, c), _run(out, x, c)
+        cos = float((want * got).sum() / (np.linalg.norm(want) * np.linalg.norm(got)))
+        assert cos > 0.99, (c, cos)
+
+
+def test_control_flow_prune_blocks_groups_reaching_a_subgraph(tmp_path, capsys):
+    model = _control_flow_model(tmp_path)
+    out, report = tmp_path / "p.onnx", tmp_path / "r.json"
+    code, _, err = run_cli(
+        ["prune", model, "-o", out, "--ratio", "0.5", "--json", report, "--quiet"], capsys
+    )
+    assert code == 0, err
+    groups = json.loads(report.read_text())["groups"]
+    blocked = [g for g in groups if g["reason"]]
+    assert any("subgraph" in g["reason"] for g in blocked)
+    pruned = [g for g in groups if g["kept"] < g["channels"]]
+    assert pruned, "the group between the two main-graph Convs is free to prune"
+    assert _branches(out) == _branches(model)
+    x = np.random.default_rng(3).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    for c in (True, False):
+        assert _run(out, x, c).shape == _run(model, x, c).shape
+
+
+# -- nothing lost: killed mid-write, disk full ----------------------------------------------------
+
+
+def _big_model(tmp: Path) -> Path:
+    """Two Gemms with 8 M weights (32 MB): writing the pruned model takes a while."""
+    model = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "g (float[N,1024] x) => (float[N,1024] y) "
+        "{ h = Gemm <transB=1> (x, w1, b1)\n r = Relu (h)\n y = Gemm <transB=1> (r, w2, b2) }"
+    )
+    rng = np.random.default_rng(0)
+    for name, shape in {
+        "w1": (4096, 1024),
+        "b1": (4096,),
+        "w2": (1024, 4096),
+        "b2": (1024,),
+    }.items():
+        model.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(0, 0.02, shape).astype(np.float32), name)
+        )
+    return save(model, tmp / "big.onnx")
+
+
+def _cli_process(args: list, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "onnxzip", *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        **kwargs,
+    )
+
+
+def test_sigkill_during_write_leaves_nothing_or_a_valid_model(tmp_path):
+    model = _big_model(tmp_path)
+    digest = _digest(model)
+    out = tmp_path / "out" / "pruned.onnx"
+    out.parent.mkdir()
+    args = ["prune", model, "-o", out, "--ratio", "0.3", "--quiet"]
+    start = time.perf_counter()
+    proc = _cli_process(args)
+    assert proc.wait() == 0, proc.stderr.read()
+    full = time.perf_counter() - start
+    out.unlink()
+    rng = np.random.default_rng(7)
+    outcomes = []
+    for delay in rng.uniform(0.3 * full, 1.05 * full, size=8):
+        out.unlink(missing_ok=True)
+        proc = _cli_process(args)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if out.exists():  # the rename happened: the file must be whole and valid
+            onnx.checker.check_model(onnx.load(out), full_check=True)
+            outcomes.append("complete")
+        else:
+            outcomes.append("nothing")
+        # Only hidden temporary folders may remain beside the target, never a partial target.
+        assert {p.name for p in out.parent.iterdir() if not p.name.startswith(".onnxzip-")} <= {
+            out.name
+        }
+        assert _digest(model) == digest
+    assert "nothing" in outcomes  # some kills landed before the rename
+
+
+def test_disk_full_is_a_clear_error_with_no_partial_file(tmp_path):
+    model = _big_model(tmp_path)
+    digest = _digest(model)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    def limit():  # files this process writes may not grow past 4 MB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+
+    proc = _cli_process(
+        ["prune", model, "-o", out_dir / "p.onnx", "--ratio", "0.3"], preexec_fn=limit
+    )
+    err = proc.communicate()[1].decode()
+    assert proc.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnxzip: error:"), err
+    assert "disk full" in lines[0] or "too large" in lines[0], lines[0]
+    assert list(out_dir.iterdir()) == []
+    assert _digest(model) == digest
