@@ -64,8 +64,8 @@ def assert_oracle(model: ir.Model, group_ids=None, samples: int = 2) -> int:
     batch = next(SyntheticSamples(input_specs(model), samples, seed=1).batches(samples))
     checked = 0
     for g in groups:
-        if g.blocked or (group_ids is not None and g.id not in group_ids):
-            continue
+        if g.blocked or g.size < 2 or (group_ids is not None and g.id not in group_ids):
+            continue  # a one-channel group is never emptied
         channels = list(range(g.size % 2, g.size, 3))[: max(1, g.size // 2)]
         masked, pruned = masked_and_pruned(model, g.id, channels)
         onnx.checker.check_model(io.to_proto(pruned), full_check=True)
