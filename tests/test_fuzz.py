@@ -1,8 +1,9 @@
 """Fuzzing: random small CNN / MLP graphs through ``prune`` and ``quantize``.
 
 hypothesis draws chains of Conv (plain, strided, grouped, depthwise), BatchNormalization, Relu,
-Sigmoid, residual Add, channel Concat, MaxPool, then a Flatten -> Gemm or a MatMul head, with
-random shapes and attributes. Every model goes through the CLI in-process:
+Sigmoid, residual Add, channel Concat, MaxPool, then Flatten, Reshape or GlobalAveragePool, an
+optional hidden Gemm or MatMul+Add layer, and a Gemm or MatMul head, with random shapes and
+attributes. Every model goes through the CLI in-process:
 
 * ``prune --ratio R``: exit 0 with a valid model whose output shape is the original's and which
   satisfies the masking oracle on every unblocked group (zeroing a group's channels in the
@@ -114,24 +115,50 @@ def graphs(draw) -> onnx.ModelProto:
             s //= 2
         x = out
     classes = draw(st.integers(2, 10))
-    if draw(st.booleans()):
-        flat = name("t")
+    head = draw(st.sampled_from(["flatten", "reshape", "pool"]))
+    flat = name("t")
+    if head == "pool":
+        pooled = name("t")
+        nodes.append(helper.make_node("GlobalAveragePool", [x], [pooled]))
+        nodes.append(helper.make_node("Flatten", [pooled], [flat]))
+        features = c
+    elif head == "reshape":
+        shape = numpy_helper.from_array(np.array([0, -1], np.int64), name("shape"))
+        inits.append(shape)
+        nodes.append(helper.make_node("Reshape", [x, shape.name], [flat]))
+        features = c * s * s
+    else:
         nodes.append(helper.make_node("Flatten", [x], [flat]))
+        features = c * s * s
+    if draw(st.booleans()):  # a hidden MLP layer: Gemm or MatMul + Add, then an activation
+        hidden, pre, act = draw(st.integers(2, 12)), name("t"), name("t")
+        if draw(st.booleans()):
+            nodes.append(
+                helper.make_node(
+                    "Gemm",
+                    [flat, weight((hidden, features)), weight((hidden,), 0.1)],
+                    [pre],
+                    transB=1,
+                )
+            )
+        else:
+            mm = name("t")
+            nodes.append(helper.make_node("MatMul", [flat, weight((features, hidden))], [mm]))
+            nodes.append(helper.make_node("Add", [mm, weight((hidden,), 0.1)], [pre]))
+        nodes.append(helper.make_node(draw(st.sampled_from(["Relu", "Sigmoid"])), [pre], [act]))
+        flat, features = act, hidden
+    if draw(st.booleans()):
         nodes.append(
             helper.make_node(
                 "Gemm",
-                [flat, weight((classes, c * s * s)), weight((classes,), 0.1)],
+                [flat, weight((classes, features)), weight((classes,), 0.1)],
                 ["y"],
                 transB=1,
             )
         )
-        out_shape = ["N", classes]
     else:
-        pooled, flat = name("t"), name("t")
-        nodes.append(helper.make_node("GlobalAveragePool", [x], [pooled]))
-        nodes.append(helper.make_node("Flatten", [pooled], [flat]))
-        nodes.append(helper.make_node("MatMul", [flat, weight((c, classes))], ["y"]))
-        out_shape = ["N", classes]
+        nodes.append(helper.make_node("MatMul", [flat, weight((features, classes))], ["y"]))
+    out_shape = ["N", classes]
     graph = helper.make_graph(
         nodes,
         "fuzz",
