@@ -249,12 +249,28 @@ def _snr_db(signal: float, noise: float) -> float:
 
 
 def is_classifier(value: ir.Value) -> bool:
+    """A float ``[N, C]`` output of class scores; an L2-normalised one is an embedding instead."""
     if value.dtype is None or not value.dtype.is_floating_point() or value.shape is None:
         return False
     if len(value.shape) != 2:
         return False
     classes = value.shape[1]
-    return isinstance(classes, int) and classes >= 2
+    return isinstance(classes, int) and classes >= 2 and not _is_l2_normalised(value)
+
+
+def _is_l2_normalised(value: ir.Value) -> bool:
+    """``LpNormalization(p=2)``, or ``x / f(ReduceL2(x))`` with f a clamp such as Max or Clip."""
+    node = value.producer()
+    if node is None:
+        return False
+    if node.op_type == "LpNormalization":
+        return True
+    if node.op_type != "Div" or len(node.inputs) < 2:
+        return False
+    norm = node.inputs[1].producer() if node.inputs[1] is not None else None
+    while norm is not None and norm.op_type in ("Max", "Clip", "Add", "Unsqueeze", "Reshape"):
+        norm = norm.inputs[0].producer() if norm.inputs[0] is not None else None
+    return norm is not None and norm.op_type == "ReduceL2"
 
 
 def _check_compatible(

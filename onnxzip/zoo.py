@@ -203,13 +203,28 @@ def bert_encoder(
     ffn: int = 256,
     vocab: int = 1000,
     seed: int = 0,
+    *,
+    weights: dict[str, np.ndarray] | None = None,
+    positions: int = 0,
+    pooling: bool = False,
+    name: str = "bert_encoder",
 ) -> ir.Model:
-    """A small BERT-style encoder: embeddings, LayerNorm, self-attention with heads, GELU FFN.
+    """A BERT-style encoder: embeddings, LayerNorm, self-attention with heads, GELU FFN.
 
     Inputs ``input_ids`` and ``attention_mask`` (int64 ``[N, S]``); output the last hidden state
-    ``[N, S, hidden]``. GELU is spelled with Erf, as exporters write it below opset 20.
+    ``[N, S, hidden]``, or with ``pooling`` the sentence embedding ``[N, hidden]`` (the mean of
+    the unmasked tokens' states, L2-normalised, as sentence-transformers computes it). GELU is
+    spelled with Erf, as exporters write it below opset 20.
+
+    Args:
+        weights: arrays by this builder's initializer names (``embeddings.word``,
+            ``layer0.q.weight`` as ``[in, out]``, ``layer0.attn.norm.scale`` ...) replacing the
+            random ones, e.g. a pretrained checkpoint's.
+        positions: size of a learned absolute position table added to the embeddings (0: none),
+            plus a token-type table whose row 0 is added (single-segment inputs).
     """
-    b = _Builder("bert_encoder", seed)
+    b = _Builder(name, seed)
+    weights = weights or {}
     head = hidden // heads
     ids = ir.Value(
         name="input_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["N", "S"])
@@ -220,6 +235,13 @@ def bert_encoder(
     b.graph.inputs.extend([ids, mask])
 
     def const(name: str, array) -> ir.Value:
+        if name in weights:
+            given = np.asarray(weights[name], dtype=np.float32)
+            if given.shape != np.shape(array):
+                raise ValueError(
+                    f"{name}: weights have shape {given.shape}, expected {np.shape(array)}"
+                )
+            array = given
         return b.init(name, np.asarray(array, dtype=np.float32))
 
     def ints(name: str, values) -> ir.Value:
@@ -237,6 +259,20 @@ def bert_encoder(
 
     table = const("embeddings.word", b.rng.normal(0, 0.5, (vocab, hidden)))
     x = b.op("Gather", [table, ids], "embeddings.gather")
+    if positions:
+        pos_table = const("embeddings.position", b.rng.normal(0, 0.02, (positions, hidden)))
+        seq = b.op(
+            "Slice",
+            [b.op("Shape", [ids], "embeddings.shape"), ints("pos.one", [1]), ints("pos.two", [2])],
+            "embeddings.seq",
+        )
+        pos = b.op(
+            "Slice",
+            [pos_table, ints("pos.zero", [0]), seq, ints("pos.axis", [0])],
+            "embeddings.pos",
+        )
+        token_type = const("embeddings.token_type", b.rng.normal(0, 0.02, hidden))
+        x = b.op("Add", [b.op("Add", [x, pos], "embeddings.add_pos"), token_type], "embeddings.sum")
     x = layer_norm(x, "embeddings.norm")
     m = b.op("Cast", [mask], "mask.cast", to=ir.DataType.FLOAT)
     m = b.op("Sub", [const("mask.one", 1.0), m], "mask.invert")
@@ -297,8 +333,40 @@ def bert_encoder(
             b.op("Add", [x, linear(gelu, ffn, hidden, f"{p}.ffn.out")], f"{p}.ffn.res"),
             f"{p}.ffn.norm",
         )
+    if pooling:
+        keep = b.op(
+            "Unsqueeze",
+            [b.op("Cast", [mask], "pool.mask", to=ir.DataType.FLOAT), ints("pool.axes", [2])],
+            "pool.mask3",
+        )
+        summed = b.op(
+            "ReduceSum",
+            [b.op("Mul", [x, keep], "pool.masked"), ints("pool.seq", [1])],
+            "pool.sum",
+            keepdims=0,
+        )
+        count = b.op(
+            "Max",
+            [
+                b.op("ReduceSum", [keep, ints("pool.seq2", [1])], "pool.count", keepdims=0),
+                const("pool.eps", 1e-9),
+            ],
+            "pool.count_safe",
+        )
+        mean = b.op("Div", [summed, count], "pool.mean")
+        norm = b.op(
+            "Max",
+            [
+                b.op("ReduceL2", [mean], "pool.norm", axes=[1], keepdims=1),
+                const("pool.tiny", 1e-12),
+            ],
+            "pool.norm_safe",
+        )
+        x = b.op("Div", [mean, norm], "sentence_embedding")
+        x.shape = ir.Shape(["N", hidden])
+    else:
+        x.shape = ir.Shape(["N", "S", hidden])
     x.type = ir.TensorType(ir.DataType.FLOAT)
-    x.shape = ir.Shape(["N", "S", hidden])
     b.graph.outputs.append(x)
     model = ir.Model(b.graph, ir_version=8, producer_name="onnxzip.zoo")
-    return io.load_model(model, name="bert_encoder")
+    return io.load_model(model, name=name)

@@ -93,3 +93,45 @@ def versions() -> dict:
     return {
         p: version(p) for p in ("onnxruntime-training", "onnx", "onnx-ir", "onnxscript", "numpy")
     }
+
+
+def sentence_metrics(reference: Path, candidate: Path, data: Path) -> dict:
+    """Sentence-embedding parity of ``candidate`` against ``reference`` on every sentence in ``data``.
+
+    cosine: per sentence, between the two embeddings (mean and minimum over sentences);
+    neighbours: for each sentence, whether its most similar *other* sentence (by cosine of the
+    embeddings) is the same under both models.
+    """
+    with np.load(data) as archive:
+        feed = {k: archive[k] for k in ("input_ids", "attention_mask")}
+
+    def embed(path: Path) -> np.ndarray:
+        # One sentence per run, without padding, as a server embeds a request: dynamic
+        # quantization takes its activation range from the batch, so a batch of 240 padded
+        # sentences would be judged on a range no single request has.
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        rows = []
+        for ids, mask in zip(feed["input_ids"], feed["attention_mask"], strict=True):
+            n = int(mask.sum())
+            one = {"input_ids": ids[None, :n], "attention_mask": mask[None, :n]}
+            rows.append(session.run(None, one)[0][0])
+        out = np.asarray(rows, dtype=np.float64)
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+    a, b = embed(reference), embed(candidate)
+    cosine = (a * b).sum(axis=1)
+
+    def nearest(e: np.ndarray) -> np.ndarray:
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        return sim.argmax(axis=1)
+
+    agree = nearest(a) == nearest(b)
+    return {
+        "cosine_mean": float(cosine.mean()),
+        "cosine_min": float(cosine.min()),
+        "neighbour_agreement": float(agree.mean()),
+        "sentences": len(a),
+    }

@@ -49,6 +49,9 @@ class PruneConfig:
     round_to: int = 0  # 0: automatic, 16 for groups of >= 64 channels, 8 from 32, else 1
     exclude: tuple[str, ...] = ()
     batch_size: int = 32  # for the channel statistics, when samples are given
+    # Mean compensation of the removed channels (with samples): "auto" keeps it only when it
+    # lowers the output error on the samples; dead channels are always compensated (exact).
+    compensation: str = "auto"
 
     def validate(self) -> None:
         if (self.ratio is None) == (self.target_macs is None):
@@ -61,6 +64,8 @@ class PruneConfig:
             raise InputError(f"--max-group-ratio must be in (0, 1), got {self.max_group_ratio}")
         if self.round_to < 0:
             raise InputError(f"--round-to must be at least 0 (0 = automatic), got {self.round_to}")
+        if self.compensation not in ("auto", "on", "off"):
+            raise InputError(f"compensation must be auto, on or off, got '{self.compensation}'")
         if self.scope not in ("global", "local"):
             raise InputError(f"scope must be global or local, got '{self.scope}'")
         if (
@@ -104,6 +109,7 @@ class PruneReport:
     recovery: object | None = None  # a RecoverReport after --recover-steps
     parity: object | None = None  # a VerifyReport when samples were given
     unchanged_because: str | None = None  # why no channel was removed, when none was
+    compensation: str | None = None  # whether mean compensation was kept, and why
 
     def format(self) -> str:
         pruned = [g for g in self.groups if g.kept < g.channels]
@@ -118,6 +124,10 @@ class PruneReport:
             f"weights     {self.weight_bytes_before:,} -> {self.weight_bytes_after:,} bytes",
             "time        " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()),
         ]
+        if self.compensation:
+            lines.append(
+                f"compensate  mean of the removed channels into the biases: {self.compensation}"
+            )
         if not pruned:
             lines.append(f"unchanged   {self.nothing_pruned_because()}")
         lines += ["", format_groups(self.groups)]
@@ -361,6 +371,7 @@ def prune(
     passes.fold_constants(work)
     passes.lift_constants(work)
     passes.sum_to_add(work)
+    plain = work.clone() if samples is not None and config.compensation == "auto" else None
     before = inspect_model(work, source=source)
     groups = find_groups(work)
     timings["analyse"] = time.perf_counter() - t0
@@ -449,7 +460,33 @@ def prune(
         timings["statistics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    pruned = rewrite.apply(work, groups, removal, means)
+    compensation_note = None
+    if means is None:
+        pruned = rewrite.apply(work, groups, removal)
+    else:
+        dead_only = {
+            gid: np.intersect1d(removal.get(gid, []), dead_channels(g, stats))
+            for g in groups
+            for gid in [g.id]
+            if gid in dead_count
+        }
+        if config.compensation == "off":
+            pruned = rewrite.apply(work, groups, removal, means, dead_only)
+        else:
+            pruned = rewrite.apply(work, groups, removal, means)
+        if plain is not None:
+            # Mean compensation is first-order: on some models (a transformer whose activations
+            # have rare, huge outliers) the shifted biases hurt more than they help downstream.
+            alternative = rewrite.apply(plain, find_groups(plain), removal, means, dead_only)
+            with_db, without_db = _output_snr(original, [pruned, alternative], samples, config)
+            if without_db > with_db:
+                pruned = alternative
+            compensation_note = (
+                f"{'applied' if with_db >= without_db else 'not applied'}: output SNR "
+                f"{with_db:.2f} dB with, {without_db:.2f} dB without, on the samples"
+            )
+        elif config.compensation == "on":
+            compensation_note = "applied"
     timings["rewrite"] = time.perf_counter() - t0
     after = inspect_model(pruned, source=source)
 
@@ -494,7 +531,29 @@ def prune(
         seconds=timings,
     )
     report.unchanged_because = report.nothing_pruned_because()
+    report.compensation = compensation_note
     return pruned, report
+
+
+def _output_snr(
+    original: ir.Model, candidates: list[ir.Model], samples: Samples, config: PruneConfig
+) -> list[float]:
+    """Output SNR (dB, all outputs pooled) of each candidate against the original on samples."""
+    reference = Runner(original, name="original", optimization="basic")
+    runners = [Runner(c, name="candidate", optimization="basic") for c in candidates]
+    signal, noise = 0.0, [0.0] * len(candidates)
+    for batch in samples.batches(config.batch_size):
+        want = reference.run(batch)
+        for i, runner in enumerate(runners):
+            got = runner.run(batch)
+            for name, w in want.items():
+                if w.dtype.kind != "f":
+                    continue
+                d = got[name].astype(np.float64) - w
+                noise[i] += float((d * d).sum())
+                if i == 0:
+                    signal += float((w.astype(np.float64) ** 2).sum())
+    return [10 * np.log10(signal / max(n, 1e-30)) if signal > 0 else 0.0 for n in noise]
 
 
 def prepared_groups(model) -> tuple[ir.Model, list[Group]]:

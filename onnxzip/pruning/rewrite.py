@@ -41,16 +41,18 @@ def apply(
     groups: list[Group],
     removal: dict[int, np.ndarray],
     means: dict[tuple[str, int], np.ndarray] | None = None,
+    compensated: dict[int, np.ndarray] | None = None,
 ) -> ir.Model:
     """Removes ``removal[group.id]`` channels from each group; returns the re-inferred model.
 
     With ``means`` (the mean of each consumed channel position over sample data), each consumer
-    adds what the removed channels contributed on average to its bias (see ``compensate``).
+    adds what the removed channels contributed on average to its bias (see ``compensate``): for
+    the channels in ``compensated`` when given (e.g. only the dead ones), else for all removed.
     """
     graph = model.graph
     nodes = {node_name(n): n for n in graph}
     if means:
-        compensate(model, nodes, groups, removal, means)
+        compensate(model, nodes, groups, removal if compensated is None else compensated, means)
     # (initializer name) -> (node name) -> axis -> positions to delete
     cuts: dict[str, dict[str, dict[int, set]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(set))
