@@ -137,14 +137,20 @@ def symbolic_dims(model: ir.Model) -> set[str]:
     return names
 
 
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger")
+
+
 def node_macs(node: ir.Node, batch_names: set[str]) -> int | None:
-    """MACs of one Conv, ConvTranspose, Gemm or MatMul node for one sample (None if unknown)."""
+    """MACs of one Conv, ConvTranspose, Gemm or MatMul node for one sample (None if unknown).
+
+    Integer forms count as their float ops: ConvInteger as Conv, MatMulInteger as MatMul.
+    """
     op = node.op_type
     if node.domain not in ("", "ai.onnx"):
         return None
-    if op in ("Conv", "ConvTranspose"):
+    if op in ("Conv", "ConvTranspose", "ConvInteger"):
         w = _const_shape(node.inputs[1], batch_names)
-        side = node.outputs[0] if op == "Conv" else node.inputs[0]
+        side = node.inputs[0] if op == "ConvTranspose" else node.outputs[0]
         s = _dims(side, batch_names)
         if w is None or s is None:
             return None
@@ -157,7 +163,7 @@ def node_macs(node: ir.Node, batch_names: set[str]) -> int | None:
         trans_a = node.attributes.get("transA")
         k = a[0] if trans_a is not None and trans_a.as_int() else a[1]
         return y[0] * y[1] * k
-    if op == "MatMul":
+    if op in ("MatMul", "MatMulInteger"):
         a = _const_shape(node.inputs[0], batch_names)
         y = _dims(node.outputs[0], batch_names)
         if a is None or y is None or not a:
@@ -225,7 +231,7 @@ def inspect_model(model, *, source: str | None = None) -> InspectReport:
     complete = True
     symbolic = symbolic_dims(ir_model)
     for node in graph:
-        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and node.domain in (
+        if node.op_type in MAC_OPS and node.domain in (
             "",
             "ai.onnx",
         ):

@@ -80,7 +80,11 @@ class Reader(CalibrationDataReader):
     def get_next(self):
         return next(self.it, None)
 pre = tmp + "/pre.onnx"
-quant_pre_process(model, pre)
+try:
+    quant_pre_process(model, pre)
+except Exception as exc:  # its symbolic shape inference gives up on some graphs: quantize as is
+    print(f"quant_pre_process failed ({exc}); quantizing the model without it", file=sys.stderr)
+    pre = model
 quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax)
@@ -165,6 +169,8 @@ def prepare(work: Path, name: str) -> dict:
             "--recover-steps",
             "300",
             "--no-latency",
+            "--json",
+            out["compress"].with_suffix(".json"),
         )
     else:
         rows["onnxzip int8"] = onnxzip_cmd(
@@ -194,6 +200,8 @@ def prepare(work: Path, name: str) -> dict:
             "--batch-size",
             batch,
             "--no-latency",
+            "--json",
+            out["compress"].with_suffix(".json"),
         )
     outputs = {
         "quantize_static": out["static"],
@@ -283,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-trade-off", action="store_true")
     args = parser.parse_args(argv)
     ort.set_default_logger_severity(3)
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     results = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {
@@ -316,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 macs = fp32_macs
                 if row == "onnxzip prune + int8":
-                    macs = inspect_model(out).macs if m["kind"] != "sentences" else None
+                    # MACs after pruning, from compress's report
+                    macs = json.loads(out.with_suffix(".json").read_text())["after"]["macs"]
                 rows[row] = {
                     "bytes": io.file_size(out),
                     "macs": macs,
@@ -331,9 +341,17 @@ def main(argv: list[str] | None = None) -> int:
             entry = {"rows": rows}
             if name == "minilm" and not args.no_trade_off:
                 entry["trade_off"] = trade_off(m, work)
+            elif name in previous.get("models", {}) and "trade_off" in previous["models"][name]:
+                entry["trade_off"] = previous["models"][name]["trade_off"]  # from an earlier run
             results["models"][name] = entry
             for row, r in rows.items():
                 print(f"  {row:<24}latency {r.get('latency_ms', float('nan')):.3f} ms", flush=True)
+    # Models not run this time keep their previous results (and say when they were measured).
+    for name, entry in previous.get("models", {}).items():
+        if name not in results["models"]:
+            results["models"][name] = {**entry, "date": entry.get("date", previous.get("date"))}
+    for entry in results["models"].values():
+        entry.setdefault("date", results["date"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     plot(results, args.out.with_suffix(".png"))
@@ -351,19 +369,30 @@ def _quality_text(r: dict) -> str:
     return f"cos {r['cosine_mean']:.4f}, SNR {r['snr_db']:.1f} dB"
 
 
+ORDER = ("digits_resnet", "digits_mobilenet", "minilm", "resnet50", "mobilenet_v2")
+
+
+def _ordered(models: dict) -> list[tuple[str, dict]]:
+    return sorted(models.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else 99)
+
+
+def _num(value, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
 def markdown(results: dict) -> str:
     lines = [
         "| model | row | size MB | MACs | latency ms | quality | tool s | peak MiB |",
         "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
-    for name, entry in results["models"].items():
+    for name, entry in _ordered(results["models"]):
         for row, r in entry["rows"].items():
             macs = r.get("macs")
             lines.append(
                 f"| {name} | {row} | {r.get('bytes', 0) / 1e6:.2f} | "
                 f"{'' if macs is None else f'{macs / 1e6:.1f} M'} | "
-                f"{r.get('latency_ms', float('nan')):.3f} | {_quality_text(r)} | "
-                f"{r.get('seconds', float('nan')):.1f} | {r.get('peak_mib', float('nan')):.0f} |"
+                f"{_num(r.get('latency_ms'), 3)} | {_quality_text(r)} | "
+                f"{_num(r.get('seconds'), 1)} | {_num(r.get('peak_mib'), 0)} |"
             )
     for name, entry in results["models"].items():
         if entry.get("trade_off"):
@@ -394,7 +423,7 @@ def plot(results: dict, path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed (dev extra): no plot", flush=True)
         return
-    models = results["models"]
+    models = dict(_ordered(results["models"]))
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
     for ax, (name, entry) in zip(axes[0], models.items(), strict=True):
         for row, r in entry["rows"].items():

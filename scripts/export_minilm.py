@@ -248,8 +248,18 @@ def main(argv: list[str] | None = None) -> int:
 
     sentences = [line.strip() for line in SENTENCES.read_text().splitlines() if line.strip()]
     input_ids, mask = tokenize(sentences, vocab)
-    np.savez(TOKENS, input_ids=input_ids, attention_mask=mask)
-    print(f"tokenized {len(sentences)} sentences, up to {input_ids.shape[1]} tokens -> {TOKENS}")
+    same = False
+    if TOKENS.exists():  # rewrite only on change: .npz files carry a timestamp
+        with np.load(TOKENS) as old:
+            same = np.array_equal(old["input_ids"], input_ids) and np.array_equal(
+                old["attention_mask"], mask
+            )
+    if not same:
+        np.savez(TOKENS, input_ids=input_ids, attention_mask=mask)
+    print(
+        f"tokenized {len(sentences)} sentences, up to {input_ids.shape[1]} tokens -> {TOKENS}"
+        + (" (unchanged)" if same else "")
+    )
 
     model = zoo.bert_encoder(
         LAYERS,

@@ -50,17 +50,34 @@ def test_minmax_and_percentile():
     x = np.linspace(0.0, 1.0, 100_001, dtype=np.float32)
     s = stats_of(x, bins=2048)
     assert s.range("minmax") == (0.0, 1.0)
-    lo, hi = s.range("percentile", percentile=99.0)
+    lo, hi = s._percentile(99.0)  # the percentile search itself
     assert lo == pytest.approx(0.005, abs=2e-3) and hi == pytest.approx(0.995, abs=2e-3)
-    assert s.range("percentile", percentile=100.0) == pytest.approx((0.0, 1.0), abs=1e-3)
+    assert s._percentile(100.0) == pytest.approx((0.0, 1.0), abs=1e-3)
+    # On uniform data clipping the tails costs more than the finer steps save: the range stays.
+    assert s.range("percentile", percentile=99.0) == (0.0, 1.0)
+
+
+def test_percentile_clip_is_kept_where_it_lowers_the_quantization_error():
+    x = np.random.default_rng(3).laplace(0, 1, 1_000_000).astype(np.float32)
+    s = stats_of(x, bins=2048)
+    lo, hi = s.range("percentile", percentile=99.99)
+    assert (lo, hi) == s._percentile(99.99) and hi < 0.9 * x.max()
 
 
 def test_entropy_clips_rare_outliers_but_keeps_the_bulk():
     rng = np.random.default_rng(2)
     bulk = np.abs(rng.normal(0, 1, 200_000)).astype(np.float32)
     s = stats_of(bulk, np.array([60.0, 80.0], np.float32), bins=2048)
-    lo, hi = s.range("entropy")
+    lo, hi = s._entropy("uint8", False)  # TensorRT's KL search itself
     assert lo == s.min and 2.0 < hi < 60.0
+    # Two outliers clipped by 56 and 76 cost more squared error than the bulk's finer steps
+    # save, so the guard keeps the full range here ...
+    assert s.range("entropy") == (s.min, s.max)
+    # ... and keeps KL's clip where the tail is a crowd, not two points.
+    tail = np.random.default_rng(5).laplace(0, 1, 1_000_000).astype(np.float32)
+    t = stats_of(tail, bins=2048)
+    lo, hi = t.range("entropy")
+    assert hi < 0.9 * tail.max() and lo > 0.9 * tail.min()
 
 
 def test_mse_clips_a_heavy_tail_where_that_lowers_the_error():

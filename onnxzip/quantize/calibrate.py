@@ -22,6 +22,9 @@ Methods (``[lo, hi]`` is then widened to contain 0 by the parameter maths):
   distribution P (outliers added to the last bin) is compared with its quantization Q to
   ``levels`` levels; the ``T`` with the smallest KL(P || Q) wins. The range is ``[-T, T]``
   intersected with [min, max].
+
+Both clipping methods (percentile, entropy) keep their range only if its quantize-dequantize
+error over the histogram is no larger than that of [min, max]; otherwise [min, max] is used.
 * ``mse``: the range ``[a lo, a hi]``, over a grid of shrink factors ``a`` in (0, 1], whose
   quantize-dequantize error summed over the histogram (bin centres weighted by counts) is
   smallest. All candidates are evaluated in one vectorised array operation.
@@ -158,10 +161,18 @@ class TensorStats:
             return 0.0, 0.0
         if method == "minmax" or self.hist is None or self.min == self.max:
             return self.min, self.max
-        if method == "percentile":
-            return self._percentile(percentile)
-        if method == "entropy":
-            return self._entropy(dtype, symmetric)
+        if method in ("percentile", "entropy"):
+            if method == "percentile":
+                lo, hi = self._percentile(percentile)
+            else:
+                lo, hi = self._entropy(dtype, symmetric)
+            # A clipped range is kept only when it does not raise the tensor's own quantization
+            # error over its histogram: on small nets the clipped outliers can matter more than
+            # the finer steps gained.
+            full = self._histogram_mse(self.min, self.max, dtype, symmetric)
+            if self._histogram_mse(lo, hi, dtype, symmetric) > full:
+                return self.min, self.max
+            return lo, hi
         if method == "mse":
             return self._mse(dtype, symmetric)
         raise ValueError(f"unknown calibration method {method!r}")
@@ -222,6 +233,19 @@ class TensorStats:
             best = min(fine, key=divergence)
             threshold = best * width
         return float(max(self.min, -threshold)), float(min(self.max, threshold))
+
+    def _histogram_mse(self, lo: float, hi: float, dtype: str, symmetric: bool) -> float:
+        """Quantize-dequantize squared error of the histogram (bin centres, weighted by counts)
+        with the parameters ``activation_params`` gives the range [lo, hi]."""
+        centres = (self.edges()[:-1] + self.edges()[1:]) / 2
+        keep = self.hist > 0
+        c = np.clip(centres[keep], self.min, self.max)
+        h = self.hist[keep].astype(np.float64)
+        p = activation_params(lo, hi, dtype, symmetric)
+        qmin, qmax = qrange(dtype, symmetric=symmetric)
+        scale, zero = float(p.scale), float(p.zero_point)
+        q = np.clip(np.rint(c / scale) + zero, qmin, qmax)
+        return float((((q - zero) * scale - c) ** 2) @ h)
 
     def _mse(self, dtype: str, symmetric: bool) -> tuple[float, float]:
         centers = (self.edges()[:-1] + self.edges()[1:]) / 2

@@ -1,4 +1,5 @@
-"""Dynamic quantization of MatMul/Gemm with constant weights (transformer projections, FFNs).
+"""Dynamic quantization of MatMul/Gemm with constant weights (transformer projections, FFNs),
+and of embedding tables (``Gather`` from a constant table: int8 rows, one scale per column).
 
 Weights are quantized once, per output column, symmetric int8: ``W = S_w[n] Wq[:, n]``.
 Activations are quantized at run time, per tensor, by ``DynamicQuantizeLinear`` (uint8, range
@@ -54,17 +55,53 @@ def _weight_matrix(node: ir.Node) -> tuple[np.ndarray | None, str | None]:
     return b, None
 
 
+MIN_TABLE = 4096  # elements: smaller Gather tables (index maps, shape helpers) stay as they are
+
+
+def _quantize_table(graph: ir.Graph, node: ir.Node, key: str) -> str | None:
+    """An embedding lookup ``Gather(table, ids)`` on axis 0 of a constant float table becomes
+    ``DequantizeLinear(Gather(table_q, ids), s, 0, axis=-1)``: rows are gathered as int8 codes and
+    dequantized with one symmetric scale per column (the embedding feature). Returns why not."""
+    table = const_array(node.inputs[0])
+    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
+    if table is None or table.dtype != np.float32 or table.ndim != 2 or table.size < MIN_TABLE:
+        return "not a constant 2-D float32 table"
+    if axis != 0:
+        return "gathers along another axis than the rows"
+    params = qp.weight_params(table, axis=1)
+    codes = qp.quantize(table, params, symmetric_weight=True)
+    t_q = add_initializer(graph, f"{key}.table_quantized", codes)
+    t_scale = add_initializer(graph, f"{key}.table_scale", params.scale.astype(np.float32))
+    t_zp = add_initializer(graph, f"{key}.table_zero_point", np.zeros(table.shape[1], np.int8))
+    gather = ir.node("Gather", [t_q, node.inputs[1]], attributes={"axis": 0}, name=f"{key}_codes")
+    gather.outputs[0].name = f"{key}_codes"
+    dq = ir.node(
+        "DequantizeLinear",
+        [gather.outputs[0], t_scale, t_zp],
+        attributes={"axis": -1},
+        name=f"{key}_DequantizeLinear",
+    )
+    dq.outputs[0].name = f"{key}_DequantizeLinear"
+    replace_node(graph, node, [gather, dq], dq.outputs[0])
+    return None
+
+
 def quantize_dynamic(model: ir.Model, exclude: tuple[str, ...] = ()) -> DynamicResult:
     """Rewrites eligible MatMul/Gemm nodes of ``model`` in place."""
     graph = model.graph
     result = DynamicResult()
     activations: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
     for node in list(graph):
-        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in ("MatMul", "Gemm", "Gather") or node.domain not in ("", "ai.onnx"):
             continue
         key = node.name or node.outputs[0].name
-        if node.name in exclude or node.op_type in exclude:
+        if node.name in exclude or key in exclude or node.op_type in exclude:
             result.kept_float[key] = "excluded by the user"
+            continue
+        if node.op_type == "Gather":
+            reason = _quantize_table(graph, node, key)
+            if reason is None:
+                result.quantized[key] = "Gather"
             continue
         if not _float32(node.inputs[0]):
             result.kept_float[key] = "input is not float32"
