@@ -206,31 +206,17 @@ class TensorStats:
         else:
             tail = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])
 
-            def divergence(i: int) -> float:
-                p = hist[:i].copy()
-                p[i - 1] += tail[i]
-                # Q: merge hist[:i] into `levels` chunks, spread each chunk's mass over its non-empty bins.
-                starts = (np.arange(levels) * i) // levels
-                chunk_sum = np.add.reduceat(hist[:i], starts)
-                chunk_nz = np.add.reduceat((hist[:i] > 0).astype(np.float64), starts)
-                chunk_of = np.repeat(np.arange(levels), np.diff(np.append(starts, i)))
-                q = np.where(
-                    hist[:i] > 0, chunk_sum[chunk_of] / np.maximum(chunk_nz[chunk_of], 1), 0.0
-                )
-                mask = p > 0
-                ps = p[mask] / p.sum()
-                qs = q[mask] / max(q.sum(), 1e-300)
-                qs = np.where(qs == 0, 1e-12, qs)
-                return float(np.sum(ps * np.log(ps / qs)))
-
-            # Coarse-to-fine search over thresholds: 24 candidates, then 16 around the best.
+            # Coarse-to-fine search over thresholds: 24 candidates, then 16 around the best, each
+            # set scored in one array operation.
             coarse = np.unique(
                 np.linspace(levels, last, num=min(last - levels + 1, 24)).astype(int)
             )
-            best = min(coarse, key=divergence)
+            best = int(coarse[np.argmin(_divergences(hist, tail, coarse, levels))])
             step = max(1, (last - levels) // 23)
-            fine = range(max(levels, best - step), min(last, best + step) + 1, max(1, step // 8))
-            best = min(fine, key=divergence)
+            fine = np.arange(
+                max(levels, best - step), min(last, best + step) + 1, max(1, step // 8)
+            )
+            best = int(fine[np.argmin(_divergences(hist, tail, fine, levels))])
             threshold = best * width
         return float(max(self.min, -threshold)), float(min(self.max, threshold))
 
@@ -268,6 +254,40 @@ class TensorStats:
         return float(a * lo0) if self.min < 0 else self.min, float(
             a * hi0
         ) if self.max > 0 else self.max
+
+
+def _divergences(
+    hist: np.ndarray, tail: np.ndarray, candidates: np.ndarray, levels: int
+) -> np.ndarray:
+    """KL(P || Q) for every candidate threshold ``i`` (in bins, each >= ``levels``) at once.
+
+    P is ``hist[:i]`` with the mass beyond ``i`` added to its last bin; Q merges ``hist[:i]`` into
+    ``levels`` chunks (chunk ``j`` covers bins ``[floor(j i / L), floor((j + 1) i / L))``) and
+    spreads each chunk's mass evenly over its non-empty bins. Rows are candidates, columns bins;
+    chunk sums come from cumulative sums, so no per-candidate loop is needed.
+    """
+    i = candidates.astype(np.int64)[:, None]
+    width = int(candidates.max())
+    b = np.arange(width)[None, :]
+    valid = b < i
+    h = np.where(valid, hist[None, :width], 0.0)
+    p = h.copy()
+    p[np.arange(len(candidates)), candidates - 1] += tail[candidates]
+    chunk = np.minimum(-((-(b + 1) * levels) // i) - 1, levels - 1)  # ceil((b+1)L/i) - 1
+    start = (chunk * i) // levels
+    end = np.minimum(((chunk + 1) * i) // levels, i)
+    sums = np.concatenate([[0.0], np.cumsum(hist[:width])])
+    nonzero = np.concatenate([[0.0], np.cumsum(hist[:width] > 0)])
+    chunk_sum = sums[end] - sums[start]
+    chunk_nz = nonzero[end] - nonzero[start]
+    q = np.where(valid & (h > 0), chunk_sum / np.maximum(chunk_nz, 1), 0.0)
+    ps = p / p.sum(axis=1, keepdims=True)
+    qs = q / np.maximum(q.sum(axis=1, keepdims=True), 1e-300)
+    mask = ps > 0
+    qs = np.where(mask & (qs == 0), 1e-12, qs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(mask, ps * np.log(np.where(mask, ps, 1.0) / np.where(mask, qs, 1.0)), 0.0)
+    return terms.sum(axis=1)
 
 
 def params_for(stats: TensorStats, method: str, *, percentile: float, dtype: str, symmetric: bool):
