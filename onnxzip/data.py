@@ -78,8 +78,9 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
     return specs
 
 
-# Inputs (by index) that hold shapes, sizes, axes or counts: values the caller must choose, not
-# samples (index operands such as Gather's stay: 0/1 fit any axis of size two or more). Per op type, the input indices concerned.
+# Per op type, the indices of the inputs that hold shapes, sizes, axes or counts: values the
+# caller must choose, not samples. Index operands such as Gather's stay: 0/1 fit any axis of size
+# two or more.
 _STRUCTURAL_OPERANDS: dict[str, tuple[int, ...]] = {
     "Reshape": (1,),
     "Expand": (1,),
@@ -153,6 +154,14 @@ class Batch:
 
 def _is_holdout(index: np.ndarray, fraction: float) -> np.ndarray:
     return np.floor((index + 1) * fraction) > np.floor(index * fraction)
+
+
+def _in_split(start: int, n: int, split: str, holdout: float) -> np.ndarray:
+    """Which of the samples ``start .. start + n - 1`` belong to ``split``."""
+    if split == "all":
+        return np.ones(n, bool)
+    held = _is_holdout(np.arange(start, start + n), holdout)
+    return held if split == "holdout" else ~held
 
 
 def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -239,10 +248,7 @@ class Samples:
         for chunk in self.chunks():
             n = len(chunk)
             if split != "all":
-                keep = _is_holdout(np.arange(start, start + n), holdout)
-                if split == "calibration":
-                    keep = ~keep
-                chunk = _take(chunk, np.nonzero(keep)[0])
+                chunk = _take(chunk, np.nonzero(_in_split(start, n, split, holdout))[0])
             start += n
             if len(chunk) == 0:
                 continue
@@ -278,9 +284,8 @@ class Samples:
                 yield _concat(pending)
                 yielded += pending_n
         if yielded == 0:
-            where = "" if split == "all" else f" in the {split} split"
             short = f" (fewer than the model's fixed batch size {size})" if fixed and start else ""
-            raise NoSamplesError(f"{self.describe()}: no samples{where}{short}")
+            raise self._no_samples(split, short)
 
     def _single_feeds(self, split: str, holdout: float) -> Iterator[Batch]:
         """Models without a batch axis: each sample is one whole feed (the file's first axis)."""
@@ -288,11 +293,7 @@ class Samples:
         yielded = 0
         for chunk in self.chunks():
             n = len(next(iter(chunk.inputs.values())))
-            keep = np.ones(n, bool)
-            if split != "all":
-                keep = _is_holdout(np.arange(start, start + n), holdout)
-                if split == "calibration":
-                    keep = ~keep
+            keep = _in_split(start, n, split, holdout)
             start += n
             for i in np.nonzero(keep)[0]:
                 labels = None if chunk.labels is None else chunk.labels[i : i + 1]
@@ -300,8 +301,11 @@ class Samples:
                 yield Batch(feed, labels, count=1)
                 yielded += 1
         if yielded == 0:
-            where = "" if split == "all" else f" in the {split} split"
-            raise NoSamplesError(f"{self.describe()}: no samples{where}")
+            raise self._no_samples(split)
+
+    def _no_samples(self, split: str, note: str = "") -> NoSamplesError:
+        where = "" if split == "all" else f" in the {split} split"
+        return NoSamplesError(f"{self.describe()}: no samples{where}{note}")
 
 
 def has_batch_axis(specs: list[InputSpec]) -> bool:
@@ -441,6 +445,14 @@ class SyntheticSamples(Samples):
         super().__init__(specs)
         if count < 1:
             raise DataError(f"--synthetic needs at least 1 sample, got {count}")
+        for spec in specs:
+            if spec.dtype.kind not in "fiub":  # strings, bfloat16, float8: nothing to draw
+                raise DataError(f"cannot synthesise samples for input {spec.describe()}")
+            if spec.operand_of is not None:
+                raise DataError(
+                    f"cannot synthesise samples for input '{spec.name}': it is {spec.operand_of}, "
+                    "whose values random samples cannot choose safely; give --data"
+                )
         self.count = count
         self.seed = seed
 
@@ -454,11 +466,6 @@ class SyntheticSamples(Samples):
             n = min(step, self.count - start)
             inputs = {}
             for spec in self.specs:
-                if spec.operand_of is not None:
-                    raise DataError(
-                        f"cannot synthesise samples for input '{spec.name}': it is {spec.operand_of}, "
-                        "whose values random samples cannot choose safely; give --data"
-                    )
                 full = spec.shape if self.unbatched else spec.shape[1:]
                 dims = [d if isinstance(d, int) else SYNTHETIC_DIM for d in full]
                 shape = (n, *dims)
@@ -466,10 +473,8 @@ class SyntheticSamples(Samples):
                     inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
                 elif spec.dtype.kind in "iu":
                     inputs[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
-                elif spec.dtype.kind == "b":
-                    inputs[spec.name] = rng.integers(0, 2, shape).astype(bool)
                 else:
-                    raise DataError(f"cannot synthesise samples for input {spec.describe()}")
+                    inputs[spec.name] = rng.integers(0, 2, shape).astype(bool)
             yield Batch(inputs)
 
 

@@ -369,6 +369,15 @@ def _target_dir(target: Path) -> Path:
     return folder
 
 
+def _check_full(model: bytes | str, target: Path) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:  # ValidationError, or C++ errors surfaced as RuntimeError
+        raise ModelError(
+            f"{target}: the model to be written fails onnx.checker: {_one_line(exc)}"
+        ) from exc
+
+
 def save_model(
     model: ir.Model,
     path: str | os.PathLike,
@@ -409,13 +418,8 @@ def save_model(
     try:
         tmp_model = tmp_dir / target.name
         data = None if data_name else model_bytes(model)
-        try:
-            # Checked before any byte reaches the disk when the model fits in one message.
-            onnx.checker.check_model(data, full_check=True) if data is not None else None
-        except Exception as exc:
-            raise ModelError(
-                f"{target}: the model to be written fails onnx.checker: {_one_line(exc)}"
-            ) from exc
+        if data is not None:  # checked before any byte reaches the disk
+            _check_full(data, target)
         try:
             if data is not None:
                 with open(tmp_model, "wb") as handle:
@@ -435,13 +439,8 @@ def save_model(
                     f"{target}: disk full or file too large while writing ({exc.strerror})"
                 ) from exc
             raise InputError(f"{target}: cannot write: {exc.strerror or exc}") from exc
-        if data is None:
-            try:
-                onnx.checker.check_model(str(tmp_model), full_check=True)
-            except Exception as exc:
-                raise ModelError(
-                    f"{target}: the model to be written fails onnx.checker: {_one_line(exc)}"
-                ) from exc
+        if data is None:  # with external data the checker reads the files just written
+            _check_full(str(tmp_model), target)
             with open(tmp_model, "rb") as handle:
                 os.fsync(handle.fileno())
         if data_name:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxzip import io
+from onnxzip import io, progress
 from onnxzip.data import Batch
 from onnxzip.errors import ModelError
 
@@ -33,9 +33,8 @@ OPT_LEVELS = {
 def session_options(optimization: str = "all", threads: int | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = OPT_LEVELS[optimization]
-    options.log_severity_level = (
-        4  # failures surface as exceptions, reported by onnxzip in one line
-    )
+    # Failures surface as exceptions, which onnxzip reports in one line: no log spam on stderr.
+    options.log_severity_level = 4
     if threads:
         options.intra_op_num_threads = threads
     return options
@@ -83,3 +82,55 @@ class Runner:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{self.name}: onnxruntime failed to run: {first}") from exc
         return dict(zip(names, results, strict=True))
+
+
+def expose(model: ir.Model, names) -> ir.Model:
+    """A copy of ``model`` in which the tensors ``names`` (node outputs or graph inputs) are also
+    graph outputs, so one run fetches them."""
+    exposed = model.clone()
+    graph = exposed.graph
+    by_name = {v.name: v for v in graph.inputs}
+    by_name.update({v.name: v for node in graph for v in node.outputs})
+    present = {v.name for v in graph.outputs}
+    for name in names:
+        if name not in present:
+            graph.outputs.append(by_name[name])
+            present.add(name)
+    return exposed
+
+
+def channel_moments(
+    model: ir.Model,
+    keys,
+    samples,
+    *,
+    batch_size: int = 32,
+    split: str = "all",
+    holdout: float = 0.5,
+    name: str = "statistics model",
+) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+    """Mean and standard deviation along ``axis`` of each ``(tensor, axis)`` in ``keys``, over
+    ``samples`` (every other axis pooled). Streamed: per batch only sums and sums of squares."""
+    keys = sorted(set(keys))
+    if not keys:
+        return {}
+    names = sorted({k[0] for k in keys})
+    runner = Runner(expose(model, names), name=name, optimization="basic")
+    sums: dict = {}
+    squares: dict = {}
+    counts: dict = {}
+    for batch in progress.bar(
+        samples.batches(batch_size, split, holdout), desc="channel statistics"
+    ):
+        out = runner.run(batch, names)
+        for key in keys:
+            x = np.moveaxis(out[key[0]].astype(np.float64), key[1], 0)
+            x = x.reshape(x.shape[0], -1)
+            sums[key] = sums.get(key, 0) + x.sum(axis=1)
+            squares[key] = squares.get(key, 0) + (x * x).sum(axis=1)
+            counts[key] = counts.get(key, 0) + x.shape[1]
+    moments = {}
+    for key, total in sums.items():
+        mean = total / counts[key]
+        moments[key] = (mean, np.sqrt(np.maximum(squares[key] / counts[key] - mean * mean, 0.0)))
+    return moments

@@ -221,7 +221,7 @@ class OutputAccumulator:
             mean_abs_error=self.sum_abs / max(self.elements, 1),
             cosine_mean=float(cos.mean()),
             cosine_min=float(cos.min()),
-            snr_db=_snr_db(self.sum_ref2, self.sum_diff2),
+            snr_db=snr_db(self.sum_ref2, self.sum_diff2),
             top1_agreement=self.agree / self.samples if self.classifier and self.samples else None,
             reference_accuracy=self.ref_correct / self.labelled if self.labelled else None,
             candidate_accuracy=self.cand_correct / self.labelled if self.labelled else None,
@@ -240,7 +240,8 @@ def _cosine_rows(r: np.ndarray, c: np.ndarray) -> np.ndarray:
     return np.clip(cos, -1.0, 1.0)
 
 
-def _snr_db(signal: float, noise: float) -> float:
+def snr_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise): inf for no noise, -inf for no signal."""
     if noise == 0:
         return math.inf
     if signal == 0:
@@ -510,7 +511,7 @@ def compare_nodes(
                 if max_ref > 0
                 else (0.0 if max_abs == 0 else math.inf),
                 cosine=cosine,
-                snr_db=_snr_db(ref2, diff2),
+                snr_db=snr_db(ref2, diff2),
             )
         )
     diverging = [n for n in nodes if n.relative_error > tolerance]

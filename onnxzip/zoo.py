@@ -282,24 +282,16 @@ def bert_encoder(
     merge = ints("heads.merge", [0, 0, hidden])
     for i in range(layers):
         p = f"layer{i}"
-        q = b.op(
-            "Transpose",
-            [b.op("Reshape", [linear(x, hidden, hidden, f"{p}.q"), split], f"{p}.q.heads")],
-            f"{p}.q.t",
-            perm=[0, 2, 1, 3],
-        )
-        k = b.op(
-            "Transpose",
-            [b.op("Reshape", [linear(x, hidden, hidden, f"{p}.k"), split], f"{p}.k.heads")],
-            f"{p}.k.t",
-            perm=[0, 2, 3, 1],
-        )
-        v = b.op(
-            "Transpose",
-            [b.op("Reshape", [linear(x, hidden, hidden, f"{p}.v"), split], f"{p}.v.heads")],
-            f"{p}.v.t",
-            perm=[0, 2, 1, 3],
-        )
+
+        def projection(which: str, perm: list[int], p=p, x=x) -> ir.Value:
+            """The ``which`` projection split into heads: [N, heads, S, d] (or [N, heads, d, S])."""
+            out = linear(x, hidden, hidden, f"{p}.{which}")
+            heads_view = b.op("Reshape", [out, split], f"{p}.{which}.heads")
+            return b.op("Transpose", [heads_view], f"{p}.{which}.t", perm=perm)
+
+        q = projection("q", [0, 2, 1, 3])
+        k = projection("k", [0, 2, 3, 1])
+        v = projection("v", [0, 2, 1, 3])
         scores = b.op(
             "Div",
             [b.op("MatMul", [q, k], f"{p}.scores"), const(f"{p}.sqrt_d", np.sqrt(head))],

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxzip import io, passes, progress
+from onnxzip import io, passes
 from onnxzip.analysis import inspect_model, node_macs, symbolic_dims
 from onnxzip.data import Samples
 from onnxzip.errors import InputError, ModelError
@@ -32,7 +32,8 @@ from onnxzip.pruning import importance, rewrite
 from onnxzip.pruning.groups import Group, GroupBuilder, identity, node_name
 from onnxzip.pruning.rules import rule_for
 from onnxzip.report import table
-from onnxzip.runtime import Runner
+from onnxzip.runtime import Runner, channel_moments
+from onnxzip.verify import snr_db
 
 logger = logging.getLogger(__name__)
 
@@ -299,39 +300,10 @@ def channel_statistics(
 
     Streamed: per batch only sums and sums of squares per position are kept.
     """
-    keys = sorted(
-        {m.source for g in groups if not g.blocked for m in g.slices if m.role == "in" and m.source}
-    )
-    if not keys:
-        return {}
-    exposed = model.clone()
-    by_name = {v.name: v for n in exposed.graph for v in n.outputs}
-    outputs = {v.name for v in exposed.graph.outputs}
-    for name in sorted({k[0] for k in keys}):
-        if name in by_name and name not in outputs:
-            exposed.graph.outputs.append(by_name[name])
-    runner = Runner(exposed, name="statistics model", optimization="basic")
-    names = sorted({k[0] for k in keys if k[0] in by_name})
-    sums: dict = {}
-    squares: dict = {}
-    counts: dict = {}
-    for batch in progress.bar(samples.batches(batch_size), desc="channel statistics"):
-        out = runner.run(batch, names)
-        for name, axis in keys:
-            if name not in out:
-                continue
-            x = np.moveaxis(out[name].astype(np.float64), axis, 0)
-            x = x.reshape(x.shape[0], -1)
-            key = (name, axis)
-            sums[key] = sums.get(key, 0) + x.sum(axis=1)
-            squares[key] = squares.get(key, 0) + (x * x).sum(axis=1)
-            counts[key] = counts.get(key, 0) + x.shape[1]
-    stats = {}
-    for key, total in sums.items():
-        mean = total / counts[key]
-        var = np.maximum(squares[key] / counts[key] - mean * mean, 0.0)
-        stats[key] = (mean, np.sqrt(var))
-    return stats
+    keys = {
+        m.source for g in groups if not g.blocked for m in g.slices if m.role == "in" and m.source
+    }
+    return channel_moments(model, keys, samples, batch_size=batch_size)
 
 
 def dead_channels(group: Group, stats: dict) -> np.ndarray:
@@ -443,6 +415,7 @@ def prune(
 
     means = None
     dead_count = {}
+    dead_only: dict[int, np.ndarray] = {}  # removed channels that are dead: compensated exactly
     if samples is not None:
         t0 = time.perf_counter()
         stats = channel_statistics(work, groups, samples, config.batch_size)
@@ -457,6 +430,7 @@ def prune(
                     merged = merged[: g.size - 1]
                 removal[g.id] = merged
                 dead_count[g.id] = len(dead)
+                dead_only[g.id] = np.intersect1d(merged, dead)
         timings["statistics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -464,12 +438,6 @@ def prune(
     if means is None:
         pruned = rewrite.apply(work, groups, removal)
     else:
-        dead_only = {
-            gid: np.intersect1d(removal.get(gid, []), dead_channels(g, stats))
-            for g in groups
-            for gid in [g.id]
-            if gid in dead_count
-        }
         if config.compensation == "off":
             pruned = rewrite.apply(work, groups, removal, means, dead_only)
         else:
@@ -553,7 +521,7 @@ def _output_snr(
                 noise[i] += float((d * d).sum())
                 if i == 0:
                     signal += float((w.astype(np.float64) ** 2).sum())
-    return [10 * np.log10(signal / max(n, 1e-30)) if signal > 0 else 0.0 for n in noise]
+    return [snr_db(signal, n) for n in noise]
 
 
 def prepared_groups(model) -> tuple[ir.Model, list[Group]]:

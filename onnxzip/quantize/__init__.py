@@ -35,7 +35,7 @@ from onnxzip.quantize.dynamic import quantize_dynamic
 from onnxzip.quantize.qdq import InsertResult, insert_qdq
 from onnxzip.quantize.rules import Context, Plan, handler_for, node_key
 from onnxzip.report import table
-from onnxzip.runtime import Runner
+from onnxzip.runtime import Runner, channel_moments, expose
 from onnxzip.verify import OutputAccumulator, Thresholds, VerifyReport, is_classifier, verify
 
 logger = logging.getLogger(__name__)
@@ -72,9 +72,8 @@ class QuantizeConfig:
     quantize_softmax: bool = False
     batch_size: int = 32
     holdout: float = 0.2  # fraction of the samples kept for verification; 0 calibrates on all
-    mode: str = (
-        "static"  # static: calibrated QDQ; dynamic: int8 MatMul weights, activations at run time
-    )
+    # static: calibrated QDQ; dynamic: int8 MatMul weights, activations quantized at run time
+    mode: str = "static"
     max_drop: float | None = None  # accuracy guard: top-1 points (against labels, else agreement)
     min_cosine: float | None = None  # accuracy guard: minimum mean output cosine
     guard_samples: int = 512  # held-out samples the guard scores candidates on
@@ -255,7 +254,7 @@ def calibrate(
     samples: Samples,
     config: QuantizeConfig,
     holdout: float = 0.0,
-    expose: bool = False,
+    in_numpy: bool = False,
 ) -> tuple[dict[str, cal.TensorStats], int]:
     """Streams the samples not held out through one session that exposes ``tensors``.
 
@@ -263,24 +262,21 @@ def calibrate(
     ReduceMax appended to the graph), so only two scalars per tensor leave onnxruntime. The
     histogram methods need every value: the tensors are exposed as outputs and reduced by
     numpy, one tensor per worker thread (numpy releases the GIL in the heavy loops).
+    ``in_numpy`` does the same for ``minmax`` (onnxruntime's reductions refuse empty tensors).
     """
     histogram = config.calibration != "minmax"
-    exposed = model.clone()
-    graph = exposed.graph
-    by_name = {v.name: v for v in graph.inputs}
-    for node in graph:
-        for v in node.outputs:
-            by_name[v.name] = v
-    outputs = {v.name for v in graph.outputs}
-    fetch: dict[str, tuple[str, ...]] = {}  # tensor -> the outputs that carry its statistics
-    for name in tensors:
-        value = by_name[name]
-        if histogram or expose:
-            if name not in outputs:
-                graph.outputs.append(value)
-                outputs.add(name)
-            fetch[name] = (name,)
-        else:
+    in_numpy = in_numpy or histogram
+    if in_numpy:
+        exposed = expose(model, tensors)
+        fetch: dict[str, tuple[str, ...]] = {name: (name,) for name in tensors}
+    else:
+        exposed = model.clone()
+        graph = exposed.graph
+        by_name = {v.name: v for v in graph.inputs}
+        by_name.update({v.name: v for node in graph for v in node.outputs})
+        fetch = {}  # tensor -> the outputs that carry its min, max and sum
+        for name in tensors:
+            value = by_name[name]
             # ReduceMin/Max skip NaN in onnxruntime; the sum is NaN or Inf when x holds either
             # (a finite float32 sum past 3.4e38 would also trip it: no sane activation does that).
             reduced = []
@@ -295,7 +291,6 @@ def calibrate(
             fetch[name] = tuple(reduced)
     runner = Runner(exposed, name="calibration model", optimization="all")
     stats = {name: cal.TensorStats(config.bins, histogram) for name in tensors}
-    expose = expose or histogram
     split = "calibration" if holdout > 0 else "all"
     count = 0
     total = None
@@ -306,7 +301,7 @@ def calibrate(
         )
     names = [o for outs in fetch.values() for o in outs]
     workers = (
-        ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) if expose else None
+        ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) if in_numpy else None
     )
     try:
         # Histogram methods fetch every exposed tensor whole: small runs keep onnxruntime's arena
@@ -372,7 +367,7 @@ class _Builder:
                 # onnxruntime's ReduceMin/ReduceMax refuse empty tensors: reduce in numpy instead.
                 logger.info("in-graph min/max failed (%s); exposing the tensors instead", exc)
                 stats, count = calibrate(
-                    self.prepared, missing, self.samples, self.config, self.holdout, expose=True
+                    self.prepared, missing, self.samples, self.config, self.holdout, in_numpy=True
                 )
             self.stats.update(stats)
             self.calibrated = max(self.calibrated, count)
@@ -500,9 +495,8 @@ def quantize(
     t0 = time.perf_counter()
     source = source or (str(model) if not isinstance(model, ir.Model) else "model")
     original = io.load_model(model, name=source)
-    prepared = (
-        original.clone()
-    )  # tensors are shared, never written: the caller's model stays as it was
+    # Tensors are shared, never written: the caller's model stays as it was.
+    prepared = original.clone()
     weight_before = io.weights_nbytes(original)
     prepared_info = passes.prepare_for_inference(prepared)
     prepared, config = _avoid_opset21_matmul(prepared, config, source)
@@ -675,33 +669,22 @@ def correct_biases(
         layers.append((n, w.astype(np.float64) - w_q.astype(np.float64)))
     if not layers:
         return prepared, 0
-    names = sorted({n.inputs[0].name for n, _ in layers})
-    exposed = prepared.clone()
-    by_name = {v.name: v for v in exposed.graph.inputs}
-    by_name.update({v.name: v for n in exposed.graph for v in n.outputs})
-    present = {v.name for v in exposed.graph.outputs} | {v.name for v in exposed.graph.inputs}
-    for name in names:
-        if name not in present:
-            exposed.graph.outputs.append(by_name[name])
-    runner = Runner(exposed, name="bias correction", optimization="basic")
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
+    # Conv inputs are NCHW, Gemm inputs [N, K]: the input channel is axis 1 for both.
     split = "calibration" if holdout > 0 else "all"
-    for batch in samples.batches(config.batch_size, split, holdout or 0.5):
-        fetch = [n for n in names if n not in batch.inputs]
-        outs = runner.run(batch, fetch) if fetch else {}
-        for name in names:
-            x = (batch.inputs[name] if name in batch.inputs else outs[name]).astype(np.float64)
-            x = np.moveaxis(x, 1 if x.ndim > 2 else -1, 0).reshape(
-                x.shape[1 if x.ndim > 2 else -1], -1
-            )
-            sums[name] = sums.get(name, 0) + x.sum(axis=1)
-            counts[name] = counts.get(name, 0) + x.shape[1]
+    means = channel_moments(
+        prepared,
+        {(n.inputs[0].name, 1) for n, _ in layers},
+        samples,
+        batch_size=config.batch_size,
+        split=split,
+        holdout=holdout or 0.5,
+        name="bias correction",
+    )
     corrected = prepared.clone()
     nodes = {node_key(n): n for n in corrected.graph}
     done = 0
     for layer, diff in layers:
-        mean = sums[layer.inputs[0].name] / max(counts[layer.inputs[0].name], 1)
+        mean = means[(layer.inputs[0].name, 1)][0]
         if layer.op_type == "Conv":
             delta = diff.reshape(diff.shape[0], diff.shape[1], -1).sum(axis=2) @ mean
         else:
