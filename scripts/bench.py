@@ -32,11 +32,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -47,15 +44,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import (  # noqa: E402
-    cpu_model,
+    ORT_STATIC_WORKER,
+    image_model,
     latency,
     run_measured,
+    run_record,
+    sentence_embeddings,
     sentence_metrics,
-    smooth_images,
-    versions,
 )
 
-from onnxzip import io, zoo  # noqa: E402
+from onnxzip import io  # noqa: E402
 from onnxzip.analysis import inspect_model  # noqa: E402
 from onnxzip.data import NpzSamples, input_specs  # noqa: E402
 from onnxzip.verify import verify  # noqa: E402
@@ -63,32 +61,6 @@ from onnxzip.verify import verify  # noqa: E402
 MINILM = ROOT / ".cache" / "minilm" / "minilm.onnx"
 SENTENCES = ROOT / "models" / "minilm_sentences.npz"
 TRADE_OFF = (0.05, 0.1, 0.2, 0.3)
-
-ORT_STATIC = r"""
-import sys, numpy as np
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                      quantize_static)
-from onnxruntime.quantization.shape_inference import quant_pre_process
-model, out, calib, batch, tmp = sys.argv[1:6]
-batch = int(batch)
-with np.load(calib) as archive:
-    data = {k: archive[k] for k in archive.files if k != "labels"}
-n = len(next(iter(data.values())))
-class Reader(CalibrationDataReader):
-    def __init__(self):
-        self.it = iter([{k: v[i:i + batch] for k, v in data.items()} for i in range(0, n, batch)])
-    def get_next(self):
-        return next(self.it, None)
-pre = tmp + "/pre.onnx"
-try:
-    quant_pre_process(model, pre)
-except Exception as exc:  # its symbolic shape inference gives up on some graphs: quantize as is
-    print(f"quant_pre_process failed ({exc}); quantizing the model without it", file=sys.stderr)
-    pre = model
-quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax)
-"""
 
 ORT_DYNAMIC = r"""
 import sys
@@ -102,62 +74,52 @@ def onnxzip_cmd(*args) -> list[str]:
 
 
 def prepare(work: Path, name: str) -> dict:
-    """Paths, data and the commands of every row for one model."""
+    """Paths, data and the command of every row for one model; the fp32 reference is loaded
+    (or, for MiniLM, embedded) once here and reused by every row's quality measurement."""
     if name.startswith("digits"):
-        path = ROOT / "models" / f"{name}.onnx"
-        calib, val = ROOT / "models" / "digits_calib.npz", ROOT / "models" / "digits_test.npz"
-        batch, kind = 32, "accuracy"
+        m = {
+            "path": ROOT / "models" / f"{name}.onnx",
+            "calib": ROOT / "models" / "digits_calib.npz",
+            "val": ROOT / "models" / "digits_test.npz",
+            "batch": 32,
+            "kind": "accuracy",
+        }
     elif name == "minilm":
         if not MINILM.exists():
             raise SystemExit(f"{MINILM} is missing: run scripts/export_minilm.py first")
-        path, calib, val, batch, kind = MINILM, SENTENCES, SENTENCES, 32, "sentences"
+        m = {"path": MINILM, "calib": SENTENCES, "val": SENTENCES, "batch": 32}
+        m["kind"] = "sentences"
     else:
-        model = zoo.from_light("resnet50") if name == "resnet50" else zoo.mobilenet_v2()
-        path = work / f"{name}.onnx"
-        io.save_model(model, path)
-        spec = input_specs(model)[0]
-        calib, val = work / f"{name}_calib.npz", work / f"{name}_val.npz"
-        np.savez(calib, **{spec.name: smooth_images(32, 0, tuple(spec.shape[1:]))})
-        np.savez(val, **{spec.name: smooth_images(16, 1, tuple(spec.shape[1:]))})
-        batch, kind = spec.fixed_batch or 8, "parity"
-    out = {
-        r: work / f"{name}_{r}.onnx" for r in ("static", "dynamic", "zip", "zipguard", "compress")
-    }
-    scratch = tempfile.mkdtemp(dir=work)
+        m = {**image_model(work, name), "kind": "parity"}
+    path, calib, batch = m["path"], m["calib"], m["batch"]
+    if m["kind"] == "sentences":
+        m["reference"] = sentence_embeddings(path, m["val"])
+    else:
+        m["reference"] = io.load_model(path)
+        m["samples"] = NpzSamples(m["val"], input_specs(m["reference"]))
     rows = {
         "quantize_static": [
             sys.executable,
             "-c",
-            ORT_STATIC,
+            ORT_STATIC_WORKER,
             path,
-            out["static"],
+            "{out}",
             calib,
+            "MinMax",
             batch,
-            scratch,
+            tempfile.mkdtemp(dir=work),
         ],
     }
     if name == "minilm":
-        rows["quantize_dynamic"] = [sys.executable, "-c", ORT_DYNAMIC, path, out["dynamic"]]
-        rows["onnxzip int8"] = onnxzip_cmd(
-            "quantize", path, "-o", out["zip"], "--data", calib, "--mode", "dynamic"
-        )
-        rows["onnxzip int8, guarded"] = onnxzip_cmd(
-            "quantize",
-            path,
-            "-o",
-            out["zipguard"],
-            "--data",
-            calib,
-            "--mode",
-            "dynamic",
-            "--min-cosine",
-            "0.9993",
-        )
+        rows["quantize_dynamic"] = [sys.executable, "-c", ORT_DYNAMIC, path, "{out}"]
+        dynamic = ["quantize", path, "-o", "{out}", "--data", calib, "--mode", "dynamic"]
+        rows["onnxzip int8"] = onnxzip_cmd(*dynamic)
+        rows["onnxzip int8, guarded"] = onnxzip_cmd(*dynamic, "--min-cosine", "0.9993")
         rows["onnxzip prune + int8"] = onnxzip_cmd(
             "compress",
             path,
             "-o",
-            out["compress"],
+            "{out}",
             "--data",
             calib,
             "--prune",
@@ -170,14 +132,14 @@ def prepare(work: Path, name: str) -> dict:
             "300",
             "--no-latency",
             "--json",
-            out["compress"].with_suffix(".json"),
+            "{report}",
         )
     else:
         rows["onnxzip int8"] = onnxzip_cmd(
             "quantize",
             path,
             "-o",
-            out["zip"],
+            "{out}",
             "--data",
             calib,
             "--holdout",
@@ -190,7 +152,7 @@ def prepare(work: Path, name: str) -> dict:
             "compress",
             path,
             "-o",
-            out["compress"],
+            "{out}",
             "--data",
             calib,
             "--target-macs",
@@ -201,31 +163,26 @@ def prepare(work: Path, name: str) -> dict:
             batch,
             "--no-latency",
             "--json",
-            out["compress"].with_suffix(".json"),
+            "{report}",
         )
-    outputs = {
-        "quantize_static": out["static"],
-        "quantize_dynamic": out["dynamic"],
-        "onnxzip int8": out["zip"],
-        "onnxzip int8, guarded": out["zipguard"],
-        "onnxzip prune + int8": out["compress"],
-    }
-    return {
-        "path": path,
-        "calib": calib,
-        "val": val,
-        "batch": batch,
-        "kind": kind,
-        "rows": rows,
-        "outputs": {k: v for k, v in outputs.items() if k in rows},
-    }
+    m["rows"] = rows
+    return m
+
+
+def row_output(work: Path, name: str, row: str) -> Path:
+    return work / f"{name}_{row.replace(' ', '_').replace(',', '').replace('+', 'and')}.onnx"
+
+
+def command(cmd: list, out: Path) -> list[str]:
+    """The row's command with its output model and report paths filled in."""
+    fill = {"{out}": str(out), "{report}": str(out.with_suffix(".json"))}
+    return [fill.get(str(c), str(c)) for c in cmd]
 
 
 def quality(m: dict, candidate: Path) -> dict:
     if m["kind"] == "sentences":
-        return sentence_metrics(m["path"], candidate, m["val"])
-    specs = input_specs(io.load_model(m["path"]))
-    report = verify(m["path"], candidate, NpzSamples(m["val"], specs), batch_size=m["batch"])
+        return sentence_metrics(m["reference"], sentence_embeddings(candidate, m["val"]))
+    report = verify(m["reference"], candidate, m["samples"], batch_size=m["batch"])
     o = report.outputs[0]
     result = {"cosine_mean": o.cosine_mean, "snr_db": o.snr_db}
     if o.candidate_accuracy is not None:
@@ -292,16 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ort.set_default_logger_severity(3)
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-        },
-        "versions": versions(),
-        "models": {},
-    }
+    results = run_record()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in args.models:
@@ -317,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             paths = {"fp32": m["path"]}
             for row, cmd in m["rows"].items():
-                run = run_measured([str(c) for c in cmd], cwd=work)
-                out = m["outputs"][row]
+                out = row_output(work, name, row)
+                run = run_measured(command(cmd, out), cwd=work)
                 if "error" in run or not out.exists():
                     rows[row] = {"error": run.get("error", "no output"), "seconds": run["seconds"]}
                     print(f"  {row:<24}FAILED: {rows[row]['error']}", flush=True)

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import cpu_model, run_measured, smooth_images, versions  # noqa: E402
+from benchlib import run_measured, run_record, smooth_images  # noqa: E402
 
 from onnxzip import io, training, zoo  # noqa: E402
 from onnxzip.data import NpzSamples, input_specs  # noqa: E402
@@ -70,12 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_gradients.json")
     args = parser.parse_args(argv)
-    results = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
-        "versions": versions(),
-        "models": {},
-    }
+    results = run_record()
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = Path(tmp)
         for name, (build, batch, count) in MODELS.items():

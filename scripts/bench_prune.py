@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import cpu_model, latency, run_measured, versions  # noqa: E402
+from benchlib import latency, run_measured, run_record  # noqa: E402
 
 from onnxzip import io, zoo  # noqa: E402
 from onnxzip.analysis import inspect_model  # noqa: E402
@@ -70,12 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(TARGETS))
     args = parser.parse_args(argv)
     ort.set_default_logger_severity(3)
-    results = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
-        "versions": versions(),
-        "models": {},
-    }
+    results = run_record()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in args.models:

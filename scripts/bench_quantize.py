@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -39,36 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import cpu_model, latency, run_measured, smooth_images, versions  # noqa: E402
+from benchlib import ORT_STATIC_WORKER, image_model, latency, run_measured, run_record  # noqa: E402
 
-from onnxzip import io, zoo  # noqa: E402
+from onnxzip import io  # noqa: E402
 from onnxzip.data import NpzSamples, input_specs  # noqa: E402
 from onnxzip.verify import verify  # noqa: E402
 
 METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
-
-ORT_WORKER = r"""
-import sys, numpy as np
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                      quantize_static)
-from onnxruntime.quantization.shape_inference import quant_pre_process
-model, out, calib, method, batch, tmp = sys.argv[1:7]
-batch = int(batch)
-with np.load(calib) as archive:
-    data = {k: archive[k] for k in archive.files if k != "labels"}
-n = len(next(iter(data.values())))
-class Reader(CalibrationDataReader):
-    def __init__(self):
-        self.it = iter([{k: v[i:i + batch] for k, v in data.items()} for i in range(0, n, batch)])
-    def get_next(self):
-        return next(self.it, None)
-pre = tmp + "/pre.onnx"
-quant_pre_process(model, pre)
-extra = {"CalibPercentile": 99.99} if method == "Percentile" else {}
-quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=getattr(CalibrationMethod, method), extra_options=extra)
-"""
 
 
 def prepare_models(work: Path, names: list[str]) -> dict[str, dict]:
@@ -83,22 +57,7 @@ def prepare_models(work: Path, names: list[str]) -> dict[str, dict]:
                 "real_data": True,
             }
             continue
-        model = zoo.from_light("resnet50") if name == "resnet50" else zoo.mobilenet_v2()
-        path = work / f"{name}.onnx"
-        io.save_model(model, path)
-        spec = input_specs(model)[0]
-        shape = tuple(spec.shape[1:])
-        calib, val = work / f"{name}_calib.npz", work / f"{name}_val.npz"
-        np.savez(calib, **{spec.name: smooth_images(32, 0, shape)})
-        np.savez(val, **{spec.name: smooth_images(16, 1, shape)})
-        batch = spec.fixed_batch or 8
-        models[name] = {
-            "path": path,
-            "calib": calib,
-            "val": val,
-            "batch": batch,
-            "real_data": False,
-        }
+        models[name] = {**image_model(work, name), "real_data": False}
     return models
 
 
@@ -116,16 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     ort.set_default_logger_severity(3)
-    results = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-        },
-        "versions": versions(),
-        "models": {},
-    }
+    results = run_record()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         models = prepare_models(work, args.models)
@@ -162,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                         commands[tool] = [
                             sys.executable,
                             "-c",
-                            ORT_WORKER,
+                            ORT_STATIC_WORKER,
                             str(m["path"]),
                             str(out),
                             str(m["calib"]),

@@ -9,6 +9,7 @@ by a small launcher, wall time and the process's own peak RSS from the OS.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -87,6 +88,70 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def run_record() -> dict:
+    """The head of every benchmark's JSON: when, on what, with which versions."""
+    from datetime import datetime, timezone
+
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "versions": versions(),
+        "models": {},
+    }
+
+
+# onnxruntime's recommended static flow, run in its own process by the benchmarks:
+# quant_pre_process, then quantize_static (QDQ, per-channel QInt8 weights, QUInt8 activations).
+# Arguments: model, output, calibration .npz, method (MinMax | Percentile | Entropy), batch, scratch.
+ORT_STATIC_WORKER = r"""
+import sys, numpy as np
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                      quantize_static)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+model, out, calib, method, batch, tmp = sys.argv[1:7]
+batch = int(batch)
+with np.load(calib) as archive:
+    data = {k: archive[k] for k in archive.files if k != "labels"}
+n = len(next(iter(data.values())))
+class Reader(CalibrationDataReader):
+    def __init__(self):
+        self.it = iter([{k: v[i:i + batch] for k, v in data.items()} for i in range(0, n, batch)])
+    def get_next(self):
+        return next(self.it, None)
+pre = tmp + "/pre.onnx"
+try:
+    quant_pre_process(model, pre)
+except Exception as exc:  # its symbolic shape inference gives up on some graphs: quantize as is
+    print(f"quant_pre_process failed ({exc}); quantizing the model without it", file=sys.stderr)
+    pre = model
+extra = {"CalibPercentile": 99.99} if method == "Percentile" else {}
+quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=getattr(CalibrationMethod, method), extra_options=extra)
+"""
+
+
+def image_model(work: Path, name: str) -> dict:
+    """ResNet-50 (onnx's light architecture) or the zoo's MobileNetV2, random weights, saved in
+    ``work`` with 32 calibration and 16 validation smooth random images."""
+    from onnxzip import io, zoo
+    from onnxzip.data import input_specs
+
+    model = zoo.from_light("resnet50") if name == "resnet50" else zoo.mobilenet_v2()
+    path = work / f"{name}.onnx"
+    io.save_model(model, path)
+    spec = input_specs(model)[0]
+    shape = tuple(spec.shape[1:])
+    calib, val = work / f"{name}_calib.npz", work / f"{name}_val.npz"
+    np.savez(calib, **{spec.name: smooth_images(32, 0, shape)})
+    np.savez(val, **{spec.name: smooth_images(16, 1, shape)})
+    return {"path": path, "calib": calib, "val": val, "batch": spec.fixed_batch or 8}
+
+
 def versions() -> dict:
     from importlib.metadata import version
 
@@ -95,43 +160,45 @@ def versions() -> dict:
     }
 
 
-def sentence_metrics(reference: Path, candidate: Path, data: Path) -> dict:
-    """Sentence-embedding parity of ``candidate`` against ``reference`` on every sentence in ``data``.
+def sentence_embeddings(path: Path, data: Path) -> np.ndarray:
+    """L2-normalised sentence embeddings of every sentence in ``data``, one sentence per run and
+    without padding, as a server embeds a request: dynamic quantization takes its activation
+    range from the batch, so a batch of 240 padded sentences would be judged on a range no single
+    request has."""
+    with np.load(data) as archive:
+        feed = {k: archive[k] for k in ("input_ids", "attention_mask")}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    rows = []
+    for ids, mask in zip(feed["input_ids"], feed["attention_mask"], strict=True):
+        n = int(mask.sum())
+        rows.append(
+            session.run(None, {"input_ids": ids[None, :n], "attention_mask": mask[None, :n]})[0][0]
+        )
+    out = np.asarray(rows, dtype=np.float64)
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def sentence_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """Sentence-embedding parity of ``candidate`` against ``reference`` (embeddings, one row per
+    sentence, from ``sentence_embeddings``).
 
     cosine: per sentence, between the two embeddings (mean and minimum over sentences);
     neighbours: for each sentence, whether its most similar *other* sentence (by cosine of the
     embeddings) is the same under both models.
     """
-    with np.load(data) as archive:
-        feed = {k: archive[k] for k in ("input_ids", "attention_mask")}
-
-    def embed(path: Path) -> np.ndarray:
-        # One sentence per run, without padding, as a server embeds a request: dynamic
-        # quantization takes its activation range from the batch, so a batch of 240 padded
-        # sentences would be judged on a range no single request has.
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 2
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        rows = []
-        for ids, mask in zip(feed["input_ids"], feed["attention_mask"], strict=True):
-            n = int(mask.sum())
-            one = {"input_ids": ids[None, :n], "attention_mask": mask[None, :n]}
-            rows.append(session.run(None, one)[0][0])
-        out = np.asarray(rows, dtype=np.float64)
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-
-    a, b = embed(reference), embed(candidate)
-    cosine = (a * b).sum(axis=1)
+    cosine = (reference * candidate).sum(axis=1)
 
     def nearest(e: np.ndarray) -> np.ndarray:
         sim = e @ e.T
         np.fill_diagonal(sim, -np.inf)
         return sim.argmax(axis=1)
 
-    agree = nearest(a) == nearest(b)
+    agree = nearest(reference) == nearest(candidate)
     return {
         "cosine_mean": float(cosine.mean()),
         "cosine_min": float(cosine.min()),
         "neighbour_agreement": float(agree.mean()),
-        "sentences": len(a),
+        "sentences": len(reference),
     }

@@ -9,9 +9,8 @@ attributes. Every model goes through the CLI in-process:
   satisfies the masking oracle on every unblocked group (zeroing a group's channels in the
   original gives the pruned model's outputs, to 2e-5 relative), or exit 2 with one line;
 * ``quantize --synthetic 64``: exit 0 with a valid model whose outputs on fresh random inputs
-  have cosine >= 0.97 to the original's, or a max abs error within 10 % of the output range (int8
-  activations calibrated on ~50 samples clip the rare value outside the seen range), or exit 2
-  with one line.
+  have cosine >= 0.98 to the original's, or a max abs error within 5 % of the largest output (a
+  near-constant output has no direction for the cosine to judge), or exit 2 with one line.
 
 The budget is bounded (``max_examples``) so CI stays fast; a failing example is shrunk and
 printed by hypothesis.
@@ -221,4 +220,4 @@ def test_fuzz_quantize(model, tmp_path_factory, capsys):
     x = np.random.default_rng(5).normal(size=(4, *dims)).astype(np.float32)
     a, b = _outputs(src, x).ravel(), _outputs(out, x).ravel()
     cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
-    assert cosine >= 0.97 or np.abs(a - b).max() <= 0.1 * (np.ptp(a) + 1e-6), cosine
+    assert cosine >= 0.98 or np.abs(a - b).max() <= 0.05 * (np.abs(a).max() + 1e-6), cosine

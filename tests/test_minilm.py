@@ -8,25 +8,12 @@ tokenizer on hand-worked cases, and that the committed tokens are the committed 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
 import onnx
 import onnxruntime as ort
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 from onnxzip import io, zoo
-
-
-def _export_module():
-    spec = importlib.util.spec_from_file_location(
-        "export_minilm", ROOT / "scripts" / "export_minilm.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["export_minilm"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _random_checkpoint(layers: int, hidden: int, ffn: int, vocab: int, positions: int, seed=0):
@@ -61,7 +48,7 @@ def _random_checkpoint(layers: int, hidden: int, ffn: int, vocab: int, positions
 
 
 def test_encoder_graph_matches_a_numpy_forward_pass_of_the_same_weights(tmp_path):
-    export = _export_module()
+    export = load_script("export_minilm")
     layers, hidden, heads, ffn, vocab, positions = 2, 32, 4, 64, 50, 16
     hf = _random_checkpoint(layers, hidden, ffn, vocab, positions)
     model = zoo.bert_encoder(
@@ -94,7 +81,7 @@ def test_encoder_graph_matches_a_numpy_forward_pass_of_the_same_weights(tmp_path
 
 
 def test_wordpiece_tokenizer_on_hand_worked_cases():
-    export = _export_module()
+    export = load_script("export_minilm")
     assert export.basic_tokens("Héllo, World!  It's naïve.") == [
         "hello",
         ",",

@@ -9,25 +9,15 @@ sweep's documented tolerance, or refuses with one line whose reason is in the re
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
 
 import pytest
-from conftest import ROOT
-
-
-def _sweep_module():
-    spec = importlib.util.spec_from_file_location("sweep", ROOT / "scripts" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sweep"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    sweep = _sweep_module()
+    sweep = load_script("sweep")
     workdir = tmp_path_factory.mktemp("sweep")
     cases = sweep.corpus(workdir)
     return sweep, cases, sweep.sweep(cases, workdir, workers=2)
