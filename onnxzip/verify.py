@@ -32,7 +32,7 @@ from onnxzip import io, progress
 from onnxzip.data import Samples, input_specs
 from onnxzip.errors import InputError
 from onnxzip.report import table
-from onnxzip.runtime import Runner
+from onnxzip.runtime import Runner, expose
 
 logger = logging.getLogger(__name__)
 
@@ -432,20 +432,15 @@ def verify(
 
 
 def _expose_all(model: ir.Model) -> tuple[ir.Model, dict[str, ir.Node]]:
-    """A copy of ``model`` whose every typed main-graph node output is also a graph output."""
-    exposed = model.clone()
-    graph = exposed.graph
-    existing = {v.name for v in graph.outputs}
-    producers = {}
-    for node in graph:
-        for value in node.outputs:
-            if not value.name or value.type is None or not isinstance(value.type, ir.TensorType):
-                continue
-            producers[value.name] = node
-            if value.name not in existing:
-                graph.outputs.append(value)
-                existing.add(value.name)
-    return exposed, producers
+    """A copy of ``model`` whose every typed main-graph node output is also a graph output, and
+    the producing node of each such tensor (in graph order, which is topological)."""
+    producers = {
+        value.name: node
+        for node in model.graph
+        for value in node.outputs
+        if value.name and isinstance(value.type, ir.TensorType)
+    }
+    return expose(model, producers), producers
 
 
 def compare_nodes(
