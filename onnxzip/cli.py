@@ -239,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the held-out output SNR improves (default)",
     )
     q.add_argument(
+        "--reduce-range",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="on: weight scales chosen so that onnxruntime's 16-bit sums of two products on x86 "
+        "CPUs without VNNI cannot saturate (costs at most one bit); auto: on when this machine is "
+        "such a CPU (default); use on when the serving machines may be",
+    )
+    q.add_argument(
         "--mode",
         choices=["static", "dynamic"],
         default="static",
@@ -316,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--calibration", choices=["minmax", "percentile", "entropy", "mse"], default="minmax"
+    )
+    c.add_argument(
+        "--reduce-range",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="pair-safe int8 weights for x86 CPUs without VNNI (see quantize --help)",
     )
     b = p.add_argument_group(
         "accuracy budget (the pruning amount is searched; exit 1 if it cannot hold)"
@@ -482,6 +496,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         recover_steps=args.recover_steps,
         quantize=args.quantize,
         calibration=args.calibration,
+        reduce_range=args.reduce_range,
         max_drop=args.max_drop,
         min_cosine=args.min_cosine,
         holdout=args.holdout,
@@ -691,6 +706,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         mode=args.mode,
         bias_correction=args.bias_correction,
         min_cosine=args.min_cosine,
+        reduce_range=args.reduce_range,
     )
     quantized, report = quantize(
         model,

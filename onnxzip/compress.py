@@ -46,6 +46,7 @@ class CompressConfig:
     recover_steps: int = 500
     quantize: str = "int8"  # int8 | dynamic | none
     calibration: str = "minmax"
+    reduce_range: str = "auto"  # see QuantizeConfig.reduce_range
     max_drop: float | None = None  # top-1 points
     min_cosine: float | None = None
     holdout: float = 0.2
@@ -317,6 +318,7 @@ def compress(
             remaining = max(0.0, config.max_drop - (used or 0.0))
         qconfig = QuantizeConfig(
             calibration=config.calibration,
+            reduce_range=config.reduce_range,
             mode="dynamic" if config.quantize == "dynamic" else "static",
             batch_size=config.batch_size,
             holdout=config.holdout,

@@ -40,6 +40,35 @@ def session_options(optimization: str = "all", threads: int | None = None) -> or
     return options
 
 
+def int8_pairs_saturate(cpuinfo: str | None = None, machine: str | None = None) -> str | None:
+    """Why onnxruntime's uint8 x int8 kernels on this CPU may saturate, or None if they cannot.
+
+    On x86-64 without VNNI (AVX2, AVX-512 before Cascade Lake / Zen 4) MLAS multiplies with
+    ``vpmaddubsw``, whose pairwise int16 sums overflow for large weights (see
+    ``params.weight_params``). VNNI CPUs and ARM add in 32 bits. ``cpuinfo`` and ``machine``
+    default to ``/proc/cpuinfo`` and ``platform.machine()``; an x86 host whose flags cannot be
+    read counts as saturating.
+    """
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return None
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return "this x86 CPU's instruction sets could not be read"
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        return None
+    return "this x86-64 CPU has no VNNI: onnxruntime's int8 kernels add weight pairs in 16 bits"
+
+
 class Runner:
     """One onnxruntime CPU session over an IR model, fed with ``Batch`` objects."""
 

@@ -13,10 +13,11 @@ import onnxruntime as ort
 import pytest
 from conftest import run_cli
 
-from onnxzip import io, zoo
+from onnxzip import io, passes, zoo
 from onnxzip.data import NpzSamples, SyntheticSamples, input_specs
 from onnxzip.errors import InputError
 from onnxzip.quantize import QuantizeConfig, quantize
+from onnxzip.quantize import params as qp
 from onnxzip.verify import verify
 
 H = '<ir_version: 8, opset_import: ["" : 17]>\n'
@@ -331,11 +332,16 @@ def test_accuracy_guard_keeps_harmful_layers_in_float_until_the_target_holds(
     specs = input_specs(io.load_model(mobilenet_path))
     samples = NpzSamples(calib_npz, specs)
     # Per-tensor weights: depthwise layers lose most, so a few layers carry most of the error.
-    _, plain = quantize(mobilenet_path, samples, QuantizeConfig(per_channel=False))
+    # Pair-safe weights make bias correction pay off here on every CPU, so layers the guard
+    # keeps in float must also take back their uncorrected biases.
+    options = dict(per_channel=False, reduce_range="on")
+    _, plain = quantize(mobilenet_path, samples, QuantizeConfig(**options))
+    assert plain.bias_correction.startswith("applied")
     before = plain.parity.outputs[0].cosine_mean
     target = round(1 - (1 - before) / 2, 6)  # halve the distance to a perfect cosine
-    config = QuantizeConfig(per_channel=False, min_cosine=target)
+    config = QuantizeConfig(**options, min_cosine=target)
     quantized, report = quantize(mobilenet_path, samples, config)
+    assert report.bias_correction.startswith("applied")
     guard = report.guard
     assert (
         guard.met and guard.metric_before == pytest.approx(before) and guard.metric_after >= target
@@ -466,3 +472,73 @@ def test_dynamic_mode_quantizes_embedding_tables_per_column(tmp_path):
     assert report.parity.outputs[0].cosine_mean > 0.995
     io.save_model(quantized, tmp_path / "q.onnx")
     assert io.file_size(tmp_path / "q.onnx") < 0.5 * len(io.model_bytes(model))
+
+
+PAIR_CASES = {
+    "MatMul": ("g (float[N,64] x) => (float[N,16] y) { y = MatMul(x, w) }", (64, 16)),
+    "Conv": ("g (float[N,8,6,6] x) => (float[N,16,4,4] y) { y = Conv(x, w) }", (16, 8, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("op", sorted(PAIR_CASES))
+def test_pair_safe_weights_keep_fused_int8_kernels_exact(op, tmp_path):
+    """Large same-sign weights and inputs that fill the uint8 range are what saturates the 16-bit
+    pair sums of onnxruntime's int8 kernels on x86 CPUs without VNNI. With --reduce-range on,
+    the fused kernels compute what the QDQ graph says, on any CPU."""
+    text, shape = PAIR_CASES[op]
+    model = onnx.parser.parse_model(H + text)
+    w = np.random.default_rng(0).normal(1.0, 0.05, shape).astype(np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
+    specs = input_specs(io.load_model(model))
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 1, (64, *specs[0].shape[1:])).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    quantized, report = quantize(
+        model, NpzSamples(tmp_path / "x.npz", specs), QuantizeConfig(holdout=0, reduce_range="on")
+    )
+    assert report.weight_range.startswith("pair-safe")
+    codes = next(
+        passes.const_array(n.inputs[0])
+        for n in quantized.graph
+        if n.op_type == "DequantizeLinear"
+        if n.inputs[0].dtype == onnx.TensorProto.INT8
+    ).astype(np.int64)
+    rows = np.moveaxis(codes, 1 if op == "MatMul" else 0, 0).reshape(16, -1)
+    top2 = np.sort(np.abs(rows), axis=1)[:, -2:].sum(axis=1)
+    assert top2.max() <= 128 and top2.max() >= 120  # safe, yet no range wasted
+    feed = {"x": x[:8]}
+    data = io.model_bytes(quantized)
+    none = ort.SessionOptions()
+    none.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(data, none, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    out = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    ops, _ = optimized_ops(quantized, tmp_path)
+    # A MatMul feeding the graph output fuses into MatMulIntegerToFloat (no output Q).
+    assert ops[op] == 0 and ops["MatMulIntegerToFloat" if op == "MatMul" else "QLinearConv"] == 1
+    assert np.max(np.abs(ref - out)) <= 2 * np.max(np.abs(ref)) / 255 + 1e-6
+
+
+def test_dynamic_mode_pair_safe_weights_match_the_integer_arithmetic():
+    """MatMulInteger with pair-safe int8 weights equals exact integer arithmetic in numpy."""
+    model = onnx.parser.parse_model(H + "g (float[N,64] x) => (float[N,16] y) { y = MatMul(x, w) }")
+    w = np.random.default_rng(0).normal(1.0, 0.05, (64, 16)).astype(np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
+    specs = input_specs(io.load_model(model))
+    quantized, report = quantize(
+        model,
+        SyntheticSamples(specs, 8),
+        QuantizeConfig(mode="dynamic", holdout=0, reduce_range="on"),
+    )
+    assert report.weight_range.startswith("pair-safe")
+    x = np.random.default_rng(1).uniform(0, 1, (8, 64)).astype(np.float32)
+    out = ort.InferenceSession(io.model_bytes(quantized), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )[0]
+    p = qp.weight_params(w, axis=1, pair_safe=True)
+    codes = qp.quantize(w, p, symmetric_weight=True).astype(np.int64)
+    # DynamicQuantizeLinear: uint8 over [min(x, 0), max(x, 0)]
+    sx = np.float32((max(x.max(), 0) - min(x.min(), 0)) / 255)
+    zx = np.clip(np.rint(-min(x.min(), 0) / sx), 0, 255)
+    xq = np.clip(np.rint(x / sx) + zx, 0, 255).astype(np.int64)
+    exact = ((xq - int(zx)) @ codes).astype(np.float64) * sx * p.scale.astype(np.float64)
+    np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-4 * np.abs(exact).max())

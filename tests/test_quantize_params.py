@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from onnxzip.quantize import params as qp
+from onnxzip.runtime import int8_pairs_saturate
 
 
 @pytest.mark.parametrize(
@@ -119,3 +120,49 @@ def test_bias_is_int32_with_product_scale():
     )  # -10.5 -> -10 (even)
     huge, saturated = qp.quantize_bias(np.array([1e30, 0.0], np.float32), p)
     assert saturated == 1 and huge[0] == 2**31 - 1
+
+
+def test_pair_safe_weight_scale_hand_computed():
+    # Channel 0: two largest positives 1.0 + 0.5 -> S = 1.5 / 127; channel 1: negatives
+    # -0.8 - 0.8 outweigh the lone positive 1.2 -> S = 1.6 / 127; channel 2: one weight.
+    w = np.array([[1.0, 0.5, -0.9, 0.1], [1.2, -0.8, -0.8, 0.0], [0.0, 0.0, 0.0, -0.4]], np.float32)
+    p = qp.weight_params(w, axis=0, pair_safe=True)
+    np.testing.assert_allclose(p.scale * 127, [1.5, 1.6, 0.4], rtol=1e-6)
+    per_tensor = qp.weight_params(w, axis=None, pair_safe=True)
+    assert per_tensor.scale.shape == () and float(per_tensor.scale) * 127 == pytest.approx(2.2)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pair_safe_codes_never_overflow_a_16_bit_pair_sum(seed):
+    """Any two same-sign codes of a channel sum to at most 128 in magnitude, so 255 * (|q1| + |q2|)
+    fits in int16; the scale is never coarser than twice the plain one."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_t(3, (32, 16, 3, 3)) * rng.uniform(0.01, 2, (32, 1, 1, 1))).astype(np.float32)
+    plain = qp.weight_params(w, axis=0)
+    safe = qp.weight_params(w, axis=0, pair_safe=True)
+    assert np.all(safe.scale >= plain.scale) and np.all(safe.scale <= 2 * plain.scale * (1 + 1e-6))
+    codes = qp.quantize(w, safe, symmetric_weight=True).astype(np.int64).reshape(32, -1)
+    for sign in (1, -1):
+        top2 = np.sort(np.maximum(sign * codes, 0), axis=1)[:, -2:].sum(axis=1)
+        assert top2.max() <= 128
+        assert 255 * top2.max() <= 2**15 - 1
+
+
+CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma {}\n"
+
+
+@pytest.mark.parametrize(
+    ("flags", "machine", "saturates"),
+    [
+        ("", "x86_64", True),  # AVX2 only (Zen 2/3, Haswell-Skylake client)
+        ("avx512f avx512bw", "x86_64", True),  # Skylake-SP: AVX-512 without VNNI
+        ("avx512f avx512_vnni", "x86_64", False),
+        ("avx_vnni", "x86_64", False),
+        ("", "aarch64", False),
+    ],
+)
+def test_which_cpus_saturate_int8_pair_sums(flags, machine, saturates):
+    why = int8_pairs_saturate(CPUINFO.format(flags), machine)
+    assert (why is not None) == saturates
+    if saturates:
+        assert "VNNI" in why

@@ -35,7 +35,7 @@ from onnxzip.quantize.dynamic import quantize_dynamic
 from onnxzip.quantize.qdq import InsertResult, insert_qdq
 from onnxzip.quantize.rules import Context, Plan, handler_for, node_key
 from onnxzip.report import table
-from onnxzip.runtime import Runner, channel_moments, expose
+from onnxzip.runtime import Runner, channel_moments, expose, int8_pairs_saturate
 from onnxzip.verify import OutputAccumulator, Thresholds, VerifyReport, is_classifier, verify
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,9 @@ class QuantizeConfig:
     min_cosine: float | None = None  # accuracy guard: minimum mean output cosine
     guard_samples: int = 512  # held-out samples the guard scores candidates on
     bias_correction: str = "auto"  # auto: kept when it raises the held-out SNR; on; off
+    # on: weight scales keep onnxruntime's 16-bit pair sums on x86 CPUs without VNNI from
+    # saturating (params.weight_params); auto: on when this machine is such a CPU; off
+    reduce_range: str = "auto"
 
     @property
     def guarded(self) -> bool:
@@ -88,6 +91,8 @@ class QuantizeConfig:
             raise InputError(
                 f"bias correction must be auto, on or off, got '{self.bias_correction}'"
             )
+        if self.reduce_range not in ("auto", "on", "off"):
+            raise InputError(f"reduce range must be auto, on or off, got '{self.reduce_range}'")
         if self.mode not in ("static", "dynamic"):
             raise InputError(f"unknown mode '{self.mode}' (choose static or dynamic)")
         if self.calibration not in cal.METHODS:
@@ -147,6 +152,7 @@ class QuantizeReport:
     guard: GuardReport | None = None
     bias_correction: str | None = None
     parity: VerifyReport | None = None
+    weight_range: str = ""  # why the weights use the full or the pair-safe range
 
     def format(self) -> str:
         c = self.config
@@ -164,6 +170,7 @@ class QuantizeReport:
                 if c.mode == "static"
                 else "weights      int8 per output column; activations uint8, quantized at run time"
             ),
+            f"weight range {self.weight_range}",
             "quantized    "
             + ", ".join(f"{op} x{n}" for op, n in sorted(self.quantized_ops.items())),
             f"folded       {len(self.folded_activations)} ReLU/Clip into their producers' ranges",
@@ -353,6 +360,29 @@ class _Builder:
         self.calibrated = 0
         self.params: dict[str, tuple[qp.QParams, float, float]] = {}
         self.nonfinite_nodes: frozenset[str] = frozenset()
+        # With bias correction, the prepared model before it: layers kept in float take back
+        # their own biases (the correction only compensates their weights' quantization error).
+        self.uncorrected: ir.Model | None = None
+
+    def _restore_biases(self, model: ir.Model, keys: frozenset[str]) -> None:
+        if self.uncorrected is None or not keys:
+            return
+        before = {node_key(n): n for n in self.uncorrected.graph if node_key(n) in keys}
+        for node in model.graph:
+            key = node_key(node)
+            orig = before.get(key)
+            if orig is None or len(node.inputs) < 3 or node.inputs[2] is None:
+                continue
+            old = orig.inputs[2] if len(orig.inputs) > 2 else None
+            if old is not None and old.name == node.inputs[2].name:
+                continue
+            value = passes.const_array(old) if old is not None else None
+            if value is None:
+                value = np.zeros(passes.const_array(node.inputs[2]).shape, np.float32)
+            node.replace_input_with(
+                2, passes.add_initializer(model.graph, f"{key}.bias_float", value)
+            )
+        passes.remove_unused_initializers(model)
 
     def _ensure_stats(self, sources: list[str]) -> None:
         missing = [s for s in sources if s not in self.stats]
@@ -392,6 +422,7 @@ class _Builder:
         model = self.prepared.clone()
         config = self.config
         keep_float = keep_float | self.nonfinite_nodes
+        self._restore_biases(model, keep_float)
         if keep_float:
             config = dataclasses.replace(
                 config, exclude=tuple(config.exclude) + tuple(sorted(keep_float))
@@ -421,7 +452,9 @@ class _Builder:
             if root not in act_params:
                 raise InputError(f"internal: shared tensor '{tensor}' has no calibrated source")
             act_params[tensor] = act_params[root]
-        inserted = insert_qdq(model, plan, act_params, config.activation_type)
+        inserted = insert_qdq(
+            model, plan, act_params, config.activation_type, config.reduce_range == "on"
+        )
         for k in kept:
             if k.node in self.nonfinite_nodes:
                 k.reason = "NaN/Inf (or no values) in its activations on the calibration samples"
@@ -452,7 +485,7 @@ class _Builder:
         return frozenset(keys)
 
     def _build_dynamic(self, model: ir.Model, config: QuantizeConfig, keep_float: frozenset[str]):
-        result = quantize_dynamic(model, tuple(config.exclude))
+        result = quantize_dynamic(model, tuple(config.exclude), config.reduce_range == "on")
         plan = Plan(quantized_nodes=dict(result.quantized))
         ops = {n.name or n.outputs[0].name: n.op_type for n in self.prepared.graph}
         kept = []
@@ -461,6 +494,21 @@ class _Builder:
                 reason = "kept in float by the accuracy guard"
             kept.append(KeptFloat(key, ops.get(key, "?"), reason))
         return model, plan, kept, InsertResult(0, len(result.quantized), 0, 0), []
+
+
+def _resolve_reduce_range(config: QuantizeConfig) -> tuple[QuantizeConfig, str]:
+    """Turns ``reduce_range="auto"`` into on or off for this machine; says why."""
+    if config.reduce_range == "on":
+        return config, "pair-safe (--reduce-range on)"
+    if config.reduce_range == "off":
+        return config, "full int8 (--reduce-range off)"
+    why = int8_pairs_saturate()
+    if why is None:
+        return dataclasses.replace(config, reduce_range="off"), (
+            "full int8 (this CPU's int8 kernels add in 32 bits)"
+        )
+    logger.info("pair-safe weight range: %s", why)
+    return dataclasses.replace(config, reduce_range="on"), f"pair-safe ({why})"
 
 
 def quantize(
@@ -491,6 +539,7 @@ def quantize(
     """
     config = config or QuantizeConfig()
     config.validate()
+    config, weight_range = _resolve_reduce_range(config)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     source = source or (str(model) if not isinstance(model, ir.Model) else "model")
@@ -527,6 +576,7 @@ def quantize(
         if layers:
             fixed = _Builder(corrected, samples, config, holdout)
             fixed.stats, fixed.calibrated = builder.stats, builder.calibrated
+            fixed.uncorrected = prepared
             candidate = fixed.build()
             use = config.bias_correction == "on"
             if config.bias_correction == "auto" and verifying:
@@ -576,6 +626,7 @@ def quantize(
         seconds=timings,
         guard=guard_report,
         bias_correction=bias_note,
+        weight_range=weight_range,
     )
     if verifying:
         t0 = time.perf_counter()

@@ -86,8 +86,11 @@ def _quantize_table(graph: ir.Graph, node: ir.Node, key: str) -> str | None:
     return None
 
 
-def quantize_dynamic(model: ir.Model, exclude: tuple[str, ...] = ()) -> DynamicResult:
-    """Rewrites eligible MatMul/Gemm nodes of ``model`` in place."""
+def quantize_dynamic(
+    model: ir.Model, exclude: tuple[str, ...] = (), pair_safe: bool = False
+) -> DynamicResult:
+    """Rewrites eligible MatMul/Gemm nodes of ``model`` in place; ``pair_safe`` as in
+    ``params.weight_params`` (embedding tables are only gathered, so they keep the full range)."""
     graph = model.graph
     result = DynamicResult()
     activations: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
@@ -113,7 +116,7 @@ def quantize_dynamic(model: ir.Model, exclude: tuple[str, ...] = ()) -> DynamicR
         bias = None
         if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
             bias = node.inputs[2]
-        params = qp.weight_params(w, axis=1)
+        params = qp.weight_params(w, axis=1, pair_safe=pair_safe)
         codes = qp.quantize(w, params, symmetric_weight=True)
         base = key
         w_q = add_initializer(graph, f"{base}.weight_quantized", codes)

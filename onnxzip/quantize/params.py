@@ -18,6 +18,14 @@ Choices and why:
 * Activations: asymmetric uint8 by default (``S = (hi - lo) / 255``); symmetric int8 as an option
   (``S = max(|lo|, |hi|) / 127``, ``Z = 0``).
 * Weights: symmetric int8 per output channel, ``S_c = max|W_c| / 127``, ``Z_c = 0``.
+* Reduced weight range (``pair_safe``): x86-64 CPUs without VNNI run onnxruntime's uint8 x int8
+  kernels with ``vpmaddubsw``, which adds the products of two neighbouring codes in a saturating
+  int16: ``a1 w1 + a2 w2`` with ``a`` up to 255 overflows once ``|w1| + |w2| > 128`` for two
+  weights of the same sign. ``S_c = T_c / 127``, with ``T_c`` the larger of the sums of the two
+  largest positive and of the two largest negative weights of the channel, keeps every such sum
+  of codes at most 128 whatever the pairing (``round`` adds at most 1/2 per code), so
+  ``255 * 128 = 32640`` fits. It costs at most one bit (``T_c <= 2 max|W_c|``); onnxruntime's
+  own ``reduce_range`` always costs one.
 * Bias: int32 with ``S_b[c] = S_x * S_w[c]`` and ``Z_b = 0``, so the integer accumulator of a
   quantized Conv or Gemm can add it directly.
 * Degenerate ranges: an all-zero tensor or channel (``lo = hi = 0``) gets ``S = 1``, ``Z`` the code
@@ -102,8 +110,11 @@ def activation_params(
     return QParams(np.array(scale, dtype=np.float32), np.array(zero, dtype=np_dtype))
 
 
-def weight_params(w: np.ndarray, axis: int | None, dtype: str = "int8") -> QParams:
+def weight_params(
+    w: np.ndarray, axis: int | None, dtype: str = "int8", pair_safe: bool = False
+) -> QParams:
     """Symmetric parameters for a weight: per channel along ``axis``, or per tensor if None.
+    ``pair_safe`` bounds every same-sign pair of codes by 128 in magnitude (see the module text).
 
     Raises:
         RangeError: the weight holds NaN or Inf.
@@ -113,11 +124,16 @@ def weight_params(w: np.ndarray, axis: int | None, dtype: str = "int8") -> QPara
         raise RangeError("weight contains NaN or Inf")
     qmin, qmax = qrange(dtype, symmetric=True)
     if axis is None:
-        bound = np.array(np.max(np.abs(w)) if w.size else 0.0)
+        rows = w.reshape(1, -1)
     else:
         axis = axis % w.ndim
-        reduce = tuple(i for i in range(w.ndim) if i != axis)
-        bound = np.max(np.abs(w), axis=reduce) if reduce else np.abs(w)
+        rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    if pair_safe:
+        bound = np.maximum(_top2_sum(rows), _top2_sum(-rows))
+    else:
+        bound = np.max(np.abs(rows), axis=1, initial=0.0)
+    if axis is None:
+        bound = bound.reshape(())
     scale = (bound.astype(np.float64) / qmax).astype(np.float32)
     scale = np.where(scale == 0, np.float32(1.0), scale)
     scale = np.maximum(scale, np.float32(MIN_SCALE)).astype(np.float32)
@@ -125,6 +141,15 @@ def weight_params(w: np.ndarray, axis: int | None, dtype: str = "int8") -> QPara
     if dtype == "uint8":
         zero = np.full_like(scale, 128, dtype=np.uint8)
     return QParams(scale, zero, axis)
+
+
+def _top2_sum(rows: np.ndarray) -> np.ndarray:
+    """Per row, the sum of its two largest positive entries (0 where there are none)."""
+    pos = np.maximum(rows, 0.0)
+    if pos.shape[1] < 2:
+        return pos.sum(axis=1)
+    top = np.partition(pos, pos.shape[1] - 2, axis=1)[:, -2:]
+    return top.sum(axis=1)
 
 
 def _broadcast(p: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:

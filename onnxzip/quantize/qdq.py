@@ -60,8 +60,10 @@ def insert_qdq(
     plan: Plan,
     activation_params: dict[str, qp.QParams],
     activation_type: str = "uint8",
+    pair_safe: bool = False,
 ) -> InsertResult:
-    """Edits ``model`` in place. ``activation_params`` maps every planned tensor to its params."""
+    """Edits ``model`` in place. ``activation_params`` maps every planned tensor to its params;
+    ``pair_safe`` picks the weight scales of ``params.weight_params(pair_safe=True)``."""
     graph = model.graph
     names = _Names(graph)
     nodes = {node_key(n): n for n in graph}
@@ -134,7 +136,7 @@ def insert_qdq(
         cache = (w_value.name, axis)
         if cache not in shared_dq:
             w = const_array(w_value)
-            p = qp.weight_params(w, axis)
+            p = qp.weight_params(w, axis, pair_safe=pair_safe)
             codes = qp.quantize(w, p, symmetric_weight=True)
             q_init = _scalar_init(graph, names, f"{w_value.name}_quantized", codes)
             s_init = _scalar_init(graph, names, f"{w_value.name}_scale", p.scale)
