@@ -18,7 +18,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-# First, before anything imports onnx_ir: sympy then loads only if used.
+# First, before anything imports onnx_ir or onnxruntime: what start-up can skip.
 from onnxzip import _lazy_imports  # noqa: F401
 from onnxzip.analysis import InspectReport, inspect_model
 from onnxzip.compress import CompressConfig, CompressReport, compress

@@ -10,6 +10,13 @@ This module registers ``onnxruntime.training`` in ``sys.modules`` as a bare pack
 the two submodules normally. If the real package was already imported (torch present and
 somebody imported it first) it is used as is. Every other onnxzip module imports the training
 engine from here, so this workaround lives in one place.
+
+``register_early()`` does the registration before onnxruntime itself is imported (onnxzip's
+``__init__`` has it called first thing). ``import onnxruntime`` checks whether ORTModule is available
+by importing ``onnxruntime.training.ortmodule``; without torch that import fails, but only after
+``onnxruntime.training.__init__`` has loaded the artifacts machinery, about 0.1 s of every
+start. With the bare package registered, and ``ortmodule`` marked missing when torch is not
+installed, the check reaches the same answer at once.
 """
 
 from __future__ import annotations
@@ -17,15 +24,37 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from pathlib import Path
 from types import ModuleType
 
 _PACKAGE = "onnxruntime.training"
 
 
-def _register_bare_package() -> None:
-    if _PACKAGE in sys.modules:
+def register_early() -> None:
+    """Registers the bare package before onnxruntime is imported (see the module text)."""
+    if _PACKAGE in sys.modules or "onnxruntime" in sys.modules:
         return
+    root = importlib.util.find_spec("onnxruntime")  # locates the package without running it
+    if root is None or not root.submodule_search_locations:
+        return
+    folder = Path(next(iter(root.submodule_search_locations))) / "training"
+    if not (folder / "__init__.py").is_file():
+        return  # plain onnxruntime: no training package
+    spec = importlib.util.spec_from_file_location(
+        _PACKAGE, folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    sys.modules[_PACKAGE] = importlib.util.module_from_spec(spec)
+    if importlib.util.find_spec("torch") is None:
+        sys.modules[_PACKAGE + ".ortmodule"] = None  # what importing it would conclude
+
+
+def _register_bare_package() -> None:
     import onnxruntime  # the inference part of the package; no torch
+
+    if _PACKAGE in sys.modules:
+        if not hasattr(onnxruntime, "training"):
+            onnxruntime.training = sys.modules[_PACKAGE]  # type: ignore[attr-defined]
+        return
 
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or spec.submodule_search_locations is None:
