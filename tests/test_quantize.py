@@ -477,6 +477,15 @@ def test_dynamic_mode_quantizes_embedding_tables_per_column(tmp_path):
 PAIR_CASES = {
     "MatMul": ("g (float[N,64] x) => (float[N,16] y) { y = MatMul(x, w) }", (64, 16)),
     "Conv": ("g (float[N,8,6,6] x) => (float[N,16,4,4] y) { y = Conv(x, w) }", (16, 8, 3, 3)),
+    "Conv_grouped": (
+        "g (float[N,16,6,6] x) => (float[N,16,4,4] y) { y = Conv<group=4>(x, w) }",
+        (16, 4, 3, 3),
+    ),
+    # onnxruntime's depthwise kernel adds in 32 bits: full-range weights stay exact.
+    "Conv_depthwise": (
+        "g (float[N,16,6,6] x) => (float[N,16,4,4] y) { y = Conv<group=16>(x, w) }",
+        (16, 1, 3, 3),
+    ),
 }
 
 
@@ -505,7 +514,10 @@ def test_pair_safe_weights_keep_fused_int8_kernels_exact(op, tmp_path):
     ).astype(np.int64)
     rows = np.moveaxis(codes, 1 if op == "MatMul" else 0, 0).reshape(16, -1)
     top2 = np.sort(np.abs(rows), axis=1)[:, -2:].sum(axis=1)
-    assert top2.max() <= 128 and top2.max() >= 120  # safe, yet no range wasted
+    if op == "Conv_depthwise":
+        assert (np.abs(rows).max(axis=1) == 127).all()  # full range kept
+    else:
+        assert top2.max() <= 128 and top2.max() >= 120  # safe, yet no range wasted
     feed = {"x": x[:8]}
     data = io.model_bytes(quantized)
     none = ort.SessionOptions()
@@ -514,7 +526,8 @@ def test_pair_safe_weights_keep_fused_int8_kernels_exact(op, tmp_path):
     out = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, feed)[0]
     ops, _ = optimized_ops(quantized, tmp_path)
     # A MatMul feeding the graph output fuses into MatMulIntegerToFloat (no output Q).
-    assert ops[op] == 0 and ops["MatMulIntegerToFloat" if op == "MatMul" else "QLinearConv"] == 1
+    assert ops[op.split("_")[0]] == 0
+    assert ops["MatMulIntegerToFloat" if op == "MatMul" else "QLinearConv"] == 1
     assert np.max(np.abs(ref - out)) <= 2 * np.max(np.abs(ref)) / 255 + 1e-6
 
 
