@@ -66,6 +66,10 @@ class InspectReport:
     macs_complete: bool
     macs_per_node: list[NodeMacs] = field(default_factory=list)
     groups: list | None = None  # channel groups, with --groups
+    # int8 weight tensors of Conv/Gemm/MatMul-family nodes, and how many of them hold a channel
+    # that can saturate onnxruntime's 16-bit pair sums on x86 CPUs without VNNI (None: no such
+    # weights)
+    int8_weights: tuple[int, int] | None = None
 
     def format(self, per_node: bool = False) -> str:
         lines = [
@@ -91,6 +95,17 @@ class InspectReport:
             else " (symbolic dims other than the batch counted as 1, or shapes unknown)"
         )
         lines.append(f"MACs        {self.macs:,} per sample{note}")
+        if self.int8_weights is not None:
+            total, risky = self.int8_weights
+            lines.append(
+                f"int8        {total} weight tensors, "
+                + (
+                    f"{risky} can saturate onnxruntime's int8 kernels on x86 CPUs without VNNI "
+                    "(quantize with --reduce-range on to serve there)"
+                    if risky
+                    else "all safe on x86 CPUs without VNNI"
+                )
+            )
         lines.append("")
         hist = sorted(self.op_histogram.items(), key=lambda kv: (-kv[1], kv[0]))
         lines.append(table(["op", "count"], [[op, n] for op, n in hist]))
@@ -125,6 +140,52 @@ def _const_shape(value: ir.Value | None, batch_names: set[str]) -> list[int] | N
     if value.const_value is not None:
         return list(value.const_value.shape)
     return _dims(value, batch_names)
+
+
+def _weight_codes(node: ir.Node) -> tuple[np.ndarray, int] | None:
+    """The constant int8 weight codes of a Conv/Gemm/MatMul-family node (through a
+    DequantizeLinear for QDQ) and their output-channel axis; None for anything else,
+    depthwise Conv included (onnxruntime's depthwise kernel adds in 32 bits)."""
+    from onnxzip.passes import const_array
+
+    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        dq = node.inputs[1].producer()
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return None
+        codes = const_array(dq.inputs[0])
+    elif node.op_type in ("ConvInteger", "MatMulInteger"):
+        codes = const_array(node.inputs[1])
+    else:
+        return None
+    if codes is None or codes.dtype != np.int8 or codes.ndim < 2:
+        return None
+    if node.op_type in ("Conv", "ConvInteger"):
+        group = node.attributes["group"].as_int() if "group" in node.attributes else 1
+        if codes.shape[1] == 1 and group == codes.shape[0]:
+            return None
+        return codes, 0
+    if node.op_type == "ConvTranspose":
+        return codes, 1
+    if node.op_type == "Gemm":
+        trans_b = "transB" in node.attributes and node.attributes["transB"].as_int()
+        return codes, 0 if trans_b else 1
+    return codes, -1  # MatMul: one channel per output column
+
+
+def int8_weight_risk(model: ir.Model) -> tuple[int, int] | None:
+    """(int8 weight tensors, how many can saturate on x86 without VNNI), or None if none."""
+    from onnxzip.quantize.params import pair_overflow_channels
+
+    total = risky = 0
+    for node in model.graph:
+        found = _weight_codes(node)
+        if found is None:
+            continue
+        total += 1
+        risky += pair_overflow_channels(*found) > 0
+    return (total, risky) if total else None
 
 
 def symbolic_dims(model: ir.Model) -> set[str]:
@@ -257,4 +318,5 @@ def inspect_model(model, *, source: str | None = None) -> InspectReport:
         macs=sum(m.macs or 0 for m in per_node),
         macs_complete=complete,
         macs_per_node=per_node,
+        int8_weights=int8_weight_risk(ir_model),
     )

@@ -555,3 +555,24 @@ def test_dynamic_mode_pair_safe_weights_match_the_integer_arithmetic():
     xq = np.clip(np.rint(x / sx) + zx, 0, 255).astype(np.int64)
     exact = ((xq - int(zx)) @ codes).astype(np.float64) * sx * p.scale.astype(np.float64)
     np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-4 * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_inspect_tells_which_int8_weights_can_saturate(mode):
+    from onnxzip.analysis import inspect_model
+
+    text, shape = PAIR_CASES["MatMul"]
+    model = onnx.parser.parse_model(H + text)
+    w = np.random.default_rng(0).normal(1.0, 0.05, shape).astype(np.float32)
+    w[:, 0], w[0, 0] = 0.001, 1.0  # one dominant weight: no pair of codes passes 128
+    model.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
+    assert inspect_model(model).int8_weights is None
+    samples = SyntheticSamples(input_specs(io.load_model(model)), 16)
+    for reduce_range, risky in (("off", 1), ("on", 0)):
+        config = QuantizeConfig(mode=mode, holdout=0, reduce_range=reduce_range)
+        quantized, _ = quantize(model, samples, config)
+        report = inspect_model(quantized)
+        assert report.int8_weights == (1, risky)
+        assert ("can saturate" in report.format()) == bool(risky)
+    codes = qp.quantize(w, qp.weight_params(w, axis=1), symmetric_weight=True)
+    assert qp.pair_overflow_channels(codes, axis=1) == shape[1] - 1

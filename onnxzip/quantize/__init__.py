@@ -508,7 +508,8 @@ def _resolve_reduce_range(config: QuantizeConfig) -> tuple[QuantizeConfig, str]:
     why = int8_pairs_saturate()
     if why is None:
         return dataclasses.replace(config, reduce_range="off"), (
-            "full int8 (this CPU's int8 kernels add in 32 bits)"
+            "full int8 (this CPU's int8 kernels add in 32 bits; to serve on x86 CPUs without "
+            "VNNI, quantize with --reduce-range on)"
         )
     logger.info("pair-safe weight range: %s", why)
     return dataclasses.replace(config, reduce_range="on"), f"pair-safe ({why})"

@@ -152,6 +152,15 @@ def _top2_sum(rows: np.ndarray) -> np.ndarray:
     return top.sum(axis=1)
 
 
+def pair_overflow_channels(codes: np.ndarray, axis: int) -> int:
+    """How many channels along ``axis`` of int8 weight codes hold two same-sign codes whose
+    magnitudes sum past 128: the channels that can saturate a 16-bit pair sum (module text)."""
+    rows = np.moveaxis(np.asarray(codes, dtype=np.int64), axis % codes.ndim, 0)
+    rows = rows.reshape(rows.shape[0], -1)
+    worst = np.maximum(_top2_sum(rows), _top2_sum(-rows))
+    return int(np.count_nonzero(worst > 128))
+
+
 def _broadcast(p: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
     if axis is None or p.ndim == 0:
         return p
