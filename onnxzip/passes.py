@@ -90,7 +90,9 @@ def add_initializer(
         while unique in taken:
             unique = f"{name}_{i}"
             i += 1
-    value = ir.Value(name=unique, const_value=ir.tensor(array, name=unique))
+    array = np.asarray(array)
+    # ir.Tensor directly: ir.tensor's protocol checks cost more than the rest of this function.
+    value = ir.Value(name=unique, const_value=ir.Tensor(array, name=unique))
     value.shape = ir.Shape(array.shape)
     value.dtype = ir.DataType.from_numpy(array.dtype)
     graph.register_initializer(value)
