@@ -68,11 +68,12 @@ class CompressConfig:
 
 @dataclass
 class Attempt:
-    target_macs: float
+    target_macs: float | None  # None when a fixed ratio was pruned
     macs: float
     accuracy_drop: float | None
     cosine: float
     fits: bool
+    ratio: float | None = None  # fraction of every group pruned (--prune R)
 
 
 @dataclass
@@ -135,10 +136,12 @@ class CompressReport:
                 "",
                 "pruning amounts tried (top-1 drop and cosine on the verification samples):",
                 table(
-                    ["target MACs", "MACs", "top-1 drop points", "cosine", "fits"],
+                    ["amount", "MACs", "top-1 drop points", "cosine", "fits"],
                     [
                         [
-                            t.target_macs,
+                            f"MACs <= {t.target_macs}"
+                            if t.target_macs is not None
+                            else f"{t.ratio} of each group",
                             round(t.macs, 3),
                             None if t.accuracy_drop is None else round(t.accuracy_drop, 2),
                             round(t.cosine, 5),
@@ -293,11 +296,12 @@ def compress(
             out = check.outputs[0]
             report.attempts.append(
                 Attempt(
-                    target if target is not None else config.ratio,
+                    target,
                     prune_report.macs_after / max(prune_report.macs_before, 1),
                     _drop(out),
                     out.cosine_mean,
                     fits,
+                    ratio=config.ratio if target is None else None,
                 )
             )
             if fits:

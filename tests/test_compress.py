@@ -46,6 +46,18 @@ def test_budget_searches_milder_pruning(resnet_path, calib_npz, test_npz):
         assert report.attempts[-1].accuracy_drop <= 0.3
 
 
+def test_fixed_ratio_is_one_attempt_reported_as_a_ratio(resnet_path, calib_npz):
+    specs = input_specs(io.load_model(resnet_path))
+    config = CompressConfig(
+        target_macs=None, ratio=0.25, recover_steps=0, quantize="none", latency=False
+    )
+    _, report = compress(resnet_path, NpzSamples(calib_npz, specs), config)
+    (attempt,) = report.attempts
+    assert attempt.target_macs is None and attempt.ratio == 0.25
+    assert 0.3 < attempt.macs < 0.9 and report.prune is not None
+    assert "0.25 of each group" in report.format() and "MACs <=" not in report.format()
+
+
 @pytest.mark.parametrize("quantize", ["none", "dynamic"])
 def test_stages_can_be_switched(quantize, mobilenet_path, calib_npz):
     specs = input_specs(io.load_model(mobilenet_path))
