@@ -27,6 +27,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import io
+from onnxzip.passes import const_array
+from onnxzip.quantize.params import pair_overflow_channels
+from onnxzip.quantize.rules import is_depthwise, weight_channel_axis
 from onnxzip.report import table
 
 # Integer initializers of these types are shapes, axes and indices, not parameters.
@@ -146,8 +149,6 @@ def _weight_codes(node: ir.Node) -> tuple[np.ndarray, int] | None:
     """The constant int8 weight codes of a Conv/Gemm/MatMul-family node (through a
     DequantizeLinear for QDQ) and their output-channel axis; None for anything else,
     depthwise Conv included (onnxruntime's depthwise kernel adds in 32 bits)."""
-    from onnxzip.passes import const_array
-
     if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[1] is None:
         return None
     if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
@@ -161,23 +162,13 @@ def _weight_codes(node: ir.Node) -> tuple[np.ndarray, int] | None:
         return None
     if codes is None or codes.dtype != np.int8 or codes.ndim < 2:
         return None
-    if node.op_type in ("Conv", "ConvInteger"):
-        group = node.attributes["group"].as_int() if "group" in node.attributes else 1
-        if codes.shape[1] == 1 and group == codes.shape[0]:
-            return None
-        return codes, 0
-    if node.op_type == "ConvTranspose":
-        return codes, 1
-    if node.op_type == "Gemm":
-        trans_b = "transB" in node.attributes and node.attributes["transB"].as_int()
-        return codes, 0 if trans_b else 1
-    return codes, -1  # MatMul: one channel per output column
+    if is_depthwise(node, codes.shape):
+        return None
+    return codes, weight_channel_axis(node)
 
 
 def int8_weight_risk(model: ir.Model) -> tuple[int, int] | None:
     """(int8 weight tensors, how many can saturate on x86 without VNNI), or None if none."""
-    from onnxzip.quantize.params import pair_overflow_channels
-
     total = risky = 0
     for node in model.graph:
         found = _weight_codes(node)

@@ -233,6 +233,7 @@ def plan_quantization(model: ir.Model, config: QuantizeConfig) -> tuple[Plan, li
             dict(plan.activations),
             dict(plan.shared),
             dict(plan.weights),
+            set(plan.full_range_weights),
             set(plan.constants),
             dict(plan.biases),
         )
@@ -242,7 +243,14 @@ def plan_quantization(model: ir.Model, config: QuantizeConfig) -> tuple[Plan, li
                 plan.quantized_nodes[key] = node.op_type
         else:
             # A refusing handler must leave no half-made marks behind.
-            plan.activations, plan.shared, plan.weights, plan.constants, plan.biases = before
+            (
+                plan.activations,
+                plan.shared,
+                plan.weights,
+                plan.full_range_weights,
+                plan.constants,
+                plan.biases,
+            ) = before
             plan.kept_float[key] = reason
             if node.op_type in _WEIGHTED or node.op_type in ("Add", "Mul", "Concat"):
                 kept.append(KeptFloat(key, node.op_type, reason))

@@ -55,16 +55,6 @@ def _scalar_init(graph: ir.Graph, names: _Names, base: str, array: np.ndarray) -
     return add_initializer(graph, names.fresh(base), np.asarray(array), name_is_unique=True)
 
 
-def _depthwise(node: ir.Node, w) -> bool:
-    """A Conv with one input and one output channel per group: onnxruntime runs it with its
-    depthwise kernel, which adds in 32 bits, so it needs no pair-safe weights (measured: exact
-    with full-range weights on an AVX2-only CPU where grouped and dense Conv saturate)."""
-    if node.op_type != "Conv" or w is None or w.ndim < 3 or w.shape[1] != 1:
-        return False
-    group = node.attributes["group"].as_int() if "group" in node.attributes else 1
-    return group == w.shape[0]
-
-
 def insert_qdq(
     model: ir.Model,
     plan: Plan,
@@ -74,7 +64,7 @@ def insert_qdq(
 ) -> InsertResult:
     """Edits ``model`` in place. ``activation_params`` maps every planned tensor to its params;
     ``pair_safe`` picks the weight scales of ``params.weight_params(pair_safe=True)`` for every
-    weight but a depthwise Conv's."""
+    weight the rules did not mark as full-range (a depthwise Conv's)."""
     graph = model.graph
     names = _Names(graph)
     nodes = {node_key(n): n for n in graph}
@@ -144,10 +134,10 @@ def insert_qdq(
     for (key, index), axis in plan.weights.items():
         node = nodes[key]
         w_value = node.inputs[index]
-        w = const_array(w_value)
-        safe = pair_safe and not _depthwise(node, w)
+        safe = pair_safe and (key, index) not in plan.full_range_weights
         cache = (w_value.name, axis, safe)
         if cache not in shared_dq:
+            w = const_array(w_value)
             p = qp.weight_params(w, axis, pair_safe=safe)
             codes = qp.quantize(w, p, symmetric_weight=True)
             q_init = _scalar_init(graph, names, f"{w_value.name}_quantized", codes)

@@ -36,6 +36,8 @@ class Plan:
     weights: dict[tuple[str, int], int | None] = field(
         default_factory=dict
     )  # (node, input) -> axis
+    # weights that keep the full int8 range even when pair-safe weights are asked for
+    full_range_weights: set[tuple[str, int]] = field(default_factory=set)
     constants: set[tuple[str, int]] = field(default_factory=set)  # constant activation inputs
     biases: dict[tuple[str, int], tuple[str, int]] = field(
         default_factory=dict
@@ -120,6 +122,31 @@ def _attr(node: ir.Node, name: str, default):
     return default if attr is None else attr.value
 
 
+def weight_channel_axis(node: ir.Node) -> int:
+    """The axis of a Conv/ConvTranspose/Gemm/MatMul-family weight (input 1) that indexes the
+    output channels (counted from the end for MatMul: one channel per output column)."""
+    if node.op_type in ("Conv", "ConvInteger"):
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if _attr(node, "transB", 0) else 1
+    return -1
+
+
+def is_depthwise(node: ir.Node, weight_shape) -> bool:
+    """A Conv with one input and one output channel per group. onnxruntime runs it with its
+    depthwise kernel, which adds in 32 bits, so its int8 weights cannot saturate the 16-bit pair
+    sums of CPUs without VNNI (measured exact with full-range weights on an AVX2-only CPU where
+    dense and grouped Conv saturate): it needs no pair-safe weights."""
+    return (
+        node.op_type in ("Conv", "ConvInteger")
+        and len(weight_shape) >= 3
+        and weight_shape[1] == 1
+        and _attr(node, "group", 1) == weight_shape[0]
+    )
+
+
 # -- weighted ops -------------------------------------------------------------------------------
 
 
@@ -131,14 +158,14 @@ def _conv(node: ir.Node, ctx: Context) -> str | None:
     weight = const_array(w)
     if weight is None:
         return "weight is not a constant initializer"
-    group = _attr(node, "group", 1)
-    if node.op_type == "Conv":
-        axis = 0
-    else:
-        axis = 1 if group == 1 else None  # grouped ConvTranspose: per-channel axis mixes groups
+    axis = weight_channel_axis(node)
+    if node.op_type == "ConvTranspose" and _attr(node, "group", 1) != 1:
+        axis = None  # grouped ConvTranspose: a per-channel axis would mix groups
     ctx.mark_activation(x)
     key = node_key(node)
     ctx.plan.weights[(key, 1)] = axis if ctx.per_channel else None
+    if is_depthwise(node, weight.shape):
+        ctx.plan.full_range_weights.add((key, 1))
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         if const_array(node.inputs[2]) is None:
             return "bias is not a constant initializer"
@@ -159,7 +186,7 @@ def _gemm(node: ir.Node, ctx: Context) -> str | None:
         return "B is not a constant 2-D initializer"
     key = node_key(node)
     ctx.mark_activation(a)
-    ctx.plan.weights[(key, 1)] = (0 if _attr(node, "transB", 0) else 1) if ctx.per_channel else None
+    ctx.plan.weights[(key, 1)] = weight_channel_axis(node) if ctx.per_channel else None
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         bias = const_array(node.inputs[2])
         if (
@@ -186,7 +213,7 @@ def _matmul(node: ir.Node, ctx: Context) -> str | None:
     if weight is not None:
         if weight.ndim != 2:
             return "constant B is not 2-D"
-        ctx.plan.weights[(key, 1)] = 1 if ctx.per_channel else None
+        ctx.plan.weights[(key, 1)] = weight_channel_axis(node) % 2 if ctx.per_channel else None
     else:
         ctx.mark_activation(b)
     out = node.outputs[0]
