@@ -161,18 +161,10 @@ class TensorStats:
             return 0.0, 0.0
         if method == "minmax" or self.hist is None or self.min == self.max:
             return self.min, self.max
-        if method in ("percentile", "entropy"):
-            if method == "percentile":
-                lo, hi = self._percentile(percentile)
-            else:
-                lo, hi = self._entropy(dtype, symmetric)
-            # A clipped range is kept only when it does not raise the tensor's own quantization
-            # error over its histogram: on small nets the clipped outliers can matter more than
-            # the finer steps gained.
-            full = self._histogram_mse(self.min, self.max, dtype, symmetric)
-            if self._histogram_mse(lo, hi, dtype, symmetric) > full:
-                return self.min, self.max
-            return lo, hi
+        if method == "percentile":
+            return self._unless_worse(self._percentile(percentile), dtype, symmetric)
+        if method == "entropy":
+            return self._unless_worse(self._entropy(dtype, symmetric), dtype, symmetric)
         if method == "mse":
             return self._mse(dtype, symmetric)
         raise ValueError(f"unknown calibration method {method!r}")
@@ -220,24 +212,35 @@ class TensorStats:
             threshold = best * width
         return float(max(self.min, -threshold)), float(min(self.max, threshold))
 
+    def _unless_worse(
+        self, clipped: tuple[float, float], dtype: str, symmetric: bool
+    ) -> tuple[float, float]:
+        """A clipped range is kept only when it does not raise the tensor's own quantization
+        error over its histogram: on small nets the clipped outliers can matter more than the
+        finer steps gained."""
+        if self._histogram_mse(*clipped, dtype, symmetric) > self._histogram_mse(
+            self.min, self.max, dtype, symmetric
+        ):
+            return self.min, self.max
+        return clipped
+
+    def _centres(self) -> tuple[np.ndarray, np.ndarray]:
+        """The non-empty bins' centres (clipped to [min, max]) and their counts."""
+        centres = (self.edges()[:-1] + self.edges()[1:]) / 2
+        keep = self.hist > 0
+        return np.clip(centres[keep], self.min, self.max), self.hist[keep].astype(np.float64)
+
     def _histogram_mse(self, lo: float, hi: float, dtype: str, symmetric: bool) -> float:
         """Quantize-dequantize squared error of the histogram (bin centres, weighted by counts)
         with the parameters ``activation_params`` gives the range [lo, hi]."""
-        centres = (self.edges()[:-1] + self.edges()[1:]) / 2
-        keep = self.hist > 0
-        c = np.clip(centres[keep], self.min, self.max)
-        h = self.hist[keep].astype(np.float64)
         p = activation_params(lo, hi, dtype, symmetric)
-        qmin, qmax = qrange(dtype, symmetric=symmetric)
-        scale, zero = float(p.scale), float(p.zero_point)
-        q = np.clip(np.rint(c / scale) + zero, qmin, qmax)
-        return float((((q - zero) * scale - c) ** 2) @ h)
+        c, h = self._centres()
+        scale = np.array([float(p.scale)])
+        zero = np.array([float(p.zero_point)])
+        return float(_qdq_errors(c, h, scale, zero, *qrange(dtype, symmetric=symmetric))[0])
 
     def _mse(self, dtype: str, symmetric: bool) -> tuple[float, float]:
-        centers = (self.edges()[:-1] + self.edges()[1:]) / 2
-        keep = self.hist > 0
-        c, h = centers[keep], self.hist[keep].astype(np.float64)
-        c = np.clip(c, self.min, self.max)
+        c, h = self._centres()
         lo0, hi0 = min(self.min, 0.0), max(self.max, 0.0)
         alphas = np.linspace(0.02, 1.0, 50)
         qmin, qmax = qrange(dtype, symmetric=symmetric)
@@ -248,12 +251,20 @@ class TensorStats:
         else:
             scale = np.maximum(alphas * (hi0 - lo0) / (qmax - qmin), 1e-30)
             zero = np.clip(np.round(qmin - alphas * lo0 / scale), qmin, qmax)
-        q = np.clip(np.rint(c[None, :] / scale[:, None]) + zero[:, None], qmin, qmax)
-        err = ((q - zero[:, None]) * scale[:, None] - c[None, :]) ** 2 @ h
+        err = _qdq_errors(c, h, scale, zero, qmin, qmax)
         a = alphas[int(np.argmin(err))]
         return float(a * lo0) if self.min < 0 else self.min, float(
             a * hi0
         ) if self.max > 0 else self.max
+
+
+def _qdq_errors(
+    c: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int
+) -> np.ndarray:
+    """For each candidate (``scale[k]``, ``zero[k]``), the squared quantize-dequantize error of
+    the values ``c`` weighted by the counts ``h``."""
+    q = np.clip(np.rint(c[None, :] / scale[:, None]) + zero[:, None], qmin, qmax)
+    return ((q - zero[:, None]) * scale[:, None] - c[None, :]) ** 2 @ h
 
 
 def _divergences(

@@ -123,13 +123,11 @@ def weight_params(
     if not np.all(np.isfinite(w)):
         raise RangeError("weight contains NaN or Inf")
     qmin, qmax = qrange(dtype, symmetric=True)
-    if axis is None:
-        rows = w.reshape(1, -1)
-    else:
+    if axis is not None:
         axis = axis % w.ndim
-        rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    rows = _channel_rows(w, axis)
     if pair_safe:
-        bound = np.maximum(_top2_sum(rows), _top2_sum(-rows))
+        bound = _pair_bound(rows)
     else:
         bound = np.max(np.abs(rows), axis=1, initial=0.0)
     if axis is None:
@@ -141,6 +139,18 @@ def weight_params(
     if dtype == "uint8":
         zero = np.full_like(scale, 128, dtype=np.uint8)
     return QParams(scale, zero, axis)
+
+
+def _channel_rows(w: np.ndarray, axis: int | None) -> np.ndarray:
+    """One row per channel along ``axis`` (a single row for per-tensor)."""
+    if axis is None:
+        return w.reshape(1, -1)
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+
+
+def _pair_bound(rows: np.ndarray) -> np.ndarray:
+    """Per row, the largest magnitude two same-sign entries can sum to."""
+    return np.maximum(_top2_sum(rows), _top2_sum(-rows))
 
 
 def _top2_sum(rows: np.ndarray) -> np.ndarray:
@@ -155,10 +165,8 @@ def _top2_sum(rows: np.ndarray) -> np.ndarray:
 def pair_overflow_channels(codes: np.ndarray, axis: int) -> int:
     """How many channels along ``axis`` of int8 weight codes hold two same-sign codes whose
     magnitudes sum past 128: the channels that can saturate a 16-bit pair sum (module text)."""
-    rows = np.moveaxis(np.asarray(codes, dtype=np.int64), axis % codes.ndim, 0)
-    rows = rows.reshape(rows.shape[0], -1)
-    worst = np.maximum(_top2_sum(rows), _top2_sum(-rows))
-    return int(np.count_nonzero(worst > 128))
+    rows = _channel_rows(np.asarray(codes, dtype=np.int64), axis % codes.ndim)
+    return int(np.count_nonzero(_pair_bound(rows) > 128))
 
 
 def _broadcast(p: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
