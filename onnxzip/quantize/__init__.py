@@ -368,29 +368,9 @@ class _Builder:
         self.calibrated = 0
         self.params: dict[str, tuple[qp.QParams, float, float]] = {}
         self.nonfinite_nodes: frozenset[str] = frozenset()
-        # With bias correction, the prepared model before it: layers kept in float take back
-        # their own biases (the correction only compensates their weights' quantization error).
-        self.uncorrected: ir.Model | None = None
-
-    def _restore_biases(self, model: ir.Model, keys: frozenset[str]) -> None:
-        if self.uncorrected is None or not keys:
-            return
-        before = {node_key(n): n for n in self.uncorrected.graph if node_key(n) in keys}
-        for node in model.graph:
-            key = node_key(node)
-            orig = before.get(key)
-            if orig is None or len(node.inputs) < 3 or node.inputs[2] is None:
-                continue
-            old = orig.inputs[2] if len(orig.inputs) > 2 else None
-            if old is not None and old.name == node.inputs[2].name:
-                continue
-            value = passes.const_array(old) if old is not None else None
-            if value is None:
-                value = np.zeros(passes.const_array(node.inputs[2]).shape, np.float32)
-            node.replace_input_with(
-                2, passes.add_initializer(model.graph, f"{key}.bias_float", value)
-            )
-        passes.remove_unused_initializers(model)
+        # Bias correction (node key -> corrected bias), applied to the quantized layers only:
+        # it compensates their weights' quantization error, which layers kept in float lack.
+        self.biases: dict[str, np.ndarray] = {}
 
     def _ensure_stats(self, sources: list[str]) -> None:
         missing = [s for s in sources if s not in self.stats]
@@ -430,7 +410,7 @@ class _Builder:
         model = self.prepared.clone()
         config = self.config
         keep_float = keep_float | self.nonfinite_nodes
-        self._restore_biases(model, keep_float)
+        _apply_biases(model, {k: b for k, b in self.biases.items() if k not in keep_float})
         if keep_float:
             config = dataclasses.replace(
                 config, exclude=tuple(config.exclude) + tuple(sorted(keep_float))
@@ -581,12 +561,11 @@ def quantize(
     wanted = config.bias_correction == "on" or (config.bias_correction == "auto" and verifying)
     if config.mode == "static" and wanted:
         t0 = time.perf_counter()
-        corrected, layers = correct_biases(prepared, work, plan, samples, config, holdout)
+        biases = correct_biases(prepared, work, plan, samples, config, holdout)
+        layers = len(biases)
         if layers:
-            fixed = _Builder(corrected, samples, config, holdout)
-            fixed.stats, fixed.calibrated = builder.stats, builder.calibrated
-            fixed.uncorrected = prepared
-            candidate = fixed.build()
+            builder.biases = biases
+            candidate = builder.build()
             use = config.bias_correction == "on"
             if config.bias_correction == "auto" and verifying:
                 evaluator = _Evaluator(original, data, split, config)
@@ -601,7 +580,8 @@ def quantize(
                 bias_note = f"applied to {layers} layers"
             if use:
                 work, plan, kept, inserted, ranges = candidate
-                builder = fixed
+            else:
+                builder.biases = {}
         timings["bias correction"] = time.perf_counter() - t0
     guard_report = None
     if config.guarded:
@@ -697,14 +677,15 @@ def correct_biases(
     samples: Samples,
     config: QuantizeConfig,
     holdout: float,
-) -> tuple[ir.Model, int]:
+) -> dict[str, np.ndarray]:
     """Empirical bias correction of the weight-quantization error.
 
     A layer ``y = W x + b`` quantized to ``W_q`` shifts its output mean by
     ``E[(W - W_q) x] = (W - W_q) E[x]`` per output channel (summed over a Conv's kernel window).
-    ``E[x]`` per input channel comes from the calibration samples; the returned copy of
-    ``prepared`` has ``b' = b + (W - W_q) E[x]`` for every quantized Conv/Gemm with a per-channel
-    input mean. Each layer's correction depends only on its own weights, so one pass suffices.
+    ``E[x]`` per input channel comes from the calibration samples; the result maps each
+    quantized Conv/Gemm with a per-channel input mean to ``b' = b + (W - W_q) E[x]`` (applied by
+    ``_apply_biases``). Each layer's correction depends only on its own weights, so one pass
+    suffices.
     """
     q_nodes = {node_key(n): n for n in quantized.graph}
     layers = []
@@ -728,7 +709,7 @@ def correct_biases(
             continue
         layers.append((n, w.astype(np.float64) - w_q.astype(np.float64)))
     if not layers:
-        return prepared, 0
+        return {}
     # Conv inputs are NCHW, Gemm inputs [N, K]: the input channel is axis 1 for both.
     split = "calibration" if holdout > 0 else "all"
     means = channel_moments(
@@ -740,9 +721,7 @@ def correct_biases(
         holdout=holdout or 0.5,
         name="bias correction",
     )
-    corrected = prepared.clone()
-    nodes = {node_key(n): n for n in corrected.graph}
-    done = 0
+    corrected = {}
     for layer, diff in layers:
         mean = means[(layer.inputs[0].name, 1)][0]
         if layer.op_type == "Conv":
@@ -752,20 +731,27 @@ def correct_biases(
                 layer.attributes.get("transB") is not None and layer.attributes["transB"].as_int()
             )
             delta = diff @ mean if trans_b else diff.T @ mean
-        node = nodes[node_key(layer)]
-        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        bias = layer.inputs[2] if len(layer.inputs) > 2 else None
         base = passes.const_array(bias) if bias is not None else np.zeros(delta.shape, np.float32)
         if base is None or base.ndim != 1 or base.shape[0] != delta.shape[0]:
             continue
-        value = passes.add_initializer(
-            corrected.graph, f"{node_key(node)}.bias_corrected", (base + delta).astype(np.float32)
-        )
+        corrected[node_key(layer)] = (base + delta).astype(np.float32)
+    return corrected
+
+
+def _apply_biases(model: ir.Model, biases: dict[str, np.ndarray]) -> None:
+    """Gives each node keyed in ``biases`` that bias (a new initializer), in place."""
+    if not biases:
+        return
+    for node in model.graph:
+        key = node_key(node)
+        if key not in biases:
+            continue
+        value = passes.add_initializer(model.graph, f"{key}.bias_corrected", biases[key])
         if len(node.inputs) < 3:
             node.resize_inputs(3)
         node.replace_input_with(2, value)
-        done += 1
-    passes.remove_unused_initializers(corrected)
-    return corrected, done
+    passes.remove_unused_initializers(model)
 
 
 # -- accuracy guard -------------------------------------------------------------------------------
