@@ -33,7 +33,7 @@ from onnxzip.pruning.groups import Group, GroupBuilder, identity, node_name
 from onnxzip.pruning.rules import rule_for
 from onnxzip.report import table
 from onnxzip.runtime import Runner, channel_moments
-from onnxzip.verify import snr_db
+from onnxzip.verify import OutputAccumulator, snr_db
 
 logger = logging.getLogger(__name__)
 
@@ -434,27 +434,22 @@ def prune(
         timings["statistics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    compensated = dead_only if config.compensation == "off" else None  # None: every removed one
+    pruned = rewrite.apply(work, groups, removal, means, compensated)
     compensation_note = None
-    if means is None:
-        pruned = rewrite.apply(work, groups, removal)
-    else:
-        if config.compensation == "off":
-            pruned = rewrite.apply(work, groups, removal, means, dead_only)
-        else:
-            pruned = rewrite.apply(work, groups, removal, means)
-        if plain is not None:
-            # Mean compensation is first-order: on some models (a transformer whose activations
-            # have rare, huge outliers) the shifted biases hurt more than they help downstream.
-            alternative = rewrite.apply(plain, find_groups(plain), removal, means, dead_only)
-            with_db, without_db = _output_snr(original, [pruned, alternative], samples, config)
-            if without_db > with_db:
-                pruned = alternative
-            compensation_note = (
-                f"{'applied' if with_db >= without_db else 'not applied'}: output SNR "
-                f"{with_db:.2f} dB with, {without_db:.2f} dB without, on the samples"
-            )
-        elif config.compensation == "on":
-            compensation_note = "applied"
+    if plain is not None:
+        # Mean compensation is first-order: on some models (a transformer whose activations
+        # have rare, huge outliers) the shifted biases hurt more than they help downstream.
+        alternative = rewrite.apply(plain, find_groups(plain), removal, means, dead_only)
+        with_db, without_db = _output_snr(original, [pruned, alternative], samples, config)
+        if without_db > with_db:
+            pruned = alternative
+        compensation_note = (
+            f"{'applied' if with_db >= without_db else 'not applied'}: output SNR "
+            f"{with_db:.2f} dB with, {without_db:.2f} dB without, on the samples"
+        )
+    elif means is not None and config.compensation == "on":
+        compensation_note = "applied"
     timings["rewrite"] = time.perf_counter() - t0
     after = inspect_model(pruned, source=source)
 
@@ -506,22 +501,17 @@ def prune(
 def _output_snr(
     original: ir.Model, candidates: list[ir.Model], samples: Samples, config: PruneConfig
 ) -> list[float]:
-    """Output SNR (dB, all outputs pooled) of each candidate against the original on samples."""
+    """Output SNR (dB, float outputs pooled) of each candidate against the original on samples."""
     reference = Runner(original, name="original", optimization="basic")
     runners = [Runner(c, name="candidate", optimization="basic") for c in candidates]
-    signal, noise = 0.0, [0.0] * len(candidates)
+    pooled = [OutputAccumulator(classifier=False) for _ in candidates]
     for batch in samples.batches(config.batch_size):
-        want = reference.run(batch)
-        for i, runner in enumerate(runners):
+        want = {name: w for name, w in reference.run(batch).items() if w.dtype.kind == "f"}
+        for acc, runner in zip(pooled, runners, strict=True):
             got = runner.run(batch)
             for name, w in want.items():
-                if w.dtype.kind != "f":
-                    continue
-                d = got[name].astype(np.float64) - w
-                noise[i] += float((d * d).sum())
-                if i == 0:
-                    signal += float((w.astype(np.float64) ** 2).sum())
-    return [snr_db(signal, n) for n in noise]
+                acc.add(w, got[name], None, batch.count)
+    return [snr_db(acc.sum_ref2, acc.sum_diff2) for acc in pooled]
 
 
 def prepared_groups(model) -> tuple[ir.Model, list[Group]]:
