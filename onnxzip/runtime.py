@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import tempfile
 from pathlib import Path
 
@@ -49,8 +50,6 @@ def int8_pairs_saturate(cpuinfo: str | None = None, machine: str | None = None) 
     default to ``/proc/cpuinfo`` and ``platform.machine()``; an x86 host whose flags cannot be
     read counts as saturating.
     """
-    import platform
-
     machine = (machine or platform.machine()).lower()
     if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
         return None

@@ -73,6 +73,17 @@ def onnxzip_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "onnxzip", *map(str, args), "--quiet"]
 
 
+def compress_cmd(path, out, calib, *options, report="{report}") -> list[str]:
+    """``onnxzip compress`` writing ``out`` and its JSON report, latency left to the benchmark."""
+    return onnxzip_cmd(
+        "compress", path, "-o", out, "--data", calib, *options, "--no-latency", "--json", report
+    )
+
+
+# MiniLM pruning: a fixed fraction of every FFN/head group, Fisher criterion, 300 recovery steps.
+MINILM_PRUNE = ("--criterion", "fisher", "--recover-steps", "300")
+
+
 def prepare(work: Path, name: str) -> dict:
     """Paths, data and the command of every row for one model; the fp32 reference is loaded
     (or, for MiniLM, embedded) once here and reused by every row's quality measurement."""
@@ -115,24 +126,8 @@ def prepare(work: Path, name: str) -> dict:
         dynamic = ["quantize", path, "-o", "{out}", "--data", calib, "--mode", "dynamic"]
         rows["onnxzip int8"] = onnxzip_cmd(*dynamic)
         rows["onnxzip int8, guarded"] = onnxzip_cmd(*dynamic, "--min-cosine", "0.9993")
-        rows["onnxzip prune + int8"] = onnxzip_cmd(
-            "compress",
-            path,
-            "-o",
-            "{out}",
-            "--data",
-            calib,
-            "--prune",
-            "0.1",
-            "--criterion",
-            "fisher",
-            "--quantize",
-            "dynamic",
-            "--recover-steps",
-            "300",
-            "--no-latency",
-            "--json",
-            "{report}",
+        rows["onnxzip prune + int8"] = compress_cmd(
+            path, "{out}", calib, "--prune", "0.1", *MINILM_PRUNE, "--quantize", "dynamic"
         )
     else:
         rows["onnxzip int8"] = onnxzip_cmd(
@@ -148,12 +143,9 @@ def prepare(work: Path, name: str) -> dict:
             batch,
         )
         steps = "500" if name.startswith("digits") else "0"
-        rows["onnxzip prune + int8"] = onnxzip_cmd(
-            "compress",
+        rows["onnxzip prune + int8"] = compress_cmd(
             path,
-            "-o",
             "{out}",
-            "--data",
             calib,
             "--target-macs",
             "0.5",
@@ -161,9 +153,6 @@ def prepare(work: Path, name: str) -> dict:
             steps,
             "--batch-size",
             batch,
-            "--no-latency",
-            "--json",
-            "{report}",
         )
     m["rows"] = rows
     return m
@@ -204,24 +193,16 @@ def trade_off(m: dict, work: Path) -> list[dict]:
     for ratio in TRADE_OFF:
         out = work / f"minilm_prune_{ratio}.onnx"
         report = work / f"minilm_prune_{ratio}.json"
-        cmd = onnxzip_cmd(
-            "compress",
+        cmd = compress_cmd(
             m["path"],
-            "-o",
             out,
-            "--data",
             m["calib"],
             "--prune",
             ratio,
-            "--criterion",
-            "fisher",
+            *MINILM_PRUNE,
             "--quantize",
             "none",
-            "--recover-steps",
-            "300",
-            "--no-latency",
-            "--json",
-            report,
+            report=report,
         )
         run = run_measured([str(c) for c in cmd], cwd=work)
         if "error" in run:

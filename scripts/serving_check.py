@@ -58,6 +58,13 @@ print(json.dumps(results))
 """
 
 
+# Largest relative difference allowed between onnx's ReferenceEvaluator and onnxruntime. Static
+# QDQ models compute the same integers in both. Dynamically quantized ones may differ more: each
+# implementation derives its own run-time scales (4.7 % was once seen on MiniLM), so they get a
+# wider bound, and every case must also keep a cosine of at least REFERENCE_COSINE.
+STATIC_GAP, DYNAMIC_GAP, REFERENCE_COSINE = 0.05, 0.1, 0.999
+
+
 def compressed_models(work: Path) -> dict[str, dict]:
     cases = {}
     for arch in ("digits_resnet", "digits_mobilenet"):
@@ -75,6 +82,7 @@ def compressed_models(work: Path) -> dict[str, dict]:
             "classifier": True,
             "min_cosine": 0.9,
             "min_top1": 0.95,
+            "reference_gap": STATIC_GAP,
         }
     bert = zoo.bert_encoder()
     specs = onnxzip.input_specs(bert)
@@ -93,6 +101,7 @@ def compressed_models(work: Path) -> dict[str, dict]:
         "classifier": False,
         "min_cosine": 0.99,
         "min_top1": None,
+        "reference_gap": DYNAMIC_GAP,
     }
     minilm = ROOT / ".cache" / "minilm" / "minilm.onnx"
     if minilm.exists():  # the real all-MiniLM-L6-v2, from scripts/export_minilm.py
@@ -110,6 +119,7 @@ def compressed_models(work: Path) -> dict[str, dict]:
             "classifier": False,
             "min_cosine": 0.99,
             "min_top1": None,
+            "reference_gap": DYNAMIC_GAP,
         }
     else:
         print(f"{minilm} not found (scripts/export_minilm.py makes it): MiniLM not checked")
@@ -153,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name}: ReferenceEvaluator vs onnxruntime, max relative difference {gap:.2e}, "
                 f"cosine {cosine:.6f}"
             )
-            if gap > 0.1 or cosine < 0.999:
+            if gap > case["reference_gap"] or cosine < REFERENCE_COSINE:
                 failures.append(
                     f"{name}: ReferenceEvaluator differs from onnxruntime by {gap:.3f} "
                     f"(cosine {cosine:.5f})"
