@@ -1,5 +1,4 @@
-"""Start-up work onnxzip skips: sympy until something uses it, and onnxruntime's import-time
-look at its training package (``_ort_training.register_early``).
+"""Start-up work onnxzip skips: sympy until something uses it.
 
 ``onnx_ir`` imports sympy (and builds a table of sympy functions in ``onnx_ir._symbolic_shapes``)
 when it is imported, for arithmetic on symbolic dimensions that onnxzip's commands never do.
@@ -21,8 +20,6 @@ import importlib.util
 import sys
 import types
 from pathlib import Path
-
-from onnxzip import _ort_training
 
 
 class _Deferred(types.ModuleType):
@@ -62,4 +59,3 @@ def defer() -> None:
 
 
 defer()
-_ort_training.register_early()

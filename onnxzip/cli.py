@@ -36,6 +36,24 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
 
 
+def _engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "training engine (onnxruntime-training 1.19.2 in its own environment, for gradients "
+        "and recovery)"
+    )
+    group.add_argument(
+        "--training-python",
+        metavar="PATH",
+        help="interpreter that has onnxruntime-training 1.19.2 (default: $ONNXZIP_TRAINING_PYTHON, "
+        "else the environment onnxzip creates in its cache folder on first use)",
+    )
+    group.add_argument(
+        "--offline",
+        action="store_true",
+        help="never download: refuse to create the training environment if it is missing",
+    )
+
+
 def _data_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("samples")
     src = group.add_mutually_exclusive_group(required=True)
@@ -348,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-latency", action="store_true", help="skip the latency measurement in the report"
     )
+    _engine_options(p)
     _common(p)
     p.set_defaults(func=_cmd_compress)
 
@@ -372,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ignore 'labels' in the data: use the model's own predictions as targets",
     )
+    _engine_options(p)
     _common(p)
     p.set_defaults(func=_cmd_stats)
 
@@ -453,9 +473,44 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="fraction of --data never trained on, for the parity report (0.2)",
     )
+    _engine_options(p)
     _common(p)
     p.set_defaults(func=_cmd_prune)
+
+    p = sub.add_parser(
+        "setup-training",
+        help="create (or check) the training engine's own environment: onnxruntime-training "
+        "1.19.2 for gradients and recovery",
+    )
+    p.add_argument(
+        "--python",
+        metavar="PATH",
+        help="CPython 3.10 or 3.11 to build it with (default: this interpreter when it is one, "
+        "else python3.11 / python3.10 from PATH)",
+    )
+    p.add_argument("--force", action="store_true", help="recreate it even if it exists")
+    _engine_options(p)
+    _common(p)
+    p.set_defaults(func=_cmd_setup_training)
     return parser
+
+
+def _cmd_setup_training(args: argparse.Namespace) -> int:
+    from onnxzip import engine
+
+    if args.training_python:
+        found = engine.locate(args.training_python)
+    elif args.force:
+        found = engine.setup(offline=args.offline, base_python=args.python, force=True)
+    else:
+        found = engine.locate(offline=args.offline, base_python=args.python)
+    info = found.info
+    print(
+        f"training engine  {found.python} ({found.origin})\n"
+        f"                 python {info.get('python')}, onnxruntime-training "
+        f"{info.get('onnxruntime')}, onnx {info.get('onnx')}, numpy {info.get('numpy')}"
+    )
+    return EXIT_OK
 
 
 def _emit(report, args: argparse.Namespace, text: str) -> None:
@@ -740,6 +795,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _configure_logging(args)
+        if hasattr(args, "training_python"):
+            from onnxzip import engine
+
+            engine.configure(args.training_python, args.offline)
         return args.func(args)
     except OnnxzipError as exc:
         if debug:

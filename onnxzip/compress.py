@@ -25,6 +25,7 @@ import onnx_ir as ir
 from onnxzip import io
 from onnxzip.analysis import inspect_model
 from onnxzip.data import Samples
+from onnxzip.engine import EngineUnavailable
 from onnxzip.errors import InputError
 from onnxzip.pruning import PruneConfig, PruneReport, prune
 from onnxzip.quantize import QuantizeConfig, QuantizeReport, quantize
@@ -87,6 +88,7 @@ class CompressReport:
     attempts: list[Attempt] = field(default_factory=list)
     prune: PruneReport | None = None
     recovery: RecoverReport | None = None
+    recovery_skipped: str | None = None  # why no recovery ran although steps were asked for
     quantize: QuantizeReport | None = None
     parity: VerifyReport | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
@@ -150,6 +152,15 @@ class CompressReport:
                         for t in self.attempts
                     ],
                 ),
+            ]
+        if self.recovery_skipped is not None:
+            lines += ["", f"NOT RECOVERED: pruned without fine-tuning ({self.recovery_skipped})"]
+        elif self.recovery is not None:
+            r = self.recovery
+            lines += [
+                "",
+                f"recovery  {r.steps} steps on {r.samples_seen} samples, distillation loss "
+                f"{r.first_loss:.4f} -> {r.last_loss:.4f}",
             ]
         if self.quantize is not None and self.quantize.kept_float:
             lines += [
@@ -271,18 +282,22 @@ def compress(
             )
             timings["prune"] = timings.get("prune", 0.0) + time.perf_counter() - t0
             recovery = None
-            if config.recover_steps:
+            if config.recover_steps and report.recovery_skipped is None:
                 t0 = time.perf_counter()
-                pruned, recovery = recover(
-                    original,
-                    pruned,
-                    samples,
-                    RecoverConfig(
-                        steps=config.recover_steps,
-                        batch_size=config.batch_size,
-                        holdout=config.holdout,
-                    ),
-                )
+                try:
+                    pruned, recovery = recover(
+                        original,
+                        pruned,
+                        samples,
+                        RecoverConfig(
+                            steps=config.recover_steps,
+                            batch_size=config.batch_size,
+                            holdout=config.holdout,
+                        ),
+                    )
+                except EngineUnavailable as exc:
+                    report.recovery_skipped = str(exc)
+                    logger.warning("compress: pruned without recovery: %s", exc)
                 timings["recover"] = timings.get("recover", 0.0) + time.perf_counter() - t0
             check = verify(
                 original,

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxzip import passes, progress, training
+from onnxzip import engine, passes, progress, training
 from onnxzip.data import Samples
 from onnxzip.errors import InputError, ModelError
 from onnxzip.pruning.groups import Group
@@ -178,12 +178,14 @@ def gradient_statistics(
 ) -> tuple[dict[int, ChannelGradients], GradientReport]:
     """Gate-gradient statistics per group channel over the samples (see the module docstring).
 
-    ``custom_loss`` is an ``onnxruntime.training.onnxblock`` loss block applied to the model's
-    outputs instead of the default loss; ``extra_feeds(batch) -> dict`` supplies the inputs it
-    adds (targets, weights).
+    ``custom_loss`` is ``(NAME, options)`` naming an ``onnxruntime.training.onnxblock.loss``
+    block (``("MSELoss", {"reduction": "sum"})``) applied to the model's outputs instead of the
+    default loss; ``extra_feeds(batch) -> dict`` supplies the inputs it adds (targets, weights).
+    The training engine runs in its own process (``onnxzip.engine``).
 
     Raises:
         ModelError: onnxruntime cannot build a gradient for some op (the message names it).
+        EngineUnavailable: there is no training engine here.
     """
     start = time.perf_counter()
     twin, gates = _gated_twin(model, groups)
@@ -196,8 +198,8 @@ def gradient_statistics(
     classifier = next((v for v in outputs if is_classifier(v)), None)
     labelled = use_labels and samples.has_labels and classifier is not None
     if custom_loss is not None:
-        loss = custom_loss
-        loss_name = f"custom {type(custom_loss).__name__}"
+        loss = {"block": custom_loss[0], "options": dict(custom_loss[1])}
+        loss_name = f"custom {custom_loss[0]}"
         classifier = None
     elif classifier is not None:
         twin.graph.outputs.clear()
@@ -227,18 +229,15 @@ def gradient_statistics(
         scatter[name] = (gid, flat, owner, len(member.positions))
 
     teacher = Runner(model, name="model") if classifier is not None and not labelled else None
-    totals: dict[int, np.ndarray] = {}
-    squares: dict[int, np.ndarray] = {}
-    step_times: list[float] = []
-    batches = seen = 0
-    with training.session(twin, list(gates), frozen, loss=loss, what="gradients") as sess:
-        parameters = sess.state.parameters
+    seen = 0
+
+    def feeds_of_batches():
+        nonlocal seen
         for batch in progress.bar(
-            samples.batches(batch_size, split, holdout or 0.5), desc="gradients"
+            samples.batches(batch_size, split, holdout or 0.5), desc="gradients: batches"
         ):
             if fixed and len(batch) != batch_size:
                 continue  # the twin's batch is fixed (AveragePool): partial batches are skipped
-            t0 = time.perf_counter()
             feeds = {k: np.ascontiguousarray(v) for k, v in batch.inputs.items()}
             if classifier is not None:
                 if labelled:
@@ -248,20 +247,32 @@ def gradient_statistics(
                     feeds["labels"] = scores.argmax(axis=-1).astype(np.int64)
             if extra_feeds is not None:
                 feeds.update(extra_feeds(batch))
-            training.step(sess, feeds, "gradients")
-            per_group: dict[int, np.ndarray] = {}
-            for name, (gid, flat, owner, channels) in scatter.items():
-                # Parameter.grad is a view the next step overwrites: read it before then.
-                grad = np.asarray(parameters[name].grad).reshape(-1)
-                g = np.bincount(owner, weights=grad[flat], minlength=channels)
-                per_group[gid] = per_group[gid] + g if gid in per_group else g
-            sess.module.lazy_reset_grad()
-            for gid, g in per_group.items():
-                totals[gid] = totals.get(gid, 0) + g
-                squares[gid] = squares.get(gid, 0) + g * g
-            step_times.append(time.perf_counter() - t0)
-            batches += 1
             seen += len(batch)
+            yield feeds
+
+    result = engine.run_job(
+        twin,
+        kind="gradients",
+        requires_grad=list(gates),
+        frozen=frozen,
+        batches=feeds_of_batches(),
+        read=list(scatter),
+        loss=loss,
+        what="gradients",
+    )
+    totals: dict[int, np.ndarray] = {}
+    squares: dict[int, np.ndarray] = {}
+    batches = len(result.losses)
+    for b in range(batches):
+        per_group: dict[int, np.ndarray] = {}
+        for name, (gid, flat, owner, channels) in scatter.items():
+            grad = result.arrays[name][b].reshape(-1)
+            g = np.bincount(owner, weights=grad[flat], minlength=channels)
+            per_group[gid] = per_group[gid] + g if gid in per_group else g
+        for gid, g in per_group.items():
+            totals[gid] = totals.get(gid, 0) + g
+            squares[gid] = squares.get(gid, 0) + g * g
+    step_times = result.step_seconds
     stats = {gid: ChannelGradients(batches, totals[gid], squares[gid]) for gid in totals}
     report = GradientReport(
         loss_name,

@@ -525,3 +525,36 @@ def cap_ir_version(path: str | os.PathLike) -> None:
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
         onnx.save(proto, str(path))
+
+
+ENGINE_MAX_OPSET = 21  # onnxruntime-training 1.19.2, the training engine
+ENGINE_MAX_IR_VERSION = 10
+
+
+def save_for_engine(model: ir.Model, path: str | os.PathLike, name: str = "training twin") -> None:
+    """Writes ``model`` for the training engine: default-domain opset <= 21, IR <= 10.
+
+    The caller's model is not changed. A model newer than opset 21 is converted down (refused,
+    naming the op, when an op has no opset-21 form). Weights over 2 GB go to ``<name>.data``.
+    """
+    target = Path(path)
+    if weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD:
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+        if opset is not None and opset > ENGINE_MAX_OPSET:
+            raise ModelError(
+                f"{name}: opset {opset} models over 2 GB cannot be converted for the training "
+                f"engine (opset <= {ENGINE_MAX_OPSET})"
+            )
+        ir.save(model, target, external_data=target.name + ".data")
+        proto = onnx.load(str(target), load_external_data=False)
+        if proto.ir_version > ENGINE_MAX_IR_VERSION:
+            proto.ir_version = ENGINE_MAX_IR_VERSION
+            onnx.save(proto, str(target))
+        return
+    proto = onnx.ModelProto()
+    proto.ParseFromString(model_bytes(model))
+    version = _default_opset(proto)
+    if version is not None and version > ENGINE_MAX_OPSET:
+        proto = _convert_opset(proto, ENGINE_MAX_OPSET, name)
+    proto.ir_version = min(proto.ir_version, ENGINE_MAX_IR_VERSION)
+    onnx.save(proto, str(target))

@@ -15,9 +15,12 @@ The training twin is the student with its loss written into the graph:
 Several outputs add their losses. BatchNormalization after a convolution is folded into it
 first (exact), and any other becomes a constant affine ``x * s + t``, so the twin has no
 BatchNormalization at all: onnxruntime's gradient builder would otherwise switch it to batch
-statistics. Ops without gradient builders are rewritten (``training.differentiable``). The folded model is checked against the pruned
-one in onnxruntime before any step. The trained weights are written back by name into
-the inference model, which keeps every other part of the graph.
+statistics. Ops without gradient builders are rewritten (``training.differentiable``). The folded
+model is checked against the pruned one in onnxruntime before any step. The teacher runs here, in
+the user's onnxruntime, once per training batch; the twin trains in the training engine's worker
+process (``onnxzip.engine``), drawing those batches in turn with their samples shuffled. The
+trained weights are written back by name into the inference model, which keeps every other part
+of the graph.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxzip import io, passes, progress, training
+from onnxzip import engine, io, passes, progress, training
 from onnxzip.data import Samples
 from onnxzip.errors import InputError, ModelError
 from onnxzip.runtime import Runner
@@ -195,18 +198,18 @@ def recover(
     float_outputs = [v for v in student.graph.outputs if v.dtype == ir.DataType.FLOAT]
     classifier = {v.name: is_classifier(v) for v in float_outputs}
 
-    losses: list[float] = []
-    seen = 0
-    with training.session(twin, trainable, frozen, optimizer=True, what="recovery") as sess:
-        bar = progress.bar(range(config.steps), total=config.steps, desc="recover", unit="step")
-        batches = _cycle(samples, config)
-        for step in bar:
-            batch = next(batches)
-            while fixed and len(batch) != config.batch_size:  # a fixed batch takes only full ones
-                batch = next(batches)
+    entropies: list[float] = []  # the teacher's per batch: subtracted so the loss is the KL
+    sizes: list[int] = []
+
+    def feeds_of_batches():
+        split = "calibration" if config.holdout > 0 else "all"
+        for batch in progress.bar(
+            samples.batches(config.batch_size, split, config.holdout or 0.5),
+            desc="recover: teacher",
+        ):
             teacher_out = teacher_run.run(batch, out_names)
             feeds = {k: np.ascontiguousarray(v) for k, v in batch.inputs.items()}
-            entropy = 0.0  # the teacher's: subtracted so the reported loss is the KL divergence
+            entropy = 0.0
             for i, v in enumerate(student.graph.outputs):
                 if v.dtype != ir.DataType.FLOAT:
                     continue
@@ -218,20 +221,36 @@ def recover(
                     feeds[f"distill_target_{i}"] = p.astype(np.float32)
                 else:
                     feeds[f"distill_target_{i}"] = t
-            # Cosine decay of the learning rate to zero over the steps.
-            sess.optimizer.set_learning_rate(
-                config.learning_rate * 0.5 * (1 + math.cos(math.pi * step / config.steps))
-            )
-            loss = training.step(sess, feeds, "recovery")
-            sess.optimizer.step()
-            sess.module.lazy_reset_grad()
-            losses.append(loss - entropy)
-            seen += len(batch)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-        trained = {
-            name: np.array(sess.state.parameters[name].data, copy=True) for name in trainable
-        }
+            entropies.append(entropy)
+            sizes.append(len(batch))
+            yield feeds
+
+    # Cosine decay of the learning rate to zero over the steps.
+    rates = [
+        config.learning_rate * 0.5 * (1 + math.cos(math.pi * step / config.steps))
+        for step in range(config.steps)
+    ]
+    try:
+        result = engine.run_job(
+            twin,
+            kind="train",
+            requires_grad=trainable,
+            frozen=frozen,
+            batches=feeds_of_batches(),
+            read=trainable,
+            learning_rates=rates,
+            shuffle_seed=0,  # each drawn batch's samples permuted, as a shuffled pass would
+            batch_size=config.batch_size if fixed else None,
+            what="recovery",
+            desc="recover",
+        )
+    except ModelError as exc:
+        if not sizes:
+            raise InputError("recovery: no training samples") from exc
+        raise
+    losses = [loss - entropies[b] for loss, b in zip(result.losses, result.batches, strict=True)]
+    seen = int(sum(sizes[b] for b in result.batches))
+    trained = {name: result.arrays[name] for name in trainable}
 
     for name, array in trained.items():
         value = student.graph.initializers[name]
@@ -260,18 +279,3 @@ def _check_same(before: ir.Model, after: ir.Model, samples: Samples, config: Rec
             raise ModelError(
                 f"recovery: the prepared model differs from the pruned one on '{name}' by {gap:.3g}"
             )
-
-
-def _cycle(samples: Samples, config: RecoverConfig):
-    """Training batches forever, shuffled within each pass, from the samples not held out."""
-    rng = np.random.default_rng(0)
-    split = "calibration" if config.holdout > 0 else "all"
-    while True:
-        yielded = False
-        for batch in samples.batches(config.batch_size, split, config.holdout or 0.5):
-            order = rng.permutation(len(batch))
-            batch.inputs = {k: v[order] for k, v in batch.inputs.items()}
-            yielded = True
-            yield batch
-        if not yielded:
-            raise InputError("recovery: no training samples")
