@@ -17,7 +17,8 @@ Both networks are built twice from one description:
   inference model reproduces the full-batch training-form output exactly, which the script checks.
 
 Training uses ``onnxruntime.training.artifacts.generate_artifacts`` (cross-entropy, AdamW) and
-``onnxruntime.training.api``: the same engine onnxzip uses for gradients. Everything is seeded;
+``onnxruntime.training.api`` in onnxzip's training-engine worker (``onnxzip.engine``, its own
+environment with onnxruntime-training 1.19.2): the same engine onnxzip uses for gradients. Everything is seeded;
 running the script twice writes the same files.
 
 Usage: python scripts/train_digits.py [--out models] [--epochs 40]
@@ -29,7 +30,6 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from onnxzip import _ort_training  # noqa: E402
+import onnx_ir as ir  # noqa: E402
+
+from onnxzip import engine  # noqa: E402
 
 OPSET = 17
 IR_VERSION = 8
@@ -232,7 +234,7 @@ def load_digits_split(seed: int) -> dict[str, np.ndarray]:
 
 
 def train(
-    arch: str, data: dict[str, np.ndarray], epochs: int, batch: int, lr: float, workdir: Path
+    arch: str, data: dict[str, np.ndarray], epochs: int, batch: int, lr: float
 ) -> tuple[onnx.ModelProto, dict]:
     rng = np.random.default_rng(SEED + sum(map(ord, arch)))
     params: dict[str, np.ndarray] = {}
@@ -240,61 +242,43 @@ def train(
     out = ARCHITECTURES[arch](train_nb)
     train_form = make_model(train_nb, out, {}, arch + "_train")
 
-    artifacts = _ort_training.artifacts()
-    api = _ort_training.api()
-    art_dir = workdir / arch
-    art_dir.mkdir(parents=True, exist_ok=True)
-    artifacts.generate_artifacts(
-        train_form,
-        requires_grad=list(params),
-        frozen_params=[],
-        loss=artifacts.LossType.CrossEntropyLoss,
-        optimizer=artifacts.OptimType.AdamW,
-        artifact_directory=str(art_dir),
-    )
-    # The optimizer graph is written with the newest IR version onnx knows; onnxruntime 1.19
-    # reads at most IR 10.
-    opt_path = art_dir / "optimizer_model.onnx"
-    opt_model = onnx.load(opt_path)
-    opt_model.ir_version = min(opt_model.ir_version, 10)
-    onnx.save(opt_model, opt_path)
-
-    state = api.CheckpointState.load_checkpoint(str(art_dir / "checkpoint"))
-    module = api.Module(
-        str(art_dir / "training_model.onnx"), state, str(art_dir / "eval_model.onnx"), device="cpu"
-    )
-    optimizer = api.Optimizer(str(opt_path), module)
-    optimizer.set_learning_rate(lr)
-
     x, y = data["x_train"], data["y_train"]
     shuffle = np.random.default_rng(SEED)
     steps_per_epoch = int(np.ceil(len(x) / batch))
     total_steps = epochs * steps_per_epoch
-    step = 0
-    history = []
+    feeds, rates, epoch_of_step = [], [], []
     for epoch in range(epochs):
-        module.train()
         order = shuffle.permutation(len(x))
-        losses = []
         for i in range(0, len(x), batch):
             idx = order[i : i + batch]
             if len(idx) < 2:  # batch statistics need more than one sample
                 continue
             # Cosine learning-rate decay, set per step.
-            optimizer.set_learning_rate(lr * 0.5 * (1 + np.cos(np.pi * step / total_steps)))
+            rates.append(lr * 0.5 * (1 + np.cos(np.pi * len(rates) / total_steps)))
             xb = x[idx]
             # Light augmentation: random shifts of one pixel keep the small nets from overfitting.
             shifts = shuffle.integers(-1, 2, size=(2,))
             xb = np.roll(xb, shift=tuple(int(s) for s in shifts), axis=(2, 3))
-            loss = module(np.ascontiguousarray(xb), y[idx])
-            optimizer.step()
-            module.lazy_reset_grad()
-            losses.append(float(loss))
-            step += 1
-        history.append(float(np.mean(losses)))
-        logging.info("%s epoch %d/%d loss %.4f", arch, epoch + 1, epochs, history[-1])
+            feeds.append({"input": np.ascontiguousarray(xb), "labels": y[idx]})
+            epoch_of_step.append(epoch)
+    # onnxruntime training artifacts (cross-entropy, AdamW) in the training engine's worker.
+    result = engine.run_job(
+        ir.serde.deserialize_model(train_form),
+        kind="train",
+        requires_grad=list(params),
+        frozen=[],
+        batches=feeds,
+        read=list(params),
+        loss="cross-entropy",
+        learning_rates=rates,
+        what=f"train {arch}",
+    )
+    losses = np.array(result.losses)
+    history = [float(losses[np.array(epoch_of_step) == e].mean()) for e in range(epochs)]
+    for e, value in enumerate(history):
+        logging.info("%s epoch %d/%d loss %.4f", arch, e + 1, epochs, value)
 
-    trained = {name: np.array(state.parameters[name].data, copy=True) for name in params}
+    trained = {name: result.arrays[name] for name in params}
 
     # Population statistics of every BN input: one full-batch pass of the training form.
     nb_train, out = _rebuild(arch, trained, training=True)
@@ -353,12 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     data = load_digits_split(SEED)
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for arch in ARCHITECTURES:
-            model, info = train(arch, data, args.epochs, args.batch_size, args.lr, Path(tmp))
-            onnx.save(model, args.out / f"{arch}.onnx")
-            summary[arch] = info
-            logging.info("%s: test accuracy %.2f%%", arch, 100 * info["test_accuracy"])
+    for arch in ARCHITECTURES:
+        model, info = train(arch, data, args.epochs, args.batch_size, args.lr)
+        onnx.save(model, args.out / f"{arch}.onnx")
+        summary[arch] = info
+        logging.info("%s: test accuracy %.2f%%", arch, 100 * info["test_accuracy"])
 
     calib_idx = np.random.default_rng(SEED).choice(len(data["x_train"]), 512, replace=False)
     calib_idx.sort()

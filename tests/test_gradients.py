@@ -305,19 +305,16 @@ def test_stats_on_the_pruning_corpus_or_the_blocking_op_is_named(name):
 
 def test_custom_onnxblock_loss():
     """An onnxblock MSE (sum) to zero targets is twice the 0.5 * ||y||^2 default: gradients double."""
-    from onnxzip import _ort_training
-
     model = conv_pair()
     work, groups = prepared_groups(model)
     samples = SyntheticSamples(input_specs(model), 8, seed=2)
     default, _ = gradient_statistics(work, groups, samples, batch_size=8)
-    block = _ort_training.onnxblock().loss.MSELoss(reduction="sum")
     custom, report = gradient_statistics(
         work,
         groups,
         samples,
         batch_size=8,
-        custom_loss=block,
+        custom_loss=("MSELoss", {"reduction": "sum"}),
         extra_feeds=lambda batch: {"target": np.zeros((len(batch), 2, 4, 4), np.float32)},
     )
     assert report.loss == "custom MSELoss"
