@@ -126,6 +126,13 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="allow OUT to be the input model's path"
     )
+    parser.add_argument(
+        "--target-opset",
+        type=int,
+        metavar="N",
+        help="write default-domain opset N, for runtimes older than the installed onnxruntime "
+        "(default: keep the model's own; below 13 it becomes 13)",
+    )
 
 
 def _check_output(args: argparse.Namespace, model_path: Path) -> None:
@@ -557,6 +564,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         holdout=args.holdout,
         batch_size=args.batch_size,
         latency=not args.no_latency,
+        target_opset=args.target_opset,
     )
     verify_samples = None
     if args.verify_data is not None:
@@ -650,6 +658,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if args.data is not None and args.synthetic is not None:
         raise InputError("give either --data or --synthetic, not both")
     model = io.load_model(args.model, name=str(args.model))
+    if args.target_opset is not None and args.target_opset != model.opset_imports.get(""):
+        model = io.convert_opset(model, args.target_opset, str(args.model))
     samples = None
     if args.data is not None or args.synthetic is not None:
         samples = open_samples(input_specs(model), args.data, args.synthetic, args.seed)
@@ -762,6 +772,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         bias_correction=args.bias_correction,
         min_cosine=args.min_cosine,
         reduce_range=args.reduce_range,
+        target_opset=args.target_opset,
     )
     quantized, report = quantize(
         model,

@@ -53,6 +53,7 @@ class CompressConfig:
     holdout: float = 0.2
     batch_size: int = 32
     latency: bool = True
+    target_opset: int | None = None  # see QuantizeConfig.target_opset
 
     def validate(self) -> None:
         if self.quantize not in ("int8", "dynamic", "none"):
@@ -251,6 +252,8 @@ def compress(
     source = source or (str(model) if not isinstance(model, ir.Model) else "model")
     timings: dict[str, float] = {}
     original = io.load_model(model, name=source)
+    if config.target_opset is not None and config.target_opset != original.opset_imports.get(""):
+        original = io.convert_opset(original, config.target_opset, source)
     report = CompressReport(
         source, config, samples.describe(), samples.synthetic, _summary(original), {}
     )
@@ -338,6 +341,7 @@ def compress(
         qconfig = QuantizeConfig(
             calibration=config.calibration,
             reduce_range=config.reduce_range,
+            target_opset=config.target_opset,
             mode="dynamic" if config.quantize == "dynamic" else "static",
             batch_size=config.batch_size,
             holdout=config.holdout,

@@ -1,14 +1,16 @@
 """Loading and saving models: the one module of onnxzip that imports ``onnx``.
 
 Everything else in onnxzip works on ``onnx_ir`` objects. This module turns a path or a
-``ModelProto`` into an ``onnx_ir.Model`` that onnxruntime 1.19 can run, and writes one back.
+``ModelProto`` into an ``onnx_ir.Model`` that the installed onnxruntime can run, and writes one
+back.
 
 Normalisation on load:
-  * the default-domain opset is raised to at least 13 with ``onnx.version_converter`` (QDQ with
-    per-channel axes and most channel rules need it), and lowered to 21 when newer, since
-    onnxruntime 1.19 implements opsets up to 21. A model whose ops cannot be expressed at 21 is
-    refused, naming the op;
-  * the IR version is capped at 10 (the newest onnxruntime 1.19 reads);
+  * the default-domain opset is kept when the installed onnxruntime runs it (``max_opset()``:
+    the newest opset its CPU kernels implement and onnx knows); below 13 it is raised to 13 with
+    ``onnx.version_converter`` (QDQ with per-channel axes and most channel rules need it); above
+    ``max_opset()`` it is lowered, and a model whose ops cannot be expressed there is refused,
+    naming the op. ``convert_opset`` targets an older runtime (``--target-opset``);
+  * the IR version is capped at the newest the installed onnxruntime reads (``max_ir_version()``);
   * shapes are inferred (``data_prop`` on), so every value carries the type and shape later passes
     read.
 
@@ -42,8 +44,6 @@ from onnxzip.errors import InputError, ModelError
 logger = logging.getLogger(__name__)
 
 MIN_OPSET = 13
-MAX_OPSET = 21
-MAX_IR_VERSION = 10
 # Protobuf cannot serialise a message of 2 GiB or more; leave headroom for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 
@@ -64,8 +64,80 @@ def _default_opset(proto: onnx.ModelProto) -> int | None:
     return None
 
 
-def _blocking_ops(proto: onnx.ModelProto, version: int) -> list[str]:
-    """Ops of the default domain whose definition at ``version`` is newer than MAX_OPSET."""
+_LIMITS: dict[str, int] = {}
+
+
+def max_opset() -> int:
+    """The newest default-domain opset both onnx and the installed onnxruntime know: the highest
+    opset at which onnxruntime's CPU kernels start (1.32: 28), capped by onnx's own."""
+    if "opset" not in _LIMITS:
+        import onnxruntime
+
+        known = onnx.defs.onnx_opset_version()
+        try:
+            from onnxruntime.capi import _pybind_state
+
+            starts = [
+                d.version_range[0]
+                for d in _pybind_state.get_all_opkernel_def()
+                if d.domain in ("", "ai.onnx") and d.provider == "CPUExecutionProvider"
+            ]
+            runtime = max(starts) if starts else 21
+        except Exception:  # an onnxruntime build without the kernel registry: assume 1.20's
+            runtime = 21
+        logger.debug("onnxruntime %s: opset <= %d", onnxruntime.__version__, runtime)
+        _LIMITS["opset"] = max(MIN_OPSET, min(known, runtime))
+    return _LIMITS["opset"]
+
+
+def runtime_has_kernel(op_type: str, opset: int, domain: str = "") -> bool:
+    """Whether the installed onnxruntime has a CPU kernel for ``op_type`` at ``opset``."""
+    try:
+        from onnxruntime.capi import _pybind_state
+
+        defs = _pybind_state.get_all_opkernel_def()
+    except Exception:
+        return True  # cannot tell: assume it has
+    return any(
+        d.op_name == op_type
+        and d.domain in (domain, "ai.onnx" if domain == "" else domain)
+        and d.provider == "CPUExecutionProvider"
+        and d.version_range[0] <= opset <= d.version_range[1]
+        for d in defs
+    )
+
+
+def max_ir_version() -> int:
+    """The newest IR version both onnx and the installed onnxruntime read (probed once)."""
+    if "ir" not in _LIMITS:
+        import onnxruntime
+
+        found = 10
+        for version in range(onnx.IR_VERSION, 10, -1):
+            graph = onnx.helper.make_graph(
+                [onnx.helper.make_node("Identity", ["x"], ["y"])],
+                "probe",
+                [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+            )
+            probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+            probe.ir_version = version
+            options = onnxruntime.SessionOptions()
+            options.log_severity_level = 4
+            try:
+                onnxruntime.InferenceSession(
+                    probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+                )
+            except Exception:
+                continue
+            found = version
+            break
+        _LIMITS["ir"] = found
+    return _LIMITS["ir"]
+
+
+def _blocking_ops(proto: onnx.ModelProto, version: int, target: int) -> list[str]:
+    """Ops of the default domain whose definition at ``version`` is newer than ``target``."""
     blocking = []
     for op in sorted({n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx")}):
         try:
@@ -73,9 +145,9 @@ def _blocking_ops(proto: onnx.ModelProto, version: int) -> list[str]:
         except onnx.defs.SchemaError:
             blocking.append(f"{op} (unknown op)")
             continue
-        if schema.since_version > MAX_OPSET:
+        if schema.since_version > target:
             try:
-                onnx.defs.get_schema(op, MAX_OPSET, "")
+                onnx.defs.get_schema(op, target, "")
                 blocking.append(f"{op} (changed in opset {schema.since_version})")
             except onnx.defs.SchemaError:
                 blocking.append(f"{op} (introduced in opset {schema.since_version})")
@@ -88,12 +160,11 @@ def _convert_opset(proto: onnx.ModelProto, target: int, source: str) -> onnx.Mod
         converted = onnx.version_converter.convert_version(proto, target)
     except Exception as exc:  # the converter raises bare RuntimeErrors from C++
         if version is not None and version > target:
-            blocking = _blocking_ops(proto, version)
+            blocking = _blocking_ops(proto, version, target)
             if blocking:
                 raise ModelError(
-                    f"{source}: opset {version} cannot be converted down to {target} "
-                    f"(onnxruntime 1.19 runs opset <= {MAX_OPSET}): op {blocking[0]} has no "
-                    f"equivalent at opset {target}"
+                    f"{source}: opset {version} cannot be converted down to {target}: "
+                    f"op {blocking[0]} has no equivalent at opset {target}"
                 ) from exc
         raise ModelError(
             f"{source}: cannot convert opset {version} to {target}: {_one_line(exc)}"
@@ -148,15 +219,16 @@ def _check_schemas(proto: onnx.ModelProto, source: str) -> None:
 
 
 def normalize_proto(proto: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
-    """Returns a copy of ``proto`` at opset 13..21 and IR <= 10, with inferred shapes.
+    """Returns a copy of ``proto`` at opset 13..``max_opset()``, IR <= ``max_ir_version()``,
+    with inferred shapes.
 
     Raises:
         ModelError: the opset cannot be converted, or shape inference fails.
     """
     _check_schemas(proto, source)
     version = _default_opset(proto)
-    if version is not None and version > MAX_OPSET:
-        proto = _convert_opset(proto, MAX_OPSET, source)
+    if version is not None and version > max_opset():
+        proto = _convert_opset(proto, max_opset(), source)
     elif version is not None and version < MIN_OPSET:
         proto = _convert_opset(proto, MIN_OPSET, source)
     else:
@@ -164,12 +236,13 @@ def normalize_proto(proto: onnx.ModelProto, source: str = "model") -> onnx.Model
         copy.CopyFrom(proto)
         proto = copy
     # The IR version must be one that the opsets in use require (IR 3 files upgraded to opset 13
-    # say IR 3, which also forbids initializers that are not graph inputs), and at most 10.
+    # say IR 3, which also forbids initializers that are not graph inputs), and at most what
+    # the installed onnxruntime reads.
     try:
         needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
     except Exception:  # an opset onnx does not know: leave the IR version to the checks below
         needed = proto.ir_version
-    proto.ir_version = min(max(proto.ir_version, needed), MAX_IR_VERSION)
+    proto.ir_version = min(max(proto.ir_version, needed), max_ir_version())
     try:
         # Strict: a model whose stored shapes contradict onnx's inference (the checker's full
         # check) is refused here, not after the work, when the result fails to save.
@@ -273,8 +346,8 @@ def _read_proto(path: Path) -> onnx.ModelProto:
 
 def _is_normalized(model: ir.Model) -> bool:
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
-    if model.ir_version > MAX_IR_VERSION or (
-        opset is not None and not MIN_OPSET <= opset <= MAX_OPSET
+    if model.ir_version > max_ir_version() or (
+        opset is not None and not MIN_OPSET <= opset <= max_opset()
     ):
         return False
     return all(v.type is not None for node in model.graph for v in node.outputs if v.name)
@@ -290,7 +363,7 @@ def load_model(model, *, name: str | None = None) -> ir.Model:
         name: how error messages name the model (defaults to the path).
 
     Returns:
-        An ``onnx_ir.Model`` at opset 13..21, IR <= 10, with inferred shapes. An ``onnx_ir.Model``
+        An ``onnx_ir.Model`` at opset 13..``max_opset()``, with inferred shapes. An ``onnx_ir.Model``
         that already is all of that is returned as it is (not copied): clone it before editing.
 
     Raises:
@@ -402,12 +475,13 @@ def save_model(
     folder = _target_dir(target)
     if target.is_dir():
         raise InputError(f"{target}: is a directory")
-    if model.ir_version > MAX_IR_VERSION:
-        model.ir_version = MAX_IR_VERSION
+    if model.ir_version > max_ir_version():
+        model.ir_version = max_ir_version()
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
-    if opset is not None and opset > MAX_OPSET:
+    if opset is not None and opset > max_opset():
         raise ModelError(
-            f"{target}: refusing to write opset {opset} (onnxruntime 1.19 runs <= {MAX_OPSET})"
+            f"{target}: refusing to write opset {opset} (the installed onnxruntime runs "
+            f"<= {max_opset()})"
         )
     data_name = target.name + ".data" if weights_nbytes(model) > external_data_threshold else None
 
@@ -474,12 +548,21 @@ def onnx_package_dir() -> Path:
 
 
 def convert_opset(model: ir.Model, opset: int, name: str = "model") -> ir.Model:
-    """A copy of ``model`` converted to default-domain ``opset`` (13..21) and normalised."""
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ModelError(f"{name}: target opset {opset} is outside {MIN_OPSET}..{MAX_OPSET}")
+    """A copy of ``model`` converted to default-domain ``opset`` (13..``max_opset()``) and
+    normalised: for runtimes older than the installed one (``--target-opset``)."""
+    if not MIN_OPSET <= opset <= max_opset():
+        raise ModelError(f"{name}: target opset {opset} is outside {MIN_OPSET}..{max_opset()}")
     proto = ir.to_proto(model)
     if _default_opset(proto) != opset:
         proto = _convert_opset(proto, opset, name)
+        # An older runtime reads only the IR versions of its time: the lowest the opsets need.
+        try:
+            needed = onnx.helper.find_min_ir_version_for(
+                list(proto.opset_import), ignore_unknown=True
+            )
+            proto.ir_version = min(proto.ir_version, max(needed, 8))
+        except Exception:  # an opset onnx does not know: keep the IR version
+            pass
     return load_model(proto, name=name)
 
 
@@ -513,18 +596,6 @@ def reinfer_shapes(model: ir.Model, name: str = "model") -> ir.Model:
     for base_dir in base_dirs:
         ir.external_data.set_base_dir(result.graph, base_dir)
     return result
-
-
-def cap_ir_version(path: str | os.PathLike) -> None:
-    """Rewrites a model file onnx saved with a newer IR version than onnxruntime 1.19 reads.
-
-    onnxruntime's artifact builder writes ``optimizer_model.onnx`` with the newest IR version
-    the installed onnx knows.
-    """
-    proto = onnx.load(str(path))
-    if proto.ir_version > MAX_IR_VERSION:
-        proto.ir_version = MAX_IR_VERSION
-        onnx.save(proto, str(path))
 
 
 ENGINE_MAX_OPSET = 21  # onnxruntime-training 1.19.2, the training engine

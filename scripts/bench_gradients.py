@@ -5,9 +5,10 @@ random weights and smooth random images:
 
 * ``onnxzip stats`` in a fresh process on N and 4N samples: wall time and peak memory (memory
   must not grow with the number of samples);
-* in one process, per batch: the time of onnxzip's gradient loop (a training step plus copying
-  and accumulating the gate gradients) against a bare ``Module`` step on the same artifacts and
-  batches, i.e. onnxzip's overhead.
+* per batch, in the training engine's worker: the time of onnxzip's gradient step (a training
+  step plus copying the gate gradients out) against a bare ``Module`` step on the same twin and
+  batches, i.e. onnxzip's overhead per step; ``setup_seconds`` is the rest of the run (twin,
+  batch files, worker start, artifacts).
 
 Usage: python scripts/bench_gradients.py [--out results/bench_gradients.json]
 """
@@ -18,7 +19,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import run_measured, run_record, smooth_images  # noqa: E402
 
-from onnxzip import io, training, zoo  # noqa: E402
+from onnxzip import engine, io, training, zoo  # noqa: E402
 from onnxzip.data import NpzSamples, input_specs  # noqa: E402
 from onnxzip.gradients import _gated_twin, gradient_statistics  # noqa: E402
 from onnxzip.pruning import prepared_groups  # noqa: E402
@@ -41,7 +41,8 @@ MODELS = {
 
 
 def bare_steps(work, groups, samples, batch: int) -> float:
-    """Seconds per batch of a bare Module step on the same gated twin (cross-entropy, labels)."""
+    """Seconds per batch of a bare step on the same gated twin (cross-entropy, labels): the same
+    worker job reading no gradients back."""
     twin, gates = _gated_twin(work, groups)
     training.differentiable(twin)
     frozen = [
@@ -52,15 +53,23 @@ def bare_steps(work, groups, samples, batch: int) -> float:
     classifier = twin.graph.outputs[0]
     twin.graph.outputs.clear()
     twin.graph.outputs.append(classifier)
-    times = []
-    with training.session(twin, list(gates), frozen, loss="cross-entropy") as sess:
-        for b in samples.batches(batch):
-            feeds = {k: np.ascontiguousarray(v) for k, v in b.inputs.items()}
-            feeds["labels"] = np.zeros(len(b), np.int64)
-            t0 = time.perf_counter()
-            sess.module(*[feeds[n] for n in sess.input_names])
-            sess.module.lazy_reset_grad()
-            times.append(time.perf_counter() - t0)
+    feeds = (
+        {
+            **{k: np.ascontiguousarray(v) for k, v in b.inputs.items()},
+            "labels": np.zeros(len(b), np.int64),
+        }
+        for b in samples.batches(batch)
+    )
+    result = engine.run_job(
+        twin,
+        kind="gradients",
+        requires_grad=list(gates),
+        frozen=frozen,
+        batches=feeds,
+        read=[],
+        loss="cross-entropy",
+    )
+    times = result.step_seconds
     return float(np.median(times[1:] or times))
 
 

@@ -44,35 +44,78 @@ X = np.random.default_rng(1).normal(size=(2, 2, 5, 5)).astype(np.float32)
 
 
 @pytest.mark.parametrize(
-    "opset,expected", [(9, 13), (11, 13), (13, 13), (17, 17), (21, 21), (23, 21)]
+    "opset,expected", [(9, 13), (11, 13), (13, 13), (17, 17), (21, 21), (23, 23), (25, 25)]
 )
-def test_opset_normalised_into_13_to_21_with_same_outputs(opset, expected):
+def test_opset_kept_when_the_installed_runtime_runs_it(opset, expected):
     proto = relu_conv(opset, ir_version=11 if opset > 21 else 8)
     model = io.load_model(proto)
     assert model.opset_imports[""] == expected
-    assert model.ir_version <= io.MAX_IR_VERSION
-    # onnxruntime 1.19 runs the normalised model, and it computes the same thing.
+    assert model.ir_version <= io.max_ir_version()
+    # onnxruntime runs the normalised model, and it computes the same thing.
     reference = ort_run(relu_conv(min(opset, 21), 8), X)
     np.testing.assert_allclose(ort_run(io.model_bytes(model), X), reference, rtol=0, atol=0)
 
 
-def test_ir_version_capped_at_10():
+def test_runtime_limits_are_read_from_the_installed_onnxruntime():
+    assert io.max_opset() >= 21 and io.max_ir_version() >= 10  # onnxruntime >= 1.20
+    assert io.runtime_has_kernel("Relu", 14) and not io.runtime_has_kernel("NoSuchOp", 14)
+
+
+def test_ir_version_kept_up_to_what_the_runtime_reads():
     model = io.load_model(relu_conv(21, ir_version=12))
-    assert model.ir_version == 10
+    assert model.ir_version == min(12, io.max_ir_version())
 
 
-def test_opset_above_21_with_new_op_is_refused_naming_the_op():
-    text = """
+@pytest.fixture
+def runtime_of_opset_21(monkeypatch):
+    """Pretends the installed onnxruntime runs opset <= 21 (as 1.20 does)."""
+    monkeypatch.setitem(io._LIMITS, "opset", 21)
+
+
+def test_opset_above_the_runtime_is_lowered_with_same_outputs(runtime_of_opset_21):
+    model = io.load_model(relu_conv(23, ir_version=11))
+    assert model.opset_imports[""] == 21
+    reference = ort_run(relu_conv(21, 8), X)
+    np.testing.assert_allclose(ort_run(io.model_bytes(model), X), reference, rtol=0, atol=0)
+
+
+RMS = """
     <ir_version: 11, opset_import: ["" : 23]>
     g (float[1, 4, 8] x, float[8] s) => (float[1, 4, 8] y) {
         y = RMSNormalization (x, s)
     }
     """
+
+
+def test_opset_above_the_runtime_with_new_op_is_refused_naming_the_op(runtime_of_opset_21):
     with pytest.raises(ModelError) as err:
-        io.load_model(onnx.parser.parse_model(text))
+        io.load_model(onnx.parser.parse_model(RMS))
     message = str(err.value)
     assert "RMSNormalization" in message and "23" in message
     assert "\n" not in message
+
+
+def test_new_ops_the_runtime_runs_are_accepted():
+    model = io.load_model(onnx.parser.parse_model(RMS))
+    assert model.opset_imports[""] == 23
+    x = np.random.default_rng(0).normal(size=(1, 4, 8)).astype(np.float32)
+    s = np.ones(8, np.float32)
+    sess = ort.InferenceSession(io.model_bytes(model), providers=["CPUExecutionProvider"])
+    (y,) = sess.run(None, {"x": x, "s": s})
+    expected = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_target_opset_converts_for_older_runtimes_with_same_outputs():
+    model = io.load_model(relu_conv(23, ir_version=11))
+    older = io.convert_opset(model, 21)
+    assert older.opset_imports[""] == 21 and older.ir_version <= 10
+    assert model.opset_imports[""] == 23  # the input is not changed
+    np.testing.assert_allclose(
+        ort_run(io.model_bytes(older), X), ort_run(io.model_bytes(model), X), rtol=0, atol=0
+    )
+    with pytest.raises(ModelError, match="target opset 12 is outside"):
+        io.convert_opset(model, 12)
 
 
 def test_shapes_are_inferred_on_load(resnet_path):

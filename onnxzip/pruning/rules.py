@@ -22,7 +22,7 @@ Rule = Callable[[GroupBuilder, ir.Node, tuple, int, Positions], None]
 _REGISTRY: dict[str, list[tuple[int, int, Rule]]] = {}
 
 
-def register(*op_types: str, versions: tuple[int, int] = (13, 21)):
+def register(*op_types: str, versions: tuple[int, int] = (13, 25)):
     def wrap(fn: Rule) -> Rule:
         for op in op_types:
             _REGISTRY.setdefault(op, []).append((versions[0], versions[1], fn))

@@ -84,6 +84,9 @@ class QuantizeConfig:
     # on: weight scales keep onnxruntime's 16-bit pair sums on x86 CPUs without VNNI from
     # saturating (params.weight_params); auto: on when this machine is such a CPU; off
     reduce_range: str = "auto"
+    # write this default-domain opset (for runtimes older than the installed onnxruntime);
+    # None keeps the model's own
+    target_opset: int | None = None
 
     @property
     def guarded(self) -> bool:
@@ -533,6 +536,8 @@ def quantize(
     t0 = time.perf_counter()
     source = source or (str(model) if not isinstance(model, ir.Model) else "model")
     original = io.load_model(model, name=source)
+    if config.target_opset is not None and config.target_opset != original.opset_imports.get(""):
+        original = io.convert_opset(original, config.target_opset, source)
     # Tensors are shared, never written: the caller's model stays as it was.
     prepared = original.clone()
     weight_before = io.weights_nbytes(original)
@@ -637,10 +642,14 @@ def quantize(
 def _avoid_opset21_matmul(
     model: ir.Model, config: QuantizeConfig, source: str
 ) -> tuple[ir.Model, QuantizeConfig]:
-    """onnxruntime 1.19 fuses a QDQ MatMul of an opset-21 model into QLinearMatMul(21), for which
-    it has no CPU kernel: such a model would not load. Quantize at opset 20 instead, or, where the
-    model does not convert down, leave MatMul in float."""
-    if model.opset_imports.get("", 0) < 21 or config.mode != "static":
+    """onnxruntime up to 1.19 fuses a QDQ MatMul of an opset-21 model into QLinearMatMul(21), for
+    which it has no CPU kernel: such a model would not load. When the model is written at opset
+    21 for such a runtime (``target_opset=21``, or the installed onnxruntime lacks the kernel),
+    quantize at opset 20 instead, or, where the model does not convert down, leave MatMul in
+    float. Newer runtimes have the kernel: the model keeps its opset."""
+    if model.opset_imports.get("", 0) != 21 or config.mode != "static":
+        return model, config
+    if config.target_opset is None and io.runtime_has_kernel("QLinearMatMul", 21):
         return model, config
     if not any(n.op_type == "MatMul" and n.domain in ("", "ai.onnx") for n in model.graph):
         return model, config

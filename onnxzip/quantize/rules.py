@@ -86,7 +86,7 @@ Handler = Callable[[ir.Node, Context], str | None]
 _REGISTRY: dict[str, list[tuple[int, int, Handler]]] = {}
 
 
-def register(*op_types: str, versions: tuple[int, int] = (13, 21)):
+def register(*op_types: str, versions: tuple[int, int] = (13, 25)):
     """Registers a handler for ops of the default domain within an opset range (inclusive)."""
 
     def wrap(fn: Handler) -> Handler:
