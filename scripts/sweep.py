@@ -63,11 +63,6 @@ SAMPLES = 8
 # Reviewed refusal reasons: a refusal passes the sweep only when its message matches one of these
 # patterns. Each says why refusing is right.
 REASONS: dict[str, tuple[str, str]] = {
-    "newer opset": (
-        r"opset \d+ cannot be converted down to \d+",
-        "the op (Attention-23, RMSNormalization, 4-bit float casts, ...) has no equivalent in opset "
-        "21, the newest onnxruntime-training 1.19 runs; onnxzip names the op",
-    ),
     "fails onnx shape inference": (
         r"fails onnx shape inference",
         "onnx's own inference contradicts the stored shapes or cannot expand the op's function "
@@ -81,9 +76,9 @@ REASONS: dict[str, tuple[str, str]] = {
     ),
     "no onnxruntime kernel": (
         r"onnxruntime cannot load the model",
-        "onnxruntime 1.19 has no CPU kernel for an op or type of the model itself (int16 "
-        "arithmetic, int4 casts, preview training ops, ImageDecoder, ...); calibration and "
-        "verification need onnxruntime to run the model",
+        "the installed onnxruntime has no CPU kernel for an op or type of the model itself "
+        "(int16 arithmetic, some 2- and 4-bit casts, preview training ops, ImageDecoder, ...); "
+        "calibration and verification need onnxruntime to run the model",
     ),
     "onnxruntime rejects the samples": (
         r"onnxruntime failed to run",
@@ -96,9 +91,10 @@ REASONS: dict[str, tuple[str, str]] = {
         "meaningless there and can crash the runtime (an integer division by zero); --data works",
     ),
     "element type numpy cannot draw": (
-        r"cannot synthesise samples for input \S+: (object|float8|bfloat16|float4|int4|uint4)",
-        "strings, bfloat16, float8 and 4-bit inputs: no synthetic samples (--data works where "
-        "onnxruntime can feed the type)",
+        r"cannot synthesise samples for input \S+: "
+        r"(object|float8|bfloat16|float4|int4|uint4|int2|uint2)",
+        "strings, bfloat16, float8, 4-bit and 2-bit inputs: no synthetic samples (--data works "
+        "where onnxruntime can feed the type)",
     ),
     "non-tensor input": (
         r"has type .*: onnxzip feeds tensors only",

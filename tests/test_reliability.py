@@ -25,6 +25,8 @@ import onnxruntime as ort
 import pytest
 from conftest import ROOT, parse, run_cli, save
 
+from onnxzip import io
+
 WRITERS = ("quantize", "prune", "compress")
 
 
@@ -74,7 +76,7 @@ def _model_case(kind: str, tmp: Path, good: Path) -> tuple[Path, str]:
         model.graph.node[0].input.append("x")  # Relu takes one input
         onnx.save(model, path)
         return path, "onnx.checker"
-    if kind == "opset 23 op":
+    if kind == "op newer than the runtime":
         model = parse(
             '<ir_version: 10, opset_import: ["" : 23]>\n'
             "g (float[N,4] x, float[4] s) => (float[N,4] y) { y = RMSNormalization (x, s) }"
@@ -102,7 +104,7 @@ BAD_MODELS = [
     "random bytes",
     "truncated",
     "fails checker",
-    "opset 23 op",
+    "op newer than the runtime",
     "custom domain",
     "missing external data",
 ]
@@ -110,7 +112,11 @@ BAD_MODELS = [
 
 @pytest.mark.parametrize("command", WRITERS)
 @pytest.mark.parametrize("kind", BAD_MODELS)
-def test_bad_model_is_refused_in_one_line(kind, command, tmp_path, resnet_path, calib_npz, capsys):
+def test_bad_model_is_refused_in_one_line(
+    kind, command, tmp_path, resnet_path, calib_npz, capsys, monkeypatch
+):
+    if kind == "op newer than the runtime":  # as onnxruntime 1.20 (opset <= 21) would see it
+        monkeypatch.setitem(io._LIMITS, "opset", 21)
     model, needle = _model_case(kind, tmp_path, resnet_path)
     _assert_writer_refuses(command, model, calib_npz, needle, tmp_path, capsys)
 
