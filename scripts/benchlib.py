@@ -172,11 +172,21 @@ def image_model(work: Path, name: str) -> dict:
 
 
 def versions() -> dict:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {
-        p: version(p) for p in ("onnxruntime-training", "onnx", "onnx-ir", "onnxscript", "numpy")
-    }
+    found = {}
+    for p in ("onnxruntime", "onnx", "onnx-ir", "onnxscript", "numpy"):
+        try:
+            found[p] = version(p)
+        except PackageNotFoundError:
+            found[p] = None
+    try:  # the training engine's own environment, when one is set up
+        from onnxzip import engine
+
+        found["training engine"] = engine.locate(create=False).info.get("onnxruntime")
+    except Exception:
+        found["training engine"] = None
+    return found
 
 
 def sentence_embeddings(path: Path, data: Path) -> np.ndarray:
