@@ -558,3 +558,37 @@ def test_already_quantized_models_prune_codes_scales_and_zero_points(
     pruned, report = prune(quantized, PruneConfig(ratio=0.3))
     io.save_model(pruned, tmp_path / "pq.onnx")
     assert report.macs_after < report.macs_before
+
+
+def test_compensated_bias_is_sliced_with_its_own_pruned_outputs():
+    """A consumer whose input group has a dead channel (compensated into a new bias) and whose
+    own output channels are pruned in another group: the new bias must lose the same channels
+    (onnxruntime 1.20+ refuses a Conv whose bias is longer than its output channels)."""
+    proto = onnx.parser.parse_model(
+        H + "g (float[N,3,6,6] x) => (float[N,2,6,6] y) {"
+        " a = Conv (x, w1, b1)\n r = Relu (a)\n c = Conv (r, w2)\n s = Relu (c)\n"
+        " y = Conv (s, w3) }"
+    )
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.5, (4, 3, 1, 1)).astype(np.float32)
+    b1 = np.zeros(4, np.float32)
+    w1[0], b1[0] = -np.abs(w1[0]), -100.0  # channel 0 never fires on any input: dead
+    tensors = {
+        "w1": w1,
+        "b1": b1,
+        "w2": np.abs(rng.normal(0, 0.5, (8, 4, 1, 1))),  # its outputs all fire: none dead
+        "w3": rng.normal(0, 0.5, (2, 8, 1, 1)),
+    }
+    for name, array in tensors.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array.astype(np.float32), name))
+    model = io.load_model(proto)
+    samples = SyntheticSamples(input_specs(model), 16, seed=3)
+    x = np.abs(next(samples.batches(16)).inputs["x"])
+    pruned, report = prune(model, PruneConfig(ratio=0.5, compensation="off"), samples=samples)
+    for node in pruned.graph:
+        if node.op_type == "Conv" and len(node.inputs) > 2 and node.inputs[2] is not None:
+            out_channels = node.inputs[1].const_value.shape[0]
+            assert node.inputs[2].const_value.shape == (out_channels,), node.name
+    assert inspect_model(pruned).parameters < inspect_model(model).parameters
+    out = Runner(pruned).session.run(None, {"x": x})[0]  # loads and runs in onnxruntime
+    assert out.shape == (16, 2, 6, 6) and np.all(np.isfinite(out))

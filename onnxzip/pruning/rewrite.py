@@ -211,11 +211,10 @@ def compensate(
             if len(node.inputs) <= bias_index:
                 node.resize_inputs(bias_index + 1)
             node.replace_input_with(bias_index, new_bias)
-        # The new bias follows the node's output channels wherever they are pruned.
+        # The new bias follows the node's output channels in every group that holds them, not
+        # only in the groups compensated here (a consumer whose own outputs are pruned for
+        # another reason would keep a bias of the old size).
         for group in groups:
-            channels = removal.get(group.id)
-            if channels is None or not len(channels):
-                continue
             for m in list(group.slices):
                 if m.node == name and m.role == "out" and m.value is w_value and m.axis == out_axis:
                     if not any(s.node == name and s.value is new_bias for s in group.slices):
