@@ -592,3 +592,37 @@ def test_compensated_bias_is_sliced_with_its_own_pruned_outputs():
     assert inspect_model(pruned).parameters < inspect_model(model).parameters
     out = Runner(pruned).session.run(None, {"x": x})[0]  # loads and runs in onnxruntime
     assert out.shape == (16, 2, 6, 6) and np.all(np.isfinite(out))
+
+
+def test_unknown_ranks_block_groups_with_a_reason_instead_of_crashing(tmp_path, capsys):
+    """A contrib op onnx cannot infer leaves its output without a rank; the Concat that reads it
+    (whose own rank is then unknown too) blocks the group, naming the tensor, and the command
+    writes a valid model (the rules used to raise TypeError here)."""
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>\n'
+        "g (float[N,3,8,8] x) => (float[N,16,8,8] y) {"
+        " a = Conv (x, w1)\n r = Relu (a)\n b = Conv (x, w0)\n g = com.microsoft.Gelu (b)\n"
+        " c = Concat <axis = 1> (r, g)\n y = Conv (c, w2) }"
+    )
+    rng = np.random.default_rng(0)
+    for name, shape in {"w0": (4, 3, 1, 1), "w1": (4, 3, 1, 1), "w2": (16, 8, 1, 1)}.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(0, 0.5, shape).astype(np.float32), name)
+        )
+    path = tmp_path / "contrib.onnx"
+    onnx.save(proto, path)
+    model = io.load_model(path)
+    concat = next(n for n in model.graph if n.op_type == "Concat")
+    assert concat.outputs[0].shape is None  # the Concat: rank unknown
+    groups = find_groups(prepared(model))
+    blocked = [g for g in groups if g.blocked]
+    assert blocked and any("unknown rank" in g.reason for g in blocked), [g.reason for g in groups]
+    code, out, err = run_cli(
+        ["prune", path, "-o", tmp_path / "p.onnx", "--ratio", "0.5", "--synthetic", "4"], capsys
+    )
+    assert code == 0, err
+    onnx.checker.check_model(str(tmp_path / "p.onnx"), full_check=True)
+    code, out, err = run_cli(
+        ["quantize", path, "-o", tmp_path / "q.onnx", "--synthetic", "8", "--holdout", "0"], capsys
+    )
+    assert code == 0, err

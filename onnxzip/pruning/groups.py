@@ -18,6 +18,7 @@ and is never pruned.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -33,6 +34,9 @@ def identity(size: int) -> Positions:
 
 def same_positions(a: Positions, b: Positions) -> bool:
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -219,7 +223,34 @@ class GroupBuilder:
                 f"no channel rule for {node.domain + '.' if node.domain else ''}{node.op_type}",
             )
             return
-        rule(self, node, port, axis, positions)
+        unknown = _unknown_rank(node)
+        if unknown is not None:
+            self.block(node, f"{node.op_type} tensor '{unknown}' has an unknown rank")
+            return
+        try:
+            rule(self, node, port, axis, positions)
+        except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError) as exc:
+            # Shapes a rule was not written for block the group (with the reason); they never
+            # end the run.
+            logger.warning(
+                "%s: the %s channel rule failed: %s: %s",
+                node_name(node),
+                node.op_type,
+                type(exc).__name__,
+                exc,
+            )
+            self.block(node, f"the {node.op_type} channel rule cannot handle this node's shapes")
+
+
+def _unknown_rank(node: ir.Node) -> str | None:
+    """The first tensor the node reads, or writes for a reader, whose rank is unknown."""
+    for value in node.inputs:
+        if value is not None and value.shape is None:
+            return value.name
+    for value in node.outputs:
+        if value.shape is None and (value.uses() or value.is_graph_output()):
+            return value.name
+    return None
 
 
 def node_name(node: ir.Node) -> str:

@@ -240,7 +240,15 @@ def plan_quantization(model: ir.Model, config: QuantizeConfig) -> tuple[Plan, li
             set(plan.constants),
             dict(plan.biases),
         )
-        reason = _empty_tensor(node) or handler(node, ctx)
+        try:
+            reason = _empty_tensor(node) or handler(node, ctx)
+        except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError) as exc:
+            # A rule that meets shapes it was not written for keeps the node in float (and
+            # says why) instead of ending the run.
+            logger.warning(
+                "%s: the %s rule failed: %s: %s", key, node.op_type, type(exc).__name__, exc
+            )
+            reason = f"the {node.op_type} rule cannot handle this node ({type(exc).__name__})"
         if reason is None:
             if key not in plan.folded:
                 plan.quantized_nodes[key] = node.op_type
