@@ -521,12 +521,12 @@ def _cmd_setup_training(args: argparse.Namespace) -> int:
 
 
 def _emit(report, args: argparse.Namespace, text: str) -> None:
-    print(text)
-    if args.json is not None:
+    if args.json is not None:  # first: a reader that closes stdout early must not lose it
         from onnxzip.report import write_json
 
         write_json(report, args.json)
         logger.info("report written to %s", args.json)
+    print(text)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -819,6 +819,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxzip: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`| head`): the work is done, nothing more to say.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:
         if debug:
             raise

@@ -218,7 +218,30 @@ def _check_schemas(proto: onnx.ModelProto, source: str) -> None:
                 graphs.extend([attr.g] if attr.HasField("g") else list(attr.graphs))
 
 
-def normalize_proto(proto: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
+def _negative_dims_to_symbols(proto: onnx.ModelProto) -> int:
+    """Some exporters (Paddle) store a dynamic dimension as ``dim_value: -1``; it becomes a
+    symbolic ``dim_param`` (named after the tensor and axis), as a dynamic dimension should be.
+    Returns how many were rewritten (in place)."""
+    count = 0
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            if not value.type.HasField("tensor_type"):
+                continue
+            for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+                if dim.HasField("dim_value") and dim.dim_value < 0:
+                    dim.dim_param = f"{value.name}_dim{axis}"
+                    count += 1
+        for node in graph.node:
+            for attr in node.attribute:
+                graphs.extend([attr.g] if attr.HasField("g") else list(attr.graphs))
+    return count
+
+
+def normalize_proto(
+    proto: onnx.ModelProto, source: str = "model", base_dir: Path | None = None
+) -> onnx.ModelProto:
     """Returns a copy of ``proto`` at opset 13..``max_opset()``, IR <= ``max_ir_version()``,
     with inferred shapes.
 
@@ -227,6 +250,9 @@ def normalize_proto(proto: onnx.ModelProto, source: str = "model") -> onnx.Model
     """
     _check_schemas(proto, source)
     version = _default_opset(proto)
+    negative = _negative_dims_to_symbols(proto)
+    if negative:
+        logger.info("%s: %d dimensions stored as -1 read as symbolic", source, negative)
     if version is not None and version > max_opset():
         proto = _convert_opset(proto, max_opset(), source)
     elif version is not None and version < MIN_OPSET:
@@ -246,7 +272,7 @@ def normalize_proto(proto: onnx.ModelProto, source: str = "model") -> onnx.Model
     try:
         # Strict: a model whose stored shapes contradict onnx's inference (the checker's full
         # check) is refused here, not after the work, when the result fails to save.
-        _infer_shapes_in_place(proto, strict=True)
+        _infer_shapes_in_place(proto, strict=True, base_dir=base_dir)
     except Exception as exc:
         raise ModelError(f"{source}: fails onnx shape inference: {_one_line(exc)}") from exc
     return proto
@@ -262,16 +288,26 @@ def _elements(tensor: onnx.TensorProto) -> int:
     return count
 
 
-def _infer_shapes_in_place(proto: onnx.ModelProto, strict: bool = False) -> None:
+def _infer_shapes_in_place(
+    proto: onnx.ModelProto, strict: bool = False, base_dir: Path | str | None = None
+) -> None:
     """Runs onnx shape inference on a copy without the weights' data, then keeps its results.
 
     Serialising the weights dominates the cost of ``onnx.shape_inference`` on large models, and
     inference needs only their types and dims (values matter only for small shape constants).
+    Small constants stored in external data files (exporters put every tensor there) are read
+    into the copy from ``base_dir``: inference propagates shape values through them.
     """
     light = onnx.ModelProto()
     light.CopyFrom(proto)  # a memory copy: far cheaper than the serialisation inference does
     for tensor in light.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL and _elements(tensor) > _SMALL_TENSOR:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            if base_dir is not None and _elements(tensor) <= _SMALL_TENSOR:
+                onnx.external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
+            continue
+        if _elements(tensor) > _SMALL_TENSOR:
             for data_field in (
                 "raw_data",
                 "float_data",
@@ -344,6 +380,16 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     return proto
 
 
+def _external_base_dir(model: ir.Model) -> Path | None:
+    """The folder a model's external tensors are read from (None: none, or several folders)."""
+    dirs = {
+        str(v.const_value.base_dir)
+        for v in model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }
+    return Path(next(iter(dirs))) if len(dirs) == 1 else None
+
+
 def _is_normalized(model: ir.Model) -> bool:
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     if model.ir_version > max_ir_version() or (
@@ -376,6 +422,7 @@ def load_model(model, *, name: str | None = None) -> ir.Model:
             return model
         proto = ir.to_proto(model)
         source = name or "model"
+        base_dir = _external_base_dir(model)
     elif isinstance(model, onnx.ModelProto):
         proto = model
         source = name or "model"
@@ -390,7 +437,7 @@ def load_model(model, *, name: str | None = None) -> ir.Model:
         base_dir = path.parent
     else:
         raise InputError(f"cannot load a model from {type(model).__name__}")
-    proto = normalize_proto(proto, source)
+    proto = normalize_proto(proto, source, base_dir)
     result = ir.serde.deserialize_model(proto)
     if base_dir is not None:
         ir.external_data.set_base_dir(result.graph, str(base_dir))
@@ -587,7 +634,9 @@ def reinfer_shapes(model: ir.Model, name: str = "model") -> ir.Model:
     proto = ir.to_proto(model)
     del proto.graph.value_info[:]
     try:
-        _infer_shapes_in_place(proto, strict=True)
+        _infer_shapes_in_place(
+            proto, strict=True, base_dir=next(iter(base_dirs)) if len(base_dirs) == 1 else None
+        )
     except Exception as exc:
         raise ModelError(
             f"{name}: shape inference failed after rewriting: {_one_line(exc)}"

@@ -1,4 +1,4 @@
-"""Model I/O: normalisation to what onnxruntime 1.19 runs, checked atomic saves, external data."""
+"""Model I/O: normalisation to what the installed onnxruntime runs, checked atomic saves, external data."""
 
 from __future__ import annotations
 
@@ -236,3 +236,79 @@ def test_ir_model_and_proto_inputs_accepted():
     again = io.load_model(model)
     assert isinstance(again, ir.Model)
     assert [n.op_type for n in again.graph] == ["Conv", "Relu"]
+
+
+def test_every_tensor_in_external_data_as_exporters_write_it(tmp_path, capsys):
+    """torch.onnx's dynamo exporter puts every tensor, shape constants included, into
+    model.onnx.data: shape inference needs the small ones' values (here the Reshape target), and
+    every command must work on such a model."""
+    from conftest import run_cli
+
+    text = """
+    <ir_version: 10, opset_import: ["" : 20]>
+    g (float[N, 8] x) => (float[N, 2, 4] y) {
+        h = MatMul (x, w)
+        y = Reshape (h, shape)
+    }
+    """
+    proto = onnx.parser.parse_model(text)
+    w = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
+    proto.graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(w, "w"),
+            onnx.numpy_helper.from_array(np.array([-1, 2, 4], np.int64), "shape"),
+        ]
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(
+        proto, str(path), save_as_external_data=True, location="model.onnx.data", size_threshold=0
+    )
+    stored = onnx.load(str(path), load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in stored.graph.initializer)
+    model = io.load_model(path)
+    reshape = next(n for n in model.graph if n.op_type == "Reshape")
+    assert list(reshape.outputs[0].shape)[1:] == [2, 4]
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32))
+    for mode in ("dynamic", "static"):
+        out = tmp_path / f"q_{mode}.onnx"
+        code, _, err = run_cli(
+            ["quantize", path, "-o", out, "--data", data, "--mode", mode], capsys
+        )
+        assert code == 0, err
+        onnx.checker.check_model(str(out), full_check=True)
+    code, _, err = run_cli(["verify", path, path, "--data", data, "--per-node"], capsys)
+    assert code == 0, err
+
+
+def test_dimensions_stored_as_minus_one_are_symbolic(tmp_path, capsys):
+    """Paddle's exporter writes dynamic dimensions as dim_value -1: they must read as symbolic
+    (random samples and batches used to get a negative or zero size)."""
+    from conftest import run_cli
+
+    w = np.random.default_rng(0).normal(size=(4, 3, 1, 1)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [-1, 3, -1, -1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [-1, 4, -1, -1])],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    path = save(proto, tmp_path / "paddle.onnx")
+    model = io.load_model(path)
+    assert [isinstance(d, int) for d in model.graph.inputs[0].shape] == [False, True, False, False]
+    for command in (
+        ["quantize", "--synthetic", "8"],
+        ["prune", "--ratio", "0.5", "--synthetic", "4"],
+    ):
+        out = tmp_path / f"{command[0]}.onnx"
+        code, _, err = run_cli([command[0], path, "-o", out, *command[1:]], capsys)
+        assert code == 0, err
+        onnx.checker.check_model(str(out), full_check=True)
+    x = np.random.default_rng(2).normal(size=(2, 3, 5, 7)).astype(np.float32)
+    (y,) = ort.InferenceSession(
+        str(tmp_path / "quantize.onnx"), providers=["CPUExecutionProvider"]
+    ).run(None, {"x": x})
+    assert y.shape == (2, 4, 5, 7)
