@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -144,6 +145,63 @@ def _check_output(args: argparse.Namespace, model_path: Path) -> None:
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"{out}: output folder '{folder}' does not exist")
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Before any work: nothing a run writes may land on a file it reads, on a directory, or on
+    something that is not a regular file; a symbolic link is written through, never replaced.
+
+    Outputs are ``-o`` and ``--json``; inputs are the models (with their external data files)
+    and the data files.
+    """
+    import stat
+
+    from onnxzip import io
+
+    inputs: dict[Path, str] = {}
+    for attr, what in (
+        ("model", "the input model"),
+        ("reference", "the reference model"),
+        ("candidate", "the candidate model"),
+    ):
+        path = getattr(args, attr, None)
+        if path is not None and path.exists():
+            inputs[path.resolve()] = f"{what} {path}"
+            if path.is_file():
+                for data in io.external_data_files(path):
+                    inputs[data.resolve()] = f"the external data of {path}"
+    for attr in ("data", "verify_data"):
+        path = getattr(args, attr, None)
+        if path is not None and path.is_file():
+            inputs[path.resolve()] = f"the data file {path}"
+    outputs = [
+        (flag, getattr(args, attr))
+        for flag, attr in (("-o", "output"), ("--json", "json"))
+        if getattr(args, attr, None) is not None
+    ]
+    seen: dict[Path, str] = {}
+    for flag, path in outputs:
+        if path.is_symlink() and not path.exists():
+            raise InputError(f"{path}: {flag} is a symbolic link to nothing ({os.readlink(path)})")
+        if path.exists():
+            mode = path.stat().st_mode
+            if stat.S_ISDIR(mode):
+                raise InputError(f"{path}: is a directory; {flag} takes a file path")
+            if not stat.S_ISREG(mode):
+                raise InputError(f"{path}: {flag} is not a regular file (a device, FIFO or socket)")
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            raise InputError(f"{path}: {flag} folder '{folder}' does not exist")
+        target = path.resolve()
+        if target in seen:
+            raise InputError(f"{path}: {flag} and {seen[target]} name the same file")
+        seen[target] = flag
+        what = inputs.get(target)
+        if what is None:
+            continue
+        if flag == "-o" and what.startswith("the input model"):
+            continue  # allowed with --overwrite (_check_output)
+        raise InputError(f"{path}: {flag} would overwrite {what}; choose another path")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -631,11 +689,14 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _write_npz(path: Path, arrays: dict) -> None:
-    """Atomic .npz write: a temporary file beside the target, then a rename."""
-    import os
+    """Atomic .npz write: a temporary file beside the target, then a rename (a symbolic link is
+    written through)."""
     import tempfile
 
     import numpy as np
+
+    if path.is_symlink():
+        path = path.resolve()
 
     fd, tmp = tempfile.mkstemp(
         prefix=".onnxzip-", suffix=".npz", dir=path.parent if str(path.parent) else "."
@@ -806,6 +867,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _configure_logging(args)
+        _check_paths(args)
         if hasattr(args, "training_python"):
             from onnxzip import engine
 
@@ -821,8 +883,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # The reader of stdout went away (`| head`): the work is done, nothing more to say.
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except Exception as exc:

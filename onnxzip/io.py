@@ -519,6 +519,8 @@ def save_model(
         ModelError: the model fails the checker (nothing is written).
     """
     target = Path(path)
+    if target.is_symlink():  # written through: the link keeps pointing at the new model
+        target = target.resolve()
     folder = _target_dir(target)
     if target.is_dir():
         raise InputError(f"{target}: is a directory")
@@ -575,18 +577,24 @@ def save_model(
     return target
 
 
-def file_size(path: str | os.PathLike) -> int:
-    """Bytes on disk of a model file plus the external data files it references."""
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external data files a model file references (none when it cannot be read)."""
     p = Path(path)
-    size = p.stat().st_size
-    proto = onnx.load(str(p), load_external_data=False)
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception:  # not a model: load_model reports that in its own words
+        return []
     locations = set()
     for tensor in proto.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             locations.update(e.value for e in tensor.external_data if e.key == "location")
-    for location in locations:
-        size += (p.parent / location).stat().st_size
-    return size
+    return [p.parent / location for location in sorted(locations)]
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model file plus the external data files it references."""
+    p = Path(path)
+    return p.stat().st_size + sum(f.stat().st_size for f in external_data_files(p))
 
 
 def onnx_package_dir() -> Path:

@@ -40,6 +40,8 @@ def to_jsonable(obj: Any) -> Any:
 def write_json(report: Any, path: str | os.PathLike) -> Path:
     """Writes ``report`` as JSON atomically (temporary file beside the target, then rename)."""
     target = Path(path)
+    if target.is_symlink():  # written through, never replaced by a file
+        target = target.resolve()
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"{target}: folder '{folder}' does not exist")

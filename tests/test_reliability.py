@@ -14,6 +14,7 @@ import os
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -448,3 +449,96 @@ def test_disk_full_is_a_clear_error_with_no_partial_file(tmp_path):
     assert "disk full" in lines[0] or "too large" in lines[0], lines[0]
     assert list(out_dir.iterdir()) == []
     assert _digest(model) == digest
+
+
+# -- what a run writes (outputs never land on inputs, never replace links or devices) -----------
+
+
+def _refused_one_line(code: int, err: str, needle: str) -> None:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], lines
+
+
+@pytest.mark.parametrize("target", ["input model", "data file", "output", "directory"])
+def test_json_report_never_lands_on_an_input_or_the_output(
+    target, tmp_path, resnet_path, calib_npz, capsys
+):
+    model = tmp_path / "m.onnx"
+    shutil.copy(resnet_path, model)
+    data = tmp_path / "d.npz"
+    shutil.copy(calib_npz, data)
+    out = tmp_path / "q.onnx"
+    json_path = {"input model": model, "data file": data, "output": out, "directory": tmp_path}[
+        target
+    ]
+    before = {p.name: _digest(p) for p in (model, data)}
+    code, _, err = run_cli(
+        ["quantize", model, "-o", out, "--data", data, "--json", json_path], capsys
+    )
+    needle = {
+        "input model": "--json would overwrite the input model",
+        "data file": "--json would overwrite the data file",
+        "output": "--json and -o name the same file",
+        "directory": "is a directory; --json takes a file path",
+    }[target]
+    _refused_one_line(code, err, needle)
+    assert not out.exists()  # refused before any work: no model written either
+    assert {p.name: _digest(p) for p in (model, data)} == before
+
+
+def test_verify_json_never_overwrites_either_model(tmp_path, resnet_path, test_npz, capsys):
+    candidate = tmp_path / "c.onnx"
+    shutil.copy(resnet_path, candidate)
+    digest = _digest(candidate)
+    code, _, err = run_cli(
+        ["verify", resnet_path, candidate, "--data", test_npz, "--json", candidate], capsys
+    )
+    _refused_one_line(code, err, "--json would overwrite the candidate model")
+    assert _digest(candidate) == digest
+
+
+def test_output_on_external_data_of_the_input_is_refused(tmp_path, resnet_path, calib_npz, capsys):
+    model = tmp_path / "ext.onnx"
+    proto = onnx.load(str(resnet_path))
+    onnx.save(
+        proto, str(model), save_as_external_data=True, location="ext.onnx.data", size_threshold=0
+    )
+    data_file = tmp_path / "ext.onnx.data"
+    digest = _digest(data_file)
+    code, _, err = run_cli(["quantize", model, "-o", data_file, "--data", calib_npz], capsys)
+    _refused_one_line(code, err, "-o would overwrite the external data of")
+    assert _digest(data_file) == digest
+
+
+def test_output_that_is_a_fifo_or_dangling_link_is_refused(
+    tmp_path, resnet_path, calib_npz, capsys
+):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code, _, err = run_cli(["quantize", resnet_path, "-o", fifo, "--data", calib_npz], capsys)
+    _refused_one_line(code, err, "-o is not a regular file")
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    dangling = tmp_path / "dangling.onnx"
+    dangling.symlink_to(tmp_path / "nowhere.onnx")
+    code, _, err = run_cli(["quantize", resnet_path, "-o", dangling, "--data", calib_npz], capsys)
+    _refused_one_line(code, err, "-o is a symbolic link to nothing")
+    assert dangling.is_symlink() and not (tmp_path / "nowhere.onnx").exists()
+
+
+def test_output_through_a_symbolic_link_keeps_the_link(tmp_path, resnet_path, calib_npz, capsys):
+    real = tmp_path / "real.onnx"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.onnx"
+    link.symlink_to(real)
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    report_link = tmp_path / "report_link.json"
+    report_link.symlink_to(report)
+    code, _, err = run_cli(
+        ["quantize", resnet_path, "-o", link, "--data", calib_npz, "--json", report_link], capsys
+    )
+    assert code == 0, err
+    assert link.is_symlink() and report_link.is_symlink()
+    onnx.checker.check_model(str(real), full_check=True)
+    assert json.loads(report.read_text())  # the report went to the link's target
