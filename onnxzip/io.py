@@ -472,11 +472,17 @@ def model_bytes(model: ir.Model) -> bytes:
 
 
 def weights_nbytes(model: ir.Model) -> int:
-    """Bytes held by the main graph's initializers."""
+    """Bytes held by the main graph's initializers and by the tensors of Constant nodes
+    (exporters store weights either way)."""
     total = 0
     for value in model.graph.initializers.values():
         if value.const_value is not None:
             total += value.const_value.nbytes
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            attr = node.attributes.get("value")
+            if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                total += attr.as_tensor().nbytes
     return total
 
 

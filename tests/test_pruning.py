@@ -626,3 +626,14 @@ def test_unknown_ranks_block_groups_with_a_reason_instead_of_crashing(tmp_path, 
         ["quantize", path, "-o", tmp_path / "q.onnx", "--synthetic", "8", "--holdout", "0"], capsys
     )
     assert code == 0, err
+
+
+def test_missing_the_macs_target_is_reported(resnet_path):
+    pruned, report = prune(resnet_path, PruneConfig(target_macs=0.01))
+    assert report.target_met is False
+    assert report.macs_after > 0.01 * report.macs_before
+    assert "NOT MET, reached" in report.format()
+    _, report = prune(resnet_path, PruneConfig(target_macs=0.5))
+    assert report.target_met is True and report.macs_after <= 0.5 * report.macs_before
+    _, report = prune(resnet_path, PruneConfig(ratio=0.3))
+    assert report.target_met is None and "target " not in report.format()

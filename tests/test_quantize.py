@@ -576,3 +576,31 @@ def test_inspect_tells_which_int8_weights_can_saturate(mode):
         assert ("can saturate" in report.format()) == bool(risky)
     codes = qp.quantize(w, qp.weight_params(w, axis=1), symmetric_weight=True)
     assert qp.pair_overflow_channels(codes, axis=1) == shape[1] - 1
+
+
+def test_weights_in_constant_nodes_count_as_weights(tmp_path, capsys):
+    """Exporters may store weights as Constant nodes: the report counts their bytes (it said
+    '0 -> N bytes')."""
+    import onnx.helper
+    import onnx.numpy_helper
+
+    w = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Constant", [], ["w"], value=onnx.numpy_helper.from_array(w)),
+            onnx.helper.make_node("MatMul", ["x", "w"], ["y"]),
+        ],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    path = tmp_path / "const.onnx"
+    onnx.save(proto, str(path))
+    assert io.weights_nbytes(io.load_model(path)) == w.nbytes
+    code, out, err = run_cli(
+        ["quantize", path, "-o", tmp_path / "q.onnx", "--synthetic", "8"], capsys
+    )
+    assert code == 0, err
+    assert f"weights      {w.nbytes} -> " in out

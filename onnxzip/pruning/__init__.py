@@ -111,6 +111,7 @@ class PruneReport:
     parity: object | None = None  # a VerifyReport when samples were given
     unchanged_because: str | None = None  # why no channel was removed, when none was
     compensation: str | None = None  # whether mean compensation was kept, and why
+    target_met: bool | None = None  # with target_macs: whether the pruned MACs reach it
 
     def format(self) -> str:
         pruned = [g for g in self.groups if g.kept < g.channels]
@@ -125,6 +126,18 @@ class PruneReport:
             f"weights     {self.weight_bytes_before:,} -> {self.weight_bytes_after:,} bytes",
             "time        " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()),
         ]
+        if self.target_met is not None:
+            reached = self.macs_after / max(self.macs_before, 1)
+            lines.append(
+                f"target      MACs <= {self.config.target_macs:g} of the original: "
+                + (
+                    f"met ({reached:.3f})"
+                    if self.target_met
+                    else f"NOT MET, reached {reached:.3f}: {len(blocked)} of {len(self.groups)} "
+                    f"groups are blocked and no group loses more than "
+                    f"{self.config.max_group_ratio:g} of its channels"
+                )
+            )
         if self.compensation:
             lines.append(
                 f"compensate  mean of the removed channels into the biases: {self.compensation}"
@@ -495,6 +508,8 @@ def prune(
     )
     report.unchanged_because = report.nothing_pruned_because()
     report.compensation = compensation_note
+    if config.target_macs is not None:
+        report.target_met = after.macs <= config.target_macs * before.macs
     return pruned, report
 
 
