@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 from conftest import run_cli
@@ -99,3 +100,49 @@ def test_cli_compress_writes_model_and_json(resnet_path, calib_npz, test_npz, tm
         ["compress", resnet_path, "-o", out, "--data", calib_npz, "--quantize", "fp4"], capsys
     )
     assert code == 2 and err.count("\n") == 1
+
+
+def test_compress_goes_on_without_recovery_when_the_model_cannot_be_trained(tmp_path, calib_npz):
+    """LRN has no gradient in onnxruntime-training: compress still prunes and quantizes, and its
+    report says NOT RECOVERED and why (it used to stop with the training error)."""
+    import onnx.helper
+    import onnx.numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        onnx.helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("Relu", ["c1"], ["r1"]),
+        onnx.helper.make_node("LRN", ["r1"], ["n1"], size=3),
+        onnx.helper.make_node("Conv", ["n1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("Relu", ["c2"], ["r2"]),
+        onnx.helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+        onnx.helper.make_node("Flatten", ["p"], ["f"]),
+        onnx.helper.make_node("Gemm", ["f", "w3", "b3"], ["logits"], transB=1),
+    ]
+    tensors = {
+        "w1": rng.normal(0, 0.5, (16, 1, 3, 3)),
+        "b1": np.zeros(16),
+        "w2": rng.normal(0, 0.2, (16, 16, 3, 3)),
+        "b2": np.zeros(16),
+        "w3": rng.normal(0, 0.3, (10, 16)),
+        "b3": np.zeros(10),
+    }
+    graph = onnx.helper.make_graph(
+        nodes,
+        "lrn_net",
+        [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 10])],
+        [onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in tensors.items()],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = io.load_model(proto)
+    samples = NpzSamples(calib_npz, input_specs(model))
+    small, report = compress(
+        model, samples, CompressConfig(ratio=0.25, recover_steps=5, latency=False)
+    )
+    assert report.recovery is None
+    assert "op LRN has no gradient" in report.recovery_skipped
+    assert "NOT RECOVERED" in report.format()
+    assert report.after["parameters"] < report.before["parameters"]
+    io.save_model(small, tmp_path / "small.onnx")
