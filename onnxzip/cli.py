@@ -520,6 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=32, metavar="B", help="samples per run (default 32)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed for --synthetic (default 0)")
+    p.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="with --data: refit every layer whose inputs lost channels by least squares on the "
+        "samples (gradient-free recovery; no training engine needed)",
+    )
     r = p.add_argument_group("recovery (distillation from the original, no labels needed)")
     r.add_argument(
         "--recover-steps",
@@ -733,7 +739,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         round_to=args.round_to,
         exclude=tuple(args.exclude),
         batch_size=args.batch_size,
+        reconstruct=args.reconstruct,
     )
+    if args.reconstruct and samples is None:
+        raise InputError("--reconstruct needs --data (or --synthetic) to fit on")
     pruned, report = prune(model, config, samples=samples, source=str(args.model))
     text = report.format()
     split, holdout = "all", 0.0

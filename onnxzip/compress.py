@@ -27,7 +27,7 @@ from onnxzip.analysis import inspect_model
 from onnxzip.data import Samples
 from onnxzip.engine import EngineUnavailable
 from onnxzip.errors import InputError
-from onnxzip.pruning import PruneConfig, PruneReport, prune
+from onnxzip.pruning import PruneConfig, PruneReport, prune, reconstruction_summary
 from onnxzip.quantize import QuantizeConfig, QuantizeReport, quantize
 from onnxzip.recover import RecoverConfig, RecoverReport, recover
 from onnxzip.report import table
@@ -155,7 +155,10 @@ class CompressReport:
                 ),
             ]
         if self.recovery_skipped is not None:
-            lines += ["", f"NOT RECOVERED: pruned without fine-tuning ({self.recovery_skipped})"]
+            lines += ["", f"NOT FINE-TUNED: no distillation ({self.recovery_skipped})"]
+            fits = self.prune.reconstruction if self.prune is not None else None
+            if fits is not None:
+                lines.append("recovery  gradient-free instead: " + reconstruction_summary(fits))
         elif self.recovery is not None:
             r = self.recovery
             lines += [
@@ -273,7 +276,7 @@ def compress(
             engine.current()
         except EngineUnavailable as exc:
             report.recovery_skipped = str(exc)
-            logger.warning("compress: pruning without recovery: %s", exc)
+            logger.warning("compress: no fine-tuning, recovering by reconstruction: %s", exc)
         if time.perf_counter() - t0 > 1.0:
             timings["training engine setup"] = time.perf_counter() - t0
     if pruning:
@@ -284,19 +287,28 @@ def compress(
                 [t for t in MILDER if t > config.target_macs] if budget else []
             )
         for target in targets:
-            t0 = time.perf_counter()
-            pruned, prune_report = prune(
-                original,
-                PruneConfig(
-                    ratio=config.ratio if target is None else None,
-                    target_macs=target,
-                    criterion=config.criterion,
-                    batch_size=config.batch_size,
-                ),
-                samples=_Split(samples, config.holdout, "calibration"),
-                source=source,
-            )
-            timings["prune"] = timings.get("prune", 0.0) + time.perf_counter() - t0
+
+            def pruned_at(target, refit: bool):
+                t0 = time.perf_counter()
+                result = prune(
+                    original,
+                    PruneConfig(
+                        ratio=config.ratio if target is None else None,
+                        target_macs=target,
+                        criterion=config.criterion,
+                        batch_size=config.batch_size,
+                        reconstruct=refit,
+                    ),
+                    samples=_Split(samples, config.holdout, "calibration"),
+                    source=source,
+                )
+                timings["prune"] = timings.get("prune", 0.0) + time.perf_counter() - t0
+                return result
+
+            # Without fine-tuning (no engine here, or a model it cannot train) the recovery is
+            # the gradient-free least-squares reconstruction of the affected layers.
+            refit = bool(config.recover_steps) and report.recovery_skipped is not None
+            pruned, prune_report = pruned_at(target, refit)
             recovery = None
             if config.recover_steps and report.recovery_skipped is None:
                 t0 = time.perf_counter()
@@ -316,7 +328,8 @@ def compress(
                     # a gradient or a CPU kernel): the pruned model goes on without recovery,
                     # and the report says so in its main output.
                     report.recovery_skipped = str(exc)
-                    logger.warning("compress: pruned without recovery: %s", exc)
+                    logger.warning("compress: recovering by reconstruction instead: %s", exc)
+                    pruned, prune_report = pruned_at(target, True)
                 timings["recover"] = timings.get("recover", 0.0) + time.perf_counter() - t0
             check = verify(
                 original,

@@ -103,8 +103,9 @@ def test_cli_compress_writes_model_and_json(resnet_path, calib_npz, test_npz, tm
 
 
 def test_compress_goes_on_without_recovery_when_the_model_cannot_be_trained(tmp_path, calib_npz):
-    """LRN has no gradient in onnxruntime-training: compress still prunes and quantizes, and its
-    report says NOT RECOVERED and why (it used to stop with the training error)."""
+    """LRN has no gradient in onnxruntime-training: compress still prunes and quantizes, recovers
+    by least-squares reconstruction instead, and its report says so and why (it used to stop
+    with the training error)."""
     import onnx.helper
     import onnx.numpy_helper
 
@@ -143,6 +144,8 @@ def test_compress_goes_on_without_recovery_when_the_model_cannot_be_trained(tmp_
     )
     assert report.recovery is None
     assert "op LRN has no gradient" in report.recovery_skipped
-    assert "NOT RECOVERED" in report.format()
+    text = report.format()
+    assert "NOT FINE-TUNED" in text and "recovery  gradient-free instead:" in text
+    assert report.prune.reconstruction  # the affected layers were refitted instead
     assert report.after["parameters"] < report.before["parameters"]
     io.save_model(small, tmp_path / "small.onnx")

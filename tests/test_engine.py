@@ -247,7 +247,7 @@ def test_killed_worker_exits_2_with_no_output_and_no_leftover(tmp_path, training
     assert [p.name for p in scratch.iterdir() if p.name.startswith("onnxzip")] == []
 
 
-def test_compress_without_engine_prunes_without_recovery_and_says_so(tmp_path):
+def test_compress_without_engine_recovers_by_reconstruction_and_says_so(tmp_path):
     proc = _run(
         [
             "compress",
@@ -261,8 +261,9 @@ def test_compress_without_engine_prunes_without_recovery_and_says_so(tmp_path):
         env_extra={"ONNXZIP_TRAINING_PYTHON": str(tmp_path / "absent")},
     )
     assert proc.returncode in (0, 1), proc.stderr
-    assert "NOT RECOVERED: pruned without fine-tuning" in proc.stdout
+    assert "NOT FINE-TUNED: no distillation" in proc.stdout
     assert "no such interpreter" in proc.stdout
+    assert "recovery  gradient-free instead:" in proc.stdout
     onnx.checker.check_model(str(tmp_path / "c.onnx"), full_check=True)
 
 

@@ -28,7 +28,7 @@ from onnxzip import io, passes
 from onnxzip.analysis import inspect_model, node_macs, symbolic_dims
 from onnxzip.data import Samples
 from onnxzip.errors import InputError, ModelError
-from onnxzip.pruning import importance, rewrite
+from onnxzip.pruning import importance, reconstruct, rewrite
 from onnxzip.pruning.groups import Group, GroupBuilder, identity, node_name
 from onnxzip.pruning.rules import rule_for
 from onnxzip.report import table
@@ -53,6 +53,9 @@ class PruneConfig:
     # Mean compensation of the removed channels (with samples): "auto" keeps it only when it
     # lowers the output error on the samples; dead channels are always compensated (exact).
     compensation: str = "auto"
+    # With samples: refit each layer whose inputs lost channels by least squares on the samples
+    # (gradient-free recovery, pruning/reconstruct.py)
+    reconstruct: bool = False
 
     def validate(self) -> None:
         if (self.ratio is None) == (self.target_macs is None):
@@ -112,6 +115,7 @@ class PruneReport:
     unchanged_because: str | None = None  # why no channel was removed, when none was
     compensation: str | None = None  # whether mean compensation was kept, and why
     target_met: bool | None = None  # with target_macs: whether the pruned MACs reach it
+    reconstruction: list | None = None  # reconstruct.LayerFit per affected layer, when run
 
     def format(self) -> str:
         pruned = [g for g in self.groups if g.kept < g.channels]
@@ -142,6 +146,8 @@ class PruneReport:
             lines.append(
                 f"compensate  mean of the removed channels into the biases: {self.compensation}"
             )
+        if self.reconstruction is not None:
+            lines.append(f"reconstruct {reconstruction_summary(self.reconstruction)}")
         if not pruned:
             lines.append(f"unchanged   {self.nothing_pruned_because()}")
         lines += ["", format_groups(self.groups)]
@@ -447,6 +453,9 @@ def prune(
         timings["statistics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    refit = config.reconstruct and samples is not None
+    reference = work.clone() if refit else None  # the rewrite below slices work's tensors
+    kept = weight_kept(work, groups, removal) if refit else None
     compensated = dead_only if config.compensation == "off" else None  # None: every removed one
     pruned = rewrite.apply(work, groups, removal, means, compensated)
     compensation_note = None
@@ -464,6 +473,13 @@ def prune(
     elif means is not None and config.compensation == "on":
         compensation_note = "applied"
     timings["rewrite"] = time.perf_counter() - t0
+    fits = None
+    if refit:
+        t0 = time.perf_counter()
+        pruned, fits = reconstruct.reconstruct(
+            reference, pruned, kept, samples, batch_size=config.batch_size
+        )
+        timings["reconstruct"] = time.perf_counter() - t0
     after = inspect_model(pruned, source=source)
 
     reports = []
@@ -510,7 +526,54 @@ def prune(
     report.compensation = compensation_note
     if config.target_macs is not None:
         report.target_met = after.macs <= config.target_macs * before.macs
+    report.reconstruction = fits
     return pruned, report
+
+
+def weight_kept(
+    model: ir.Model, groups: list[Group], removal: dict[int, np.ndarray]
+) -> dict[str, dict[int, np.ndarray]]:
+    """For each weighted node whose weight loses positions: node -> axis -> the original
+    positions it keeps (for reconstruction, which fits the kept part against the original)."""
+    nodes = {node_name(n): n for n in model.graph}
+    removed: dict[str, dict[int, set]] = {}
+    sizes: dict[tuple[str, int], int] = {}
+    for group in groups:
+        channels = removal.get(group.id)
+        if channels is None or not len(channels):
+            continue
+        for m in group.slices:
+            node = nodes.get(m.node)
+            if node is None or len(node.inputs) < 2 or node.inputs[1] is not m.value:
+                continue
+            array = passes.const_array(m.value)
+            if array is None:
+                continue
+            cut = rewrite.removed_positions(group, channels, m.positions)
+            removed.setdefault(m.node, {}).setdefault(m.axis, set()).update(cut.tolist())
+            sizes[(m.node, m.axis)] = array.shape[m.axis]
+    return {
+        node: {
+            axis: np.setdiff1d(np.arange(sizes[(node, axis)]), sorted(cut)).astype(np.int64)
+            for axis, cut in axes.items()
+        }
+        for node, axes in removed.items()
+    }
+
+
+def reconstruction_summary(fits: list) -> str:
+    """One line: how many layers were refitted and how their output error moved."""
+    done = [f for f in fits if f.error_after is not None]
+    if not fits:
+        return "no layer lost inputs that least squares can refit"
+    if not done:
+        return f"{len(fits)} layers tried, none improved ({fits[0].note})"
+    before = float(np.mean([f.error_before for f in done]))
+    after = float(np.mean([f.error_after for f in done]))
+    return (
+        f"{len(done)} of {len(fits)} layers refitted by least squares, mean relative layer "
+        f"error {before:.3f} -> {after:.3f} on held-out rows"
+    )
 
 
 def _output_snr(

@@ -1,0 +1,253 @@
+"""Gradient-free recovery after pruning: least-squares reconstruction of each affected layer.
+
+After channels are removed, every consumer of a pruned group reads fewer inputs. Layer by layer,
+in graph order, each such Conv (2-D, ungrouped), Gemm or MatMul (2-D constant weight) gets new
+weights and bias fitted by ridge-regularised least squares, so that on the samples its output
+(the kept output channels) matches what the unpruned layer computed from the unpruned inputs:
+
+    min_{W, b}  || [X' 1] [W; b] - Y ||^2 + lambda sum_j ||x'_j||^2 ||W_j||^2
+
+with ``X'`` the layer's inputs in the pruned model (already reconstructed upstream, so errors do
+not pile up) and ``Y`` the reference layer's outputs (He, Zhang and Sun, "Channel Pruning for
+Accelerating Very Deep Neural Networks", 2017; the mean compensation of the biases is its
+zeroth-order case). Convolutions are fitted on patches at sampled output positions. A fit is
+kept only when it lowers the layer's error on rows it was not fitted on. No gradients and no
+training engine are involved: this is the recovery wherever onnxruntime-training cannot run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxzip import progress
+from onnxzip.data import Samples
+from onnxzip.passes import add_initializer, const_array
+from onnxzip.pruning.groups import node_name
+from onnxzip.runtime import Runner, expose
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerFit:
+    node: str
+    op_type: str
+    rows: int
+    error_before: float  # relative error of the layer output on held-out rows, before the fit
+    error_after: float | None  # None when the fit was not kept (or not tried)
+    note: str = ""
+
+
+def _attr_ints(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return list(attr.as_ints()) if attr is not None else default
+
+
+def _layout(node: ir.Node, cuts: dict) -> tuple[int, int] | None:
+    """(input axis, output axis) of the node's weight, or None when it cannot be refitted."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if w is None or const_array(w) is None or const_array(w).dtype != np.float32:
+        return None
+    if node.op_type == "Conv":
+        group = node.attributes["group"].as_int() if "group" in node.attributes else 1
+        auto_pad = node.attributes.get("auto_pad")
+        if group != 1 or const_array(w).ndim != 4:
+            return None
+        if auto_pad is not None and auto_pad.as_string() not in ("NOTSET", "VALID"):
+            return None
+        return 1, 0
+    if node.op_type == "Gemm":
+        trans_a = node.attributes["transA"].as_int() if "transA" in node.attributes else 0
+        alpha = node.attributes["alpha"].as_float() if "alpha" in node.attributes else 1.0
+        beta = node.attributes["beta"].as_float() if "beta" in node.attributes else 1.0
+        if trans_a or alpha != 1.0 or beta != 1.0:
+            return None
+        trans_b = node.attributes["transB"].as_int() if "transB" in node.attributes else 0
+        return (1, 0) if trans_b else (0, 1)
+    if node.op_type == "MatMul" and const_array(w).ndim == 2:
+        return 0, 1
+    return None
+
+
+def _conv_rows(node: ir.Node, x: np.ndarray, y: np.ndarray, picks: int, rng) -> tuple:
+    """Input patches and outputs at ``picks`` random output positions of a 2-D Conv."""
+    kh, kw = const_array(node.inputs[1]).shape[2:]
+    sh, sw = _attr_ints(node, "strides", [1, 1])
+    dh, dw = _attr_ints(node, "dilations", [1, 1])
+    pads = _attr_ints(node, "pads", [0, 0, 0, 0])
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    n, _, oh, ow = y.shape
+    total = n * oh * ow
+    flat = rng.choice(total, size=min(picks, total), replace=False)
+    ni, rest = np.divmod(flat, oh * ow)
+    hi, wi = np.divmod(rest, ow)
+    rows_h = (hi * sh)[:, None] + (np.arange(kh) * dh)[None, :]  # [R, kh]
+    rows_w = (wi * sw)[:, None] + (np.arange(kw) * dw)[None, :]  # [R, kw]
+    patches = xp[ni[:, None, None, None], np.arange(x.shape[1])[None, :, None, None],
+                 rows_h[:, None, :, None], rows_w[:, None, None, :]]  # fmt: skip
+    return patches.reshape(len(flat), -1), y[ni, :, hi, wi]
+
+
+def _rows(node, x, y, picks, rng):
+    if node.op_type == "Conv":
+        return _conv_rows(node, x, y, picks, rng)
+    xr, yr = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    if len(xr) > picks:
+        take = rng.choice(len(xr), size=picks, replace=False)
+        xr, yr = xr[take], yr[take]
+    return xr, yr
+
+
+def _relative_error(pred: np.ndarray, target: np.ndarray) -> float:
+    return float(np.linalg.norm(pred - target) / (np.linalg.norm(target) + 1e-12))
+
+
+def reconstruct(
+    reference: ir.Model,
+    pruned: ir.Model,
+    kept: dict[str, dict[int, np.ndarray]],
+    samples: Samples,
+    *,
+    batch_size: int = 32,
+    split: str = "all",
+    holdout: float = 0.0,
+    max_samples: int = 256,
+    rows_per_layer: int = 8192,
+    ridge: float = 1e-4,
+    seed: int = 0,
+) -> tuple[ir.Model, list[LayerFit]]:
+    """Refits the affected layers of ``pruned`` (see the module text), in place and returned.
+
+    ``reference`` is the unpruned model with the same node names (prepared the same way);
+    ``kept[node][axis]`` are the original positions each weight kept on each cut axis.
+    """
+    rng = np.random.default_rng(seed)
+    ref_nodes = {node_name(n): n for n in reference.graph}
+    todo = []
+    for node in pruned.graph:
+        name = node_name(node)
+        layout = _layout(node, kept)
+        if name not in kept or name not in ref_nodes or layout is None:
+            continue
+        in_axis, out_axis = layout
+        if in_axis not in kept[name]:
+            continue  # its inputs are whole: nothing upstream was removed
+        todo.append((node, in_axis, out_axis))
+    fits: list[LayerFit] = []
+    if not todo:
+        return pruned, fits
+    targets = [ref_nodes[node_name(n)].outputs[0].name for n, _, _ in todo]
+    teacher = Runner(expose(reference, targets), name="reference", optimization="none")
+    for node, _in_axis, out_axis in progress.bar(todo, desc="reconstruct", unit="layer"):
+        name = node_name(node)
+        ref = ref_nodes[name]
+        xs, ys = [], []
+        seen = 0
+        student = Runner(
+            expose(pruned, [node.inputs[0].name]), name="pruned model", optimization="none"
+        )
+        for batch in samples.batches(batch_size, split, holdout or 0.5):
+            x = student.run(batch, [node.inputs[0].name])[node.inputs[0].name]
+            y = teacher.run(batch, [ref.outputs[0].name])[ref.outputs[0].name]
+            keep_out = kept[name].get(out_axis)
+            if keep_out is not None:
+                y = np.take(y, keep_out, axis=1 if node.op_type == "Conv" else -1)
+            share = max(1, rows_per_layer * len(batch) // max_samples)
+            xr, yr = _rows(node, x.astype(np.float64), y.astype(np.float64), share, rng)
+            xs.append(xr)
+            ys.append(yr)
+            seen += len(batch)
+            if seen >= max_samples:
+                break
+        x_rows, y_rows = np.concatenate(xs), np.concatenate(ys)
+        order = rng.permutation(len(x_rows))
+        cut = max(1, len(order) // 5)
+        test, train = order[:cut], order[cut:]
+        w = const_array(node.inputs[1]).astype(np.float64)
+        bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+        b = const_array(bias_value) if bias_value is not None else None
+        if bias_value is not None and (b is None or b.ndim != 1):
+            fits.append(
+                LayerFit(
+                    name,
+                    node.op_type,
+                    len(x_rows),
+                    float("nan"),
+                    None,
+                    "bias not a constant vector",
+                )
+            )
+            continue
+        # The weight as a [inputs, outputs] matrix over the row layout.
+        if node.op_type == "Conv":
+            matrix = w.reshape(w.shape[0], -1).T
+        elif node.op_type == "Gemm" and out_axis == 0:
+            matrix = w.T
+        else:
+            matrix = w
+        if b is None and node.op_type == "MatMul":
+            add = _compensation_add(node)
+            b = const_array(add.inputs[1]) if add is not None else None
+        bias = np.zeros(matrix.shape[1]) if b is None else b.astype(np.float64)
+        before = _relative_error(x_rows[test] @ matrix + bias, y_rows[test])
+        if len(train) < x_rows.shape[1] // 4:
+            fits.append(LayerFit(name, node.op_type, len(x_rows), before, None, "too few rows"))
+            continue
+        a = np.concatenate([x_rows[train], np.ones((len(train), 1))], axis=1)
+        gram = a.T @ a
+        # Each weight is shrunk relative to its own input's energy (a column 100x smaller must
+        # not be penalised 10,000x more), and the intercept not at all.
+        reg = ridge * np.diag(gram) + 1e-12
+        reg[-1] = 0.0
+        theta = np.linalg.solve(gram + np.diag(reg), a.T @ y_rows[train])
+        new_matrix, new_bias = theta[:-1], theta[-1]
+        after = _relative_error(x_rows[test] @ new_matrix + new_bias, y_rows[test])
+        if not after < before:
+            fits.append(LayerFit(name, node.op_type, len(x_rows), before, None, "fit not better"))
+            continue
+        if node.op_type == "Conv":
+            new_w = new_matrix.T.reshape(w.shape)
+        elif node.op_type == "Gemm" and out_axis == 0:
+            new_w = new_matrix.T
+        else:
+            new_w = new_matrix
+        _set_weights(pruned.graph, node, new_w.astype(np.float32), new_bias.astype(np.float32))
+        fits.append(LayerFit(name, node.op_type, len(x_rows), before, after))
+        logger.info("reconstruct %s: relative error %.4f -> %.4f", name, before, after)
+    return pruned, fits
+
+
+def _compensation_add(node: ir.Node) -> ir.Node | None:
+    """The Add that mean compensation put after a MatMul (rewrite.compensate), if any."""
+    for use in node.outputs[0].uses():
+        if use.node.op_type == "Add" and use.node.name == f"{node_name(node)}_pruning_bias":
+            return use.node
+    return None
+
+
+def _set_weights(graph: ir.Graph, node: ir.Node, w: np.ndarray, b: np.ndarray) -> None:
+    name = node_name(node)
+    node.replace_input_with(1, add_initializer(graph, f"{name}_reconstructed_w", w))
+    if node.op_type == "MatMul":
+        add = _compensation_add(node)
+        bias = add_initializer(graph, f"{name}_reconstructed_b", b)
+        if add is not None:  # the mean compensation's bias: the fitted intercept replaces it
+            add.replace_input_with(1, bias)
+        else:
+            out = node.outputs[0]
+            new = ir.node("Add", [out, bias], name=f"{name}_reconstructed_bias")
+            graph.insert_after(node, new)
+            out_name = out.name
+            out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+            new.replace_input_with(0, out)
+            out.name = f"{out_name}_before_bias"
+            new.outputs[0].name = out_name
+            new.outputs[0].type, new.outputs[0].shape = out.type, out.shape
+        return
+    if len(node.inputs) <= 2:
+        node.resize_inputs(3)
+    node.replace_input_with(2, add_initializer(graph, f"{name}_reconstructed_b", b))
