@@ -32,6 +32,16 @@ def build(text: str, weights: dict, seed: int = 0) -> ir.Model:
     return prepared(io.load_model(proto))
 
 
+def with_weights(text: str, tensors: dict, header: str = H) -> onnx.ModelProto:
+    """A model from ONNX text with the given arrays as float32 initializers."""
+    proto = onnx.parser.parse_model(header + text)
+    for name, array in tensors.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(np.asarray(array, np.float32), name)
+        )
+    return proto
+
+
 def prepared(model: ir.Model) -> ir.Model:
     model = model.clone()
     passes.drop_initializer_inputs(model)
@@ -564,11 +574,6 @@ def test_compensated_bias_is_sliced_with_its_own_pruned_outputs():
     """A consumer whose input group has a dead channel (compensated into a new bias) and whose
     own output channels are pruned in another group: the new bias must lose the same channels
     (onnxruntime 1.20+ refuses a Conv whose bias is longer than its output channels)."""
-    proto = onnx.parser.parse_model(
-        H + "g (float[N,3,6,6] x) => (float[N,2,6,6] y) {"
-        " a = Conv (x, w1, b1)\n r = Relu (a)\n c = Conv (r, w2)\n s = Relu (c)\n"
-        " y = Conv (s, w3) }"
-    )
     rng = np.random.default_rng(0)
     w1 = rng.normal(0, 0.5, (4, 3, 1, 1)).astype(np.float32)
     b1 = np.zeros(4, np.float32)
@@ -579,8 +584,12 @@ def test_compensated_bias_is_sliced_with_its_own_pruned_outputs():
         "w2": np.abs(rng.normal(0, 0.5, (8, 4, 1, 1))),  # its outputs all fire: none dead
         "w3": rng.normal(0, 0.5, (2, 8, 1, 1)),
     }
-    for name, array in tensors.items():
-        proto.graph.initializer.append(onnx.numpy_helper.from_array(array.astype(np.float32), name))
+    proto = with_weights(
+        "g (float[N,3,6,6] x) => (float[N,2,6,6] y) {"
+        " a = Conv (x, w1, b1)\n r = Relu (a)\n c = Conv (r, w2)\n s = Relu (c)\n"
+        " y = Conv (s, w3) }",
+        tensors,
+    )
     model = io.load_model(proto)
     samples = SyntheticSamples(input_specs(model), 16, seed=3)
     x = np.abs(next(samples.batches(16)).inputs["x"])
@@ -598,17 +607,15 @@ def test_unknown_ranks_block_groups_with_a_reason_instead_of_crashing(tmp_path, 
     """A contrib op onnx cannot infer leaves its output without a rank; the Concat that reads it
     (whose own rank is then unknown too) blocks the group, naming the tensor, and the command
     writes a valid model (the rules used to raise TypeError here)."""
-    proto = onnx.parser.parse_model(
-        '<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>\n'
+    rng = np.random.default_rng(0)
+    shapes = {"w0": (4, 3, 1, 1), "w1": (4, 3, 1, 1), "w2": (16, 8, 1, 1)}
+    proto = with_weights(
         "g (float[N,3,8,8] x) => (float[N,16,8,8] y) {"
         " a = Conv (x, w1)\n r = Relu (a)\n b = Conv (x, w0)\n g = com.microsoft.Gelu (b)\n"
-        " c = Concat <axis = 1> (r, g)\n y = Conv (c, w2) }"
+        " c = Concat <axis = 1> (r, g)\n y = Conv (c, w2) }",
+        {name: rng.normal(0, 0.5, shape) for name, shape in shapes.items()},
+        header='<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>\n',
     )
-    rng = np.random.default_rng(0)
-    for name, shape in {"w0": (4, 3, 1, 1), "w1": (4, 3, 1, 1), "w2": (16, 8, 1, 1)}.items():
-        proto.graph.initializer.append(
-            onnx.numpy_helper.from_array(rng.normal(0, 0.5, shape).astype(np.float32), name)
-        )
     path = tmp_path / "contrib.onnx"
     onnx.save(proto, path)
     model = io.load_model(path)
@@ -642,18 +649,16 @@ def test_missing_the_macs_target_is_reported(resnet_path):
 def test_reconstruction_is_exact_when_removed_channels_are_combinations_of_kept_ones():
     """Channel 3 is 0.1 x channel 0 (through the ReLU too): removing it loses nothing a refit of
     the 3x3 consumer cannot restore, so least squares must give back the original outputs."""
-    proto = onnx.parser.parse_model(
-        H + "g (float[N,3,6,6] x) => (float[N,5,6,6] y) {"
-        " a = Conv (x, w1, b1)\n r = Relu (a)\n"
-        " y = Conv <pads = [1, 1, 1, 1]> (r, w2, b2) }"
-    )
     rng = np.random.default_rng(0)
     w1 = rng.normal(0, 1.0, (4, 3, 1, 1)).astype(np.float32)
     b1 = rng.normal(0, 0.1, 4).astype(np.float32)
     w1[3], b1[3] = 0.1 * w1[0], 0.1 * b1[0]  # smallest L1 norm: pruned first
-    tensors = {"w1": w1, "b1": b1, "w2": rng.normal(0, 0.5, (5, 4, 3, 3)), "b2": np.zeros(5)}
-    for name, array in tensors.items():
-        proto.graph.initializer.append(onnx.numpy_helper.from_array(array.astype(np.float32), name))
+    proto = with_weights(
+        "g (float[N,3,6,6] x) => (float[N,5,6,6] y) {"
+        " a = Conv (x, w1, b1)\n r = Relu (a)\n"
+        " y = Conv <pads = [1, 1, 1, 1]> (r, w2, b2) }",
+        {"w1": w1, "b1": b1, "w2": rng.normal(0, 0.5, (5, 4, 3, 3)), "b2": np.zeros(5)},
+    )
     model = io.load_model(proto)
     samples = SyntheticSamples(input_specs(model), 64, seed=1)
     x = next(SyntheticSamples(input_specs(model), 8, seed=9).batches(8)).inputs["x"]
