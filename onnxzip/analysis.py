@@ -73,6 +73,8 @@ class InspectReport:
     # that can saturate onnxruntime's 16-bit pair sums on x86 CPUs without VNNI (None: no such
     # weights)
     int8_weights: tuple[int, int] | None = None
+    # the input shapes MACs were counted at (from samples or --input-shape), None: the model's
+    macs_shapes: dict[str, list[int]] | None = None
 
     def format(self, per_node: bool = False) -> str:
         lines = [
@@ -97,6 +99,10 @@ class InspectReport:
             if self.macs_complete
             else " (symbolic dims other than the batch counted as 1, or shapes unknown)"
         )
+        if self.macs_shapes:
+            note += " at input shapes " + ", ".join(
+                f"{k}={'x'.join(map(str, v))}" for k, v in self.macs_shapes.items()
+            )
         lines.append(f"MACs        {self.macs:,} per sample{note}")
         if self.int8_weights is not None:
             total, risky = self.int8_weights
@@ -251,11 +257,64 @@ def _tensor_info(value: ir.Value) -> TensorInfo:
     return TensorInfo(value.name or "", dtype, shape)
 
 
-def inspect_model(model, *, source: str | None = None) -> InspectReport:
-    """Describes a model given as a path, ``ModelProto`` or ``onnx_ir.Model``.
+def sample_shapes(samples) -> dict[str, list[int]]:
+    """The input shapes of one real sample (batch 1), for counting MACs where the model's own
+    shapes are symbolic (image height and width, sequence length)."""
+    batch = next(iter(samples.batches(1)))
+    return {name: [1, *array.shape[1:]] for name, array in batch.inputs.items()}
+
+
+def shapes_for_macs(model: ir.Model, samples) -> dict[str, list[int]] | None:
+    """The samples' input shapes when some model input has a symbolic dimension besides the
+    batch (MACs would otherwise count it as 1), else None."""
+    if samples is None:
+        return None
+    for value in model.graph.inputs:
+        if value.is_initializer() or value.shape is None:
+            continue
+        if any(not isinstance(d, int) for d in list(value.shape)[1:]):
+            return sample_shapes(samples)
+    return None
+
+
+def with_input_shapes(model: ir.Model, shapes: dict[str, list[int]], name: str = "model"):
+    """A copy of ``model`` with the given graph input shapes and every shape inferred from them.
+
+    A symbolic first dimension stays symbolic, so MACs are still counted per sample.
 
     Raises:
-        ModelError: the model cannot be loaded.
+        InputError: an input name the model does not have, or a shape of the wrong rank.
+        ModelError: the shapes contradict the model (shape inference fails).
+    """
+    from onnxzip.errors import InputError
+
+    fixed = model.clone()
+    inputs = {v.name: v for v in fixed.graph.inputs if not v.is_initializer()}
+    for key, dims in shapes.items():
+        value = inputs.get(key)
+        if value is None:
+            raise InputError(f"{name}: input shape for '{key}', which is not a model input")
+        old = list(value.shape) if value.shape is not None else None
+        if old is not None and len(old) != len(dims):
+            raise InputError(
+                f"{name}: input '{key}' has rank {len(old)}, the shape given has {len(dims)}"
+            )
+        if old and not isinstance(old[0], int):
+            dims = [old[0], *dims[1:]]
+        value.shape = ir.Shape(dims)
+    return io.reinfer_shapes(fixed, name)
+
+
+def inspect_model(
+    model, *, source: str | None = None, input_shapes: dict[str, list[int]] | None = None
+) -> InspectReport:
+    """Describes a model given as a path, ``ModelProto`` or ``onnx_ir.Model``.
+
+    ``input_shapes`` (e.g. from ``sample_shapes``) fixes symbolic non-batch input dimensions
+    for counting MACs; without it they count as 1 and the total is marked incomplete.
+
+    Raises:
+        ModelError: the model cannot be loaded, or ``input_shapes`` contradict it.
     """
     file_bytes = None
     if isinstance(model, (str, Path)):
@@ -263,6 +322,9 @@ def inspect_model(model, *, source: str | None = None) -> InspectReport:
     ir_model = io.load_model(model, name=source)
     if isinstance(model, (str, Path)):
         file_bytes = io.file_size(model)
+    counted = ir_model
+    if input_shapes:
+        counted = with_input_shapes(ir_model, input_shapes, source or "model")
     graph = ir_model.graph
     batch_names = {
         v.shape[0].value
@@ -281,8 +343,8 @@ def inspect_model(model, *, source: str | None = None) -> InspectReport:
 
     per_node = []
     complete = True
-    symbolic = symbolic_dims(ir_model)
-    for node in graph:
+    symbolic = symbolic_dims(counted)
+    for node in counted.graph:
         if node.op_type in MAC_OPS and node.domain in (
             "",
             "ai.onnx",
@@ -310,4 +372,5 @@ def inspect_model(model, *, source: str | None = None) -> InspectReport:
         macs_complete=complete,
         macs_per_node=per_node,
         int8_weights=int8_weight_risk(ir_model),
+        macs_shapes=dict(input_shapes) if input_shapes else None,
     )

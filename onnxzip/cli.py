@@ -224,6 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="list the coupled-channel groups pruning would see, and what blocks each blocked one",
     )
+    shapes = p.add_mutually_exclusive_group()
+    shapes.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=DIMS",
+        help="count MACs at this input shape (e.g. image=1x3x736x736; repeat per input) where "
+        "the model's own dimensions are symbolic",
+    )
+    shapes.add_argument(
+        "--data",
+        type=Path,
+        metavar="D",
+        help="count MACs at the input shapes of the first sample of D",
+    )
     _common(p)
     p.set_defaults(func=_cmd_inspect)
 
@@ -594,9 +609,26 @@ def _emit(report, args: argparse.Namespace, text: str) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from onnxzip.analysis import inspect_model
+    from onnxzip.analysis import inspect_model, sample_shapes
 
-    report = inspect_model(args.model)
+    shapes = {}
+    for item in args.input_shape:
+        name, _, dims = item.partition("=")
+        try:
+            shapes[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            raise InputError(
+                f"--input-shape '{item}': expected NAME=DIMS with DIMS like 1x3x224x224"
+            ) from None
+        if not name or any(d < 1 for d in shapes[name]):
+            raise InputError(f"--input-shape '{item}': a name and positive dimensions are needed")
+    if args.data is not None:
+        from onnxzip import io
+        from onnxzip.data import input_specs, open_samples
+
+        model = io.load_model(args.model, name=str(args.model))
+        shapes = sample_shapes(open_samples(input_specs(model), args.data))
+    report = inspect_model(args.model, input_shapes=shapes or None)
     text = report.format(per_node=args.per_node)
     if args.groups:
         from onnxzip.pruning import analyse, format_groups

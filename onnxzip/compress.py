@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import engine, io
-from onnxzip.analysis import inspect_model
+from onnxzip.analysis import inspect_model, shapes_for_macs
 from onnxzip.data import Samples
 from onnxzip.engine import EngineUnavailable
 from onnxzip.errors import InputError
@@ -182,8 +182,8 @@ def _ratio(a, b):
     return None if not b else round(a / b, 3)
 
 
-def _summary(model: ir.Model) -> dict:
-    info = inspect_model(model)
+def _summary(model: ir.Model, shapes: dict | None = None) -> dict:
+    info = inspect_model(model, input_shapes=shapes)
     return {
         "file_bytes": len(io.model_bytes(model)),
         "parameters": info.parameters,
@@ -258,7 +258,12 @@ def compress(
     if config.target_opset is not None and config.target_opset != original.opset_imports.get(""):
         original = io.convert_opset(original, config.target_opset, source)
     report = CompressReport(
-        source, config, samples.describe(), samples.synthetic, _summary(original), {}
+        source,
+        config,
+        samples.describe(),
+        samples.synthetic,
+        _summary(original, shapes_for_macs(original, samples)),
+        {},
     )
     current = original
     budget = config.max_drop is not None or config.min_cosine is not None
@@ -399,7 +404,7 @@ def compress(
         candidate_name="compressed",
     )
     timings["verify"] = time.perf_counter() - t0
-    report.after = _summary(current)
+    report.after = _summary(current, shapes_for_macs(original, samples))
     if config.latency:
         t0 = time.perf_counter()
         report.latency_ms = _latency({"original": original, "compressed": current}, samples)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import ONNX_DATA, parse
+from conftest import ONNX_DATA, parse, run_cli
 
+from onnxzip import io
 from onnxzip.analysis import inspect_model
+from onnxzip.data import NpzSamples, input_specs
 
 
 def test_digits_resnet_matches_hand_count(resnet_path):
@@ -115,3 +117,63 @@ def test_light_architectures_are_inspected_completely(path):
     report = inspect_model(path)
     assert report.macs_complete and report.macs > 1e8
     assert report.nodes == sum(report.op_histogram.values()) > 10
+
+
+def _detector(tmp_path):
+    """Three convolutions on an input of symbolic height and width, as detectors are exported."""
+    import onnx.helper
+    import onnx.numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        onnx.helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        onnx.helper.make_node("Relu", ["c1"], ["r1"]),
+        onnx.helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("Relu", ["c2"], ["r2"]),
+        onnx.helper.make_node("Conv", ["r2", "w3"], ["y"]),
+    ]
+    weights = {"w1": (16, 3, 3, 3), "w2": (32, 16, 3, 3), "w3": (4, 32, 1, 1)}
+    graph = onnx.helper.make_graph(
+        nodes,
+        "det",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, "h", "w"])],
+        [
+            onnx.numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32), n)
+            for n, s in weights.items()
+        ],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    path = tmp_path / "det.onnx"
+    onnx.save(proto, str(path))
+    data = tmp_path / "det.npz"
+    np.savez(data, x=rng.normal(size=(8, 3, 64, 64)).astype(np.float32))
+    return path, data
+
+
+def _det_macs(side: int) -> int:
+    half = side // 2  # the first convolution has stride 2
+    return half * half * (16 * 27 + 32 * 144 + 4 * 32)
+
+
+def test_macs_at_real_input_shapes_when_spatial_dims_are_symbolic(tmp_path, capsys):
+    from onnxzip.pruning import PruneConfig, prune
+
+    path, data = _detector(tmp_path)
+    plain = inspect_model(path)
+    assert not plain.macs_complete and plain.macs == _det_macs(2)  # H = W = 1: meaningless
+    fixed = inspect_model(path, input_shapes={"x": [1, 3, 320, 320]})
+    assert fixed.macs == _det_macs(320) and fixed.macs_complete
+    code, out, err = run_cli(["inspect", path, "--data", data], capsys)
+    assert (
+        code == 0 and f"MACs        {_det_macs(64):,} per sample at input shapes x=1x3x64x64" in out
+    )
+    code, out, err = run_cli(["inspect", path, "--input-shape", "x=1x3x5"], capsys)
+    assert code == 2 and "has rank 4, the shape given has 3" in err
+    # With samples, pruning measures (and searches its target) at the samples' shapes.
+    samples = NpzSamples(data, input_specs(io.load_model(path)))
+    pruned, report = prune(path, PruneConfig(target_macs=0.5), samples=samples)
+    assert report.macs_before == _det_macs(64)
+    assert report.target_met and report.macs_after <= 0.5 * report.macs_before
+    assert report.macs_after == inspect_model(pruned, input_shapes={"x": [1, 3, 64, 64]}).macs

@@ -25,7 +25,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import io, passes
-from onnxzip.analysis import inspect_model, node_macs, symbolic_dims
+from onnxzip.analysis import (
+    inspect_model,
+    node_macs,
+    shapes_for_macs,
+    symbolic_dims,
+    with_input_shapes,
+)
 from onnxzip.data import Samples
 from onnxzip.errors import InputError, ModelError
 from onnxzip.pruning import importance, reconstruct, rewrite
@@ -363,7 +369,10 @@ def prune(
     passes.lift_constants(work)
     passes.sum_to_add(work)
     plain = work.clone() if samples is not None and config.compensation == "auto" else None
-    before = inspect_model(work, source=source)
+    # With samples, MACs (and the --target-macs search) use their shapes where the model's
+    # spatial or sequence dimensions are symbolic.
+    shapes = shapes_for_macs(work, samples)
+    before = inspect_model(work, source=source, input_shapes=shapes)
     groups = find_groups(work)
     timings["analyse"] = time.perf_counter() - t0
 
@@ -400,10 +409,11 @@ def prune(
         scores[g.id] = s
         if note:
             notes[g.id] = note
-    batch_names = symbolic_dims(work)  # MACs per sample and per token
+    counted = with_input_shapes(work, shapes, source) if shapes else work
+    batch_names = symbolic_dims(counted)  # MACs per sample (and per token without samples)
     base = {
         node_name(n): node_macs(n, batch_names) or 0
-        for n in work.graph
+        for n in counted.graph
         if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
     }
     macs0 = sum(base.values())
@@ -480,7 +490,7 @@ def prune(
             reference, pruned, kept, samples, batch_size=config.batch_size
         )
         timings["reconstruct"] = time.perf_counter() - t0
-    after = inspect_model(pruned, source=source)
+    after = inspect_model(pruned, source=source, input_shapes=shapes)
 
     reports = []
     for g in groups:
