@@ -164,9 +164,37 @@ def _in_split(start: int, n: int, split: str, holdout: float) -> np.ndarray:
     return held if split == "holdout" else ~held
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available now (None where the OS does not say: the checks are skipped)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
 def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shapes and dtypes of every array in an ``.npz`` without reading the data."""
+    """Shapes and dtypes of every array in an ``.npz`` without reading the data.
+
+    Each array's size from its header is checked against what the archive holds for it and
+    against the memory available, before anything is allocated: a header that declares
+    gigabytes in a small file, or a compressed member that would expand beyond memory, is
+    refused in one line.
+    """
     headers = {}
+    budget = available_memory()
     try:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
@@ -178,7 +206,24 @@ def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                         shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
                     else:
                         shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
-                headers[info.filename[: -len(".npy")]] = (tuple(shape), np.dtype(dtype))
+                    header_bytes = member.tell()
+                name = info.filename[: -len(".npy")]
+                dtype = np.dtype(dtype)
+                if dtype.hasobject:
+                    raise DataError(f"{path}: array '{name}' holds Python objects (not read)")
+                nbytes = math.prod(shape) * dtype.itemsize
+                if nbytes > info.file_size - header_bytes:
+                    raise DataError(
+                        f"{path}: array '{name}' declares {nbytes:,} bytes but the archive holds "
+                        f"{max(info.file_size - header_bytes, 0):,}: truncated or corrupt"
+                    )
+                if budget is not None and nbytes > budget // 4:
+                    raise DataError(
+                        f"{path}: array '{name}' holds {_gib(nbytes)}, more than a quarter of the "
+                        f"memory available ({_gib(budget)}): split the samples into a folder of "
+                        "smaller .npz files"
+                    )
+                headers[name] = (tuple(shape), dtype)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
     return headers
@@ -419,9 +464,12 @@ class NpzSamples(Samples):
 
     def chunks(self) -> Iterator[Batch]:
         for file in self.files:
-            with np.load(file, allow_pickle=False) as archive:
-                inputs = {spec.name: archive[spec.name] for spec in self.specs}
-                labels = archive[LABELS].astype(np.int64) if LABELS in archive.files else None
+            try:
+                with np.load(file, allow_pickle=False) as archive:
+                    inputs = {spec.name: archive[spec.name] for spec in self.specs}
+                    labels = archive[LABELS].astype(np.int64) if LABELS in archive.files else None
+            except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+                raise DataError(f"{file}: cannot be read: {exc}") from exc
             for name, array in inputs.items():
                 if array.dtype.kind in "fc":
                     bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
@@ -459,9 +507,25 @@ class SyntheticSamples(Samples):
     def describe(self) -> str:
         return f"{self.count} synthetic samples"
 
+    def _sample_bytes(self) -> int:
+        total = 0
+        for spec in self.specs:
+            full = spec.shape if self.unbatched else spec.shape[1:]
+            dims = [d if isinstance(d, int) else SYNTHETIC_DIM for d in full]
+            total += math.prod(dims) * 8  # drawn as float64 / int64 before the cast
+        return total
+
     def chunks(self) -> Iterator[Batch]:
         rng = np.random.default_rng(self.seed)
-        step = 256
+        per_sample = self._sample_bytes()
+        budget = available_memory()
+        if budget is not None and per_sample > budget // 4:
+            raise DataError(
+                f"--synthetic: one random sample would take {_gib(per_sample)} "
+                f"(memory available: {_gib(budget)}); check the model's input shapes"
+            )
+        # At most 256 samples per chunk, and chunks of at most 256 MiB.
+        step = max(1, min(256, (2**28) // max(per_sample, 1)))
         for start in range(0, self.count, step):
             n = min(step, self.count - start)
             inputs = {}

@@ -542,3 +542,59 @@ def test_output_through_a_symbolic_link_keeps_the_link(tmp_path, resnet_path, ca
     assert link.is_symlink() and report_link.is_symlink()
     onnx.checker.check_model(str(real), full_check=True)
     assert json.loads(report.read_text())  # the report went to the link's target
+
+
+# -- reading is bounded ---------------------------------------------------------------------------
+
+
+def _forged_npz(path: Path, shape: tuple, payload: bytes = b"\0" * 64) -> Path:
+    """An .npz whose header declares ``shape`` float32 but which holds only ``payload``."""
+    import io as _io
+    import zipfile
+
+    member = _io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        member, {"descr": "<f4", "fortran_order": False, "shape": shape}
+    )
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("input.npy", member.getvalue() + payload)
+    return path
+
+
+def test_npz_header_declaring_gigabytes_in_a_small_file_is_refused(tmp_path, resnet_path, capsys):
+    data = _forged_npz(tmp_path / "bomb.npz", (2**28, 1, 8, 8))  # 64 GiB declared, 64 bytes held
+    out = tmp_path / "q.onnx"
+    code, _, err = run_cli(["quantize", resnet_path, "-o", out, "--data", data], capsys)
+    assert code == 2, err
+    assert (
+        "declares" in err and "truncated or corrupt" in err and len(err.strip().splitlines()) == 1
+    )
+    assert not out.exists()
+
+
+def test_npz_larger_than_the_memory_budget_is_refused(
+    tmp_path, resnet_path, calib_npz, capsys, monkeypatch
+):
+    from onnxzip import data as data_module
+
+    monkeypatch.setattr(data_module, "available_memory", lambda: 100_000)  # 100 kB "available"
+    code, _, err = run_cli(
+        ["quantize", resnet_path, "-o", tmp_path / "q.onnx", "--data", calib_npz], capsys
+    )
+    assert code == 2, err
+    assert (
+        "more than a quarter of the memory available" in err and len(err.strip().splitlines()) == 1
+    )
+
+
+def test_synthetic_samples_that_cannot_fit_are_refused(tmp_path, capsys):
+    proto = parse(
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "g (float[N, 2000000000] x) => (float[N, 2000000000] y) { y = Relu (x) }"
+    )
+    path = save(proto, tmp_path / "wide.onnx")
+    code, _, err = run_cli(
+        ["quantize", path, "-o", tmp_path / "q.onnx", "--synthetic", "8"], capsys
+    )
+    assert code == 2, err
+    assert "one random sample would take" in err and len(err.strip().splitlines()) == 1
