@@ -18,7 +18,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-# First, before anything imports onnx_ir or onnxruntime: what start-up can skip.
+# First: one-line exits for signals during start-up (python -m onnxzip only), and what
+# start-up can skip, before anything imports onnx_ir or onnxruntime.
+from onnxzip import _startup
+
+_startup.install()
 from onnxzip import _lazy_imports  # noqa: F401
 from onnxzip.analysis import InspectReport, inspect_model
 from onnxzip.compress import CompressConfig, CompressReport, compress

@@ -13,7 +13,14 @@ import sys
 from pathlib import Path
 
 from onnxzip import __version__, progress
-from onnxzip.errors import EXIT_INTERNAL, EXIT_OK, EXIT_PARITY, InputError, OnnxzipError
+from onnxzip.errors import (
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_PARITY,
+    InputError,
+    OnnxzipError,
+    Terminated,
+)
 
 logger = logging.getLogger("onnxzip")
 
@@ -902,7 +909,18 @@ def _configure_logging(args: argparse.Namespace) -> None:
     progress.set_enabled(False if args.quiet else None)
 
 
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here
+        if hasattr(signal, "SIGTERM"):
+            signal.signal(signal.SIGTERM, _on_sigterm)
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
@@ -922,6 +940,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxzip: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("onnxzip: terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:
         # The reader of stdout went away (`| head`): the work is done, nothing more to say.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -39,3 +39,8 @@ class ParityError(OnnxzipError):
 
 class NoSamplesError(DataError):
     """A data set, or the part of it a split selects, holds no samples."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised where the program is, so that every cleanup runs (not an
+    ``Exception``: nothing may catch it by accident)."""

@@ -504,6 +504,24 @@ def _check_full(model: bytes | str, target: Path) -> None:
         ) from exc
 
 
+def remove_stale_temporaries(folder: Path) -> None:
+    """Removes ``.onnxzip-PID-*`` folders that a killed run left in ``folder`` (its process
+    is gone); folders of running processes and anything else are left alone."""
+    if os.name != "posix":
+        return
+    for path in folder.glob(".onnxzip-*-*"):
+        pid = path.name.split("-")[1]
+        if not pid.isdigit() or not path.is_dir() or path.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info("removed %s, left by a run that was killed", path)
+        except OSError:
+            continue  # another user's process, or no permission to ask: leave it
+
+
 def save_model(
     model: ir.Model,
     path: str | os.PathLike,
@@ -540,8 +558,9 @@ def save_model(
         )
     data_name = target.name + ".data" if weights_nbytes(model) > external_data_threshold else None
 
+    remove_stale_temporaries(folder)
     try:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxzip-", dir=folder))
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".onnxzip-{os.getpid()}-", dir=folder))
     except OSError as exc:
         raise InputError(f"{target}: cannot write in '{folder}': {exc.strerror or exc}") from exc
     try:

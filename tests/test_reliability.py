@@ -598,3 +598,62 @@ def test_synthetic_samples_that_cannot_fit_are_refused(tmp_path, capsys):
     )
     assert code == 2, err
     assert "one random sample would take" in err and len(err.strip().splitlines()) == 1
+
+
+# -- signals --------------------------------------------------------------------------------------
+
+
+def _start(args: list, tmp: Path, env_extra: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "onnxzip", *map(str, args)],
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_sigterm_mid_run_exits_in_one_line_and_leaves_nothing(tmp_path, resnet_path, calib_npz):
+    """SIGTERM during recovery (the training worker running): one line, exit 143, no model, no
+    temporary folder beside the target or in TMPDIR, the worker gone."""
+    work, scratch = tmp_path / "work", tmp_path / "scratch"
+    work.mkdir()
+    scratch.mkdir()
+    args = ["prune", resnet_path, "-o", work / "p.onnx", "--ratio", "0.3", "--data", calib_npz]
+    proc = _start([*args, "--recover-steps", "200000"], work, {"TMPDIR": str(scratch)})
+    time.sleep(6)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines() == ["onnxzip: terminated"], err
+    assert list(work.iterdir()) == []
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("onnxzip")] == []
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path, resnet_path, calib_npz):
+    proc = _start(
+        ["quantize", resnet_path, "-o", tmp_path / "q.onnx", "--data", calib_npz], tmp_path
+    )
+    time.sleep(0.3)  # still importing numpy, onnx, onnxruntime
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["onnxzip: interrupted"], err
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(
+    tmp_path, resnet_path, calib_npz, capsys
+):
+    dead = tmp_path / ".onnxzip-999999999-left"  # no such process
+    dead.mkdir()
+    (dead / "half.onnx").write_bytes(b"partial")
+    alive = tmp_path / f".onnxzip-{os.getpid()}-busy"  # a running process's: kept
+    alive.mkdir()
+    code, _, err = run_cli(
+        ["quantize", resnet_path, "-o", tmp_path / "q.onnx", "--data", calib_npz], capsys
+    )
+    assert code == 0, err
+    assert not dead.exists() and alive.exists()
