@@ -914,13 +914,30 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; SIGINT raises KeyboardInterrupt and SIGTERM ``Terminated`` meanwhile
+    (both unwind with cleanup), and the caller's handlers are put back afterwards."""
     import signal
     import threading
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here
-        if hasattr(signal, "SIGTERM"):
-            signal.signal(signal.SIGTERM, _on_sigterm)
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    saved = {
+        sig: signal.getsignal(sig)
+        for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None))
+        if sig
+    }
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
