@@ -18,6 +18,7 @@ networks onnxzip targets and no int8 kernel changes their cost.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,10 +28,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import io
+from onnxzip.errors import InputError
 from onnxzip.passes import const_array
 from onnxzip.quantize.params import pair_overflow_channels
 from onnxzip.quantize.rules import is_depthwise, weight_channel_axis
 from onnxzip.report import table
+
+logger = logging.getLogger(__name__)
 
 # Integer initializers of these types are shapes, axes and indices, not parameters.
 _INDEX_TYPES = {ir.DataType.INT64}
@@ -286,8 +290,6 @@ def with_input_shapes(model: ir.Model, shapes: dict[str, list[int]], name: str =
         InputError: an input name the model does not have, or a shape of the wrong rank.
         ModelError: the shapes contradict the model (shape inference fails).
     """
-    from onnxzip.errors import InputError
-
     fixed = model.clone()
     inputs = {v.name: v for v in fixed.graph.inputs if not v.is_initializer()}
     for key, dims in shapes.items():
@@ -306,12 +308,17 @@ def with_input_shapes(model: ir.Model, shapes: dict[str, list[int]], name: str =
 
 
 def inspect_model(
-    model, *, source: str | None = None, input_shapes: dict[str, list[int]] | None = None
+    model,
+    *,
+    source: str | None = None,
+    input_shapes: dict[str, list[int]] | None = None,
+    strict_shapes: bool = True,
 ) -> InspectReport:
     """Describes a model given as a path, ``ModelProto`` or ``onnx_ir.Model``.
 
     ``input_shapes`` (e.g. from ``sample_shapes``) fixes symbolic non-batch input dimensions
-    for counting MACs; without it they count as 1 and the total is marked incomplete.
+    for counting MACs; without it they count as 1 and the total is marked incomplete. With
+    ``strict_shapes=False`` shapes that do not infer fall back to that instead of raising.
 
     Raises:
         ModelError: the model cannot be loaded, or ``input_shapes`` contradict it.
@@ -324,7 +331,14 @@ def inspect_model(
         file_bytes = io.file_size(model)
     counted = ir_model
     if input_shapes:
-        counted = with_input_shapes(ir_model, input_shapes, source or "model")
+        try:
+            counted = with_input_shapes(ir_model, input_shapes, source or "model")
+        except InputError:
+            if strict_shapes:
+                raise
+            # Shapes taken from samples that the model's inference cannot use: count as before.
+            logger.warning("MACs counted at the model's own shapes: the samples' do not infer")
+            input_shapes = None
     graph = ir_model.graph
     batch_names = {
         v.shape[0].value

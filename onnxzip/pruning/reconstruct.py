@@ -73,33 +73,43 @@ def _layout(node: ir.Node, cuts: dict) -> tuple[int, int] | None:
     return None
 
 
-def _conv_rows(node: ir.Node, x: np.ndarray, y: np.ndarray, picks: int, rng) -> tuple:
-    """Input patches and outputs at ``picks`` random output positions of a 2-D Conv."""
+def _pick(node: ir.Node, y: np.ndarray, picks: int, rng) -> np.ndarray:
+    """Which output rows of this batch to fit on: flat indices into (sample, height, width) for a
+    Conv, into every leading axis for Gemm/MatMul."""
+    if node.op_type == "Conv":
+        total = y.shape[0] * y.shape[2] * y.shape[3]
+    else:
+        total = int(np.prod(y.shape[:-1]))
+    return rng.choice(total, size=min(picks, total), replace=False)
+
+
+def _out_rows(node: ir.Node, y: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """The layer's output rows at the picked positions."""
+    if node.op_type != "Conv":
+        return y.reshape(-1, y.shape[-1])[flat]
+    ni, rest = np.divmod(flat, y.shape[2] * y.shape[3])
+    hi, wi = np.divmod(rest, y.shape[3])
+    return y[ni, :, hi, wi]
+
+
+def _in_rows(node: ir.Node, x: np.ndarray, flat: np.ndarray, out_hw: tuple) -> np.ndarray:
+    """The layer's input rows at the picked positions: for a Conv, the patch each picked output
+    position reads (``out_hw``: the output's height and width)."""
+    if node.op_type != "Conv":
+        return x.reshape(-1, x.shape[-1])[flat]
     kh, kw = const_array(node.inputs[1]).shape[2:]
     sh, sw = _attr_ints(node, "strides", [1, 1])
     dh, dw = _attr_ints(node, "dilations", [1, 1])
     pads = _attr_ints(node, "pads", [0, 0, 0, 0])
     xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    n, _, oh, ow = y.shape
-    total = n * oh * ow
-    flat = rng.choice(total, size=min(picks, total), replace=False)
+    oh, ow = out_hw
     ni, rest = np.divmod(flat, oh * ow)
     hi, wi = np.divmod(rest, ow)
     rows_h = (hi * sh)[:, None] + (np.arange(kh) * dh)[None, :]  # [R, kh]
     rows_w = (wi * sw)[:, None] + (np.arange(kw) * dw)[None, :]  # [R, kw]
     patches = xp[ni[:, None, None, None], np.arange(x.shape[1])[None, :, None, None],
                  rows_h[:, None, :, None], rows_w[:, None, None, :]]  # fmt: skip
-    return patches.reshape(len(flat), -1), y[ni, :, hi, wi]
-
-
-def _rows(node, x, y, picks, rng):
-    if node.op_type == "Conv":
-        return _conv_rows(node, x, y, picks, rng)
-    xr, yr = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-    if len(xr) > picks:
-        take = rng.choice(len(xr), size=picks, replace=False)
-        xr, yr = xr[take], yr[take]
-    return xr, yr
+    return patches.reshape(len(flat), -1)
 
 
 def _relative_error(pred: np.ndarray, target: np.ndarray) -> float:
@@ -140,30 +150,42 @@ def reconstruct(
     fits: list[LayerFit] = []
     if not todo:
         return pruned, fits
+    # One pass of the reference: each layer's target rows at positions picked per batch.
     targets = [ref_nodes[node_name(n)].outputs[0].name for n, _, _ in todo]
     teacher = Runner(expose(reference, targets), name="reference", optimization="none")
-    for node, _in_axis, out_axis in progress.bar(todo, desc="reconstruct", unit="layer"):
-        name = node_name(node)
-        ref = ref_nodes[name]
-        xs, ys = [], []
-        seen = 0
-        student = Runner(
-            expose(pruned, [node.inputs[0].name]), name="pruned model", optimization="none"
-        )
-        for batch in samples.batches(batch_size, split, holdout or 0.5):
-            x = student.run(batch, [node.inputs[0].name])[node.inputs[0].name]
-            y = teacher.run(batch, [ref.outputs[0].name])[ref.outputs[0].name]
+    # (picked positions, output height and width) per batch, and the target rows there
+    picked: dict[str, list[tuple[np.ndarray, tuple]]] = {node_name(n): [] for n, _, _ in todo}
+    wanted: dict[str, list[np.ndarray]] = {node_name(n): [] for n, _, _ in todo}
+    seen = 0
+    for batch in samples.batches(batch_size, split, holdout or 0.5):
+        out = teacher.run(batch, targets)
+        share = max(1, rows_per_layer * len(batch) // max_samples)
+        for node, _, out_axis in todo:
+            name = node_name(node)
+            y = out[ref_nodes[name].outputs[0].name]
             keep_out = kept[name].get(out_axis)
             if keep_out is not None:
                 y = np.take(y, keep_out, axis=1 if node.op_type == "Conv" else -1)
-            share = max(1, rows_per_layer * len(batch) // max_samples)
-            xr, yr = _rows(node, x.astype(np.float64), y.astype(np.float64), share, rng)
-            xs.append(xr)
-            ys.append(yr)
-            seen += len(batch)
-            if seen >= max_samples:
-                break
-        x_rows, y_rows = np.concatenate(xs), np.concatenate(ys)
+            flat = _pick(node, y, share, rng)
+            picked[name].append((flat, tuple(y.shape[2:4])))
+            wanted[name].append(_out_rows(node, y, flat).astype(np.float64))
+        del out
+        seen += len(batch)
+        if seen >= max_samples:
+            break
+    for node, _in_axis, out_axis in progress.bar(todo, desc="reconstruct", unit="layer"):
+        name = node_name(node)
+        student = Runner(
+            expose(pruned, [node.inputs[0].name]), name="pruned model", optimization="none"
+        )
+        xs = []
+        # The same batches again (the stream is deterministic), not kept in memory.
+        stream = samples.batches(batch_size, split, holdout or 0.5)
+        for (flat, out_hw), batch in zip(picked[name], stream, strict=False):
+            x = student.run(batch, [node.inputs[0].name])[node.inputs[0].name]
+            xs.append(_in_rows(node, x.astype(np.float64), flat, out_hw))
+        x_rows = np.concatenate(xs)
+        y_rows = np.concatenate(wanted[name])
         order = rng.permutation(len(x_rows))
         cut = max(1, len(order) // 5)
         test, train = order[:cut], order[cut:]
