@@ -604,3 +604,45 @@ def test_weights_in_constant_nodes_count_as_weights(tmp_path, capsys):
     )
     assert code == 0, err
     assert f"weights      {w.nbytes} -> " in out
+
+
+def test_a_model_with_nothing_to_quantize_says_so_instead_of_pass(tmp_path, capsys):
+    """Every weight sits inside an If branch: the main graph has nothing to quantize. The report
+    says NOTHING instead of a calibration on 0 samples and a PASS."""
+    import onnx.helper
+    import onnx.numpy_helper
+
+    w = onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    then_g = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["t"])],
+        "then",
+        [],
+        [onnx.helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, ["N", 4])],
+    )
+    else_g = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["e"])],
+        "else",
+        [],
+        [onnx.helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, ["N", 4])],
+    )
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+            onnx.helper.make_node("Greater", ["s", "z"], ["c"]),
+            onnx.helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g),
+        ],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])],
+        [w, onnx.numpy_helper.from_array(np.array(0.0, np.float32), "z")],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    path = tmp_path / "if.onnx"
+    onnx.save(proto, str(path))
+    code, out, err = run_cli(
+        ["quantize", path, "-o", tmp_path / "q.onnx", "--synthetic", "16"], capsys
+    )
+    assert code == 0, err
+    assert "quantized    NOTHING" in out and "NOTHING QUANTIZED" in out
+    assert "PASS" not in out and "on 0 samples" not in out

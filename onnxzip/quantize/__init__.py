@@ -165,7 +165,9 @@ class QuantizeReport:
         lines = [
             f"model        {self.source}",
             (
-                f"calibration  {c.calibration}{f' {c.percentile}' if c.calibration == 'percentile' else ''} on "
+                "calibration  none (nothing to calibrate)"
+                if c.mode == "static" and not self.quantized_ops
+                else f"calibration  {c.calibration}{f' {c.percentile}' if c.calibration == 'percentile' else ''} on "
                 f"{self.calibration_samples} samples of {self.data}{' (SYNTHETIC)' if self.synthetic else ''}"
                 if c.mode == "static"
                 else f"mode         dynamic (no calibration); verified on {self.data}"
@@ -178,7 +180,13 @@ class QuantizeReport:
             ),
             f"weight range {self.weight_range}",
             "quantized    "
-            + ", ".join(f"{op} x{n}" for op, n in sorted(self.quantized_ops.items())),
+            + (
+                ", ".join(f"{op} x{n}" for op, n in sorted(self.quantized_ops.items()))
+                if self.quantized_ops
+                else "NOTHING: no node of the main graph was quantized"
+                + (" (see 'kept in float')" if self.kept_float else "")
+                + "; weights inside If/Loop/Scan bodies, if any, stay float"
+            ),
             f"folded       {len(self.folded_activations)} ReLU/Clip into their producers' ranges",
             f"Q/DQ         {self.qdq_pairs} activation pairs, {self.weights_quantized} weights, "
             f"{self.biases_quantized} biases",
@@ -204,7 +212,12 @@ class QuantizeReport:
                 f"accuracy guard: {g.target}: {state}; metric {g.metric_before:.4f} -> {g.metric_after:.4f} "
                 f"on {g.evaluated_samples} held-out samples, {len(g.kept_float)} of {g.candidates} layers kept in float"
             )
-        if self.parity is not None:
+        if self.parity is not None and not self.quantized_ops:
+            lines += [
+                "",
+                "NOTHING QUANTIZED: the model written is the float model (no parity verdict)",
+            ]
+        elif self.parity is not None:
             lines.append("")
             lines.append(self.parity.format())
         return "\n".join(lines)
