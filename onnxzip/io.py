@@ -25,6 +25,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -504,6 +506,19 @@ def _check_full(model: bytes | str, target: Path) -> None:
         ) from exc
 
 
+def _own_data_files(target: Path) -> list[Path]:
+    """External data files of the model at ``target`` that onnxzip named after it
+    (``<name>.data`` or ``<name>.<8 hex>.data`` in the same folder): replaced with the model."""
+    if not target.is_file():
+        return []
+    pattern = re.compile(re.escape(target.name) + r"(\.[0-9a-f]{8})?\.data")
+    return [
+        f
+        for f in external_data_files(target)
+        if f.parent.resolve() == target.parent.resolve() and pattern.fullmatch(f.name)
+    ]
+
+
 def remove_stale_temporaries(folder: Path) -> None:
     """Removes ``.onnxzip-PID-*`` folders that a killed run left in ``folder`` (its process
     is gone); folders of running processes and anything else are left alone."""
@@ -556,7 +571,13 @@ def save_model(
             f"{target}: refusing to write opset {opset} (the installed onnxruntime runs "
             f"<= {max_opset()})"
         )
-    data_name = target.name + ".data" if weights_nbytes(model) > external_data_threshold else None
+    data_name = None
+    if weights_nbytes(model) > external_data_threshold:
+        # A name unique to this write: it never overwrites another model's data, and readers
+        # see the old model with its old data or the new one with its new data, never a mix.
+        while data_name is None or (folder / data_name).exists():
+            data_name = f"{target.name}.{secrets.token_hex(4)}.data"
+    stale = _own_data_files(target)
 
     remove_stale_temporaries(folder)
     try:
@@ -593,7 +614,15 @@ def save_model(
                 os.fsync(handle.fileno())
         if data_name:
             os.replace(tmp_dir / data_name, folder / data_name)
-        os.replace(tmp_model, target)
+        try:
+            os.replace(tmp_model, target)
+        except OSError:
+            if data_name:
+                (folder / data_name).unlink(missing_ok=True)
+            raise
+        for old in stale:  # what the replaced model referenced, now read by nobody
+            if old.name != data_name:
+                old.unlink(missing_ok=True)
     except OSError as exc:
         raise InputError(f"{target}: cannot write: {exc.strerror or exc}") from exc
     finally:

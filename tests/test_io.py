@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -203,19 +204,41 @@ def test_save_into_unwritable_folder_is_input_error():
 def test_large_weights_go_to_external_data_and_load_back(tmp_path):
     model = io.load_model(relu_conv(17))
     out = io.save_model(model, tmp_path / "ext.onnx", external_data_threshold=16)
-    assert (tmp_path / "ext.onnx.data").is_file()
+    (data,) = io.external_data_files(out)
+    assert data.parent == tmp_path and re.fullmatch(r"ext\.onnx\.[0-9a-f]{8}\.data", data.name)
     proto = onnx.load(str(out), load_external_data=False)
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
     reloaded = io.load_model(out)
     np.testing.assert_array_equal(ort_run(io.model_bytes(reloaded), X), ort_run(relu_conv(17), X))
-    assert io.file_size(out) == out.stat().st_size + (tmp_path / "ext.onnx.data").stat().st_size
+    assert io.file_size(out) == out.stat().st_size + data.stat().st_size
+
+
+def test_model_and_data_are_published_as_a_pair_and_never_overwrite_other_data(tmp_path):
+    """Each write gets a data name of its own: another model's 'ext.onnx.data' is never
+    touched, and rewriting the target removes only the data its old version referenced."""
+    other = tmp_path / "ext.onnx.data"
+    other.write_bytes(b"another model's weights")
+    model = io.load_model(relu_conv(17))
+    first = io.save_model(model, tmp_path / "ext.onnx", external_data_threshold=16)
+    (data_1,) = io.external_data_files(first)
+    second = io.save_model(model, tmp_path / "ext.onnx", external_data_threshold=16)
+    (data_2,) = io.external_data_files(second)
+    assert data_2 != data_1 and data_2.is_file() and not data_1.exists()
+    assert other.read_bytes() == b"another model's weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["ext.onnx", "ext.onnx.data", data_2.name]
+    )
+    np.testing.assert_array_equal(
+        ort_run(io.model_bytes(io.load_model(second)), X), ort_run(relu_conv(17), X)
+    )
 
 
 def test_missing_external_data_file_is_named(tmp_path):
     model = io.load_model(relu_conv(17))
     out = io.save_model(model, tmp_path / "ext.onnx", external_data_threshold=16)
-    (tmp_path / "ext.onnx.data").unlink()
-    with pytest.raises(ModelError, match="ext.onnx.data"):
+    (data,) = io.external_data_files(out)
+    data.unlink()
+    with pytest.raises(ModelError, match=re.escape(data.name)):
         io.load_model(out)
 
 
