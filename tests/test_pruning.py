@@ -693,3 +693,33 @@ def test_reconstruction_recovers_the_digits_nets_without_training(resnet_path, c
         accuracy[refit] = verify(resnet_path, pruned, test).outputs[0].candidate_accuracy
     assert accuracy[False] < 0.5 and accuracy[True] > 0.9, accuracy
     assert "layers refitted by least squares" in report.format()
+
+
+def test_heads_behind_a_reshape_whose_target_is_computed_at_run_time():
+    """Exporters with dynamic batch and sequence axes spell the head reshape as
+    Concat(Gather(Shape(x)), ..., [heads], [head size]): the heads are a group (whole heads, the
+    oracle holds) and the pruned model rewrites the constant pieces, sharing nothing."""
+    rng = np.random.default_rng(0)
+    proto = with_weights(
+        "g (float[B,S,16] x) => (float[B,S,8] y) {"
+        " q = MatMul (x, wq)\n sh = Shape (x)\n b = Gather (sh, i0)\n s = Gather (sh, i1)\n"
+        " shape1 = Concat <axis = 0> (b, s, heads, dh)\n h = Reshape (q, shape1)\n"
+        " r = Relu (h)\n shape2 = Concat <axis = 0> (b, s, hid)\n m = Reshape (r, shape2)\n"
+        " y = MatMul (m, wo) }",
+        {"wq": rng.normal(0, 0.5, (16, 16)), "wo": rng.normal(0, 0.5, (16, 8))},
+    )
+    for name, v in {"i0": [0], "i1": [1], "heads": [4], "dh": [4], "hid": [16]}.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(v, np.int64), name))
+    model = prepared(io.load_model(proto))
+    groups = find_groups(model)
+    heads = [g for g in groups if not g.blocked]
+    assert len(heads) == 1 and heads[0].size == 4, [(g.size, g.reason) for g in groups]
+    assert assert_oracle(model) == 1
+    pruned, report = prune(model, PruneConfig(ratio=0.5, scope="local"))
+    assert pruned.graph.initializers["wq"].const_value.shape == (16, 8)
+    x = np.random.default_rng(1).normal(size=(2, 5, 16)).astype(np.float32)
+    (y,) = Runner(pruned).session.run(None, {"x": x})
+    assert y.shape == (2, 5, 8)
+    # The same shape pieces at any batch and sequence length: the run-time dims still work.
+    (y,) = Runner(pruned).session.run(None, {"x": x[:1, :3]})
+    assert y.shape == (1, 3, 8)

@@ -104,11 +104,11 @@ def apply(
         cout = dequantized_array(node.inputs[1]).shape[0]
         node.attributes["group"] = ir.AttrInt64("group", cout // multiplier)
 
-    for node in graph:
+    for node in list(graph):
         if node.op_type == "Reshape":
             out = node.outputs[0]
             changes = {a: n for (v, a), n in removed_in_space.items() if v == out.name and n}
-            if changes:
+            if changes and const_array(node.inputs[1]) is not None:
                 shape = const_array(node.inputs[1]).copy()
                 for a, n in changes.items():
                     if shape[a] > 0:
@@ -116,6 +116,8 @@ def apply(
                 node.replace_input_with(
                     1, add_initializer(graph, f"{out.name}_shape", shape.astype(np.int64))
                 )
+            elif changes:
+                _shrink_runtime_target(graph, node, changes)
         elif node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None:
             axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
             rank = len(node.inputs[0].shape)
@@ -128,6 +130,31 @@ def apply(
 
     remove_unused_initializers(model)
     return io.reinfer_shapes(model)
+
+
+def _shrink_runtime_target(graph: ir.Graph, node: ir.Node, changes: dict[int, int]) -> None:
+    """A Reshape whose target is ``Concat(run-time dims, constant dims)``: the constant pieces
+    that spell the pruned axes shrink. The Reshape gets a Concat of its own (exporters share one
+    between the q, k and v reshapes), so no other reader of the old one changes."""
+    from onnxzip.pruning.rules import target_pieces
+
+    concat = node.inputs[1].producer()
+    pieces = target_pieces(node.inputs[1])
+    inputs = list(concat.inputs)
+    starts = np.cumsum([0] + [v.shape[0] for v in inputs])
+    for a, n in changes.items():
+        k = int(np.searchsorted(starts, a, side="right") - 1)  # the Concat input holding axis a
+        array = const_array(inputs[k]).copy()
+        offset = pieces[a][1]
+        if array[offset] > 0:
+            array[offset] -= n
+        inputs[k] = add_initializer(graph, f"{node_name(node)}_target_{a}", array.astype(np.int64))
+    new = ir.node("Concat", inputs, attributes={"axis": 0}, name=f"{node_name(node)}_target")
+    new.outputs[0].name = f"{node_name(node)}_target_shape"
+    graph.insert_before(node, new)
+    node.replace_input_with(1, new.outputs[0])
+    if not concat.outputs[0].uses() and not concat.outputs[0].is_graph_output():
+        graph.remove(concat, safe=True)
 
 
 _OUT_AXIS = {"Conv": 0, "MatMul": 1}

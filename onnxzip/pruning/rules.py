@@ -520,6 +520,32 @@ def _heads(b: GroupBuilder, node: ir.Node, pos: Positions, head: int) -> Positio
     return narrowed
 
 
+def target_pieces(shape: ir.Value) -> list[tuple[np.ndarray | None, int]] | None:
+    """Per output axis of a Reshape: (the constant piece that spells it, index in that piece),
+    or (None, index) for a dim computed at run time; None when the target is neither a constant
+    nor a Concat of 1-D pieces of static length (exporters write ``Concat(Shape gathers, [heads],
+    [head size])`` for dynamic batch and sequence axes)."""
+    const = const_array(shape)
+    if const is not None:
+        return [(const, i) for i in range(const.size)]
+    node = shape.producer()
+    if node is None or node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
+        return None
+    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
+    if axis not in (0, -1):
+        return None
+    pieces = []
+    for value in node.inputs:
+        if value is None or value.shape is None or len(value.shape) != 1:
+            return None
+        length = value.shape[0]
+        if not isinstance(length, int):
+            return None
+        piece = const_array(value)
+        pieces += [(piece, i) for i in range(length)]
+    return pieces
+
+
 @register("Reshape")
 def _reshape(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     """Reshapes that keep the dims before the channel axis and regroup only the ones after it.
@@ -532,8 +558,16 @@ def _reshape(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
       when the group's channels are single features they are merged into heads first.
     """
     x, out = node.inputs[0], node.outputs[0]
-    if const_array(node.inputs[1]) is None:
-        return b.block(node, "Reshape target shape is not constant")
+    pieces = target_pieces(node.inputs[1])
+    if pieces is None:
+        return b.block(
+            node,
+            "Reshape target shape is neither constant nor a Concat of run-time and constant dims",
+        )
+    if any(const is None for const, _ in pieces[axis:]):
+        return b.block(
+            node, "Reshape target dims from the channel axis on are computed at run time"
+        )
     forward = port[0] == "in"
     here_value, there_value = (x, out) if forward else (out, x)
     here = [_dim(here_value, d) for d in range(_rank(here_value))]
