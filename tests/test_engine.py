@@ -348,3 +348,20 @@ def test_job_protocol_mismatch_is_refused(tmp_path, training_python):
     assert proc.returncode == 1
     error = json.loads((tmp_path / "error.json").read_text())
     assert error["stage"] == "protocol" and not (tmp_path / "result.json").exists()
+
+
+def test_training_errors_are_reduced_to_what_a_user_can_act_on():
+    cpp = (
+        "/onnxruntime_src/orttraining/orttraining/python/orttraining_pybind_state.cc:621 "
+        "onnxruntime::python::addObjectMethodsForTraining(pybind11::module&)::<lambda(onnxruntime"
+        "::python::PyGradientGraphBuilderContext*)> [ONNXRuntimeError] : 1 : FAIL : This is an "
+        "invalid model. Error: Duplicate definition of name (m.embeddings.LayerNorm.weight_grad)."
+    )
+    assert engine.first_line(cpp) == (
+        "the training graph is invalid: Duplicate definition of name "
+        "(m.embeddings.LayerNorm.weight_grad)."
+    )
+    assert (
+        engine.first_line("The gradient builder has not been registered: LRN for node x")
+        == "op LRN has no gradient in onnxruntime-training"
+    )

@@ -109,7 +109,12 @@ def first_line(text: str) -> str:
     for line in text.splitlines():
         if "was false." in line:
             return line.split("was false.", 1)[1].strip() or line.strip()
-    return text.splitlines()[0] if text else "no message"
+    line = text.splitlines()[0] if text else "no message"
+    if "[ONNXRuntimeError]" in line:  # "<C++ location> [ONNXRuntimeError] : 1 : FAIL : message"
+        line = line.split("[ONNXRuntimeError]", 1)[1].split(" : ", 3)[-1].strip()
+    if line.startswith("This is an invalid model. Error: "):
+        line = "the training graph is invalid: " + line.split("Error: ", 1)[1]
+    return line
 
 
 def run_job(
