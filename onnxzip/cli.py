@@ -763,9 +763,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     _check_output(args, args.model)
     if args.data is not None and args.synthetic is not None:
         raise InputError("give either --data or --synthetic, not both")
-    model = io.load_model(args.model, name=str(args.model))
-    if args.target_opset is not None and args.target_opset != model.opset_imports.get(""):
-        model = io.convert_opset(model, args.target_opset, str(args.model))
+    model = io.at_opset(
+        io.load_model(args.model, name=str(args.model)), args.target_opset, str(args.model)
+    )
     samples = None
     if args.data is not None or args.synthetic is not None:
         samples = open_samples(input_specs(model), args.data, args.synthetic, args.seed)

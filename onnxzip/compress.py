@@ -254,9 +254,7 @@ def compress(
     config.validate()
     source = source or (str(model) if not isinstance(model, ir.Model) else "model")
     timings: dict[str, float] = {}
-    original = io.load_model(model, name=source)
-    if config.target_opset is not None and config.target_opset != original.opset_imports.get(""):
-        original = io.convert_opset(original, config.target_opset, source)
+    original = io.at_opset(io.load_model(model, name=source), config.target_opset, source)
     report = CompressReport(
         source,
         config,

@@ -46,6 +46,9 @@ from onnxzip.errors import InputError, ModelError
 logger = logging.getLogger(__name__)
 
 MIN_OPSET = 13
+# The opsets the per-op pruning and quantization rules are written for (22 to 25 only widened
+# the element types of those ops); at a newer opset no rule applies.
+RULE_OPSETS = (13, 25)
 # Protobuf cannot serialise a message of 2 GiB or more; leave headroom for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 
@@ -69,44 +72,45 @@ def _default_opset(proto: onnx.ModelProto) -> int | None:
 _LIMITS: dict[str, int] = {}
 
 
+_CPU_KERNELS: list[tuple[str, str, int, int]] | None = None
+
+
+def _cpu_kernels() -> list[tuple[str, str, int, int]] | None:
+    """(domain, op, first opset, last opset) of each CPU kernel of the installed onnxruntime,
+    read once from its kernel registry; None where the build does not expose it."""
+    global _CPU_KERNELS
+    if _CPU_KERNELS is None:
+        try:
+            from onnxruntime.capi import _pybind_state
+
+            _CPU_KERNELS = [
+                ("" if d.domain == "ai.onnx" else d.domain, d.op_name, *d.version_range)
+                for d in _pybind_state.get_all_opkernel_def()
+                if d.provider == "CPUExecutionProvider"
+            ]
+        except Exception:  # a build without the registry
+            return None
+    return _CPU_KERNELS
+
+
 def max_opset() -> int:
     """The newest default-domain opset both onnx and the installed onnxruntime know: the highest
     opset at which onnxruntime's CPU kernels start (1.32: 28), capped by onnx's own."""
     if "opset" not in _LIMITS:
-        import onnxruntime
-
-        known = onnx.defs.onnx_opset_version()
-        try:
-            from onnxruntime.capi import _pybind_state
-
-            starts = [
-                d.version_range[0]
-                for d in _pybind_state.get_all_opkernel_def()
-                if d.domain in ("", "ai.onnx") and d.provider == "CPUExecutionProvider"
-            ]
-            runtime = max(starts) if starts else 21
-        except Exception:  # an onnxruntime build without the kernel registry: assume 1.20's
-            runtime = 21
-        logger.debug("onnxruntime %s: opset <= %d", onnxruntime.__version__, runtime)
-        _LIMITS["opset"] = max(MIN_OPSET, min(known, runtime))
+        kernels = _cpu_kernels()
+        starts = [lo for domain, _, lo, _ in kernels or [] if domain == ""]
+        runtime = max(starts) if starts else 21  # no registry to read: assume 1.20's
+        _LIMITS["opset"] = max(MIN_OPSET, min(onnx.defs.onnx_opset_version(), runtime))
     return _LIMITS["opset"]
 
 
 def runtime_has_kernel(op_type: str, opset: int, domain: str = "") -> bool:
     """Whether the installed onnxruntime has a CPU kernel for ``op_type`` at ``opset``."""
-    try:
-        from onnxruntime.capi import _pybind_state
-
-        defs = _pybind_state.get_all_opkernel_def()
-    except Exception:
+    kernels = _cpu_kernels()
+    if kernels is None:
         return True  # cannot tell: assume it has
-    return any(
-        d.op_name == op_type
-        and d.domain in (domain, "ai.onnx" if domain == "" else domain)
-        and d.provider == "CPUExecutionProvider"
-        and d.version_range[0] <= opset <= d.version_range[1]
-        for d in defs
-    )
+    domain = "" if domain == "ai.onnx" else domain
+    return any(d == domain and op == op_type and lo <= opset <= hi for d, op, lo, hi in kernels)
 
 
 def max_ir_version() -> int:
@@ -115,17 +119,17 @@ def max_ir_version() -> int:
         import onnxruntime
 
         found = 10
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["x"], ["y"])],
+            "probe",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        )
+        probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 4
         for version in range(onnx.IR_VERSION, 10, -1):
-            graph = onnx.helper.make_graph(
-                [onnx.helper.make_node("Identity", ["x"], ["y"])],
-                "probe",
-                [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-                [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
-            )
-            probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
             probe.ir_version = version
-            options = onnxruntime.SessionOptions()
-            options.log_severity_level = 4
             try:
                 onnxruntime.InferenceSession(
                     probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
@@ -205,19 +209,26 @@ KNOWN_DOMAINS = frozenset(
 )
 
 
-def _check_schemas(proto: onnx.ModelProto, source: str) -> None:
-    local = {(f.domain, f.name) for f in proto.functions}
+def _graphs(proto: onnx.ModelProto):
+    """The main graph and every subgraph (If/Loop/Scan bodies, nested)."""
     graphs = [proto.graph]
     while graphs:
         graph = graphs.pop()
+        yield graph
+        for node in graph.node:
+            for attr in node.attribute:
+                graphs.extend([attr.g] if attr.HasField("g") else list(attr.graphs))
+
+
+def _check_schemas(proto: onnx.ModelProto, source: str) -> None:
+    local = {(f.domain, f.name) for f in proto.functions}
+    for graph in _graphs(proto):
         for node in graph.node:
             if node.domain not in KNOWN_DOMAINS and (node.domain, node.op_type) not in local:
                 raise ModelError(
                     f"{source}: op {node.op_type} of custom domain '{node.domain}' has no schema: "
                     "onnxzip can neither check nor run it"
                 )
-            for attr in node.attribute:
-                graphs.extend([attr.g] if attr.HasField("g") else list(attr.graphs))
 
 
 def _negative_dims_to_symbols(proto: onnx.ModelProto) -> int:
@@ -225,9 +236,7 @@ def _negative_dims_to_symbols(proto: onnx.ModelProto) -> int:
     symbolic ``dim_param`` (named after the tensor and axis), as a dynamic dimension should be.
     Returns how many were rewritten (in place)."""
     count = 0
-    graphs = [proto.graph]
-    while graphs:
-        graph = graphs.pop()
+    for graph in _graphs(proto):
         for value in (*graph.input, *graph.output, *graph.value_info):
             if not value.type.HasField("tensor_type"):
                 continue
@@ -235,9 +244,6 @@ def _negative_dims_to_symbols(proto: onnx.ModelProto) -> int:
                 if dim.HasField("dim_value") and dim.dim_value < 0:
                     dim.dim_param = f"{value.name}_dim{axis}"
                     count += 1
-        for node in graph.node:
-            for attr in node.attribute:
-                graphs.extend([attr.g] if attr.HasField("g") else list(attr.graphs))
     return count
 
 
@@ -252,9 +258,6 @@ def normalize_proto(
     """
     _check_schemas(proto, source)
     version = _default_opset(proto)
-    negative = _negative_dims_to_symbols(proto)
-    if negative:
-        logger.info("%s: %d dimensions stored as -1 read as symbolic", source, negative)
     if version is not None and version > max_opset():
         proto = _convert_opset(proto, max_opset(), source)
     elif version is not None and version < MIN_OPSET:
@@ -263,6 +266,9 @@ def normalize_proto(
         copy = onnx.ModelProto()
         copy.CopyFrom(proto)
         proto = copy
+    negative = _negative_dims_to_symbols(proto)  # on the copy: the caller's proto stays as it was
+    if negative:
+        logger.info("%s: %d dimensions stored as -1 read as symbolic", source, negative)
     # The IR version must be one that the opsets in use require (IR 3 files upgraded to opset 13
     # say IR 3, which also forbids initializers that are not graph inputs), and at most what
     # the installed onnxruntime reads.
@@ -656,6 +662,13 @@ def onnx_package_dir() -> Path:
     return Path(onnx.__file__).parent
 
 
+def at_opset(model: ir.Model, opset: int | None, name: str = "model") -> ir.Model:
+    """``model`` itself when ``opset`` is None or already its opset, else ``convert_opset``."""
+    if opset is None or opset == model.opset_imports.get("", model.opset_imports.get("ai.onnx")):
+        return model
+    return convert_opset(model, opset, name)
+
+
 def convert_opset(model: ir.Model, opset: int, name: str = "model") -> ir.Model:
     """A copy of ``model`` converted to default-domain ``opset`` (13..``max_opset()``) and
     normalised: for runtimes older than the installed one (``--target-opset``)."""
@@ -696,9 +709,7 @@ def reinfer_shapes(model: ir.Model, name: str = "model") -> ir.Model:
     proto = ir.to_proto(model)
     del proto.graph.value_info[:]
     try:
-        _infer_shapes_in_place(
-            proto, strict=True, base_dir=next(iter(base_dirs)) if len(base_dirs) == 1 else None
-        )
+        _infer_shapes_in_place(proto, strict=True, base_dir=_external_base_dir(model))
     except Exception as exc:
         raise ModelError(
             f"{name}: shape inference failed after rewriting: {_one_line(exc)}"

@@ -320,6 +320,8 @@ def test_dimensions_stored_as_minus_one_are_symbolic(tmp_path, capsys):
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     proto.ir_version = 8
     path = save(proto, tmp_path / "paddle.onnx")
+    io.load_model(proto)  # a ModelProto given by the caller is read, never rewritten
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1
     model = io.load_model(path)
     assert [isinstance(d, int) for d in model.graph.inputs[0].shape] == [False, True, False, False]
     for command in (

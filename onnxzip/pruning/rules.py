@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from onnxzip.io import RULE_OPSETS
 from onnxzip.passes import const_array, dequantized_array
 from onnxzip.pruning.groups import GroupBuilder, Positions, node_name
 
@@ -22,7 +23,7 @@ Rule = Callable[[GroupBuilder, ir.Node, tuple, int, Positions], None]
 _REGISTRY: dict[str, list[tuple[int, int, Rule]]] = {}
 
 
-def register(*op_types: str, versions: tuple[int, int] = (13, 25)):
+def register(*op_types: str, versions: tuple[int, int] = RULE_OPSETS):
     def wrap(fn: Rule) -> Rule:
         for op in op_types:
             _REGISTRY.setdefault(op, []).append((versions[0], versions[1], fn))

@@ -212,7 +212,7 @@ class QuantizeReport:
                 f"accuracy guard: {g.target}: {state}; metric {g.metric_before:.4f} -> {g.metric_after:.4f} "
                 f"on {g.evaluated_samples} held-out samples, {len(g.kept_float)} of {g.candidates} layers kept in float"
             )
-        if self.parity is not None and not self.quantized_ops:
+        if not self.quantized_ops:
             lines += [
                 "",
                 "NOTHING QUANTIZED: the model written is the float model (no parity verdict)",
@@ -556,9 +556,7 @@ def quantize(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     source = source or (str(model) if not isinstance(model, ir.Model) else "model")
-    original = io.load_model(model, name=source)
-    if config.target_opset is not None and config.target_opset != original.opset_imports.get(""):
-        original = io.convert_opset(original, config.target_opset, source)
+    original = io.at_opset(io.load_model(model, name=source), config.target_opset, source)
     # Tensors are shared, never written: the caller's model stays as it was.
     prepared = original.clone()
     weight_before = io.weights_nbytes(original)
@@ -643,7 +641,7 @@ def quantize(
         bias_correction=bias_note,
         weight_range=weight_range,
     )
-    if verifying:
+    if verifying and report.quantized_ops:  # nothing quantized: nothing to verify
         t0 = time.perf_counter()
         report.parity = verify(
             original,

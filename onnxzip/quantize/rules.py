@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from onnxzip.io import RULE_OPSETS
 from onnxzip.passes import const_array
 
 
@@ -86,7 +87,7 @@ Handler = Callable[[ir.Node, Context], str | None]
 _REGISTRY: dict[str, list[tuple[int, int, Handler]]] = {}
 
 
-def register(*op_types: str, versions: tuple[int, int] = (13, 25)):
+def register(*op_types: str, versions: tuple[int, int] = RULE_OPSETS):
     """Registers a handler for ops of the default domain within an opset range (inclusive)."""
 
     def wrap(fn: Handler) -> Handler:
