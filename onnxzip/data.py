@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -174,8 +175,6 @@ def available_memory() -> int | None:
     except (OSError, ValueError):
         pass
     try:
-        import os
-
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         return None
@@ -507,17 +506,15 @@ class SyntheticSamples(Samples):
     def describe(self) -> str:
         return f"{self.count} synthetic samples"
 
-    def _sample_bytes(self) -> int:
-        total = 0
-        for spec in self.specs:
-            full = spec.shape if self.unbatched else spec.shape[1:]
-            dims = [d if isinstance(d, int) else SYNTHETIC_DIM for d in full]
-            total += math.prod(dims) * 8  # drawn as float64 / int64 before the cast
-        return total
+    def _sample_shape(self, spec: InputSpec) -> list[int]:
+        """One sample's shape: symbolic dimensions get ``SYNTHETIC_DIM``."""
+        full = spec.shape if self.unbatched else spec.shape[1:]
+        return [d if isinstance(d, int) else SYNTHETIC_DIM for d in full]
 
     def chunks(self) -> Iterator[Batch]:
         rng = np.random.default_rng(self.seed)
-        per_sample = self._sample_bytes()
+        # Drawn as float64 / int64 before the cast: 8 bytes per element.
+        per_sample = sum(8 * math.prod(self._sample_shape(spec)) for spec in self.specs)
         budget = available_memory()
         if budget is not None and per_sample > budget // 4:
             raise DataError(
@@ -530,9 +527,7 @@ class SyntheticSamples(Samples):
             n = min(step, self.count - start)
             inputs = {}
             for spec in self.specs:
-                full = spec.shape if self.unbatched else spec.shape[1:]
-                dims = [d if isinstance(d, int) else SYNTHETIC_DIM for d in full]
-                shape = (n, *dims)
+                shape = (n, *self._sample_shape(spec))
                 if spec.dtype.kind == "f":
                     inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
                 elif spec.dtype.kind in "iu":

@@ -25,13 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import io, passes
-from onnxzip.analysis import (
-    inspect_model,
-    node_macs,
-    shapes_for_macs,
-    symbolic_dims,
-    with_input_shapes,
-)
+from onnxzip.analysis import inspect_model, shapes_for_macs
 from onnxzip.data import Samples
 from onnxzip.errors import InputError, ModelError
 from onnxzip.pruning import importance, reconstruct, rewrite
@@ -287,14 +281,10 @@ def estimate_macs(
 ) -> int:
     """MACs after ``removal``: each weighted node scales by the kept fraction of its weight's axes."""
     cut: dict[tuple[str, int], int] = {}
-    for g in groups:
-        channels = removal.get(g.id)
-        if channels is None or not len(channels):
-            continue
-        for m in g.slices:
-            if m.role in ("out", "in") and m.axis in (0, 1):
-                key = (m.owner, m.axis)
-                cut[key] = cut.get(key, 0) + int(sum(len(m.positions[c]) for c in channels))
+    for _, channels, m in rewrite.cut_members(groups, removal):
+        if m.role in ("out", "in") and m.axis in (0, 1):
+            key = (m.owner, m.axis)
+            cut[key] = cut.get(key, 0) + int(sum(len(m.positions[c]) for c in channels))
     total = 0
     for node in model.graph:
         macs = base.get(node_name(node))
@@ -373,8 +363,7 @@ def prune(
     # spatial or sequence dimensions are symbolic.
     shapes = shapes_for_macs(work, samples)
     before = inspect_model(work, source=source, input_shapes=shapes, strict_shapes=False)
-    if before.macs_shapes is None:
-        shapes = None  # they did not infer: MACs as the model's own shapes give them
+    shapes = before.macs_shapes  # None when they did not infer: the model's own shapes count
     groups = find_groups(work)
     timings["analyse"] = time.perf_counter() - t0
 
@@ -411,12 +400,11 @@ def prune(
         scores[g.id] = s
         if note:
             notes[g.id] = note
-    counted = with_input_shapes(work, shapes, source) if shapes else work
-    batch_names = symbolic_dims(counted)  # MACs per sample (and per token without samples)
+    # Per node, as ``before`` counted them (at the samples' shapes when they were used).
     base = {
-        node_name(n): node_macs(n, batch_names) or 0
-        for n in counted.graph
-        if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+        m.node: m.macs or 0
+        for m in before.macs_per_node
+        if m.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
     }
     macs0 = sum(base.values())
     if config.target_macs is not None:
@@ -550,20 +538,16 @@ def weight_kept(
     nodes = {node_name(n): n for n in model.graph}
     removed: dict[str, dict[int, set]] = {}
     sizes: dict[tuple[str, int], int] = {}
-    for group in groups:
-        channels = removal.get(group.id)
-        if channels is None or not len(channels):
+    for group, channels, m in rewrite.cut_members(groups, removal):
+        node = nodes.get(m.node)
+        if node is None or len(node.inputs) < 2 or node.inputs[1] is not m.value:
             continue
-        for m in group.slices:
-            node = nodes.get(m.node)
-            if node is None or len(node.inputs) < 2 or node.inputs[1] is not m.value:
-                continue
-            array = passes.const_array(m.value)
-            if array is None:
-                continue
-            cut = rewrite.removed_positions(group, channels, m.positions)
-            removed.setdefault(m.node, {}).setdefault(m.axis, set()).update(cut.tolist())
-            sizes[(m.node, m.axis)] = array.shape[m.axis]
+        array = passes.const_array(m.value)
+        if array is None:
+            continue
+        cut = rewrite.removed_positions(group, channels, m.positions)
+        removed.setdefault(m.node, {}).setdefault(m.axis, set()).update(cut.tolist())
+        sizes[(m.node, m.axis)] = array.shape[m.axis]
     return {
         node: {
             axis: np.setdiff1d(np.arange(sizes[(node, axis)]), sorted(cut)).astype(np.int64)

@@ -30,6 +30,16 @@ from onnxzip.passes import (
 from onnxzip.pruning.groups import Group, node_name
 
 
+def cut_members(groups: list[Group], removal: dict[int, np.ndarray]):
+    """(group, its removed channels, member) for every member of a group losing channels."""
+    for group in groups:
+        channels = removal.get(group.id)
+        if channels is None or not len(channels):
+            continue
+        for member in group.slices:
+            yield group, channels, member
+
+
 def removed_positions(group: Group, channels: np.ndarray, positions: list) -> np.ndarray:
     if len(channels) == 0:
         return np.zeros(0, dtype=np.int64)
@@ -184,31 +194,27 @@ def compensate(
     """
     graph = model.graph
     deltas: dict[str, np.ndarray] = {}
-    for group in groups:
-        channels = removal.get(group.id)
-        if channels is None or not len(channels):
+    for group, channels, m in cut_members(groups, removal):
+        if m.role != "in" or m.source not in means:
             continue
-        for m in group.slices:
-            if m.role != "in" or m.source not in means:
-                continue
-            node = nodes[m.node]
-            if node.op_type not in ("Conv", "Gemm", "MatMul"):
-                continue
-            w = const_array(m.value).astype(np.float64)
-            positions = removed_positions(group, channels, m.positions)
-            mu = means[m.source][positions]
-            taken = np.take(w, positions, axis=m.axis)  # the removed slices, axis m.axis
-            moved = np.moveaxis(taken, m.axis, -1)  # [... , removed]
-            contribution = moved @ mu  # the input axis contracted with the means
-            out_axis = _out_axis(node)
-            # Sum what is left besides the output axis (a Conv's kernel window).
-            remaining_out = out_axis if out_axis < m.axis else out_axis - 1
-            contribution = (
-                np.moveaxis(contribution, remaining_out, 0)
-                .reshape(contribution.shape[remaining_out], -1)
-                .sum(axis=1)
-            )
-            deltas[m.node] = deltas.get(m.node, 0) + contribution
+        node = nodes[m.node]
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        w = const_array(m.value).astype(np.float64)
+        positions = removed_positions(group, channels, m.positions)
+        mu = means[m.source][positions]
+        taken = np.take(w, positions, axis=m.axis)  # the removed slices, axis m.axis
+        moved = np.moveaxis(taken, m.axis, -1)  # [... , removed]
+        contribution = moved @ mu  # the input axis contracted with the means
+        out_axis = _out_axis(node)
+        # Sum what is left besides the output axis (a Conv's kernel window).
+        remaining_out = out_axis if out_axis < m.axis else out_axis - 1
+        contribution = (
+            np.moveaxis(contribution, remaining_out, 0)
+            .reshape(contribution.shape[remaining_out], -1)
+            .sum(axis=1)
+        )
+        deltas[m.node] = deltas.get(m.node, 0) + contribution
     for name, delta in deltas.items():
         node = nodes[name]
         out_axis = _out_axis(node)
