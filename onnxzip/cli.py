@@ -143,17 +143,6 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_output(args: argparse.Namespace, model_path: Path) -> None:
-    out = args.output
-    if out.exists() and out.resolve() == model_path.resolve() and not args.overwrite:
-        raise InputError(f"{out}: is the input model; choose another -o or pass --overwrite")
-    if out.is_dir():
-        raise InputError(f"{out}: is a directory; -o takes a file path")
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{out}: output folder '{folder}' does not exist")
-
-
 def _check_paths(args: argparse.Namespace) -> None:
     """Before any work: nothing a run writes may land on a file it reads, on a directory, or on
     something that is not a regular file; a symbolic link is written through, never replaced.
@@ -198,7 +187,7 @@ def _check_paths(args: argparse.Namespace) -> None:
                 raise InputError(f"{path}: {flag} is not a regular file (a device, FIFO or socket)")
         folder = path.parent if str(path.parent) else Path(".")
         if not folder.is_dir():
-            raise InputError(f"{path}: {flag} folder '{folder}' does not exist")
+            raise InputError(f"{path}: output folder '{folder}' does not exist")
         target = path.resolve()
         if target in seen:
             raise InputError(f"{path}: {flag} and {seen[target]} name the same file")
@@ -207,7 +196,9 @@ def _check_paths(args: argparse.Namespace) -> None:
         if what is None:
             continue
         if flag == "-o" and what.startswith("the input model"):
-            continue  # allowed with --overwrite (_check_output)
+            if getattr(args, "overwrite", False):
+                continue
+            raise InputError(f"{path}: is the input model; choose another -o or pass --overwrite")
         raise InputError(f"{path}: {flag} would overwrite {what}; choose another path")
 
 
@@ -629,13 +620,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             ) from None
         if not name or any(d < 1 for d in shapes[name]):
             raise InputError(f"--input-shape '{item}': a name and positive dimensions are needed")
-    if args.data is not None:
+    if args.data is None:
+        report = inspect_model(args.model, input_shapes=shapes or None)
+    else:  # the model is loaded once: for its inputs' specs and for the report
         from onnxzip import io
         from onnxzip.data import input_specs, open_samples
 
         model = io.load_model(args.model, name=str(args.model))
         shapes = sample_shapes(open_samples(input_specs(model), args.data))
-    report = inspect_model(args.model, input_shapes=shapes or None)
+        report = inspect_model(model, source=str(args.model), input_shapes=shapes)
+        report.file_bytes = io.file_size(args.model)
     text = report.format(per_node=args.per_node)
     if args.groups:
         from onnxzip.pruning import analyse, format_groups
@@ -651,7 +645,6 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from onnxzip.compress import CompressConfig, compress
     from onnxzip.data import input_specs, open_samples
 
-    _check_output(args, args.model)
     model = io.load_model(args.model, name=str(args.model))
     samples = open_samples(input_specs(model), args.data)
     config = CompressConfig(
@@ -689,7 +682,6 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from onnxzip.pruning import prepared_groups
     from onnxzip.report import table
 
-    _check_output(args, args.model)
     if args.output.suffix != ".npz":
         raise InputError(f"{args.output}: statistics are written as .npz")
     model = io.load_model(args.model, name=str(args.model))
@@ -760,7 +752,6 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from onnxzip.data import input_specs, open_samples
     from onnxzip.pruning import PruneConfig, prune
 
-    _check_output(args, args.model)
     if args.data is not None and args.synthetic is not None:
         raise InputError("give either --data or --synthetic, not both")
     model = io.at_opset(
@@ -857,7 +848,6 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from onnxzip.data import input_specs, open_samples
     from onnxzip.quantize import QuantizeConfig, quantize
 
-    _check_output(args, args.model)
     holdout = 0.2 if args.holdout is None else args.holdout
     if holdout >= 1:
         raise InputError("--holdout must be below 1")

@@ -255,13 +255,9 @@ def compress(
     source = source or (str(model) if not isinstance(model, ir.Model) else "model")
     timings: dict[str, float] = {}
     original = io.at_opset(io.load_model(model, name=source), config.target_opset, source)
+    shapes = shapes_for_macs(original, samples)  # MACs at the samples' shapes where symbolic
     report = CompressReport(
-        source,
-        config,
-        samples.describe(),
-        samples.synthetic,
-        _summary(original, shapes_for_macs(original, samples)),
-        {},
+        source, config, samples.describe(), samples.synthetic, _summary(original, shapes), {}
     )
     current = original
     budget = config.max_drop is not None or config.min_cosine is not None
@@ -289,25 +285,25 @@ def compress(
             targets = [config.target_macs] + (
                 [t for t in MILDER if t > config.target_macs] if budget else []
             )
+
+        def pruned_at(target, refit: bool):
+            t0 = time.perf_counter()
+            result = prune(
+                original,
+                PruneConfig(
+                    ratio=config.ratio if target is None else None,
+                    target_macs=target,
+                    criterion=config.criterion,
+                    batch_size=config.batch_size,
+                    reconstruct=refit,
+                ),
+                samples=_Split(samples, config.holdout, "calibration"),
+                source=source,
+            )
+            timings["prune"] = timings.get("prune", 0.0) + time.perf_counter() - t0
+            return result
+
         for target in targets:
-
-            def pruned_at(target, refit: bool):
-                t0 = time.perf_counter()
-                result = prune(
-                    original,
-                    PruneConfig(
-                        ratio=config.ratio if target is None else None,
-                        target_macs=target,
-                        criterion=config.criterion,
-                        batch_size=config.batch_size,
-                        reconstruct=refit,
-                    ),
-                    samples=_Split(samples, config.holdout, "calibration"),
-                    source=source,
-                )
-                timings["prune"] = timings.get("prune", 0.0) + time.perf_counter() - t0
-                return result
-
             # Without fine-tuning (no engine here, or a model it cannot train) the recovery is
             # the gradient-free least-squares reconstruction of the affected layers.
             refit = bool(config.recover_steps) and report.recovery_skipped is not None
@@ -328,8 +324,9 @@ def compress(
                     )
                 except InputError as exc:
                     # No engine, or onnxruntime-training cannot train this model (an op without
-                    # a gradient or a CPU kernel): the pruned model goes on without recovery,
-                    # and the report says so in its main output.
+                    # a gradient or a CPU kernel): pruned again with reconstruction, and the
+                    # report says so in its main output. (prune keeps what reconstruction needs
+                    # to itself, so this prunes twice; once per run, as later attempts refit.)
                     report.recovery_skipped = str(exc)
                     logger.warning("compress: recovering by reconstruction instead: %s", exc)
                     pruned, prune_report = pruned_at(target, True)
@@ -402,7 +399,7 @@ def compress(
         candidate_name="compressed",
     )
     timings["verify"] = time.perf_counter() - t0
-    report.after = _summary(current, shapes_for_macs(original, samples))
+    report.after = _summary(current, shapes)
     if config.latency:
         t0 = time.perf_counter()
         report.latency_ms = _latency({"original": original, "compressed": current}, samples)

@@ -59,6 +59,17 @@ def python() -> str:
     return sys.executable
 
 
+def run_python(code: str, timeout: float = 600):
+    """Runs ``code`` in a fresh interpreter with the project importable; the finished process."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
 def random_npz(path: Path, **arrays: np.ndarray) -> Path:
     np.savez(path, **arrays)
     return path

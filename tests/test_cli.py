@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_python
 from test_verify import perturbed
 
 
@@ -164,10 +164,8 @@ def test_start_up_defers_sympy_but_it_still_works():
         "import onnx_ir as ir\n"
         "print(ir.SymbolicDim('N') + 1)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
-    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[:2] == ["[]", "N + 1"], proc.stdout
 
 

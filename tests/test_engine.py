@@ -16,7 +16,7 @@ import onnx.helper
 import onnx.numpy_helper
 import onnx_ir as ir
 import pytest
-from conftest import MODELS, ROOT
+from conftest import MODELS, ROOT, run_python
 
 from onnxzip import engine, io
 from onnxzip.engine import env as engine_env
@@ -166,10 +166,7 @@ def test_no_command_imports_the_training_build(tmp_path, training_python):
         "assert not any(m.startswith('torch') for m in sys.modules)\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
-    )
+    proc = run_python(code)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -34,7 +33,6 @@ import onnx_ir as ir
 
 from onnxzip import io, progress
 from onnxzip.engine.env import (
-    ENGINE_VERSION,
     INSTEAD,
     WORKER,
     Engine,
@@ -44,6 +42,7 @@ from onnxzip.engine.env import (
     platform_supported,
     setup,
 )
+from onnxzip.engine.worker import ENGINE_VERSION, PROTOCOL
 from onnxzip.errors import ModelError, OnnxzipError
 
 __all__ = [
@@ -60,8 +59,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-PROTOCOL = 1  # the worker's job format (worker.PROTOCOL)
 
 
 @dataclass
@@ -148,10 +145,11 @@ def run_job(
         folder = Path(tmp)
         io.save_for_engine(twin, folder / "model.onnx", name=f"{what} twin")
         (folder / "batches").mkdir()
-        count = 0
+        sizes = []
         for i, feeds in enumerate(batches):
             np.savez(folder / "batches" / f"{i:06d}.npz", **feeds)
-            count += 1
+            sizes.append(len(next(iter(feeds.values()))))
+        count = len(sizes)
         if count == 0:
             raise ModelError(f"{what}: no batches to run")
         job = {
@@ -164,6 +162,7 @@ def run_job(
             "learning_rates": [float(r) for r in learning_rates or []],
             "shuffle_seed": shuffle_seed,
             "batch_size": batch_size,
+            "sizes": sizes,
         }
         (folder / "job.json").write_text(json.dumps(job))
         total = len(job["learning_rates"]) if kind == "train" else count
@@ -250,12 +249,3 @@ def _raise(error: dict, engine: Engine, what: str) -> None:
     if stage in ("loss", "data"):
         raise ModelError(f"{what}: {message}")
     raise OnnxzipError(f"{what}: internal error in the training worker: {first_line(message)}")
-
-
-def remove_environment() -> bool:
-    """Deletes the cached training environment; True when there was one."""
-    folder = env_folder()
-    if folder.exists():
-        shutil.rmtree(folder)
-        return True
-    return False

@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onnxzip import progress
+from onnxzip.engine.worker import ENGINE_VERSION  # the worker's own: stdlib-only module level
 from onnxzip.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-ENGINE_VERSION = "1.19.2"
 # What the worker environment installs: exact pins, the combination the test suite runs.
-REQUIREMENTS = ("onnxruntime-training==1.19.2", "onnx==1.23.2", "numpy==2.4.6")
+REQUIREMENTS = (f"onnxruntime-training=={ENGINE_VERSION}", "onnx==1.23.2", "numpy==2.4.6")
 ENV_NAME = f"ort-training-{ENGINE_VERSION}-v1"
 SUPPORTED_PYTHONS = ((3, 11), (3, 10))
 WORKER = Path(__file__).with_name("worker.py")

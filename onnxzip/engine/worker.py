@@ -1,9 +1,9 @@
 """The training-engine worker: runs one job with onnxruntime-training 1.19.2 in its own process.
 
 This file is executed by the *training interpreter* (a separate environment holding
-``onnxruntime-training==1.19.2``, ``onnx`` and ``numpy``), never imported by onnxzip itself:
-``python -I worker.py JOB_FOLDER``. It imports nothing from onnxzip, so the user's
-environment and the training environment share no packages.
+``onnxruntime-training==1.19.2``, ``onnx`` and ``numpy``) as ``python -I worker.py JOB_FOLDER``.
+It imports nothing from onnxzip, so the user's environment and the training environment share
+no packages; onnxzip imports only its constants (its module level is the standard library).
 
 The boundary (protocol version ``PROTOCOL``) is a folder:
 
@@ -21,7 +21,8 @@ Jobs (``job["kind"]``):
 * ``train``: ``len(learning_rates)`` optimizer steps (AdamW), batch ``i`` drawn by cycling
   through the batches; with ``shuffle_seed`` each drawn batch's samples are permuted by one
   ``numpy.random.default_rng(shuffle_seed)``; with ``batch_size`` set, batches of another
-  size are skipped (a twin whose batch is fixed). Returns the final ``read`` parameters.
+  size are skipped without being read (``sizes`` gives each file's samples; a twin whose batch
+  is fixed). Returns the final ``read`` parameters.
 
 ``onnxruntime.training``'s ``__init__`` imports torch (ORTModule); the ``artifacts`` and ``api``
 submodules do not need it, so the package is registered bare, without running that
@@ -40,7 +41,7 @@ import time
 import traceback
 from pathlib import Path
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: job.json lists the samples per batch file (sizes)
 ENGINE_VERSION = "1.19.2"
 _PACKAGE = "onnxruntime.training"
 
@@ -201,22 +202,21 @@ def run(folder: Path) -> None:
                 else None
             )
             fixed = job.get("batch_size")
-            if fixed and not any(_size(p) == fixed for p in batch_files):
+            sizes = job["sizes"]  # samples per batch file, so that skipped ones are never read
+            if fixed and fixed not in sizes:
                 raise JobFailed("data", f"no batch of the fixed size {fixed}")
             cursor = 0
             used = []
             for i, rate in enumerate(rates):
                 while True:
-                    with np.load(batch_files[cursor % len(batch_files)]) as data:
-                        feeds = {k: data[k] for k in data.files}
                     index = cursor % len(batch_files)
                     cursor += 1
-                    n = len(next(iter(feeds.values())))
-                    if rng is not None:
-                        order = rng.permutation(n)
-                        feeds = {k: v[order] for k, v in feeds.items()}
-                    if not fixed or n == fixed:
+                    # Drawn for every batch, skipped ones too: the same order whatever is fixed.
+                    order = rng.permutation(sizes[index]) if rng is not None else None
+                    if not fixed or sizes[index] == fixed:
                         break
+                with np.load(batch_files[index]) as data:
+                    feeds = {k: data[k] if order is None else data[k][order] for k in data.files}
                 used.append(index)
                 t0 = time.perf_counter()
                 optimizer.set_learning_rate(float(rate))
@@ -237,13 +237,6 @@ def run(folder: Path) -> None:
     }
     (folder / "result.partial.json").write_text(json.dumps(info))
     os.replace(folder / "result.partial.json", folder / "result.json")
-
-
-def _size(path: Path) -> int:
-    import numpy as np
-
-    with np.load(path) as data:
-        return len(data[data.files[0]])
 
 
 def main(argv: list[str]) -> int:

@@ -27,6 +27,8 @@ from onnxzip import progress
 from onnxzip.data import Samples
 from onnxzip.passes import add_initializer, const_array
 from onnxzip.pruning.groups import node_name
+from onnxzip.pruning.rules import _attr
+from onnxzip.quantize.rules import weight_channel_axis
 from onnxzip.runtime import Runner, expose
 
 logger = logging.getLogger(__name__)
@@ -42,34 +44,47 @@ class LayerFit:
     note: str = ""
 
 
-def _attr_ints(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return list(attr.as_ints()) if attr is not None else default
-
-
-def _layout(node: ir.Node, cuts: dict) -> tuple[int, int] | None:
-    """(input axis, output axis) of the node's weight, or None when it cannot be refitted."""
-    w = node.inputs[1] if len(node.inputs) > 1 else None
-    if w is None or const_array(w) is None or const_array(w).dtype != np.float32:
+def _layout(node: ir.Node) -> tuple[int, int] | None:
+    """(input axis, output axis) of the node's float weight, or None when it cannot be refitted
+    (grouped or auto-padded Conv, scaled or transposed-A Gemm, batched MatMul weights)."""
+    w = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if w is None or w.dtype != np.float32:
         return None
     if node.op_type == "Conv":
-        group = node.attributes["group"].as_int() if "group" in node.attributes else 1
-        auto_pad = node.attributes.get("auto_pad")
-        if group != 1 or const_array(w).ndim != 4:
+        if _attr(node, "group", 1) != 1 or w.ndim != 4:
             return None
-        if auto_pad is not None and auto_pad.as_string() not in ("NOTSET", "VALID"):
+        if _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             return None
-        return 1, 0
-    if node.op_type == "Gemm":
-        trans_a = node.attributes["transA"].as_int() if "transA" in node.attributes else 0
-        alpha = node.attributes["alpha"].as_float() if "alpha" in node.attributes else 1.0
-        beta = node.attributes["beta"].as_float() if "beta" in node.attributes else 1.0
-        if trans_a or alpha != 1.0 or beta != 1.0:
+    elif node.op_type == "Gemm":
+        if (
+            _attr(node, "transA", 0)
+            or _attr(node, "alpha", 1.0) != 1
+            or _attr(node, "beta", 1.0) != 1
+        ):
             return None
-        trans_b = node.attributes["transB"].as_int() if "transB" in node.attributes else 0
-        return (1, 0) if trans_b else (0, 1)
-    if node.op_type == "MatMul" and const_array(w).ndim == 2:
-        return 0, 1
+    elif node.op_type != "MatMul" or w.ndim != 2:
+        return None
+    out_axis = weight_channel_axis(node) % w.ndim
+    return (1 if w.ndim == 4 else 1 - out_axis), out_axis
+
+
+def _as_matrix(node: ir.Node, w: np.ndarray, out_axis: int) -> np.ndarray:
+    """The weight as an [inputs, outputs] matrix over the row layout (a Conv's patches)."""
+    if node.op_type == "Conv":
+        return w.reshape(w.shape[0], -1).T
+    return w if out_axis == 1 else w.T
+
+
+def _from_matrix(node: ir.Node, m: np.ndarray, shape: tuple, out_axis: int) -> np.ndarray:
+    if node.op_type == "Conv":
+        return m.T.reshape(shape)
+    return m if out_axis == 1 else m.T
+
+
+def _bias_problem(node: ir.Node) -> str | None:
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None and (const_array(bias) is None or const_array(bias).ndim != 1):
+        return "bias not a constant vector"
     return None
 
 
@@ -98,9 +113,9 @@ def _in_rows(node: ir.Node, x: np.ndarray, flat: np.ndarray, out_hw: tuple) -> n
     if node.op_type != "Conv":
         return x.reshape(-1, x.shape[-1])[flat]
     kh, kw = const_array(node.inputs[1]).shape[2:]
-    sh, sw = _attr_ints(node, "strides", [1, 1])
-    dh, dw = _attr_ints(node, "dilations", [1, 1])
-    pads = _attr_ints(node, "pads", [0, 0, 0, 0])
+    sh, sw = _attr(node, "strides", [1, 1])
+    dh, dw = _attr(node, "dilations", [1, 1])
+    pads = _attr(node, "pads", [0, 0, 0, 0])
     xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     oh, ow = out_hw
     ni, rest = np.divmod(flat, oh * ow)
@@ -138,16 +153,20 @@ def reconstruct(
     rng = np.random.default_rng(seed)
     ref_nodes = {node_name(n): n for n in reference.graph}
     todo = []
+    fits: list[LayerFit] = []
     for node in pruned.graph:
         name = node_name(node)
-        layout = _layout(node, kept)
+        layout = _layout(node)
         if name not in kept or name not in ref_nodes or layout is None:
             continue
         in_axis, out_axis = layout
         if in_axis not in kept[name]:
             continue  # its inputs are whole: nothing upstream was removed
+        problem = _bias_problem(node)
+        if problem is not None:  # known before any run: not fitted
+            fits.append(LayerFit(name, node.op_type, 0, float("nan"), None, problem))
+            continue
         todo.append((node, in_axis, out_axis))
-    fits: list[LayerFit] = []
     if not todo:
         return pruned, fits
     # One pass of the reference: each layer's target rows at positions picked per batch.
@@ -190,27 +209,12 @@ def reconstruct(
         cut = max(1, len(order) // 5)
         test, train = order[:cut], order[cut:]
         w = const_array(node.inputs[1]).astype(np.float64)
-        bias_value = node.inputs[2] if len(node.inputs) > 2 else None
-        b = const_array(bias_value) if bias_value is not None else None
-        if bias_value is not None and (b is None or b.ndim != 1):
-            fits.append(
-                LayerFit(
-                    name,
-                    node.op_type,
-                    len(x_rows),
-                    float("nan"),
-                    None,
-                    "bias not a constant vector",
-                )
-            )
-            continue
-        # The weight as a [inputs, outputs] matrix over the row layout.
-        if node.op_type == "Conv":
-            matrix = w.reshape(w.shape[0], -1).T
-        elif node.op_type == "Gemm" and out_axis == 0:
-            matrix = w.T
-        else:
-            matrix = w
+        matrix = _as_matrix(node, w, out_axis)
+        b = (
+            const_array(node.inputs[2])
+            if len(node.inputs) > 2 and node.inputs[2] is not None
+            else None
+        )
         if b is None and node.op_type == "MatMul":
             add = _compensation_add(node)
             b = const_array(add.inputs[1]) if add is not None else None
@@ -231,12 +235,7 @@ def reconstruct(
         if not after < before:
             fits.append(LayerFit(name, node.op_type, len(x_rows), before, None, "fit not better"))
             continue
-        if node.op_type == "Conv":
-            new_w = new_matrix.T.reshape(w.shape)
-        elif node.op_type == "Gemm" and out_axis == 0:
-            new_w = new_matrix.T
-        else:
-            new_w = new_matrix
+        new_w = _from_matrix(node, new_matrix, w.shape, out_axis)
         _set_weights(pruned.graph, node, new_w.astype(np.float32), new_bias.astype(np.float32))
         fits.append(LayerFit(name, node.op_type, len(x_rows), before, after))
         logger.info("reconstruct %s: relative error %.4f -> %.4f", name, before, after)

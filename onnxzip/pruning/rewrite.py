@@ -151,11 +151,9 @@ def _shrink_runtime_target(graph: ir.Graph, node: ir.Node, changes: dict[int, in
     concat = node.inputs[1].producer()
     pieces = target_pieces(node.inputs[1])
     inputs = list(concat.inputs)
-    starts = np.cumsum([0] + [v.shape[0] for v in inputs])
     for a, n in changes.items():
-        k = int(np.searchsorted(starts, a, side="right") - 1)  # the Concat input holding axis a
-        array = const_array(inputs[k]).copy()
-        offset = pieces[a][1]
+        _, k, offset = pieces[a]
+        array = const_array(inputs[k]).copy()  # inputs[k]: with any earlier change to it
         if array[offset] > 0:
             array[offset] -= n
         inputs[k] = add_initializer(graph, f"{node_name(node)}_target_{a}", array.astype(np.int64))

@@ -521,29 +521,25 @@ def _heads(b: GroupBuilder, node: ir.Node, pos: Positions, head: int) -> Positio
     return narrowed
 
 
-def target_pieces(shape: ir.Value) -> list[tuple[np.ndarray | None, int]] | None:
-    """Per output axis of a Reshape: (the constant piece that spells it, index in that piece),
-    or (None, index) for a dim computed at run time; None when the target is neither a constant
-    nor a Concat of 1-D pieces of static length (exporters write ``Concat(Shape gathers, [heads],
-    [head size])`` for dynamic batch and sequence axes)."""
+def target_pieces(shape: ir.Value) -> list[tuple[ir.Value, int, int]] | None:
+    """Per output axis of a Reshape: (the 1-D tensor that spells it, its position among the
+    Concat's inputs, the index inside it); a constant target is one piece at position -1. None
+    when the target is neither a constant nor a Concat of 1-D pieces of static length
+    (exporters write ``Concat(Shape gathers, [heads], [head size])`` for dynamic axes)."""
     const = const_array(shape)
     if const is not None:
-        return [(const, i) for i in range(const.size)]
+        return [(shape, -1, i) for i in range(const.size)]
     node = shape.producer()
     if node is None or node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
         return None
-    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
-    if axis not in (0, -1):
+    if _attr(node, "axis", 0) not in (0, -1):
         return None
     pieces = []
-    for value in node.inputs:
-        if value is None or value.shape is None or len(value.shape) != 1:
+    for k, value in enumerate(node.inputs):
+        length = _dim(value, 0) if value is not None and _rank(value) == 1 else None
+        if length is None:
             return None
-        length = value.shape[0]
-        if not isinstance(length, int):
-            return None
-        piece = const_array(value)
-        pieces += [(piece, i) for i in range(length)]
+        pieces += [(value, k, i) for i in range(length)]
     return pieces
 
 
@@ -565,7 +561,7 @@ def _reshape(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
             node,
             "Reshape target shape is neither constant nor a Concat of run-time and constant dims",
         )
-    if any(const is None for const, _ in pieces[axis:]):
+    if any(const_array(value) is None for value, _, _ in pieces[axis:]):
         return b.block(
             node, "Reshape target dims from the channel axis on are computed at run time"
         )
