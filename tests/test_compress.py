@@ -102,10 +102,19 @@ def test_cli_compress_writes_model_and_json(resnet_path, calib_npz, test_npz, tm
     assert code == 2 and err.count("\n") == 1
 
 
-def test_compress_goes_on_without_recovery_when_the_model_cannot_be_trained(tmp_path, calib_npz):
-    """LRN has no gradient in onnxruntime-training: compress still prunes and quantizes, recovers
-    by least-squares reconstruction instead, and its report says so and why (it used to stop
-    with the training error)."""
+@pytest.mark.parametrize(
+    "middle, why",
+    [
+        ("LRN", "op LRN has no gradient"),  # refused while building the gradient graph
+        ("Resize", "Could not find an implementation for ResizeGrad"),  # when opening it
+    ],
+)
+def test_compress_goes_on_without_recovery_when_the_model_cannot_be_trained(
+    middle, why, tmp_path, calib_npz
+):
+    """onnxruntime-training cannot train the model (LRN has no gradient builder, ResizeGrad no
+    CPU kernel): compress still prunes and quantizes, recovers by least-squares reconstruction
+    instead, and its report says so and why (it used to stop, ResizeGrad with exit 3)."""
     import onnx.helper
     import onnx.numpy_helper
 
@@ -113,7 +122,9 @@ def test_compress_goes_on_without_recovery_when_the_model_cannot_be_trained(tmp_
     nodes = [
         onnx.helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
         onnx.helper.make_node("Relu", ["c1"], ["r1"]),
-        onnx.helper.make_node("LRN", ["r1"], ["n1"], size=3),
+        onnx.helper.make_node("LRN", ["r1"], ["n1"], size=3)
+        if middle == "LRN"
+        else onnx.helper.make_node("Resize", ["r1", "", "scales"], ["n1"], mode="nearest"),
         onnx.helper.make_node("Conv", ["n1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
         onnx.helper.make_node("Relu", ["c2"], ["r2"]),
         onnx.helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
@@ -127,6 +138,7 @@ def test_compress_goes_on_without_recovery_when_the_model_cannot_be_trained(tmp_
         "b2": np.zeros(16),
         "w3": rng.normal(0, 0.3, (10, 16)),
         "b3": np.zeros(10),
+        "scales": np.array([1.0, 1.0, 2.0, 2.0]),
     }
     graph = onnx.helper.make_graph(
         nodes,
@@ -143,7 +155,7 @@ def test_compress_goes_on_without_recovery_when_the_model_cannot_be_trained(tmp_
         model, samples, CompressConfig(ratio=0.25, recover_steps=5, latency=False)
     )
     assert report.recovery is None
-    assert "op LRN has no gradient" in report.recovery_skipped
+    assert why in report.recovery_skipped
     text = report.format()
     assert "NOT FINE-TUNED" in text and "recovery  gradient-free instead:" in text
     assert report.prune.reconstruction  # the affected layers were refitted instead
