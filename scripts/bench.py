@@ -3,7 +3,7 @@
 Models: the two digits CNNs (real data, test accuracy), the real all-MiniLM-L6-v2 sentence encoder
 (``scripts/export_minilm.py``; embedding cosine and nearest-neighbour agreement on the 240
 committed sentences), ResNet-50 (onnx's light architecture, random weights) and the
-MobileNetV2-style net of ``onnxzip.zoo`` (latency; parity on smooth random images).
+MobileNetV2-style net of ``testmodels.zoo`` (latency; parity on smooth random images).
 
 Rows per model:
 

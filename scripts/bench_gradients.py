@@ -29,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import run_measured, run_record, smooth_images  # noqa: E402
 
-from onnxzip import engine, io, training, zoo  # noqa: E402
+from onnxzip import engine, io, training  # noqa: E402
 from onnxzip.data import NpzSamples, input_specs  # noqa: E402
 from onnxzip.gradients import _gated_twin, gradient_statistics  # noqa: E402
 from onnxzip.pruning import prepared_groups  # noqa: E402
+from testmodels import zoo  # noqa: E402
 
 MODELS = {
     "mobilenet_v2": (zoo.mobilenet_v2, 8, 32),

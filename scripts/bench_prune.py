@@ -1,7 +1,7 @@
 """Benchmark: structured pruning, MACs against real latency, side by side in one run.
 
 For ResNet-50 (light architecture, random weights), MobileNetV2 and a BERT-style encoder
-(onnxzip.zoo; 4 layers, hidden 256, 4 heads, FFN 1024; MACs per token, latency at 128 tokens)
+(testmodels.zoo; 4 layers, hidden 256, 4 heads, FFN 1024; MACs per token, latency at 128 tokens)
 and the two digits CNNs: ``onnxzip prune --target-macs F`` for several F, each in a fresh process (wall time and
 peak memory), then MACs, parameters, latency of every pruned model interleaved with the
 original's (onnxruntime CPU, 2 threads, batch 1, median), and for the digits models the test
@@ -27,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import latency, run_measured, run_record  # noqa: E402
 
-from onnxzip import io, zoo  # noqa: E402
+from onnxzip import io  # noqa: E402
 from onnxzip.analysis import inspect_model  # noqa: E402
 from onnxzip.data import NpzSamples, input_specs  # noqa: E402
 from onnxzip.verify import verify  # noqa: E402
+from testmodels import zoo  # noqa: E402
 
 TARGETS = {
     "resnet50": [0.7, 0.5, 0.3],

@@ -1,7 +1,7 @@
 """Benchmark: onnxzip quantize against onnxruntime's quantize_static, side by side in one run.
 
 For each model (the two digits CNNs with real data, ResNet-50 from onnx's light architectures
-with random weights, a MobileNetV2 built by onnxzip.zoo) and each calibration method (MinMax,
+with random weights, a MobileNetV2 built by testmodels.zoo) and each calibration method (MinMax,
 Percentile 99.99, Entropy), both tools run in their own fresh process on the same samples:
 
 * onnxzip:  ``python -m onnxzip quantize MODEL -o OUT --data CALIB --holdout 0 --calibration M``:

@@ -157,8 +157,9 @@ quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=Tr
 def image_model(work: Path, name: str) -> dict:
     """ResNet-50 (onnx's light architecture) or the zoo's MobileNetV2, random weights, saved in
     ``work`` with 32 calibration and 16 validation smooth random images."""
-    from onnxzip import io, zoo
+    from onnxzip import io
     from onnxzip.data import input_specs
+    from testmodels import zoo
 
     model = zoo.from_light("resnet50") if name == "resnet50" else zoo.mobilenet_v2()
     path = work / f"{name}.onnx"

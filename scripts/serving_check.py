@@ -32,9 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnxzip  # noqa: E402
-from onnxzip import engine, io, zoo  # noqa: E402
+from onnxzip import engine, io  # noqa: E402
 from onnxzip.data import Batch, SyntheticSamples  # noqa: E402
 from onnxzip.runtime import Runner  # noqa: E402
+from testmodels import zoo  # noqa: E402
 
 CHECKER = r"""
 import json, sys

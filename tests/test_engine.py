@@ -151,7 +151,7 @@ def test_refused_op_is_named_in_one_line(training_python):
     from onnxzip.data import SyntheticSamples, input_specs
     from onnxzip.gradients import gradient_statistics
     from onnxzip.pruning import prepared_groups
-    from onnxzip.zoo import from_light
+    from testmodels.zoo import from_light
 
     light = from_light("inception_v1")
     work, groups = prepared_groups(light)

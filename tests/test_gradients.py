@@ -282,8 +282,8 @@ def test_an_op_without_gradient_is_named_and_prune_falls_back_to_l1():
     ],
 )
 def test_stats_on_the_pruning_corpus_or_the_blocking_op_is_named(name):
-    from onnxzip import zoo
     from onnxzip.errors import ModelError
+    from testmodels import zoo
 
     builders = {
         "mobilenet_v2": lambda: zoo.mobilenet_v2(resolution=64, classes=16),

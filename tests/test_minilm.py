@@ -13,7 +13,8 @@ import onnx
 import onnxruntime as ort
 from conftest import ROOT, load_script
 
-from onnxzip import io, zoo
+from onnxzip import io
+from testmodels import zoo
 
 
 def _random_checkpoint(layers: int, hidden: int, ffn: int, vocab: int, positions: int, seed=0):

@@ -11,12 +11,13 @@ import onnx_ir as ir
 import pytest
 from conftest import run_cli
 
-from onnxzip import io, passes, zoo
+from onnxzip import io, passes
 from onnxzip.analysis import inspect_model
 from onnxzip.data import SyntheticSamples, input_specs
 from onnxzip.errors import InputError
 from onnxzip.pruning import PruneConfig, find_groups, prune, rewrite
 from onnxzip.runtime import Runner
+from testmodels import zoo
 
 H = '<ir_version: 8, opset_import: ["" : 17]>\n'
 

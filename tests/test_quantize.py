@@ -13,12 +13,13 @@ import onnxruntime as ort
 import pytest
 from conftest import run_cli
 
-from onnxzip import io, passes, zoo
+from onnxzip import io, passes
 from onnxzip.data import NpzSamples, SyntheticSamples, input_specs
 from onnxzip.errors import InputError
 from onnxzip.quantize import QuantizeConfig, quantize
 from onnxzip.quantize import params as qp
 from onnxzip.verify import verify
+from testmodels import zoo
 
 H = '<ir_version: 8, opset_import: ["" : 17]>\n'
 FLOAT_COMPUTE = {

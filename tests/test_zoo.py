@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from onnxzip import io, zoo
+from onnxzip import io
 from onnxzip.analysis import inspect_model
+from testmodels import zoo
 
 
 def test_mobilenet_v2_has_the_published_size():
