@@ -1,6 +1,7 @@
 """What a model is: opsets, inputs and outputs, op histogram, parameters, size and MACs.
 
-MACs (multiply-accumulates) are counted from inferred shapes, one sample at a time:
+MACs (multiply-accumulates) are counted from inferred shapes, one sample at a time, with each
+op family's formula from the metatype table (``onnxzip/ir/ops.py``):
 
 * Conv:          MACs = |Y| / N * (C_in / group) * prod(kernel)   (Y the output, N its batch)
                  = prod(Y.shape[1:]) * prod(W.shape[1:])
@@ -29,9 +30,9 @@ import onnx_ir as ir
 
 from onnxzip import io
 from onnxzip.errors import InputError
+from onnxzip.ir import ops
 from onnxzip.passes import const_array
 from onnxzip.quantize.params import pair_overflow_channels
-from onnxzip.quantize.rules import is_depthwise, weight_channel_axis
 from onnxzip.report import table
 
 logger = logging.getLogger(__name__)
@@ -159,22 +160,20 @@ def _weight_codes(node: ir.Node) -> tuple[np.ndarray, int] | None:
     """The constant int8 weight codes of a Conv/Gemm/MatMul-family node (through a
     DequantizeLinear for QDQ) and their output-channel axis; None for anything else,
     depthwise Conv included (onnxruntime's depthwise kernel adds in 32 bits)."""
-    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[1] is None:
+    if not ops.is_weighted(node) or len(node.inputs) < 2 or node.inputs[1] is None:
         return None
-    if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+    if node.op_type in ops.FLOAT_WEIGHTED_OPS:
         dq = node.inputs[1].producer()
         if dq is None or dq.op_type != "DequantizeLinear":
             return None
         codes = const_array(dq.inputs[0])
-    elif node.op_type in ("ConvInteger", "MatMulInteger"):
+    else:  # ConvInteger, MatMulInteger
         codes = const_array(node.inputs[1])
-    else:
-        return None
     if codes is None or codes.dtype != np.int8 or codes.ndim < 2:
         return None
-    if is_depthwise(node, codes.shape):
+    if ops.single_channel_groups(node, codes.shape):
         return None
-    return codes, weight_channel_axis(node)
+    return codes, ops.weight_channel_axis(node)
 
 
 def int8_weight_risk(model: ir.Model) -> tuple[int, int] | None:
@@ -199,39 +198,11 @@ def symbolic_dims(model: ir.Model) -> set[str]:
     return names
 
 
-MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger")
-
-
 def node_macs(node: ir.Node, batch_names: set[str]) -> int | None:
-    """MACs of one Conv, ConvTranspose, Gemm or MatMul node for one sample (None if unknown).
-
-    Integer forms count as their float ops: ConvInteger as Conv, MatMulInteger as MatMul.
-    """
-    op = node.op_type
-    if node.domain not in ("", "ai.onnx"):
-        return None
-    if op in ("Conv", "ConvTranspose", "ConvInteger"):
-        w = _const_shape(node.inputs[1], batch_names)
-        side = node.inputs[0] if op == "ConvTranspose" else node.outputs[0]
-        s = _dims(side, batch_names)
-        if w is None or s is None:
-            return None
-        return math.prod(s[1:]) * math.prod(w[1:])
-    if op == "Gemm":
-        a = _const_shape(node.inputs[0], batch_names)
-        y = _dims(node.outputs[0], batch_names)
-        if a is None or y is None or len(a) != 2:
-            return None
-        trans_a = node.attributes.get("transA")
-        k = a[0] if trans_a is not None and trans_a.as_int() else a[1]
-        return y[0] * y[1] * k
-    if op in ("MatMul", "MatMulInteger"):
-        a = _const_shape(node.inputs[0], batch_names)
-        y = _dims(node.outputs[0], batch_names)
-        if a is None or y is None or not a:
-            return None
-        return math.prod(y) * a[-1]
-    return None
+    """MACs of one weighted node for one sample (None if unknown), symbolic dims in
+    ``batch_names`` counted as 1. Integer forms count as their float ops: ConvInteger as Conv,
+    MatMulInteger as MatMul."""
+    return ops.node_macs(node, lambda value: _const_shape(value, batch_names))
 
 
 def _parameters(model: ir.Model) -> tuple[int, int]:
@@ -359,10 +330,7 @@ def inspect_model(
     complete = True
     symbolic = symbolic_dims(counted)
     for node in counted.graph:
-        if node.op_type in MAC_OPS and node.domain in (
-            "",
-            "ai.onnx",
-        ):
+        if ops.is_weighted(node):
             macs = node_macs(node, batch_names)
             if macs is None:
                 # Sequence lengths and other symbolic dims count as 1: MACs per token.

@@ -36,6 +36,8 @@ import onnx_ir as ir
 from onnxzip import engine, passes, progress, training
 from onnxzip.data import Samples
 from onnxzip.errors import InputError, ModelError
+from onnxzip.ir import ops
+from onnxzip.ir.ops import node_key
 from onnxzip.pruning.groups import Group
 from onnxzip.runtime import Runner
 from onnxzip.verify import is_classifier
@@ -93,7 +95,7 @@ def _gated_twin(
     passes.fold_batchnorm(twin)
     passes.batchnorm_to_affine(twin)  # the rest: constants, never batch statistics
 
-    nodes = {n.name or n.outputs[0].name: n for n in twin.graph}
+    nodes = {node_key(n): n for n in twin.graph}
     gates = {}
     for group in groups:
         if group.blocked:
@@ -106,7 +108,7 @@ def _gated_twin(
             if out.shape is None:
                 continue
             rank = len(out.shape)
-            axis = 1 if node.op_type in ("Conv", "ConvTranspose") else rank - 1
+            axis = ops.activation_channel_axis(node, rank)
             size = out.shape[axis]
             shape = [size] + [1] * (rank - axis - 1)
             name = f"gate_{len(gates)}"

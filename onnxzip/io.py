@@ -42,13 +42,11 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from onnxzip.errors import InputError, ModelError
+from onnxzip.ir import ops
 
 logger = logging.getLogger(__name__)
 
 MIN_OPSET = 13
-# The opsets the per-op pruning and quantization rules are written for (22 to 25 only widened
-# the element types of those ops); at a newer opset no rule applies.
-RULE_OPSETS = (13, 25)
 # Protobuf cannot serialise a message of 2 GiB or more; leave headroom for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 
@@ -328,10 +326,53 @@ def _infer_shapes_in_place(
     inferred = onnx.shape_inference.infer_shapes(
         light, check_type=strict, strict_mode=strict, data_prop=True
     )
+    inferred = _infer_through_fused_ops(light, inferred, strict)
     del proto.graph.value_info[:]
     proto.graph.value_info.extend(inferred.graph.value_info)
     del proto.graph.output[:]
     proto.graph.output.extend(inferred.graph.output)
+
+
+def _infer_through_fused_ops(
+    light: onnx.ModelProto, inferred: onnx.ModelProto, strict: bool
+) -> onnx.ModelProto:
+    """onnx's inference stops at onnxruntime's fused ops (com.microsoft), whose schemas it does
+    not have: everything after a SkipLayerNormalization or BiasGelu is left untyped. Their first
+    output has the element type and shape of one input (the metatype table says which): give it
+    that, infer again, and repeat while a fused op gains its output type (once per fused op on
+    a chain, at most)."""
+    fused = [
+        (node, m.shape_from)
+        for node in inferred.graph.node
+        if (m := ops.lookup(node.domain, node.op_type)) is not None
+        and m.shape_from is not None
+        and node.output
+        and node.output[0]
+    ]
+    for _ in range(len(fused)):
+        known = {v.name: v for v in inferred.graph.value_info}
+        known.update({v.name: v for v in inferred.graph.input})
+        known.update({v.name: v for v in inferred.graph.output if v.type.HasField("tensor_type")})
+        added = []
+        for node, source in fused:
+            out = node.output[0]
+            src = node.input[source] if len(node.input) > source else ""
+            have = known.get(out)
+            if src in known and (have is None or not have.type.tensor_type.HasField("shape")):
+                info = onnx.ValueInfoProto()
+                info.CopyFrom(known[src])
+                info.name = out
+                added.append(info)
+        if not added:
+            break
+        names = {v.name for v in added}
+        del light.graph.value_info[:]
+        light.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in names)
+        light.graph.value_info.extend(added)
+        inferred = onnx.shape_inference.infer_shapes(
+            light, check_type=strict, strict_mode=strict, data_prop=True
+        )
+    return inferred
 
 
 def _check_external_data(proto: onnx.ModelProto, base_dir: Path, source: str) -> bool:

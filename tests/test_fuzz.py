@@ -25,7 +25,7 @@ from conftest import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from test_pruning import assert_oracle, prepared
+from oracles import assert_oracle, prepared
 
 from onnxzip import io
 

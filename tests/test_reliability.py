@@ -636,7 +636,19 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path, resnet_path, calib_npz):
     proc = _start(
         ["quantize", resnet_path, "-o", tmp_path / "q.onnx", "--data", calib_npz], tmp_path
     )
-    time.sleep(0.3)  # still importing numpy, onnx, onnxruntime
+    # Interrupt once the start-up handlers are in place (numpy, imported after them, is being
+    # mapped in) and onnx / onnxruntime are still importing; a fixed delay raced the interpreter's
+    # own start-up on a loaded machine.
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if "_multiarray_umath" in maps.read_text():
+                break
+        except OSError:
+            pass
+        time.sleep(0.005)
+    assert proc.poll() is None, "the command finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -28,8 +28,10 @@ from onnxzip import io, passes
 from onnxzip.analysis import inspect_model, shapes_for_macs
 from onnxzip.data import Samples
 from onnxzip.errors import InputError, ModelError
+from onnxzip.ir import ops
+from onnxzip.ir.ops import node_key
 from onnxzip.pruning import importance, reconstruct, rewrite
-from onnxzip.pruning.groups import Group, GroupBuilder, identity, node_name
+from onnxzip.pruning.groups import Group, GroupBuilder, identity
 from onnxzip.pruning.rules import rule_for
 from onnxzip.report import table
 from onnxzip.runtime import Runner, channel_moments
@@ -179,44 +181,32 @@ def format_groups(groups: list[GroupReport]) -> str:
 
 
 def _is_producer(node: ir.Node) -> tuple[int, int] | None:
-    """(output axis, channels) when the node creates a fresh channel space."""
-    if node.domain not in ("", "ai.onnx") or not node.outputs:
+    """(output axis, channels) when the node creates a fresh channel space: a float weighted
+    op with a constant weight (a depthwise Conv's channels are its input's)."""
+    if node.op_type not in ops.FLOAT_WEIGHTED_OPS or ops.domain_of(node) != "" or not node.outputs:
         return None
     out = node.outputs[0]
     if out.shape is None:
         return None
-    if node.op_type in ("Conv", "ConvTranspose"):
-        w = passes.dequantized_array(node.inputs[1])
-        if w is None:
-            return None
-        group = node.attributes["group"].as_int() if "group" in node.attributes else 1
-        cin = node.inputs[0].shape[1] if node.inputs[0].shape is not None else None
-        if node.op_type == "Conv" and group > 1 and group == cin:
-            return None  # depthwise: its channels are its input's
-        channels = w.shape[0] if node.op_type == "Conv" else w.shape[1] * group
-        return 1, int(channels)
-    if node.op_type in ("Gemm", "MatMul"):
-        w = passes.dequantized_array(node.inputs[1])
-        if w is None or w.ndim != 2:
-            return None
-        trans_b = (
-            node.op_type == "Gemm"
-            and "transB" in node.attributes
-            and node.attributes["transB"].as_int()
-        )
-        return len(out.shape) - 1, int(w.shape[0] if trans_b else w.shape[1])
-    return None
+    w = passes.dequantized_array(node.inputs[1])
+    if w is None:
+        return None
+    if node.op_type in ("Gemm", "MatMul") and w.ndim != 2:
+        return None
+    if ops.is_depthwise(node, w.shape):
+        return None
+    return ops.activation_channel_axis(node, len(out.shape)), ops.output_channels(node, w.shape)
 
 
 def find_groups(model: ir.Model) -> list[Group]:
     """Every channel group of the main graph, blocked ones included."""
     graph = model.graph
-    find = rule_for(model.opset_imports.get("", 13))
+    find = rule_for(model.opset_imports)
     groups: list[Group] = []
     claimed: set[str] = set()
     for node in graph:
         producer = _is_producer(node)
-        if producer is None or node_name(node) in claimed:
+        if producer is None or node_key(node) in claimed:
             continue
         axis, channels = producer
         group = Group(id=len(groups), size=channels)
@@ -227,7 +217,7 @@ def find_groups(model: ir.Model) -> list[Group]:
         group.roots = [
             m.owner for m in group.slices if m.role == "out" and m.owner not in group.depthwise
         ]
-        group.roots = list(dict.fromkeys(group.roots)) or [node_name(node)]
+        group.roots = list(dict.fromkeys(group.roots)) or [node_key(node)]
         claimed.update(group.roots)
         groups.append(group)
     return groups
@@ -287,18 +277,18 @@ def estimate_macs(
             cut[key] = cut.get(key, 0) + int(sum(len(m.positions[c]) for c in channels))
     total = 0
     for node in model.graph:
-        macs = base.get(node_name(node))
+        macs = base.get(node_key(node))
         if not macs:
             continue
         w = passes.dequantized_array(node.inputs[1])
         factor = 1.0
         for axis in (0, 1):
-            n = cut.get((node_name(node), axis), 0)
+            n = cut.get((node_key(node), axis), 0)
             if (
                 n
                 and w is not None
                 and w.ndim > axis
-                and not (node.op_type == "Conv" and axis == 1 and w.shape[1] == 1)
+                and not (axis == 1 and ops.is_depthwise(node, w.shape))
             ):
                 factor *= 1 - n / w.shape[axis]
         total += int(macs * factor)
@@ -535,7 +525,7 @@ def weight_kept(
 ) -> dict[str, dict[int, np.ndarray]]:
     """For each weighted node whose weight loses positions: node -> axis -> the original
     positions it keeps (for reconstruction, which fits the kept part against the original)."""
-    nodes = {node_name(n): n for n in model.graph}
+    nodes = {node_key(n): n for n in model.graph}
     removed: dict[str, dict[int, set]] = {}
     sizes: dict[tuple[str, int], int] = {}
     for group, channels, m in rewrite.cut_members(groups, removal):

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from onnxzip.ir.ops import node_key
+
 Positions = list  # per group channel: np.ndarray of positions on the space's axis
 
 
@@ -121,8 +123,8 @@ class GroupBuilder:
             rank = len(q.const_value.shape)
             attr = producer.attributes.get("axis")
             dq_axis = (attr.as_int() if attr is not None else 1) % rank
-            name = node_name(producer)
-            owner = node_name(node)
+            name = node_key(producer)
+            owner = node_key(node)
             self.group.slices.append(SliceMember(name, q, axis, positions, role, source, owner))
             if (
                 scale.const_value is not None
@@ -139,7 +141,7 @@ class GroupBuilder:
                         )
             return
         self.group.slices.append(
-            SliceMember(node_name(node), value, axis, positions, role, source, node_name(node))
+            SliceMember(node_key(node), value, axis, positions, role, source, node_key(node))
         )
 
     def coarsen(self, partition: list[np.ndarray]):
@@ -162,7 +164,7 @@ class GroupBuilder:
 
     def block(self, node: ir.Node | None, reason: str) -> None:
         if self.group.reason is None:
-            self.group.blocked_by = node_name(node) if node is not None else None
+            self.group.blocked_by = node_key(node) if node is not None else None
             self.group.reason = reason
 
     # -- the closure ----------------------------------------------------------------------------
@@ -234,7 +236,7 @@ class GroupBuilder:
             # end the run.
             logger.warning(
                 "%s: the %s channel rule failed: %s: %s",
-                node_name(node),
+                node_key(node),
                 node.op_type,
                 type(exc).__name__,
                 exc,
@@ -251,7 +253,3 @@ def _unknown_rank(node: ir.Node) -> str | None:
         if value.shape is None and (value.uses() or value.is_graph_output()):
             return value.name
     return None
-
-
-def node_name(node: ir.Node) -> str:
-    return node.name or (node.outputs[0].name if node.outputs else node.op_type)

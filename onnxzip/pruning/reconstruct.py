@@ -25,10 +25,10 @@ import onnx_ir as ir
 
 from onnxzip import progress
 from onnxzip.data import Samples
+from onnxzip.ir import ops
+from onnxzip.ir.ops import attr as _attr
+from onnxzip.ir.ops import node_key
 from onnxzip.passes import add_initializer, const_array
-from onnxzip.pruning.groups import node_name
-from onnxzip.pruning.rules import _attr
-from onnxzip.quantize.rules import weight_channel_axis
 from onnxzip.runtime import Runner, expose
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def _layout(node: ir.Node) -> tuple[int, int] | None:
     if w is None or w.dtype != np.float32:
         return None
     if node.op_type == "Conv":
-        if _attr(node, "group", 1) != 1 or w.ndim != 4:
+        if ops.groups(node) != 1 or w.ndim != 4:
             return None
         if _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             return None
@@ -64,8 +64,7 @@ def _layout(node: ir.Node) -> tuple[int, int] | None:
             return None
     elif node.op_type != "MatMul" or w.ndim != 2:
         return None
-    out_axis = weight_channel_axis(node) % w.ndim
-    return (1 if w.ndim == 4 else 1 - out_axis), out_axis
+    return ops.weight_input_axis(node) % w.ndim, ops.weight_channel_axis(node) % w.ndim
 
 
 def _as_matrix(node: ir.Node, w: np.ndarray, out_axis: int) -> np.ndarray:
@@ -151,11 +150,11 @@ def reconstruct(
     ``kept[node][axis]`` are the original positions each weight kept on each cut axis.
     """
     rng = np.random.default_rng(seed)
-    ref_nodes = {node_name(n): n for n in reference.graph}
+    ref_nodes = {node_key(n): n for n in reference.graph}
     todo = []
     fits: list[LayerFit] = []
     for node in pruned.graph:
-        name = node_name(node)
+        name = node_key(node)
         layout = _layout(node)
         if name not in kept or name not in ref_nodes or layout is None:
             continue
@@ -170,17 +169,17 @@ def reconstruct(
     if not todo:
         return pruned, fits
     # One pass of the reference: each layer's target rows at positions picked per batch.
-    targets = [ref_nodes[node_name(n)].outputs[0].name for n, _, _ in todo]
+    targets = [ref_nodes[node_key(n)].outputs[0].name for n, _, _ in todo]
     teacher = Runner(expose(reference, targets), name="reference", optimization="none")
     # (picked positions, output height and width) per batch, and the target rows there
-    picked: dict[str, list[tuple[np.ndarray, tuple]]] = {node_name(n): [] for n, _, _ in todo}
-    wanted: dict[str, list[np.ndarray]] = {node_name(n): [] for n, _, _ in todo}
+    picked: dict[str, list[tuple[np.ndarray, tuple]]] = {node_key(n): [] for n, _, _ in todo}
+    wanted: dict[str, list[np.ndarray]] = {node_key(n): [] for n, _, _ in todo}
     seen = 0
     for batch in samples.batches(batch_size, split, holdout or 0.5):
         out = teacher.run(batch, targets)
         share = max(1, rows_per_layer * len(batch) // max_samples)
         for node, _, out_axis in todo:
-            name = node_name(node)
+            name = node_key(node)
             y = out[ref_nodes[name].outputs[0].name]
             keep_out = kept[name].get(out_axis)
             if keep_out is not None:
@@ -193,7 +192,7 @@ def reconstruct(
         if seen >= max_samples:
             break
     for node, _in_axis, out_axis in progress.bar(todo, desc="reconstruct", unit="layer"):
-        name = node_name(node)
+        name = node_key(node)
         student = Runner(
             expose(pruned, [node.inputs[0].name]), name="pruned model", optimization="none"
         )
@@ -245,13 +244,13 @@ def reconstruct(
 def _compensation_add(node: ir.Node) -> ir.Node | None:
     """The Add that mean compensation put after a MatMul (rewrite.compensate), if any."""
     for use in node.outputs[0].uses():
-        if use.node.op_type == "Add" and use.node.name == f"{node_name(node)}_pruning_bias":
+        if use.node.op_type == "Add" and use.node.name == f"{node_key(node)}_pruning_bias":
             return use.node
     return None
 
 
 def _set_weights(graph: ir.Graph, node: ir.Node, w: np.ndarray, b: np.ndarray) -> None:
-    name = node_name(node)
+    name = node_key(node)
     node.replace_input_with(1, add_initializer(graph, f"{name}_reconstructed_w", w))
     if node.op_type == "MatMul":
         add = _compensation_add(node)

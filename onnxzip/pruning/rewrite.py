@@ -21,13 +21,14 @@ import onnx_ir as ir
 
 from onnxzip import io
 from onnxzip.errors import ModelError
+from onnxzip.ir.ops import node_key
 from onnxzip.passes import (
     add_initializer,
     const_array,
     dequantized_array,
     remove_unused_initializers,
 )
-from onnxzip.pruning.groups import Group, node_name
+from onnxzip.pruning.groups import Group
 
 
 def cut_members(groups: list[Group], removal: dict[int, np.ndarray]):
@@ -60,7 +61,7 @@ def apply(
     the channels in ``compensated`` when given (e.g. only the dead ones), else for all removed.
     """
     graph = model.graph
-    nodes = {node_name(n): n for n in graph}
+    nodes = {node_key(n): n for n in graph}
     if means:
         compensate(model, nodes, groups, removal if compensated is None else compensated, means)
     # (initializer name) -> (node name) -> axis -> positions to delete
@@ -95,16 +96,16 @@ def apply(
             n: tuple(sorted((a, tuple(sorted(p))) for a, p in axes.items()))
             for n, axes in per_node.items()
         }
-        readers = {node_name(u.node) for u in value.uses()}
+        readers = {node_key(u.node) for u in value.uses()}
         if len(set(specs.values())) == 1 and readers <= set(specs):
             sliced = _cut(array, per_node[next(iter(per_node))])
             value.const_value = ir.tensor(sliced, name=value.name)
             value.shape = ir.Shape(sliced.shape)
             continue
-        for node_key, axes in per_node.items():
-            node = nodes[node_key]
+        for owner, axes in per_node.items():
+            node = nodes[owner]
             sliced = _cut(array, axes)
-            copy = add_initializer(graph, f"{name}_{node_key}", sliced)
+            copy = add_initializer(graph, f"{name}_{owner}", sliced)
             for i, inp in enumerate(node.inputs):
                 if inp is value:
                     node.replace_input_with(i, copy)
@@ -135,7 +136,7 @@ def apply(
             if any(removed):
                 sizes = const_array(node.inputs[1]).copy() - np.asarray(removed, dtype=np.int64)
                 node.replace_input_with(
-                    1, add_initializer(graph, f"{node_name(node)}_split", sizes.astype(np.int64))
+                    1, add_initializer(graph, f"{node_key(node)}_split", sizes.astype(np.int64))
                 )
 
     remove_unused_initializers(model)
@@ -156,9 +157,9 @@ def _shrink_runtime_target(graph: ir.Graph, node: ir.Node, changes: dict[int, in
         array = const_array(inputs[k]).copy()  # inputs[k]: with any earlier change to it
         if array[offset] > 0:
             array[offset] -= n
-        inputs[k] = add_initializer(graph, f"{node_name(node)}_target_{a}", array.astype(np.int64))
-    new = ir.node("Concat", inputs, attributes={"axis": 0}, name=f"{node_name(node)}_target")
-    new.outputs[0].name = f"{node_name(node)}_target_shape"
+        inputs[k] = add_initializer(graph, f"{node_key(node)}_target_{a}", array.astype(np.int64))
+    new = ir.node("Concat", inputs, attributes={"axis": 0}, name=f"{node_key(node)}_target")
+    new.outputs[0].name = f"{node_key(node)}_target_shape"
     graph.insert_before(node, new)
     node.replace_input_with(1, new.outputs[0])
     if not concat.outputs[0].uses() and not concat.outputs[0].is_graph_output():

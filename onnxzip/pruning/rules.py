@@ -15,49 +15,23 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxzip.io import RULE_OPSETS
+from onnxzip.ir import ops
+from onnxzip.ir.ops import attr as _attr
+from onnxzip.ir.ops import dim as _dim
+from onnxzip.ir.ops import node_key
+from onnxzip.ir.ops import rank as _rank
+from onnxzip.ir.registry import Registry
 from onnxzip.passes import const_array, dequantized_array
-from onnxzip.pruning.groups import GroupBuilder, Positions, node_name
+from onnxzip.pruning.groups import GroupBuilder, Positions
 
 Rule = Callable[[GroupBuilder, ir.Node, tuple, int, Positions], None]
-_REGISTRY: dict[str, list[tuple[int, int, Rule]]] = {}
+CHANNEL_RULES: Registry[Rule] = Registry("channel")
+register = CHANNEL_RULES.register
 
 
-def register(*op_types: str, versions: tuple[int, int] = RULE_OPSETS):
-    def wrap(fn: Rule) -> Rule:
-        for op in op_types:
-            _REGISTRY.setdefault(op, []).append((versions[0], versions[1], fn))
-        return fn
-
-    return wrap
-
-
-def rule_for(opset: int):
-    def find(node: ir.Node) -> Rule | None:
-        if node.domain not in ("", "ai.onnx"):
-            return None
-        for lo, hi, fn in _REGISTRY.get(node.op_type, []):
-            if lo <= opset <= hi:
-                return fn
-        return None
-
-    return find
-
-
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
-def _rank(value: ir.Value | None) -> int | None:
-    return None if value is None or value.shape is None else len(value.shape)
-
-
-def _dim(value: ir.Value, axis: int) -> int | None:
-    if value.shape is None or axis >= len(value.shape):
-        return None
-    d = value.shape[axis]
-    return d if isinstance(d, int) else None
+def rule_for(opsets) -> Callable[[ir.Node], Rule | None]:
+    """The channel rule of each node for a model with these opset imports."""
+    return CHANNEL_RULES.finder(opsets)
 
 
 def shift(positions: Positions, offset: int) -> Positions:
@@ -97,7 +71,7 @@ def _conv(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     group = _attr(node, "group", 1)
     cin = _dim(x, 1)
     cout = weight.shape[0]
-    depthwise = group > 1 and group == cin
+    depthwise = ops.is_depthwise(node, weight.shape)
     if axis != 1 or port[0] == "in" and port[1] != 0:
         return b.block(
             node, "channels reach a Conv on something other than the channel axis of its input"
@@ -116,7 +90,7 @@ def _conv(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
             b.take(node, w, 0, pos, "out")
             if bias is not None:
                 b.take(node, bias, 0, pos, "out")
-            b.group.depthwise.append(node_name(node))
+            b.group.depthwise.append(node_key(node))
             return b.visit(x, 1, inner, node, ("in", 0))
         b.take(node, w, 0, pos, "out")
         if bias is not None:
@@ -128,7 +102,7 @@ def _conv(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
         b.take(node, w, 0, outer, "out")
         if bias is not None:
             b.take(node, bias, 0, outer, "out")
-        b.group.depthwise.append(node_name(node))
+        b.group.depthwise.append(node_key(node))
         return b.visit(node.outputs[0], 1, outer, node)
     b.take(node, w, 1, pos, "in", (node.inputs[0].name, axis))
     return None
@@ -681,3 +655,48 @@ def _qdq(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             b.take(node, node.inputs[2], 0, pos, "param")
     return _through(b, node, port, axis, pos)
+
+
+# -- onnxruntime's fused ops (com.microsoft) -----------------------------------------------------
+
+
+@register("BiasGelu", "FastGelu", "BiasAdd", domain=ops.MS_DOMAIN)
+def _bias_activation(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
+    """``act(X + B)`` with ``B`` over the last (hidden) axis; BiasAdd adds a full-shape skip
+    input too. Channels on the hidden axis take the bias slice; the skip input follows them."""
+    x, out = node.inputs[0], node.outputs[0]
+    last = _rank(out) - 1
+    if port[0] == "in" and port[1] == 1:
+        return b.block(node, f"channels reach {node.op_type}'s bias")
+    bias = ops.optional_input(node, 1)
+    if bias is not None and axis == last:
+        if const_array(bias) is None:
+            return b.block(node, f"{node.op_type} bias is not constant")
+        b.take(node, bias, 0, pos, "param")
+    skip = ops.optional_input(node, 2) if node.op_type == "BiasAdd" else None
+    if skip is not None and port != ("in", 2):
+        b.visit(skip, axis, pos, node, ("in", 2))
+    if port[0] == "in":
+        return b.visit(out, axis, pos, node)
+    return b.visit(x, axis, pos, node, ("in", 0))
+
+
+@register("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain=ops.MS_DOMAIN)
+def _skip_layer_norm(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
+    """``LayerNorm(input + skip + bias)`` over the last (hidden) axis; output 3 (when present)
+    is the sum before normalisation. The hidden axis is normalised over and stays whole, so
+    channels may cross only on the other axes, from the input or skip to both outputs."""
+    out = node.outputs[0]
+    if axis == _rank(out) - 1:
+        return b.block(node, f"{node.op_type} normalises over the channel axis")
+    if port[0] == "in" and port[1] > 1 or port[0] == "out" and port[1] in (1, 2):
+        return b.block(node, f"channels reach {node.op_type}'s parameters or statistics")
+    if any(len(node.outputs) > j and node.outputs[j].uses() for j in (1, 2)):
+        return b.block(node, f"{node.op_type} statistics outputs are used")
+    for i in (0, 1):
+        if port != ("in", i):
+            b.visit(node.inputs[i], axis, pos, node, ("in", i))
+    for j in (0, 3):
+        if port != ("out", j) and len(node.outputs) > j:
+            b.visit(node.outputs[j], axis, pos, node)
+    return None

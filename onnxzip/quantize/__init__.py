@@ -29,18 +29,19 @@ import onnx_ir as ir
 from onnxzip import io, passes, progress
 from onnxzip.data import Samples
 from onnxzip.errors import DataError, InputError, ModelError, NoSamplesError
+from onnxzip.ir import ops
+from onnxzip.ir.ops import node_key
 from onnxzip.quantize import calibrate as cal
 from onnxzip.quantize import params as qp
 from onnxzip.quantize.dynamic import quantize_dynamic
 from onnxzip.quantize.qdq import InsertResult, insert_qdq
-from onnxzip.quantize.rules import Context, Plan, handler_for, node_key
+from onnxzip.quantize.rules import QUANTIZATION_RULES, Context, Plan
 from onnxzip.report import table
 from onnxzip.runtime import Runner, channel_moments, expose, int8_pairs_saturate
 from onnxzip.verify import OutputAccumulator, Thresholds, VerifyReport, is_classifier, verify
 
 logger = logging.getLogger(__name__)
 
-_WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 # Input elements per calibration run when every activation is fetched whole (histogram
 # methods): one 224x224 RGB image, which bounds the memory of the exposed activations
 # (MobileNetV2: 366 MiB peak against 460 MiB in runs of two, same time); small inputs (the
@@ -233,26 +234,17 @@ def plan_quantization(model: ir.Model, config: QuantizeConfig) -> tuple[Plan, li
     """Runs the per-op rules over the main graph in topological order."""
     plan = Plan()
     ctx = Context(plan, config.per_channel, config.symmetric_activations, config.quantize_softmax)
-    opset = model.opset_imports.get("", 13)
+    find = QUANTIZATION_RULES.finder(model.opset_imports)
     kept = []
     for node in model.graph:
         key = node_key(node)
-        if node.domain not in ("", "ai.onnx"):
-            continue
-        handler = handler_for(node.op_type, opset)
+        handler = find(node)
         if handler is None:
             continue
         if _excluded(node, config.exclude):
             kept.append(KeptFloat(key, node.op_type, "excluded by the user"))
             continue
-        before = (
-            dict(plan.activations),
-            dict(plan.shared),
-            dict(plan.weights),
-            set(plan.full_range_weights),
-            set(plan.constants),
-            dict(plan.biases),
-        )
+        before = plan.marks()
         try:
             reason = _empty_tensor(node) or handler(node, ctx)
         except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError) as exc:
@@ -266,17 +258,9 @@ def plan_quantization(model: ir.Model, config: QuantizeConfig) -> tuple[Plan, li
             if key not in plan.folded:
                 plan.quantized_nodes[key] = node.op_type
         else:
-            # A refusing handler must leave no half-made marks behind.
-            (
-                plan.activations,
-                plan.shared,
-                plan.weights,
-                plan.full_range_weights,
-                plan.constants,
-                plan.biases,
-            ) = before
+            plan.restore(before)  # a refusing handler leaves no half-made marks behind
             plan.kept_float[key] = reason
-            if node.op_type in _WEIGHTED or node.op_type in ("Add", "Mul", "Concat"):
+            if node.op_type in ops.FLOAT_WEIGHTED_OPS or node.op_type in ("Add", "Mul", "Concat"):
                 kept.append(KeptFloat(key, node.op_type, reason))
     return plan, kept
 
@@ -725,11 +709,9 @@ def correct_biases(
             or key not in q_nodes
         ):
             continue
-        if n.op_type == "Conv" and (
-            n.attributes.get("group") and n.attributes["group"].as_int() != 1
-        ):
-            continue  # depthwise: per-channel input means would need the group layout
-        if n.op_type == "Gemm" and n.attributes.get("transA") and n.attributes["transA"].as_int():
+        if ops.groups(n) != 1:
+            continue  # grouped: per-channel input means would need the group layout
+        if ops.attr(n, "transA", 0):
             continue
         w = passes.const_array(n.inputs[1])
         w_q = passes.dequantized_array(q_nodes[key].inputs[1])
@@ -755,10 +737,7 @@ def correct_biases(
         if layer.op_type == "Conv":
             delta = diff.reshape(diff.shape[0], diff.shape[1], -1).sum(axis=2) @ mean
         else:
-            trans_b = (
-                layer.attributes.get("transB") is not None and layer.attributes["transB"].as_int()
-            )
-            delta = diff @ mean if trans_b else diff.T @ mean
+            delta = diff @ mean if ops.attr(layer, "transB", 0) else diff.T @ mean
         bias = layer.inputs[2] if len(layer.inputs) > 2 else None
         base = passes.const_array(bias) if bias is not None else np.zeros(delta.shape, np.float32)
         if base is None or base.ndim != 1 or base.shape[0] != delta.shape[0]:

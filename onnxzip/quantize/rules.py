@@ -1,6 +1,6 @@
 """Per-op quantization rules: each handler only *marks* what to quantize.
 
-Handlers are registered per (op type, opset range) and visited in topological order. They mark
+Handlers are registered per (domain, op type, opset range) and visited in topological order. They mark
 activations (per-tensor, calibrated), weights (per-channel int8 initializers), biases (int32,
 scale ``S_x * S_w``), outputs that share their input's parameters (ops that move values without
 changing them), and ReLU/Clip nodes folded into their producer's output range. One inserter
@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from onnxzip.io import RULE_OPSETS
+from onnxzip.ir.ops import attr as _attr
+from onnxzip.ir.ops import node_key, single_channel_groups, weight_channel_axis
+from onnxzip.ir.registry import Registry
 from onnxzip.passes import const_array
 
 
@@ -49,6 +51,16 @@ class Plan:
     alias: dict[str, str] = field(default_factory=dict)  # folded output -> tensor that replaces it
     quantized_nodes: dict[str, str] = field(default_factory=dict)  # node -> op type
     kept_float: dict[str, str] = field(default_factory=dict)  # node -> reason
+
+    _MARKS = ("activations", "shared", "weights", "full_range_weights", "constants", "biases")
+
+    def marks(self) -> dict:
+        """A copy of what handlers mark, for ``restore`` when a handler refuses."""
+        return {name: type(getattr(self, name))(getattr(self, name)) for name in self._MARKS}
+
+    def restore(self, marks: dict) -> None:
+        for name, value in marks.items():
+            setattr(self, name, value)
 
     def resolve(self, name: str) -> str:
         while name in self.alias:
@@ -84,29 +96,8 @@ class Context:
 
 
 Handler = Callable[[ir.Node, Context], str | None]
-_REGISTRY: dict[str, list[tuple[int, int, Handler]]] = {}
-
-
-def register(*op_types: str, versions: tuple[int, int] = RULE_OPSETS):
-    """Registers a handler for ops of the default domain within an opset range (inclusive)."""
-
-    def wrap(fn: Handler) -> Handler:
-        for op in op_types:
-            _REGISTRY.setdefault(op, []).append((versions[0], versions[1], fn))
-        return fn
-
-    return wrap
-
-
-def handler_for(op_type: str, opset: int) -> Handler | None:
-    for lo, hi, fn in _REGISTRY.get(op_type, []):
-        if lo <= opset <= hi:
-            return fn
-    return None
-
-
-def node_key(node: ir.Node) -> str:
-    return node.name or node.outputs[0].name
+QUANTIZATION_RULES: Registry[Handler] = Registry("quantization")
+register = QUANTIZATION_RULES.register
 
 
 def _is_float(value: ir.Value | None) -> bool:
@@ -115,36 +106,6 @@ def _is_float(value: ir.Value | None) -> bool:
         and value.dtype is not None
         and value.dtype.is_floating_point()
         and value.dtype.itemsize == 4
-    )
-
-
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
-def weight_channel_axis(node: ir.Node) -> int:
-    """The axis of a Conv/ConvTranspose/Gemm/MatMul-family weight (input 1) that indexes the
-    output channels (counted from the end for MatMul: one channel per output column)."""
-    if node.op_type in ("Conv", "ConvInteger"):
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        return 0 if _attr(node, "transB", 0) else 1
-    return -1
-
-
-def is_depthwise(node: ir.Node, weight_shape) -> bool:
-    """A Conv with one input and one output channel per group. onnxruntime runs it with its
-    depthwise kernel, which adds in 32 bits, so its int8 weights cannot saturate the 16-bit pair
-    sums of CPUs without VNNI (measured exact with full-range weights on an AVX2-only CPU where
-    dense and grouped Conv saturate): it needs no pair-safe weights."""
-    return (
-        node.op_type in ("Conv", "ConvInteger")
-        and len(weight_shape) >= 3
-        and weight_shape[1] == 1
-        and _attr(node, "group", 1) == weight_shape[0]
     )
 
 
@@ -165,7 +126,8 @@ def _conv(node: ir.Node, ctx: Context) -> str | None:
     ctx.mark_activation(x)
     key = node_key(node)
     ctx.plan.weights[(key, 1)] = axis if ctx.per_channel else None
-    if is_depthwise(node, weight.shape):
+    if single_channel_groups(node, weight.shape):
+        # onnxruntime's depthwise kernel adds in 32 bits: no pair-safe weights needed
         ctx.plan.full_range_weights.add((key, 1))
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         if const_array(node.inputs[2]) is None:

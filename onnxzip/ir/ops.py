@@ -1,0 +1,308 @@
+"""Op knowledge in one table: one metatype per op family, read by every stage.
+
+A metatype says, for the ops of one family (as NNCF's ONNX metatypes do): which input is the
+constant weight and which the bias, which weight axis indexes the output channels and which the
+input channels, on which axis of the output activation the channels lie, the subtypes of
+convolution, how many multiply-accumulates one sample costs, and, for onnxruntime's fused
+com.microsoft ops that onnx's shape inference does not know, which input the output's type and
+shape follow. Pruning (groups, MAC estimates, reconstruction), quantization (weight axes, bias
+correction, the VNNI saturation risk), analysis (MACs) and the gradient twin ask this table;
+nobody re-derives "is this Conv depthwise" or "which axis is the output channel".
+
+MACs per sample (``|.|`` the element count without the batch axis):
+
+* Conv / ConvInteger:   ``|Y| * (C_in / group) * prod(kernel)``  (``prod(W.shape[1:])``)
+* ConvTranspose:        ``|X| * (C_out / group) * prod(kernel)`` (each input pixel scatters a
+  ``C_out / group x kernel`` patch; ``prod(W.shape[1:])`` again)
+* Gemm:                 ``M * N * K`` for ``A [M, K]``, ``Y [M, N]`` (the batch is ``M``)
+* MatMul / MatMulInteger and com.microsoft MatMul forms: ``|Y| * K``, ``K`` the last axis of A.
+
+Convolution subtypes, from the weight ``W [C_out, C_in / group, k..]``: *dense* (``group = 1``),
+*depthwise* (``group > 1`` and one input channel per group, any channel multiplier
+``C_out / group``), *grouped* (the rest). onnxruntime runs a Conv with one input and one output
+channel per group with its depthwise kernel (32-bit sums), which ``single_channel_groups`` tells.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+MS_DOMAIN = "com.microsoft"
+
+# dims of a value without its batch axis resolved: a list of ints, or None when unknown
+DimsFn = Callable[[ir.Value | None], list[int] | None]
+
+
+# -- node helpers: one way to read attributes, ranks and names ------------------------------------
+
+
+def domain_of(node: ir.Node) -> str:
+    """The node's domain with onnx's two spellings of the default one made one."""
+    return "" if node.domain in DEFAULT_DOMAINS else node.domain
+
+
+def attr(node: ir.Node, name: str, default):
+    """An attribute's value, or ``default`` when it is absent."""
+    found = node.attributes.get(name)
+    return default if found is None else found.value
+
+
+def node_key(node: ir.Node) -> str:
+    """A node's identity in reports and plans: its name, else its first output's."""
+    return node.name or (node.outputs[0].name if node.outputs else node.op_type)
+
+
+def rank(value: ir.Value | None) -> int | None:
+    return None if value is None or value.shape is None else len(value.shape)
+
+
+def dim(value: ir.Value, axis: int) -> int | None:
+    """A static dimension, or None (symbolic, unknown rank, or out of range)."""
+    if value.shape is None or axis >= len(value.shape):
+        return None
+    d = value.shape[axis]
+    return d if isinstance(d, int) else None
+
+
+def optional_input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if len(node.inputs) > index else None
+
+
+# -- metatypes --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metatype:
+    """What every stage needs to know about one op family.
+
+    ``out_axis`` / ``in_axis`` give the weight's output- and input-channel axes for a node
+    (negative counts from the end); ``activation_axis`` the channel axis of the output for its
+    rank; ``macs`` the MACs of one sample from a dims reader; ``shape_from`` the input whose
+    element type and shape output 0 has (for ops onnx's inference does not cover).
+    """
+
+    name: str
+    op_types: tuple[str, ...]
+    domain: str = ""
+    weight_port: int | None = None
+    bias_port: int | None = None
+    out_axis: Callable[[ir.Node], int] | None = None
+    in_axis: Callable[[ir.Node], int] | None = None
+    activation_axis: Callable[[int], int] | None = None
+    macs: Callable[[ir.Node, DimsFn], int | None] | None = None
+    shape_from: int | None = None
+    # the node adds a per-channel bias of the output channels (Conv/Gemm ``b``, BiasGelu ``B``)
+    channel_bias_port: int | None = None
+
+    @property
+    def weighted(self) -> bool:
+        return self.weight_port is not None
+
+
+def _conv_macs(node: ir.Node, dims: DimsFn) -> int | None:
+    w = dims(node.inputs[1])
+    side = node.inputs[0] if node.op_type == "ConvTranspose" else node.outputs[0]
+    s = dims(side)
+    if w is None or s is None:
+        return None
+    return math.prod(s[1:]) * math.prod(w[1:])
+
+
+def _gemm_macs(node: ir.Node, dims: DimsFn) -> int | None:
+    a, y = dims(node.inputs[0]), dims(node.outputs[0])
+    if a is None or y is None or len(a) != 2:
+        return None
+    k = a[0] if attr(node, "transA", 0) else a[1]
+    return y[0] * y[1] * k
+
+
+def _matmul_macs(node: ir.Node, dims: DimsFn) -> int | None:
+    a, y = dims(node.inputs[0]), dims(node.outputs[0])
+    if a is None or y is None or not a:
+        return None
+    return math.prod(y) * a[-1]
+
+
+CONVOLUTION = Metatype(
+    "convolution",
+    ("Conv", "ConvInteger"),
+    weight_port=1,
+    bias_port=2,
+    channel_bias_port=2,
+    out_axis=lambda node: 0,
+    in_axis=lambda node: 1,
+    activation_axis=lambda r: 1,
+    macs=_conv_macs,
+)
+CONV_TRANSPOSE = Metatype(
+    "transposed convolution",
+    ("ConvTranspose",),
+    weight_port=1,
+    bias_port=2,
+    channel_bias_port=2,
+    out_axis=lambda node: 1,
+    in_axis=lambda node: 0,
+    activation_axis=lambda r: 1,
+    macs=_conv_macs,
+)
+GEMM = Metatype(
+    "gemm",
+    ("Gemm",),
+    weight_port=1,
+    bias_port=2,
+    channel_bias_port=2,
+    out_axis=lambda node: 0 if attr(node, "transB", 0) else 1,
+    in_axis=lambda node: 1 if attr(node, "transB", 0) else 0,
+    activation_axis=lambda r: r - 1,
+    macs=_gemm_macs,
+)
+MATMUL = Metatype(
+    "matmul",
+    ("MatMul", "MatMulInteger"),
+    weight_port=1,
+    out_axis=lambda node: -1,
+    in_axis=lambda node: -2,
+    activation_axis=lambda r: r - 1,
+    macs=_matmul_macs,
+)
+
+# onnxruntime's fused ops (com.microsoft), written by its transformer optimizer. onnx's shape
+# inference does not know them: their first output has the type and shape of ``shape_from``.
+SKIP_LAYER_NORM = Metatype(
+    "skip layer normalization",
+    ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"),
+    domain=MS_DOMAIN,
+    shape_from=0,
+)
+LAYER_NORM_MS = Metatype(
+    "layer normalization (contrib)",
+    ("SimplifiedLayerNormalization",),
+    domain="",  # onnxruntime registers SimplifiedLayerNormalization in the default domain
+    shape_from=0,
+)
+BIAS_ACTIVATION = Metatype(
+    "bias activation",
+    ("BiasGelu", "FastGelu", "BiasAdd"),
+    domain=MS_DOMAIN,
+    shape_from=0,
+    channel_bias_port=1,
+)
+ACTIVATION_MS = Metatype(
+    "activation (contrib)",
+    ("Gelu", "QuickGelu"),
+    domain=MS_DOMAIN,
+    shape_from=0,
+)
+
+METATYPES: tuple[Metatype, ...] = (
+    CONVOLUTION,
+    CONV_TRANSPOSE,
+    GEMM,
+    MATMUL,
+    SKIP_LAYER_NORM,
+    LAYER_NORM_MS,
+    BIAS_ACTIVATION,
+    ACTIVATION_MS,
+)
+_BY_OP: dict[tuple[str, str], Metatype] = {
+    (m.domain, op): m for m in METATYPES for op in m.op_types
+}
+WEIGHTED_OPS = frozenset(
+    op for m in METATYPES if m.weighted and m.domain == "" for op in m.op_types
+)
+# the float ops among them (integer forms count only for MACs and saturation checks)
+FLOAT_WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+def metatype(node: ir.Node) -> Metatype | None:
+    """The node's metatype, or None for ops the table does not describe."""
+    return _BY_OP.get((domain_of(node), node.op_type))
+
+
+def lookup(domain: str, op_type: str) -> Metatype | None:
+    """The metatype of an op named by domain and type (for code that sees protobuf nodes)."""
+    return _BY_OP.get(("" if domain in DEFAULT_DOMAINS else domain, op_type))
+
+
+def is_weighted(node: ir.Node) -> bool:
+    m = metatype(node)
+    return m is not None and m.weighted
+
+
+def weight_channel_axis(node: ir.Node) -> int:
+    """The axis of a weighted node's weight that indexes its output channels (counted from
+    the end for MatMul: one channel per output column)."""
+    m = metatype(node)
+    if m is None or m.out_axis is None:
+        raise ValueError(f"{node.op_type} has no weight")
+    return m.out_axis(node)
+
+
+def weight_input_axis(node: ir.Node) -> int:
+    """The axis of a weighted node's weight that indexes its input channels."""
+    m = metatype(node)
+    if m is None or m.in_axis is None:
+        raise ValueError(f"{node.op_type} has no weight")
+    return m.in_axis(node)
+
+
+def activation_channel_axis(node: ir.Node, out_rank: int) -> int:
+    """The channel axis of a weighted node's output: 1 for convolutions, the last otherwise."""
+    m = metatype(node)
+    if m is None or m.activation_axis is None:
+        raise ValueError(f"{node.op_type} has no channel axis")
+    return m.activation_axis(out_rank)
+
+
+def groups(node: ir.Node) -> int:
+    return int(attr(node, "group", 1))
+
+
+def conv_subtype(node: ir.Node, weight_shape: Sequence[int]) -> str:
+    """``dense``, ``depthwise`` or ``grouped`` for a convolution with this weight shape."""
+    group = groups(node)
+    if group == 1:
+        return "dense"
+    if node.op_type in CONVOLUTION.op_types and len(weight_shape) >= 2 and weight_shape[1] == 1:
+        return "depthwise"
+    return "grouped"
+
+
+def is_depthwise(node: ir.Node, weight_shape: Sequence[int]) -> bool:
+    """A Conv with one input channel per group (its channels are its input's)."""
+    return metatype(node) is CONVOLUTION and conv_subtype(node, weight_shape) == "depthwise"
+
+
+def single_channel_groups(node: ir.Node, weight_shape: Sequence[int]) -> bool:
+    """A Conv with one input and one output channel per group: onnxruntime runs it with its
+    depthwise kernel, which adds in 32 bits, so its int8 weights cannot saturate the 16-bit
+    pair sums of CPUs without VNNI (measured exact with full-range weights on an AVX2-only CPU
+    where dense and grouped Conv saturate)."""
+    return (
+        metatype(node) is CONVOLUTION
+        and len(weight_shape) >= 3
+        and weight_shape[1] == 1
+        and groups(node) == weight_shape[0]
+    )
+
+
+def output_channels(node: ir.Node, weight_shape: Sequence[int]) -> int:
+    """The number of output channels a weighted node creates."""
+    axis = weight_channel_axis(node)
+    channels = weight_shape[axis]
+    if metatype(node) is CONV_TRANSPOSE:
+        channels *= groups(node)  # the weight holds C_out / group per group
+    return int(channels)
+
+
+def node_macs(node: ir.Node, dims: DimsFn) -> int | None:
+    """MACs of one sample of a weighted node (None when a shape is unknown or the op has none)."""
+    m = metatype(node)
+    if m is None or m.macs is None:
+        return None
+    return m.macs(node, dims)
