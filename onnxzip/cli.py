@@ -18,6 +18,7 @@ from onnxzip.errors import (
     EXIT_OK,
     EXIT_PARITY,
     InputError,
+    InternalError,
     OnnxzipError,
     Terminated,
 )
@@ -942,7 +943,8 @@ def _main(argv: list[str] | None) -> int:
     except OnnxzipError as exc:
         if debug:
             raise
-        print(f"onnxzip: error: {exc}", file=sys.stderr)
+        what = "internal error" if isinstance(exc, InternalError) else "error"
+        print(f"onnxzip: {what}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("onnxzip: interrupted", file=sys.stderr)

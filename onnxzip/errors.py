@@ -17,6 +17,13 @@ class OnnxzipError(Exception):
     exit_code = EXIT_INTERNAL
 
 
+class InternalError(OnnxzipError):
+    """A bug in onnxzip: a state its own code should never reach (exit code 3). Never raised
+    for anything the user gave."""
+
+    exit_code = EXIT_INTERNAL
+
+
 class InputError(OnnxzipError):
     """The user's model, data, paths or options are unusable. The message names the file and the problem."""
 
@@ -24,7 +31,7 @@ class InputError(OnnxzipError):
 
 
 class ModelError(InputError):
-    """A model cannot be read, checked or normalised to what onnxruntime 1.19 runs."""
+    """A model cannot be read, checked or normalised to what the installed onnxruntime runs."""
 
 
 class DataError(InputError):

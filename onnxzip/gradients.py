@@ -91,9 +91,7 @@ def _gated_twin(
 ) -> tuple[ir.Model, dict[str, tuple[int, str, int]]]:
     """BN folded, a gate after each root producer; gate name -> (group id, root, axis)."""
     twin = model.clone()
-    passes.lift_constants(twin)
-    passes.fold_batchnorm(twin)
-    passes.batchnorm_to_affine(twin)  # the rest: constants, never batch statistics
+    passes.TRAINING_TWIN(twin)  # BN folded, the rest affine: constants, never batch statistics
 
     nodes = {node_key(n): n for n in twin.graph}
     gates = {}

@@ -24,6 +24,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
+from onnxzip.errors import InternalError
+
 logger = logging.getLogger(__name__)
 
 
@@ -279,12 +281,109 @@ def remove_unused_initializers(model: ir.Model) -> None:
             del graph.initializers[name]
 
 
+# -- the clean-ups as onnx_ir passes, composed into the named pipelines each stage runs ---------
+
+
+class _Step(onnx_ir.passes.InPlacePass):
+    """One clean-up as an in-place pass; ``found`` keeps what it reported (a count or names)."""
+
+    key = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found = 0
+
+    def apply(self, model: ir.Model):  # the clean-up function
+        raise NotImplementedError
+
+    def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
+        self.found = self.apply(model)
+        return onnx_ir.passes.PassResult(model, modified=bool(self.found))
+
+
+class DropInitializerInputs(_Step):
+    key = "initializer_inputs_dropped"
+
+    def apply(self, model):
+        return drop_initializer_inputs(model)
+
+    def ensures(self, model):
+        left = [v.name for v in model.graph.inputs if v.is_initializer()]
+        if left:
+            raise onnx_ir.passes.PostconditionError(f"initializers still graph inputs: {left[:3]}")
+
+
+class FoldConstants(_Step):
+    key = "constants_folded"
+
+    def apply(self, model):
+        return fold_constants(model)
+
+
+class LiftConstants(_Step):
+    key = "constants_lifted"
+
+    def apply(self, model):
+        return lift_constants(model)
+
+
+class SumToAdd(_Step):
+    key = "sum_to_add"
+
+    def apply(self, model):
+        return sum_to_add(model)
+
+    def ensures(self, model):
+        if any(n.op_type == "Sum" and n.domain == "" and len(n.inputs) == 2 for n in model.graph):
+            raise onnx_ir.passes.PostconditionError("a two-input Sum is left")
+
+
+class FoldBatchNorm(_Step):
+    key = "batchnorm_folded"
+
+    def apply(self, model):
+        return fold_batchnorm(model)
+
+
+class BatchNormToAffine(_Step):
+    key = "batchnorm_to_affine"
+
+    def apply(self, model):
+        return batchnorm_to_affine(model)
+
+
+class Pipeline:
+    """A named sequence of clean-up passes, each run through onnx_ir's ``PassBase`` protocol
+    (``requires``, ``call``, ``ensures``). Calling it edits the model in place and returns what
+    each pass did, keyed by the pass's ``key``. Unlike onnx_ir's ``PassManager`` it does not
+    wrap errors: a refusal of the user's model stays that (exit 2); a broken post-condition is
+    onnxzip's bug (``InternalError``, exit 3)."""
+
+    def __init__(self, name: str, steps: list[type[_Step]]) -> None:
+        self.name = name
+        self.steps = steps
+
+    def __call__(self, model: ir.Model) -> dict:
+        done = {}
+        for step in self.steps:
+            p = step()
+            try:
+                p(model)
+            except (onnx_ir.passes.PreconditionError, onnx_ir.passes.PostconditionError) as exc:
+                cause = exc.__cause__ or exc
+                raise InternalError(f"{self.name} pipeline, {type(p).__name__}: {cause}") from exc
+            done[p.key] = p.found
+        return done
+
+
+# pruning reads constants one way and needs Sum as Add; BatchNormalization stays (a rule slices it)
+PRUNING = Pipeline("pruning", [DropInitializerInputs, FoldConstants, LiftConstants, SumToAdd])
+# quantization also folds BatchNormalization into the convolutions, as onnxruntime would
+QUANTIZATION = Pipeline("quantization", [*PRUNING.steps, FoldBatchNorm])
+# the trainable twin: BatchNormalization folded or made an affine map (never batch statistics)
+TRAINING_TWIN = Pipeline("training twin", [LiftConstants, FoldBatchNorm, BatchNormToAffine])
+
+
 def prepare_for_inference(model: ir.Model) -> dict:
-    """Runs the clean-ups above in order and says what each did."""
-    return {
-        "initializer_inputs_dropped": drop_initializer_inputs(model),
-        "constants_folded": fold_constants(model),
-        "constants_lifted": lift_constants(model),
-        "sum_to_add": sum_to_add(model),
-        "batchnorm_folded": fold_batchnorm(model),
-    }
+    """The quantization pipeline: the clean-ups above in order, and what each did."""
+    return QUANTIZATION(model)

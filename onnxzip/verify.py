@@ -331,6 +331,54 @@ def _failures(outputs: list[OutputParity], t: Thresholds) -> list[str]:
     return failures
 
 
+class ReferenceOutputs:
+    """The reference model's tensor outputs on the batches of one split, computed once, so that
+    every candidate scored against them sees the same samples and the reference runs once.
+
+    ``limit`` stops after the batch that reaches that many samples; ``complete`` says whether
+    every batch of the split is held (only then can ``verify`` use it in place of a new run).
+    """
+
+    def __init__(
+        self,
+        model: ir.Model,
+        samples: Samples,
+        batch_size: int,
+        split: str = "all",
+        holdout: float = 0.0,
+        *,
+        limit: int | None = None,
+        optimization: str = "all",
+        name: str = "reference",
+    ):
+        runner = Runner(model, name=name, optimization=optimization)
+        self.key = (id(samples), batch_size, split, holdout if split != "all" else None)
+        self.optimization = optimization
+        self.names = [
+            v.name
+            for v in model.graph.outputs
+            if v.type is None or isinstance(v.type, ir.TensorType)
+        ]
+        self.batches: list = []
+        self.outputs: list[dict[str, np.ndarray]] = []
+        self.complete = True
+        seen = 0
+        for batch in samples.batches(batch_size, split, holdout):
+            if limit is not None and seen >= limit:
+                self.complete = False  # one more batch exists: not every sample is held
+                break
+            self.batches.append(batch)
+            self.outputs.append(runner.run(batch, self.names) if self.names else {})
+            seen += len(batch)
+        self.samples = seen
+
+    def serves(
+        self, samples: Samples, batch_size: int, split: str, holdout: float, opt: str
+    ) -> bool:
+        key = (id(samples), batch_size, split, holdout if split != "all" else None)
+        return self.complete and key == self.key and opt == self.optimization
+
+
 def verify(
     reference,
     candidate,
@@ -346,6 +394,7 @@ def verify(
     holdout: float = 0.0,
     reference_name: str | None = None,
     candidate_name: str | None = None,
+    reference_outputs: ReferenceOutputs | None = None,
 ) -> VerifyReport:
     """Runs ``reference`` and ``candidate`` in onnxruntime on ``samples`` and compares outputs.
 
@@ -361,6 +410,8 @@ def verify(
             ("all", as served, by default); the per-node pass always runs unoptimised.
         split, holdout: which samples to use (``"all"``, or ``"holdout"`` for the held-out
             fraction ``holdout`` that calibration never sees; see ``onnxzip.data``).
+        reference_outputs: the reference's outputs on these very batches, already computed
+            (used only when it holds every batch of the same samples, split and batch size).
 
     Returns:
         A ``VerifyReport``.
@@ -380,7 +431,10 @@ def verify(
     cand_model = io.load_model(candidate, name=cand_name)
     _check_compatible(ref_model, cand_model, ref_name, cand_name)
 
-    ref_run = Runner(ref_model, name=ref_name, optimization=optimization)
+    cached = reference_outputs is not None and reference_outputs.serves(
+        samples, batch_size, split, holdout, optimization
+    )
+    ref_run = None if cached else Runner(ref_model, name=ref_name, optimization=optimization)
     cand_run = Runner(cand_model, name=cand_name, optimization=optimization)
     outputs = [
         v for v in ref_model.graph.outputs if v.type is None or isinstance(v.type, ir.TensorType)
@@ -393,9 +447,13 @@ def verify(
     if samples.count is not None and split == "all":
         total = math.ceil(samples.count / samples.batch_size_for(batch_size))
     count = 0
-    batches = samples.batches(batch_size, split, holdout)
-    for batch in progress.bar(batches, total=total, desc="verify"):
-        ref_out = ref_run.run(batch, names)
+    if cached:
+        pairs = zip(reference_outputs.batches, reference_outputs.outputs, strict=True)
+    else:
+        pairs = ((b, None) for b in samples.batches(batch_size, split, holdout))
+    for batch, ref_out in progress.bar(pairs, total=total, desc="verify"):
+        if ref_out is None:
+            ref_out = ref_run.run(batch, names)
         cand_out = cand_run.run(batch, names)
         for name in names:
             r, c = ref_out[name], cand_out[name]

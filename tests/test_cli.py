@@ -196,6 +196,19 @@ def test_internal_error_exits_3_with_hint(resnet_path, capsys, monkeypatch):
     ]
 
 
+def test_internal_error_type_exits_3_and_says_internal(resnet_path, capsys, monkeypatch):
+    import onnxzip.analysis
+    from onnxzip.errors import InternalError
+
+    def broken(*args, **kwargs):
+        raise InternalError("a state the code never reaches")
+
+    monkeypatch.setattr(onnxzip.analysis, "inspect_model", broken)
+    code, out, err = run_cli(["inspect", resnet_path], capsys)
+    assert code == 3
+    assert err.strip().splitlines() == ["onnxzip: internal error: a state the code never reaches"]
+
+
 def test_library_calls_print_nothing(resnet_path, test_npz, capsys):
     import onnxzip
 

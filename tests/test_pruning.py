@@ -536,14 +536,15 @@ def test_compensated_bias_is_sliced_with_its_own_pruned_outputs():
 
 
 def test_unknown_ranks_block_groups_with_a_reason_instead_of_crashing(tmp_path, capsys):
-    """A contrib op onnx cannot infer leaves its output without a rank; the Concat that reads it
+    """A contrib op neither onnx nor the op table can infer (com.microsoft.Inverse, batched
+    matrix inverse) leaves its output without a rank; the Concat that reads it
     (whose own rank is then unknown too) blocks the group, naming the tensor, and the command
     writes a valid model (the rules used to raise TypeError here)."""
     rng = np.random.default_rng(0)
     shapes = {"w0": (4, 3, 1, 1), "w1": (4, 3, 1, 1), "w2": (16, 8, 1, 1)}
     proto = with_weights(
         "g (float[N,3,8,8] x) => (float[N,16,8,8] y) {"
-        " a = Conv (x, w1)\n r = Relu (a)\n b = Conv (x, w0)\n g = com.microsoft.Gelu (b)\n"
+        " a = Conv (x, w1)\n r = Relu (a)\n b = Conv (x, w0)\n g = com.microsoft.Inverse (b)\n"
         " c = Concat <axis = 1> (r, g)\n y = Conv (c, w2) }",
         {name: rng.normal(0, 0.5, shape) for name, shape in shapes.items()},
         header='<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>\n',

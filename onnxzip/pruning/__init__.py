@@ -344,10 +344,7 @@ def prune(
     source = source or (str(model) if not isinstance(model, ir.Model) else "model")
     original = io.load_model(model, name=source)
     work = original.clone()
-    passes.drop_initializer_inputs(work)
-    passes.fold_constants(work)
-    passes.lift_constants(work)
-    passes.sum_to_add(work)
+    passes.PRUNING(work)
     plain = work.clone() if samples is not None and config.compensation == "auto" else None
     # With samples, MACs (and the --target-macs search) use their shapes where the model's
     # spatial or sequence dimensions are symbolic.
@@ -581,10 +578,7 @@ def _output_snr(
 def prepared_groups(model) -> tuple[ir.Model, list[Group]]:
     """The prepared copy pruning works on, and its groups."""
     work = io.load_model(model).clone()
-    passes.drop_initializer_inputs(work)
-    passes.fold_constants(work)
-    passes.lift_constants(work)
-    passes.sum_to_add(work)
+    passes.PRUNING(work)
     return work, find_groups(work)
 
 
@@ -592,10 +586,7 @@ def analyse(model, *, source: str | None = None) -> list[GroupReport]:
     """The channel groups of a model, for ``inspect --groups``."""
     source = source or (str(model) if not isinstance(model, ir.Model) else "model")
     work = io.load_model(model, name=source).clone()
-    passes.drop_initializer_inputs(work)
-    passes.fold_constants(work)
-    passes.lift_constants(work)
-    passes.sum_to_add(work)
+    passes.PRUNING(work)
     return [
         GroupReport(g.id, g.roots, g.members(), g.size, g.size, g.blocked_by, g.reason)
         for g in find_groups(work)

@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import io
-from onnxzip.errors import ModelError
+from onnxzip.errors import InternalError
 from onnxzip.ir.ops import node_key
 from onnxzip.passes import (
     add_initializer,
@@ -76,7 +76,7 @@ def apply(
         if channels is None or len(channels) == 0:
             continue
         if group.blocked:
-            raise ModelError(f"internal: group {group.id} is blocked and cannot be pruned")
+            raise InternalError(f"group {group.id} is blocked and cannot be pruned")
         for member in group.slices:
             cuts[member.value.name][member.node][member.axis].update(
                 removed_positions(group, channels, member.positions).tolist()

@@ -17,10 +17,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +26,7 @@ import onnx_ir as ir
 
 from onnxzip import io, passes, progress
 from onnxzip.data import Samples
-from onnxzip.errors import DataError, InputError, ModelError, NoSamplesError
+from onnxzip.errors import DataError, InputError, InternalError, ModelError, NoSamplesError
 from onnxzip.ir import ops
 from onnxzip.ir.ops import node_key
 from onnxzip.quantize import calibrate as cal
@@ -37,8 +35,16 @@ from onnxzip.quantize.dynamic import quantize_dynamic
 from onnxzip.quantize.qdq import InsertResult, insert_qdq
 from onnxzip.quantize.rules import QUANTIZATION_RULES, Context, Plan
 from onnxzip.report import table
-from onnxzip.runtime import Runner, channel_moments, expose, int8_pairs_saturate
-from onnxzip.verify import OutputAccumulator, Thresholds, VerifyReport, is_classifier, verify
+from onnxzip.runtime import Runner, channel_moments, int8_pairs_saturate
+from onnxzip.statistics import Collector
+from onnxzip.verify import (
+    OutputAccumulator,
+    ReferenceOutputs,
+    Thresholds,
+    VerifyReport,
+    is_classifier,
+    verify,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -281,72 +287,35 @@ def calibrate(
     config: QuantizeConfig,
     holdout: float = 0.0,
     in_numpy: bool = False,
-) -> tuple[dict[str, cal.TensorStats], int]:
-    """Streams the samples not held out through one session that exposes ``tensors``.
+    channel_means: list[tuple[str, int]] = (),
+) -> tuple[dict[str, cal.TensorStats], int, dict[tuple[str, int], np.ndarray]]:
+    """Streams the samples not held out once through one session (``onnxzip.statistics``).
 
-    For ``minmax`` the session itself reduces each tensor to its min and max (ReduceMin /
-    ReduceMax appended to the graph), so only two scalars per tensor leave onnxruntime. The
-    histogram methods need every value: the tensors are exposed as outputs and reduced by
-    numpy, one tensor per worker thread (numpy releases the GIL in the heavy loops).
-    ``in_numpy`` does the same for ``minmax`` (onnxruntime's reductions refuse empty tensors).
+    For ``minmax`` the session itself reduces each tensor to its min and max, so only scalars
+    leave onnxruntime. The histogram methods need every value: the tensors are fetched whole
+    and reduced by numpy. ``in_numpy`` does the same for ``minmax`` (onnxruntime's reductions
+    refuse empty tensors). ``channel_means`` (tensor, axis) are collected in the same sweep,
+    for bias correction. Returns the statistics, the samples seen and the channel means.
     """
     histogram = config.calibration != "minmax"
-    in_numpy = in_numpy or histogram
-    if in_numpy:
-        exposed = expose(model, tensors)
-        fetch: dict[str, tuple[str, ...]] = {name: (name,) for name in tensors}
-    else:
-        exposed = model.clone()
-        graph = exposed.graph
-        by_name = {v.name: v for v in graph.inputs}
-        by_name.update({v.name: v for node in graph for v in node.outputs})
-        fetch = {}  # tensor -> the outputs that carry its min, max and sum
-        for name in tensors:
-            value = by_name[name]
-            # ReduceMin/Max skip NaN in onnxruntime; the sum is NaN or Inf when x holds either
-            # (a finite float32 sum past 3.4e38 would also trip it: no sane activation does that).
-            reduced = []
-            for op in ("ReduceMin", "ReduceMax", "ReduceSum"):
-                node = ir.node(op, [value], attributes={"keepdims": 0}, name=f"{name}__{op}")
-                node.outputs[0].name = f"{name}__{op}"
-                node.outputs[0].type = value.type
-                node.outputs[0].shape = ir.Shape([])
-                graph.append(node)
-                graph.outputs.append(node.outputs[0])
-                reduced.append(node.outputs[0].name)
-            fetch[name] = tuple(reduced)
-    runner = Runner(exposed, name="calibration model", optimization="all")
-    stats = {name: cal.TensorStats(config.bins, histogram) for name in tensors}
-    split = "calibration" if holdout > 0 else "all"
-    count = 0
+    collector = Collector(model, bins=config.bins, in_graph=not (in_numpy or histogram))
+    for name in tensors:
+        collector.range(name, histogram=histogram)
+    for key in channel_means:
+        collector.channel_moments(*key, squares=False)
     # Histogram methods fetch every exposed tensor whole: runs sized by input elements keep
     # onnxruntime's arena (all activations alive at once) small (see HISTOGRAM_RUN_ELEMENTS).
-    run_batch = _calibration_run(config, samples, histogram)
-    total = None
-    if samples.count is not None:
-        kept = samples.count - math.floor(samples.count * holdout)
-        total = math.ceil(kept / samples.batch_size_for(run_batch))
-    names = [o for outs in fetch.values() for o in outs]
-    workers = (
-        ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) if in_numpy else None
+    split = "calibration" if holdout > 0 else "all"
+    collected = collector.run(
+        samples,
+        _calibration_run(config, samples, histogram),
+        split,
+        holdout or 0.5,
+        name="calibration model",
+        desc="calibrate",
     )
-    try:
-        batches = samples.batches(run_batch, split, holdout or 0.5)
-        for batch in progress.bar(batches, total=total, desc="calibrate"):
-            results = runner.run(batch, names)
-            if workers is not None:
-                list(workers.map(lambda name, out=results: stats[name].update(out[name]), tensors))
-            else:
-                for name, (lo, hi, finite) in fetch.items():
-                    if math.isfinite(float(results[finite])):
-                        stats[name].update_range(float(results[lo]), float(results[hi]), len(batch))
-                    else:
-                        stats[name].update_range(math.nan, math.nan, len(batch))
-            count += len(batch)
-    finally:
-        if workers is not None:
-            workers.shutdown()
-    return stats, count
+    means = {key: sums.mean() for key, sums in collected.channels.items()}
+    return collected.ranges, collected.samples, means
 
 
 def _resolve_shared(plan: Plan, tensor: str) -> str:
@@ -379,23 +348,40 @@ class _Builder:
         # Bias correction (node key -> corrected bias), applied to the quantized layers only:
         # it compensates their weights' quantization error, which layers kept in float lack.
         self.biases: dict[str, np.ndarray] = {}
+        # When bias correction will run, the first calibration sweep also collects the
+        # per-channel input means of the layers it corrects (no second pass over the samples).
+        self.collect_means = False
+        self.means: dict[tuple[str, int], np.ndarray] = {}
 
-    def _ensure_stats(self, sources: list[str]) -> None:
+    def _ensure_stats(self, sources: list[str], means: list[tuple[str, int]] = ()) -> None:
         missing = [s for s in sources if s not in self.stats]
-        if missing:
+        means = [k for k in means if k not in self.means]
+        if missing or means:
             try:
-                stats, count = calibrate(
-                    self.prepared, missing, self.samples, self.config, self.holdout
+                stats, count, found = calibrate(
+                    self.prepared,
+                    missing,
+                    self.samples,
+                    self.config,
+                    self.holdout,
+                    channel_means=means,
                 )
             except ModelError as exc:
                 if self.config.calibration != "minmax":
                     raise
                 # onnxruntime's ReduceMin/ReduceMax refuse empty tensors: reduce in numpy instead.
                 logger.info("in-graph min/max failed (%s); exposing the tensors instead", exc)
-                stats, count = calibrate(
-                    self.prepared, missing, self.samples, self.config, self.holdout, in_numpy=True
+                stats, count, found = calibrate(
+                    self.prepared,
+                    missing,
+                    self.samples,
+                    self.config,
+                    self.holdout,
+                    in_numpy=True,
+                    channel_means=means,
                 )
             self.stats.update(stats)
+            self.means.update(found)
             self.calibrated = max(self.calibrated, count)
 
     def _params(self, src: str) -> tuple[qp.QParams, float, float]:
@@ -426,11 +412,14 @@ class _Builder:
         if config.mode == "dynamic":
             return self._build_dynamic(model, config, keep_float)
         plan, kept = plan_quantization(model, config)
-        self._ensure_stats(sorted(set(plan.activations.values())))
+        means = []
+        if self.collect_means and not self.means:
+            means = sorted({(n.inputs[0].name, 1) for n in _bias_layers(model, plan)})
+        self._ensure_stats(sorted(set(plan.activations.values())), means)
         nonfinite = self._touching_nonfinite(model, plan)
         if nonfinite:
             if nonfinite <= self.nonfinite_nodes:
-                raise InputError(f"internal: cannot keep {sorted(nonfinite)} in float")
+                raise InternalError(f"cannot keep {sorted(nonfinite)} in float")
             # -inf attention masks and the like: no finite range exists; those layers stay float.
             self.nonfinite_nodes |= nonfinite
             return self.build(keep_float)
@@ -446,7 +435,7 @@ class _Builder:
         for tensor in plan.shared:
             root = _resolve_shared(plan, tensor)
             if root not in act_params:
-                raise InputError(f"internal: shared tensor '{tensor}' has no calibrated source")
+                raise InternalError(f"shared tensor '{tensor}' has no calibrated source")
             act_params[tensor] = act_params[root]
         inserted = insert_qdq(
             model, plan, act_params, config.activation_type, config.reduce_range == "on"
@@ -477,7 +466,7 @@ class _Builder:
             if names & bad:
                 keys.add(key)
         if not keys:
-            raise InputError(f"internal: tensors {sorted(bad)} hold NaN/Inf but no node owns them")
+            raise InternalError(f"tensors {sorted(bad)} hold NaN/Inf but no node owns them")
         return frozenset(keys)
 
     def _build_dynamic(self, model: ir.Model, config: QuantizeConfig, keep_float: frozenset[str]):
@@ -557,6 +546,8 @@ def quantize(
         )
         holdout, split = 0.0, "all"
     builder = _Builder(prepared, samples, config, holdout)
+    wanted = config.bias_correction == "on" or (config.bias_correction == "auto" and verifying)
+    builder.collect_means = config.mode == "static" and wanted
     timings["prepare"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -566,10 +557,9 @@ def quantize(
     data = verify_samples or samples
     bias_note = None
     evaluator = None  # reference outputs on the verification samples, computed once when needed
-    wanted = config.bias_correction == "on" or (config.bias_correction == "auto" and verifying)
     if config.mode == "static" and wanted:
         t0 = time.perf_counter()
-        biases = correct_biases(prepared, work, plan, samples, config, holdout)
+        biases = correct_biases(prepared, work, plan, samples, config, holdout, builder.means)
         layers = len(biases)
         if layers:
             builder.biases = biases
@@ -637,6 +627,7 @@ def quantize(
             holdout=holdout,
             reference_name=source,
             candidate_name="quantized",
+            reference_outputs=evaluator.runs if evaluator is not None else None,
         )
         timings["verify"] = time.perf_counter() - t0
     return work, report
@@ -682,6 +673,19 @@ def _both_splits_hold_samples(samples: Samples, batch_size: int, holdout: float)
 # -- bias correction ------------------------------------------------------------------------------
 
 
+def _bias_layers(model: ir.Model, plan: Plan):
+    """The quantized layers bias correction can correct: ungrouped Conv, Gemm without transA."""
+    for n in model.graph:
+        if (
+            n.op_type in ("Conv", "Gemm")
+            and ops.domain_of(n) == ""
+            and node_key(n) in plan.quantized_nodes
+            and ops.groups(n) == 1  # grouped: per-channel input means would need the layout
+            and not ops.attr(n, "transA", 0)
+        ):
+            yield n
+
+
 def correct_biases(
     prepared: ir.Model,
     quantized: ir.Model,
@@ -689,29 +693,22 @@ def correct_biases(
     samples: Samples,
     config: QuantizeConfig,
     holdout: float,
+    means: dict[tuple[str, int], np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Empirical bias correction of the weight-quantization error.
 
     A layer ``y = W x + b`` quantized to ``W_q`` shifts its output mean by
     ``E[(W - W_q) x] = (W - W_q) E[x]`` per output channel (summed over a Conv's kernel window).
-    ``E[x]`` per input channel comes from the calibration samples; the result maps each
-    quantized Conv/Gemm with a per-channel input mean to ``b' = b + (W - W_q) E[x]`` (applied by
-    ``_apply_biases``). Each layer's correction depends only on its own weights, so one pass
-    suffices.
+    ``E[x]`` per input channel comes from the calibration samples (``means``, collected in the
+    calibration sweep; any missing are computed here); the result maps each quantized Conv/Gemm
+    with a per-channel input mean to ``b' = b + (W - W_q) E[x]`` (applied by ``_apply_biases``).
+    Each layer's correction depends only on its own weights, so one pass suffices.
     """
     q_nodes = {node_key(n): n for n in quantized.graph}
     layers = []
-    for n in prepared.graph:
+    for n in _bias_layers(prepared, plan):
         key = node_key(n)
-        if (
-            n.op_type not in ("Conv", "Gemm")
-            or key not in plan.quantized_nodes
-            or key not in q_nodes
-        ):
-            continue
-        if ops.groups(n) != 1:
-            continue  # grouped: per-channel input means would need the group layout
-        if ops.attr(n, "transA", 0):
+        if key not in q_nodes:
             continue
         w = passes.const_array(n.inputs[1])
         w_q = passes.dequantized_array(q_nodes[key].inputs[1])
@@ -721,19 +718,23 @@ def correct_biases(
     if not layers:
         return {}
     # Conv inputs are NCHW, Gemm inputs [N, K]: the input channel is axis 1 for both.
-    split = "calibration" if holdout > 0 else "all"
-    means = channel_moments(
-        prepared,
-        {(n.inputs[0].name, 1) for n, _ in layers},
-        samples,
-        batch_size=config.batch_size,
-        split=split,
-        holdout=holdout or 0.5,
-        name="bias correction",
-    )
+    means = dict(means or {})
+    missing = {(n.inputs[0].name, 1) for n, _ in layers} - set(means)
+    if missing:
+        split = "calibration" if holdout > 0 else "all"
+        moments = channel_moments(
+            prepared,
+            missing,
+            samples,
+            batch_size=config.batch_size,
+            split=split,
+            holdout=holdout or 0.5,
+            name="bias correction",
+        )
+        means.update({key: m[0] for key, m in moments.items()})
     corrected = {}
     for layer, diff in layers:
-        mean = means[(layer.inputs[0].name, 1)][0]
+        mean = means[(layer.inputs[0].name, 1)]
         if layer.op_type == "Conv":
             delta = diff.reshape(diff.shape[0], diff.shape[1], -1).sum(axis=2) @ mean
         else:
@@ -787,18 +788,18 @@ class _Evaluator:
     """Reference outputs computed once; candidates scored on the same held-out batches."""
 
     def __init__(self, original: ir.Model, data: Samples, split: str, config: QuantizeConfig):
-        ref = Runner(original, name="reference", optimization="all")
-        self.names = ref.output_names
+        self.runs = ReferenceOutputs(
+            original,
+            data,
+            config.batch_size,
+            split,
+            config.holdout or 0.5,
+            limit=config.guard_samples,
+        )
+        self.names = self.runs.names
+        self.batches, self.reference = self.runs.batches, self.runs.outputs
         self.classifier = {v.name: is_classifier(v) for v in original.graph.outputs}
-        self.batches, self.reference = [], []
-        seen = 0
-        for batch in data.batches(config.batch_size, split, config.holdout or 0.5):
-            self.batches.append(batch)
-            self.reference.append(ref.run(batch, self.names))
-            seen += len(batch)
-            if seen >= config.guard_samples:
-                break
-        self.samples = seen
+        self.samples = self.runs.samples
         self.has_labels = all(b.labels is not None for b in self.batches)
         if config.max_drop is not None and not any(self.classifier.values()):
             raise InputError(

@@ -1,0 +1,270 @@
+"""One sweep over the samples collects what every stage asked for, as NNCF's statistics
+aggregator does.
+
+Stages register requests with a ``Collector`` on one model: the range of a tensor (min and max,
+reduced inside onnxruntime by appended ReduceMin / ReduceMax / ReduceSum nodes, so only three
+scalars per tensor leave the session), a tensor's histogram (the tensor is fetched whole and
+reduced by numpy, one tensor per worker thread: numpy releases the GIL in the heavy loops), and
+per-channel moments of a tensor along an axis (``sum x`` and ``sum x^2`` per channel, in float64;
+inside the graph as Cast-to-double + ReduceSum when the tensor is not fetched anyway). ``run``
+builds one session and streams the samples through it once.
+
+Every statistic is a sum, a min or a max per batch, so results over shards merge exactly:
+``mean = sum_b S1_b / sum_b n_b``, ``var = sum_b S2_b / n - mean^2``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxzip import progress
+from onnxzip.quantize import calibrate as cal
+from onnxzip.runtime import Runner
+
+
+@dataclass
+class ChannelSums:
+    """Streamed per-channel sums of one tensor along one axis."""
+
+    count: int = 0
+    sum: np.ndarray | float = 0.0
+    squares: np.ndarray | float = 0.0
+
+    def update(self, x: np.ndarray, axis: int) -> None:
+        x = np.moveaxis(x.astype(np.float64), axis, 0)
+        x = x.reshape(x.shape[0], -1)
+        self.sum = self.sum + x.sum(axis=1)
+        self.squares = self.squares + (x * x).sum(axis=1)
+        self.count += x.shape[1]
+
+    def add(self, total: np.ndarray, squares: np.ndarray | None, count: int) -> None:
+        self.sum = self.sum + total
+        if squares is not None:
+            self.squares = self.squares + squares
+        self.count += count
+
+    def mean(self) -> np.ndarray:
+        return np.asarray(self.sum) / self.count
+
+    def std(self) -> np.ndarray:
+        mean = self.mean()
+        return np.sqrt(np.maximum(np.asarray(self.squares) / self.count - mean * mean, 0.0))
+
+
+@dataclass
+class Collected:
+    ranges: dict[str, cal.TensorStats] = field(default_factory=dict)
+    channels: dict[tuple[str, int], ChannelSums] = field(default_factory=dict)
+    samples: int = 0
+
+
+class Collector:
+    """Requests registered on one model, collected in one sweep by ``run``.
+
+    Args:
+        model: the model whose tensors are measured (not modified).
+        bins: histogram bins per sign for ``histogram`` requests.
+        in_graph: reduce ranges and channel sums inside onnxruntime (False: fetch the tensors
+            and reduce in numpy, e.g. because onnxruntime's reductions refuse empty tensors).
+    """
+
+    def __init__(self, model: ir.Model, *, bins: int = cal.DEFAULT_BINS, in_graph: bool = True):
+        self.model = model
+        self.bins = bins
+        self.in_graph = in_graph
+        self._ranges: dict[str, bool] = {}  # tensor -> histogram wanted
+        self._channels: dict[tuple[str, int], bool] = {}  # (tensor, axis) -> squares wanted
+
+    def range(self, tensor: str, histogram: bool = False) -> None:
+        self._ranges[tensor] = self._ranges.get(tensor, False) or histogram
+
+    def channel_moments(self, tensor: str, axis: int, squares: bool = True) -> None:
+        key = (tensor, axis)
+        self._channels[key] = self._channels.get(key, False) or squares
+
+    def __bool__(self) -> bool:
+        return bool(self._ranges or self._channels)
+
+    def _build(self):
+        """The augmented model and, per request, the session outputs that carry it."""
+        values = {v.name: v for v in self.model.graph.inputs}
+        values.update({v.name: v for node in self.model.graph for v in node.outputs})
+        fetched = {t for t, hist in self._ranges.items() if hist or not self.in_graph}
+        in_graph_channels = {
+            key
+            for key in self._channels
+            if self.in_graph
+            and key[0] not in fetched
+            and values[key[0]].shape is not None
+            and len(values[key[0]].shape) > key[1]
+        }
+        fetched |= {key[0] for key in self._channels if key not in in_graph_channels}
+        model = self.model.clone()
+        graph = model.graph
+        values = {v.name: v for v in graph.inputs}
+        values.update({v.name: v for node in graph for v in node.outputs})
+        present = {v.name for v in graph.outputs}
+        for name in sorted(fetched):
+            if name not in present:
+                graph.outputs.append(values[name])
+                present.add(name)
+
+        def output(node: ir.Node, name: str, dtype, shape) -> str:
+            node.outputs[0].name = name
+            node.outputs[0].type = ir.TensorType(dtype)
+            node.outputs[0].shape = ir.Shape(shape)
+            graph.append(node)
+            graph.outputs.append(node.outputs[0])
+            return name
+
+        range_outputs = {}
+        for name in self._ranges:
+            if name in fetched:
+                continue
+            value = values[name]
+            # ReduceMin/Max skip NaN in onnxruntime; the sum is NaN or Inf when x holds either
+            # (a finite float32 sum past 3.4e38 would also trip it: no sane activation does that).
+            reduced = []
+            for op in ("ReduceMin", "ReduceMax", "ReduceSum"):
+                node = ir.node(op, [value], attributes={"keepdims": 0}, name=f"{name}__{op}")
+                reduced.append(output(node, f"{name}__{op}", value.dtype, []))
+            range_outputs[name] = tuple(reduced)
+        channel_outputs = {}
+        for name, axis in sorted(in_graph_channels):
+            value = values[name]
+            rank = len(value.shape)
+            stem = f"{name}__ch{axis}"
+            cast = ir.node(
+                "Cast", [value], attributes={"to": ir.DataType.DOUBLE}, name=f"{stem}_f64"
+            )
+            cast.outputs[0].name = f"{stem}_f64"
+            cast.outputs[0].type = ir.TensorType(ir.DataType.DOUBLE)
+            cast.outputs[0].shape = value.shape
+            graph.append(cast)
+            axes = ir.tensor(
+                np.array([a for a in range(rank) if a != axis], np.int64), name=f"{stem}_axes"
+            )
+            axes_value = ir.Value(
+                name=f"{stem}_axes",
+                const_value=axes,
+                shape=ir.Shape(axes.shape),
+                type=ir.TensorType(ir.DataType.INT64),
+            )
+            graph.register_initializer(axes_value)
+            outs = [
+                output(
+                    ir.node(
+                        "ReduceSum",
+                        [cast.outputs[0], axes_value],
+                        attributes={"keepdims": 0},
+                        name=f"{stem}_sum",
+                    ),
+                    f"{stem}_sum",
+                    ir.DataType.DOUBLE,
+                    [value.shape[axis]],
+                )
+            ]
+            if self._channels[(name, axis)]:
+                square = ir.node("Mul", [cast.outputs[0], cast.outputs[0]], name=f"{stem}_sq")
+                square.outputs[0].name = f"{stem}_sq"
+                square.outputs[0].type = ir.TensorType(ir.DataType.DOUBLE)
+                square.outputs[0].shape = value.shape
+                graph.append(square)
+                outs.append(
+                    output(
+                        ir.node(
+                            "ReduceSum",
+                            [square.outputs[0], axes_value],
+                            attributes={"keepdims": 0},
+                            name=f"{stem}_sumsq",
+                        ),
+                        f"{stem}_sumsq",
+                        ir.DataType.DOUBLE,
+                        [value.shape[axis]],
+                    )
+                )
+            outs.append(
+                output(
+                    ir.node("Shape", [value], name=f"{stem}_shape"),
+                    f"{stem}_shape",
+                    ir.DataType.INT64,
+                    [rank],
+                )
+            )
+            channel_outputs[(name, axis)] = tuple(outs)
+        return model, sorted(fetched), range_outputs, channel_outputs
+
+    def run(
+        self,
+        samples,
+        batch_size: int,
+        split: str = "all",
+        holdout: float = 0.5,
+        *,
+        name: str = "statistics model",
+        desc: str = "statistics",
+        optimization: str = "all",
+    ) -> Collected:
+        """One pass over ``samples`` (the ``split`` part) in runs of ``batch_size``."""
+        model, fetched, range_outputs, channel_outputs = self._build()
+        runner = Runner(model, name=name, optimization=optimization)
+        result = Collected(
+            ranges={t: cal.TensorStats(self.bins, hist) for t, hist in self._ranges.items()},
+            channels={key: ChannelSums() for key in self._channels},
+        )
+        names = list(fetched)
+        names += [o for outs in range_outputs.values() for o in outs]
+        names += [o for outs in channel_outputs.values() for o in outs]
+        numpy_jobs = [("range", t) for t in self._ranges if t in fetched]
+        numpy_jobs += [("channel", key) for key in self._channels if key not in channel_outputs]
+        total = None
+        if samples.count is not None:
+            held = math.floor(samples.count * holdout)
+            kept = {"all": samples.count, "holdout": held}.get(split, samples.count - held)
+            total = math.ceil(kept / samples.batch_size_for(batch_size))
+        workers = (
+            ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+            if len(numpy_jobs) > 1
+            else None
+        )
+
+        def reduce(job, out):
+            kind, key = job
+            if kind == "range":
+                result.ranges[key].update(out[key])
+            else:
+                result.channels[key].update(out[key[0]], key[1])
+
+        try:
+            for batch in progress.bar(
+                samples.batches(batch_size, split, holdout), total=total, desc=desc
+            ):
+                out = runner.run(batch, names) if names else {}
+                if workers is not None:
+                    list(workers.map(lambda job, out=out: reduce(job, out), numpy_jobs))
+                else:
+                    for job in numpy_jobs:
+                        reduce(job, out)
+                for tensor, (lo, hi, finite) in range_outputs.items():
+                    if math.isfinite(float(out[finite])):
+                        result.ranges[tensor].update_range(
+                            float(out[lo]), float(out[hi]), len(batch)
+                        )
+                    else:
+                        result.ranges[tensor].update_range(math.nan, math.nan, len(batch))
+                for key, outs in channel_outputs.items():
+                    shape = out[outs[-1]]
+                    count = int(np.prod(shape)) // max(1, int(shape[key[1]]))
+                    squares = out[outs[1]] if len(outs) == 3 else None
+                    result.channels[key].add(out[outs[0]], squares, count)
+                result.samples += len(batch)
+        finally:
+            if workers is not None:
+                workers.shutdown()
+        return result
