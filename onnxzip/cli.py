@@ -98,8 +98,20 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _floor_option(group) -> None:
+    group.add_argument(
+        "--no-floors",
+        action="store_true",
+        help="do not check the default quality floor of each output's kind (see README, "
+        "'Quality floors'); for exploration: the verdict then means only that no threshold failed",
+    )
+
+
 def _threshold_options(parser: argparse.ArgumentParser) -> None:
-    t = parser.add_argument_group("thresholds (exit 1 when one fails)")
+    t = parser.add_argument_group(
+        "thresholds (exit 1 when one fails; given, they replace the default floors)"
+    )
+    _floor_option(t)
     t.add_argument(
         "--min-cosine", type=float, metavar="C", help="minimum mean per-sample cosine similarity"
     )
@@ -445,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-latency", action="store_true", help="skip the latency measurement in the report"
     )
+    _floor_option(p)
     _engine_options(p)
     _common(p)
     p.set_defaults(func=_cmd_compress)
@@ -558,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="fraction of --data never trained on, for the parity report (0.2)",
     )
+    _floor_option(p)
     _engine_options(p)
     _common(p)
     p.set_defaults(func=_cmd_prune)
@@ -662,6 +676,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         latency=not args.no_latency,
         target_opset=args.target_opset,
+        floors=not args.no_floors,
     )
     verify_samples = None
     if args.verify_data is not None:
@@ -808,11 +823,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             holdout=holdout,
             reference_name=str(args.model),
             candidate_name=str(args.output),
+            floors=not args.no_floors,
         )
         text += "\n\n" + report.parity.format()
 
     _emit(report, args, text + f"\n\nwrote {args.output}")
-    return EXIT_OK
+    return EXIT_OK if report.parity is None or report.parity.passed else EXIT_PARITY
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -839,6 +855,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         holdout=args.holdout or 0.0,
         reference_name=str(args.reference),
         candidate_name=str(args.candidate),
+        floors=not args.no_floors,
     )
     _emit(report, args, report.format())
     return EXIT_OK if report.passed else EXIT_PARITY
@@ -881,6 +898,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         verify_samples=verify_samples,
         thresholds=_thresholds(args),
         source=str(args.model),
+        floors=not args.no_floors,
     )
     io.save_model(quantized, args.output)
     _emit(report, args, report.format() + f"\n\nwrote {args.output}")

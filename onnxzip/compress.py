@@ -9,8 +9,9 @@ With an accuracy budget (``max_drop`` top-1 points, measured against labels when
 have them, else against the original's predictions; or ``min_cosine``), the pruning amount is
 searched: the requested MACs target first, then progressively milder ones, each pruned,
 recovered and measured on the held-out samples, until one fits the budget; what remains of the
-budget goes to quantization, whose accuracy guard keeps harmful layers in float. The report
-says what was tried.
+budget goes to quantization, whose accuracy guard keeps harmful layers in float. Without a
+budget the default quality floors of the outputs' kinds (``onnxzip.floors``) are the budget:
+the same search runs until a pruned model holds them. The report says what was tried.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class CompressConfig:
     batch_size: int = 32
     latency: bool = True
     target_opset: int | None = None  # see QuantizeConfig.target_opset
+    # without a budget, the default floor of each output's kind is the budget (onnxzip.floors)
+    floors: bool = True
 
     def validate(self) -> None:
         if self.quantize not in ("int8", "dynamic", "none"):
@@ -270,6 +273,10 @@ def compress(
     )
     current = original
     budget = config.max_drop is not None or config.min_cosine is not None
+    # Without an explicit budget the default floors are the budget: a pruning amount whose
+    # result no longer holds them is not taken, a milder one is tried.
+    # (A fixed ratio asked for is pruned whatever it costs; the final verdict says so.)
+    floor_budget = config.floors and not budget and config.ratio is None
     check_samples, check_split = (
         (verify_samples, "all") if verify_samples is not None else (samples, "holdout")
     )
@@ -292,7 +299,7 @@ def compress(
             targets = [None]
         else:
             targets = [config.target_macs] + (
-                [t for t in MILDER if t > config.target_macs] if budget else []
+                [t for t in MILDER if t > config.target_macs] if budget or floor_budget else []
             )
 
         def pruned_at(target, refit: bool):
@@ -347,8 +354,9 @@ def compress(
                 batch_size=config.batch_size,
                 split=check_split,
                 holdout=config.holdout,
+                floors=floor_budget,
             )
-            fits = _fits(check, config) if budget else True
+            fits = _fits(check, config) if budget else check.passed or not floor_budget
             out = check.outputs[0]
             report.attempts.append(
                 Attempt(
@@ -364,7 +372,10 @@ def compress(
                 current, report.prune, report.recovery = pruned, prune_report, recovery
                 break
         else:
-            logger.warning("no pruning amount fits the accuracy budget: the model is not pruned")
+            logger.warning(
+                "no pruning amount fits the %s: the model is not pruned",
+                "accuracy budget" if budget else "default quality floors",
+            )
 
     if config.quantize != "none":
         t0 = time.perf_counter()
@@ -387,7 +398,12 @@ def compress(
             min_cosine=config.min_cosine,
         )
         current, report.quantize = quantize(
-            current, samples, qconfig, source=source, verify_samples=verify_samples
+            current,
+            samples,
+            qconfig,
+            source=source,
+            verify_samples=verify_samples,
+            floors=config.floors,
         )
         timings["quantize"] = time.perf_counter() - t0
 
@@ -406,6 +422,7 @@ def compress(
         holdout=config.holdout,
         reference_name=source,
         candidate_name="compressed",
+        floors=config.floors,
     )
     timings["verify"] = time.perf_counter() - t0
     report.after = _summary(current, shapes)

@@ -21,6 +21,7 @@ tensor with the lowest SNR names the worst.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from onnxzip import floors as floors_mod
 from onnxzip import io, progress
 from onnxzip.data import Samples, input_specs
 from onnxzip.errors import InputError
@@ -97,6 +99,9 @@ class VerifyReport:
     thresholds: Thresholds
     failures: list[str]
     per_node: PerNodeReport | None = None
+    # the default floor of every output's kind (or of every slice), when floors were checked
+    floors: list[floors_mod.FloorCheck] | None = None
+    floors_note: str = ""  # why no floors were checked
 
     @property
     def passed(self) -> bool:
@@ -140,6 +145,27 @@ class VerifyReport:
                 rows,
             )
         )
+        if self.floors:
+            lines.append("")
+            lines.append(
+                table(
+                    ["part", "kind", "metric", "value", "floor", "holds"],
+                    [
+                        [
+                            c.part,
+                            c.kind,
+                            floors_mod.METRIC_NAMES[c.floor.metric],
+                            "n/a" if c.value is None else round(c.value, 4),
+                            ("<= " if c.floor.at_most else ">= ") + f"{c.floor.bound:g}",
+                            "yes" if c.passed else "NO",
+                        ]
+                        for c in self.floors
+                    ],
+                )
+            )
+        elif self.floors_note:
+            lines.append("")
+            lines.append(f"floors     {self.floors_note}")
         if self.per_node is not None:
             p = self.per_node
             lines.append("")
@@ -202,7 +228,7 @@ class OutputAccumulator:
         self.sum_abs += float(diff.sum())
         self.sum_ref2 += float((r * r).sum())
         self.sum_diff2 += float((diff * diff).sum())
-        self.cosines.append(_cosine_rows(r, c))
+        self.cosines.append(floors_mod.cosine_rows(r, c))
         self.samples += len(r)
         if self.classifier:
             ra, ca = r.argmax(axis=1), c.argmax(axis=1)
@@ -228,18 +254,6 @@ class OutputAccumulator:
         )
 
 
-def _cosine_rows(r: np.ndarray, c: np.ndarray) -> np.ndarray:
-    nr = np.linalg.norm(r, axis=1)
-    nc = np.linalg.norm(c, axis=1)
-    dot = (r * c).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = dot / (nr * nc)
-    both_zero = (nr == 0) & (nc == 0)
-    cos = np.where(both_zero, 1.0, np.where((nr == 0) | (nc == 0), 0.0, cos))
-    cos = np.where((r == c).all(axis=1), 1.0, cos)  # identical rows: exactly 1, not 1 - 1e-16
-    return np.clip(cos, -1.0, 1.0)
-
-
 def snr_db(signal: float, noise: float) -> float:
     """10 log10(signal / noise): inf for no noise, -inf for no signal."""
     if noise == 0:
@@ -256,22 +270,7 @@ def is_classifier(value: ir.Value) -> bool:
     if len(value.shape) != 2:
         return False
     classes = value.shape[1]
-    return isinstance(classes, int) and classes >= 2 and not _is_l2_normalised(value)
-
-
-def _is_l2_normalised(value: ir.Value) -> bool:
-    """``LpNormalization(p=2)``, or ``x / f(ReduceL2(x))`` with f a clamp such as Max or Clip."""
-    node = value.producer()
-    if node is None:
-        return False
-    if node.op_type == "LpNormalization":
-        return True
-    if node.op_type != "Div" or len(node.inputs) < 2:
-        return False
-    norm = node.inputs[1].producer() if node.inputs[1] is not None else None
-    while norm is not None and norm.op_type in ("Max", "Clip", "Add", "Unsqueeze", "Reshape"):
-        norm = norm.inputs[0].producer() if norm.inputs[0] is not None else None
-    return norm is not None and norm.op_type == "ReduceL2"
+    return isinstance(classes, int) and classes >= 2 and not floors_mod.is_l2_normalised(value)
 
 
 def _check_compatible(
@@ -395,6 +394,7 @@ def verify(
     reference_name: str | None = None,
     candidate_name: str | None = None,
     reference_outputs: ReferenceOutputs | None = None,
+    floors: bool = True,
 ) -> VerifyReport:
     """Runs ``reference`` and ``candidate`` in onnxruntime on ``samples`` and compares outputs.
 
@@ -412,6 +412,8 @@ def verify(
             fraction ``holdout`` that calibration never sees; see ``onnxzip.data``).
         reference_outputs: the reference's outputs on these very batches, already computed
             (used only when it holds every batch of the same samples, split and batch size).
+        floors: check every output (or slice) against the default floor of its kind
+            (``onnxzip.floors``); explicit ``thresholds`` replace the floors.
 
     Returns:
         A ``VerifyReport``.
@@ -443,6 +445,10 @@ def verify(
         raise InputError(f"{ref_name}: no tensor outputs to compare (sequences, maps, optionals)")
     accumulators = {v.name: OutputAccumulator(is_classifier(v)) for v in outputs}
     names = [v.name for v in outputs]
+    explicit = any(getattr(thresholds, f.name) is not None for f in dataclasses.fields(thresholds))
+    parts = []
+    if floors and not explicit:
+        parts = [floors_mod.PartAccumulator(p) for v in outputs for p in floors_mod.parts_of(v)]
     total = None
     if samples.count is not None and split == "all":
         total = math.ceil(samples.count / samples.batch_size_for(batch_size))
@@ -462,6 +468,10 @@ def verify(
                     f"{cand_name}: output '{name}' has shape {list(c.shape)}, the reference's is {list(r.shape)}"
                 )
             accumulators[name].add(r, c, batch.labels, batch.count)
+        for part in parts:
+            part.add(
+                ref_out[part.part.output], cand_out[part.part.output], batch.labels, batch.count
+            )
         count += len(batch)
     results = [accumulators[n].result(n) for n in names]
     report = VerifyReport(
@@ -475,6 +485,13 @@ def verify(
         thresholds=thresholds,
         failures=_failures(results, thresholds),
     )
+    if parts:
+        report.floors = floors_mod.check(parts)
+        report.failures += [c.describe() for c in report.floors if not c.passed]
+    else:
+        report.floors_note = (
+            "replaced by the thresholds given" if explicit else "not checked (floors off)"
+        )
     if per_node:
         report.per_node = compare_nodes(
             ref_model,

@@ -320,6 +320,7 @@ def test_cli_prune_and_inspect_groups(resnet_path, test_npz, tmp_path, capsys):
             test_npz,
             "--json",
             tmp_path / "r.json",
+            "--no-floors",  # pruned without recovery; the verdict is tested below
         ],
         capsys,
     )
@@ -445,6 +446,20 @@ def test_recovery_by_distillation_restores_accuracy_without_labels(arch, calib_n
     )  # recovery changes weights, not shapes
 
 
+def test_cli_prune_says_fail_and_exits_1_when_the_pruned_model_lost_its_task(
+    resnet_path, test_npz, tmp_path, capsys
+):
+    """Half the channels removed without recovery: the digits net no longer classifies like the
+    original, and the default class-score floors say so (the model is still written)."""
+    out = tmp_path / "p.onnx"
+    code, stdout, _ = run_cli(
+        ["prune", resnet_path, "-o", out, "--ratio", "0.5", "--data", test_npz], capsys
+    )
+    assert code == 1 and out.exists()
+    assert "FAIL: logits (class scores): top-1 agreement" in stdout
+    assert "\nPASS" not in stdout
+
+
 def test_cli_prune_with_recovery(resnet_path, calib_npz, tmp_path, capsys):
     out = tmp_path / "r.onnx"
     code, stdout, _ = run_cli(
@@ -461,6 +476,7 @@ def test_cli_prune_with_recovery(resnet_path, calib_npz, tmp_path, capsys):
             "200",
             "--json",
             tmp_path / "r.json",
+            "--no-floors",  # 200 steps on 102 held-out samples: the floors are tested elsewhere
         ],
         capsys,
     )

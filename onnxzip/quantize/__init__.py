@@ -505,6 +505,7 @@ def quantize(
     verify_samples: Samples | None = None,
     thresholds: Thresholds | None = None,
     source: str | None = None,
+    floors: bool = True,
 ) -> tuple[ir.Model, QuantizeReport]:
     """Quantizes ``model`` (path, ModelProto or onnx_ir.Model) to int8 QDQ.
 
@@ -515,7 +516,9 @@ def quantize(
             ``min_cosine`` set, the accuracy guard keeps the most harmful layers in float until
             the target holds on the verification samples.
         verify_samples: separate verification data.
-        thresholds: parity requirements recorded in the report's ``parity``.
+        thresholds: parity requirements recorded in the report's ``parity`` (given, they
+            replace the default floors).
+        floors: check each output against the default floor of its kind (``onnxzip.floors``).
 
     Returns:
         The quantized model (a new object; the input is not modified) and its report.
@@ -628,6 +631,7 @@ def quantize(
             reference_name=source,
             candidate_name="quantized",
             reference_outputs=evaluator.runs if evaluator is not None else None,
+            floors=floors,
         )
         timings["verify"] = time.perf_counter() - t0
     return work, report

@@ -1,0 +1,366 @@
+"""What each output is, and the floor a compressed model must hold on it to still do its job.
+
+Every output (or every slice of an output built by concatenating different things) is given a
+*kind* from the graph: what produced it, its element type and its shape. Each kind has default
+floors, checked by ``verify`` unless explicit thresholds are given (they replace the floors) or
+floors are turned off. PASS means every floor held.
+
+| kind | recognised by | default floors |
+| --- | --- | --- |
+| class scores | float ``[N, C]``, ``C >= 2``, not L2-normalised | top-1 agreement >= 0.98; with labels, accuracy drop <= 1 point |
+| class scores per position | float, rank >= 3, Softmax / LogSoftmax over the last axis | argmax agreement per position >= 0.99 |
+| mask | float ``[N, C, H, W]``, ``C >= 2``, from Softmax over axis 1, Conv, ConvTranspose or Resize | per-pixel argmax agreement >= 0.95 |
+| probabilities | produced by Sigmoid, HardSigmoid or Softmax (not the above) | SNR >= 15 dB; F1 of the 0.5 decision >= 0.9 where the reference has positives |
+| embedding | L2-normalised ``[N, D]``, or ``[N, S, D]`` with ``D >= 16`` (hidden states) | mean cosine >= 0.99, min cosine >= 0.95 |
+| one value | one float per sample (``[N]``, ``[N, 1]``, a scalar) | SNR >= 20 dB over the samples (a cosine of one value is always 1) |
+| regression | any other float output (boxes, coordinates, depth, feature maps) | SNR >= 20 dB |
+| integer | integer or boolean outputs (indices, ids, masks) | exact element agreement >= 0.99 |
+
+Slices: an output that is a ``Concat`` along a non-batch axis (also behind Transpose / Reshape /
+Identity that keep that axis) of parts of different kinds (box coordinates and class
+probabilities, say) is measured part by part, each part with its own kind and floors; the
+whole output's floors are then not applied (its numbers are dominated by its largest part).
+
+Metrics, with ``r`` the reference and ``c`` the candidate:
+
+* top-1 / argmax agreement: the fraction of rows (samples, positions, pixels) with the same
+  argmax along the class axis;
+* decision F1: with ``R = r >= 0.5`` and ``C = c >= 0.5``, ``2 |R & C| / (|R| + |C|)``;
+* SNR: ``10 log10(sum r^2 / sum (r - c)^2)``; cosine per sample over its flattened values;
+* exact agreement: the fraction of equal elements.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxzip.ir.ops import attr
+
+CLASS_SCORES = "class scores"
+CLASS_PER_POSITION = "class scores per position"
+MASK = "mask"
+PROBABILITIES = "probabilities"
+EMBEDDING = "embedding"
+ONE_VALUE = "one value"
+REGRESSION = "regression"
+INTEGER = "integer"
+
+
+@dataclass(frozen=True)
+class Floor:
+    metric: str  # top1 | accuracy_drop | snr_db | decision_f1 | cosine_mean | cosine_min | exact
+    bound: float
+    at_most: bool = False  # accuracy_drop is an upper bound, the rest lower bounds
+
+    def describe(self) -> str:
+        unit = " dB" if self.metric == "snr_db" else ""
+        return f"{METRIC_NAMES[self.metric]} {'<=' if self.at_most else '>='} {self.bound:g}{unit}"
+
+
+METRIC_NAMES = {
+    "top1": "top-1 agreement",
+    "accuracy_drop": "accuracy drop",
+    "snr_db": "SNR",
+    "decision_f1": "F1 of the 0.5 decision",
+    "cosine_mean": "mean cosine",
+    "cosine_min": "min cosine",
+    "exact": "exact agreement",
+}
+
+DEFAULT_FLOORS: dict[str, tuple[Floor, ...]] = {
+    CLASS_SCORES: (Floor("top1", 0.98), Floor("accuracy_drop", 0.01, at_most=True)),
+    CLASS_PER_POSITION: (Floor("top1", 0.99),),
+    MASK: (Floor("top1", 0.95),),
+    PROBABILITIES: (Floor("snr_db", 15.0), Floor("decision_f1", 0.9)),
+    EMBEDDING: (Floor("cosine_mean", 0.99), Floor("cosine_min", 0.95)),
+    ONE_VALUE: (Floor("snr_db", 20.0),),
+    REGRESSION: (Floor("snr_db", 20.0),),
+    INTEGER: (Floor("exact", 0.99),),
+}
+
+# ops that move values without changing what they mean
+_MOVES = ("Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Cast")
+_PROBABILITY_OPS = ("Sigmoid", "HardSigmoid", "Softmax")
+
+
+@dataclass
+class Part:
+    """One measured part of an output: the whole of it, or a slice along ``axis``."""
+
+    output: str
+    kind: str
+    why: str
+    axis: int | None = None  # slice axis of the output, None for the whole output
+    start: int = 0
+    stop: int = 0
+    class_axis: int | None = None  # where argmax agreement is taken
+    floors: tuple[Floor, ...] = ()
+
+    @property
+    def name(self) -> str:
+        if self.axis is None:
+            return self.output
+        return f"{self.output}[{self.start}:{self.stop} on axis {self.axis}]"
+
+
+def _source(value: ir.Value) -> ir.Node | None:
+    """The producer of ``value`` past the ops that only move values."""
+    node = value.producer()
+    while (
+        node is not None and node.op_type in _MOVES and node.inputs and node.inputs[0] is not None
+    ):
+        node = node.inputs[0].producer()
+    return node
+
+
+def is_l2_normalised(value: ir.Value) -> bool:
+    """``LpNormalization(p=2)``, or ``x / f(ReduceL2(x))`` with f a clamp such as Max or Clip."""
+    node = value.producer()
+    if node is None:
+        return False
+    if node.op_type == "LpNormalization":
+        return True
+    if node.op_type != "Div" or len(node.inputs) < 2:
+        return False
+    norm = node.inputs[1].producer() if node.inputs[1] is not None else None
+    while norm is not None and norm.op_type in ("Max", "Clip", "Add", "Unsqueeze", "Reshape"):
+        norm = norm.inputs[0].producer() if norm.inputs[0] is not None else None
+    return norm is not None and norm.op_type == "ReduceL2"
+
+
+def _static(shape) -> list[int | None]:
+    return [d if isinstance(d, int) else None for d in shape]
+
+
+def classify(value: ir.Value, shape=None) -> Part:
+    """The kind of one output (or of one part of it, with ``shape`` the part's shape)."""
+    shape = (
+        _static(value.shape if shape is None else shape)
+        if (shape or value.shape) is not None
+        else None
+    )
+    dtype = value.dtype
+    name = value.name
+    if dtype is not None and not dtype.is_floating_point():
+        return Part(name, INTEGER, f"{dtype.name.lower()} elements")
+    src = _source(value)
+    op = src.op_type if src is not None else None
+    if shape is None:
+        if op in _PROBABILITY_OPS:
+            return Part(name, PROBABILITIES, f"from {op}")
+        return Part(name, REGRESSION, "shape unknown")
+    rank = len(shape)
+    per_sample = math.prod(d for d in shape[1:] if d is not None) if rank > 1 else 1
+    unknown_tail = any(d is None for d in shape[1:])
+    if rank <= 1 or (per_sample == 1 and not unknown_tail):
+        if op in _PROBABILITY_OPS:
+            return Part(name, PROBABILITIES, f"one value per sample, from {op}")
+        return Part(name, ONE_VALUE, "one value per sample")
+    if rank == 2:
+        if is_l2_normalised(value):
+            return Part(name, EMBEDDING, "L2-normalised [N, D]")
+        if op == "Sigmoid":
+            return Part(name, PROBABILITIES, "[N, C] from Sigmoid (independent probabilities)")
+        if shape[1] is not None and shape[1] >= 2:
+            return Part(name, CLASS_SCORES, f"[N, {shape[1]}] class scores", class_axis=1)
+        return Part(name, REGRESSION, "[N, D] with D unknown")
+    softmax_axis = None
+    if (
+        src is not None
+        and src.op_type in ("Softmax", "LogSoftmax")
+        and src.inputs[0].shape is not None
+    ):
+        softmax_axis = attr(src, "axis", -1) % len(src.inputs[0].shape)
+    if src is not None and src is value.producer() and softmax_axis == rank - 1:
+        return Part(
+            name, CLASS_PER_POSITION, f"{src.op_type} over the last axis", class_axis=rank - 1
+        )
+    if rank == 4 and shape[1] is not None and shape[1] >= 2:
+        if src is value.producer() and (
+            softmax_axis == 1 or op in ("Conv", "ConvTranspose", "Resize", "Upsample")
+        ):
+            return Part(name, MASK, f"[N, {shape[1]}, H, W] from {op}", class_axis=1)
+    if op in _PROBABILITY_OPS:
+        return Part(name, PROBABILITIES, f"from {op}")
+    if rank == 3 and shape[-1] is not None and shape[-1] >= 16:
+        return Part(name, EMBEDDING, f"[N, S, {shape[-1]}] hidden states (cosine per sample)")
+    return Part(name, REGRESSION, f"rank-{rank} values")
+
+
+def _concat_parts(value: ir.Value) -> list[tuple[ir.Value, int, int, int]] | None:
+    """(input, axis of the output, start, stop) per input when ``value`` is a Concat along a
+    non-batch axis with static sizes (directly or through Identity)."""
+    node = value.producer()
+    while node is not None and node.op_type == "Identity":
+        node = node.inputs[0].producer()
+    if node is None or node.op_type != "Concat" or value.shape is None or len(node.inputs) < 2:
+        return None
+    rank = len(value.shape)
+    axis = attr(node, "axis", 0) % rank if rank else 0
+    if axis == 0 or rank < 2:
+        return None
+    parts, start = [], 0
+    for piece in node.inputs:
+        if piece is None or piece.shape is None or len(piece.shape) != rank:
+            return None
+        size = piece.shape[axis]
+        if not isinstance(size, int):
+            return None
+        parts.append((piece, axis, start, start + size))
+        start += size
+    return parts
+
+
+def parts_of(value: ir.Value) -> list[Part]:
+    """The parts whose floors are checked for one output: the whole of it, or its slices when
+    it concatenates parts of different kinds."""
+    whole = classify(value)
+    whole.floors = DEFAULT_FLOORS[whole.kind]
+    pieces = _concat_parts(value)
+    if not pieces or whole.kind == INTEGER:
+        return [whole]
+    sliced = []
+    for piece, axis, start, stop in pieces:
+        shape = list(value.shape)
+        shape[axis] = stop - start
+        part = classify(piece, shape)
+        part.output, part.axis, part.start, part.stop = value.name, axis, start, stop
+        if part.class_axis is not None and part.class_axis == axis and part.kind != MASK:
+            # a slice of the classes is not a classifier of its own
+            part.kind, part.class_axis, part.why = REGRESSION, None, "part of a class axis"
+        part.floors = DEFAULT_FLOORS[part.kind]
+        sliced.append(part)
+    if len({(p.kind, p.why) for p in sliced}) == 1:
+        return [whole]  # parts of one kind (anchors of one head): measured as one output
+    return sliced
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+def cosine_rows(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row pair (two all-zero rows count as 1, one as 0)."""
+    nr = np.linalg.norm(r, axis=1)
+    nc = np.linalg.norm(c, axis=1)
+    dot = (r * c).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = dot / (nr * nc)
+    both_zero = (nr == 0) & (nc == 0)
+    cos = np.where(both_zero, 1.0, np.where((nr == 0) | (nc == 0), 0.0, cos))
+    cos = np.where((r == c).all(axis=1), 1.0, cos)  # identical rows: exactly 1, not 1 - 1e-16
+    return np.clip(cos, -1.0, 1.0)
+
+
+@dataclass
+class PartAccumulator:
+    """Streamed statistics of one part, enough for every floor of its kind."""
+
+    part: Part
+    rows: int = 0
+    sum_ref2: float = 0.0
+    sum_diff2: float = 0.0
+    cosines: list = field(default_factory=list)
+    agree: int = 0
+    positions: int = 0
+    both: int = 0  # decision: reference and candidate positive
+    ref_pos: int = 0
+    cand_pos: int = 0
+    equal: int = 0
+    elements: int = 0
+    ref_correct: int = 0
+    cand_correct: int = 0
+    labelled: int = 0
+
+    def add(self, ref: np.ndarray, cand: np.ndarray, labels, rows: int | None) -> None:
+        p = self.part
+        if p.axis is not None:
+            index = [slice(None)] * np.ndim(ref)
+            index[p.axis] = slice(p.start, p.stop)
+            ref, cand = ref[tuple(index)], cand[tuple(index)]
+        rows = rows if rows is not None else (len(ref) if np.ndim(ref) else 1)
+        if np.size(ref) == 0:
+            return
+        if p.kind == INTEGER:
+            self.equal += int(np.count_nonzero(np.asarray(ref) == np.asarray(cand)))
+            self.elements += int(np.size(ref))
+            return
+        r = np.asarray(ref, np.float64)
+        c = np.asarray(cand, np.float64)
+        d = r - c
+        self.sum_ref2 += float((r * r).sum())
+        self.sum_diff2 += float((d * d).sum())
+        self.rows += rows
+        self.cosines.append(cosine_rows(r.reshape(rows, -1), c.reshape(rows, -1)))
+        if p.class_axis is not None and r.ndim > p.class_axis:
+            ra, ca = r.argmax(axis=p.class_axis), c.argmax(axis=p.class_axis)
+            self.agree += int((ra == ca).sum())
+            self.positions += int(ra.size)
+            if labels is not None and p.kind == CLASS_SCORES and ra.shape == np.shape(labels):
+                self.ref_correct += int((ra == labels).sum())
+                self.cand_correct += int((ca == labels).sum())
+                self.labelled += len(labels)
+        if p.kind == PROBABILITIES:
+            rp, cp = r >= 0.5, c >= 0.5
+            self.both += int(np.count_nonzero(rp & cp))
+            self.ref_pos += int(np.count_nonzero(rp))
+            self.cand_pos += int(np.count_nonzero(cp))
+
+    def metrics(self) -> dict[str, float]:
+        m: dict[str, float] = {}
+        if self.part.kind == INTEGER:
+            if self.elements:
+                m["exact"] = self.equal / self.elements
+            return m
+        if self.rows == 0:
+            return m
+        if self.sum_diff2 == 0:
+            m["snr_db"] = math.inf
+        elif self.sum_ref2 == 0:
+            m["snr_db"] = -math.inf
+        else:
+            m["snr_db"] = 10.0 * math.log10(self.sum_ref2 / self.sum_diff2)
+        cos = np.concatenate(self.cosines)
+        m["cosine_mean"], m["cosine_min"] = float(cos.mean()), float(cos.min())
+        if self.positions:
+            m["top1"] = self.agree / self.positions
+        if self.labelled:
+            m["accuracy_drop"] = (self.ref_correct - self.cand_correct) / self.labelled
+        if self.ref_pos:
+            m["decision_f1"] = 2 * self.both / (self.ref_pos + self.cand_pos)
+        return m
+
+
+@dataclass
+class FloorCheck:
+    part: str
+    kind: str
+    floor: Floor
+    value: float | None  # None: not measurable on these samples (no labels, no positives)
+
+    @property
+    def passed(self) -> bool:
+        if self.value is None:
+            return True
+        if self.floor.at_most:
+            return self.value <= self.floor.bound + 1e-12
+        return self.value >= self.floor.bound - 1e-12
+
+    def describe(self) -> str:
+        unit = " dB" if self.floor.metric == "snr_db" else ""
+        got = "n/a" if self.value is None else f"{self.value:.4g}{unit}"
+        return f"{self.part} ({self.kind}): {METRIC_NAMES[self.floor.metric]} {got}, floor {self.floor.describe()}"
+
+
+def check(accumulators: list[PartAccumulator]) -> list[FloorCheck]:
+    checks = []
+    for acc in accumulators:
+        metrics = acc.metrics()
+        for floor in acc.part.floors:
+            checks.append(
+                FloorCheck(acc.part.name, acc.part.kind, floor, metrics.get(floor.metric))
+            )
+    return checks

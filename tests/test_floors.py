@@ -1,0 +1,179 @@
+"""Default quality floors: output kinds from the graph, per-slice checks of concatenated heads,
+PASS only when every floor holds, explicit thresholds replacing them, --no-floors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+from conftest import run_cli
+
+from onnxzip import floors, io
+from onnxzip.data import NpzSamples, SyntheticSamples, input_specs
+from onnxzip.verify import Thresholds, verify
+
+H = '<ir_version: 8, opset_import: ["" : 17]>\n'
+
+
+def _model(text: str, tensors: dict | None = None) -> onnx.ModelProto:
+    proto = onnx.parser.parse_model(H + text)
+    for name, array in (tensors or {}).items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(array), name))
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def _parts(proto) -> dict[str, list[floors.Part]]:
+    model = io.load_model(proto)
+    return {v.name: floors.parts_of(v) for v in model.graph.outputs}
+
+
+@pytest.mark.parametrize(
+    "graph, kind",
+    [
+        ("g (float[N, 8] x) => (float[N, 8] y) { y = Relu (x) }", floors.CLASS_SCORES),
+        (
+            "g (float[N, 8] x) => (float[N, 8] y) { y = LpNormalization <p = 2> (x) }",
+            floors.EMBEDDING,
+        ),
+        ("g (float[N, 8] x) => (float[N, 8] y) { y = Sigmoid (x) }", floors.PROBABILITIES),
+        ("g (float[N, 1] x) => (float[N, 1] y) { y = Relu (x) }", floors.ONE_VALUE),
+        ("g (float[N, 1] x) => (float[N, 1] y) { y = Sigmoid (x) }", floors.PROBABILITIES),
+        (
+            "g (float[N, 5, 7] x) => (float[N, 5, 7] y) { y = Softmax <axis = -1> (x) }",
+            floors.CLASS_PER_POSITION,
+        ),
+        ("g (float[N, 5, 32] x) => (float[N, 5, 32] y) { y = Relu (x) }", floors.EMBEDDING),
+        ("g (float[N, 5, 4] x) => (float[N, 5, 4] y) { y = Relu (x) }", floors.REGRESSION),
+        (
+            "g (float[N, 8] x) => (int64[N] y) { y = ArgMax <axis = 1, keepdims = 0> (x) }",
+            floors.INTEGER,
+        ),
+        (
+            "g (float[N, 3, 4, 4] x) => (float[N, 3, 4, 4] y) { y = Softmax <axis = 1> (x) }",
+            floors.MASK,
+        ),
+    ],
+)
+def test_output_kinds_from_the_graph(graph, kind):
+    (parts,) = _parts(_model(graph)).values()
+    assert [p.kind for p in parts] == [kind]
+    assert parts[0].floors == floors.DEFAULT_FLOORS[kind]
+
+
+# A detector head as exporters write it: boxes in pixels (0..320) and class probabilities in one
+# output, concatenated along the last axis.
+DETECTOR = """
+g (float[N, 16] x) => (float[N, 10, 6] y) {
+    b = MatMul (x, wb)
+    b3 = Reshape (b, sb)
+    boxes = Mul (b3, px)
+    s = MatMul (x, ws)
+    s3 = Reshape (s, ss)
+    scores = Sigmoid (s3)
+    y = Concat <axis = 2> (boxes, scores)
+}
+"""
+
+
+def _detector(score_weights: np.ndarray) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    return _model(
+        DETECTOR,
+        {
+            "wb": rng.normal(0, 0.3, (16, 40)).astype(np.float32),
+            "sb": np.array([-1, 10, 4], np.int64),
+            "px": np.array(160.0, np.float32),
+            "ws": score_weights.astype(np.float32),
+            "ss": np.array([-1, 10, 2], np.int64),
+        },
+    )
+
+
+def test_concatenated_head_is_measured_slice_by_slice():
+    rng = np.random.default_rng(1)
+    parts = _parts(_detector(rng.normal(0, 1.0, (16, 20))))["y"]
+    assert [(p.kind, p.axis, p.start, p.stop) for p in parts] == [
+        (floors.REGRESSION, 2, 0, 4),
+        (floors.PROBABILITIES, 2, 4, 6),
+    ]
+
+
+def test_broken_scores_fail_although_the_whole_output_looks_fine(tmp_path, capsys):
+    """The scores slice loses its task (weights perturbed) while the boxes dominate the whole
+    output's cosine: the verdict names the slice and exits 1."""
+    rng = np.random.default_rng(1)
+    ws = rng.normal(0, 1.0, (16, 20))
+    reference = _detector(ws)
+    candidate = _detector(ws + rng.normal(0, 1.0, ws.shape))
+    ref_path, cand_path = tmp_path / "ref.onnx", tmp_path / "cand.onnx"
+    onnx.save(reference, ref_path)
+    onnx.save(candidate, cand_path)
+    model = io.load_model(reference)
+    samples = SyntheticSamples(input_specs(model), 64, seed=3)
+    report = verify(reference, candidate, samples, floors=False)
+    assert report.passed and report.outputs[0].cosine_mean > 0.99  # what PASS used to mean
+    report = verify(reference, candidate, samples)
+    failed = [c for c in report.floors if not c.passed]
+    assert failed and all(c.part == "y[4:6 on axis 2]" for c in failed)
+    assert {c.kind for c in failed} == {floors.PROBABILITIES}
+    assert not report.passed
+    assert all(c.passed for c in report.floors if c.part == "y[0:4 on axis 2]")
+
+    code, out, err = run_cli(["verify", ref_path, cand_path, "--synthetic", "64"], capsys)
+    assert code == 1
+    assert "FAIL: y[4:6 on axis 2] (probabilities)" in out
+    code, out, err = run_cli(
+        ["verify", ref_path, cand_path, "--synthetic", "64", "--no-floors"], capsys
+    )
+    assert code == 0 and "floors     not checked (floors off)" in out and "\nPASS" in out
+
+
+def test_explicit_thresholds_replace_the_floors():
+    rng = np.random.default_rng(1)
+    ws = rng.normal(0, 1.0, (16, 20))
+    reference, candidate = _detector(ws), _detector(ws + rng.normal(0, 1.0, ws.shape))
+    samples = SyntheticSamples(input_specs(io.load_model(reference)), 32, seed=3)
+    report = verify(reference, candidate, samples, thresholds=Thresholds(min_cosine=0.9))
+    assert report.passed and report.floors is None
+    assert report.floors_note == "replaced by the thresholds given"
+
+
+def test_identical_models_hold_every_floor(resnet_path, test_npz):
+    model = io.load_model(resnet_path)
+    report = verify(resnet_path, resnet_path, NpzSamples(test_npz, input_specs(model)))
+    assert report.passed
+    assert {(c.kind, c.floor.metric) for c in report.floors} == {
+        (floors.CLASS_SCORES, "top1"),
+        (floors.CLASS_SCORES, "accuracy_drop"),
+    }
+    assert all(c.value is not None for c in report.floors)  # the test digits carry labels
+
+
+def test_accuracy_floor_with_labels_fails_a_model_that_lost_its_task(
+    resnet_path, test_npz, tmp_path
+):
+    """A digits ResNet whose classifier weights are shuffled keeps producing class scores of the
+    same range but no longer classifies: both class-score floors fail."""
+    proto = onnx.load(resnet_path)
+    gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")
+    weight = next(t for t in proto.graph.initializer if t.name == gemm.input[1])
+    array = onnx.numpy_helper.to_array(weight).copy()
+    np.random.default_rng(0).shuffle(array.reshape(-1))
+    weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
+    model = io.load_model(resnet_path)
+    report = verify(resnet_path, proto, NpzSamples(test_npz, input_specs(model)))
+    failed = {c.floor.metric for c in report.floors if not c.passed}
+    assert failed == {"top1", "accuracy_drop"}
+    assert not report.passed
+
+
+def test_integer_outputs_need_exact_agreement():
+    graph = "g (float[N, 8] x) => (int64[N] y) { s = Mul (x, k) y = ArgMax <axis = 1, keepdims = 0> (s) }"
+    reference = _model(graph, {"k": np.ones(8, np.float32)})
+    candidate = _model(graph, {"k": np.linspace(0.5, 1.5, 8).astype(np.float32)})
+    samples = SyntheticSamples(input_specs(io.load_model(reference)), 64, seed=0)
+    report = verify(reference, candidate, samples)
+    (check,) = report.floors
+    assert check.kind == floors.INTEGER and check.value < 0.99 and not report.passed
