@@ -8,7 +8,7 @@ floors are turned off. PASS means every floor held.
 | kind | recognised by | default floors |
 | --- | --- | --- |
 | class scores | float ``[N, C]``, ``C >= 2``, not L2-normalised | top-1 agreement >= 0.98; with labels, accuracy drop <= 1 point |
-| class scores per position | float, rank >= 3, Softmax / LogSoftmax over the last axis | argmax agreement per position >= 0.99 |
+| class scores per position | float, rank >= 3, Softmax / LogSoftmax over the last axis, or a MatMul / Gemm projection (CTC and language-model logits) | argmax agreement per position >= 0.99; for sequences of at most 128 positions (text lines), the whole argmax sequence identical in >= 0.95 of the samples |
 | mask | float ``[N, C, H, W]``, ``C >= 2``, from Softmax over axis 1, Conv, ConvTranspose or Resize | per-pixel argmax agreement >= 0.95 |
 | probabilities | produced by Sigmoid, HardSigmoid or Softmax (not the above) | SNR >= 15 dB; F1 of the 0.5 decision >= 0.9 where the reference has positives |
 | embedding | L2-normalised ``[N, D]``, or ``[N, S, D]`` with ``D >= 16`` (hidden states) | mean cosine >= 0.99, min cosine >= 0.95 |
@@ -16,10 +16,13 @@ floors are turned off. PASS means every floor held.
 | regression | any other float output (boxes, coordinates, depth, feature maps) | SNR >= 20 dB |
 | integer | integer or boolean outputs (indices, ids, masks) | exact element agreement >= 0.99 |
 
-Slices: an output that is a ``Concat`` along a non-batch axis (also behind Transpose / Reshape /
-Identity that keep that axis) of parts of different kinds (box coordinates and class
-probabilities, say) is measured part by part, each part with its own kind and floors; the
-whole output's floors are then not applied (its numbers are dominated by its largest part).
+Slices: an output whose non-batch axis is filled by a ``Concat`` of parts of different kinds
+(box coordinates and class probabilities, say) is measured part by part, each part with its own
+kind and floors; the whole output's floors are then not applied (its numbers are dominated by
+its largest part). The Concat is found through Identity, Transpose, Reshape (dims up to the
+axis unchanged) and Concats along other axes whose inputs are all split the same way (a
+detector's per-scale heads joined along the anchors). A declared output shape that the runs
+contradict (rank) is replaced by the observed one.
 
 Metrics, with ``r`` the reference and ``c`` the candidate:
 
@@ -27,7 +30,9 @@ Metrics, with ``r`` the reference and ``c`` the candidate:
   argmax along the class axis;
 * decision F1: with ``R = r >= 0.5`` and ``C = c >= 0.5``, ``2 |R & C| / (|R| + |C|)``;
 * SNR: ``10 log10(sum r^2 / sum (r - c)^2)``; cosine per sample over its flattened values;
-* exact agreement: the fraction of equal elements.
+* exact agreement: the fraction of equal elements;
+* whole-sequence agreement: the fraction of samples whose argmax at every position is the same
+  (stricter than equal decoded text, which ignores changes between blanks and repeats).
 """
 
 from __future__ import annotations
@@ -69,11 +74,15 @@ METRIC_NAMES = {
     "cosine_mean": "mean cosine",
     "cosine_min": "min cosine",
     "exact": "exact agreement",
+    "sequence": "whole-sequence agreement",
 }
+# sequences up to this many positions (a text line, a label sequence) must keep every argmax in
+# most samples; longer ones (a language model's tokens) are judged per position only
+SHORT_SEQUENCE = 128
 
 DEFAULT_FLOORS: dict[str, tuple[Floor, ...]] = {
     CLASS_SCORES: (Floor("top1", 0.98), Floor("accuracy_drop", 0.01, at_most=True)),
-    CLASS_PER_POSITION: (Floor("top1", 0.99),),
+    CLASS_PER_POSITION: (Floor("top1", 0.99), Floor("sequence", 0.95)),
     MASK: (Floor("top1", 0.95),),
     PROBABILITIES: (Floor("snr_db", 15.0), Floor("decision_f1", 0.9)),
     EMBEDDING: (Floor("cosine_mean", 0.99), Floor("cosine_min", 0.95)),
@@ -132,17 +141,39 @@ def is_l2_normalised(value: ir.Value) -> bool:
     return norm is not None and norm.op_type == "ReduceL2"
 
 
+_PROJECTIONS = (
+    "MatMul",
+    "Gemm",
+    "MatMulInteger",
+    "QLinearMatMul",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "MatMulNBits",
+    "QGemm",
+)
+
+
+def _projection(node: ir.Node | None, depth: int = 0) -> bool:
+    """A MatMul / Gemm (float or quantized), possibly followed by the Add of a bias, a Mul by a
+    scale (Gemm's alpha, or a dynamic quantization's) or a Cast."""
+    if node is None or depth > 4:
+        return False
+    if node.op_type in _PROJECTIONS:
+        return True
+    if node.op_type in ("Add", "Mul", "Cast", "DequantizeLinear"):
+        return any(v is not None and _projection(v.producer(), depth + 1) for v in node.inputs)
+    return False
+
+
 def _static(shape) -> list[int | None]:
     return [d if isinstance(d, int) else None for d in shape]
 
 
 def classify(value: ir.Value, shape=None) -> Part:
     """The kind of one output (or of one part of it, with ``shape`` the part's shape)."""
-    shape = (
-        _static(value.shape if shape is None else shape)
-        if (shape or value.shape) is not None
-        else None
-    )
+    if shape is None:
+        shape = value.shape
+    shape = None if shape is None else _static(shape)
     dtype = value.dtype
     name = value.name
     if dtype is not None and not dtype.is_floating_point():
@@ -179,6 +210,11 @@ def classify(value: ir.Value, shape=None) -> Part:
         return Part(
             name, CLASS_PER_POSITION, f"{src.op_type} over the last axis", class_axis=rank - 1
         )
+    if _projection(src) and shape[-1] is not None and shape[-1] >= 2:
+        # per-position logits of a final projection (CTC recognizers, language-model heads)
+        return Part(
+            name, CLASS_PER_POSITION, f"{src.op_type} projection per position", class_axis=rank - 1
+        )
     if rank == 4 and shape[1] is not None and shape[1] >= 2:
         if src is value.producer() and (
             softmax_axis == 1 or op in ("Conv", "ConvTranspose", "Resize", "Upsample")
@@ -191,52 +227,88 @@ def classify(value: ir.Value, shape=None) -> Part:
     return Part(name, REGRESSION, f"rank-{rank} values")
 
 
-def _concat_parts(value: ir.Value) -> list[tuple[ir.Value, int, int, int]] | None:
-    """(input, axis of the output, start, stop) per input when ``value`` is a Concat along a
-    non-batch axis with static sizes (directly or through Identity)."""
+def _same_dims(a, b) -> bool:
+    return len(a) == len(b) and all(
+        x == y if isinstance(x, int) or isinstance(y, int) else x.value == y.value and x.value
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def trace_pieces(value: ir.Value, axis: int, depth: int = 0):
+    """The pieces ``(value, start, stop)`` that fill ``axis`` of ``value``: found at a Concat
+    along that axis, through Identity, Transpose (the axis permuted), Reshape (when the dims up
+    to the axis are unchanged) and Concats along other axes whose inputs are all filled the same
+    way (a detector's heads per scale, concatenated along the anchors). None when not found."""
     node = value.producer()
-    while node is not None and node.op_type == "Identity":
-        node = node.inputs[0].producer()
-    if node is None or node.op_type != "Concat" or value.shape is None or len(node.inputs) < 2:
+    if node is None or value.shape is None or depth > 16:
         return None
     rank = len(value.shape)
-    axis = attr(node, "axis", 0) % rank if rank else 0
-    if axis == 0 or rank < 2:
+    op = node.op_type
+    first = node.inputs[0] if node.inputs else None
+    if op == "Identity" and first is not None:
+        return trace_pieces(first, axis, depth + 1)
+    if op == "Transpose" and first is not None and first.shape is not None:
+        perm = list(attr(node, "perm", list(range(rank))[::-1]))
+        return trace_pieces(first, perm[axis], depth + 1)
+    if op == "Reshape" and first is not None and first.shape is not None:
+        # the dims from after the batch up to the axis unchanged (the batch may be -1 there)
+        if len(first.shape) > axis and _same_dims(
+            first.shape[1 : axis + 1], value.shape[1 : axis + 1]
+        ):
+            return trace_pieces(first, axis, depth + 1)
         return None
-    parts, start = [], 0
-    for piece in node.inputs:
-        if piece is None or piece.shape is None or len(piece.shape) != rank:
-            return None
-        size = piece.shape[axis]
-        if not isinstance(size, int):
-            return None
-        parts.append((piece, axis, start, start + size))
-        start += size
-    return parts
+    if op != "Concat" or len(node.inputs) < 2:
+        return None
+    cat = attr(node, "axis", 0) % rank
+    if cat == axis:
+        pieces, start = [], 0
+        for piece in node.inputs:
+            if piece is None or piece.shape is None or len(piece.shape) != rank:
+                return None
+            size = piece.shape[axis]
+            if not isinstance(size, int):
+                return None
+            pieces.append((piece, start, start + size))
+            start += size
+        return pieces
+    found = [trace_pieces(piece, axis, depth + 1) for piece in node.inputs if piece is not None]
+    if not found or any(f is None for f in found):
+        return None
+    layout = [(s, e) for _, s, e in found[0]]
+    if all([(s, e) for _, s, e in f] == layout for f in found):
+        return found[0]
+    return None
 
 
-def parts_of(value: ir.Value) -> list[Part]:
-    """The parts whose floors are checked for one output: the whole of it, or its slices when
-    it concatenates parts of different kinds."""
-    whole = classify(value)
+def parts_of(value: ir.Value, shape=None) -> list[Part]:
+    """The parts whose floors are checked for one output: the whole of it, or its slices along
+    the first non-batch axis that concatenates parts of different kinds. ``shape`` overrides a
+    declared shape that the runs contradict."""
+    whole = classify(value, shape)
     whole.floors = DEFAULT_FLOORS[whole.kind]
-    pieces = _concat_parts(value)
-    if not pieces or whole.kind == INTEGER:
+    if whole.kind == INTEGER or value.shape is None:
         return [whole]
-    sliced = []
-    for piece, axis, start, stop in pieces:
-        shape = list(value.shape)
-        shape[axis] = stop - start
-        part = classify(piece, shape)
-        part.output, part.axis, part.start, part.stop = value.name, axis, start, stop
-        if part.class_axis is not None and part.class_axis == axis and part.kind != MASK:
-            # a slice of the classes is not a classifier of its own
-            part.kind, part.class_axis, part.why = REGRESSION, None, "part of a class axis"
-        part.floors = DEFAULT_FLOORS[part.kind]
-        sliced.append(part)
-    if len({(p.kind, p.why) for p in sliced}) == 1:
-        return [whole]  # parts of one kind (anchors of one head): measured as one output
-    return sliced
+    if shape is not None and len(shape) != len(value.shape):
+        return [whole]  # the graph's axes are not the run's: no slices from the graph
+    full = list(shape) if shape is not None else list(value.shape)
+    for axis in range(1, len(full)):
+        pieces = trace_pieces(value, axis)
+        if not pieces:
+            continue
+        sliced = []
+        for piece, start, stop in pieces:
+            dims = list(full)
+            dims[axis] = stop - start
+            part = classify(piece, dims)
+            part.output, part.axis, part.start, part.stop = value.name, axis, start, stop
+            if part.class_axis is not None and part.class_axis == axis:
+                # a slice of the classes is not a classifier of its own
+                part.kind, part.class_axis, part.why = REGRESSION, None, "part of a class axis"
+            part.floors = DEFAULT_FLOORS[part.kind]
+            sliced.append(part)
+        if len({p.kind for p in sliced}) > 1:
+            return sliced
+    return [whole]
 
 
 # -- measuring ------------------------------------------------------------------------------------
@@ -274,8 +346,20 @@ class PartAccumulator:
     ref_correct: int = 0
     cand_correct: int = 0
     labelled: int = 0
+    sequences: int = 0
+    same_sequences: int = 0
+    sequence_length: int = 0
 
-    def add(self, ref: np.ndarray, cand: np.ndarray, labels, rows: int | None) -> None:
+    def add(
+        self,
+        ref: np.ndarray,
+        cand: np.ndarray,
+        labels,
+        rows: int | None,
+        samples: int | None = None,
+    ) -> None:
+        """One batch; ``rows`` as in ``OutputAccumulator.add``, ``samples`` the batch's sample
+        count (to find a sequence output's batch axis)."""
         p = self.part
         if p.axis is not None:
             index = [slice(None)] * np.ndim(ref)
@@ -299,6 +383,15 @@ class PartAccumulator:
             ra, ca = r.argmax(axis=p.class_axis), c.argmax(axis=p.class_axis)
             self.agree += int((ra == ca).sum())
             self.positions += int(ra.size)
+            if p.kind == CLASS_PER_POSITION and ra.ndim >= 2:
+                # One sequence per sample: its batch axis is the first of the size of the batch
+                # (recognizers write [T, N, C] as often as [N, T, C]).
+                n = samples if samples is not None else rows
+                axis = next((a for a in range(ra.ndim) if ra.shape[a] == n), 0)
+                same = np.moveaxis(ra == ca, axis, 0).reshape(ra.shape[axis], -1).all(axis=1)
+                self.sequences += int(same.size)
+                self.same_sequences += int(same.sum())
+                self.sequence_length = max(self.sequence_length, ra.size // max(1, same.size))
             if labels is not None and p.kind == CLASS_SCORES and ra.shape == np.shape(labels):
                 self.ref_correct += int((ra == labels).sum())
                 self.cand_correct += int((ca == labels).sum())
@@ -327,6 +420,8 @@ class PartAccumulator:
         m["cosine_mean"], m["cosine_min"] = float(cos.mean()), float(cos.min())
         if self.positions:
             m["top1"] = self.agree / self.positions
+        if self.sequences and self.sequence_length <= SHORT_SEQUENCE:
+            m["sequence"] = self.same_sequences / self.sequences
         if self.labelled:
             m["accuracy_drop"] = (self.ref_correct - self.cand_correct) / self.labelled
         if self.ref_pos:

@@ -273,6 +273,18 @@ def is_classifier(value: ir.Value) -> bool:
     return isinstance(classes, int) and classes >= 2 and not floors_mod.is_l2_normalised(value)
 
 
+def _floor_parts(outputs: list[ir.Value], first: dict[str, np.ndarray]):
+    """The parts each output's floors are checked on; a declared shape whose rank the first
+    batch contradicts (stale shapes written by an exporter) gives way to the observed one."""
+    parts = []
+    for value in outputs:
+        observed = list(np.shape(first[value.name]))
+        declared = value.shape
+        shape = observed if declared is None or len(declared) != len(observed) else None
+        parts += [floors_mod.PartAccumulator(p) for p in floors_mod.parts_of(value, shape)]
+    return parts
+
+
 def _check_compatible(
     reference: ir.Model, candidate: ir.Model, ref_name: str, cand_name: str
 ) -> None:
@@ -446,9 +458,8 @@ def verify(
     accumulators = {v.name: OutputAccumulator(is_classifier(v)) for v in outputs}
     names = [v.name for v in outputs]
     explicit = any(getattr(thresholds, f.name) is not None for f in dataclasses.fields(thresholds))
-    parts = []
-    if floors and not explicit:
-        parts = [floors_mod.PartAccumulator(p) for v in outputs for p in floors_mod.parts_of(v)]
+    checking = floors and not explicit
+    parts: list[floors_mod.PartAccumulator] | None = None  # made at the first batch
     total = None
     if samples.count is not None and split == "all":
         total = math.ceil(samples.count / samples.batch_size_for(batch_size))
@@ -468,9 +479,15 @@ def verify(
                     f"{cand_name}: output '{name}' has shape {list(c.shape)}, the reference's is {list(r.shape)}"
                 )
             accumulators[name].add(r, c, batch.labels, batch.count)
-        for part in parts:
+        if checking and parts is None:
+            parts = _floor_parts(outputs, ref_out)
+        for part in parts or []:
             part.add(
-                ref_out[part.part.output], cand_out[part.part.output], batch.labels, batch.count
+                ref_out[part.part.output],
+                cand_out[part.part.output],
+                batch.labels,
+                batch.count,
+                len(batch),
             )
         count += len(batch)
     results = [accumulators[n].result(n) for n in names]
@@ -485,7 +502,7 @@ def verify(
         thresholds=thresholds,
         failures=_failures(results, thresholds),
     )
-    if parts:
+    if checking and parts:
         report.floors = floors_mod.check(parts)
         report.failures += [c.describe() for c in report.floors if not c.passed]
     else:

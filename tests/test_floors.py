@@ -177,3 +177,95 @@ def test_integer_outputs_need_exact_agreement():
     report = verify(reference, candidate, samples)
     (check,) = report.floors
     assert check.kind == floors.INTEGER and check.value < 0.99 and not report.passed
+
+
+def test_slices_are_found_through_transpose_reshape_and_per_scale_concats():
+    """A YOLOX-style head: per scale Concat(boxes, objectness, class) on the channel axis,
+    Reshape to [N, 6, HW], Concat of the scales along the anchors, Transpose to [N, A, 6]."""
+    text = """
+    g (float[N, 8, 4, 4] a, float[N, 8, 2, 2] b) => (float[N, 20, 6] y) {
+        ba = Conv (a, wb)
+        oa = Sigmoid (ca)
+        ca = Conv (a, wo)
+        pa = Concat <axis = 1> (ba, oa)
+        ra = Reshape (pa, s16)
+        bb = Conv (b, wb)
+        cb = Conv (b, wo)
+        ob = Sigmoid (cb)
+        pb = Concat <axis = 1> (bb, ob)
+        rb = Reshape (pb, s4)
+        cat = Concat <axis = 2> (ra, rb)
+        y = Transpose <perm = [0, 2, 1]> (cat)
+    }
+    """
+    text = text.replace(
+        "oa = Sigmoid (ca)\n        ca = Conv (a, wo)",
+        "ca = Conv (a, wo)\n        oa = Sigmoid (ca)",
+    )
+    rng = np.random.default_rng(0)
+    proto = _model(
+        text,
+        {
+            "wb": rng.normal(0, 1, (4, 8, 1, 1)).astype(np.float32),
+            "wo": rng.normal(0, 1, (2, 8, 1, 1)).astype(np.float32),
+            "s16": np.array([-1, 6, 16], np.int64),
+            "s4": np.array([-1, 6, 4], np.int64),
+        },
+    )
+    parts = _parts(proto)["y"]
+    assert [(p.kind, p.axis, p.start, p.stop) for p in parts] == [
+        (floors.REGRESSION, 2, 0, 4),
+        (floors.PROBABILITIES, 2, 4, 6),
+    ]
+
+
+CTC = """
+g (float[T, N, 16] x) => (float[T, N, 12] y) {
+    h = MatMul (x, w)
+    y = Add (h, bias)
+}
+"""
+
+
+def test_projection_logits_per_position_need_whole_sequences_to_agree():
+    """CTC-style logits [T, N, C] from a final projection: one changed argmax in a line is a
+    different line, so most sequences must agree whole (the batch axis is found by size)."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 1, (16, 12)).astype(np.float32)
+    bias = np.zeros(12, np.float32)
+    reference = _model(CTC, {"w": w, "bias": bias})
+    (part,) = _parts(reference)["y"]
+    assert part.kind == floors.CLASS_PER_POSITION and part.class_axis == 2
+    candidate = _model(
+        CTC, {"w": w + rng.normal(0, 0.15, w.shape).astype(np.float32), "bias": bias}
+    )
+    x = rng.normal(0, 1, (24, 40, 16)).astype(np.float32)  # 24 positions, 40 samples
+    acc = floors.PartAccumulator(part)
+    import onnxruntime as ort
+
+    ref = ort.InferenceSession(reference.SerializeToString()).run(None, {"x": x})[0]
+    cand = ort.InferenceSession(candidate.SerializeToString()).run(None, {"x": x})[0]
+    acc.add(ref, cand, None, None, samples=40)
+    m = acc.metrics()
+    same = (ref.argmax(2) == cand.argmax(2)).all(axis=0).mean()  # per sample (axis 1 is N)
+    assert m["sequence"] == pytest.approx(same)
+    assert m["top1"] == pytest.approx((ref.argmax(2) == cand.argmax(2)).mean())
+    assert m["sequence"] < m["top1"]
+
+
+def test_a_stale_declared_output_shape_gives_way_to_the_observed_one():
+    """Exporters sometimes declare an output shape the model does not produce ([1, seqlen] for
+    [T, 1, C] logits behind a run-time Reshape, which inference cannot check): the kind comes
+    from the observed rank."""
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 1, (16, 12)).astype(np.float32)
+    model = io.load_model(_model(CTC, {"w": w, "bias": np.zeros(12, np.float32)}))
+    model.graph.outputs[0].shape = ir.Shape([1, "seqlen"])  # what the exporter declared
+    (part,) = floors.parts_of(model.graph.outputs[0])
+    assert part.kind != floors.CLASS_PER_POSITION  # from the declared rank alone
+    samples = SyntheticSamples(input_specs(model), 3, seed=0)
+    report = verify(model, model, samples)
+    assert {c.kind for c in report.floors} == {floors.CLASS_PER_POSITION}
+    assert report.passed
