@@ -341,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--quantize-softmax", action="store_true", help="also quantize Softmax")
     q.add_argument(
+        "--no-floor-guard",
+        action="store_true",
+        help="when the result breaks a default floor, write it anyway (exit 1) instead of keeping "
+        "the layers that break it in float",
+    )
+    q.add_argument(
         "--bias-correction",
         choices=["auto", "on", "off"],
         default="auto",
@@ -890,6 +896,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         min_cosine=args.min_cosine,
         reduce_range=args.reduce_range,
         target_opset=args.target_opset,
+        floor_guard=not args.no_floor_guard,
     )
     quantized, report = quantize(
         model,

@@ -8,7 +8,7 @@ floors are turned off. PASS means every floor held.
 | kind | recognised by | default floors |
 | --- | --- | --- |
 | class scores | float ``[N, C]``, ``C >= 2``, not L2-normalised | top-1 agreement >= 0.98; with labels, accuracy drop <= 1 point |
-| class scores per position | float, rank >= 3, Softmax / LogSoftmax over the last axis, or a MatMul / Gemm projection (CTC and language-model logits) | argmax agreement per position >= 0.99; for sequences of at most 128 positions (text lines), the whole argmax sequence identical in >= 0.95 of the samples |
+| class scores per position | float, rank >= 3, Softmax / LogSoftmax over the last axis, or a MatMul / Gemm projection to more features than it reads (float or quantized; CTC and language-model logits) | argmax agreement per position >= 0.99; for sequences of at most 128 positions (text lines), the whole argmax sequence identical in >= 0.95 of the samples |
 | mask | float ``[N, C, H, W]``, ``C >= 2``, from Softmax over axis 1, Conv, ConvTranspose or Resize | per-pixel argmax agreement >= 0.95 |
 | probabilities | produced by Sigmoid, HardSigmoid or Softmax (not the above) | SNR >= 15 dB; F1 of the 0.5 decision >= 0.9 where the reference has positives |
 | embedding | L2-normalised ``[N, D]``, or ``[N, S, D]`` with ``D >= 16`` (hidden states) | mean cosine >= 0.99, min cosine >= 0.95 |
@@ -153,16 +153,36 @@ _PROJECTIONS = (
 )
 
 
-def _projection(node: ir.Node | None, depth: int = 0) -> bool:
-    """A MatMul / Gemm (float or quantized), possibly followed by the Add of a bias, a Mul by a
-    scale (Gemm's alpha, or a dynamic quantization's) or a Cast."""
+def _projection(node: ir.Node | None, depth: int = 0) -> ir.Node | None:
+    """The MatMul / Gemm (float or quantized) behind ``node``, through the Add of a bias, a Mul
+    by a scale (Gemm's alpha, or a dynamic quantization's) or a Cast; None if there is none."""
     if node is None or depth > 4:
-        return False
+        return None
     if node.op_type in _PROJECTIONS:
-        return True
+        return node
     if node.op_type in ("Add", "Mul", "Cast", "DequantizeLinear"):
-        return any(v is not None and _projection(v.producer(), depth + 1) for v in node.inputs)
-    return False
+        for v in node.inputs:
+            found = _projection(v.producer(), depth + 1) if v is not None else None
+            if found is not None:
+                return found
+    return None
+
+
+def _widens(node: ir.Node) -> bool:
+    """A projection to more features than it reads: to a vocabulary or a set of classes (a
+    CTC or language-model head), not to hidden features."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if w is not None and w.shape is not None and len(w.shape) == 2:
+        # the weight says it even where activations are untyped: [K, C], Gemm transB [C, K]
+        k, c = w.shape
+        if node.op_type == "Gemm" and attr(node, "transB", 0):
+            k, c = c, k
+        return isinstance(k, int) and isinstance(c, int) and c > k
+    x, out = node.inputs[0] if node.inputs else None, node.outputs[0]
+    if x is None or x.shape is None or out.shape is None or not x.shape or not out.shape:
+        return False
+    k, c = x.shape[-1], out.shape[-1]
+    return isinstance(k, int) and isinstance(c, int) and c > k
 
 
 def _static(shape) -> list[int | None]:
@@ -210,7 +230,8 @@ def classify(value: ir.Value, shape=None) -> Part:
         return Part(
             name, CLASS_PER_POSITION, f"{src.op_type} over the last axis", class_axis=rank - 1
         )
-    if _projection(src) and shape[-1] is not None and shape[-1] >= 2:
+    head = _projection(src)
+    if head is not None and _widens(head) and shape[-1] is not None and shape[-1] >= 2:
         # per-position logits of a final projection (CTC recognizers, language-model heads)
         return Part(
             name, CLASS_PER_POSITION, f"{src.op_type} projection per position", class_axis=rank - 1

@@ -273,7 +273,7 @@ def is_classifier(value: ir.Value) -> bool:
     return isinstance(classes, int) and classes >= 2 and not floors_mod.is_l2_normalised(value)
 
 
-def _floor_parts(outputs: list[ir.Value], first: dict[str, np.ndarray]):
+def floor_parts(outputs: list[ir.Value], first: dict[str, np.ndarray]):
     """The parts each output's floors are checked on; a declared shape whose rank the first
     batch contradicts (stale shapes written by an exporter) gives way to the observed one."""
     parts = []
@@ -480,7 +480,7 @@ def verify(
                 )
             accumulators[name].add(r, c, batch.labels, batch.count)
         if checking and parts is None:
-            parts = _floor_parts(outputs, ref_out)
+            parts = floor_parts(outputs, ref_out)
         for part in parts or []:
             part.add(
                 ref_out[part.part.output],

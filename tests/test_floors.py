@@ -220,7 +220,7 @@ def test_slices_are_found_through_transpose_reshape_and_per_scale_concats():
 
 
 CTC = """
-g (float[T, N, 16] x) => (float[T, N, 12] y) {
+g (float[T, N, 8] x) => (float[T, N, 12] y) {
     h = MatMul (x, w)
     y = Add (h, bias)
 }
@@ -228,18 +228,22 @@ g (float[T, N, 16] x) => (float[T, N, 12] y) {
 
 
 def test_projection_logits_per_position_need_whole_sequences_to_agree():
-    """CTC-style logits [T, N, C] from a final projection: one changed argmax in a line is a
-    different line, so most sequences must agree whole (the batch axis is found by size)."""
+    """CTC-style logits [T, N, C] from a final projection to more features than it reads: one
+    changed argmax in a line is a different line, so most sequences must agree whole (the batch
+    axis is found by size). A projection to fewer features is hidden features, not classes."""
     rng = np.random.default_rng(0)
-    w = rng.normal(0, 1, (16, 12)).astype(np.float32)
+    w = rng.normal(0, 1, (8, 12)).astype(np.float32)
     bias = np.zeros(12, np.float32)
     reference = _model(CTC, {"w": w, "bias": bias})
     (part,) = _parts(reference)["y"]
     assert part.kind == floors.CLASS_PER_POSITION and part.class_axis == 2
+    narrowing = CTC.replace("float[T, N, 8] x", "float[T, N, 32] x")
+    (hidden,) = _parts(_model(narrowing, {"w": np.zeros((32, 12), np.float32), "bias": bias}))["y"]
+    assert hidden.kind == floors.REGRESSION
     candidate = _model(
         CTC, {"w": w + rng.normal(0, 0.15, w.shape).astype(np.float32), "bias": bias}
     )
-    x = rng.normal(0, 1, (24, 40, 16)).astype(np.float32)  # 24 positions, 40 samples
+    x = rng.normal(0, 1, (24, 40, 8)).astype(np.float32)  # 24 positions, 40 samples
     acc = floors.PartAccumulator(part)
     import onnxruntime as ort
 
@@ -260,7 +264,7 @@ def test_a_stale_declared_output_shape_gives_way_to_the_observed_one():
     import onnx_ir as ir
 
     rng = np.random.default_rng(0)
-    w = rng.normal(0, 1, (16, 12)).astype(np.float32)
+    w = rng.normal(0, 1, (8, 12)).astype(np.float32)
     model = io.load_model(_model(CTC, {"w": w, "bias": np.zeros(12, np.float32)}))
     model.graph.outputs[0].shape = ir.Shape([1, "seqlen"])  # what the exporter declared
     (part,) = floors.parts_of(model.graph.outputs[0])

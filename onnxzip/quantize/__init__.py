@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from onnxzip import floors as floors_mod
 from onnxzip import io, passes, progress
 from onnxzip.data import Samples
 from onnxzip.errors import DataError, InputError, InternalError, ModelError, NoSamplesError
@@ -42,6 +43,7 @@ from onnxzip.verify import (
     ReferenceOutputs,
     Thresholds,
     VerifyReport,
+    floor_parts,
     is_classifier,
     verify,
 )
@@ -87,6 +89,9 @@ class QuantizeConfig:
     max_drop: float | None = None  # accuracy guard: top-1 points (against labels, else agreement)
     min_cosine: float | None = None  # accuracy guard: minimum mean output cosine
     guard_samples: int = 512  # held-out samples the guard scores candidates on
+    # when the result breaks the default floors (and no explicit guard target is set), keep the
+    # layers that break them in float until the floors hold (onnxzip.floors)
+    floor_guard: bool = True
     bias_correction: str = "auto"  # auto: kept when it raises the held-out SNR; on; off
     # on: weight scales keep onnxruntime's 16-bit pair sums on x86 CPUs without VNNI from
     # saturating (params.weight_params); auto: on when this machine is such a CPU; off
@@ -215,8 +220,12 @@ class QuantizeReport:
             g = self.guard
             lines.append("")
             state = "met" if g.met else "NOT met"
+            if g.target == FLOOR_TARGET:
+                measure = f"failing floor checks {g.metric_before:g} -> {g.metric_after:g}"
+            else:
+                measure = f"metric {g.metric_before:.4f} -> {g.metric_after:.4f}"
             lines.append(
-                f"accuracy guard: {g.target}: {state}; metric {g.metric_before:.4f} -> {g.metric_after:.4f} "
+                f"accuracy guard: {g.target}: {state}; {measure} "
                 f"on {g.evaluated_samples} held-out samples, {len(g.kept_float)} of {g.candidates} layers kept in float"
             )
         if not self.quantized_ops:
@@ -620,20 +629,46 @@ def quantize(
     )
     if verifying:  # also when nothing was quantized: it checks that the outputs can be compared
         t0 = time.perf_counter()
-        report.parity = verify(
-            original,
-            work,
-            data,
-            thresholds=thresholds,
-            batch_size=config.batch_size,
-            split=split,
-            holdout=holdout,
-            reference_name=source,
-            candidate_name="quantized",
-            reference_outputs=evaluator.runs if evaluator is not None else None,
-            floors=floors,
-        )
+
+        def final_verify(model):
+            return verify(
+                original,
+                model,
+                data,
+                thresholds=thresholds,
+                batch_size=config.batch_size,
+                split=split,
+                holdout=holdout,
+                reference_name=source,
+                candidate_name="quantized",
+                reference_outputs=evaluator.runs if evaluator is not None else None,
+                floors=floors,
+            )
+
+        report.parity = final_verify(work)
         timings["verify"] = time.perf_counter() - t0
+        floors_failed = report.parity.floors is not None and not all(
+            c.passed for c in report.parity.floors
+        )
+        if floors_failed and config.floor_guard and not config.guarded and plan.quantized_nodes:
+            # Defaults that keep the task: the layers that break the floors go back to float.
+            t0 = time.perf_counter()
+            evaluator = evaluator or _Evaluator(original, data, split, config)
+            work, plan, kept, inserted, ranges, report.guard = _floor_guard(
+                builder, (work, plan, kept, inserted, ranges), evaluator, config
+            )
+            report.quantized_ops = dict(Counter(plan.quantized_nodes.values()))
+            report.folded_activations = sorted(plan.folded)
+            report.kept_float = kept
+            report.qdq_pairs = inserted.qdq_pairs
+            report.weights_quantized = inserted.weights
+            report.biases_quantized = inserted.biases
+            report.weight_bytes_after = io.weights_nbytes(work)
+            report.ranges = ranges
+            timings["guard"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            report.parity = final_verify(work)
+            timings["verify"] += time.perf_counter() - t0
     return work, report
 
 
@@ -805,10 +840,26 @@ class _Evaluator:
         self.classifier = {v.name: is_classifier(v) for v in original.graph.outputs}
         self.samples = self.runs.samples
         self.has_labels = all(b.labels is not None for b in self.batches)
+        outputs = [v for v in original.graph.outputs if v.name in self.names]
+        self.floor_parts = (
+            [p.part for p in floor_parts(outputs, self.reference[0])] if self.batches else []
+        )
         if config.max_drop is not None and not any(self.classifier.values()):
             raise InputError(
                 "--max-drop needs an output of class scores ([N, C]); use --min-cosine instead"
             )
+
+    def floor_checks(self, model: ir.Model) -> tuple[list, dict[str, float]]:
+        """The default floors on the held-out batches, and each part's SNR in dB."""
+        run = Runner(model, name="candidate", optimization="all")
+        parts = [floors_mod.PartAccumulator(p) for p in self.floor_parts]
+        for batch, ref in zip(self.batches, self.reference, strict=True):
+            out = run.run(batch, self.names)
+            for acc in parts:
+                name = acc.part.output
+                acc.add(ref[name], out[name], batch.labels, batch.count, len(batch))
+        snrs = {acc.part.name: acc.metrics().get("snr_db", math.inf) for acc in parts}
+        return floors_mod.check(parts), snrs
 
     def score(self, model: ir.Model, config: QuantizeConfig) -> tuple[float, float, bool]:
         """(target metric, mean output SNR in dB, target met)."""
@@ -880,6 +931,85 @@ def _guard(builder: _Builder, first, evaluator: _Evaluator, config: QuantizeConf
             step = next(s for s in report.kept_float if s.node == k.node)
             k.reason = (
                 f"accuracy guard: quantizing it alone cost {step.snr_gain_db:.2f} dB of output SNR"
+            )
+    return (*best, report)
+
+
+FLOOR_TARGET = "the default floors of the outputs' kinds"
+_MOVES_CODES = frozenset(
+    {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
+)
+
+
+def _floor_guard(builder: _Builder, first, evaluator: _Evaluator, config: QuantizeConfig):
+    """Keeps the layers whose quantization hurts the failing floors most in float until every
+    default floor holds on the held-out samples (``onnxzip.floors``).
+
+    Sensitivity of a layer: how much the SNR of the failing parts (outputs or slices) recovers
+    when that layer alone stays float. The fewest layers of that order whose reversion makes
+    the floors hold are found by binary search over its prefixes (with every layer reverted the
+    model computes what the original does)."""
+    work, plan, *_ = first
+    checks, snrs = evaluator.floor_checks(work)
+    failing = [c for c in checks if not c.passed]
+    report = GuardReport(
+        FLOOR_TARGET,
+        len(failing),
+        len(failing),
+        not failing,
+        evaluator.samples,
+        0,
+    )
+    if not failing:
+        return (*first, report)
+    watched = sorted({c.part for c in failing})
+    logger.info("default floors fail on %s: searching layers to keep in float", ", ".join(watched))
+
+    def level(values: dict[str, float]) -> float:
+        return float(np.mean([min(values[p], 200.0) for p in watched]))
+
+    base = level(snrs)
+    # Ops that only move 8-bit codes (sharing their input's parameters) add no error of their own
+    candidates = [k for k, op in plan.quantized_nodes.items() if op not in _MOVES_CODES]
+    report.candidates = len(candidates)
+    gains = {}
+    for key in progress.bar(
+        candidates, total=len(candidates), desc="guard: sensitivity", unit="layer"
+    ):
+        model, *_ = builder.build(frozenset([key]))
+        gains[key] = level(evaluator.floor_checks(model)[1]) - base
+    order = sorted(candidates, key=lambda k: -gains[k])
+    # The fewest most-sensitive layers to keep in float: a binary search over prefixes of that
+    # order (more layers in float never costs accuracy, up to noise; the result is checked).
+    tried: dict[int, tuple] = {}
+
+    def attempt(k: int):
+        if k not in tried:
+            built = builder.build(frozenset(order[:k]))
+            left = sum(not c.passed for c in evaluator.floor_checks(built[0])[0])
+            tried[k] = (built, left)
+        return tried[k]
+
+    lo, hi = 1, len(order)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if attempt(mid)[1] == 0:
+            hi = mid
+        else:
+            lo = mid + 1
+    best, left = attempt(lo)
+    kept = set(order[:lo])
+    for key in order[:lo]:
+        report.kept_float.append(GuardStep(key, plan.quantized_nodes[key], gains[key], left))
+    met = left == 0
+    report.metric_after = left
+    report.met = met
+    for k in best[2]:
+        if k.node in kept:
+            step = next(s for s in report.kept_float if s.node == k.node)
+            k.reason = (
+                "accuracy guard (default floors): quantizing it alone cost "
+                f"{step.snr_gain_db:.2f} dB on {', '.join(watched)}"
             )
     return (*best, report)
 
