@@ -273,3 +273,29 @@ def test_a_stale_declared_output_shape_gives_way_to_the_observed_one():
     report = verify(model, model, samples)
     assert {c.kind for c in report.floors} == {floors.CLASS_PER_POSITION}
     assert report.passed
+
+
+def test_static_int8_that_breaks_the_floors_falls_back_to_dynamic_and_says_so():
+    """Logits [N, T, C] whose one class spans a huge range: static int8 quantizes the MatMul
+    output with one coarse scale and the other classes' argmax is lost; dynamic int8 keeps the
+    MatMul output in float and holds every floor, so the defaults choose it and say why."""
+    from onnxzip.quantize import QuantizeConfig, quantize
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.05, (8, 32)).astype(np.float32)
+    w[:, 0] *= 400
+    b = np.zeros(32, np.float32)
+    b[0] = -60
+    proto = _model(
+        "g (float[N, 6, 8] x) => (float[N, 6, 32] y) { h = MatMul (x, w)\n y = Add (h, b) }",
+        {"w": w, "b": b},
+    )
+    model = io.load_model(proto)
+    samples = SyntheticSamples(input_specs(model), 64, seed=1)
+    _, static = quantize(model, samples, QuantizeConfig(floor_guard=False))
+    assert not static.parity.passed and static.config.mode == "static"
+    quantized, report = quantize(model, samples, QuantizeConfig())
+    assert report.config.mode == "dynamic" and report.quantized_ops == {"MatMul": 1}
+    assert report.fallback.startswith("dynamic int8: static int8 broke the default floors (y")
+    assert report.parity.passed and "fallback     dynamic int8" in report.format()
+    assert any(n.op_type == "MatMulInteger" for n in quantized.graph)

@@ -171,6 +171,7 @@ class QuantizeReport:
     bias_correction: str | None = None
     parity: VerifyReport | None = None
     weight_range: str = ""  # why the weights use the full or the pair-safe range
+    fallback: str | None = None  # why the mode asked for was replaced (the floors broke)
 
     def format(self) -> str:
         c = self.config
@@ -191,6 +192,7 @@ class QuantizeReport:
                 else "weights      int8 per output column; activations uint8, quantized at run time"
             ),
             f"weight range {self.weight_range}",
+            *([f"fallback     {self.fallback}"] if self.fallback else []),
             "quantized    "
             + (
                 ", ".join(f"{op} x{n}" for op, n in sorted(self.quantized_ops.items()))
@@ -651,12 +653,26 @@ def quantize(
             c.passed for c in report.parity.floors
         )
         if floors_failed and config.floor_guard and not config.guarded and plan.quantized_nodes:
-            # Defaults that keep the task: the layers that break the floors go back to float.
+            # Defaults that keep the task: dynamic int8 when it holds the floors (recognizers,
+            # transformers: static activation ranges are what break them), else the layers that
+            # break the floors go back to float.
             t0 = time.perf_counter()
             evaluator = evaluator or _Evaluator(original, data, split, config)
-            work, plan, kept, inserted, ranges, report.guard = _floor_guard(
-                builder, (work, plan, kept, inserted, ranges), evaluator, config
-            )
+            dynamic = _dynamic_fallback(prepared, samples, config, holdout, evaluator)
+            if dynamic is not None:
+                builder, result = dynamic
+                work, plan, kept, inserted, ranges = result
+                failed = [c.describe() for c in report.parity.floors if not c.passed]
+                report.fallback = (
+                    "dynamic int8: static int8 broke the default floors ("
+                    + "; ".join(failed)
+                    + "), dynamic int8 holds every floor on the held-out samples"
+                )
+                report.config = builder.config
+            else:
+                work, plan, kept, inserted, ranges, report.guard = _floor_guard(
+                    builder, (work, plan, kept, inserted, ranges), evaluator, config
+                )
             report.quantized_ops = dict(Counter(plan.quantized_nodes.values()))
             report.folded_activations = sorted(plan.folded)
             report.kept_float = kept
@@ -933,6 +949,23 @@ def _guard(builder: _Builder, first, evaluator: _Evaluator, config: QuantizeConf
                 f"accuracy guard: quantizing it alone cost {step.snr_gain_db:.2f} dB of output SNR"
             )
     return (*best, report)
+
+
+def _dynamic_fallback(prepared, samples, config, holdout, evaluator):
+    """(builder, build result) of dynamic int8 when it quantizes something and holds every
+    default floor on the evaluator's held-out batches; None otherwise."""
+    if config.mode != "static":
+        return None
+    dyn_config = dataclasses.replace(config, mode="dynamic")
+    builder = _Builder(prepared, samples, dyn_config, holdout)
+    result = builder.build()
+    if not result[1].quantized_nodes:
+        return None
+    checks, _ = evaluator.floor_checks(result[0])
+    if not all(c.passed for c in checks):
+        return None
+    logger.info("static int8 broke the default floors; dynamic int8 holds them")
+    return builder, result
 
 
 FLOOR_TARGET = "the default floors of the outputs' kinds"
