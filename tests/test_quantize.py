@@ -647,3 +647,45 @@ def test_a_model_with_nothing_to_quantize_says_so_instead_of_pass(tmp_path, caps
     assert code == 0, err
     assert "quantized    NOTHING" in out and "NOTHING QUANTIZED" in out
     assert "PASS" not in out and "on 0 samples" not in out
+
+
+def test_concat_of_mixed_ranges_stays_float_so_each_part_keeps_its_scale(monkeypatch):
+    """Box coordinates (x100) joined with sigmoid probabilities: one shared output scale leaves
+    the probabilities no levels (0 dB); the join kept float keeps them at their own scale."""
+    import importlib
+
+    qmod = importlib.import_module("onnxzip.quantize")
+    rng = np.random.default_rng(0)
+    proto = onnx.parser.parse_model(
+        H + "g (float[N, 4, 8, 8] x) => (float[N, 6, 8, 8] y) { b = Conv (x, wb)\n"
+        " boxes = Mul (b, k)\n c = Conv (x, wc)\n p = Sigmoid (c)\n y = Concat <axis = 1> (boxes, p) }"
+    )
+    for name, array in {
+        "wb": rng.normal(0, 1, (4, 4, 1, 1)),
+        "wc": rng.normal(0, 1, (2, 4, 1, 1)),
+        "k": np.array(100.0),
+    }.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(np.asarray(array, np.float32), name)
+        )
+    model = io.load_model(proto)
+    samples = SyntheticSamples(input_specs(model), 64, seed=1)
+
+    def probabilities_snr(report):
+        (check,) = [
+            c
+            for c in report.parity.floors
+            if c.part == "y[4:6 on axis 1]" and c.floor.metric == "snr_db"
+        ]
+        return check.value
+
+    quantized, report = quantize(model, samples, QuantizeConfig(floor_guard=False))
+    (kept,) = [k for k in report.kept_float if k.op_type == "Concat"]
+    assert "scales" in kept.reason and "apart" in kept.reason
+    assert report.parity.passed and probabilities_snr(report) > 30
+    assert not any(
+        n.op_type == "Concat" for n in quantized.graph if n.outputs[0].name.endswith("_quantized")
+    )
+    monkeypatch.setattr(qmod, "MIXED_RANGE_RATIO", 1e9)  # the join quantized with one scale
+    _, shared = quantize(model, samples, QuantizeConfig(floor_guard=False))
+    assert probabilities_snr(shared) < 5 and not shared.parity.passed

@@ -59,6 +59,9 @@ HISTOGRAM_RUN_ELEMENTS = 3 * 224 * 224
 # (MobileNetV2 at 224x224, 32 samples: 0.28 s in runs of 4, 0.31 s in runs of 8, 0.52 s in one
 # run of 32; the 8x8 digits nets get faster up to runs of 32).
 MINMAX_RUN_ELEMENTS = 600_000
+# A Concat whose inputs need scales this many times apart stays float (each input keeps its
+# own scale): one shared scale would leave the narrowest input 1/8 of the levels (3 bits).
+MIXED_RANGE_RATIO = 8.0
 
 
 def _calibration_run(config: QuantizeConfig, samples: Samples, histogram: bool) -> int:
@@ -356,6 +359,9 @@ class _Builder:
         self.calibrated = 0
         self.params: dict[str, tuple[qp.QParams, float, float]] = {}
         self.nonfinite_nodes: frozenset[str] = frozenset()
+        # Concats whose inputs need scales that differ by more than MIXED_RANGE_RATIO: node ->
+        # ratio; they stay float so that each input keeps its own scale
+        self.mixed_joins: dict[str, float] = {}
         # Bias correction (node key -> corrected bias), applied to the quantized layers only:
         # it compensates their weights' quantization error, which layers kept in float lack.
         self.biases: dict[str, np.ndarray] = {}
@@ -414,7 +420,7 @@ class _Builder:
     def build(self, keep_float: frozenset[str] = frozenset()):
         model = self.prepared.clone()
         config = self.config
-        keep_float = keep_float | self.nonfinite_nodes
+        keep_float = keep_float | self.nonfinite_nodes | frozenset(self.mixed_joins)
         _apply_biases(model, {k: b for k, b in self.biases.items() if k not in keep_float})
         if keep_float:
             config = dataclasses.replace(
@@ -433,6 +439,10 @@ class _Builder:
                 raise InternalError(f"cannot keep {sorted(nonfinite)} in float")
             # -inf attention masks and the like: no finite range exists; those layers stay float.
             self.nonfinite_nodes |= nonfinite
+            return self.build(keep_float)
+        mixed = self._mixed_range_joins(model, plan)
+        if mixed:
+            self.mixed_joins.update(mixed)
             return self.build(keep_float)
         act_params: dict[str, qp.QParams] = {}
         ranges = []
@@ -454,9 +464,38 @@ class _Builder:
         for k in kept:
             if k.node in self.nonfinite_nodes:
                 k.reason = "NaN/Inf (or no values) in its activations on the calibration samples"
+            elif k.node in self.mixed_joins:
+                k.reason = (
+                    f"its inputs need scales {self.mixed_joins[k.node]:.0f}x apart: the join stays "
+                    "float and each input keeps its own scale"
+                )
             elif k.node in keep_float:
                 k.reason = "kept in float by the accuracy guard"
         return model, plan, kept, inserted, ranges
+
+    def _mixed_range_joins(self, model: ir.Model, plan: Plan) -> dict[str, float]:
+        """Quantized Concats whose activation inputs need scales more than MIXED_RANGE_RATIO
+        apart (box coordinates in pixels joined with probabilities): one output scale would
+        cost the narrow inputs that many levels."""
+        found = {}
+        for node in model.graph:
+            key = node_key(node)
+            if node.op_type != "Concat" or key not in plan.quantized_nodes:
+                continue
+            scales = []
+            for i, value in enumerate(node.inputs):
+                if value is None or (key, i) in plan.constants:
+                    continue
+                name = _resolve_shared(plan, plan.resolve(value.name))
+                src = plan.activations.get(name)
+                if src is None or src not in self.stats:
+                    continue
+                scales.append(float(self._params(src)[0].scale))
+            if len(scales) >= 2 and min(scales) > 0:
+                ratio = max(scales) / min(scales)
+                if ratio > MIXED_RANGE_RATIO:
+                    found[key] = ratio
+        return found
 
     def _touching_nonfinite(self, model: ir.Model, plan: Plan) -> frozenset[str]:
         """Quantized nodes reading or writing a planned tensor whose range is not finite."""
