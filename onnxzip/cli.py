@@ -105,6 +105,30 @@ def _floor_option(group) -> None:
         help="do not check the default quality floor of each output's kind (see README, "
         "'Quality floors'); for exploration: the verdict then means only that no threshold failed",
     )
+    group.add_argument(
+        "--metric",
+        metavar="NAME|MODULE:FUNCTION",
+        help="task metric f(reference, candidate, batch) -> score, replacing the default floors "
+        "(shipped: top1, detection, detection-no-objectness)",
+    )
+    group.add_argument(
+        "--min-metric",
+        type=float,
+        metavar="X",
+        help="the task metric's floor (default: the shipped metric's own)",
+    )
+
+
+def _metric(args: argparse.Namespace):
+    if getattr(args, "metric", None) is None:
+        if getattr(args, "min_metric", None) is not None:
+            raise InputError("--min-metric needs --metric")
+        return None
+    from onnxzip import metrics
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # module:function from the directory the user is in
+    return metrics.load(args.metric, args.min_metric)
 
 
 def _threshold_options(parser: argparse.ArgumentParser) -> None:
@@ -684,11 +708,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         target_opset=args.target_opset,
         floors=not args.no_floors,
     )
+    metric = _metric(args)
     verify_samples = None
     if args.verify_data is not None:
         verify_samples = open_samples(input_specs(model), args.verify_data)
     compressed, report = compress(
-        model, samples, config, verify_samples=verify_samples, source=str(args.model)
+        model, samples, config, verify_samples=verify_samples, source=str(args.model), metric=metric
     )
     io.save_model(compressed, args.output)
     _emit(report, args, report.format() + f"\n\nwrote {args.output}")
@@ -776,6 +801,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     if args.data is not None and args.synthetic is not None:
         raise InputError("give either --data or --synthetic, not both")
+    metric = _metric(args)  # a bad --metric is refused before any work
     model = io.at_opset(
         io.load_model(args.model, name=str(args.model)), args.target_opset, str(args.model)
     )
@@ -830,6 +856,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             reference_name=str(args.model),
             candidate_name=str(args.output),
             floors=not args.no_floors,
+            metric=metric,
         )
         text += "\n\n" + report.parity.format()
 
@@ -862,6 +889,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         reference_name=str(args.reference),
         candidate_name=str(args.candidate),
         floors=not args.no_floors,
+        metric=_metric(args),
     )
     _emit(report, args, report.format())
     return EXIT_OK if report.passed else EXIT_PARITY
@@ -875,6 +903,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     holdout = 0.2 if args.holdout is None else args.holdout
     if holdout >= 1:
         raise InputError("--holdout must be below 1")
+    metric = _metric(args)  # a bad --metric is refused before any work
     model = io.load_model(args.model, name=str(args.model))
     specs = input_specs(model)
     samples = open_samples(specs, args.data, args.synthetic, args.seed)
@@ -906,6 +935,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         thresholds=_thresholds(args),
         source=str(args.model),
         floors=not args.no_floors,
+        metric=metric,
     )
     io.save_model(quantized, args.output)
     _emit(report, args, report.format() + f"\n\nwrote {args.output}")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxzip import engine, io
+from onnxzip import engine, io, metrics
 from onnxzip.analysis import inspect_model, shapes_for_macs
 from onnxzip.data import Samples
 from onnxzip.engine import EngineUnavailable
@@ -256,14 +256,18 @@ def compress(
     *,
     verify_samples: Samples | None = None,
     source: str | None = None,
+    metric=None,
 ) -> tuple[ir.Model, CompressReport]:
     """Prunes, recovers, quantizes and verifies ``model`` (see the module docstring).
 
     ``verify_samples``, when given, replaces the held-out part of ``samples`` for every
     accuracy decision and the final parity (the held-out part is still never trained on).
+    ``metric`` (``onnxzip.metrics``), when given, replaces the default floors everywhere they
+    decide: the pruning search, quantization's guard and the final verdict.
     """
     config = config or CompressConfig()
     config.validate()
+    metric = metrics.as_metric(metric)
     source = source or (str(model) if not isinstance(model, ir.Model) else "model")
     timings: dict[str, float] = {}
     original = io.at_opset(io.load_model(model, name=source), config.target_opset, source)
@@ -355,6 +359,7 @@ def compress(
                 split=check_split,
                 holdout=config.holdout,
                 floors=floor_budget,
+                metric=metric if floor_budget else None,
             )
             fits = _fits(check, config) if budget else check.passed or not floor_budget
             out = check.outputs[0]
@@ -404,6 +409,7 @@ def compress(
             source=source,
             verify_samples=verify_samples,
             floors=config.floors,
+            metric=metric,
         )
         timings["quantize"] = time.perf_counter() - t0
 
@@ -423,6 +429,7 @@ def compress(
         reference_name=source,
         candidate_name="compressed",
         floors=config.floors,
+        metric=metric,
     )
     timings["verify"] = time.perf_counter() - t0
     report.after = _summary(current, shapes)

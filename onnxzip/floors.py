@@ -10,7 +10,7 @@ floors are turned off. PASS means every floor held.
 | class scores | float ``[N, C]``, ``C >= 2``, not L2-normalised | top-1 agreement >= 0.98; with labels, accuracy drop <= 1 point |
 | class scores per position | float, rank >= 3, Softmax / LogSoftmax over the last axis, or a MatMul / Gemm projection to more features than it reads (float or quantized; CTC and language-model logits) | argmax agreement per position >= 0.99; for sequences of at most 128 positions (text lines), the whole argmax sequence identical in >= 0.95 of the samples |
 | mask | float ``[N, C, H, W]``, ``C >= 2``, from Softmax over axis 1, Conv, ConvTranspose or Resize | per-pixel argmax agreement >= 0.95 |
-| probabilities | produced by Sigmoid, HardSigmoid or Softmax (not the above) | SNR >= 15 dB; F1 of the 0.5 decision >= 0.9 where the reference has positives |
+| probabilities | produced by Sigmoid, HardSigmoid or Softmax (not the above) | SNR >= 10 dB; F1 of the 0.5 decision >= 0.9 where the reference has positives |
 | embedding | L2-normalised ``[N, D]``, or ``[N, S, D]`` with ``D >= 16`` (hidden states) | mean cosine >= 0.99, min cosine >= 0.95 |
 | one value | one float per sample (``[N]``, ``[N, 1]``, a scalar) | SNR >= 20 dB over the samples (a cosine of one value is always 1) |
 | regression | any other float output (boxes, coordinates, depth, feature maps) | SNR >= 20 dB |
@@ -75,6 +75,7 @@ METRIC_NAMES = {
     "cosine_min": "min cosine",
     "exact": "exact agreement",
     "sequence": "whole-sequence agreement",
+    "task": "task metric",
 }
 # sequences up to this many positions (a text line, a label sequence) must keep every argmax in
 # most samples; longer ones (a language model's tokens) are judged per position only
@@ -84,7 +85,11 @@ DEFAULT_FLOORS: dict[str, tuple[Floor, ...]] = {
     CLASS_SCORES: (Floor("top1", 0.98), Floor("accuracy_drop", 0.01, at_most=True)),
     CLASS_PER_POSITION: (Floor("top1", 0.99), Floor("sequence", 0.95)),
     MASK: (Floor("top1", 0.95),),
-    PROBABILITIES: (Floor("snr_db", 15.0), Floor("decision_f1", 0.9)),
+    # SNR over every element counts the noise on the many near-zero scores that decide nothing:
+    # 10 dB, measured on real models: a detector's objectness at 12.3 dB kept 99.2 % of its
+    # detections; class scores at 2.2 dB kept 4 of 10, a voice-activity output at 6.6 dB 79 % of
+    # its frames. The decision F1 is the sharper check.
+    PROBABILITIES: (Floor("snr_db", 10.0), Floor("decision_f1", 0.9)),
     EMBEDDING: (Floor("cosine_mean", 0.99), Floor("cosine_min", 0.95)),
     ONE_VALUE: (Floor("snr_db", 20.0),),
     REGRESSION: (Floor("snr_db", 20.0),),

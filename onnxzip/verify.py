@@ -31,6 +31,7 @@ import onnx_ir as ir
 
 from onnxzip import floors as floors_mod
 from onnxzip import io, progress
+from onnxzip import metrics as metrics_mod
 from onnxzip.data import Samples, input_specs
 from onnxzip.errors import InputError
 from onnxzip.report import table
@@ -102,6 +103,8 @@ class VerifyReport:
     # the default floor of every output's kind (or of every slice), when floors were checked
     floors: list[floors_mod.FloorCheck] | None = None
     floors_note: str = ""  # why no floors were checked
+    task_metric: str | None = None  # the name of the task metric given, and its mean score
+    task_score: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -166,6 +169,8 @@ class VerifyReport:
         elif self.floors_note:
             lines.append("")
             lines.append(f"floors     {self.floors_note}")
+        if self.task_metric is not None and not self.floors:
+            lines.append(f"metric     {self.task_metric}: {self.task_score:.4f} (no floor given)")
         if self.per_node is not None:
             p = self.per_node
             lines.append("")
@@ -407,6 +412,7 @@ def verify(
     candidate_name: str | None = None,
     reference_outputs: ReferenceOutputs | None = None,
     floors: bool = True,
+    metric=None,
 ) -> VerifyReport:
     """Runs ``reference`` and ``candidate`` in onnxruntime on ``samples`` and compares outputs.
 
@@ -426,6 +432,9 @@ def verify(
             (used only when it holds every batch of the same samples, split and batch size).
         floors: check every output (or slice) against the default floor of its kind
             (``onnxzip.floors``); explicit ``thresholds`` replace the floors.
+        metric: a task metric (``onnxzip.metrics``: a name, ``module:function``, a callable
+            ``f(reference, candidate, batch) -> float`` or a ``TaskMetric``); given, its mean
+            over the samples is checked against its floor instead of the default floors.
 
     Returns:
         A ``VerifyReport``.
@@ -458,7 +467,9 @@ def verify(
     accumulators = {v.name: OutputAccumulator(is_classifier(v)) for v in outputs}
     names = [v.name for v in outputs]
     explicit = any(getattr(thresholds, f.name) is not None for f in dataclasses.fields(thresholds))
-    checking = floors and not explicit
+    task = metrics_mod.as_metric(metric)
+    checking = floors and not explicit and task is None
+    task_total = task_weight = 0.0
     parts: list[floors_mod.PartAccumulator] | None = None  # made at the first batch
     total = None
     if samples.count is not None and split == "all":
@@ -479,6 +490,9 @@ def verify(
                     f"{cand_name}: output '{name}' has shape {list(c.shape)}, the reference's is {list(r.shape)}"
                 )
             accumulators[name].add(r, c, batch.labels, batch.count)
+        if task is not None:
+            task_total += metrics_mod.score(task, ref_out, cand_out, batch) * len(batch)
+            task_weight += len(batch)
         if checking and parts is None:
             parts = floor_parts(outputs, ref_out)
         for part in parts or []:
@@ -502,7 +516,21 @@ def verify(
         thresholds=thresholds,
         failures=_failures(results, thresholds),
     )
-    if checking and parts:
+    if task is not None:
+        report.task_metric = task.name
+        report.task_score = task_total / task_weight if task_weight else None
+        report.floors_note = f"replaced by the task metric {task.name}"
+        if task.floor is not None:
+            check = floors_mod.FloorCheck(
+                f"task metric {task.name}",
+                "task",
+                floors_mod.Floor("task", task.floor),
+                report.task_score,
+            )
+            report.floors = [check]
+            if not check.passed:
+                report.failures.append(check.describe())
+    elif checking and parts:
         report.floors = floors_mod.check(parts)
         report.failures += [c.describe() for c in report.floors if not c.passed]
     else:

@@ -26,6 +26,7 @@ import onnx_ir as ir
 
 from onnxzip import floors as floors_mod
 from onnxzip import io, passes, progress
+from onnxzip import metrics as metrics_mod
 from onnxzip.data import Samples
 from onnxzip.errors import DataError, InputError, InternalError, ModelError, NoSamplesError
 from onnxzip.ir import ops
@@ -556,6 +557,7 @@ def quantize(
     thresholds: Thresholds | None = None,
     source: str | None = None,
     floors: bool = True,
+    metric=None,
 ) -> tuple[ir.Model, QuantizeReport]:
     """Quantizes ``model`` (path, ModelProto or onnx_ir.Model) to int8 QDQ.
 
@@ -569,6 +571,8 @@ def quantize(
         thresholds: parity requirements recorded in the report's ``parity`` (given, they
             replace the default floors).
         floors: check each output against the default floor of its kind (``onnxzip.floors``).
+        metric: a task metric (``onnxzip.metrics``) that replaces the default floors in the
+            verification and in the floor guard.
 
     Returns:
         The quantized model (a new object; the input is not modified) and its report.
@@ -578,6 +582,7 @@ def quantize(
     """
     config = config or QuantizeConfig()
     config.validate()
+    metric = metrics_mod.as_metric(metric)
     config, weight_range = _resolve_reduce_range(config)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -684,6 +689,7 @@ def quantize(
                 candidate_name="quantized",
                 reference_outputs=evaluator.runs if evaluator is not None else None,
                 floors=floors,
+                metric=metric,
             )
 
         report.parity = final_verify(work)
@@ -696,7 +702,8 @@ def quantize(
             # transformers: static activation ranges are what break them), else the layers that
             # break the floors go back to float.
             t0 = time.perf_counter()
-            evaluator = evaluator or _Evaluator(original, data, split, config)
+            if evaluator is None or evaluator.metric is not metric:
+                evaluator = _Evaluator(original, data, split, config, metric)
             dynamic = _dynamic_fallback(prepared, samples, config, holdout, evaluator)
             if dynamic is not None:
                 builder, result = dynamic
@@ -881,7 +888,15 @@ class GuardReport:
 class _Evaluator:
     """Reference outputs computed once; candidates scored on the same held-out batches."""
 
-    def __init__(self, original: ir.Model, data: Samples, split: str, config: QuantizeConfig):
+    def __init__(
+        self,
+        original: ir.Model,
+        data: Samples,
+        split: str,
+        config: QuantizeConfig,
+        metric: metrics_mod.TaskMetric | None = None,
+    ):
+        self.metric = metric
         self.runs = ReferenceOutputs(
             original,
             data,
@@ -905,8 +920,21 @@ class _Evaluator:
             )
 
     def floor_checks(self, model: ir.Model) -> tuple[list, dict[str, float]]:
-        """The default floors on the held-out batches, and each part's SNR in dB."""
+        """The default floors (or the task metric's) on the held-out batches, and per checked
+        part a level to raise: its SNR in dB, or the task metric's score."""
         run = Runner(model, name="candidate", optimization="all")
+        if self.metric is not None:
+            total = weight = 0.0
+            for batch, ref in zip(self.batches, self.reference, strict=True):
+                out = run.run(batch, self.names)
+                total += metrics_mod.score(self.metric, ref, out, batch) * len(batch)
+                weight += len(batch)
+            value = total / weight if weight else None
+            part = f"task metric {self.metric.name}"
+            if self.metric.floor is None:
+                return [], {part: value}
+            floor = floors_mod.Floor("task", self.metric.floor)
+            return [floors_mod.FloorCheck(part, "task", floor, value)], {part: value}
         parts = [floors_mod.PartAccumulator(p) for p in self.floor_parts]
         for batch, ref in zip(self.batches, self.reference, strict=True):
             out = run.run(batch, self.names)
