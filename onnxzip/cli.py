@@ -180,6 +180,20 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _probe_writable(folder: Path, path: Path) -> None:
+    """Outputs are written in a temporary folder beside them and renamed into place: create and
+    remove one such folder now (named like them, so a run killed in between leaves nothing the
+    next run does not clean up), so that an unwritable folder (read-only, /proc) is refused
+    before the work rather than after it."""
+    import tempfile
+
+    try:
+        probe = tempfile.mkdtemp(prefix=f".onnxzip-{os.getpid()}-probe-", dir=folder)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write in '{folder}': {exc.strerror or exc}") from exc
+    os.rmdir(probe)
+
+
 def _check_paths(args: argparse.Namespace) -> None:
     """Before any work: nothing a run writes may land on a file it reads, on a directory, or on
     something that is not a regular file; a symbolic link is written through, never replaced.
@@ -225,6 +239,7 @@ def _check_paths(args: argparse.Namespace) -> None:
         folder = path.parent if str(path.parent) else Path(".")
         if not folder.is_dir():
             raise InputError(f"{path}: output folder '{folder}' does not exist")
+        _probe_writable(path.resolve().parent, path)
         target = path.resolve()
         if target in seen:
             raise InputError(f"{path}: {flag} and {seen[target]} name the same file")

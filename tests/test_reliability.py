@@ -681,3 +681,17 @@ def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(
     )
     assert code == 0, err
     assert not dead.exists() and alive.exists()
+
+
+def test_unwritable_output_folder_is_refused_before_any_work(
+    tmp_path, resnet_path, calib_npz, capsys, monkeypatch
+):
+    """The folder is probed before the work: the model is never loaded or quantized."""
+    import onnxzip.quantize  # noqa: F401 - the module the command would run
+
+    calls = []
+    monkeypatch.setattr("onnxzip.io.load_model", lambda *a, **k: calls.append(a))
+    code, _, err = run_cli(
+        ["quantize", resnet_path, "-o", Path("/proc/onnxzip-out.onnx"), "--data", calib_npz], capsys
+    )
+    assert code == 2 and "cannot write in '/proc'" in err and calls == []
