@@ -330,7 +330,7 @@ def inspect_model(
     complete = True
     symbolic = symbolic_dims(counted)
     for node in counted.graph:
-        if ops.is_weighted(node):
+        if ops.counts_macs(node):
             macs = node_macs(node, batch_names)
             if macs is None:
                 # Sequence lengths and other symbolic dims count as 1: MACs per token.

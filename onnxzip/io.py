@@ -342,23 +342,50 @@ def _infer_through_fused_ops(
     that, infer again, and repeat while a fused op gains its output type (once per fused op on
     a chain, at most)."""
     fused = [
-        (node, m.shape_from)
+        (node, m)
         for node in inferred.graph.node
         if (m := ops.lookup(node.domain, node.op_type)) is not None
         and m.shape_from is not None
         and node.output
         and node.output[0]
     ]
+    initializers = {t.name: t for t in light.graph.initializer}
+
+    def dims_of(name: str, known: dict) -> list | None:
+        if name in initializers:
+            return list(initializers[name].dims)
+        info = known.get(name)
+        if info is None or not info.type.tensor_type.HasField("shape"):
+            return None
+        return [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in info.type.tensor_type.shape.dim
+        ]
+
     for _ in range(len(fused)):
         known = {v.name: v for v in inferred.graph.value_info}
         known.update({v.name: v for v in inferred.graph.input})
         known.update({v.name: v for v in inferred.graph.output if v.type.HasField("tensor_type")})
         added = []
-        for node, source in fused:
+        for node, m in fused:
             out = node.output[0]
-            src = node.input[source] if len(node.input) > source else ""
+            src = node.input[m.shape_from] if len(node.input) > m.shape_from else ""
             have = known.get(out)
-            if src in known and (have is None or not have.type.tensor_type.HasField("shape")):
+            if have is not None and have.type.tensor_type.HasField("shape"):
+                continue
+            if m.output_dims is not None:
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                dims = m.output_dims(attrs, [dims_of(i, known) if i else None for i in node.input])
+                if src in known:
+                    elem = known[src].type.tensor_type.elem_type
+                elif src in initializers:
+                    elem = initializers[src].data_type
+                else:
+                    elem = None
+                if dims is None or not elem:
+                    continue
+                added.append(onnx.helper.make_tensor_value_info(out, elem, dims))
+            elif src in known:
                 info = onnx.ValueInfoProto()
                 info.CopyFrom(known[src])
                 info.name = out

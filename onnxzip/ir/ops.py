@@ -96,6 +96,9 @@ class Metatype:
     activation_axis: Callable[[int], int] | None = None
     macs: Callable[[ir.Node, DimsFn], int | None] | None = None
     shape_from: int | None = None
+    # for fused ops whose output shape is not an input's: (attributes, dims of each input, each
+    # a list of int / str / None or None when unknown) -> dims of output 0, or None
+    output_dims: Callable[[dict, list], list | None] | None = None
     # the node adds a per-channel bias of the output channels (Conv/Gemm ``b``, BiasGelu ``B``)
     channel_bias_port: int | None = None
 
@@ -192,6 +195,96 @@ BIAS_ACTIVATION = Metatype(
     shape_from=0,
     channel_bias_port=1,
 )
+
+
+def _attention_dims(attrs: dict, dims: list) -> list | None:
+    """com.microsoft.Attention: [B, S, v_hidden], v_hidden from qkv_hidden_sizes or from the
+    packed weight [hidden, 3 * hidden]."""
+    x = dims[0] if dims else None
+    if x is None or len(x) != 3:
+        return None
+    sizes = attrs.get("qkv_hidden_sizes")
+    if sizes:
+        return [x[0], x[1], int(sizes[-1])]
+    w = dims[1] if len(dims) > 1 else None
+    if w is None or len(w) != 2 or not isinstance(w[1], int) or w[1] % 3:
+        return None
+    return [x[0], x[1], w[1] // 3]
+
+
+def _attention_macs(node: ir.Node, dims: DimsFn) -> int | None:
+    """The QKV projection of com.microsoft.Attention: |X| / N * 3 * hidden (the score and
+    context products are activation x activation, not counted, as for MatMul of two inputs)."""
+    x, w = dims(node.inputs[0]), dims(node.inputs[1])
+    if x is None or w is None or len(w) != 2:
+        return None
+    return math.prod(x[1:]) * w[1]
+
+
+def _multi_head_dims(attrs: dict, dims: list) -> list | None:
+    """com.microsoft.MultiHeadAttention: [B, S, v_hidden], v_hidden from a [B, L, v_hidden] value,
+    else the query's hidden size."""
+    q = dims[0] if dims else None
+    if q is None or len(q) != 3:
+        return None
+    v = dims[2] if len(dims) > 2 else None
+    return [q[0], q[1], v[2] if v is not None and len(v) == 3 else q[2]]
+
+
+def _group_query_dims(attrs: dict, dims: list) -> list | None:
+    """com.microsoft.GroupQueryAttention: [B, S, num_heads * head_size]; with packed QKV the
+    query's hidden is (num_heads + 2 kv_num_heads) * head_size."""
+    q = dims[0] if dims else None
+    heads, kv = attrs.get("num_heads"), attrs.get("kv_num_heads")
+    if q is None or len(q) != 3 or not heads:
+        return None
+    packed = len(dims) < 2 or dims[1] is None or dims[1] == []
+    if packed and isinstance(q[2], int) and kv:
+        return [q[0], q[1], heads * (q[2] // (heads + 2 * kv))]
+    return list(q)
+
+
+def _embed_layer_norm_dims(attrs: dict, dims: list) -> list | None:
+    """com.microsoft.EmbedLayerNormalization: ids [B, S] and word embedding [V, H] -> [B, S, H]."""
+    ids, word = (dims[0], dims[2]) if len(dims) > 2 else (None, None)
+    if ids is None or word is None or len(ids) != 2 or len(word) != 2:
+        return None
+    return [ids[0], ids[1], word[1]]
+
+
+ATTENTION = Metatype(
+    "attention (fused)",
+    ("Attention",),
+    domain=MS_DOMAIN,
+    weight_port=1,
+    bias_port=2,
+    shape_from=0,
+    output_dims=_attention_dims,
+    macs=_attention_macs,
+)
+ATTENTION_CORE = Metatype(
+    "multi-head attention (fused, projections outside)",
+    ("MultiHeadAttention",),
+    domain=MS_DOMAIN,
+    shape_from=0,
+    output_dims=_multi_head_dims,
+)
+GROUP_QUERY_ATTENTION = Metatype(
+    "group-query attention (fused)",
+    ("GroupQueryAttention",),
+    domain=MS_DOMAIN,
+    shape_from=0,
+    output_dims=_group_query_dims,
+)
+EMBED_LAYER_NORM = Metatype(
+    "embedding + layer normalization (fused)",
+    ("EmbedLayerNormalization",),
+    domain=MS_DOMAIN,
+    shape_from=2,  # the element type of the word embedding
+    output_dims=_embed_layer_norm_dims,
+)
+ROTARY = Metatype("rotary embedding", ("RotaryEmbedding",), domain=MS_DOMAIN, shape_from=0)
+
 ACTIVATION_MS = Metatype(
     "activation (contrib)",
     ("Gelu", "QuickGelu"),
@@ -208,6 +301,11 @@ METATYPES: tuple[Metatype, ...] = (
     LAYER_NORM_MS,
     BIAS_ACTIVATION,
     ACTIVATION_MS,
+    ATTENTION,
+    ATTENTION_CORE,
+    GROUP_QUERY_ATTENTION,
+    EMBED_LAYER_NORM,
+    ROTARY,
 )
 _BY_OP: dict[tuple[str, str], Metatype] = {
     (m.domain, op): m for m in METATYPES for op in m.op_types
@@ -227,6 +325,11 @@ def metatype(node: ir.Node) -> Metatype | None:
 def lookup(domain: str, op_type: str) -> Metatype | None:
     """The metatype of an op named by domain and type (for code that sees protobuf nodes)."""
     return _BY_OP.get(("" if domain in DEFAULT_DOMAINS else domain, op_type))
+
+
+def counts_macs(node: ir.Node) -> bool:
+    m = metatype(node)
+    return m is not None and m.macs is not None
 
 
 def is_weighted(node: ir.Node) -> bool:
