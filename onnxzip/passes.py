@@ -131,12 +131,32 @@ def fold_constants(model: ir.Model) -> int:
 
     onnxscript's constant folder does the evaluation; its size limits are lifted because weights
     are large, and its folded values are lifted to initializers afterwards.
+
+    A fold that would add a copy of a weight that something else still reads (a tied embedding
+    read by a Gather and, transposed, by the output MatMul) is not made: it would grow the
+    model by that weight and untie it. Such nodes are hidden from the folder for the call.
     """
-    if not any(_foldable(node) for node in model.graph):
+    shared = [node for node in model.graph if _foldable(node) and _duplicates_weight(node)]
+    if not any(_foldable(node) for node in model.graph if node not in shared):
         return 0  # nothing to fold: skip importing onnxscript's optimizer (0.2 s)
     from onnxscript.optimizer import _constant_folding
 
     before = model.graph.num_nodes()
+    # Hidden by a stand-in input the folder cannot read, put back afterwards.
+    hidden = [
+        (node, i, value)
+        for node in shared
+        for i, value in enumerate(node.inputs)
+        if value is not None and value.const_value is not None and len(value.uses()) > 1
+    ]
+    for node, i, value in hidden:
+        stand_in = ir.Value(name=f"{value.name}__tied", type=value.type, shape=value.shape)
+        node.replace_input_with(i, stand_in)
+    if shared:
+        logger.info(
+            "not folding %d node(s) that would copy a weight other nodes read (tied weights)",
+            len(shared),
+        )
     quiet = logging.getLogger("onnx_ir")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # it warns about every initializer it leaves alone
@@ -144,7 +164,20 @@ def fold_constants(model: ir.Model) -> int:
         _constant_folding.fold_constants(model, input_size_limit=2**40, output_size_limit=2**40)
     finally:
         quiet.setLevel(level)
+        for node, i, value in hidden:
+            node.replace_input_with(i, value)
     return before - model.graph.num_nodes()
+
+
+def _duplicates_weight(node: ir.Node) -> bool:
+    """Folding ``node`` would write a new constant computed from an initializer of at least
+    1 KiB that other nodes also read (so the original stays and the data is held twice)."""
+    for value in node.inputs:
+        if value is None or value.const_value is None or value.is_graph_input():
+            continue
+        if len(value.uses()) > 1 and value.const_value.nbytes >= 1024:
+            return True
+    return False
 
 
 def lift_constants(model: ir.Model) -> int:

@@ -12,7 +12,7 @@ import pytest
 from conftest import run_cli
 from oracles import assert_oracle, build, masked_and_pruned, prepared, with_weights
 
-from onnxzip import io
+from onnxzip import io, passes
 from onnxzip.analysis import inspect_model
 from onnxzip.data import SyntheticSamples, input_specs
 from onnxzip.errors import InputError
@@ -672,3 +672,32 @@ def test_heads_behind_a_reshape_whose_target_is_computed_at_run_time():
     # The same shape pieces at any batch and sequence length: the run-time dims still work.
     (y,) = Runner(pruned).session.run(None, {"x": x[:1, :3]})
     assert y.shape == (1, 3, 8)
+
+
+def test_tied_weights_stay_tied_and_the_model_never_grows():
+    """A tied embedding (read by Gather and, transposed, by the output MatMul): folding the
+    Transpose would hold the embedding twice; it stays one weight, read by both."""
+    text = (
+        "g (int64[N, S] ids) => (float[N, S, 100] y) { e = Gather (emb, ids)\n h = MatMul (e, w1)\n"
+        " r = Relu (h)\n h2 = MatMul (r, w2)\n t = Transpose <perm = [1, 0]> (emb)\n y = MatMul (h2, t) }"
+    )
+    rng = np.random.default_rng(0)
+    proto = with_weights(
+        text,
+        {
+            "emb": rng.normal(0, 1, (100, 32)),
+            "w1": rng.normal(0, 1, (32, 64)),
+            "w2": rng.normal(0, 1, (64, 32)),
+        },
+    )
+    model = io.load_model(proto)
+    before = io.weights_nbytes(model)
+    work = model.clone()
+    passes.PRUNING(work)
+    assert io.weights_nbytes(work) == before
+    emb = work.graph.initializers["emb"]
+    assert {u.node.op_type for u in emb.uses()} == {"Gather", "Transpose"}
+    pruned, _ = prune(model, PruneConfig(ratio=0.5))
+    assert io.weights_nbytes(pruned) <= before
+    tied = [v for v in pruned.graph.initializers.values() if v.const_value.shape[0] == 100]
+    assert len(tied) == 1 and len(tied[0].uses()) == 2
