@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxzip import io
+from onnxzip import floors, io
 from onnxzip.errors import InputError
 from onnxzip.ir import ops
 from onnxzip.passes import const_array
@@ -46,6 +46,8 @@ class TensorInfo:
     name: str
     dtype: str
     shape: list
+    # outputs: the kind the quality floors judge it as, per part (onnxzip.floors)
+    kinds: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -93,7 +95,8 @@ class InspectReport:
         for kind, items in (("input", self.inputs), ("output", self.outputs)):
             for t in items:
                 dims = ", ".join("?" if d is None else str(d) for d in t.shape)
-                lines.append(f"{kind:<11} {t.name}: {t.dtype}[{dims}]")
+                judged = f"  ({'; '.join(t.kinds)})" if t.kinds else ""
+                lines.append(f"{kind:<11} {t.name}: {t.dtype}[{dims}]{judged}")
         lines.append(f"nodes       {self.nodes}")
         lines.append(f"parameters  {self.parameters:,}")
         lines.append(f"weights     {self.weight_bytes:,} bytes")
@@ -232,6 +235,16 @@ def _tensor_info(value: ir.Value) -> TensorInfo:
     return TensorInfo(value.name or "", dtype, shape)
 
 
+def _output_info(value: ir.Value) -> TensorInfo:
+    info = _tensor_info(value)
+    parts = floors.parts_of(value)
+    if len(parts) == 1:
+        info.kinds = [parts[0].kind]
+    else:
+        info.kinds = [f"{p.start}:{p.stop} on axis {p.axis} {p.kind}" for p in parts]
+    return info
+
+
 def sample_shapes(samples) -> dict[str, list[int]]:
     """The input shapes of one real sample (batch 1), for counting MACs where the model's own
     shapes are symbolic (image height and width, sequence length)."""
@@ -344,7 +357,7 @@ def inspect_model(
         opsets=dict(ir_model.opset_imports),
         producer=" ".join(p for p in (ir_model.producer_name, ir_model.producer_version) if p),
         inputs=[_tensor_info(v) for v in graph.inputs if not v.is_initializer()],
-        outputs=[_tensor_info(v) for v in graph.outputs],
+        outputs=[_output_info(v) for v in graph.outputs],
         op_histogram=dict(histogram),
         nodes=sum(histogram.values()),
         parameters=params,

@@ -177,3 +177,9 @@ def test_macs_at_real_input_shapes_when_spatial_dims_are_symbolic(tmp_path, caps
     assert report.macs_before == _det_macs(64)
     assert report.target_met and report.macs_after <= 0.5 * report.macs_before
     assert report.macs_after == inspect_model(pruned, input_shapes={"x": [1, 3, 64, 64]}).macs
+
+
+def test_inspect_names_the_kind_each_output_is_judged_as(resnet_path):
+    report = inspect_model(resnet_path)
+    assert report.outputs[0].kinds == ["class scores"]
+    assert "output      logits: float32[N, 10]  (class scores)" in report.format()
