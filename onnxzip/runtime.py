@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxzip import io, progress
+from onnxzip import io
 from onnxzip.data import Batch
 from onnxzip.errors import ModelError
 
@@ -138,27 +138,23 @@ def channel_moments(
     name: str = "statistics model",
 ) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
     """Mean and standard deviation along ``axis`` of each ``(tensor, axis)`` in ``keys``, over
-    ``samples`` (every other axis pooled). Streamed: per batch only sums and sums of squares."""
+    ``samples`` (every other axis pooled): one sweep of ``onnxzip.statistics.Collector``, the
+    tensors fetched and summed in float64 by numpy."""
+    from onnxzip.statistics import Collector  # it runs on this module's Runner
+
     keys = sorted(set(keys))
     if not keys:
         return {}
-    names = sorted({k[0] for k in keys})
-    runner = Runner(expose(model, names), name=name, optimization="basic")
-    sums: dict = {}
-    squares: dict = {}
-    counts: dict = {}
-    for batch in progress.bar(
-        samples.batches(batch_size, split, holdout), desc="channel statistics"
-    ):
-        out = runner.run(batch, names)
-        for key in keys:
-            x = np.moveaxis(out[key[0]].astype(np.float64), key[1], 0)
-            x = x.reshape(x.shape[0], -1)
-            sums[key] = sums.get(key, 0) + x.sum(axis=1)
-            squares[key] = squares.get(key, 0) + (x * x).sum(axis=1)
-            counts[key] = counts.get(key, 0) + x.shape[1]
-    moments = {}
-    for key, total in sums.items():
-        mean = total / counts[key]
-        moments[key] = (mean, np.sqrt(np.maximum(squares[key] / counts[key] - mean * mean, 0.0)))
-    return moments
+    collector = Collector(model, in_graph=False)
+    for tensor, axis in keys:
+        collector.channel_moments(tensor, axis)
+    found = collector.run(
+        samples,
+        batch_size,
+        split,
+        holdout,
+        name=name,
+        desc="channel statistics",
+        optimization="basic",
+    )
+    return {key: (sums.mean(), sums.std()) for key, sums in found.channels.items()}
