@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import progress
+from onnxzip.passes import add_initializer
 from onnxzip.quantize import calibrate as cal
 from onnxzip.runtime import Runner
 
@@ -93,35 +94,33 @@ class Collector:
 
     def _build(self):
         """The augmented model and, per request, the session outputs that carry it."""
-        values = {v.name: v for v in self.model.graph.inputs}
-        values.update({v.name: v for node in self.model.graph for v in node.outputs})
+        model = self.model.clone()
+        graph = model.graph
+        values = {v.name: v for v in graph.inputs}
+        values.update({v.name: v for node in graph for v in node.outputs})
         fetched = {t for t, hist in self._ranges.items() if hist or not self.in_graph}
-        in_graph_channels = {
+        in_graph_channels = sorted(
             key
             for key in self._channels
             if self.in_graph
             and key[0] not in fetched
             and values[key[0]].shape is not None
             and len(values[key[0]].shape) > key[1]
-        }
+        )
         fetched |= {key[0] for key in self._channels if key not in in_graph_channels}
-        model = self.model.clone()
-        graph = model.graph
-        values = {v.name: v for v in graph.inputs}
-        values.update({v.name: v for node in graph for v in node.outputs})
         present = {v.name for v in graph.outputs}
-        for name in sorted(fetched):
-            if name not in present:
-                graph.outputs.append(values[name])
-                present.add(name)
+        for name in sorted(fetched - present):
+            graph.outputs.append(values[name])
 
-        def output(node: ir.Node, name: str, dtype, shape) -> str:
-            node.outputs[0].name = name
-            node.outputs[0].type = ir.TensorType(dtype)
-            node.outputs[0].shape = ir.Shape(shape)
+        def add(op, inputs, name, dtype, shape, attributes=None, fetch=True) -> ir.Value:
+            """Appends one node; its output, named ``name``, is a graph output when fetched."""
+            node = ir.node(op, inputs, attributes=attributes or {}, name=name)
+            out = node.outputs[0]
+            out.name, out.type, out.shape = name, ir.TensorType(dtype), ir.Shape(shape)
             graph.append(node)
-            graph.outputs.append(node.outputs[0])
-            return name
+            if fetch:
+                graph.outputs.append(out)
+            return out
 
         range_outputs = {}
         for name in self._ranges:
@@ -130,73 +129,35 @@ class Collector:
             value = values[name]
             # ReduceMin/Max skip NaN in onnxruntime; the sum is NaN or Inf when x holds either
             # (a finite float32 sum past 3.4e38 would also trip it: no sane activation does that).
-            reduced = []
-            for op in ("ReduceMin", "ReduceMax", "ReduceSum"):
-                node = ir.node(op, [value], attributes={"keepdims": 0}, name=f"{name}__{op}")
-                reduced.append(output(node, f"{name}__{op}", value.dtype, []))
-            range_outputs[name] = tuple(reduced)
+            range_outputs[name] = tuple(
+                add(op, [value], f"{name}__{op}", value.dtype, [], {"keepdims": 0}).name
+                for op in ("ReduceMin", "ReduceMax", "ReduceSum")
+            )
         channel_outputs = {}
-        for name, axis in sorted(in_graph_channels):
+        double = ir.DataType.DOUBLE
+        for name, axis in in_graph_channels:
             value = values[name]
-            rank = len(value.shape)
+            rank, channels = len(value.shape), value.shape[axis]
             stem = f"{name}__ch{axis}"
-            cast = ir.node(
-                "Cast", [value], attributes={"to": ir.DataType.DOUBLE}, name=f"{stem}_f64"
+            x = add("Cast", [value], f"{stem}_f64", double, value.shape, {"to": double}, False)
+            axes = add_initializer(
+                graph, f"{stem}_axes", np.array([a for a in range(rank) if a != axis], np.int64)
             )
-            cast.outputs[0].name = f"{stem}_f64"
-            cast.outputs[0].type = ir.TensorType(ir.DataType.DOUBLE)
-            cast.outputs[0].shape = value.shape
-            graph.append(cast)
-            axes = ir.tensor(
-                np.array([a for a in range(rank) if a != axis], np.int64), name=f"{stem}_axes"
-            )
-            axes_value = ir.Value(
-                name=f"{stem}_axes",
-                const_value=axes,
-                shape=ir.Shape(axes.shape),
-                type=ir.TensorType(ir.DataType.INT64),
-            )
-            graph.register_initializer(axes_value)
-            outs = [
-                output(
-                    ir.node(
-                        "ReduceSum",
-                        [cast.outputs[0], axes_value],
-                        attributes={"keepdims": 0},
-                        name=f"{stem}_sum",
-                    ),
-                    f"{stem}_sum",
-                    ir.DataType.DOUBLE,
-                    [value.shape[axis]],
-                )
-            ]
+            summed = [x]
             if self._channels[(name, axis)]:
-                square = ir.node("Mul", [cast.outputs[0], cast.outputs[0]], name=f"{stem}_sq")
-                square.outputs[0].name = f"{stem}_sq"
-                square.outputs[0].type = ir.TensorType(ir.DataType.DOUBLE)
-                square.outputs[0].shape = value.shape
-                graph.append(square)
-                outs.append(
-                    output(
-                        ir.node(
-                            "ReduceSum",
-                            [square.outputs[0], axes_value],
-                            attributes={"keepdims": 0},
-                            name=f"{stem}_sumsq",
-                        ),
-                        f"{stem}_sumsq",
-                        ir.DataType.DOUBLE,
-                        [value.shape[axis]],
-                    )
-                )
-            outs.append(
-                output(
-                    ir.node("Shape", [value], name=f"{stem}_shape"),
-                    f"{stem}_shape",
-                    ir.DataType.INT64,
-                    [rank],
-                )
-            )
+                summed.append(add("Mul", [x, x], f"{stem}_sq", double, value.shape, fetch=False))
+            outs = [
+                add(
+                    "ReduceSum",
+                    [t, axes],
+                    f"{stem}_sum{'sq' if i else ''}",
+                    double,
+                    [channels],
+                    {"keepdims": 0},
+                ).name
+                for i, t in enumerate(summed)
+            ]
+            outs.append(add("Shape", [value], f"{stem}_shape", ir.DataType.INT64, [rank]).name)
             channel_outputs[(name, axis)] = tuple(outs)
         return model, sorted(fetched), range_outputs, channel_outputs
 
