@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from onnxzip import metrics as metrics_mod
 from onnxzip.ir.ops import attr
 
 CLASS_SCORES = "class scores"
@@ -485,3 +486,56 @@ def check(accumulators: list[PartAccumulator]) -> list[FloorCheck]:
                 FloorCheck(acc.part.name, acc.part.kind, floor, metrics.get(floor.metric))
             )
     return checks
+
+
+class Judge:
+    """What decides PASS for one candidate, batch by batch: a task metric when one is given
+    (``onnxzip.metrics``), else the default floors of every output's parts. ``verify`` and the
+    quantization guard both judge through it.
+
+    The parts are made at the first batch: a declared output shape whose rank the run
+    contradicts (stale shapes written by an exporter) gives way to the observed one.
+    """
+
+    def __init__(self, outputs: list[ir.Value], task=None):
+        self.outputs = outputs
+        self.task = task
+        self.parts: list[PartAccumulator] | None = None
+        self._total = self._weight = 0.0
+
+    def add(self, reference: dict, candidate: dict, batch) -> None:
+        if self.task is not None:
+            self._total += metrics_mod.score(self.task, reference, candidate, batch) * len(batch)
+            self._weight += len(batch)
+            return
+        if self.parts is None:
+            self.parts = []
+            for value in self.outputs:
+                observed = list(np.shape(reference[value.name]))
+                declared = value.shape
+                shape = observed if declared is None or len(declared) != len(observed) else None
+                self.parts += [PartAccumulator(p) for p in parts_of(value, shape)]
+        for acc in self.parts:
+            name = acc.part.output
+            acc.add(reference[name], candidate[name], batch.labels, batch.count, len(batch))
+
+    @property
+    def task_part(self) -> str:
+        return f"task metric {self.task.name}"
+
+    @property
+    def task_score(self) -> float | None:
+        return self._total / self._weight if self._weight else None
+
+    def checks(self) -> list[FloorCheck]:
+        if self.task is None:
+            return check(self.parts or [])
+        if self.task.floor is None:
+            return []  # reported, not checked
+        return [FloorCheck(self.task_part, "task", Floor("task", self.task.floor), self.task_score)]
+
+    def levels(self) -> dict[str, float]:
+        """Per checked part, what a search should raise: its SNR in dB, or the task score."""
+        if self.task is not None:
+            return {self.task_part: self.task_score}
+        return {acc.part.name: acc.metrics().get("snr_db", math.inf) for acc in self.parts or []}

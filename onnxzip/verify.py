@@ -278,18 +278,6 @@ def is_classifier(value: ir.Value) -> bool:
     return isinstance(classes, int) and classes >= 2 and not floors_mod.is_l2_normalised(value)
 
 
-def floor_parts(outputs: list[ir.Value], first: dict[str, np.ndarray]):
-    """The parts each output's floors are checked on; a declared shape whose rank the first
-    batch contradicts (stale shapes written by an exporter) gives way to the observed one."""
-    parts = []
-    for value in outputs:
-        observed = list(np.shape(first[value.name]))
-        declared = value.shape
-        shape = observed if declared is None or len(declared) != len(observed) else None
-        parts += [floors_mod.PartAccumulator(p) for p in floors_mod.parts_of(value, shape)]
-    return parts
-
-
 def _check_compatible(
     reference: ir.Model, candidate: ir.Model, ref_name: str, cand_name: str
 ) -> None:
@@ -468,9 +456,9 @@ def verify(
     names = [v.name for v in outputs]
     explicit = any(getattr(thresholds, f.name) is not None for f in dataclasses.fields(thresholds))
     task = metrics_mod.as_metric(metric)
-    checking = floors and not explicit and task is None
-    task_total = task_weight = 0.0
-    parts: list[floors_mod.PartAccumulator] | None = None  # made at the first batch
+    judge = (
+        floors_mod.Judge(outputs, task) if task is not None or (floors and not explicit) else None
+    )
     total = None
     if samples.count is not None and split == "all":
         total = math.ceil(samples.count / samples.batch_size_for(batch_size))
@@ -490,19 +478,8 @@ def verify(
                     f"{cand_name}: output '{name}' has shape {list(c.shape)}, the reference's is {list(r.shape)}"
                 )
             accumulators[name].add(r, c, batch.labels, batch.count)
-        if task is not None:
-            task_total += metrics_mod.score(task, ref_out, cand_out, batch) * len(batch)
-            task_weight += len(batch)
-        if checking and parts is None:
-            parts = floor_parts(outputs, ref_out)
-        for part in parts or []:
-            part.add(
-                ref_out[part.part.output],
-                cand_out[part.part.output],
-                batch.labels,
-                batch.count,
-                len(batch),
-            )
+        if judge is not None:
+            judge.add(ref_out, cand_out, batch)
         count += len(batch)
     results = [accumulators[n].result(n) for n in names]
     report = VerifyReport(
@@ -517,23 +494,13 @@ def verify(
         failures=_failures(results, thresholds),
     )
     if task is not None:
-        report.task_metric = task.name
-        report.task_score = task_total / task_weight if task_weight else None
+        report.task_metric, report.task_score = task.name, judge.task_score
         report.floors_note = f"replaced by the task metric {task.name}"
-        if task.floor is not None:
-            check = floors_mod.FloorCheck(
-                f"task metric {task.name}",
-                "task",
-                floors_mod.Floor("task", task.floor),
-                report.task_score,
-            )
-            report.floors = [check]
-            if not check.passed:
-                report.failures.append(check.describe())
-    elif checking and parts:
-        report.floors = floors_mod.check(parts)
+    checks = judge.checks() if judge is not None else []
+    if checks:
+        report.floors = checks
         report.failures += [c.describe() for c in report.floors if not c.passed]
-    else:
+    elif task is None:
         report.floors_note = (
             "replaced by the thresholds given" if explicit else "not checked (floors off)"
         )

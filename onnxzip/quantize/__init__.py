@@ -44,7 +44,6 @@ from onnxzip.verify import (
     ReferenceOutputs,
     Thresholds,
     VerifyReport,
-    floor_parts,
     is_classifier,
     verify,
 )
@@ -910,10 +909,7 @@ class _Evaluator:
         self.classifier = {v.name: is_classifier(v) for v in original.graph.outputs}
         self.samples = self.runs.samples
         self.has_labels = all(b.labels is not None for b in self.batches)
-        outputs = [v for v in original.graph.outputs if v.name in self.names]
-        self.floor_parts = (
-            [p.part for p in floor_parts(outputs, self.reference[0])] if self.batches else []
-        )
+        self.outputs = [v for v in original.graph.outputs if v.name in self.names]
         if config.max_drop is not None and not any(self.classifier.values()):
             raise InputError(
                 "--max-drop needs an output of class scores ([N, C]); use --min-cosine instead"
@@ -923,26 +919,10 @@ class _Evaluator:
         """The default floors (or the task metric's) on the held-out batches, and per checked
         part a level to raise: its SNR in dB, or the task metric's score."""
         run = Runner(model, name="candidate", optimization="all")
-        if self.metric is not None:
-            total = weight = 0.0
-            for batch, ref in zip(self.batches, self.reference, strict=True):
-                out = run.run(batch, self.names)
-                total += metrics_mod.score(self.metric, ref, out, batch) * len(batch)
-                weight += len(batch)
-            value = total / weight if weight else None
-            part = f"task metric {self.metric.name}"
-            if self.metric.floor is None:
-                return [], {part: value}
-            floor = floors_mod.Floor("task", self.metric.floor)
-            return [floors_mod.FloorCheck(part, "task", floor, value)], {part: value}
-        parts = [floors_mod.PartAccumulator(p) for p in self.floor_parts]
+        judge = floors_mod.Judge(self.outputs, self.metric)
         for batch, ref in zip(self.batches, self.reference, strict=True):
-            out = run.run(batch, self.names)
-            for acc in parts:
-                name = acc.part.output
-                acc.add(ref[name], out[name], batch.labels, batch.count, len(batch))
-        snrs = {acc.part.name: acc.metrics().get("snr_db", math.inf) for acc in parts}
-        return floors_mod.check(parts), snrs
+            judge.add(ref, run.run(batch, self.names), batch)
+        return judge.checks(), judge.levels()
 
     def score(self, model: ir.Model, config: QuantizeConfig) -> tuple[float, float, bool]:
         """(target metric, mean output SNR in dB, target met)."""
