@@ -356,8 +356,7 @@ class ReferenceOutputs:
         name: str = "reference",
     ):
         runner = Runner(model, name=name, optimization=optimization)
-        self.key = (id(samples), batch_size, split, holdout if split != "all" else None)
-        self.optimization = optimization
+        self.key = self._key(samples, batch_size, split, holdout, optimization)
         self.names = [
             v.name
             for v in model.graph.outputs
@@ -376,11 +375,14 @@ class ReferenceOutputs:
             seen += len(batch)
         self.samples = seen
 
+    @staticmethod
+    def _key(samples: Samples, batch_size: int, split: str, holdout: float, opt: str) -> tuple:
+        return (id(samples), batch_size, split, holdout if split != "all" else None, opt)
+
     def serves(
         self, samples: Samples, batch_size: int, split: str, holdout: float, opt: str
     ) -> bool:
-        key = (id(samples), batch_size, split, holdout if split != "all" else None)
-        return self.complete and key == self.key and opt == self.optimization
+        return self.complete and self._key(samples, batch_size, split, holdout, opt) == self.key
 
 
 def verify(

@@ -374,29 +374,26 @@ class _Builder:
         missing = [s for s in sources if s not in self.stats]
         means = [k for k in means if k not in self.means]
         if missing or means:
-            try:
-                stats, count, found = calibrate(
+
+            def sweep(in_numpy: bool):
+                return calibrate(
                     self.prepared,
                     missing,
                     self.samples,
                     self.config,
                     self.holdout,
+                    in_numpy=in_numpy,
                     channel_means=means,
                 )
+
+            try:
+                stats, count, found = sweep(False)
             except ModelError as exc:
                 if self.config.calibration != "minmax":
                     raise
                 # onnxruntime's ReduceMin/ReduceMax refuse empty tensors: reduce in numpy instead.
                 logger.info("in-graph min/max failed (%s); exposing the tensors instead", exc)
-                stats, count, found = calibrate(
-                    self.prepared,
-                    missing,
-                    self.samples,
-                    self.config,
-                    self.holdout,
-                    in_numpy=True,
-                    channel_means=means,
-                )
+                stats, count, found = sweep(True)
             self.stats.update(stats)
             self.means.update(found)
             self.calibrated = max(self.calibrated, count)
@@ -658,16 +655,9 @@ def quantize(
         synthetic=samples.synthetic,
         calibration_samples=builder.calibrated,
         prepared=prepared_info,
-        quantized_ops=dict(Counter(plan.quantized_nodes.values())),
-        folded_activations=sorted(plan.folded),
-        kept_float=kept,
-        qdq_pairs=inserted.qdq_pairs,
-        weights_quantized=inserted.weights,
-        biases_quantized=inserted.biases,
         weight_bytes_before=weight_before,
-        weight_bytes_after=io.weights_nbytes(work),
-        ranges=ranges,
         seconds=timings,
+        **_built_fields(work, plan, kept, inserted, ranges),
         guard=guard_report,
         bias_correction=bias_note,
         weight_range=weight_range,
@@ -701,8 +691,9 @@ def quantize(
             # transformers: static activation ranges are what break them), else the layers that
             # break the floors go back to float.
             t0 = time.perf_counter()
-            if evaluator is None or evaluator.metric is not metric:
-                evaluator = _Evaluator(original, data, split, config, metric)
+            # the reference outputs do not depend on the metric: reuse them
+            evaluator = evaluator or _Evaluator(original, data, split, config)
+            evaluator.metric = metric
             dynamic = _dynamic_fallback(prepared, samples, config, holdout, evaluator)
             if dynamic is not None:
                 builder, result = dynamic
@@ -718,19 +709,27 @@ def quantize(
                 work, plan, kept, inserted, ranges, report.guard = _floor_guard(
                     builder, (work, plan, kept, inserted, ranges), evaluator, config
                 )
-            report.quantized_ops = dict(Counter(plan.quantized_nodes.values()))
-            report.folded_activations = sorted(plan.folded)
-            report.kept_float = kept
-            report.qdq_pairs = inserted.qdq_pairs
-            report.weights_quantized = inserted.weights
-            report.biases_quantized = inserted.biases
-            report.weight_bytes_after = io.weights_nbytes(work)
-            report.ranges = ranges
+            for name, value in _built_fields(work, plan, kept, inserted, ranges).items():
+                setattr(report, name, value)
             timings["guard"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             report.parity = final_verify(work)
             timings["verify"] += time.perf_counter() - t0
     return work, report
+
+
+def _built_fields(work, plan, kept, inserted, ranges) -> dict:
+    """The report's fields that describe one built model."""
+    return {
+        "quantized_ops": dict(Counter(plan.quantized_nodes.values())),
+        "folded_activations": sorted(plan.folded),
+        "kept_float": kept,
+        "qdq_pairs": inserted.qdq_pairs,
+        "weights_quantized": inserted.weights,
+        "biases_quantized": inserted.biases,
+        "weight_bytes_after": io.weights_nbytes(work),
+        "ranges": ranges,
+    }
 
 
 def _avoid_opset21_matmul(
@@ -1016,9 +1015,6 @@ def _dynamic_fallback(prepared, samples, config, holdout, evaluator):
 
 
 FLOOR_TARGET = "the default floors of the outputs' kinds"
-_MOVES_CODES = frozenset(
-    {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
-)
 
 
 def _floor_guard(builder: _Builder, first, evaluator: _Evaluator, config: QuantizeConfig):
@@ -1049,8 +1045,15 @@ def _floor_guard(builder: _Builder, first, evaluator: _Evaluator, config: Quanti
         return float(np.mean([min(values[p], 200.0) for p in watched]))
 
     base = level(snrs)
-    # Ops that only move 8-bit codes (sharing their input's parameters) add no error of their own
-    candidates = [k for k, op in plan.quantized_nodes.items() if op not in _MOVES_CODES]
+    # Ops that only move 8-bit codes (their output shares its input's parameters) add no error
+    # of their own: not worth a sensitivity run each.
+    moves = {
+        node_key(n)
+        for n in builder.prepared.graph
+        if n.outputs
+        and all(o.name in plan.shared for o in n.outputs if o.uses() or o.is_graph_output())
+    }
+    candidates = [k for k in plan.quantized_nodes if k not in moves]
     report.candidates = len(candidates)
     gains = {}
     for key in progress.bar(
