@@ -683,9 +683,13 @@ def test_concat_of_mixed_ranges_stays_float_so_each_part_keeps_its_scale(monkeyp
     (kept,) = [k for k in report.kept_float if k.op_type == "Concat"]
     assert "scales" in kept.reason and "apart" in kept.reason
     assert report.parity.passed and probabilities_snr(report) > 30
-    assert not any(
-        n.op_type == "Concat" for n in quantized.graph if n.outputs[0].name.endswith("_quantized")
-    )
+    # the join reads each part dequantized with its own scale and writes float
+    (concat,) = [n for n in quantized.graph if n.op_type == "Concat"]
+    readers = [v.producer() for v in concat.inputs]
+    assert [r.op_type for r in readers] == ["DequantizeLinear", "DequantizeLinear"]
+    scales = [r.inputs[1].const_value.numpy().item() for r in readers]
+    assert max(scales) / min(scales) > 8
+    assert not any(u.node.op_type == "QuantizeLinear" for u in concat.outputs[0].uses())
     monkeypatch.setattr(qmod, "MIXED_RANGE_RATIO", 1e9)  # the join quantized with one scale
     _, shared = quantize(model, samples, QuantizeConfig(floor_guard=False))
     assert probabilities_snr(shared) < 5 and not shared.parity.passed
