@@ -402,10 +402,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--mode",
-        choices=["static", "dynamic"],
+        choices=["static", "dynamic", "weight-only"],
         default="static",
         help="static: calibrated QDQ (default); dynamic: int8 MatMul/Gemm weights, activations "
-        "quantized at run time (transformers); the samples then serve verification only",
+        "quantized at run time (transformers); weight-only: block-wise int4/int8 MatMul "
+        "weights, float activations (decoders, served as MatMulNBits)",
+    )
+    w = p.add_argument_group("weight-only (--mode weight-only)")
+    w.add_argument("--weight-bits", type=int, choices=[4, 8], default=4, help="default 4")
+    w.add_argument(
+        "--block-size",
+        type=int,
+        choices=[16, 32, 64, 128, 256],
+        default=32,
+        help="rows of the weight per scale (default 32)",
+    )
+    w.add_argument(
+        "--weight-zero-point",
+        action="store_true",
+        help="asymmetric blocks, a zero point each (default symmetric)",
+    )
+    w.add_argument(
+        "--weight-format",
+        choices=["auto", "qdq", "nbits"],
+        default="auto",
+        help="qdq: DequantizeLinear with block_size (standard ONNX, opset 21+; onnxruntime fuses "
+        "it into MatMulNBits); nbits: com.microsoft MatMulNBits directly; auto (default): qdq at "
+        "opset 21+, else nbits",
+    )
+    w.add_argument(
+        "--weight-method",
+        choices=["rtn", "mse"],
+        default="mse",
+        help="rtn: round to nearest; mse (default): each block's range clipped to minimise "
+        "the output error weighted by the inputs' E[x^2] on the samples",
     )
     q.add_argument(
         "--max-drop",
@@ -936,6 +966,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         holdout=holdout,
         max_drop=args.max_drop,
         mode=args.mode,
+        weight_bits=args.weight_bits,
+        block_size=args.block_size,
+        weight_zero_point=args.weight_zero_point,
+        weight_format=args.weight_format,
+        weight_method=args.weight_method,
         bias_correction=args.bias_correction,
         min_cosine=args.min_cosine,
         reduce_range=args.reduce_range,

@@ -36,6 +36,7 @@ import onnx.checker
 import onnx.defs
 import onnx.external_data_helper
 import onnx.helper
+import onnx.numpy_helper
 import onnx.shape_inference
 import onnx.version_converter
 import onnx_ir as ir
@@ -327,6 +328,7 @@ def _infer_shapes_in_place(
         light, check_type=strict, strict_mode=strict, data_prop=True
     )
     inferred = _infer_through_fused_ops(light, inferred, strict)
+    _fill_symbolic_dims(light, inferred)
     del proto.graph.value_info[:]
     proto.graph.value_info.extend(inferred.graph.value_info)
     del proto.graph.output[:]
@@ -400,6 +402,138 @@ def _infer_through_fused_ops(
             light, check_type=strict, strict_mode=strict, data_prop=True
         )
     return inferred
+
+
+def _open_dim(d: onnx.TensorShapeProto.Dimension) -> bool:
+    """A dim onnx left unknown: no value, and no name or one it made up (``unk__N``)."""
+    return not d.HasField("dim_value") and (not d.dim_param or d.dim_param.startswith("unk__"))
+
+
+def _fill_symbolic_dims(light: onnx.ModelProto, inferred: onnx.ModelProto) -> None:
+    """Fills the dims onnx's inference leaves open with onnxruntime's symbolic shape inference.
+
+    onnx cannot divide symbolic products or see that two run-time dims are the same: a head
+    reshape ``Concat(batch, sequence, [-1], [head size])`` leaves the head count unknown, and
+    dims read back with ``Shape`` come out as fresh symbols. onnxruntime's symbolic inference
+    (``onnxruntime.tools.symbolic_shape_infer``, sympy-based, what its quantization
+    preprocessing runs) tracks them as expressions and knows the com.microsoft ops. Only open
+    dims are filled (a value or a name onnx inferred is kept), a value only gains a shape it had
+    none of when the ranks agree, and a model symbolic inference cannot finish keeps what onnx
+    inferred. Its own entry point saves a partial model into the working folder on failure, so
+    its steps are run here instead.
+    """
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:  # pragma: no cover - every supported onnxruntime ships it
+        return
+    symbolic_logger = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    level = symbolic_logger.level
+    symbolic_logger.setLevel(logging.CRITICAL)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(light)
+    del copy.graph.value_info[:]
+    copy.graph.value_info.extend(inferred.graph.value_info)
+    try:
+        engine = SymbolicShapeInference(2**31 - 1, True, False, 0)
+        engine._preprocess(copy)
+        for _ in range(1000):
+            if not engine.run_:
+                break
+            engine._infer_impl()
+        found = {v.name: v for v in engine.out_mp_.graph.value_info}
+    except Exception as exc:  # its own bugs or ops it does not know: keep onnx's result
+        logger.debug("symbolic shape inference did not finish: %s", _one_line(exc))
+        return
+    finally:
+        symbolic_logger.setLevel(level)
+    merged = onnx.GraphProto()
+    merged.value_info.extend(inferred.graph.value_info)
+    merged.output.extend(inferred.graph.output)
+    # Values only where onnx cannot divide (a Reshape's -1, an Expand's run-time target): its
+    # results elsewhere are not always right (a Slice whose end is computed, say), and a wrong
+    # value makes onnxruntime refuse the model. Names of symbolic dims are taken everywhere.
+    solved = {
+        o
+        for n in light.graph.node
+        if n.op_type in ("Reshape", "Expand") and n.domain in ("", "ai.onnx")
+        for o in n.output
+    }
+    changed = False
+    for info in list(merged.value_info) + list(merged.output):
+        other = found.get(info.name)
+        if other is None or not other.type.tensor_type.HasField("shape"):
+            continue
+        mine, theirs = info.type.tensor_type, other.type.tensor_type
+        if not mine.HasField("shape") or len(mine.shape.dim) != len(theirs.shape.dim):
+            continue
+        for d, t in zip(mine.shape.dim, theirs.shape.dim, strict=True):
+            if not _open_dim(d):
+                continue
+            if t.HasField("dim_value") and t.dim_value > 0 and info.name in solved:
+                d.dim_value = t.dim_value
+                changed = True
+            elif t.dim_param and not t.dim_param.startswith("unk__"):
+                d.dim_param = t.dim_param
+                changed = True
+    changed = _fill_unsliced_axes(light, merged) or changed
+    # Declared for every value, the fills must pass onnx's strict inference (broadcasts,
+    # matrix dims), as they must when onnxruntime loads the model; a conflict drops the round.
+    # Each round lets onnx carry the fills on, which may open more Slices to fill.
+    for _ in range(4):
+        if not changed:
+            return
+        check = onnx.ModelProto()
+        check.CopyFrom(light)
+        del check.graph.value_info[:]
+        check.graph.value_info.extend(merged.value_info)
+        try:
+            checked = onnx.shape_inference.infer_shapes(
+                check, check_type=True, strict_mode=True, data_prop=True
+            )
+        except Exception as exc:
+            logger.debug("symbolic shapes dropped: %s", _one_line(exc))
+            return
+        del inferred.graph.value_info[:]
+        inferred.graph.value_info.extend(checked.graph.value_info)
+        del inferred.graph.output[:]
+        inferred.graph.output.extend(checked.graph.output)
+        merged = checked.graph
+        changed = _fill_unsliced_axes(light, merged)
+
+
+def _fill_unsliced_axes(light: onnx.ModelProto, merged: onnx.GraphProto) -> bool:
+    """A Slice with run-time starts or ends but constant axes keeps every other axis as it is;
+    onnx leaves them all unknown (rotary embeddings split the head size at ``size // 2``)."""
+    infos = {v.name: v for v in list(light.graph.input) + list(merged.value_info)}
+    constants = {t.name: t for t in light.graph.initializer}
+    constants.update(
+        {
+            n.output[0]: n.attribute[0].t
+            for n in light.graph.node
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+        }
+    )
+    changed = False
+    for node in light.graph.node:
+        if node.op_type != "Slice" or node.domain not in ("", "ai.onnx") or len(node.input) < 4:
+            continue
+        source, out = infos.get(node.input[0]), infos.get(node.output[0])
+        axes = constants.get(node.input[3])
+        if source is None or out is None or axes is None or _elements(axes) > 64:
+            continue
+        if axes.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        dims_in, dims_out = source.type.tensor_type.shape.dim, out.type.tensor_type.shape.dim
+        if not source.type.tensor_type.HasField("shape") or len(dims_in) != len(dims_out):
+            continue
+        rank = len(dims_in)
+        sliced = {int(a) % rank for a in onnx.numpy_helper.to_array(axes).reshape(-1)}
+        for axis, (d, src) in enumerate(zip(dims_out, dims_in, strict=True)):
+            if axis in sliced or not _open_dim(d) or _open_dim(src):
+                continue
+            d.CopyFrom(src)
+            changed = True
+    return changed
 
 
 def _check_external_data(proto: onnx.ModelProto, base_dir: Path, source: str) -> bool:

@@ -25,6 +25,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from onnxzip.errors import InternalError
+from onnxzip.ir.ops import same_dim
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +272,88 @@ def fold_batchnorm(model: ir.Model) -> list[str]:
     return folded
 
 
+def _only_use(value: ir.Value) -> ir.Node | None:
+    uses = value.uses()
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    return uses[0].node
+
+
+def remove_dead(graph: ir.Graph, values: list[ir.Value]) -> int:
+    """Removes the producers of ``values`` that nothing reads any more, and theirs in turn."""
+    removed = 0
+    queue = list(values)
+    while queue:
+        value = queue.pop()
+        node = value.producer()
+        if value is None or node is None or node.graph is not graph:
+            continue
+        if any(o.uses() or o.is_graph_output() for o in node.outputs):
+            continue
+        inputs = [v for v in node.inputs if v is not None]
+        graph.remove(node, safe=True)
+        removed += 1
+        queue.extend(inputs)
+    return removed
+
+
+def unfold_last_axes_transposes(model: ir.Model) -> int:
+    """``Reshape(x, [-1, m, n])``, ``Transpose(perm=[0, 2, 1])``, ``Reshape(to [lead.., n, m])``
+    becomes ``Transpose(x)`` of its last two axes.
+
+    torch.onnx's dynamo exporter spells the ``K^T`` of scaled-dot-product attention this way:
+    the leading axes (batch and heads) are flattened into one, the last two swapped, the leading
+    axes restored from ``Shape(x)``. Both forms compute the same tensor when the reshapes keep
+    the last two dims and restore the leading ones (checked on the inferred shapes, dim by dim),
+    but the flattened form ties the heads to the batch, so no head could ever be removed.
+    """
+    graph = model.graph
+    count = 0
+    for node in list(graph):
+        if (
+            node.graph is not graph
+            or node.op_type != "Reshape"
+            or node.domain not in ("", "ai.onnx")
+        ):
+            continue
+        x, flat = node.inputs[0], node.outputs[0]
+        transpose = _only_use(flat)
+        if transpose is None or transpose.op_type != "Transpose":
+            continue
+        perm = transpose.attributes.get("perm")
+        if perm is None or list(perm.as_ints()) != [0, 2, 1]:
+            continue
+        back = _only_use(transpose.outputs[0])
+        if back is None or back.op_type != "Reshape":
+            continue
+        out = back.outputs[0]
+        if x.shape is None or flat.shape is None or out.shape is None:
+            continue
+        r = len(x.shape)
+        if r < 3 or len(flat.shape) != 3 or len(out.shape) != r:
+            continue
+        want = [*list(x.shape)[: r - 2], x.shape[r - 1], x.shape[r - 2]]
+        if not (
+            same_dim(flat.shape[1], x.shape[r - 2])
+            and same_dim(flat.shape[2], x.shape[r - 1])
+            and all(same_dim(a, b) for a, b in zip(out.shape, want, strict=True))
+        ):
+            continue
+        shape_inputs = [v for v in (node.inputs[1], back.inputs[1]) if v is not None]
+        swap = ir.node(
+            "Transpose",
+            [x],
+            attributes={"perm": [*range(r - 2), r - 1, r - 2]},
+            name=f"{back.name or 'transpose'}_last_axes",
+        )
+        replace_node(graph, back, [swap], swap.outputs[0])
+        graph.remove(transpose, safe=True)
+        graph.remove(node, safe=True)
+        remove_dead(graph, shape_inputs)
+        count += 1
+    return count
+
+
 def batchnorm_to_affine(model: ir.Model) -> int:
     """Inference-mode BatchNormalization as ``x * s + t`` with constant ``s``, ``t``.
 
@@ -378,6 +461,13 @@ class FoldBatchNorm(_Step):
         return fold_batchnorm(model)
 
 
+class UnfoldTransposes(_Step):
+    key = "transposes_unfolded"
+
+    def apply(self, model):
+        return unfold_last_axes_transposes(model)
+
+
 class BatchNormToAffine(_Step):
     key = "batchnorm_to_affine"
 
@@ -410,7 +500,9 @@ class Pipeline:
 
 
 # pruning reads constants one way and needs Sum as Add; BatchNormalization stays (a rule slices it)
-PRUNING = Pipeline("pruning", [DropInitializerInputs, FoldConstants, LiftConstants, SumToAdd])
+PRUNING = Pipeline(
+    "pruning", [DropInitializerInputs, FoldConstants, LiftConstants, SumToAdd, UnfoldTransposes]
+)
 # quantization also folds BatchNormalization into the convolutions, as onnxruntime would
 QUANTIZATION = Pipeline("quantization", [*PRUNING.steps, FoldBatchNorm])
 # the trainable twin: BatchNormalization folded or made an affine map (never batch statistics)

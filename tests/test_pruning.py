@@ -203,7 +203,7 @@ def test_per_channel_constants_prelu_and_batchnorm_are_sliced():
         (
             "g (float[N,3,8,8] x) => (float[N,4,8,8] y, int64[4] s) { a = Conv (x, w1)\n s = Shape (a)\n y = Conv (a, w2) }",
             {"w1": (4, 3, 1, 1), "w2": (4, 4, 1, 1)},
-            "shape is read",
+            "channel count is read",
         ),
     ],
 )

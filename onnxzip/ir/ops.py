@@ -69,6 +69,13 @@ def dim(value: ir.Value, axis: int) -> int | None:
     return d if isinstance(d, int) else None
 
 
+def same_dim(a, b) -> bool:
+    """Two dims (of ``ir.Shape``) provably equal: the same value, or the same named symbol."""
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    return a is not None and b is not None and a.value is not None and a.value == b.value
+
+
 def optional_input(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if len(node.inputs) > index else None
 

@@ -88,6 +88,8 @@ class GroupBuilder:
         self.graph = graph
         self.group = group
         self.queue: deque = deque()
+        # Conditions on the finished closure (node, check): a check returns a reason to block.
+        self.checks: list[tuple[ir.Node, object]] = []
 
     # -- called by rules ------------------------------------------------------------------------
     def visit(
@@ -162,6 +164,11 @@ class GroupBuilder:
         g.size = len(partition)
         return merge
 
+    def check_at_end(self, node: ir.Node, check) -> None:
+        """``check(spaces)`` runs once the closure is complete (it may need spaces reached
+        later); a reason it returns blocks the group at ``node``."""
+        self.checks.append((node, check))
+
     def block(self, node: ir.Node | None, reason: str) -> None:
         if self.group.reason is None:
             self.group.blocked_by = node_key(node) if node is not None else None
@@ -169,6 +176,15 @@ class GroupBuilder:
 
     # -- the closure ----------------------------------------------------------------------------
     def run(self, rule_for) -> None:
+        self._close(rule_for)
+        for node, check in self.checks:
+            if self.group.blocked:
+                break
+            reason = check(self.group.spaces)
+            if reason is not None:
+                self.block(node, reason)
+
+    def _close(self, rule_for) -> None:
         while self.queue and not self.group.blocked:
             value, axis, positions, from_node, from_port = self.queue.popleft()
             key = (value.name, axis)

@@ -26,6 +26,7 @@ from onnxzip.passes import (
     add_initializer,
     const_array,
     dequantized_array,
+    remove_dead,
     remove_unused_initializers,
 )
 from onnxzip.pruning.groups import Group
@@ -116,19 +117,22 @@ def apply(
         node.attributes["group"] = ir.AttrInt64("group", cout // multiplier)
 
     for node in list(graph):
-        if node.op_type == "Reshape":
+        if node.op_type in ("Reshape", "Expand"):
+            # Reshape: -1 and 0 follow the input; Expand: 1 follows it. Other values shrink.
+            follows = 0 if node.op_type == "Reshape" else 1
             out = node.outputs[0]
             changes = {a: n for (v, a), n in removed_in_space.items() if v == out.name and n}
             if changes and const_array(node.inputs[1]) is not None:
                 shape = const_array(node.inputs[1]).copy()
+                offset = len(out.shape) - shape.size  # Expand's shape may be shorter
                 for a, n in changes.items():
-                    if shape[a] > 0:
-                        shape[a] -= n
+                    if shape[a - offset] > follows:
+                        shape[a - offset] -= n
                 node.replace_input_with(
                     1, add_initializer(graph, f"{out.name}_shape", shape.astype(np.int64))
                 )
             elif changes:
-                _shrink_runtime_target(graph, node, changes)
+                _shrink_runtime_target(graph, node, changes, follows)
         elif node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None:
             axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
             rank = len(node.inputs[0].shape)
@@ -143,27 +147,34 @@ def apply(
     return io.reinfer_shapes(model)
 
 
-def _shrink_runtime_target(graph: ir.Graph, node: ir.Node, changes: dict[int, int]) -> None:
-    """A Reshape whose target is ``Concat(run-time dims, constant dims)``: the constant pieces
-    that spell the pruned axes shrink. The Reshape gets a Concat of its own (exporters share one
-    between the q, k and v reshapes), so no other reader of the old one changes."""
-    from onnxzip.pruning.rules import target_pieces
+def _shrink_runtime_target(
+    graph: ir.Graph, node: ir.Node, changes: dict[int, int], follows: int
+) -> None:
+    """A Reshape or Expand whose target is ``Concat(run-time dims, constant dims)``: the
+    constant pieces that spell the pruned axes shrink (values up to ``follows`` take the input's
+    dim and stay). The node gets a Concat of its own (exporters share one between the q, k and
+    v reshapes, and between layers), so no other reader of the old one changes."""
+    from onnxzip.pruning.rules import target_concat, target_pieces
 
-    concat = node.inputs[1].producer()
+    old_target = node.inputs[1]
+    concat = target_concat(old_target)
     pieces = target_pieces(node.inputs[1])
     inputs = list(concat.inputs)
+    skew = len(node.outputs[0].shape) - len(pieces)
     for a, n in changes.items():
-        _, k, offset = pieces[a]
-        array = const_array(inputs[k]).copy()  # inputs[k]: with any earlier change to it
-        if array[offset] > 0:
+        _, k, offset = pieces[a - skew]
+        array = const_array(inputs[k])  # inputs[k]: with any earlier change to it
+        if array is None:
+            continue  # read from a pruned tensor's shape at run time: it follows by itself
+        array = array.copy()
+        if array[offset] > follows:
             array[offset] -= n
         inputs[k] = add_initializer(graph, f"{node_key(node)}_target_{a}", array.astype(np.int64))
     new = ir.node("Concat", inputs, attributes={"axis": 0}, name=f"{node_key(node)}_target")
     new.outputs[0].name = f"{node_key(node)}_target_shape"
     graph.insert_before(node, new)
     node.replace_input_with(1, new.outputs[0])
-    if not concat.outputs[0].uses() and not concat.outputs[0].is_graph_output():
-        graph.remove(concat, safe=True)
+    remove_dead(graph, [old_target])
 
 
 _OUT_AXIS = {"Conv": 0, "MatMul": 1}

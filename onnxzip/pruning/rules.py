@@ -274,6 +274,12 @@ _UNARY = (
     "Identity",
     "Dropout",
     "Cast",
+    "IsNaN",
+    "IsInf",
+    "Not",
+    "Sin",
+    "Cos",
+    "BitwiseNot",
 )
 
 
@@ -353,7 +359,26 @@ def _transpose(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
 # -- elementwise ops joining branches ------------------------------------------------------------
 
 
-@register("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "Where")
+@register(
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Max",
+    "Min",
+    "Sum",
+    "Mean",
+    "Pow",
+    "Where",
+    "Equal",
+    "Less",
+    "LessOrEqual",
+    "Greater",
+    "GreaterOrEqual",
+    "And",
+    "Or",
+    "Xor",
+)
 def _elementwise(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     out = node.outputs[0]
     out_rank = _rank(out)
@@ -495,6 +520,98 @@ def _heads(b: GroupBuilder, node: ir.Node, pos: Positions, head: int) -> Positio
     return narrowed
 
 
+_SHAPE_ARITHMETIC = ("Gather", "Unsqueeze", "Squeeze", "Cast", "Identity", "Concat", "Slice", "Mul")
+# the TorchScript exporter's guard of expand(-1): Where(Equal(t, -1), ConstantOfShape(...), t)
+_SHAPE_GUARD = ("Where", "Equal", "Shape", "ConstantOfShape")
+
+
+def channel_count_entry(value: ir.Value) -> tuple[ir.Value, int, int] | None:
+    """``(T, axis, k)`` when the one-element shape vector ``value`` is ``k`` times the run-time
+    size of ``T``'s ``axis`` (``Unsqueeze(Gather(Shape(T), axis))``, maybe times a constant,
+    as the TorchScript exporter writes GQA's ``num_key_value_heads * n_rep``)."""
+    factor = 1
+    for _ in range(16):
+        node = value.producer()
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity") or (
+            node.op_type == "Concat" and len(node.inputs) == 1
+        ):
+            value = node.inputs[0]
+        elif node.op_type in ("Mul", "Div"):
+            constants = [const_array(v) for v in node.inputs]
+            if node.op_type == "Div":
+                return None
+            k = next((c for c in constants if c is not None and c.size == 1), None)
+            if k is None or constants.count(None) != 1:
+                return None
+            factor *= int(k.reshape(-1)[0])
+            value = node.inputs[constants.index(None)]
+        elif node.op_type in ("Gather", "Slice") and _attr(node, "axis", 0) == 0:
+            index = const_array(node.inputs[1])
+            shape = node.inputs[0].producer()
+            if index is None or index.size != 1 or shape is None or shape.op_type != "Shape":
+                return None
+            if node.op_type == "Slice" and (
+                _dim(node.outputs[0], 0) != 1 or len(node.inputs) > 4 and node.inputs[4] is not None
+            ):
+                return None  # one entry, read with step 1 from its start
+            tensor = shape.inputs[0]
+            rank = _rank(tensor)
+            if rank is None:
+                return None
+            start = _attr(shape, "start", 0)
+            start = start + rank if start < 0 else start
+            return tensor, (start + int(index.reshape(-1)[0])) % rank, factor
+        else:
+            return None
+    return None
+
+
+def _follows_channels(node: ir.Node, piece: ir.Value, out: ir.Value, out_axis: int, b):
+    """A run-time target dim on the channel axis is fine when it reads the channel count of a
+    tensor in the same group (``k`` times it, and each channel takes ``k`` times the positions
+    there): pruning then changes both alike. Checked once the group is complete."""
+    entry = channel_count_entry(piece)
+    if entry is None:
+        return False
+    tensor, axis, k = entry
+
+    def check(spaces):
+        source, here = spaces.get((tensor.name, axis)), spaces.get((out.name, out_axis))
+        if source is None or here is None:
+            return f"{node.op_type} target reads the size of '{tensor.name}' outside the group"
+        if any(len(h) != k * len(s) for h, s in zip(here, source, strict=True)):
+            return f"{node.op_type} target reads a size that does not follow the channels"
+        return None
+
+    b.check_at_end(node, check)
+    return True
+
+
+def _others_fixed(node: ir.Node, pieces, skip: int, b) -> None:
+    """No other target dim may read a channel count of the group at run time: pruning would
+    change a dim that must stay (checked once the group is complete)."""
+    reads = []
+    for i, (value, _, _) in enumerate(pieces):
+        if i != skip and const_array(value) is None:
+            entry = channel_count_entry(value)
+            if entry is not None:
+                reads.append((entry[0].name, entry[1]))
+    if reads:
+        b.check_at_end(
+            node,
+            lambda spaces: next(
+                (
+                    f"{node.op_type} target reads the channel count of '{name}' on another axis"
+                    for name, ax in reads
+                    if (name, ax) in spaces
+                ),
+                None,
+            ),
+        )
+
+
 def target_pieces(shape: ir.Value) -> list[tuple[ir.Value, int, int]] | None:
     """Per output axis of a Reshape: (the 1-D tensor that spells it, its position among the
     Concat's inputs, the index inside it); a constant target is one piece at position -1. None
@@ -503,10 +620,8 @@ def target_pieces(shape: ir.Value) -> list[tuple[ir.Value, int, int]] | None:
     const = const_array(shape)
     if const is not None:
         return [(shape, -1, i) for i in range(const.size)]
-    node = shape.producer()
-    if node is None or node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
-        return None
-    if _attr(node, "axis", 0) not in (0, -1):
+    node = target_concat(shape)
+    if node is None:
         return None
     pieces = []
     for k, value in enumerate(node.inputs):
@@ -517,16 +632,63 @@ def target_pieces(shape: ir.Value) -> list[tuple[ir.Value, int, int]] | None:
     return pieces
 
 
+def _node_of(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+        return None
+    return node
+
+
+def target_concat(shape: ir.Value) -> ir.Node | None:
+    """The ``Concat`` along axis 0 that spells a shape, seen through the TorchScript exporter's
+    guard for ``expand(-1)``: ``Where(Equal(t, -1), ones, t)`` of ``Reshape(t, [-1])``. The
+    guard is the identity when no piece can be negative (constants >= 0 and dims read with
+    ``Shape``), which is then required."""
+    where = _node_of(shape, "Where")
+    if where is not None:
+        equal = _node_of(where.inputs[0], "Equal")
+        if equal is None or equal.inputs[0] is not where.inputs[2]:
+            return None
+        shape = where.inputs[2]
+        flat = _node_of(shape, "Reshape")
+        if flat is not None and _rank(flat.inputs[0]) == 1:
+            shape = flat.inputs[0]
+    node = _node_of(shape, "Concat")
+    if node is None or _attr(node, "axis", 0) not in (0, -1):
+        return None
+    if where is not None:
+        for value in node.inputs:
+            c = const_array(value)
+            if c is None and channel_count_entry(value) is None or c is not None and (c < 0).any():
+                return None
+    return node
+
+
+def _proved_same(here: list, there: list) -> bool:
+    """Dims before the channel axis are the same on both sides of a Reshape: pairwise provably
+    equal, except at most one pair (equal too, since the element counts and the rest agree)."""
+    if len(here) != len(there):
+        return False
+    return sum(not ops.same_dim(a, c) for a, c in zip(here, there, strict=True)) <= 1
+
+
 @register("Reshape")
 def _reshape(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     """Reshapes that keep the dims before the channel axis and regroup only the ones after it.
 
+    After the dims both sides end with (the sequence and head-size axes of attention, static or
+    the same symbol) are set aside, what is left from the channel axis on must be static:
+
     * ``[.., C, X..] -> [.., C, Y..]`` with the same product of the rest: channels stay put;
-    * ``[.., C, r..] -> [.., C * prod(r)]`` (Flatten-like, or attention heads merged back into
-      features): channel ``c`` becomes the block ``[c k, (c + 1) k)``;
+    * ``[.., C, r..] -> [.., C * prod(r)]`` (Flatten-like, attention heads merged back into
+      features, or GQA's key/value heads repeated for their query heads): channel ``c``
+      becomes the block ``[c k, (c + 1) k)``;
     * ``[.., D] -> [.., H, Dh..]`` (features split into heads, or a flattened feature axis seen
       from the Gemm side): whole blocks of ``Dh`` features become one position on the new axis;
       when the group's channels are single features they are merged into heads first.
+
+    The output dim on the channel axis is the one that shrinks, so the target must spell it as
+    a constant (or ``-1``, or ``0`` copying it); the other pieces may be computed at run time.
     """
     x, out = node.inputs[0], node.outputs[0]
     pieces = target_pieces(node.inputs[1])
@@ -535,21 +697,47 @@ def _reshape(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
             node,
             "Reshape target shape is neither constant nor a Concat of run-time and constant dims",
         )
-    if any(const_array(value) is None for value, _, _ in pieces[axis:]):
-        return b.block(
-            node, "Reshape target dims from the channel axis on are computed at run time"
-        )
     forward = port[0] == "in"
     here_value, there_value = (x, out) if forward else (out, x)
-    here = [_dim(here_value, d) for d in range(_rank(here_value))]
-    there = [_dim(there_value, d) for d in range(_rank(there_value))]
     a = axis
-    if any(d is None for d in here[a:]) or any(d is None for d in there[a:]):
-        return b.block(node, "Reshape with symbolic dims from the channel axis on")
-    if len(there) <= a or here[:a] != there[:a]:
-        return b.block(node, "Reshape changes the dims before the channel axis")
-    tail_here, tail_there = here[a:], there[a:]
+    if len(pieces) != _rank(out):
+        return b.block(node, "Reshape target length differs from the output rank")
+
+    def spelled(out_axis: int) -> bool:
+        """The target spells the output's channel dim as a constant or as a run-time read
+        that follows the channels; no other target dim reads a channel count."""
+        piece = pieces[out_axis][0]
+        if const_array(piece) is None and not (
+            _rank(piece) == 1
+            and _dim(piece, 0) == 1
+            and _follows_channels(node, piece, out, out_axis, b)
+        ):
+            b.block(node, "Reshape target dim on the channel axis is computed at run time")
+            return False
+        _others_fixed(node, pieces, out_axis, b)
+        return True
+
+    here, there = list(here_value.shape), list(there_value.shape)
     target_port = None if forward else ("in", 0)
+    # The channel axis and everything after it unchanged (right-aligned), whatever happens to
+    # the dims before it (GPT-2's Conv1D flattens batch and sequence around its Gemm).
+    k = len(here) - a
+    moved = len(there) - k
+    if moved >= 0 and all(ops.same_dim(here[a + i], there[moved + i]) for i in range(k)):
+        if spelled(moved if forward else a):
+            b.visit(there_value, moved, pos, node, target_port)
+        return None
+    if len(there) <= a or not _proved_same(here[:a], there[:a]):
+        return b.block(node, "Reshape changes the dims before the channel axis")
+    if not spelled(a):
+        return None
+    tail_here, tail_there = here[a:], there[a:]
+    while (
+        len(tail_here) > 1 and len(tail_there) > 1 and ops.same_dim(tail_here[-1], tail_there[-1])
+    ):
+        tail_here, tail_there = tail_here[:-1], tail_there[:-1]
+    if not all(isinstance(d, int) for d in tail_here + tail_there):
+        return b.block(node, "Reshape with symbolic dims from the channel axis on")
     if tail_there[0] == tail_here[0] and math.prod(tail_there[1:]) == math.prod(tail_here[1:]):
         return b.visit(there_value, a, pos, node, target_port)
     if len(tail_there) == 1 and tail_there[0] == math.prod(tail_here):
@@ -560,6 +748,58 @@ def _reshape(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
             b.visit(there_value, a, narrowed, node, target_port)
         return None
     return b.block(node, "Reshape mixes the channel axis with other axes")
+
+
+@register("Expand")
+def _expand(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
+    """Broadcasting to a larger shape: channels stay on their axis (counted from the right)
+    unless Expand broadcasts that axis itself. The target's dim there must be a constant (the
+    rewrite shrinks it, or it is 1 and follows the input)."""
+    x, out = node.inputs[0], node.outputs[0]
+    if port == ("in", 1):
+        return b.block(node, "channels reach Expand's shape")
+    offset = _rank(out) - _rank(x)
+    out_axis = axis + offset if port[0] == "in" else axis
+    in_axis = out_axis - offset
+    if in_axis < 0 or _dim(x, in_axis) != _dim(out, out_axis):
+        return b.block(node, "Expand broadcasts the channel axis")
+    pieces = target_pieces(node.inputs[1])
+    if pieces is None or len(pieces) <= out_axis - (_rank(out) - len(pieces)) < 0:
+        return b.block(node, "Expand shape is neither constant nor a Concat of 1-D pieces")
+    piece = pieces[out_axis - (_rank(out) - len(pieces))][0]
+    if const_array(piece) is None and not (
+        _rank(piece) == 1
+        and _dim(piece, 0) == 1
+        and _follows_channels(node, piece, out, out_axis, b)
+    ):
+        return b.block(node, "Expand size on the channel axis is computed at run time")
+    _others_fixed(node, pieces, out_axis - (_rank(out) - len(pieces)), b)
+    if port[0] == "in":
+        return b.visit(out, out_axis, pos, node)
+    return b.visit(x, in_axis, pos, node, ("in", 0))
+
+
+@register("Slice")
+def _slice(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
+    """Slicing other axes (rotary embeddings split the head size in halves) keeps the channels;
+    slicing the channel axis itself blocks."""
+    if port[0] == "in" and port[1] != 0:
+        return b.block(node, "channels reach Slice's bounds")
+    rank = _rank(node.inputs[0])
+    axes_value = ops.optional_input(node, 3)
+    if axes_value is not None:
+        axes = const_array(axes_value)
+        if axes is None:
+            return b.block(node, "Slice axes are not constant")
+        axes = [int(v) % rank for v in axes.reshape(-1)]
+    else:
+        count = _dim(node.inputs[1], 0)
+        if count is None:
+            return b.block(node, "Slice slices an unknown number of axes")
+        axes = range(count)
+    if axis in axes:
+        return b.block(node, "Slice cuts the channel axis")
+    return _through(b, node, port, axis, pos)
 
 
 @register("Squeeze", "Unsqueeze")
@@ -633,9 +873,91 @@ def _across_one_axis(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     return _through(b, node, port, axis, pos)
 
 
+def _entries_read(value: ir.Value) -> set[int] | None:
+    """The entries of a 1-D shape vector its readers pick (``Gather`` or ``Slice`` of constant
+    indices), or None when some reader takes it whole."""
+    length = _dim(value, 0)
+    if length is None or value.is_graph_output():
+        return None
+    read: set[int] = set()
+    for use in value.uses():
+        node = use.node
+        if use.idx != 0 or node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "Gather" and _attr(node, "axis", 0) == 0:
+            index = const_array(node.inputs[1])
+            if index is None:
+                return None
+            read.update(int(i) % length for i in index.reshape(-1))
+        elif node.op_type == "Slice":
+            bounds = [const_array(v) if v is not None else None for v in node.inputs[1:]]
+            if len(bounds) < 2 or bounds[0] is None or bounds[1] is None:
+                return None
+            if len(bounds) > 2 and bounds[2] is not None and int(bounds[2][0]) not in (0, -1):
+                return None
+            step = int(bounds[3][0]) if len(bounds) > 3 and bounds[3] is not None else 1
+            read.update(range(length)[slice(int(bounds[0][0]), int(bounds[1][0]), step)])
+        else:
+            return None
+    return read
+
+
 @register("Shape", "Size")
 def _shape(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
-    b.block(node, "the tensor's shape is read at run time; pruning would change what it computes")
+    """Reading a tensor's shape is harmless unless the channel count is read: exporters take
+    the batch, sequence or head size of attention tensors to spell later reshapes."""
+    if node.op_type == "Shape":
+        rank = _rank(node.inputs[0])
+        start = _attr(node, "start", 0)
+        end = _attr(node, "end", rank)
+        start, end = (max(0, min(rank, v + rank if v < 0 else v)) for v in (start, end))
+        if not start <= axis < end:
+            return None
+        read = _entries_read(node.outputs[0])
+        if read is not None and axis - start not in read:
+            return None
+        ends = _shape_readers(node.outputs[0])
+        if ends:
+            # Read to spell the target of Reshapes/Expands (GQA's repeat of key/value heads):
+            # fine when they are in the group and their target dims follow the channels.
+            def check(spaces):
+                for reader in ends:
+                    if not any((reader.outputs[0].name, ax) in spaces for ax in range(8)):
+                        return (
+                            f"the channel count is read for '{node_key(reader)}', outside the group"
+                        )
+                return None
+
+            b.check_at_end(node, check)
+            return None
+    b.block(node, "the channel count is read at run time; pruning would change what it computes")
+
+
+def _shape_readers(value: ir.Value) -> list[ir.Node] | None:
+    """The Reshape/Expand nodes whose targets a shape vector reaches through shape arithmetic
+    (Gather, Unsqueeze, Concat, Mul, ...), or None when it reaches anything else."""
+    ends: list[ir.Node] = []
+    queue, seen = [value], set()
+    while queue:
+        v = queue.pop()
+        if v.is_graph_output():
+            return None
+        for use in v.uses():
+            node = use.node
+            if node.domain not in ("", "ai.onnx") or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type in ("Reshape", "Expand") and use.idx == 1:
+                ends.append(node)
+            elif len(seen) < 256 and (
+                node.op_type in (*_SHAPE_ARITHMETIC, *_SHAPE_GUARD)
+                or node.op_type == "Reshape"
+                and _rank(node.inputs[0]) == 1
+            ):
+                queue.extend(node.outputs)
+            else:
+                return None
+    return ends
 
 
 @register("QuantizeLinear", "DequantizeLinear")

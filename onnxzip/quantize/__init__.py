@@ -33,6 +33,7 @@ from onnxzip.ir import ops
 from onnxzip.ir.ops import node_key
 from onnxzip.quantize import calibrate as cal
 from onnxzip.quantize import params as qp
+from onnxzip.quantize import weight_only
 from onnxzip.quantize.dynamic import quantize_dynamic
 from onnxzip.quantize.qdq import InsertResult, insert_qdq
 from onnxzip.quantize.rules import QUANTIZATION_RULES, Context, Plan
@@ -87,8 +88,14 @@ class QuantizeConfig:
     quantize_softmax: bool = False
     batch_size: int = 32
     holdout: float = 0.2  # fraction of the samples kept for verification; 0 calibrates on all
-    # static: calibrated QDQ; dynamic: int8 MatMul weights, activations quantized at run time
+    # static: calibrated QDQ; dynamic: int8 MatMul weights, activations quantized at run time;
+    # weight-only: block-wise int4/int8 MatMul weights, float activations (decoders)
     mode: str = "static"
+    weight_bits: int = 4  # weight-only: 4 or 8
+    block_size: int = 32  # weight-only: rows of K per scale
+    weight_zero_point: bool = False  # weight-only: asymmetric blocks (a zero point each)
+    weight_format: str = "auto"  # weight-only: qdq (opset 21 DequantizeLinear), nbits, auto
+    weight_method: str = "mse"  # weight-only: rtn, or mse (clipping weighted by E[x^2])
     max_drop: float | None = None  # accuracy guard: top-1 points (against labels, else agreement)
     min_cosine: float | None = None  # accuracy guard: minimum mean output cosine
     guard_samples: int = 512  # held-out samples the guard scores candidates on
@@ -114,8 +121,25 @@ class QuantizeConfig:
             )
         if self.reduce_range not in ("auto", "on", "off"):
             raise InputError(f"reduce range must be auto, on or off, got '{self.reduce_range}'")
-        if self.mode not in ("static", "dynamic"):
-            raise InputError(f"unknown mode '{self.mode}' (choose static or dynamic)")
+        if self.mode not in ("static", "dynamic", "weight-only"):
+            raise InputError(f"unknown mode '{self.mode}' (choose static, dynamic or weight-only)")
+        if self.weight_bits not in (4, 8):
+            raise InputError(f"weight bits must be 4 or 8, got {self.weight_bits}")
+        if self.block_size not in weight_only.BLOCK_SIZES:
+            raise InputError(
+                f"block size must be one of {', '.join(map(str, weight_only.BLOCK_SIZES))}, "
+                f"got {self.block_size}"
+            )
+        if self.weight_format not in weight_only.FORMATS:
+            raise InputError(
+                f"weight format must be one of {', '.join(weight_only.FORMATS)}, "
+                f"got '{self.weight_format}'"
+            )
+        if self.weight_method not in weight_only.METHODS:
+            raise InputError(
+                f"weight method must be one of {', '.join(weight_only.METHODS)}, "
+                f"got '{self.weight_method}'"
+            )
         if self.calibration not in cal.METHODS:
             raise InputError(
                 f"unknown calibration method '{self.calibration}' (choose from {', '.join(cal.METHODS)})"
@@ -175,26 +199,46 @@ class QuantizeReport:
     parity: VerifyReport | None = None
     weight_range: str = ""  # why the weights use the full or the pair-safe range
     fallback: str | None = None  # why the mode asked for was replaced (the floors broke)
+    weight_format: str | None = None  # weight-only: qdq or nbits, as written
+
+    def _mode_lines(self) -> list[str]:
+        c = self.config
+        if c.mode == "weight-only":
+            layout = (
+                "DequantizeLinear with block_size (opset 21), fused into MatMulNBits by onnxruntime"
+                if self.weight_format == "qdq"
+                else "com.microsoft MatMulNBits (onnxruntime)"
+            )
+            method = (
+                f"clipping by E[x^2] on {self.calibration_samples} samples of {self.data}"
+                f"{' (SYNTHETIC)' if self.synthetic else ''}"
+                if c.weight_method == "mse"
+                else "round to nearest"
+            )
+            return [
+                f"mode         weight-only int{c.weight_bits}, blocks of {c.block_size} rows, "
+                f"{'asymmetric (zero points)' if c.weight_zero_point else 'symmetric'}; {method}",
+                f"format       {layout}; activations stay float",
+            ]
+        if c.mode == "dynamic":
+            return [
+                f"mode         dynamic (no calibration); verified on {self.data}",
+                "weights      int8 per output column; activations uint8, quantized at run time",
+            ]
+        return [
+            "calibration  none (nothing to calibrate)"
+            if not self.quantized_ops
+            else f"calibration  {c.calibration}{f' {c.percentile}' if c.calibration == 'percentile' else ''} on "
+            f"{self.calibration_samples} samples of {self.data}{' (SYNTHETIC)' if self.synthetic else ''}",
+            f"activations  {c.activation_type} {'symmetric' if c.symmetric_activations else 'asymmetric'}, "
+            f"weights int8 {'per-channel' if c.per_channel else 'per-tensor'} symmetric, bias int32",
+        ]
 
     def format(self) -> str:
-        c = self.config
         lines = [
             f"model        {self.source}",
-            (
-                "calibration  none (nothing to calibrate)"
-                if c.mode == "static" and not self.quantized_ops
-                else f"calibration  {c.calibration}{f' {c.percentile}' if c.calibration == 'percentile' else ''} on "
-                f"{self.calibration_samples} samples of {self.data}{' (SYNTHETIC)' if self.synthetic else ''}"
-                if c.mode == "static"
-                else f"mode         dynamic (no calibration); verified on {self.data}"
-            ),
-            (
-                f"activations  {c.activation_type} {'symmetric' if c.symmetric_activations else 'asymmetric'}, "
-                f"weights int8 {'per-channel' if c.per_channel else 'per-tensor'} symmetric, bias int32"
-                if c.mode == "static"
-                else "weights      int8 per output column; activations uint8, quantized at run time"
-            ),
-            f"weight range {self.weight_range}",
+            *self._mode_lines(),
+            *([f"weight range {self.weight_range}"] if self.config.mode != "weight-only" else []),
             *([f"fallback     {self.fallback}"] if self.fallback else []),
             "quantized    "
             + (
@@ -369,6 +413,9 @@ class _Builder:
         # per-channel input means of the layers it corrects (no second pass over the samples).
         self.collect_means = False
         self.means: dict[tuple[str, int], np.ndarray] = {}
+        # weight-only: E[x^2] per input feature of each weighted MatMul, and the format written
+        self.importance: dict[str, np.ndarray] | None = None
+        self.weight_format: str | None = None
 
     def _ensure_stats(self, sources: list[str], means: list[tuple[str, int]] = ()) -> None:
         missing = [s for s in sources if s not in self.stats]
@@ -425,6 +472,8 @@ class _Builder:
             )
         if config.mode == "dynamic":
             return self._build_dynamic(model, config, keep_float)
+        if config.mode == "weight-only":
+            return self._build_weight_only(model, config, keep_float)
         plan, kept = plan_quantization(model, config)
         means = []
         if self.collect_means and not self.means:
@@ -518,6 +567,9 @@ class _Builder:
 
     def _build_dynamic(self, model: ir.Model, config: QuantizeConfig, keep_float: frozenset[str]):
         result = quantize_dynamic(model, tuple(config.exclude), config.reduce_range == "on")
+        return self._weights_built(model, result, keep_float)
+
+    def _weights_built(self, model: ir.Model, result, keep_float: frozenset[str]):
         plan = Plan(quantized_nodes=dict(result.quantized))
         ops = {n.name or n.outputs[0].name: n.op_type for n in self.prepared.graph}
         kept = []
@@ -526,6 +578,50 @@ class _Builder:
                 reason = "kept in float by the accuracy guard"
             kept.append(KeptFloat(key, ops.get(key, "?"), reason))
         return model, plan, kept, InsertResult(0, len(result.quantized), 0, 0), []
+
+    def _build_weight_only(
+        self, model: ir.Model, config: QuantizeConfig, keep_float: frozenset[str]
+    ):
+        if config.weight_method == "mse" and self.importance is None:
+            # E[x^2] per input feature of every weighted MatMul: one sweep, computed once
+            collector = Collector(self.prepared)
+            names = weight_only.input_features(self.prepared)
+            ranks = {
+                v.name: len(v.shape)
+                for n in self.prepared.graph
+                for v in n.inputs
+                if v is not None and v.shape is not None
+            }
+            for name in names:
+                if name in ranks:
+                    collector.channel_moments(name, ranks[name] - 1)
+            found = (
+                collector.run(
+                    self.samples,
+                    config.batch_size,
+                    "calibration" if self.holdout > 0 else "all",
+                    self.holdout,
+                    desc="weight statistics",
+                )
+                if collector
+                else None
+            )
+            self.calibrated = max(self.calibrated, found.samples if found else 0)
+            self.importance = {
+                name: np.asarray(sums.squares, np.float64) / max(1, sums.count)
+                for (name, _), sums in (found.channels.items() if found else [])
+            }
+        result = weight_only.quantize_weights(
+            model,
+            bits=config.weight_bits,
+            block_size=config.block_size,
+            symmetric=not config.weight_zero_point,
+            fmt=config.weight_format,
+            importance=self.importance if config.weight_method == "mse" else None,
+            exclude=tuple(config.exclude),
+        )
+        self.weight_format = result.format
+        return self._weights_built(model, result, keep_float)
 
 
 def _resolve_reduce_range(config: QuantizeConfig) -> tuple[QuantizeConfig, str]:
@@ -587,6 +683,12 @@ def quantize(
     # Tensors are shared, never written: the caller's model stays as it was.
     prepared = original.clone()
     weight_before = io.weights_nbytes(original)
+    opset = prepared.opset_imports.get("", 0)
+    if config.mode == "weight-only" and config.weight_format == "qdq" and opset < 21:
+        raise InputError(
+            f"weight format qdq (DequantizeLinear with block_size) needs opset 21; the model "
+            f"is at opset {opset}: choose nbits (MatMulNBits) or auto, or convert it"
+        )
     prepared_info = passes.prepare_for_inference(prepared)
     prepared, config = _avoid_opset21_matmul(prepared, config, source)
     holdout = 0.0 if verify_samples is not None else config.holdout
@@ -661,6 +763,7 @@ def quantize(
         guard=guard_report,
         bias_correction=bias_note,
         weight_range=weight_range,
+        weight_format=builder.weight_format,
     )
     if verifying:  # also when nothing was quantized: it checks that the outputs can be compared
         t0 = time.perf_counter()
