@@ -431,6 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
         "opset 21+, else nbits",
     )
     w.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=[0, 1, 2, 3, 4],
+        default=4,
+        help="MatMulNBits compute (nbits format): 4 (default) int8 inside the kernel, as "
+        "onnxruntime picks for the fused qdq form; 0 float",
+    )
+    w.add_argument(
         "--weight-method",
         choices=["rtn", "mse"],
         default="mse",
@@ -971,6 +979,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         weight_zero_point=args.weight_zero_point,
         weight_format=args.weight_format,
         weight_method=args.weight_method,
+        accuracy_level=args.accuracy_level,
         bias_correction=args.bias_correction,
         min_cosine=args.min_cosine,
         reduce_range=args.reduce_range,

@@ -97,7 +97,9 @@ def test_block_codes_use_every_level_and_keep_zero_exact():
 def test_both_encodings_compute_the_dequantized_weights_in_onnxruntime(fmt, opset, symmetric):
     w = np.random.default_rng(1).standard_normal((70, 12)).astype(np.float32)  # a partial block
     model = io.load_model(_matmul_model(w, opset))
-    result = wo.quantize_weights(model, bits=4, block_size=16, symmetric=symmetric, fmt=fmt)
+    result = wo.quantize_weights(
+        model, bits=4, block_size=16, symmetric=symmetric, fmt=fmt, accuracy_level=0
+    )  # float compute inside MatMulNBits: exact
     assert result.quantized == {"y": "MatMul"} and result.format == fmt
     proto = io.to_proto(model)
     onnx.checker.check_model(proto, full_check=True)
@@ -165,32 +167,53 @@ def test_weight_only_command_on_an_exported_decoder(tmp_path):
     assert cos.min() > 0.98
 
 
-def test_a_tied_embedding_stays_tied_and_the_model_never_grows(tmp_path):
-    """A table read by a Gather (the token embedding) and by a MatMul (a tied output head):
-    quantizing it for the MatMul alone would store it twice. It stays float, with the reason
-    (torch.onnx's exporters write GPT-2's tied head as a separate transposed copy, which is
-    quantized like any weight)."""
-    table = np.random.default_rng(6).standard_normal((64, 32)).astype(np.float32)
+def _tied(table: np.ndarray, extra: str | None = None) -> onnx.ModelProto:
+    """A table read by a Gather (the token embedding) and a MatMul (a tied output head), and
+    optionally by another op that has no quantized form."""
+    nodes = [
+        oh.make_node("Gather", ["table", "ids"], ["e"]),
+        oh.make_node("MatMul", ["h", "table"], ["y"]),
+        oh.make_node("Add", ["e", "y"], ["out"]),
+    ]
+    outputs = [oh.make_tensor_value_info("out", TensorProto.FLOAT, ["B", 128])]
+    if extra:
+        nodes.append(oh.make_node(extra, ["table"], ["t"]))
+        outputs.append(oh.make_tensor_value_info("t", TensorProto.FLOAT, [128, 128]))
     graph = oh.make_graph(
-        [
-            oh.make_node("Gather", ["table", "ids"], ["e"]),
-            oh.make_node("MatMul", ["h", "table"], ["y"]),
-            oh.make_node("Add", ["e", "y"], ["out"]),
-        ],
+        nodes,
         "tied",
         [
             oh.make_tensor_value_info("ids", TensorProto.INT64, ["B"]),
-            oh.make_tensor_value_info("h", TensorProto.FLOAT, ["B", 64]),
+            oh.make_tensor_value_info("h", TensorProto.FLOAT, ["B", 128]),
         ],
-        [oh.make_tensor_value_info("out", TensorProto.FLOAT, ["B", 32])],
+        outputs,
         [onnx.numpy_helper.from_array(table, "table")],
     )
-    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
-    model = io.load_model(proto)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+def test_a_tied_embedding_is_quantized_for_both_readers_and_never_stored_twice():
+    """A table read by the embedding Gather and the output MatMul: int8 rows for the first,
+    int4 blocks for the second, the float table gone; with a third reader that has no
+    quantized form, everything stays float (with the reason) rather than grow the model.
+    (torch.onnx writes GPT-2's tied head as its own transposed copy: an ordinary weight.)"""
+    table = np.random.default_rng(6).standard_normal((128, 128)).astype(np.float32)
+    model = io.load_model(_tied(table))
     result = wo.quantize_weights(model, bits=4, block_size=32)
-    assert result.quantized == {}
-    assert "tied weight" in result.kept_float["y"]
-    assert io.weights_nbytes(model) == table.nbytes
+    assert sorted(result.quantized.values()) == ["Gather", "MatMul"]
+    assert io.weights_nbytes(model) < 0.5 * table.nbytes
+    ids = np.array([3, 77], np.int64)
+    h = np.random.default_rng(7).standard_normal((2, 128)).astype(np.float32)
+    got = _session(io.to_proto(model), ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(
+        None, {"ids": ids, "h": h}
+    )[0]
+    want = table[ids] + h @ table
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+
+    shared = io.load_model(_tied(table, extra="Neg"))
+    result = wo.quantize_weights(shared, bits=4, block_size=32)
+    assert result.quantized == {} and "tied weight" in result.kept_float["y"]
+    assert io.weights_nbytes(shared) == table.nbytes
 
 
 def test_qdq_encoding_below_opset_21_is_refused_in_one_line(tmp_path):

@@ -96,6 +96,7 @@ class QuantizeConfig:
     weight_zero_point: bool = False  # weight-only: asymmetric blocks (a zero point each)
     weight_format: str = "auto"  # weight-only: qdq (opset 21 DequantizeLinear), nbits, auto
     weight_method: str = "mse"  # weight-only: rtn, or mse (clipping weighted by E[x^2])
+    accuracy_level: int = 4  # weight-only nbits: MatMulNBits compute (4: int8, 0: float)
     max_drop: float | None = None  # accuracy guard: top-1 points (against labels, else agreement)
     min_cosine: float | None = None  # accuracy guard: minimum mean output cosine
     guard_samples: int = 512  # held-out samples the guard scores candidates on
@@ -123,6 +124,8 @@ class QuantizeConfig:
             raise InputError(f"reduce range must be auto, on or off, got '{self.reduce_range}'")
         if self.mode not in ("static", "dynamic", "weight-only"):
             raise InputError(f"unknown mode '{self.mode}' (choose static, dynamic or weight-only)")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise InputError(f"accuracy level must be 0 to 4, got {self.accuracy_level}")
         if self.weight_bits not in (4, 8):
             raise InputError(f"weight bits must be 4 or 8, got {self.weight_bits}")
         if self.block_size not in weight_only.BLOCK_SIZES:
@@ -619,6 +622,7 @@ class _Builder:
             fmt=config.weight_format,
             importance=self.importance if config.weight_method == "mse" else None,
             exclude=tuple(config.exclude),
+            accuracy_level=config.accuracy_level,
         )
         self.weight_format = result.format
         return self._weights_built(model, result, keep_float)

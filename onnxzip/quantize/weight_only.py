@@ -23,7 +23,14 @@ Two encodings of the result:
   its ``MatMulNBits`` kernel at its extended optimisation level;
 * ``nbits``: ``com.microsoft.MatMulNBits`` directly (any opset; onnxruntime only): codes as
   unsigned nibbles packed two per byte ``[N, blocks, bs / 2]`` (low nibble first), symmetric
-  codes offset by 8 (its default zero point), scales ``[N * blocks]``.
+  codes offset by 8 (its default zero point), scales ``[N * blocks]``; ``accuracy_level`` 4
+  (activations quantized to int8 per block inside the kernel, what onnxruntime also picks
+  when it fuses the ``qdq`` form) by default, 0 for float compute.
+
+Embedding tables (``Gather`` of a constant 2-D table) become int8 rows with one scale per column
+(as in dynamic mode), standard ONNX either way. A table tied to an output MatMul is quantized
+for both readers (int8 rows and int4 blocks), so its float copy goes; a constant another op
+also reads stays float for every reader.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip.passes import add_initializer, const_array, remove_unused_initializers, replace_node
-from onnxzip.quantize.dynamic import _weight_matrix
+from onnxzip.quantize.dynamic import MIN_TABLE, _quantize_table, _weight_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -188,14 +195,29 @@ def quantize_weights(
     fmt: str = "auto",
     importance: dict[str, np.ndarray] | None = None,
     exclude: tuple[str, ...] = (),
+    accuracy_level: int = 4,
+    tables: bool = True,
 ) -> WeightOnlyResult:
     """Rewrites every MatMul (and default-attribute Gemm) with a constant float32 weight of
-    ``model`` in place. ``importance`` maps an input tensor name to ``E[x^2]`` per feature
-    (for data-aware clipping). A weight that something else also reads (a tied embedding) is
-    quantized once for all its MatMul readers, or kept in float when another op reads it."""
+    ``model`` in place, and (``tables``) every embedding Gather. ``importance`` maps an input
+    tensor name to ``E[x^2]`` per feature (for data-aware clipping)."""
     graph = model.graph
     fmt = resolve_format(model, fmt)
     result = WeightOnlyResult(format=fmt)
+    if tables:
+        # Embedding tables first, as int8 rows (a tied table read by a MatMul too is then
+        # quantized for both readers; the float copy goes).
+        for node in list(graph):
+            if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+                continue
+            key = node.name or node.outputs[0].name
+            if node.name in exclude or key in exclude or "Gather" in exclude:
+                continue
+            table = node.inputs[0]
+            if any(not _handled(u.node, u.idx) for u in table.uses()):
+                continue  # some reader would keep the float table: storing it twice
+            if _quantize_table(graph, node, key) is None:
+                result.quantized[key] = "Gather"
     if fmt == "qdq" and model.opset_imports.get("", 0) < 21:
         raise ValueError("blocked DequantizeLinear needs opset 21")
     encoded: dict[int, tuple[BlockCodes, ir.Value | None]] = {}
@@ -216,7 +238,7 @@ def quantize_weights(
             continue
         value = node.inputs[1]
         readers = {id(u.node) for u in value.uses()}
-        if len(readers) > 1 and any(u.node.op_type not in ("MatMul", "Gemm") for u in value.uses()):
+        if len(readers) > 1 and not all(_handled(u.node, u.idx) for u in value.uses()):
             result.kept_float[key] = "weight shared with a node that stays float (tied weight)"
             continue
         if node.op_type == "Gemm" and node.attributes.get("transB") is not None:
@@ -256,7 +278,13 @@ def quantize_weights(
             mm = ir.node(
                 "MatMulNBits",
                 inputs,
-                attributes={"K": k, "N": n, "bits": bits, "block_size": block_size},
+                attributes={
+                    "K": k,
+                    "N": n,
+                    "bits": bits,
+                    "block_size": block_size,
+                    "accuracy_level": accuracy_level,
+                },
                 domain="com.microsoft",
                 name=f"{key}_MatMulNBits",
             )
@@ -274,6 +302,26 @@ def quantize_weights(
         model.opset_imports["com.microsoft"] = 1
     remove_unused_initializers(model)
     return result
+
+
+def _handled(node: ir.Node, index: int) -> bool:
+    """This reader of a constant gets a quantized copy: a MatMul/Gemm reading it as its weight,
+    or a Gather reading it as an embedding table (rows on axis 0)."""
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type in ("MatMul", "Gemm"):
+        return index == 1 and _weight_matrix(node)[0] is not None
+    if node.op_type == "Gather":
+        axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
+        table = const_array(node.inputs[0])
+        return (
+            index == 0
+            and axis == 0
+            and table is not None
+            and table.ndim == 2
+            and table.size >= MIN_TABLE
+        )
+    return False
 
 
 def _dequantize_node(graph: ir.Graph, node: ir.Node, key: str, blocks: BlockCodes) -> ir.Value:
