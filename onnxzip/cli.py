@@ -768,7 +768,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     compressed, report = compress(
         model, samples, config, verify_samples=verify_samples, source=str(args.model), metric=metric
     )
-    io.save_model(compressed, args.output)
+    _save(compressed, args)
     _emit(report, args, report.format() + f"\n\nwrote {args.output}")
     return EXIT_OK if report.parity.passed else EXIT_PARITY
 
@@ -895,7 +895,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             f"{r.first_loss:.4f} -> {r.last_loss:.4f}, {r.seconds:.1f} s"
         )
         split, holdout = ("holdout", args.holdout) if args.holdout > 0 else ("all", 0.0)
-    io.save_model(pruned, args.output)
+    _save(pruned, args)
     if samples is not None:
         from onnxzip.verify import verify
 
@@ -996,9 +996,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         floors=not args.no_floors,
         metric=metric,
     )
-    io.save_model(quantized, args.output)
+    _save(quantized, args)
     _emit(report, args, report.format() + f"\n\nwrote {args.output}")
     return EXIT_OK if report.parity is None or report.parity.passed else EXIT_PARITY
+
+
+def _save(model, args: argparse.Namespace) -> None:
+    """Writes the output in the input's layout: weights in an external data file when the
+    input kept them in one (or when they exceed 2 GB)."""
+    from onnxzip import io
+
+    io.save_model(model, args.output, external=bool(io.external_data_files(args.model)))
 
 
 def _configure_logging(args: argparse.Namespace) -> None:

@@ -750,13 +750,15 @@ def save_model(
     path: str | os.PathLike,
     *,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    external: bool = False,
 ) -> Path:
     """Checks and writes ``model`` to ``path`` atomically.
 
     The model is written into a temporary folder beside ``path``, checked there with
     ``onnx.checker.check_model(full_check=True)``, and only then renamed over ``path``.
-    If its initializers exceed ``external_data_threshold`` bytes they go to
-    ``<name>.data`` beside the model.
+    If its initializers exceed ``external_data_threshold`` bytes, or ``external`` is set (the
+    input kept its weights outside, as torch.onnx's exporter writes them), tensors of 1 KiB
+    and more go to ``<name>.<8 hex>.data`` beside the model.
 
     Returns:
         The path written.
@@ -780,7 +782,7 @@ def save_model(
             f"<= {max_opset()})"
         )
     data_name = None
-    if weights_nbytes(model) > external_data_threshold:
+    if weights_nbytes(model) > external_data_threshold or (external and _has_large_tensor(model)):
         # A name unique to this write: it never overwrites another model's data, and readers
         # see the old model with its old data or the new one with its new data, never a mix.
         while data_name is None or (folder / data_name).exists():
@@ -837,6 +839,13 @@ def save_model(
         shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.info("wrote %s", target)
     return target
+
+
+def _has_large_tensor(model: ir.Model) -> bool:
+    return any(
+        v.const_value is not None and v.const_value.nbytes >= 1024
+        for v in model.graph.initializers.values()
+    )
 
 
 def external_data_files(path: str | os.PathLike) -> list[Path]:

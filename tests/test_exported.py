@@ -188,3 +188,27 @@ def test_gemm_ffn_between_run_time_reshapes_is_a_group(name):
         a = Runner(masked, optimization="none").run(batch)
         b = Runner(pruned, optimization="none").run(batch)
         np.testing.assert_allclose(b["logits"], a["logits"], atol=2e-5 * np.abs(a["logits"]).max())
+
+
+def test_outputs_keep_the_exporters_external_data_layout(tmp_path):
+    """torch.onnx's dynamo exporter keeps every weight in ``model.onnx.data``: the output does
+    the same (one data file named for this write), and a single-file input stays single-file."""
+    for name, external in (("llama_dynamo", True), ("llama_ts", False)):
+        folder = tmp_path / name
+        folder.mkdir()
+        out = folder / "q.onnx"
+        run = subprocess.run(
+            [sys.executable, "-m", "onnxzip", "quantize", str(DATA / f"{name}.onnx")]
+            + ["-o", str(out), "--mode", "dynamic", "--synthetic", "8", "--no-floors"],
+            capture_output=True,
+            text=True,
+            cwd=folder,
+        )
+        assert run.returncode == 0, run.stderr
+        files = sorted(p.name for p in folder.iterdir())
+        if external:
+            assert len(files) == 2 and files[0] == "q.onnx" and files[1].startswith("q.onnx.")
+            assert files[1].endswith(".data") and io.external_data_files(out)
+        else:
+            assert files == ["q.onnx"]
+        onnx.checker.check_model(str(out), full_check=True)
