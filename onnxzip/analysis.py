@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from onnxzip import data as data_mod
 from onnxzip import floors, io
-from onnxzip.errors import InputError
+from onnxzip.errors import InputError, ModelError
 from onnxzip.ir import ops
 from onnxzip.passes import const_array
 from onnxzip.quantize.params import pair_overflow_channels
@@ -289,6 +290,74 @@ def with_input_shapes(model: ir.Model, shapes: dict[str, list[int]], name: str =
             dims = [old[0], *dims[1:]]
         value.shape = ir.Shape(dims)
     return io.reinfer_shapes(fixed, name)
+
+
+# Peak bytes of a run per byte of its intermediate tensors: onnxruntime's arena holds them (its
+# memory plan reuses some), tensors fetched for statistics are copied out, and the numpy
+# reductions of statistics work on float64 copies of what they reduce.
+RUN_OVERHEAD = 3
+
+
+@dataclass
+class MemoryFit:
+    """How many samples one run may hold under a memory budget."""
+
+    budget: int  # bytes
+    per_sample: int  # estimated peak bytes of one sample's run
+    batch: int  # samples per run after the cap
+    requested: int
+
+    @property
+    def capped(self) -> bool:
+        return self.batch < self.requested
+
+    def describe(self) -> str:
+        return (
+            f"batches of {self.batch} sample{'s' if self.batch != 1 else ''} "
+            f"({'capped from ' + str(self.requested) + ' by' if self.capped else 'within'} the "
+            f"memory budget of {self.budget / 2**30:.1f} GiB; about "
+            f"{self.per_sample / 2**20:,.0f} MiB per sample)"
+        )
+
+
+def activation_bytes(model: ir.Model, shapes: dict[str, list[int]]) -> int:
+    """Bytes of every intermediate tensor of one run at these input shapes (batch 1); tensors
+    whose shape is still unknown count nothing."""
+    fixed = with_input_shapes(model, shapes)
+    total = 0
+    for node in fixed.graph:
+        for value in node.outputs:
+            if value.shape is None or value.dtype is None:
+                continue
+            dims = [d if isinstance(d, int) else 1 for d in value.shape]
+            total += int(math.prod(dims) * max(1, value.dtype.itemsize))
+    return total
+
+
+def fit_memory(model: ir.Model, samples, requested: int, budget: int | None = None) -> MemoryFit:
+    """Caps ``samples``' batches so that one run fits ``budget`` bytes (default: half the
+    memory available now); the estimate is ``RUN_OVERHEAD`` times the bytes of one sample's
+    intermediate tensors at the shapes of the first real sample."""
+    if budget is None:
+        available = data_mod.available_memory()
+        budget = available // 2 if available else 2**34
+    try:
+        per_sample = RUN_OVERHEAD * activation_bytes(model, sample_shapes(samples))
+    except (InputError, ModelError) as exc:  # shapes it cannot infer: no cap
+        logger.info("activation memory not estimated: %s", exc)
+        per_sample = 0
+    batch = requested
+    if per_sample > 0:
+        batch = max(1, min(requested, budget // per_sample))
+        if batch < requested:
+            samples.max_batch = batch
+            if budget < per_sample:
+                logger.warning(
+                    "one sample needs about %.1f GiB, over the memory budget of %.1f GiB",
+                    per_sample / 2**30,
+                    budget / 2**30,
+                )
+    return MemoryFit(budget, per_sample, batch, requested)
 
 
 def inspect_model(

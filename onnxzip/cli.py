@@ -78,6 +78,7 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--batch-size", type=int, default=32, metavar="B", help="samples per run (default 32)"
     )
+    _memory_option(group)
     group.add_argument("--seed", type=int, default=0, help="seed for --synthetic (default 0)")
     group.add_argument(
         "--holdout",
@@ -86,6 +87,38 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         help="held-out fraction F of --data: verify compares on it only; quantize keeps it out of "
         "calibration and verifies on it (default there 0.2; 0 calibrates on everything)",
     )
+
+
+def _memory_option(group) -> None:
+    group.add_argument(
+        "--memory-budget",
+        type=_size,
+        metavar="SIZE",
+        help="bytes one run of the samples may take (like 8G or 512M): batches shrink to fit "
+        "(default: half the memory available at start)",
+    )
+
+
+def _size(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    raw = text.strip().lower().removesuffix("b").removesuffix("i")
+    factor = units.get(raw[-1:], 1)
+    try:
+        value = float(raw[:-1] if raw[-1:] in units else raw) * factor
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (like 8G or 512M)") from None
+    if value < 2**20:
+        raise argparse.ArgumentTypeError(f"a memory budget under 1 MiB: {text!r}")
+    return int(value)
+
+
+def _fit_memory(model, samples, args: argparse.Namespace) -> str:
+    """Caps the samples' batches to the memory budget; the line that says so when it bites."""
+    from onnxzip.analysis import fit_memory
+
+    fit = fit_memory(model, samples, args.batch_size, args.memory_budget)
+    logger.info("memory: %s", fit.describe())
+    return f"memory       {fit.describe()}\n" if fit.capped else ""
 
 
 def _fraction(text: str) -> float:
@@ -471,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=int, default=32, metavar="B", help="samples per run (default 32)"
     )
+    _memory_option(p)
     p.add_argument(
         "--holdout",
         type=_fraction,
@@ -629,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=int, default=32, metavar="B", help="samples per run (default 32)"
     )
+    _memory_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed for --synthetic (default 0)")
     p.add_argument(
         "--reconstruct",
@@ -745,6 +780,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
     model = io.load_model(args.model, name=str(args.model))
     samples = open_samples(input_specs(model), args.data)
+    memory = _fit_memory(model, samples, args)
     config = CompressConfig(
         target_macs=None if args.no_prune or args.prune_ratio is not None else args.target_macs,
         ratio=args.prune_ratio,
@@ -765,11 +801,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     verify_samples = None
     if args.verify_data is not None:
         verify_samples = open_samples(input_specs(model), args.verify_data)
+        _fit_memory(model, verify_samples, args)
     compressed, report = compress(
         model, samples, config, verify_samples=verify_samples, source=str(args.model), metric=metric
     )
     _save(compressed, args)
-    _emit(report, args, report.format() + f"\n\nwrote {args.output}")
+    _emit(report, args, memory + report.format() + f"\n\nwrote {args.output}")
     return EXIT_OK if report.parity.passed else EXIT_PARITY
 
 
@@ -786,6 +823,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         raise InputError(f"{args.output}: statistics are written as .npz")
     model = io.load_model(args.model, name=str(args.model))
     samples = open_samples(input_specs(model), args.data, args.synthetic, args.seed)
+    _fit_memory(model, samples, args)
     work, groups = prepared_groups(model)
     stats, report = gradient_statistics(
         work, groups, samples, batch_size=args.batch_size, use_labels=not args.no_labels
@@ -859,8 +897,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         io.load_model(args.model, name=str(args.model)), args.target_opset, str(args.model)
     )
     samples = None
+    memory = ""
     if args.data is not None or args.synthetic is not None:
         samples = open_samples(input_specs(model), args.data, args.synthetic, args.seed)
+        memory = _fit_memory(model, samples, args)
     config = PruneConfig(
         ratio=args.ratio,
         target_macs=args.target_macs,
@@ -913,7 +953,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         )
         text += "\n\n" + report.parity.format()
 
-    _emit(report, args, text + f"\n\nwrote {args.output}")
+    _emit(report, args, memory + text + f"\n\nwrote {args.output}")
     return EXIT_OK if report.parity is None or report.parity.passed else EXIT_PARITY
 
 
@@ -926,6 +966,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         raise InputError("--per-node-samples must be at least 1")
     reference = io.load_model(args.reference, name=str(args.reference))
     samples = open_samples(input_specs(reference), args.data, args.synthetic, args.seed)
+    memory = _fit_memory(reference, samples, args)
     thresholds = _thresholds(args)
     report = verify(
         reference,
@@ -944,7 +985,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         floors=not args.no_floors,
         metric=_metric(args),
     )
-    _emit(report, args, report.format())
+    _emit(report, args, memory + report.format())
     return EXIT_OK if report.passed else EXIT_PARITY
 
 
@@ -961,6 +1002,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     specs = input_specs(model)
     samples = open_samples(specs, args.data, args.synthetic, args.seed)
     verify_samples = open_samples(specs, args.verify_data) if args.verify_data is not None else None
+    memory = _fit_memory(model, samples, args)
+    if verify_samples is not None:
+        _fit_memory(model, verify_samples, args)
     config = QuantizeConfig(
         calibration=args.calibration,
         percentile=args.percentile,
@@ -997,7 +1041,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         metric=metric,
     )
     _save(quantized, args)
-    _emit(report, args, report.format() + f"\n\nwrote {args.output}")
+    _emit(report, args, memory + report.format() + f"\n\nwrote {args.output}")
     return EXIT_OK if report.parity is None or report.parity.passed else EXIT_PARITY
 
 

@@ -234,6 +234,8 @@ class Samples:
     synthetic = False
     has_labels = False
     count: int | None = None
+    # the most samples one run may hold, from the memory budget (``analysis.fit_memory``)
+    max_batch: int | None = None
 
     def __init__(self, specs: list[InputSpec]):
         if not specs:
@@ -264,6 +266,8 @@ class Samples:
             return size
         if requested < 1:
             raise DataError(f"batch size must be at least 1, got {requested}")
+        if self.max_batch is not None and requested > self.max_batch:
+            return self.max_batch
         return requested
 
     def batches(
