@@ -250,7 +250,13 @@ def sample_shapes(samples) -> dict[str, list[int]]:
     """The input shapes of one real sample (batch 1), for counting MACs where the model's own
     shapes are symbolic (image height and width, sequence length)."""
     batch = next(iter(samples.batches(1)))
-    return {name: [1, *array.shape[1:]] for name, array in batch.inputs.items()}
+    shapes = {}
+    for name, array in batch.inputs.items():
+        dims, a = list(array.shape), batch.axis(name)
+        if a is not None and dims:
+            dims[a] = 1
+        shapes[name] = dims
+    return shapes
 
 
 def shapes_for_macs(model: ir.Model, samples) -> dict[str, list[int]] | None:

@@ -79,6 +79,7 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=32, metavar="B", help="samples per run (default 32)"
     )
     _memory_option(group)
+    _batch_axis_option(group)
     group.add_argument("--seed", type=int, default=0, help="seed for --synthetic (default 0)")
     group.add_argument(
         "--holdout",
@@ -87,6 +88,33 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         help="held-out fraction F of --data: verify compares on it only; quantize keeps it out of "
         "calibration and verifies on it (default there 0.2; 0 calibrates on everything)",
     )
+
+
+def _batch_axis_option(group) -> None:
+    group.add_argument(
+        "--batch-axis",
+        action="append",
+        default=[],
+        metavar="NAME=AXIS",
+        help="the axis of input NAME that counts samples (a state [2, batch, 128] has 1; 'none' "
+        "for an input every sample shares); found from the data when not given",
+    )
+
+
+def _batch_axes(args: argparse.Namespace) -> dict[str, int | None] | None:
+    axes: dict[str, int | None] = {}
+    for item in getattr(args, "batch_axis", []):
+        name, sep, axis = item.partition("=")
+        if not sep or not name:
+            raise InputError(f"--batch-axis '{item}': expected NAME=AXIS, like state=1")
+        if axis.strip().lower() == "none":
+            axes[name] = None
+            continue
+        try:
+            axes[name] = int(axis)
+        except ValueError:
+            raise InputError(f"--batch-axis '{item}': AXIS must be an integer or none") from None
+    return axes or None
 
 
 def _memory_option(group) -> None:
@@ -505,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=32, metavar="B", help="samples per run (default 32)"
     )
     _memory_option(p)
+    _batch_axis_option(p)
     p.add_argument(
         "--holdout",
         type=_fraction,
@@ -664,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=32, metavar="B", help="samples per run (default 32)"
     )
     _memory_option(p)
+    _batch_axis_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed for --synthetic (default 0)")
     p.add_argument(
         "--reconstruct",
@@ -760,7 +790,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         from onnxzip.data import input_specs, open_samples
 
         model = io.load_model(args.model, name=str(args.model))
-        shapes = sample_shapes(open_samples(input_specs(model), args.data))
+        shapes = sample_shapes(
+            open_samples(input_specs(model), args.data, batch_axes=_batch_axes(args))
+        )
         report = inspect_model(model, source=str(args.model), input_shapes=shapes)
         report.file_bytes = io.file_size(args.model)
     text = report.format(per_node=args.per_node)
@@ -779,7 +811,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from onnxzip.data import input_specs, open_samples
 
     model = io.load_model(args.model, name=str(args.model))
-    samples = open_samples(input_specs(model), args.data)
+    samples = open_samples(input_specs(model), args.data, batch_axes=_batch_axes(args))
     memory = _fit_memory(model, samples, args)
     config = CompressConfig(
         target_macs=None if args.no_prune or args.prune_ratio is not None else args.target_macs,
@@ -800,7 +832,9 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     metric = _metric(args)
     verify_samples = None
     if args.verify_data is not None:
-        verify_samples = open_samples(input_specs(model), args.verify_data)
+        verify_samples = open_samples(
+            input_specs(model), args.verify_data, batch_axes=_batch_axes(args)
+        )
         _fit_memory(model, verify_samples, args)
     compressed, report = compress(
         model, samples, config, verify_samples=verify_samples, source=str(args.model), metric=metric
@@ -822,7 +856,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     if args.output.suffix != ".npz":
         raise InputError(f"{args.output}: statistics are written as .npz")
     model = io.load_model(args.model, name=str(args.model))
-    samples = open_samples(input_specs(model), args.data, args.synthetic, args.seed)
+    samples = open_samples(
+        input_specs(model), args.data, args.synthetic, args.seed, batch_axes=_batch_axes(args)
+    )
     _fit_memory(model, samples, args)
     work, groups = prepared_groups(model)
     stats, report = gradient_statistics(
@@ -899,7 +935,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     samples = None
     memory = ""
     if args.data is not None or args.synthetic is not None:
-        samples = open_samples(input_specs(model), args.data, args.synthetic, args.seed)
+        samples = open_samples(
+            input_specs(model), args.data, args.synthetic, args.seed, batch_axes=_batch_axes(args)
+        )
         memory = _fit_memory(model, samples, args)
     config = PruneConfig(
         ratio=args.ratio,
@@ -965,7 +1003,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if args.per_node_samples < 1:
         raise InputError("--per-node-samples must be at least 1")
     reference = io.load_model(args.reference, name=str(args.reference))
-    samples = open_samples(input_specs(reference), args.data, args.synthetic, args.seed)
+    samples = open_samples(
+        input_specs(reference), args.data, args.synthetic, args.seed, batch_axes=_batch_axes(args)
+    )
     memory = _fit_memory(reference, samples, args)
     thresholds = _thresholds(args)
     report = verify(
@@ -1000,8 +1040,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     metric = _metric(args)  # a bad --metric is refused before any work
     model = io.load_model(args.model, name=str(args.model))
     specs = input_specs(model)
-    samples = open_samples(specs, args.data, args.synthetic, args.seed)
-    verify_samples = open_samples(specs, args.verify_data) if args.verify_data is not None else None
+    samples = open_samples(
+        specs, args.data, args.synthetic, args.seed, batch_axes=_batch_axes(args)
+    )
+    verify_samples = (
+        open_samples(specs, args.verify_data, batch_axes=_batch_axes(args))
+        if args.verify_data is not None
+        else None
+    )
     memory = _fit_memory(model, samples, args)
     if verify_samples is not None:
         _fit_memory(model, verify_samples, args)

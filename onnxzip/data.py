@@ -14,6 +14,7 @@ can never see the same sample.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -44,10 +45,16 @@ class InputSpec:
     # Set when the input is a shape, size, axis or count operand of an op (e.g. "Reshape shape"):
     # random values are meaningless there and can crash a runtime, so no synthetic samples.
     operand_of: str | None = None
+    # The axis that counts samples: 0 unless a state input carries the batch further in
+    # ([2, batch, 128]); None for an input every sample shares (a scalar sample rate).
+    batch_axis: int | None = 0
 
     @property
     def fixed_batch(self) -> int | None:
-        return self.shape[0] if self.shape and isinstance(self.shape[0], int) else None
+        if self.batch_axis is None or len(self.shape) <= self.batch_axis:
+            return None
+        d = self.shape[self.batch_axis]
+        return d if isinstance(d, int) else None
 
     def describe(self) -> str:
         dims = ", ".join("?" if d is None else str(d) for d in self.shape)
@@ -146,11 +153,20 @@ class Batch:
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     count: int | None = None  # set for models without a batch axis: one feed is one sample
+    # per input, the axis that counts samples when not 0 everywhere (None: shared by all)
+    axes: dict[str, int | None] | None = None
+
+    def axis(self, name: str) -> int | None:
+        return 0 if self.axes is None else self.axes.get(name, 0)
 
     def __len__(self) -> int:
         if self.count is not None:
             return self.count
-        return len(next(iter(self.inputs.values())))
+        for name, array in self.inputs.items():
+            a = self.axis(name)
+            if a is not None:
+                return array.shape[a]
+        return 1
 
 
 def _is_holdout(index: np.ndarray, fraction: float) -> np.ndarray:
@@ -242,6 +258,9 @@ class Samples:
             raise DataError("the model has no inputs to feed")
         self.specs = specs
         self.unbatched = not has_batch_axis(specs)
+        self.axes: dict[str, int | None] | None = (
+            {s.name: s.batch_axis for s in specs} if any(s.batch_axis != 0 for s in specs) else None
+        )
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -363,35 +382,124 @@ def has_batch_axis(specs: list[InputSpec]) -> bool:
     [3, 4] MatMul operand): then one sample is one whole feed, and data files hold a leading sample
     axis in front of each input's full shape.
     """
-    if any(len(s.shape) == 0 or s.shape[0] == 0 for s in specs):
+    if any(s.batch_axis == 0 and (len(s.shape) == 0 or s.shape[0] == 0) for s in specs):
+        return False
+    if all(s.batch_axis is None for s in specs):
         return False
     return len({s.fixed_batch for s in specs} - {None}) <= 1
 
 
 def _take(batch: Batch, index: np.ndarray) -> Batch:
     labels = None if batch.labels is None else batch.labels[index]
-    return Batch({k: v[index] for k, v in batch.inputs.items()}, labels)
+    inputs = {}
+    for k, v in batch.inputs.items():
+        a = batch.axis(k)
+        inputs[k] = v if a is None else (v[index] if a == 0 else np.take(v, index, axis=a))
+    return Batch(inputs, labels, axes=batch.axes)
+
+
+def _other_dims(batch: Batch, name: str) -> tuple:
+    shape, a = batch.inputs[name].shape, batch.axis(name)
+    return shape if a is None else shape[:a] + shape[a + 1 :]
 
 
 def _same_trailing_shapes(a: Batch, b: Batch) -> bool:
-    return all(a.inputs[k].shape[1:] == b.inputs[k].shape[1:] for k in a.inputs)
+    return all(_other_dims(a, k) == _other_dims(b, k) for k in a.inputs)
 
 
 def _concat(batches: list[Batch]) -> Batch:
     if len(batches) == 1:
         return batches[0]
-    inputs = {k: np.concatenate([b.inputs[k] for b in batches]) for k in batches[0].inputs}
+    first = batches[0]
+    inputs = {}
+    for k in first.inputs:
+        a = first.axis(k)
+        inputs[k] = (
+            first.inputs[k] if a is None else np.concatenate([b.inputs[k] for b in batches], a)
+        )
     labels = None
     if all(b.labels is not None for b in batches):
         labels = np.concatenate([b.labels for b in batches])
-    return Batch(inputs, labels)
+    return Batch(inputs, labels, axes=first.axes)
+
+
+def assign_batch_axes(
+    specs: list[InputSpec],
+    headers: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None,
+    given: dict[str, int | None] | None = None,
+) -> list[InputSpec]:
+    """Which axis of each input counts samples.
+
+    Axis 0 everywhere, unless an input's first dimension is fixed while others are dynamic:
+    a streaming model's state ``[2, batch, 128]`` next to ``input [batch, 512]``. Its batch axis
+    is then the dynamic axis that holds the data's sample count (from ``headers``), or the one
+    named like the others' batch dimension, or its only dynamic axis. A scalar input next to
+    batched ones (a sample rate) is shared by every sample when the data holds it as one value.
+    ``given`` (``--batch-axis name=axis``, ``none`` for shared) decides first. Without dynamic
+    first dimensions, or when nothing fits, the specs are returned as they were.
+    """
+    given = dict(given or {})
+    names = {s.name for s in specs}
+    for name in given:
+        if name not in names:
+            raise DataError(f"batch axis given for '{name}', which is not a model input")
+    batched = [s for s in specs if s.shape and not isinstance(s.shape[0], int)]
+    if not batched and not given:
+        return specs
+    symbols = {s.shape[0] for s in batched if s.shape[0] is not None}
+    count = None
+    if headers is not None:
+        counts = {
+            headers[s.name][0][0] for s in batched if s.name in headers and headers[s.name][0]
+        }
+        count = next(iter(counts)) if len(counts) == 1 else None
+    out = []
+    changed = False
+    for spec in specs:
+        axis = spec.batch_axis
+        if spec.name in given:
+            axis = given[spec.name]
+            if axis is not None and not 0 <= axis < max(1, len(spec.shape)):
+                raise DataError(f"batch axis {axis} for input {spec.describe()}: out of its rank")
+        elif spec in batched:
+            axis = 0
+        elif not spec.shape:
+            header = headers.get(spec.name) if headers is not None else None
+            if header is None or header[0] != () or not batched:
+                out.append(spec)  # the old layout: a sample axis in front of each input
+                continue
+            axis = None
+        else:
+            dynamic = [k for k, d in enumerate(spec.shape) if k > 0 and not isinstance(d, int)]
+            header = headers.get(spec.name) if headers is not None else None
+            matching = [
+                k
+                for k in dynamic
+                if header is not None
+                and len(header[0]) == len(spec.shape)
+                and header[0][k] == count
+            ]
+            named = [k for k in dynamic if spec.shape[k] in symbols]
+            pick = matching or named or (dynamic if len(dynamic) == 1 and batched else [])
+            if not pick:
+                out.append(spec)
+                continue
+            axis = pick[0]
+        if axis != spec.batch_axis:
+            changed = True
+        out.append(dataclasses.replace(spec, batch_axis=axis))
+    return out if changed else specs
 
 
 class NpzSamples(Samples):
     """Samples from an ``.npz`` file or a folder of ``.npz`` files (streamed file by file)."""
 
-    def __init__(self, path: str | Path, specs: list[InputSpec]):
-        super().__init__(specs)
+    def __init__(
+        self,
+        path: str | Path,
+        specs: list[InputSpec],
+        batch_axes: dict[str, int | None] | None = None,
+    ):
         self.path = Path(path)
         if not self.path.exists():
             raise DataError(f"{self.path}: no such file or folder")
@@ -401,6 +509,7 @@ class NpzSamples(Samples):
                 raise DataError(f"{self.path}: folder holds no .npz files")
         else:
             self.files = [self.path]
+        super().__init__(assign_batch_axes(specs, _npz_headers(self.files[0]), batch_axes))
         self.count = 0
         labelled = []
         for file in self.files:
@@ -439,19 +548,27 @@ class NpzSamples(Samples):
                 )
             # Without a batch axis, the file adds a sample axis in front of the input's shape.
             want_shape = (None, *spec.shape) if self.unbatched else spec.shape
-            if want_shape and len(shape) != len(want_shape):
-                where = "an added first axis" if self.unbatched else "first axis"
+            a = 0 if self.unbatched else spec.batch_axis
+            if (want_shape or a is None) and len(shape) != len(want_shape):
+                where = (
+                    "an added first axis = samples"
+                    if self.unbatched
+                    else "one value every sample shares"
+                    if a is None
+                    else f"axis {a} = samples"
+                )
                 raise DataError(
                     f"{file}: array '{spec.name}' has shape {shape} (rank {len(shape)}); the model input "
-                    f"is {spec.describe()} (rank {len(want_shape)} expected, {where} = samples)"
+                    f"is {spec.describe()} (rank {len(want_shape)} expected, {where})"
                 )
             for axis, (got, want) in enumerate(zip(shape, want_shape, strict=True)):
-                if axis > 0 and isinstance(want, int) and got != want:
+                if axis != a and isinstance(want, int) and got != want:
                     raise DataError(
                         f"{file}: array '{spec.name}' has shape {shape}; the model input is "
                         f"{spec.describe()} (axis {axis} must be {want})"
                     )
-            counts[spec.name] = shape[0] if shape else 1
+            if a is not None:
+                counts[spec.name] = shape[a] if shape else 1
         if len(set(counts.values())) > 1:
             raise DataError(f"{file}: arrays hold different numbers of samples: {counts}")
         n = next(iter(counts.values()))
@@ -475,12 +592,17 @@ class NpzSamples(Samples):
                 raise DataError(f"{file}: cannot be read: {exc}") from exc
             for name, array in inputs.items():
                 if array.dtype.kind in "fc":
-                    bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+                    a = 0 if self.unbatched or not self.axes else self.axes.get(name, 0)
+                    if a is None or array.ndim == 0:  # shared by every sample
+                        rows = array.reshape(1, -1)
+                    else:
+                        rows = np.moveaxis(array, a, 0).reshape(array.shape[a], -1)
+                    bad = ~np.isfinite(rows).all(axis=1)
                     if bad.any():
                         raise DataError(
                             f"{file}: array '{name}' contains NaN or Inf (first at sample {int(np.argmax(bad))})"
                         )
-            yield Batch(inputs, labels)
+            yield Batch(inputs, labels, axes=None if self.unbatched else self.axes)
 
 
 class SyntheticSamples(Samples):
@@ -492,8 +614,14 @@ class SyntheticSamples(Samples):
 
     synthetic = True
 
-    def __init__(self, specs: list[InputSpec], count: int, seed: int = 0):
-        super().__init__(specs)
+    def __init__(
+        self,
+        specs: list[InputSpec],
+        count: int,
+        seed: int = 0,
+        batch_axes: dict[str, int | None] | None = None,
+    ):
+        super().__init__(assign_batch_axes(specs, None, batch_axes))
         if count < 1:
             raise DataError(f"--synthetic needs at least 1 sample, got {count}")
         for spec in specs:
@@ -512,7 +640,8 @@ class SyntheticSamples(Samples):
 
     def _sample_shape(self, spec: InputSpec) -> list[int]:
         """One sample's shape: symbolic dimensions get ``SYNTHETIC_DIM``."""
-        full = spec.shape if self.unbatched else spec.shape[1:]
+        a = spec.batch_axis
+        full = spec.shape if self.unbatched or a is None else spec.shape[:a] + spec.shape[a + 1 :]
         return [d if isinstance(d, int) else SYNTHETIC_DIM for d in full]
 
     def chunks(self) -> Iterator[Batch]:
@@ -531,14 +660,18 @@ class SyntheticSamples(Samples):
             n = min(step, self.count - start)
             inputs = {}
             for spec in self.specs:
-                shape = (n, *self._sample_shape(spec))
+                shape = self._sample_shape(spec)
+                if not self.unbatched and spec.batch_axis is not None:
+                    shape.insert(spec.batch_axis, n)
+                elif self.unbatched:
+                    shape.insert(0, n)
                 if spec.dtype.kind == "f":
                     inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
                 elif spec.dtype.kind in "iu":
                     inputs[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
                 else:
                     inputs[spec.name] = rng.integers(0, 2, shape).astype(bool)
-            yield Batch(inputs)
+            yield Batch(inputs, axes=None if self.unbatched else self.axes)
 
 
 def open_samples(
@@ -546,14 +679,16 @@ def open_samples(
     path: str | Path | None = None,
     synthetic: int | None = None,
     seed: int = 0,
+    batch_axes: dict[str, int | None] | None = None,
 ) -> Samples:
-    """Samples from ``path`` (an .npz or a folder of them), or ``synthetic`` random ones."""
+    """Samples from ``path`` (an .npz or a folder of them), or ``synthetic`` random ones;
+    ``batch_axes`` says which axis of an input counts samples (see ``assign_batch_axes``)."""
     if path is not None and synthetic is not None:
         raise DataError("give either --data or --synthetic, not both")
     if path is not None:
-        return NpzSamples(path, specs)
+        return NpzSamples(path, specs, batch_axes)
     if synthetic is not None:
-        return SyntheticSamples(specs, synthetic, seed)
+        return SyntheticSamples(specs, synthetic, seed, batch_axes)
     raise DataError("no samples: give --data FILE.npz or --synthetic N")
 
 

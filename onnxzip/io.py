@@ -231,16 +231,22 @@ def _check_schemas(proto: onnx.ModelProto, source: str) -> None:
 
 
 def _negative_dims_to_symbols(proto: onnx.ModelProto) -> int:
-    """Some exporters (Paddle) store a dynamic dimension as ``dim_value: -1``; it becomes a
-    symbolic ``dim_param`` (named after the tensor and axis), as a dynamic dimension should be.
-    Returns how many were rewritten (in place)."""
+    """Some exporters (Paddle) store a dynamic dimension as ``dim_value: -1``, others a dynamic
+    batch as ``dim_value: 0`` on the graph's inputs and outputs; each becomes a symbolic
+    ``dim_param`` (named after the tensor and axis), as a dynamic dimension should be, so no
+    batch of 0 samples is ever fed. Returns how many were rewritten (in place)."""
     count = 0
+    main = proto.graph
+    boundary_names = {v.name for v in (*main.input, *main.output)}
     for graph in _graphs(proto):
         for value in (*graph.input, *graph.output, *graph.value_info):
             if not value.type.HasField("tensor_type"):
                 continue
+            boundary = graph is main and value.name in boundary_names
             for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-                if dim.HasField("dim_value") and dim.dim_value < 0:
+                if not dim.HasField("dim_value"):
+                    continue
+                if dim.dim_value < 0 or (dim.dim_value == 0 and axis == 0 and boundary):
                     dim.dim_param = f"{value.name}_dim{axis}"
                     count += 1
     return count

@@ -139,3 +139,101 @@ def test_open_samples_requires_exactly_one_source(tmp_path):
         open_samples(IMAGE)
     with pytest.raises(DataError, match="no such file"):
         open_samples(IMAGE, tmp_path / "missing.npz")
+
+
+def _streaming_model(tmp_path):
+    """A voice-activity-style streaming model: audio ``input [N, 64]``, a recurrent ``state
+    [2, N, 16]`` carrying the batch on axis 1, and a scalar sample rate every sample shares;
+    outputs the speech probability ``[N, 1]`` and the next state."""
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper as oh
+
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.normal(0, 0.3, (64, 16)).astype(np.float32), "w")
+    v = onnx.numpy_helper.from_array(rng.normal(0, 0.3, (16, 1)).astype(np.float32), "v")
+    zero = onnx.numpy_helper.from_array(np.array([0], np.int64), "zero")
+    scale = onnx.numpy_helper.from_array(np.array(1 / 16000, np.float32), "scale")
+    nodes = [
+        oh.make_node("MatMul", ["input", "w"], ["h"]),
+        oh.make_node("Unsqueeze", ["h", "zero"], ["h1"]),
+        oh.make_node("Add", ["state", "h1"], ["s"]),
+        oh.make_node("Tanh", ["s"], ["stateN"]),
+        oh.make_node("ReduceMean", ["stateN", "zero"], ["m"], keepdims=0),
+        oh.make_node("MatMul", ["m", "v"], ["logit"]),
+        oh.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT),
+        oh.make_node("Mul", ["srf", "scale"], ["k"]),
+        oh.make_node("Mul", ["logit", "k"], ["z"]),
+        oh.make_node("Sigmoid", ["z"], ["output"]),
+    ]
+    graph = oh.make_graph(
+        nodes,
+        "vad",
+        [
+            oh.make_tensor_value_info("input", TensorProto.FLOAT, [None, 64]),
+            oh.make_tensor_value_info("state", TensorProto.FLOAT, [2, None, 16]),
+            oh.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [
+            oh.make_tensor_value_info("output", TensorProto.FLOAT, [None, 1]),
+            oh.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, None, 16]),
+        ],
+        [w, v, zero, scale],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)])
+    model.ir_version = 9
+    path = tmp_path / "vad.onnx"
+    onnx.save(model, path)
+    data = tmp_path / "vad.npz"
+    np.savez(
+        data,
+        input=rng.normal(0, 1, (40, 64)).astype(np.float32),
+        state=rng.normal(0, 0.5, (2, 40, 16)).astype(np.float32),
+        sr=np.array(16000, np.int64),
+    )
+    return path, data
+
+
+def test_a_state_input_carries_its_batch_on_axis_1_and_a_scalar_is_shared(tmp_path):
+    """The natural layout of a streaming model's samples: state ``[2, S, 16]`` next to input
+    ``[S, 64]`` and one sample rate. Batches cut the state along axis 1, keep the scalar, and
+    every command runs on them."""
+    import subprocess
+    import sys
+
+    import onnxruntime as ort
+
+    from onnxzip import io
+    from onnxzip.data import input_specs
+
+    path, data = _streaming_model(tmp_path)
+    samples = open_samples(input_specs(io.load_model(path)), data)
+    assert not samples.unbatched and samples.count == 40
+    batches = list(samples.batches(16))
+    assert [len(b) for b in batches] == [16, 16, 8]
+    assert batches[2].inputs["state"].shape == (2, 8, 16) and batches[2].inputs["sr"].shape == ()
+    with np.load(data) as archive:
+        np.testing.assert_array_equal(batches[1].inputs["state"], archive["state"][:, 16:32])
+    held = list(samples.batches(8, "holdout", 0.25))
+    assert sum(len(b) for b in held) == 10 and held[0].inputs["state"].shape[1] == len(held[0])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, batches[0].inputs)
+    assert out[0].shape == (16, 1) and out[1].shape == (2, 16, 16)
+    for argv in (
+        ["quantize", path, "-o", tmp_path / "q.onnx", "--data", data, "--no-floors"],
+        ["verify", path, path, "--data", data],
+        ["quantize", path, "-o", tmp_path / "q2.onnx", "--data", data, "--no-floors"]
+        + ["--batch-axis", "state=1", "--batch-axis", "sr=none"],
+    ):
+        run = subprocess.run(
+            [sys.executable, "-m", "onnxzip", *map(str, argv)], capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "onnxzip", "verify", str(path), str(path), "--data", str(data)]
+        + ["--batch-axis", "state=7"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "batch axis 7" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

@@ -337,3 +337,35 @@ def test_dimensions_stored_as_minus_one_are_symbolic(tmp_path, capsys):
         str(tmp_path / "quantize.onnx"), providers=["CPUExecutionProvider"]
     ).run(None, {"x": x})
     assert y.shape == (2, 4, 5, 7)
+
+
+def test_a_batch_stored_as_zero_is_symbolic(tmp_path, capsys):
+    """Some exporters write a dynamic batch as dim_value 0: it reads as symbolic, so samples
+    are batched (never a batch of 0), and the output keeps it dynamic."""
+    from conftest import run_cli
+
+    w = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [0, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [0, 4])],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    path = save(proto, tmp_path / "zero.onnx")
+    model = io.load_model(path)
+    assert not isinstance(model.graph.inputs[0].shape[0], int)
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.default_rng(1).normal(size=(12, 8)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    code, text, err = run_cli(
+        ["quantize", path, "-o", out, "--data", data, "--holdout", "0.25"], capsys
+    )
+    assert code == 0, err
+    assert "on 9 samples" in text  # 12 samples, 3 held out: batches were not empty
+    (y,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.ones((5, 8), np.float32)}
+    )
+    assert y.shape == (5, 4)
