@@ -29,7 +29,8 @@ from onnxzip.runtime import Runner
 DATA = ROOT / "tests" / "data" / "exported"
 EXPORTS = ["bert_dynamo", "bert_ts", "llama_dynamo", "llama_ts"]
 # per layer: (channels of the attention group, positions per channel in q, k, v and o)
-HEADS = {"bert": (4, 8, 8, 8, 8), "llama": (2, 32, 8, 8, 32)}
+HEADS = {"bert": (4, 8, 8, 8, 8), "llama": (2, 32, 8, 8, 32), "gpt2": (4, 24, 24, 24, 8)}
+FUSED = ["gpt2_dynamo", "gpt2_ts"]  # one Gemm projects q|k|v, split in three
 
 
 def _load(name: str):
@@ -73,7 +74,7 @@ def test_every_layer_has_one_attention_group_over_q_k_v_and_o(name):
                 assert np.all(blocks[:, 0] % 8 == 0) and np.all(np.diff(blocks, axis=1) == 1)
 
 
-@pytest.mark.parametrize("name", EXPORTS)
+@pytest.mark.parametrize("name", EXPORTS + FUSED)
 def test_removing_heads_equals_masking_their_output_rows(name):
     """The masking oracle on the exported graph: zeroing the output projection's rows of some
     heads (the original graph otherwise) computes what the graph with those heads removed
@@ -94,6 +95,28 @@ def test_removing_heads_equals_masking_their_output_rows(name):
         assert io.weights_nbytes(pruned) < io.weights_nbytes(model)
         checked += 1
     assert checked == 2
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_a_fused_qkv_projection_ties_each_query_head_to_its_key_and_value_head(name):
+    """GPT-2's ``c_attn`` computes q|k|v in one Gemm; its 96 output features start as 96
+    channels, become heads at the head reshapes, and merge where query head h meets key head h
+    (the attention scores) and value head h: one channel per head, holding features
+    ``[8h, 8h + 8)`` of each of the three parts, and the output projection's rows of head h."""
+    model = _prepared(name)
+    groups = _attention_groups(model, name)
+    assert len(groups) == 2
+    for g in groups:
+        (weight,) = [
+            m for m in g.slices if m.role == "out" and m.value.const_value.shape.rank() == 2
+        ]
+        for h, p in enumerate(weight.positions):
+            want = np.concatenate([np.arange(8 * h, 8 * h + 8) + 32 * part for part in range(3)])
+            np.testing.assert_array_equal(p, want)
+        (rows,) = [m for m in g.slices if m.role == "in"]
+        assert [list(p) for p in rows.positions] == [
+            list(range(8 * h, 8 * h + 8)) for h in range(4)
+        ]
 
 
 def test_dynamo_key_transpose_becomes_one_transpose_with_the_same_outputs():
@@ -120,7 +143,7 @@ def test_head_counts_spelled_minus_one_are_inferred_next_to_run_time_dims():
     assert [d if isinstance(d, int) else d.value for d in head] == ["batch", "sequence", 4, 8]
 
 
-@pytest.mark.parametrize("name", EXPORTS)
+@pytest.mark.parametrize("name", EXPORTS + FUSED)
 def test_prune_removes_heads_from_the_exported_model(tmp_path, name):
     out, report = tmp_path / "pruned.onnx", tmp_path / "r.json"
     data = DATA / f"{name.split('_')[0]}_ids.npz"
@@ -141,7 +164,10 @@ def test_prune_removes_heads_from_the_exported_model(tmp_path, name):
     assert io.weights_nbytes(pruned) < 0.7 * io.weights_nbytes(original)
     got = Runner(pruned).run(_batch(name))
     assert all(np.isfinite(v).all() for v in got.values())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned.onnx", "r.json"]
+    written = sorted(p.name for p in tmp_path.iterdir())
+    data_files = ["pruned.onnx"] if name.endswith("_ts") else ["pruned.onnx", "pruned.onnx.*"]
+    assert len(written) == len(data_files) + 1 and written[-1] == "r.json"
+    assert written[0] == "pruned.onnx" and all(w.startswith("pruned.onnx.") for w in written[1:-1])
 
 
 def test_a_shape_read_of_the_channel_count_for_anything_but_a_reshape_still_blocks():

@@ -154,7 +154,9 @@ class GroupBuilder:
         """
 
         def merge(positions: Positions) -> Positions:
-            return [np.sort(np.concatenate([positions[c] for c in part])) for part in partition]
+            # unique: merged channels may share a position (a query head and its key head on the
+            # attention scores' head axis)
+            return [np.unique(np.concatenate([positions[c] for c in part])) for part in partition]
 
         g = self.group
         g.spaces = {k: merge(v) for k, v in g.spaces.items()}
@@ -163,6 +165,42 @@ class GroupBuilder:
         self.queue = deque((v, a, merge(p), n, port) for v, a, p, n, port in self.queue)
         g.size = len(partition)
         return merge
+
+    def _reconcile(self, seen: Positions, positions: Positions) -> bool:
+        """A space reached with two channel maps over the same positions: the channels that
+        share a position must go together, so they merge into one (GPT-2's fused q|k|v: query
+        head ``h`` and key head ``h`` meet on the attention scores' head axis). False when the
+        maps cover different positions, or when everything would merge into one channel."""
+
+        def owners(maps: Positions) -> dict[int, list[int]]:
+            found: dict[int, list[int]] = {}
+            for c, p in enumerate(maps):
+                for x in p.tolist():
+                    found.setdefault(x, []).append(c)
+            return found
+
+        a, b = owners(seen), owners(positions)
+        if set(a) != set(b):
+            return False
+        parent = list(range(self.group.size))
+
+        def root(c: int) -> int:
+            while parent[c] != c:
+                parent[c] = parent[parent[c]]
+                c = parent[c]
+            return c
+
+        for x in a:
+            first, *rest = a[x] + b[x]
+            for c in rest:
+                parent[root(c)] = root(first)
+        parts: dict[int, list[int]] = {}
+        for c in range(self.group.size):
+            parts.setdefault(root(c), []).append(c)
+        if len(parts) < 2:
+            return False
+        self.coarsen(sorted((np.array(p) for p in parts.values()), key=lambda p: p[0]))
+        return True
 
     def check_at_end(self, node: ir.Node, check) -> None:
         """``check(spaces)`` runs once the closure is complete (it may need spaces reached
@@ -190,7 +228,7 @@ class GroupBuilder:
             key = (value.name, axis)
             seen = self.group.spaces.get(key)
             if seen is not None:
-                if not same_positions(seen, positions):
+                if not same_positions(seen, positions) and not self._reconcile(seen, positions):
                     self.block(
                         from_node,
                         f"tensor '{value.name}' is reached with two different channel maps",

@@ -458,11 +458,22 @@ def _split(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     if any(s is None for s in sizes):
         return b.block(node, "Split outputs without static sizes")
     if len(node.inputs) < 2 or node.inputs[1] is None:
-        return b.block(
-            node,
-            "Split into equal parts along the channel axis (the parts would differ after pruning)",
-        )
-    if const_array(node.inputs[1]) is None:
+        # Equal parts stay equal when every channel has as many positions in each part (GPT-2's
+        # fused q|k|v projection once its heads are tied across the three): checked at the end.
+        if len(set(sizes)) != 1:
+            return b.block(node, "Split into unequal parts without sizes")
+        outs = [v.name for v in node.outputs]
+
+        def equal_parts(spaces):
+            parts = [spaces.get((name, axis)) for name in outs]
+            if any(p is None for p in parts) or any(
+                len({len(p[c]) for p in parts}) != 1 for c in range(len(parts[0]))
+            ):
+                return "Split into equal parts along the channel axis (the parts would differ after pruning)"
+            return None
+
+        b.check_at_end(node, equal_parts)
+    elif const_array(node.inputs[1]) is None:
         return b.block(node, "Split sizes are not constant")
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     if port[0] == "out":
@@ -501,16 +512,20 @@ def _flatten(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
 
 
 def _heads(b: GroupBuilder, node: ir.Node, pos: Positions, head: int) -> Positions | None:
-    """Positions of whole heads of ``head`` features, merging the group's channels into heads."""
-    heads_of = []
+    """Positions of whole heads of ``head`` features, merging the group's channels into heads.
+    Channels with no position here (the key and value features of a fused q|k|v projection,
+    seen on the query's heads) stay as they are."""
+    heads_of: list[int | None] = []
     for p in pos:
         h = np.unique(p // head)
-        if len(h) != 1:
+        if len(h) > 1:
             b.block(node, "a channel spans two attention heads")
             return None
-        heads_of.append(int(h[0]))
-    order = sorted(set(heads_of))
-    partition = [np.array([c for c, h in enumerate(heads_of) if h == k]) for k in order]
+        heads_of.append(int(h[0]) if len(h) else None)
+    parts: dict = {}
+    for c, h in enumerate(heads_of):
+        parts.setdefault(("head", h) if h is not None else ("alone", c), []).append(c)
+    partition = sorted((np.array(cs) for cs in parts.values()), key=lambda cs: cs[0])
     if any(len(part) > 1 for part in partition):
         merge = b.coarsen(partition)
         pos = merge(pos)
@@ -727,11 +742,26 @@ def _reshape(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
         if spelled(moved if forward else a):
             b.visit(there_value, moved, pos, node, target_port)
         return None
-    if len(there) <= a or not _proved_same(here[:a], there[:a]):
-        return b.block(node, "Reshape changes the dims before the channel axis")
-    if not spelled(a):
+    if len(there) > a and _proved_same(here[:a], there[:a]):
+        a2 = a
+    else:
+        # The dims before the channel axis regrouped too (batch and sequence flattened around
+        # a Gemm): the static tail from the channel axis on must match a static tail there,
+        # element for element; the element count then makes the leading blocks agree.
+        total = math.prod(here[a:]) if all(isinstance(d, int) for d in here[a:]) else None
+        fits = [
+            k
+            for k in range(len(there))
+            if total is not None
+            and all(isinstance(d, int) for d in there[k:])
+            and math.prod(there[k:]) == total
+        ]
+        if not fits:
+            return b.block(node, "Reshape changes the dims before the channel axis")
+        a2 = fits[-1]
+    if not spelled(a2 if forward else a):
         return None
-    tail_here, tail_there = here[a:], there[a:]
+    tail_here, tail_there = here[a:], there[a2:]
     while (
         len(tail_here) > 1 and len(tail_there) > 1 and ops.same_dim(tail_here[-1], tail_there[-1])
     ):
@@ -739,13 +769,13 @@ def _reshape(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     if not all(isinstance(d, int) for d in tail_here + tail_there):
         return b.block(node, "Reshape with symbolic dims from the channel axis on")
     if tail_there[0] == tail_here[0] and math.prod(tail_there[1:]) == math.prod(tail_here[1:]):
-        return b.visit(there_value, a, pos, node, target_port)
+        return b.visit(there_value, a2, pos, node, target_port)
     if len(tail_there) == 1 and tail_there[0] == math.prod(tail_here):
-        return b.visit(there_value, a, widen(pos, math.prod(tail_here[1:])), node, target_port)
+        return b.visit(there_value, a2, widen(pos, math.prod(tail_here[1:])), node, target_port)
     if len(tail_here) == 1 and len(tail_there) >= 2 and math.prod(tail_there) == tail_here[0]:
         narrowed = _heads(b, node, pos, math.prod(tail_there[1:]))
         if narrowed is not None:
-            b.visit(there_value, a, narrowed, node, target_port)
+            b.visit(there_value, a2, narrowed, node, target_port)
         return None
     return b.block(node, "Reshape mixes the channel axis with other axes")
 
