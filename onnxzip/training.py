@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip.errors import InputError
-from onnxzip.passes import add_initializer, replace_node
+from onnxzip.passes import add_initializer, const_array, replace_node
 
 
 def scalar_loss(graph: ir.Graph, terms: list[ir.Value], prefix: str) -> ir.Value:
@@ -41,7 +41,8 @@ def differentiable(model: ir.Model) -> list[str]:
     """Rewrites ops onnxruntime-training 1.19 has no gradient builder for into ops it has.
 
     HardSwish(x) = x * Clip(x + 3, 0, 6) / 6; HardSigmoid(x) = Clip(alpha x + beta, 0, 1);
-    PRelu(x, s) = Relu(x) - s * Relu(-x); Sum of n > 2 inputs = a chain of Add; a
+    PRelu(x, s) = Relu(x) - s * Relu(-x); Sum of n > 2 inputs = a chain of Add; nearest
+    Resize by integer factors = Unsqueeze, Expand, Reshape (element i reads i // f); a
     LayerNormalization with one output gets its mean and inverse-deviation outputs declared.
     Returns the rewritten op types. Exact up to float rounding; callers check the outputs.
     """
@@ -95,6 +96,40 @@ def differentiable(model: ir.Model) -> list[str]:
             node.resize_outputs(3)
             node.outputs[1].name = f"{p}_mean"
             node.outputs[2].name = f"{p}_inv_std"
+        elif op == "Resize" and _integer_nearest(node) is not None:
+            # Nearest upsampling by integer factors repeats each element: Unsqueeze an axis of
+            # size 1 after each scaled axis, Expand it to the factor, Reshape to the product.
+            # Expand and Reshape have gradients (ResizeGrad has no CPU kernel in 1.19).
+            x, factors = node.inputs[0], _integer_nearest(node)
+            scaled = [a for a, f in enumerate(factors) if f > 1]
+            after = [a + 1 + k for k, a in enumerate(scaled)]
+            unsq = ir.node(
+                "Unsqueeze",
+                [x, add_initializer(graph, f"{p}_axes", np.array(after, np.int64))],
+                name=f"{p}_unsqueeze",
+            )
+            repeat = [1] * (len(factors) + len(scaled))
+            for k, a in enumerate(scaled):
+                repeat[a + 1 + k] = factors[a]
+            expand = ir.node(
+                "Expand",
+                [
+                    unsq.outputs[0],
+                    add_initializer(graph, f"{p}_repeat", np.array(repeat, np.int64)),
+                ],
+                name=f"{p}_expand",
+            )
+            shape = ir.node("Shape", [x], name=f"{p}_shape")
+            target = ir.node(
+                "Mul",
+                [
+                    shape.outputs[0],
+                    add_initializer(graph, f"{p}_factors", np.array(factors, np.int64)),
+                ],
+                name=f"{p}_target",
+            )
+            out = ir.node("Reshape", [expand.outputs[0], target.outputs[0]], name=f"{p}_reshape")
+            replace_node(graph, node, [unsq, expand, shape, target, out], out.outputs[0])
         elif op == "Sum" and len(node.inputs) > 2:
             adds, total = [], node.inputs[0]
             for j, term in enumerate(node.inputs[1:]):
@@ -110,6 +145,36 @@ def differentiable(model: ir.Model) -> list[str]:
             if value.name is None:
                 value.name = f"{node.name}_out"
     return done
+
+
+def _integer_nearest(node: ir.Node) -> list[int] | None:
+    """The integer factors of a Resize that repeats each element: nearest mode, constant
+    integer scales, and a coordinate mapping under which output ``i`` reads input ``i // f``
+    (asymmetric with floor or round-prefer-floor rounding); None otherwise."""
+
+    def attr(name: str, default: str) -> str:
+        a = node.attributes.get(name)
+        return a.as_string() if a is not None else default
+
+    if attr("mode", "nearest") != "nearest" or len(node.inputs) < 3:
+        return None
+    if attr("coordinate_transformation_mode", "half_pixel") != "asymmetric":
+        return None
+    if attr("nearest_mode", "round_prefer_floor") not in ("floor", "round_prefer_floor"):
+        return None
+    if len(node.inputs) > 3 and node.inputs[3] is not None:
+        return None  # sizes given: factors are not spelled out
+    scales = const_array(node.inputs[2])
+    if scales is None or scales.size == 0 or node.inputs[0].shape is None:
+        return None
+    if scales.size != len(node.inputs[0].shape):
+        return None
+    factors = [int(round(float(v))) for v in scales]
+    if any(f < 1 or abs(f - float(v)) > 1e-6 for f, v in zip(factors, scales, strict=True)):
+        return None
+    if all(f == 1 for f in factors):
+        return None
+    return factors
 
 
 def fix_batch(model: ir.Model, batch: int) -> bool:

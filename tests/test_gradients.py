@@ -320,3 +320,55 @@ def test_custom_onnxblock_loss():
     )
     assert report.loss == "custom MSELoss"
     np.testing.assert_allclose(custom[0].total, 2 * default[0].total, rtol=1e-4, atol=1e-6)
+
+
+UPSAMPLING = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,8,8] x) => (float[N,4] y) {
+    a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+    r = Relu (a)
+    u = Resize <mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"> (r, roi, scales)
+    c = Conv <pads=[1,1,1,1]> (u, w2)
+    g = GlobalAveragePool (c)
+    f = Flatten (g)
+    y = Gemm <transB=1> (f, w3, b3)
+}
+"""
+
+
+def test_nearest_upsampling_trains_through_its_exact_rewrite(tmp_path):
+    """onnxruntime-training 1.19 has no CPU kernel for ResizeGrad, so a detector's nearest 2x
+    upsampling stopped every recovery. Repeating each element is Unsqueeze, Expand, Reshape:
+    the twin trains through that, checked to compute what the Resize computes, and the
+    recovered model keeps its Resize."""
+    from onnxzip.recover import RecoverConfig, recover
+    from onnxzip.training import differentiable
+
+    proto = onnx.parser.parse_model(UPSAMPLING)
+    rng = np.random.default_rng(0)
+    shapes = {"w1": (6, 3, 3, 3), "b1": (6,), "w2": (5, 6, 3, 3), "w3": (4, 5), "b3": (4,)}
+    for name, shape in shapes.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(0, 0.5, shape).astype(np.float32), name)
+        )
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(0, np.float32), "roi"))
+    scales = np.array([1, 1, 2, 3], np.float32)  # unequal factors: each axis on its own
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(scales, "scales"))
+    model = io.load_model(proto)
+    twin = model.clone()
+    assert differentiable(twin) == ["Resize"]
+    assert "Resize" not in {n.op_type for n in twin.graph}
+    x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    from onnxzip.data import Batch
+    from onnxzip.runtime import Runner
+
+    want = Runner(model, optimization="none").run(Batch({"x": x}))["y"]
+    got = Runner(twin, optimization="none").run(Batch({"x": x}))["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    samples = SyntheticSamples(input_specs(model), 32, seed=2)
+    pruned, _ = prune(model, PruneConfig(ratio=0.3), samples=samples)
+    recovered, rec = recover(model, pruned, samples, RecoverConfig(steps=40, batch_size=8))
+    # one epoch is 4 batches of different losses: compare the first epoch with the last
+    assert len(rec.losses) == 40 and np.mean(rec.losses[-4:]) < np.mean(rec.losses[:4])
+    assert "Resize" in {n.op_type for n in recovered.graph}
+    io.save_model(recovered, tmp_path / "r.onnx")
