@@ -93,6 +93,7 @@ class CompressReport:
     prune: PruneReport | None = None
     recovery: RecoverReport | None = None
     recovery_skipped: str | None = None  # why no recovery ran although steps were asked for
+    recovery_not_kept: str | None = None  # distillation ran but did worse on held-out samples
     quantize: QuantizeReport | None = None
     parity: VerifyReport | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
@@ -162,6 +163,12 @@ class CompressReport:
             fits = self.prune.reconstruction if self.prune is not None else None
             if fits is not None:
                 lines.append("recovery  gradient-free instead: " + reconstruction_summary(fits))
+        elif self.recovery_not_kept is not None:
+            lines += [
+                "",
+                f"recovery  distillation NOT KEPT: it did worse on the held-out samples "
+                f"({self.recovery_not_kept}); the pruned model without it is used",
+            ]
         elif self.recovery is not None:
             r = self.recovery
             lines += [
@@ -328,6 +335,7 @@ def compress(
             # the gradient-free least-squares reconstruction of the affected layers.
             refit = bool(config.recover_steps) and report.recovery_skipped is not None
             pruned, prune_report = pruned_at(target, refit)
+            before_recovery = pruned
             recovery = None
             if config.recover_steps and report.recovery_skipped is None:
                 t0 = time.perf_counter()
@@ -351,17 +359,36 @@ def compress(
                     logger.warning("compress: recovering by reconstruction instead: %s", exc)
                     pruned, prune_report = pruned_at(target, True)
                 timings["recover"] = timings.get("recover", 0.0) + time.perf_counter() - t0
-            check = verify(
-                original,
-                pruned,
-                check_samples,
-                batch_size=config.batch_size,
-                split=check_split,
-                holdout=config.holdout,
-                floors=floor_budget,
-                metric=metric if floor_budget else None,
-            )
-            fits = _fits(check, config) if budget else check.passed or not floor_budget
+
+            def checked(model):
+                result = verify(
+                    original,
+                    model,
+                    check_samples,
+                    batch_size=config.batch_size,
+                    split=check_split,
+                    holdout=config.holdout,
+                    floors=floor_budget,
+                    metric=metric if floor_budget else None,
+                )
+                ok = _fits(result, config) if budget else result.passed or not floor_budget
+                return result, ok
+
+            check, fits = checked(pruned)
+            if recovery is not None:
+                # Distillation on few samples can do worse on held-out ones than the pruned
+                # model it started from (a detector's scores traded for its boxes): the better
+                # of the two is kept, and the report says which.
+                plain, plain_fits = checked(before_recovery)
+                with_cos, without_cos = check.outputs[0].cosine_mean, plain.outputs[0].cosine_mean
+                if (plain_fits, without_cos) > (fits, with_cos):
+                    report.recovery_not_kept = (
+                        f"held-out cosine {with_cos:.4f} with it, {without_cos:.4f} without"
+                        + ("" if plain_fits == fits else ", and only the model without it fits")
+                    )
+                    pruned, check, fits, recovery = before_recovery, plain, plain_fits, None
+                else:
+                    report.recovery_not_kept = None
             out = check.outputs[0]
             report.attempts.append(
                 Attempt(

@@ -96,8 +96,11 @@ def _trainable(model: ir.Model) -> list[str]:
     return names
 
 
-def _training_twin(student: ir.Model, temperature: float) -> tuple[ir.Model, list[str]]:
-    """The student with its distillation loss as the first output; returns the target inputs."""
+def _training_twin(
+    student: ir.Model, temperature: float, weights: dict[str, np.ndarray] | None = None
+) -> tuple[ir.Model, list[str]]:
+    """The student with its distillation loss as the first output; returns the target inputs.
+    ``weights``: per output, the per-feature weights of its squared error (``feature_weights``)."""
     twin = student.clone()
     graph = twin.graph
     outputs = list(graph.outputs)
@@ -138,16 +141,66 @@ def _training_twin(student: ir.Model, temperature: float) -> tuple[ir.Model, lis
         else:
             diff = ir.node("Sub", [out, target], name=f"distill_diff_{i}")
             sq = ir.node("Mul", [diff.outputs[0], diff.outputs[0]], name=f"distill_sq_{i}")
+            new = [diff, sq]
+            if out.name in (weights or {}):  # features of very different spreads
+                w = passes.add_initializer(graph, f"distill_weight_{i}", weights[out.name])
+                new.append(ir.node("Mul", [sq.outputs[0], w], name=f"distill_weighted_{i}"))
             loss = ir.node(
-                "ReduceMean", [sq.outputs[0]], attributes={"keepdims": 0}, name=f"distill_loss_{i}"
+                "ReduceMean",
+                [new[-1].outputs[0]],
+                attributes={"keepdims": 0},
+                name=f"distill_loss_{i}",
             )
-            new = [diff, sq, loss]
+            new.append(loss)
         for node in new:
             node.outputs[0].name = node.name
             graph.append(node)
         losses.append(new[-1].outputs[0])
     training.scalar_loss(graph, losses, "recovery")
     return twin, targets
+
+
+MAX_WEIGHTED_FEATURES = 65536
+# Features whose spreads differ by more than this factor (box coordinates in pixels next to
+# probabilities in one detector output) are standardised in the loss; below it, plain MSE.
+SPREAD_RATIO = 10.0
+
+
+def feature_weights(target: np.ndarray) -> np.ndarray:
+    """Per last-axis feature weight of the squared error: ``1 / var`` (floored at 1e-6 of the
+    largest variance: a constant feature does not take the whole loss) when the features' spreads differ by more than ``SPREAD_RATIO``, scaled to
+    a mean of 1; else all 1. Without it the largest-valued features (pixel coordinates) are
+    all the loss sees, and distillation trades the small ones (the scores) away."""
+    flat = target.reshape(-1, target.shape[-1]).astype(np.float64)
+    var = flat.var(axis=0)
+    floor = 1e-6 * max(float(var.max()), 1e-30)
+    std = np.sqrt(np.maximum(var, floor))
+    if std.max() <= SPREAD_RATIO * std.min():
+        return np.ones(target.shape[-1], np.float32)
+    weights = 1.0 / np.maximum(var, floor)
+    return (weights / weights.mean()).astype(np.float32)
+
+
+def _loss_weights(teacher_run, student: ir.Model, samples: Samples, config) -> dict:
+    """Per regression-like output with a static last axis, its feature weights from the
+    teacher's outputs on the first training batch; only outputs that need them."""
+    candidates = [
+        v.name
+        for v in student.graph.outputs
+        if v.dtype == ir.DataType.FLOAT
+        and not is_classifier(v)
+        and v.shape is not None
+        and len(v.shape)
+        and isinstance(v.shape[-1], int)
+        and 1 < v.shape[-1] <= MAX_WEIGHTED_FEATURES
+    ]
+    if not candidates:
+        return {}
+    split = "calibration" if config.holdout > 0 else "all"
+    batch = next(samples.batches(config.batch_size, split, config.holdout or 0.5))
+    outputs = teacher_run.run(batch, candidates)
+    weights = {name: feature_weights(outputs[name]) for name in candidates}
+    return {name: w for name, w in weights.items() if not np.all(w == 1)}
 
 
 def _softmax(x: np.ndarray, temperature: float) -> np.ndarray:
@@ -181,7 +234,10 @@ def recover(
     if rewritten or passes.batchnorm_to_affine(base):
         _check_same(student, base, samples, config)
     fixed = training.fix_batch(base, config.batch_size)
-    twin, targets = _training_twin(base, config.temperature)
+    teacher_run = Runner(teacher_model, name="teacher")
+    twin, targets = _training_twin(
+        base, config.temperature, _loss_weights(teacher_run, student, samples, config)
+    )
     trainable = _trainable(student)
     if not trainable:
         raise InputError(
@@ -193,7 +249,6 @@ def recover(
         if name not in trainable and v.dtype is not None and v.dtype.is_floating_point()
     ]
 
-    teacher_run = Runner(teacher_model, name="teacher")
     out_names = [v.name for v in student.graph.outputs]
     float_outputs = [v for v in student.graph.outputs if v.dtype == ir.DataType.FLOAT]
     classifier = {v.name: is_classifier(v) for v in float_outputs}

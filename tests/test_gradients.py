@@ -372,3 +372,21 @@ def test_nearest_upsampling_trains_through_its_exact_rewrite(tmp_path):
     assert len(rec.losses) == 40 and np.mean(rec.losses[-4:]) < np.mean(rec.losses[:4])
     assert "Resize" in {n.op_type for n in recovered.graph}
     io.save_model(recovered, tmp_path / "r.onnx")
+
+
+def test_distillation_standardises_features_of_very_different_spreads():
+    """A detector's output row holds box coordinates in pixels and probabilities: with plain
+    squared error the loss sees only the boxes. Features whose spreads differ by more than 10x
+    are weighted by 1 / variance (mean weight 1); alike features keep plain squared error."""
+    from onnxzip.recover import feature_weights
+
+    rng = np.random.default_rng(0)
+    boxes = rng.uniform(0, 416, (2, 500, 4))
+    scores = rng.uniform(0, 1, (2, 500, 2))
+    w = feature_weights(np.concatenate([boxes, scores], axis=-1).astype(np.float32))
+    assert w.shape == (6,) and abs(w.mean() - 1) < 1e-5
+    assert w[4:].min() > 1000 * w[:4].max()
+    weighted = np.concatenate([boxes, scores], -1).reshape(-1, 6).var(0) * w
+    np.testing.assert_allclose(weighted, weighted.mean(), rtol=0.05)  # each feature counts alike
+    alike = rng.normal(0, 1, (64, 32)) * rng.uniform(0.5, 2, 32)
+    np.testing.assert_array_equal(feature_weights(alike.astype(np.float32)), np.ones(32))

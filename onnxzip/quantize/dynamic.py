@@ -55,6 +55,13 @@ def _weight_matrix(node: ir.Node) -> tuple[np.ndarray | None, str | None]:
     return b, None
 
 
+def float_weight(node: ir.Node) -> tuple[np.ndarray | None, str | None]:
+    """The ``[K, N]`` weight of a MatMul/Gemm whose input is float32, or why there is none."""
+    if not _float32(node.inputs[0]):
+        return None, "input is not float32"
+    return _weight_matrix(node)
+
+
 MIN_TABLE = 4096  # elements: smaller Gather tables (index maps, shape helpers) stay as they are
 
 
@@ -106,10 +113,7 @@ def quantize_dynamic(
             if reason is None:
                 result.quantized[key] = "Gather"
             continue
-        if not _float32(node.inputs[0]):
-            result.kept_float[key] = "input is not float32"
-            continue
-        w, reason = _weight_matrix(node)
+        w, reason = float_weight(node)
         if w is None:
             result.kept_float[key] = reason
             continue

@@ -43,7 +43,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip.passes import add_initializer, const_array, remove_unused_initializers, replace_node
-from onnxzip.quantize.dynamic import MIN_TABLE, _quantize_table, _weight_matrix
+from onnxzip.quantize.dynamic import MIN_TABLE, _quantize_table, _weight_matrix, float_weight
 
 logger = logging.getLogger(__name__)
 
@@ -229,10 +229,7 @@ def quantize_weights(
             result.kept_float[key] = "excluded by the user"
             continue
         x = node.inputs[0]
-        if x is None or x.dtype != ir.DataType.FLOAT:
-            result.kept_float[key] = "input is not float32"
-            continue
-        w, reason = _weight_matrix(node)
+        w, reason = float_weight(node)
         if w is None:
             result.kept_float[key] = reason
             continue
