@@ -688,12 +688,20 @@ def model_bytes(model: ir.Model) -> bytes:
 
 
 def weights_nbytes(model: ir.Model) -> int:
-    """Bytes held by the main graph's initializers and by the tensors of Constant nodes
-    (exporters store weights either way)."""
+    """Bytes held by the initializers (of the main graph and of If/Loop/Scan bodies) and by
+    the tensors of Constant nodes (exporters store weights either way)."""
     total = 0
-    for value in model.graph.initializers.values():
-        if value.const_value is not None:
-            total += value.const_value.nbytes
+    graphs = [model.graph]
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                graphs.append(attr.value)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                graphs.extend(attr.value)
+    for graph in graphs:
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             attr = node.attributes.get("value")

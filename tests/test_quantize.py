@@ -607,25 +607,34 @@ def test_weights_in_constant_nodes_count_as_weights(tmp_path, capsys):
     assert f"weights      {w.nbytes} -> " in out
 
 
-def test_a_model_with_nothing_to_quantize_says_so_instead_of_pass(tmp_path, capsys):
-    """Every weight sits inside an If branch: the main graph has nothing to quantize. The report
-    says NOTHING instead of a calibration on 0 samples and a PASS."""
+def _if_model(tmp_path, with_weight: bool):
+    """An If whose then-branch holds a MatMul weight read from the main graph (as exporters
+    write control flow), or nothing to quantize at all."""
     import onnx.helper
     import onnx.numpy_helper
 
-    w = onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    w = onnx.numpy_helper.from_array(
+        np.random.default_rng(0).normal(0, 0.3, (32, 16)).astype(np.float32), "w"
+    )
+    body = (
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["t"])]
+        if with_weight
+        else [onnx.helper.make_node("Slice", ["x", "lo", "hi", "ax"], ["t"])]
+    )
     then_g = onnx.helper.make_graph(
-        [onnx.helper.make_node("MatMul", ["x", "w"], ["t"])],
+        body,
         "then",
         [],
-        [onnx.helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, ["N", 4])],
+        [onnx.helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, ["N", 16])],
     )
     else_g = onnx.helper.make_graph(
-        [onnx.helper.make_node("Relu", ["x"], ["e"])],
+        [onnx.helper.make_node("Slice", ["x", "hi", "end", "ax"], ["e"])],
         "else",
         [],
-        [onnx.helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, ["N", 4])],
+        [onnx.helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, ["N", 16])],
     )
+    consts = {"z": np.array(0.0, np.float32), "lo": np.array([0]), "hi": np.array([16])}
+    consts.update({"end": np.array([32]), "ax": np.array([1])})
     graph = onnx.helper.make_graph(
         [
             onnx.helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
@@ -633,20 +642,58 @@ def test_a_model_with_nothing_to_quantize_says_so_instead_of_pass(tmp_path, caps
             onnx.helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g),
         ],
         "g",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])],
-        [w, onnx.numpy_helper.from_array(np.array(0.0, np.float32), "z")],
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 32])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 16])],
+        ([w] if with_weight else [])
+        + [onnx.numpy_helper.from_array(v, k) for k, v in consts.items()],
     )
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     proto.ir_version = 8
     path = tmp_path / "if.onnx"
     onnx.save(proto, str(path))
+    return path
+
+
+def test_a_model_with_nothing_to_quantize_says_so_instead_of_pass(tmp_path, capsys):
+    """No weight anywhere: the report says NOTHING instead of a calibration on 0 samples and
+    a PASS."""
+    path = _if_model(tmp_path, with_weight=False)
     code, out, err = run_cli(
         ["quantize", path, "-o", tmp_path / "q.onnx", "--synthetic", "16"], capsys
     )
     assert code == 0, err
     assert "quantized    NOTHING" in out and "NOTHING QUANTIZED" in out
     assert "PASS" not in out and "on 0 samples" not in out
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic", "weight-only"])
+def test_weights_inside_if_branches_are_quantized_weight_only(tmp_path, capsys, mode):
+    """Calibration cannot observe activations inside an If branch: its MatMul weight becomes
+    int8 per output column (DequantizeLinear in the branch, where onnxruntime's fusions find
+    it), the activations there stay float, and the report says so in every mode."""
+    path = _if_model(tmp_path, with_weight=True)
+    out_path = tmp_path / "q.onnx"
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.default_rng(1).normal(0.2, 1, (40, 32)).astype(np.float32))
+    code, out, err = run_cli(
+        ["quantize", path, "-o", out_path, "--data", data, "--mode", mode, "--no-floors"], capsys
+    )
+    assert code == 0, err
+    assert "subgraphs    1 weights inside If/Loop/Scan bodies quantized weight-only" in out
+    assert "NOTHING" not in out
+    proto = onnx.load(str(out_path))
+    onnx.checker.check_model(proto, full_check=True)
+    (if_node,) = [n for n in proto.graph.node if n.op_type == "If"]
+    then_g = next(a.g for a in if_node.attribute if a.name == "then_branch")
+    assert [n.op_type for n in then_g.node] == ["DequantizeLinear", "MatMul"]
+    assert {t.data_type for t in then_g.initializer} >= {onnx.TensorProto.INT8}
+    assert io.weights_nbytes(io.load_model(out_path)) < 0.4 * 32 * 16 * 4
+    x = np.random.default_rng(2).normal(0.5, 1, (6, 32)).astype(np.float32)  # takes "then"
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    got = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )
+    assert np.abs(got[0] - want[0]).max() < 0.02 * np.abs(want[0]).max()
 
 
 def test_concat_of_mixed_ranges_stays_float_so_each_part_keeps_its_scale(monkeypatch):

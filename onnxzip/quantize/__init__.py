@@ -203,6 +203,7 @@ class QuantizeReport:
     weight_range: str = ""  # why the weights use the full or the pair-safe range
     fallback: str | None = None  # why the mode asked for was replaced (the floors broke)
     weight_format: str | None = None  # weight-only: qdq or nbits, as written
+    subgraph_nodes: list[str] = field(default_factory=list)  # inside If/Loop/Scan bodies
 
     def _mode_lines(self) -> list[str]:
         c = self.config
@@ -250,6 +251,14 @@ class QuantizeReport:
                 else "NOTHING: no node of the main graph was quantized"
                 + (" (see 'kept in float')" if self.kept_float else "")
                 + "; weights inside If/Loop/Scan bodies, if any, stay float"
+            ),
+            *(
+                [
+                    f"subgraphs    {len(self.subgraph_nodes)} weights inside If/Loop/Scan bodies "
+                    "quantized weight-only (int8 per output column; their activations stay float)"
+                ]
+                if self.subgraph_nodes
+                else []
             ),
             f"folded       {len(self.folded_activations)} ReLU/Clip into their producers' ranges",
             f"Q/DQ         {self.qdq_pairs} activation pairs, {self.weights_quantized} weights, "
@@ -419,6 +428,8 @@ class _Builder:
         # weight-only: E[x^2] per input feature of each weighted MatMul, and the format written
         self.importance: dict[str, np.ndarray] | None = None
         self.weight_format: str | None = None
+        # nodes inside If/Loop/Scan bodies whose weights were quantized (weight-only int8)
+        self.subgraph_nodes: list[str] = []
 
     def _ensure_stats(self, sources: list[str], means: list[tuple[str, int]] = ()) -> None:
         missing = [s for s in sources if s not in self.stats]
@@ -520,7 +531,15 @@ class _Builder:
                 )
             elif k.node in keep_float:
                 k.reason = "kept in float by the accuracy guard"
+        self._subgraph_weights(model, plan, config)
         return model, plan, kept, inserted, ranges
+
+    def _subgraph_weights(self, model: ir.Model, plan: Plan, config: QuantizeConfig) -> None:
+        """Weights inside If/Loop/Scan bodies: int8 weight-only (no activation there is
+        calibrated); counted with the quantized nodes, named in ``subgraph_nodes``."""
+        found = weight_only.quantize_subgraph_weights(model, tuple(config.exclude))
+        plan.quantized_nodes.update(found)
+        self.subgraph_nodes = sorted(found)
 
     def _mixed_range_joins(self, model: ir.Model, plan: Plan) -> dict[str, float]:
         """Quantized Concats whose activation inputs need scales more than MIXED_RANGE_RATIO
@@ -570,7 +589,9 @@ class _Builder:
 
     def _build_dynamic(self, model: ir.Model, config: QuantizeConfig, keep_float: frozenset[str]):
         result = quantize_dynamic(model, tuple(config.exclude), config.reduce_range == "on")
-        return self._weights_built(model, result, keep_float)
+        built = self._weights_built(model, result, keep_float)
+        self._subgraph_weights(model, built[1], config)
+        return built
 
     def _weights_built(self, model: ir.Model, result, keep_float: frozenset[str]):
         plan = Plan(quantized_nodes=dict(result.quantized))
@@ -625,7 +646,9 @@ class _Builder:
             accuracy_level=config.accuracy_level,
         )
         self.weight_format = result.format
-        return self._weights_built(model, result, keep_float)
+        built = self._weights_built(model, result, keep_float)
+        self._subgraph_weights(model, built[1], config)
+        return built
 
 
 def _resolve_reduce_range(config: QuantizeConfig) -> tuple[QuantizeConfig, str]:
@@ -768,6 +791,7 @@ def quantize(
         bias_correction=bias_note,
         weight_range=weight_range,
         weight_format=builder.weight_format,
+        subgraph_nodes=builder.subgraph_nodes,
     )
     if verifying:  # also when nothing was quantized: it checks that the outputs can be compared
         t0 = time.perf_counter()
