@@ -167,8 +167,11 @@ class CompressReport:
             lines += [
                 "",
                 f"recovery  distillation NOT KEPT: it did worse on the held-out samples "
-                f"({self.recovery_not_kept}); the pruned model without it is used",
+                f"({self.recovery_not_kept}); later attempts reconstruct instead",
             ]
+            fits = self.prune.reconstruction if self.prune is not None else None
+            if fits is not None:
+                lines.append("recovery  gradient-free: " + reconstruction_summary(fits))
         elif self.recovery is not None:
             r = self.recovery
             lines += [
@@ -330,14 +333,17 @@ def compress(
             timings["prune"] = timings.get("prune", 0.0) + time.perf_counter() - t0
             return result
 
+        distillation_lost = False  # set once a distillation did worse than no recovery
         for target in targets:
             # Without fine-tuning (no engine here, or a model it cannot train) the recovery is
             # the gradient-free least-squares reconstruction of the affected layers.
-            refit = bool(config.recover_steps) and report.recovery_skipped is not None
+            refit = bool(config.recover_steps) and (
+                report.recovery_skipped is not None or distillation_lost
+            )
             pruned, prune_report = pruned_at(target, refit)
             before_recovery = pruned
             recovery = None
-            if config.recover_steps and report.recovery_skipped is None:
+            if config.recover_steps and report.recovery_skipped is None and not distillation_lost:
                 t0 = time.perf_counter()
                 try:
                     pruned, recovery = recover(
@@ -382,11 +388,18 @@ def compress(
                 plain, plain_fits = checked(before_recovery)
                 with_cos, without_cos = check.outputs[0].cosine_mean, plain.outputs[0].cosine_mean
                 if (plain_fits, without_cos) > (fits, with_cos):
+                    # Then the gradient-free reconstruction, for this and every later attempt.
+                    distillation_lost = True
+                    refitted, refit_report = pruned_at(target, True)
+                    rcheck, rfits = checked(refitted)
+                    refit_cos = rcheck.outputs[0].cosine_mean
                     report.recovery_not_kept = (
-                        f"held-out cosine {with_cos:.4f} with it, {without_cos:.4f} without"
-                        + ("" if plain_fits == fits else ", and only the model without it fits")
+                        f"held-out cosine {with_cos:.4f} with it, {without_cos:.4f} without, "
+                        f"{refit_cos:.4f} with least-squares reconstruction"
                     )
                     pruned, check, fits, recovery = before_recovery, plain, plain_fits, None
+                    if (rfits, refit_cos) >= (plain_fits, without_cos):
+                        pruned, check, fits, prune_report = refitted, rcheck, rfits, refit_report
                 else:
                     report.recovery_not_kept = None
             out = check.outputs[0]
