@@ -383,23 +383,26 @@ def compress(
             check, fits = checked(pruned)
             if recovery is not None:
                 # Distillation on few samples can do worse on held-out ones than the pruned
-                # model it started from (a detector's scores traded for its boxes): the better
-                # of the two is kept, and the report says which.
+                # model it started from, or than the gradient-free reconstruction (a detector's
+                # scores traded for its boxes): the best of the three is kept, the report says
+                # so, and once distillation has lost, later attempts reconstruct instead.
                 plain, plain_fits = checked(before_recovery)
-                with_cos, without_cos = check.outputs[0].cosine_mean, plain.outputs[0].cosine_mean
-                if (plain_fits, without_cos) > (fits, with_cos):
-                    # Then the gradient-free reconstruction, for this and every later attempt.
+                refitted, refit_report = pruned_at(target, True)
+                rcheck, rfits = checked(refitted)
+                with_cos = check.outputs[0].cosine_mean
+                without_cos, refit_cos = plain.outputs[0].cosine_mean, rcheck.outputs[0].cosine_mean
+                best = max((fits, with_cos), (plain_fits, without_cos), (rfits, refit_cos))
+                if best != (fits, with_cos):
                     distillation_lost = True
-                    refitted, refit_report = pruned_at(target, True)
-                    rcheck, rfits = checked(refitted)
-                    refit_cos = rcheck.outputs[0].cosine_mean
                     report.recovery_not_kept = (
                         f"held-out cosine {with_cos:.4f} with it, {without_cos:.4f} without, "
                         f"{refit_cos:.4f} with least-squares reconstruction"
                     )
-                    pruned, check, fits, recovery = before_recovery, plain, plain_fits, None
-                    if (rfits, refit_cos) >= (plain_fits, without_cos):
+                    recovery = None
+                    if best == (rfits, refit_cos):
                         pruned, check, fits, prune_report = refitted, rcheck, rfits, refit_report
+                    else:
+                        pruned, check, fits = before_recovery, plain, plain_fits
                 else:
                     report.recovery_not_kept = None
             out = check.outputs[0]
