@@ -79,6 +79,7 @@ class Attempt:
     cosine: float
     fits: bool
     ratio: float | None = None  # fraction of every group pruned (--prune R)
+    failing: str | None = None  # the first default floor it broke, when floors are the budget
 
 
 @dataclass
@@ -143,7 +144,8 @@ class CompressReport:
                 "",
                 "pruning amounts tried (top-1 drop and cosine on the verification samples):",
                 table(
-                    ["amount", "MACs", "top-1 drop points", "cosine", "fits"],
+                    ["amount", "MACs", "top-1 drop points", "cosine", "fits"]
+                    + (["first floor broken"] if any(t.failing for t in self.attempts) else []),
                     [
                         [
                             f"MACs <= {t.target_macs}"
@@ -154,6 +156,7 @@ class CompressReport:
                             round(t.cosine, 5),
                             t.fits,
                         ]
+                        + ([t.failing or ""] if any(a.failing for a in self.attempts) else [])
                         for t in self.attempts
                     ],
                 ),
@@ -210,6 +213,16 @@ def _drop(out: OutputParity) -> float | None:
     if out.top1_agreement is not None:
         return 100.0 * (1.0 - out.top1_agreement)
     return None
+
+
+def _first_failing(check) -> str | None:
+    """``part: metric value (floor ...)`` of the first default floor a check broke."""
+    broken = next((c for c in (check.floors or []) if not c.passed), None)
+    if broken is None:
+        return None
+    unit = " dB" if broken.floor.metric == "snr_db" else ""
+    value = "n/a" if broken.value is None else f"{broken.value:.4g}{unit}"
+    return f"{broken.part}: {value} (floor {broken.floor.describe()})"
 
 
 def _fits(report: VerifyReport, config: CompressConfig) -> bool:
@@ -414,6 +427,7 @@ def compress(
                     out.cosine_mean,
                     fits,
                     ratio=config.ratio if target is None else None,
+                    failing=_first_failing(check),
                 )
             )
             if fits:
