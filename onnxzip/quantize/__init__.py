@@ -216,6 +216,8 @@ class QuantizeReport:
             method = (
                 f"clipping by E[x^2] on {self.calibration_samples} samples of {self.data}"
                 f"{' (SYNTHETIC)' if self.synthetic else ''}"
+                if c.weight_method == "mse" and self.calibration_samples
+                else "round to nearest (no E[x^2]: the weighted inputs' shapes are unknown)"
                 if c.weight_method == "mse"
                 else "round to nearest"
             )

@@ -389,9 +389,7 @@ def quantize_subgraph_weights(model: ir.Model, exclude: tuple[str, ...] = ()) ->
                         add_initializer(
                             body, f"{key}.weight_scale", params.scale.astype(np.float32)
                         ),
-                        add_initializer(
-                            body, f"{key}.weight_zero", np.zeros(w.shape[1], np.int8)
-                        ),
+                        add_initializer(body, f"{key}.weight_zero", np.zeros(w.shape[1], np.int8)),
                     ],
                     attributes={"axis": 0 if transposed else 1},
                     name=f"{key}_DequantizeLinear",
