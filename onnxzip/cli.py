@@ -140,11 +140,14 @@ def _size(text: str) -> int:
     return int(value)
 
 
-def _fit_memory(model, samples, args: argparse.Namespace) -> str:
-    """Caps the samples' batches to the memory budget; the line that says so when it bites."""
+def _fit_memory(model, samples, args: argparse.Namespace, verify_samples=None) -> str:
+    """Caps the samples' batches (and the verification samples', at the same cap: one
+    estimate) to the memory budget; the line that says so when it bites."""
     from onnxzip.analysis import fit_memory
 
     fit = fit_memory(model, samples, args.batch_size, args.memory_budget)
+    if verify_samples is not None and fit.capped:
+        verify_samples.max_batch = fit.batch
     logger.info("memory: %s", fit.describe())
     return f"memory       {fit.describe()}\n" if fit.capped else ""
 
@@ -812,7 +815,6 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
     model = io.load_model(args.model, name=str(args.model))
     samples = open_samples(input_specs(model), args.data, batch_axes=_batch_axes(args))
-    memory = _fit_memory(model, samples, args)
     config = CompressConfig(
         target_macs=None if args.no_prune or args.prune_ratio is not None else args.target_macs,
         ratio=args.prune_ratio,
@@ -835,7 +837,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         verify_samples = open_samples(
             input_specs(model), args.verify_data, batch_axes=_batch_axes(args)
         )
-        _fit_memory(model, verify_samples, args)
+    memory = _fit_memory(model, samples, args, verify_samples)
     compressed, report = compress(
         model, samples, config, verify_samples=verify_samples, source=str(args.model), metric=metric
     )
@@ -1048,9 +1050,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         if args.verify_data is not None
         else None
     )
-    memory = _fit_memory(model, samples, args)
-    if verify_samples is not None:
-        _fit_memory(model, verify_samples, args)
+    memory = _fit_memory(model, samples, args, verify_samples)
     config = QuantizeConfig(
         calibration=args.calibration,
         percentile=args.percentile,

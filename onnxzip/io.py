@@ -423,11 +423,19 @@ def _fill_symbolic_dims(light: onnx.ModelProto, inferred: onnx.ModelProto) -> No
     dims read back with ``Shape`` come out as fresh symbols. onnxruntime's symbolic inference
     (``onnxruntime.tools.symbolic_shape_infer``, sympy-based, what its quantization
     preprocessing runs) tracks them as expressions and knows the com.microsoft ops. Only open
-    dims are filled (a value or a name onnx inferred is kept), a value only gains a shape it had
-    none of when the ranks agree, and a model symbolic inference cannot finish keeps what onnx
-    inferred. Its own entry point saves a partial model into the working folder on failure, so
-    its steps are run here instead.
+    dims of values onnx gave a shape of the same rank are filled (a value or a name onnx
+    inferred is kept), and a model symbolic inference cannot finish keeps what onnx inferred.
+    Nothing runs when onnx left no dim open. Its own entry point saves a partial model into the
+    working folder on failure, so its steps are run here instead.
     """
+    infos = list(inferred.graph.value_info) + list(inferred.graph.output)
+    if not any(
+        _open_dim(d)
+        for v in infos
+        if v.type.HasField("tensor_type")
+        for d in v.type.tensor_type.shape.dim
+    ):
+        return  # nothing to fill: every later step only touches open dims
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     except ImportError:  # pragma: no cover - every supported onnxruntime ships it
@@ -691,14 +699,9 @@ def weights_nbytes(model: ir.Model) -> int:
     """Bytes held by the initializers (of the main graph and of If/Loop/Scan bodies) and by
     the tensors of Constant nodes (exporters store weights either way)."""
     total = 0
-    graphs = [model.graph]
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                graphs.append(attr.value)
-            elif attr.type == ir.AttributeType.GRAPHS:
-                graphs.extend(attr.value)
-    for graph in graphs:
+    graphs = {id(model.graph): model.graph}
+    graphs.update((id(n.graph), n.graph) for n in ir.traversal.RecursiveGraphIterator(model.graph))
+    for graph in graphs.values():
         for value in graph.initializers.values():
             if value.const_value is not None:
                 total += value.const_value.nbytes

@@ -129,9 +129,10 @@ def build(cache: Path) -> dict[str, tuple[Path, Path]]:
     return corpus
 
 
+# every command as a user would run it; tests/test_corpus.py runs the same list
 COMMANDS = {
     "inspect": ["inspect", "{model}", "--groups", "--data", "{data}"],
-    "verify": ["verify", "{model}", "{model}", "--data", "{data}"],
+    "verify": ["verify", "{model}", "{model}", "--data", "{data}", "--per-node"],
     "quantize": ["quantize", "{model}", "-o", "{out}", "--data", "{data}"],
     "quantize-dynamic": ["quantize", "{model}", "-o", "{out}", "--data", "{data}"]
     + ["--mode", "dynamic"],

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import MODELS, ROOT
+from conftest import MODELS, ROOT, load_script
 
 EXPORTED = ROOT / "tests" / "data" / "exported"
 CORPUS = {
@@ -29,18 +29,8 @@ CORPUS = {
     "digits_resnet": (MODELS / "digits_resnet.onnx", MODELS / "digits_test.npz"),
     "digits_mobilenet": (MODELS / "digits_mobilenet.onnx", MODELS / "digits_test.npz"),
 }
-COMMANDS = {
-    "inspect": ["inspect", "{model}", "--groups", "--data", "{data}"],
-    "verify": ["verify", "{model}", "{model}", "--data", "{data}", "--per-node"],
-    "quantize": ["quantize", "{model}", "-o", "{out}", "--data", "{data}"],
-    "quantize-dynamic": ["quantize", "{model}", "-o", "{out}", "--data", "{data}"]
-    + ["--mode", "dynamic"],
-    "quantize-int4": ["quantize", "{model}", "-o", "{out}", "--data", "{data}"]
-    + ["--mode", "weight-only"],
-    "prune": ["prune", "{model}", "-o", "{out}", "--ratio", "0.5", "--data", "{data}"],
-    "compress": ["compress", "{model}", "-o", "{out}", "--data", "{data}"]
-    + ["--recover-steps", "20", "--no-latency"],
-}
+# the development set script's commands: one list for the corpus here and the real-model run
+COMMANDS = load_script("devset").COMMANDS
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

@@ -165,8 +165,8 @@ def test_prune_removes_heads_from_the_exported_model(tmp_path, name):
     got = Runner(pruned).run(_batch(name))
     assert all(np.isfinite(v).all() for v in got.values())
     written = sorted(p.name for p in tmp_path.iterdir())
-    data_files = ["pruned.onnx"] if name.endswith("_ts") else ["pruned.onnx", "pruned.onnx.*"]
-    assert len(written) == len(data_files) + 1 and written[-1] == "r.json"
+    # the dynamo exports keep their weights in a data file, and so does the output
+    assert len(written) == (2 if name.endswith("_ts") else 3) and written[-1] == "r.json"
     assert written[0] == "pruned.onnx" and all(w.startswith("pruned.onnx.") for w in written[1:-1])
 
 

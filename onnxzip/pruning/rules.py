@@ -627,6 +627,22 @@ def _others_fixed(node: ir.Node, pieces, skip: int, b) -> None:
         )
 
 
+def _target_dim_follows(b, node: ir.Node, pieces, index: int, out: ir.Value, out_axis: int) -> bool:
+    """The Reshape/Expand target dim ``pieces[index]`` that spells the output's channel axis is
+    a constant or a run-time read that follows the channels, and no other target dim reads a
+    channel count of the group (both checked when the group is complete); blocks otherwise."""
+    piece = pieces[index][0]
+    if const_array(piece) is None and not (
+        _rank(piece) == 1
+        and _dim(piece, 0) == 1
+        and _follows_channels(node, piece, out, out_axis, b)
+    ):
+        b.block(node, f"{node.op_type} target dim on the channel axis is computed at run time")
+        return False
+    _others_fixed(node, pieces, index, b)
+    return True
+
+
 def target_pieces(shape: ir.Value) -> list[tuple[ir.Value, int, int]] | None:
     """Per output axis of a Reshape: (the 1-D tensor that spells it, its position among the
     Concat's inputs, the index inside it); a constant target is one piece at position -1. None
@@ -719,18 +735,7 @@ def _reshape(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
         return b.block(node, "Reshape target length differs from the output rank")
 
     def spelled(out_axis: int) -> bool:
-        """The target spells the output's channel dim as a constant or as a run-time read
-        that follows the channels; no other target dim reads a channel count."""
-        piece = pieces[out_axis][0]
-        if const_array(piece) is None and not (
-            _rank(piece) == 1
-            and _dim(piece, 0) == 1
-            and _follows_channels(node, piece, out, out_axis, b)
-        ):
-            b.block(node, "Reshape target dim on the channel axis is computed at run time")
-            return False
-        _others_fixed(node, pieces, out_axis, b)
-        return True
+        return _target_dim_follows(b, node, pieces, out_axis, out, out_axis)
 
     here, there = list(here_value.shape), list(there_value.shape)
     target_port = None if forward else ("in", 0)
@@ -794,16 +799,11 @@ def _expand(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     if in_axis < 0 or _dim(x, in_axis) != _dim(out, out_axis):
         return b.block(node, "Expand broadcasts the channel axis")
     pieces = target_pieces(node.inputs[1])
-    if pieces is None or len(pieces) <= out_axis - (_rank(out) - len(pieces)) < 0:
+    index = out_axis - (_rank(out) - len(pieces)) if pieces is not None else -1
+    if pieces is None or not 0 <= index < len(pieces):
         return b.block(node, "Expand shape is neither constant nor a Concat of 1-D pieces")
-    piece = pieces[out_axis - (_rank(out) - len(pieces))][0]
-    if const_array(piece) is None and not (
-        _rank(piece) == 1
-        and _dim(piece, 0) == 1
-        and _follows_channels(node, piece, out, out_axis, b)
-    ):
-        return b.block(node, "Expand size on the channel axis is computed at run time")
-    _others_fixed(node, pieces, out_axis - (_rank(out) - len(pieces)), b)
+    if not _target_dim_follows(b, node, pieces, index, out, out_axis):
+        return None
     if port[0] == "in":
         return b.visit(out, out_axis, pos, node)
     return b.visit(x, in_axis, pos, node, ("in", 0))

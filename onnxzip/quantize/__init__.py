@@ -430,6 +430,7 @@ class _Builder:
         # weight-only: E[x^2] per input feature of each weighted MatMul, and the format written
         self.importance: dict[str, np.ndarray] | None = None
         self.weight_format: str | None = None
+        self.block_codes: dict = {}  # weight-only: each weight's codes, kept across rebuilds
         # nodes inside If/Loop/Scan bodies whose weights were quantized (weight-only int8)
         self.subgraph_nodes: list[str] = []
 
@@ -646,6 +647,7 @@ class _Builder:
             importance=self.importance if config.weight_method == "mse" else None,
             exclude=tuple(config.exclude),
             accuracy_level=config.accuracy_level,
+            codes=self.block_codes,
         )
         self.weight_format = result.format
         built = self._weights_built(model, result, keep_float)

@@ -197,6 +197,7 @@ def quantize_weights(
     exclude: tuple[str, ...] = (),
     accuracy_level: int = 4,
     tables: bool = True,
+    codes: dict[str, BlockCodes] | None = None,
 ) -> WeightOnlyResult:
     """Rewrites every MatMul (and default-attribute Gemm) with a constant float32 weight of
     ``model`` in place, and (``tables``) every embedding Gather. ``importance`` maps an input
@@ -254,7 +255,15 @@ def quantize_weights(
             rows = None
         cache = id(value) if node.op_type == "MatMul" else id(node)
         if cache not in encoded:
-            encoded[cache] = (quantize_blocks(w, bits, block_size, symmetric, rows), None)
+            # ``codes`` keeps them across calls on copies of one model (the accuracy guard's
+            # rebuilds): the clipping search runs once per weight.
+            name = value.name if node.op_type == "MatMul" else f"{value.name}@{key}"
+            found = codes.get(name) if codes is not None else None
+            if found is None:
+                found = quantize_blocks(w, bits, block_size, symmetric, rows)
+                if codes is not None:
+                    codes[name] = found
+            encoded[cache] = (found, None)
         blocks, shared = encoded[cache]
         bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
         if fmt == "qdq":
@@ -343,19 +352,6 @@ def _dequantize_node(graph: ir.Graph, node: ir.Node, key: str, blocks: BlockCode
     return dq.outputs[0]
 
 
-def subgraphs(graph: ir.Graph):
-    """Every If/Loop/Scan body below ``graph``, depth first."""
-    for node in graph:
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                yield attr.value
-                yield from subgraphs(attr.value)
-            elif attr.type == ir.AttributeType.GRAPHS:
-                for body in attr.value:
-                    yield body
-                    yield from subgraphs(body)
-
-
 def quantize_subgraph_weights(model: ir.Model, exclude: tuple[str, ...] = ()) -> dict[str, str]:
     """Weights of MatMul/Gemm inside If/Loop/Scan bodies, whose activations calibration does
     not observe, as int8 per output column: ``DequantizeLinear(codes, scale, axis=1)`` feeds
@@ -364,41 +360,41 @@ def quantize_subgraph_weights(model: ir.Model, exclude: tuple[str, ...] = ()) ->
 
     done: dict[str, str] = {}
     encoded: dict[tuple[int, int], ir.Value] = {}
-    for body in list(subgraphs(model.graph)):
-        for node in list(body):
-            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
-                continue
-            key = node.name or node.outputs[0].name
-            if node.name in exclude or key in exclude or node.op_type in exclude:
-                continue
-            w, _ = float_weight(node)
-            value = node.inputs[1]
-            if w is None or not all(_handled(u.node, u.idx) for u in value.uses()):
-                continue
-            transposed = node.op_type == "Gemm" and "transB" in node.attributes
-            transposed = transposed and node.attributes["transB"].as_int() == 1
-            if (id(body), id(value)) not in encoded:
-                params = qp.weight_params(w, axis=1)
-                codes = qp.quantize(w, params, symmetric_weight=True)
-                if transposed:
-                    codes = np.ascontiguousarray(codes.T)
-                dq = ir.node(
-                    "DequantizeLinear",
-                    [
-                        add_initializer(body, f"{key}.weight_codes", codes),
-                        add_initializer(
-                            body, f"{key}.weight_scale", params.scale.astype(np.float32)
-                        ),
-                        add_initializer(body, f"{key}.weight_zero", np.zeros(w.shape[1], np.int8)),
-                    ],
-                    attributes={"axis": 0 if transposed else 1},
-                    name=f"{key}_DequantizeLinear",
-                )
-                dq.outputs[0].name = f"{key}.weight_dequantized"
-                body.insert_before(node, dq)
-                encoded[(id(body), id(value))] = dq.outputs[0]
-            node.replace_input_with(1, encoded[(id(body), id(value))])
-            done[key] = node.op_type
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        body = node.graph
+        if body is model.graph:
+            continue
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            continue
+        key = node.name or node.outputs[0].name
+        if node.name in exclude or key in exclude or node.op_type in exclude:
+            continue
+        w, _ = float_weight(node)
+        value = node.inputs[1]
+        if w is None or not all(_handled(u.node, u.idx) for u in value.uses()):
+            continue
+        transposed = node.op_type == "Gemm" and "transB" in node.attributes
+        transposed = transposed and node.attributes["transB"].as_int() == 1
+        if (id(body), id(value)) not in encoded:
+            params = qp.weight_params(w, axis=1)
+            codes = qp.quantize(w, params, symmetric_weight=True)
+            if transposed:
+                codes = np.ascontiguousarray(codes.T)
+            dq = ir.node(
+                "DequantizeLinear",
+                [
+                    add_initializer(body, f"{key}.weight_codes", codes),
+                    add_initializer(body, f"{key}.weight_scale", params.scale.astype(np.float32)),
+                    add_initializer(body, f"{key}.weight_zero", np.zeros(w.shape[1], np.int8)),
+                ],
+                attributes={"axis": 0 if transposed else 1},
+                name=f"{key}_DequantizeLinear",
+            )
+            dq.outputs[0].name = f"{key}.weight_dequantized"
+            body.insert_before(node, dq)
+            encoded[(id(body), id(value))] = dq.outputs[0]
+        node.replace_input_with(1, encoded[(id(body), id(value))])
+        done[key] = node.op_type
     if done:
         remove_unused_initializers(model)
     return done
