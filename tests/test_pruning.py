@@ -551,6 +551,33 @@ def test_compensated_bias_is_sliced_with_its_own_pruned_outputs():
     assert out.shape == (16, 2, 6, 6) and np.all(np.isfinite(out))
 
 
+def test_compensated_matmul_bias_is_sliced_with_its_own_pruned_outputs():
+    """A bias-free MatMul whose inputs lose channels gets its compensation as a new Add; when
+    its own outputs are pruned too (a chain of MatMul-Add-Relu blocks), that Add's bias loses
+    the same channels (it kept its full length and the rewrite failed shape inference)."""
+    rng = np.random.default_rng(1)
+    text = "g (float[N,8] x) => (float[N,8] y) {"
+    tensors = {}
+    for i in range(3):
+        tensors[f"w{i}"] = rng.normal(0, 0.5, (8, 8))
+        tensors[f"b{i}"] = rng.normal(0, 0.1, (8,))
+        src = "x" if i == 0 else f"r{i - 1}"
+        text += f" m{i} = MatMul ({src}, w{i})\n a{i} = Add (m{i}, b{i})\n r{i} = Relu (a{i})\n"
+    text += " y = Identity (r2) }"
+    model = io.load_model(with_weights(text, tensors))
+    samples = SyntheticSamples(input_specs(model), 16, seed=0)
+    pruned, report = prune(model, PruneConfig(ratio=0.3), samples=samples)
+    biases = [n for n in pruned.graph if n.name.endswith("_pruning_bias")]
+    assert biases, "the compensation was not applied"
+    for add in biases:
+        width = add.inputs[0].shape[-1]
+        assert add.inputs[1].const_value.shape == (width,), add.name
+    assert inspect_model(pruned).parameters < inspect_model(model).parameters
+    x = next(samples.batches(16)).inputs["x"]
+    out = Runner(pruned).session.run(None, {"x": x})[0]
+    assert out.shape == (16, 8) and np.all(np.isfinite(out))
+
+
 def test_unknown_ranks_block_groups_with_a_reason_instead_of_crashing(tmp_path, capsys):
     """A contrib op neither onnx nor the op table can infer (com.microsoft.Inverse, batched
     matrix inverse) leaves its output without a rank; the Concat that reads it

@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import io
-from onnxzip.errors import InternalError
+from onnxzip.errors import InternalError, ModelError
 from onnxzip.ir.ops import node_key
 from onnxzip.passes import (
     add_initializer,
@@ -144,7 +144,10 @@ def apply(
                 )
 
     remove_unused_initializers(model)
-    return io.reinfer_shapes(model)
+    try:
+        return io.reinfer_shapes(model)
+    except ModelError as exc:  # the rewrite, not the user's model, is inconsistent
+        raise InternalError(f"pruning rewrite: {exc}") from exc
 
 
 def _shrink_runtime_target(
@@ -230,6 +233,7 @@ def compensate(
         out_axis = _out_axis(node)
         w_value = node.inputs[1]
         bias_index = 2
+        reader = name  # the node that reads the new bias
         if node.op_type == "MatMul":
             old = node.outputs[0]
             bias = add_initializer(graph, f"{name}_pruning_bias", delta.astype(np.float32))
@@ -241,6 +245,8 @@ def compensate(
             old.name = f"{out_name}_before_bias"
             add.outputs[0].name = out_name
             new_bias = bias
+            reader = node_key(add)
+            nodes[reader] = add
         else:
             existing = node.inputs[bias_index] if len(node.inputs) > bias_index else None
             base = (
@@ -260,9 +266,9 @@ def compensate(
         for group in groups:
             for m in list(group.slices):
                 if m.node == name and m.role == "out" and m.value is w_value and m.axis == out_axis:
-                    if not any(s.node == name and s.value is new_bias for s in group.slices):
+                    if not any(s.node == reader and s.value is new_bias for s in group.slices):
                         group.slices.append(
-                            type(m)(name, new_bias, 0, m.positions, "out", None, name)
+                            type(m)(reader, new_bias, 0, m.positions, "out", None, name)
                         )
                     old_bias = [
                         s
