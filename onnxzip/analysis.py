@@ -216,7 +216,7 @@ def _parameters(model: ir.Model) -> tuple[int, int]:
         if tensor is None or tensor.dtype in _INDEX_TYPES:
             continue
         count += math.prod(tensor.shape.numpy())
-        nbytes += tensor.nbytes
+        nbytes += io.tensor_nbytes(tensor)
     for node in model.graph:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             attr = node.attributes.get("value")
@@ -224,7 +224,7 @@ def _parameters(model: ir.Model) -> tuple[int, int]:
                 tensor = attr.as_tensor()
                 if tensor.dtype not in _INDEX_TYPES:
                     count += math.prod(tensor.shape.numpy())
-                    nbytes += tensor.nbytes
+                    nbytes += io.tensor_nbytes(tensor)
     return int(count), int(nbytes)
 
 
@@ -326,6 +326,14 @@ class MemoryFit:
         )
 
 
+def _element_bytes(dtype: ir.DataType) -> float:
+    """Bytes per element; strings (of unknown length) count as one 64-bit pointer."""
+    try:
+        return max(1.0, dtype.itemsize)
+    except TypeError:
+        return 8.0
+
+
 def activation_bytes(model: ir.Model, shapes: dict[str, list[int]]) -> int:
     """Bytes of every intermediate tensor of one run at these input shapes (batch 1); tensors
     whose shape is still unknown count nothing."""
@@ -336,7 +344,7 @@ def activation_bytes(model: ir.Model, shapes: dict[str, list[int]]) -> int:
             if value.shape is None or value.dtype is None:
                 continue
             dims = [d if isinstance(d, int) else 1 for d in value.shape]
-            total += int(math.prod(dims) * max(1, value.dtype.itemsize))
+            total += int(math.prod(dims) * _element_bytes(value.dtype))
     return total
 
 

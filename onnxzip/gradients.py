@@ -95,6 +95,12 @@ def _gated_twin(
 
     nodes = {node_key(n): n for n in twin.graph}
     gates = {}
+    with passes.naming(twin.graph):
+        _add_gates(twin, groups, nodes, gates)
+    return twin, gates
+
+
+def _add_gates(twin: ir.Model, groups: list[Group], nodes: dict, gates: dict) -> None:
     for group in groups:
         if group.blocked:
             continue
@@ -113,6 +119,7 @@ def _gated_twin(
             gate = passes.add_initializer(twin.graph, name, np.ones(shape, np.float32))
             mul = ir.node("Mul", [out, gate], name=f"{name}_mul")
             mul.outputs[0].name = f"{name}_out"
+            passes.claim(twin.graph, mul.outputs[0].name)
             mul.outputs[0].type, mul.outputs[0].shape = out.type, out.shape
             twin.graph.insert_after(node, mul)
             for use in list(out.uses()):
@@ -121,7 +128,6 @@ def _gated_twin(
             if out.is_graph_output():
                 continue
             gates[name] = (group.id, root, axis)
-    return twin, gates
 
 
 def _with_energy_loss(twin: ir.Model) -> ir.Model:

@@ -550,6 +550,22 @@ def _fill_unsliced_axes(light: onnx.ModelProto, merged: onnx.GraphProto) -> bool
     return changed
 
 
+def _data_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of a tensor's raw data from its type and dims (None: strings, unknown types)."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    if any(d < 0 for d in tensor.dims):
+        return None
+    try:
+        bits = ir.DataType(tensor.data_type).bitwidth
+    except (TypeError, ValueError):
+        return None
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    return (count * bits + 7) // 8
+
+
 def _check_external_data(proto: onnx.ModelProto, base_dir: Path, source: str) -> bool:
     """Raises if a tensor's external data file is missing or short; says whether there are any."""
     found = False
@@ -560,16 +576,40 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path, source: str) ->
                 tensors.append(attr.t)
     for tensor in tensors:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            needed = _data_bytes(tensor) if tensor.HasField("raw_data") else None
+            if needed is not None and len(tensor.raw_data) != needed:
+                raise ModelError(
+                    f"{source}: tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes, its "
+                    f"type and dims need {needed}"
+                )
             continue
         found = True
         info = {entry.key: entry.value for entry in tensor.external_data}
         location = info.get("location", "")
+        numbers = {}
+        for key in ("offset", "length"):
+            text = info.get(key, "0")
+            try:
+                numbers[key] = int(text)
+            except ValueError:
+                numbers[key] = -1
+            if numbers[key] < 0:
+                raise ModelError(
+                    f"{source}: external data {key} of tensor '{tensor.name}' is not a "
+                    f"non-negative integer ({text!r})"
+                )
         path = (base_dir / location).resolve()
         if not location or not path.is_file():
             raise ModelError(
                 f"{source}: external data file '{location}' for tensor '{tensor.name}' is missing"
             )
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        needed = _data_bytes(tensor)
+        if "length" in info and needed is not None and numbers["length"] != needed:
+            raise ModelError(
+                f"{source}: external data length of tensor '{tensor.name}' is "
+                f"{numbers['length']} bytes, its type and dims need {needed}"
+            )
+        end = numbers["offset"] + (numbers["length"] if "length" in info else needed or 0)
         if end > path.stat().st_size:
             raise ModelError(
                 f"{source}: external data file '{location}' is shorter than tensor "
@@ -695,6 +735,14 @@ def model_bytes(model: ir.Model) -> bytes:
     return proto.SerializeToString()
 
 
+def tensor_nbytes(tensor) -> int:
+    """Bytes of an IR tensor's data; strings (whose size onnx_ir does not define) count 0."""
+    try:
+        return int(tensor.nbytes)
+    except TypeError:
+        return 0
+
+
 def weights_nbytes(model: ir.Model) -> int:
     """Bytes held by the initializers (of the main graph and of If/Loop/Scan bodies) and by
     the tensors of Constant nodes (exporters store weights either way)."""
@@ -704,12 +752,12 @@ def weights_nbytes(model: ir.Model) -> int:
     for graph in graphs.values():
         for value in graph.initializers.values():
             if value.const_value is not None:
-                total += value.const_value.nbytes
+                total += tensor_nbytes(value.const_value)
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             attr = node.attributes.get("value")
             if attr is not None and attr.type == ir.AttributeType.TENSOR:
-                total += attr.as_tensor().nbytes
+                total += tensor_nbytes(attr.as_tensor())
     return total
 
 
@@ -860,7 +908,7 @@ def save_model(
 
 def _has_large_tensor(model: ir.Model) -> bool:
     return any(
-        v.const_value is not None and v.const_value.nbytes >= 1024
+        v.const_value is not None and tensor_nbytes(v.const_value) >= 1024
         for v in model.graph.initializers.values()
     )
 

@@ -18,7 +18,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import weakref
 
 import numpy as np
 import onnx_ir as ir
@@ -76,30 +79,88 @@ def _attr_float(node: ir.Node, name: str, default: float) -> float:
     return default if attr is None else attr.as_float()
 
 
+_NAMING: weakref.WeakKeyDictionary[ir.Graph, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _taken_names(graph: ir.Graph) -> set[str]:
+    taken = set(graph.initializers)
+    taken.update(v.name for v in graph.inputs)
+    for node in graph:
+        taken.update(v.name for v in node.outputs)
+    return taken
+
+
+@contextlib.contextmanager
+def naming(graph: ir.Graph):
+    """A bulk edit of ``graph``: inside it, ``add_initializer`` checks new names against one
+    scan of the graph made on entry plus every name handed out or ``claim``-ed since, instead of
+    scanning the whole graph per call (which made every per-node edit loop quadratic). Names
+    the edit gives node outputs itself must be ``claim``-ed."""
+    if graph in _NAMING:
+        yield
+        return
+    _NAMING[graph] = _taken_names(graph)
+    try:
+        yield
+    finally:
+        _NAMING.pop(graph, None)
+
+
+def bulk_edit(fn):
+    """Runs ``fn(model_or_graph, ...)`` inside a ``naming`` scope of its (main) graph."""
+
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        graph = first.graph if isinstance(first, ir.Model) else first
+        with naming(graph):
+            return fn(first, *args, **kwargs)
+
+    return wrapper
+
+
+def claim(graph: ir.Graph, name: str) -> None:
+    """Records ``name`` as taken inside a ``naming`` scope of ``graph`` (no-op outside one)."""
+    taken = _NAMING.get(graph)
+    if taken is not None:
+        taken.add(name)
+
+
 def add_initializer(
     graph: ir.Graph, name: str, array: np.ndarray, *, name_is_unique: bool = False
 ) -> ir.Value:
     """Registers a new initializer under a name no other value in the graph uses.
 
-    ``name_is_unique`` skips the scan of the graph when the caller already guarantees it.
+    ``name_is_unique`` skips the check when the caller already guarantees it; inside a
+    ``naming`` scope the check costs one set lookup.
     """
     unique = name
     if not name_is_unique:
-        taken = set(graph.initializers)
-        taken.update(v.name for v in graph.inputs)
-        for node in graph:
-            taken.update(v.name for v in node.outputs)
+        taken = _NAMING.get(graph)
+        if taken is None:
+            taken = _taken_names(graph)
         i = 1
-        while unique in taken:
+        while unique in taken or unique in graph.initializers:
             unique = f"{name}_{i}"
             i += 1
+        claim(graph, unique)
     array = np.asarray(array)
     # ir.Tensor directly: ir.tensor's protocol checks cost more than the rest of this function.
-    value = ir.Value(name=unique, const_value=ir.Tensor(array, name=unique))
+    if array.dtype.kind in "OSU":  # strings: onnx_ir's own string tensor
+        tensor = ir.StringTensor(array.astype(object), name=unique)
+    else:
+        tensor = ir.Tensor(array, name=unique)
+    value = ir.Value(name=unique, const_value=tensor)
     value.shape = ir.Shape(array.shape)
-    value.dtype = ir.DataType.from_numpy(array.dtype)
+    value.dtype = tensor.dtype
     graph.register_initializer(value)
     return value
+
+
+def _nbytes(tensor) -> int:
+    try:
+        return int(tensor.nbytes)
+    except TypeError:  # strings
+        return 0
 
 
 def drop_initializer_inputs(model: ir.Model) -> int:
@@ -137,8 +198,13 @@ def fold_constants(model: ir.Model) -> int:
     read by a Gather and, transposed, by the output MatMul) is not made: it would grow the
     model by that weight and untie it. Such nodes are hidden from the folder for the call.
     """
-    shared = [node for node in model.graph if _foldable(node) and _duplicates_weight(node)]
-    if not any(_foldable(node) for node in model.graph if node not in shared):
+    strings = [node for node in model.graph if _foldable(node) and _reads_strings(node)]
+    shared = [
+        node
+        for node in model.graph
+        if _foldable(node) and node not in strings and _duplicates_weight(node)
+    ]
+    if not any(_foldable(node) for node in model.graph if node not in shared + strings):
         return 0  # nothing to fold: skip importing onnxscript's optimizer (0.2 s)
     from onnxscript.optimizer import _constant_folding
 
@@ -149,6 +215,13 @@ def fold_constants(model: ir.Model) -> int:
         for node in shared
         for i, value in enumerate(node.inputs)
         if value is not None and value.const_value is not None and len(value.uses()) > 1
+    ]
+    # String tensors: the folder would hand them back as numeric tensors onnx_ir cannot write.
+    hidden += [
+        (node, i, value)
+        for node in strings
+        for i, value in enumerate(node.inputs)
+        if value is not None and value.const_value is not None
     ]
     for node, i, value in hidden:
         stand_in = ir.Value(name=f"{value.name}__tied", type=value.type, shape=value.shape)
@@ -170,13 +243,19 @@ def fold_constants(model: ir.Model) -> int:
     return before - model.graph.num_nodes()
 
 
+def _reads_strings(node: ir.Node) -> bool:
+    return any(
+        v is not None and v.dtype == ir.DataType.STRING for v in (*node.inputs, *node.outputs)
+    )
+
+
 def _duplicates_weight(node: ir.Node) -> bool:
     """Folding ``node`` would write a new constant computed from an initializer of at least
     1 KiB that other nodes also read (so the original stays and the data is held twice)."""
     for value in node.inputs:
         if value is None or value.const_value is None or value.is_graph_input():
             continue
-        if len(value.uses()) > 1 and value.const_value.nbytes >= 1024:
+        if len(value.uses()) > 1 and _nbytes(value.const_value) >= 1024:
             return True
     return False
 
@@ -214,6 +293,7 @@ def sum_to_add(model: ir.Model) -> int:
     return count
 
 
+@bulk_edit
 def fold_batchnorm(model: ir.Model) -> list[str]:
     """Folds BatchNormalization into the preceding Conv/ConvTranspose; returns folded BN names."""
     graph = model.graph
@@ -354,6 +434,7 @@ def unfold_last_axes_transposes(model: ir.Model) -> int:
     return count
 
 
+@bulk_edit
 def batchnorm_to_affine(model: ir.Model) -> int:
     """Inference-mode BatchNormalization as ``x * s + t`` with constant ``s``, ``t``.
 

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import progress
-from onnxzip.passes import add_initializer
+from onnxzip.passes import add_initializer, claim, naming
 from onnxzip.quantize import calibrate as cal
 from onnxzip.runtime import Runner
 
@@ -95,6 +95,10 @@ class Collector:
     def _build(self):
         """The augmented model and, per request, the session outputs that carry it."""
         model = self.model.clone()
+        with naming(model.graph):
+            return self._augment(model)
+
+    def _augment(self, model: ir.Model):
         graph = model.graph
         values = {v.name: v for v in graph.inputs}
         values.update({v.name: v for node in graph for v in node.outputs})
@@ -117,6 +121,7 @@ class Collector:
             node = ir.node(op, inputs, attributes=attributes or {}, name=name)
             out = node.outputs[0]
             out.name, out.type, out.shape = name, ir.TensorType(dtype), ir.Shape(shape)
+            claim(graph, name)
             graph.append(node)
             if fetch:
                 graph.outputs.append(out)

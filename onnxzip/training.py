@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip.errors import InputError
-from onnxzip.passes import add_initializer, const_array, replace_node
+from onnxzip.passes import add_initializer, bulk_edit, const_array, replace_node
 
 
 def scalar_loss(graph: ir.Graph, terms: list[ir.Value], prefix: str) -> ir.Value:
@@ -37,6 +37,7 @@ def _const(graph: ir.Graph, name: str, value: float) -> ir.Value:
     return add_initializer(graph, name, np.array(value, np.float32))
 
 
+@bulk_edit
 def differentiable(model: ir.Model) -> list[str]:
     """Rewrites ops onnxruntime-training 1.19 has no gradient builder for into ops it has.
 

@@ -224,8 +224,12 @@ class OutputAccumulator:
         if np.size(ref) == 0:  # an empty output: nothing to compare, still a sample seen
             self.samples += rows
             return
-        r = np.asarray(ref).astype(np.float64).reshape(rows, -1)
-        c = np.asarray(cand).astype(np.float64).reshape(rows, -1)
+        ref, cand = np.asarray(ref), np.asarray(cand)
+        if ref.dtype.kind in "OSU" or cand.dtype.kind in "OSU":
+            # Strings: compared for equality; a differing element counts as an error of 1.
+            ref, cand = np.ones(ref.shape), np.where(ref == cand, 1.0, 0.0)
+        r = ref.astype(np.float64).reshape(rows, -1)
+        c = cand.astype(np.float64).reshape(rows, -1)
         diff = np.abs(r - c)
         self.elements += diff.size
         if diff.size:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 import os
 from collections import Counter
 
@@ -362,6 +364,41 @@ def test_accuracy_guard_keeps_harmful_layers_in_float_until_the_target_holds(
             assert node.inputs[1].dtype == onnx.TensorProto.FLOAT
     assert weighted >= 1
     assert report.parity.outputs[0].cosine_mean >= target  # same held-out samples the guard scored
+
+
+def test_accuracy_guard_on_many_layers_ranks_them_from_one_run_of_each_model(
+    mobilenet_path, calib_npz, monkeypatch
+):
+    """Above EXACT_SENSITIVITY_LAYERS candidates the guard ranks layers by the SNR each loses
+    between its inputs and its output (one run of the reference and of the quantized model)
+    instead of one build per layer, and finds how many to keep by binary search: the builds
+    grow with the log of the layer count, and the target still holds."""
+    q = importlib.import_module("onnxzip.quantize")  # the package: onnxzip.quantize is the function
+
+    specs = input_specs(io.load_model(mobilenet_path))
+    samples = NpzSamples(calib_npz, specs)
+    options = dict(per_channel=False, reduce_range="on")
+    _, plain = quantize(mobilenet_path, samples, QuantizeConfig(**options))
+    before = plain.parity.outputs[0].cosine_mean
+    target = round(1 - (1 - before) / 2, 6)
+    monkeypatch.setattr(q, "EXACT_SENSITIVITY_LAYERS", 0)
+    builds = []
+    original_build = q._Builder.build
+
+    def counting_build(self, keep_float=frozenset()):
+        builds.append(len(keep_float))
+        return original_build(self, keep_float)
+
+    monkeypatch.setattr(q._Builder, "build", counting_build)
+    _, report = quantize(mobilenet_path, samples, QuantizeConfig(**options, min_cosine=target))
+    guard = report.guard
+    assert guard.met and guard.metric_after >= target
+    assert 1 <= len(guard.kept_float) < guard.candidates
+    losses = [s.snr_gain_db for s in guard.kept_float]
+    assert losses == sorted(losses, reverse=True) and losses[0] > 0
+    searched = [k for k in builds if k > 0]  # builds with layers kept in float: the search only
+    assert len(searched) <= math.ceil(math.log2(guard.candidates)) + 1
+    assert report.parity.outputs[0].cosine_mean >= target
 
 
 def test_accuracy_guard_with_labels_and_without_verification_data(resnet_path, calib_npz, test_npz):

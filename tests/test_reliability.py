@@ -108,6 +108,29 @@ def _model_case(kind: str, tmp: Path, good: Path) -> tuple[Path, str]:
         onnx.save(model, path, save_as_external_data=True, location="weights.bin", size_threshold=0)
         (path.parent / "weights.bin").unlink()
         return path, "weights.bin"
+    if kind.startswith("external data "):  # offset/length entries a hostile file could carry
+        field, text = {
+            "external data offset negative": ("offset", "-8"),
+            "external data offset not a number": ("offset", "abc"),
+            "external data length negative": ("length", "-4"),
+            "external data length short of the dims": ("length", "16"),
+        }[kind]
+        model = onnx.load(good)
+        onnx.save(model, path, save_as_external_data=True, location="weights.bin", size_threshold=0)
+        model = onnx.load(path, load_external_data=False)
+        tensor = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+        entries = {e.key: e for e in tensor.external_data}
+        if field not in entries:
+            entries[field] = tensor.external_data.add(key=field)
+        entries[field].value = text
+        onnx.save(model, path)
+        return path, f"external data {field} of tensor '{tensor.name}'"
+    if kind == "raw data longer than its dims":
+        model = onnx.load(good)
+        tensor = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+        tensor.raw_data = tensor.raw_data + bytes(64)
+        onnx.save(model, path)
+        return path, f"tensor '{tensor.name}' holds"
     raise AssertionError(kind)
 
 
@@ -120,6 +143,11 @@ BAD_MODELS = [
     "op newer than the runtime",
     "custom domain",
     "missing external data",
+    "external data offset negative",
+    "external data offset not a number",
+    "external data length negative",
+    "external data length short of the dims",
+    "raw data longer than its dims",
 ]
 
 
@@ -695,3 +723,48 @@ def test_unwritable_output_folder_is_refused_before_any_work(
         ["quantize", resnet_path, "-o", Path("/proc/onnxzip-out.onnx"), "--data", calib_npz], capsys
     )
     assert code == 2 and "cannot write in '/proc'" in err and calls == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["quantize"],
+        ["quantize", "--mode", "dynamic"],
+        ["quantize", "--mode", "weight-only"],
+        ["prune", "--ratio", "0.3"],
+    ],
+)
+def test_string_initializers_pass_through_every_writer(args, tmp_path, capsys):
+    """A model carrying a string constant (a label table, say) beside its weights: the strings
+    are left as they are (not constant-folded into numeric tensors, which could not be written)
+    and a string output is compared for equality (it exited 3 in both cases)."""
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.normal(0, 0.5, (8, 8)).astype(np.float32), "w")
+    labels = onnx.helper.make_tensor("labels", onnx.TensorProto.STRING, [2], [b"cat", b"dog"])
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("MatMul", ["x", "w"], ["h"]),
+            onnx.helper.make_node("Relu", ["h"], ["r"]),
+            onnx.helper.make_node("MatMul", ["r", "w"], ["y"]),
+            onnx.helper.make_node("Identity", ["labels"], ["names"]),
+        ],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8])],
+        [
+            onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 8]),
+            onnx.helper.make_tensor_value_info("names", onnx.TensorProto.STRING, [2]),
+        ],
+        [w, labels],
+    )
+    path = tmp_path / "labels.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    out = tmp_path / "out.onnx"
+    code, _, err = run_cli(
+        [*args, str(path), "--synthetic", "16", "--no-floors", "-o", str(out)], capsys
+    )
+    assert code == 0, err
+    onnx.checker.check_model(str(out), full_check=True)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = rng.normal(size=(3, 8)).astype(np.float32)
+    y, names = session.run(None, {"x": x})
+    assert y.shape == (3, 8) and list(names) == ["cat", "dog"]

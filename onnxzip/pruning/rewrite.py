@@ -24,6 +24,8 @@ from onnxzip.errors import InternalError, ModelError
 from onnxzip.ir.ops import node_key
 from onnxzip.passes import (
     add_initializer,
+    bulk_edit,
+    claim,
     const_array,
     dequantized_array,
     remove_dead,
@@ -48,6 +50,7 @@ def removed_positions(group: Group, channels: np.ndarray, positions: list) -> np
     return np.unique(np.concatenate([positions[c] for c in channels]))
 
 
+@bulk_edit
 def apply(
     model: ir.Model,
     groups: list[Group],
@@ -175,6 +178,7 @@ def _shrink_runtime_target(
         inputs[k] = add_initializer(graph, f"{node_key(node)}_target_{a}", array.astype(np.int64))
     new = ir.node("Concat", inputs, attributes={"axis": 0}, name=f"{node_key(node)}_target")
     new.outputs[0].name = f"{node_key(node)}_target_shape"
+    claim(graph, new.outputs[0].name)
     graph.insert_before(node, new)
     node.replace_input_with(1, new.outputs[0])
     remove_dead(graph, [old_target])
@@ -190,6 +194,7 @@ def _out_axis(node: ir.Node) -> int:
     return _OUT_AXIS[node.op_type]
 
 
+@bulk_edit
 def compensate(
     model: ir.Model,
     nodes: dict[str, ir.Node],
@@ -244,6 +249,7 @@ def compensate(
             add.replace_input_with(0, old)  # the line above redirected the Add's own input too
             old.name = f"{out_name}_before_bias"
             add.outputs[0].name = out_name
+            claim(graph, old.name)
             new_bias = bias
             reader = node_key(add)
             nodes[reader] = add

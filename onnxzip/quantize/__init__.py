@@ -38,7 +38,7 @@ from onnxzip.quantize.dynamic import quantize_dynamic
 from onnxzip.quantize.qdq import InsertResult, insert_qdq
 from onnxzip.quantize.rules import QUANTIZATION_RULES, Context, Plan
 from onnxzip.report import table
-from onnxzip.runtime import Runner, channel_moments, int8_pairs_saturate
+from onnxzip.runtime import Runner, channel_moments, expose, int8_pairs_saturate
 from onnxzip.statistics import Collector
 from onnxzip.verify import (
     OutputAccumulator,
@@ -981,6 +981,7 @@ def correct_biases(
     return corrected
 
 
+@passes.bulk_edit
 def _apply_biases(model: ir.Model, biases: dict[str, np.ndarray]) -> None:
     """Gives each node keyed in ``biases`` that bias (a new initializer), in place."""
     if not biases:
@@ -1058,6 +1059,53 @@ class _Evaluator:
             judge.add(ref, run.run(batch, self.names), batch)
         return judge.checks(), judge.levels()
 
+    def local_losses(
+        self, reference: ir.Model, candidate: ir.Model, keys: list[str]
+    ) -> dict[str, float]:
+        """Per node of ``keys`` (nodes of ``reference``, the float model the candidate was built
+        from): the SNR in dB its output has lost against its inputs' in ``candidate``, from one
+        run of each model on the held-out batches with those tensors fetched. Tensors the
+        candidate no longer has (folded away) count as exact."""
+        nodes = {node_key(n): n for n in reference.graph}
+        present = {v.name for n in candidate.graph for v in n.outputs}  # graph inputs: exact
+        present &= {v.name for n in reference.graph for v in n.outputs}
+        ends: dict[str, tuple[list[str], list[str]]] = {}
+        for key in keys:
+            node = nodes[key]
+            ins = [
+                v.name
+                for v in node.inputs
+                if v is not None and v.const_value is None and v.name in present
+            ]
+            outs = [v.name for v in node.outputs if v.name in present]
+            ends[key] = (ins, outs)
+        names = sorted({t for ins, outs in ends.values() for t in ins + outs})
+        signal = dict.fromkeys(names, 0.0)
+        noise = dict.fromkeys(names, 0.0)
+        ref_run = Runner(expose(reference, names), name="reference", optimization="all")
+        cand_run = Runner(expose(candidate, names), name="candidate", optimization="all")
+        for batch in self.batches:
+            ref, out = ref_run.run(batch, names), cand_run.run(batch, names)
+            for t in names:
+                a, b = ref[t], out[t]
+                if a.shape != b.shape or not np.issubdtype(a.dtype, np.floating):
+                    continue
+                a = a.astype(np.float64)
+                signal[t] += float(np.sum(a * a))
+                noise[t] += float(np.sum((a - b.astype(np.float64)) ** 2))
+
+        def snr(t: str) -> float:
+            if noise[t] == 0 or not np.isfinite(noise[t]):
+                return 200.0 if noise[t] == 0 else -200.0
+            return float(np.clip(10 * np.log10(max(signal[t], 1e-30) / noise[t]), -200, 200))
+
+        losses = {}
+        for key, (ins, outs) in ends.items():
+            before = min((snr(t) for t in ins), default=200.0)
+            after = min((snr(t) for t in outs), default=before)
+            losses[key] = before - after
+        return losses
+
     def score(self, model: ir.Model, config: QuantizeConfig) -> tuple[float, float, bool]:
         """(target metric, mean output SNR in dB, target met)."""
         run = Runner(model, name="candidate", optimization="all")
@@ -1095,41 +1143,16 @@ def _guard(builder: _Builder, first, evaluator: _Evaluator, config: QuantizeConf
         )
         if t
     )
-    work, plan, *_ = first
-    metric, snr, met = evaluator.score(work, config)
-    report = GuardReport(target, metric, metric, met, evaluator.samples, 0)
-    if met:
-        return (*first, report)
-    # Sensitivity: revert each quantized layer alone and see how much the output SNR recovers.
-    candidates = [k for k, op in plan.quantized_nodes.items()]
-    report.candidates = len(candidates)
-    gains = {}
-    for key in progress.bar(
-        candidates, total=len(candidates), desc="guard: sensitivity", unit="layer"
-    ):
-        model, *_ = builder.build(frozenset([key]))
-        gains[key] = evaluator.score(model, config)[1] - snr
-    order = sorted(candidates, key=lambda k: -gains[k])
-    kept: set[str] = set()
-    best = first
-    for key in order:
-        kept.add(key)
-        built = builder.build(frozenset(kept))
-        metric, _, met = evaluator.score(built[0], config)
-        report.kept_float.append(GuardStep(key, plan.quantized_nodes[key], gains[key], metric))
-        best = built
-        logger.info("guard: %s kept in float, metric %.4f", key, metric)
-        if met:
-            break
-    report.metric_after = report.kept_float[-1].metric_after if report.kept_float else metric
-    report.met = met
-    for k in best[2]:
-        if k.node in kept:
-            step = next(s for s in report.kept_float if s.node == k.node)
-            k.reason = (
-                f"accuracy guard: quantizing it alone cost {step.snr_gain_db:.2f} dB of output SNR"
-            )
-    return (*best, report)
+
+    def judge(model: ir.Model) -> tuple[float, float, bool]:
+        metric, snr, met = evaluator.score(model, config)
+        return snr, metric, met
+
+    def reason(step: GuardStep) -> str:
+        return f"accuracy guard: quantizing it alone cost {step.snr_gain_db:.2f} dB of output SNR"
+
+    candidates = list(first[1].quantized_nodes)
+    return _search_guard(builder, first, evaluator, target, candidates, judge, reason)
 
 
 def _dynamic_fallback(prepared, samples, config, holdout, evaluator):
@@ -1151,35 +1174,41 @@ def _dynamic_fallback(prepared, samples, config, holdout, evaluator):
 
 FLOOR_TARGET = "the default floors of the outputs' kinds"
 
+# Up to this many candidate layers, a layer's sensitivity is measured by reverting it alone
+# (one build and one evaluation each); above it, from one run of the reference and one of the
+# quantized model (the SNR each layer loses between its inputs and its output), so the guard's
+# cost grows with the graph, not with its square.
+EXACT_SENSITIVITY_LAYERS = 96
+
 
 def _floor_guard(builder: _Builder, first, evaluator: _Evaluator, config: QuantizeConfig):
     """Keeps the layers whose quantization hurts the failing floors most in float until every
     default floor holds on the held-out samples (``onnxzip.floors``).
 
     Sensitivity of a layer: how much the SNR of the failing parts (outputs or slices) recovers
-    when that layer alone stays float. The fewest layers of that order whose reversion makes
-    the floors hold are found by binary search over its prefixes (with every layer reverted the
-    model computes what the original does)."""
+    when that layer alone stays float (see ``_search_guard``)."""
     work, plan, *_ = first
     checks, snrs = evaluator.floor_checks(work)
-    failing = [c for c in checks if not c.passed]
-    report = GuardReport(
-        FLOOR_TARGET,
-        len(failing),
-        len(failing),
-        not failing,
-        evaluator.samples,
-        0,
-    )
-    if not failing:
-        return (*first, report)
-    watched = sorted({c.part for c in failing})
-    logger.info("default floors fail on %s: searching layers to keep in float", ", ".join(watched))
+    watched = sorted({c.part for c in checks if not c.passed})
 
     def level(values: dict[str, float]) -> float:
-        return float(np.mean([min(values[p], 200.0) for p in watched]))
+        return float(np.mean([min(values[p], 200.0) for p in watched])) if watched else 0.0
 
-    base = level(snrs)
+    def judge(model: ir.Model) -> tuple[float, float, bool]:
+        checks, values = evaluator.floor_checks(model)
+        left = sum(not c.passed for c in checks)
+        return level(values), float(left), left == 0
+
+    def reason(step: GuardStep) -> str:
+        return (
+            "accuracy guard (default floors): quantizing it alone cost "
+            f"{step.snr_gain_db:.2f} dB on {', '.join(watched)}"
+        )
+
+    if watched:
+        logger.info(
+            "default floors fail on %s: searching layers to keep in float", ", ".join(watched)
+        )
     # Ops that only move 8-bit codes (their output shares its input's parameters) add no error
     # of their own: not worth a sensitivity run each.
     moves = {
@@ -1189,47 +1218,84 @@ def _floor_guard(builder: _Builder, first, evaluator: _Evaluator, config: Quanti
         and all(o.name in plan.shared for o in n.outputs if o.uses() or o.is_graph_output())
     }
     candidates = [k for k in plan.quantized_nodes if k not in moves]
-    report.candidates = len(candidates)
-    gains = {}
-    for key in progress.bar(
-        candidates, total=len(candidates), desc="guard: sensitivity", unit="layer"
-    ):
-        model, *_ = builder.build(frozenset([key]))
-        gains[key] = level(evaluator.floor_checks(model)[1]) - base
+    first_verdict = (level(snrs), float(sum(not c.passed for c in checks)))
+    return _search_guard(
+        builder, first, evaluator, FLOOR_TARGET, candidates, judge, reason, first_verdict
+    )
+
+
+def _search_guard(
+    builder: _Builder,
+    first,
+    evaluator: _Evaluator,
+    target: str,
+    candidates: list[str],
+    judge,
+    reason,
+    first_verdict: tuple[float, float] | None = None,
+):
+    """The fewest most-sensitive layers to keep in float for ``judge`` to hold.
+
+    ``judge(model)`` gives (level to raise, reported metric, target met). Layers are ordered by
+    how much keeping each in float raises the level (``_sensitivities``); the fewest of that
+    order that make the target hold are found by binary search over its prefixes (more layers
+    in float never costs accuracy, up to noise; with every layer reverted the model computes
+    what the original does). The result is the model of the prefix found, checked."""
+    work, plan, *_ = first
+    if first_verdict is None:
+        base, metric, met = judge(work)
+    else:
+        (base, metric), met = first_verdict, first_verdict[1] == 0
+    report = GuardReport(target, metric, metric, met, evaluator.samples, len(candidates))
+    if met or not candidates:
+        return (*first, report)
+    gains = _sensitivities(builder, work, candidates, evaluator, judge, base)
     order = sorted(candidates, key=lambda k: -gains[k])
-    # The fewest most-sensitive layers to keep in float: a binary search over prefixes of that
-    # order (more layers in float never costs accuracy, up to noise; the result is checked).
     tried: dict[int, tuple] = {}
 
     def attempt(k: int):
         if k not in tried:
             built = builder.build(frozenset(order[:k]))
-            left = sum(not c.passed for c in evaluator.floor_checks(built[0])[0])
-            tried[k] = (built, left)
+            tried[k] = (built, judge(built[0]))
         return tried[k]
 
     lo, hi = 1, len(order)
     while lo < hi:
         mid = (lo + hi) // 2
-        if attempt(mid)[1] == 0:
+        if attempt(mid)[1][2]:
             hi = mid
         else:
             lo = mid + 1
-    best, left = attempt(lo)
+    best, (_, metric, met) = attempt(lo)
     kept = set(order[:lo])
     for key in order[:lo]:
-        report.kept_float.append(GuardStep(key, plan.quantized_nodes[key], gains[key], left))
-    met = left == 0
-    report.metric_after = left
+        report.kept_float.append(GuardStep(key, plan.quantized_nodes[key], gains[key], metric))
+    logger.info("guard: %d layers kept in float, metric %.4f", lo, metric)
+    report.metric_after = metric
     report.met = met
+    steps = {s.node: s for s in report.kept_float}
     for k in best[2]:
         if k.node in kept:
-            step = next(s for s in report.kept_float if s.node == k.node)
-            k.reason = (
-                "accuracy guard (default floors): quantizing it alone cost "
-                f"{step.snr_gain_db:.2f} dB on {', '.join(watched)}"
-            )
+            k.reason = reason(steps[k.node])
     return (*best, report)
+
+
+def _sensitivities(
+    builder: _Builder, work: ir.Model, candidates: list[str], evaluator: _Evaluator, judge, base
+) -> dict[str, float]:
+    """Per candidate layer, how much keeping it alone in float raises the judge's level (few
+    layers), or the SNR in dB it loses between its inputs and its output in the quantized model
+    (many layers: one run of each model, see ``EXACT_SENSITIVITY_LAYERS``)."""
+    if len(candidates) > EXACT_SENSITIVITY_LAYERS:
+        logger.info("guard: %d layers, sensitivity from one run of each model", len(candidates))
+        return evaluator.local_losses(builder.prepared, work, candidates)
+    gains = {}
+    for key in progress.bar(
+        candidates, total=len(candidates), desc="guard: sensitivity", unit="layer"
+    ):
+        model, *_ = builder.build(frozenset([key]))
+        gains[key] = judge(model)[0] - base
+    return gains
 
 
 __all__ = ["QuantizeConfig", "QuantizeReport", "quantize", "plan_quantization", "calibrate"]

@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxzip.passes import add_initializer, const_array, remove_unused_initializers, replace_node
+from onnxzip.passes import (
+    add_initializer,
+    bulk_edit,
+    const_array,
+    remove_unused_initializers,
+    replace_node,
+)
 from onnxzip.quantize import params as qp
 
 logger = logging.getLogger(__name__)
@@ -93,6 +99,7 @@ def _quantize_table(graph: ir.Graph, node: ir.Node, key: str) -> str | None:
     return None
 
 
+@bulk_edit
 def quantize_dynamic(
     model: ir.Model, exclude: tuple[str, ...] = (), pair_safe: bool = False
 ) -> DynamicResult:

@@ -42,7 +42,13 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from onnxzip.passes import add_initializer, const_array, remove_unused_initializers, replace_node
+from onnxzip.passes import (
+    add_initializer,
+    bulk_edit,
+    const_array,
+    remove_unused_initializers,
+    replace_node,
+)
 from onnxzip.quantize.dynamic import MIN_TABLE, _quantize_table, _weight_matrix, float_weight
 
 logger = logging.getLogger(__name__)
@@ -186,6 +192,7 @@ def resolve_format(model: ir.Model, requested: str) -> str:
     return "qdq" if model.opset_imports.get("", 0) >= 21 else "nbits"
 
 
+@bulk_edit
 def quantize_weights(
     model: ir.Model,
     *,
@@ -352,6 +359,7 @@ def _dequantize_node(graph: ir.Graph, node: ir.Node, key: str, blocks: BlockCode
     return dq.outputs[0]
 
 
+@bulk_edit
 def quantize_subgraph_weights(model: ir.Model, exclude: tuple[str, ...] = ()) -> dict[str, str]:
     """Weights of MatMul/Gemm inside If/Loop/Scan bodies, whose activations calibration does
     not observe, as int8 per output column: ``DequantizeLinear(codes, scale, axis=1)`` feeds
