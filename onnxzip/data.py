@@ -18,7 +18,9 @@ import dataclasses
 import logging
 import math
 import os
+import tokenize
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,9 +241,30 @@ def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                         "smaller .npz files"
                     )
                 headers[name] = (tuple(shape), dtype)
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
+    except _NPZ_ERRORS as exc:
+        raise DataError(f"{path}: not a readable .npz file ({_first_line(exc)})") from exc
     return headers
+
+
+# What a corrupt archive raises: zip structure, numpy's header parser (a mangled header dict is
+# tokenized as Python literals: SyntaxError, TokenError), compression methods zipfile lacks.
+_NPZ_ERRORS = (
+    zipfile.BadZipFile,
+    ValueError,
+    OSError,
+    EOFError,
+    SyntaxError,
+    tokenize.TokenError,
+    NotImplementedError,
+    zlib.error,
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    if isinstance(exc, (SyntaxError, tokenize.TokenError)):
+        return "corrupt array header"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class Samples:
@@ -588,7 +611,7 @@ class NpzSamples(Samples):
                 with np.load(file, allow_pickle=False) as archive:
                     inputs = {spec.name: archive[spec.name] for spec in self.specs}
                     labels = archive[LABELS].astype(np.int64) if LABELS in archive.files else None
-            except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+            except _NPZ_ERRORS as exc:
                 raise DataError(f"{file}: cannot be read: {exc}") from exc
             for name, array in inputs.items():
                 if array.dtype.kind in "fc":

@@ -211,9 +211,13 @@ def find_groups(model: ir.Model) -> list[Group]:
         axis, channels = producer
         group = Group(id=len(groups), size=channels)
         builder = GroupBuilder(graph, group)
-        find(node)(builder, node, ("out", 0), axis, identity(channels))
-        builder.visit(node.outputs[0], axis, identity(channels), node)
-        builder.run(find)
+        rule = find(node)
+        if rule is None:  # no rule at this model's opset (the rules cover RULE_OPSETS)
+            builder.block(node, f"no channel rule for {node.op_type} at this model's opset")
+        else:
+            rule(builder, node, ("out", 0), axis, identity(channels))
+            builder.visit(node.outputs[0], axis, identity(channels), node)
+            builder.run(find)
         group.roots = [
             m.owner for m in group.slices if m.role == "out" and m.owner not in group.depthwise
         ]
