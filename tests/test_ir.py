@@ -199,3 +199,33 @@ def test_fused_attention_is_typed_counted_and_quantized_around():
     quantized, qreport = quantize(model, samples, QuantizeConfig(mode="dynamic"))
     assert qreport.quantized_ops == {"MatMul": 1}
     assert qreport.parity.outputs[0].cosine_mean > 0.99
+
+
+def test_new_initializer_names_stay_unique_inside_and_outside_a_naming_scope():
+    """``passes.naming`` replaces the per-call graph scan of ``add_initializer`` by one scan per
+    bulk edit: names already in the graph, handed out in the scope, or claimed for node outputs
+    the edit names itself are never reused; the scope ends with the edit."""
+    from onnxzip import passes
+
+    model = io.load_model(
+        onnx.parser.parse_model(
+            '<ir_version: 8, opset_import: ["" : 17]>\n'
+            "g (float[N,4] x) => (float[N,4] y) { t = Relu (x)\n y = Relu (t) }"
+        )
+    )
+    graph = model.graph
+    one = np.ones(4, np.float32)
+    with passes.naming(graph):
+        a = passes.add_initializer(graph, "t", one)  # a node output's name
+        b = passes.add_initializer(graph, "t", one)  # handed out just above
+        node = ir.node("Relu", [graph.outputs[0]], name="extra")
+        node.outputs[0].name = "z"
+        graph.append(node)
+        passes.claim(graph, "z")
+        c = passes.add_initializer(graph, "z", one)
+        with passes.naming(graph):  # nested: the same scope
+            d = passes.add_initializer(graph, "x", one)  # a graph input's name
+    assert [a.name, b.name, c.name, d.name] == ["t_1", "t_2", "z_1", "x_1"]
+    assert graph not in passes._NAMING  # the scope is gone with the edit
+    node.outputs[0].name = "w"  # outside a scope every call scans the graph again
+    assert passes.add_initializer(graph, "w", one).name == "w_1"
