@@ -216,7 +216,7 @@ def _parameters(model: ir.Model) -> tuple[int, int]:
         if tensor is None or tensor.dtype in _INDEX_TYPES:
             continue
         count += math.prod(tensor.shape.numpy())
-        nbytes += io.tensor_nbytes(tensor)
+        nbytes += ops.tensor_nbytes(tensor)
     for node in model.graph:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             attr = node.attributes.get("value")
@@ -224,7 +224,7 @@ def _parameters(model: ir.Model) -> tuple[int, int]:
                 tensor = attr.as_tensor()
                 if tensor.dtype not in _INDEX_TYPES:
                     count += math.prod(tensor.shape.numpy())
-                    nbytes += io.tensor_nbytes(tensor)
+                    nbytes += ops.tensor_nbytes(tensor)
     return int(count), int(nbytes)
 
 

@@ -612,7 +612,7 @@ class NpzSamples(Samples):
                     inputs = {spec.name: archive[spec.name] for spec in self.specs}
                     labels = archive[LABELS].astype(np.int64) if LABELS in archive.files else None
             except _NPZ_ERRORS as exc:
-                raise DataError(f"{file}: cannot be read: {exc}") from exc
+                raise DataError(f"{file}: cannot be read: {_first_line(exc)}") from exc
             for name, array in inputs.items():
                 if array.dtype.kind in "fc":
                     a = 0 if self.unbatched or not self.axes else self.axes.get(name, 0)

@@ -735,14 +735,6 @@ def model_bytes(model: ir.Model) -> bytes:
     return proto.SerializeToString()
 
 
-def tensor_nbytes(tensor) -> int:
-    """Bytes of an IR tensor's data; strings (whose size onnx_ir does not define) count 0."""
-    try:
-        return int(tensor.nbytes)
-    except TypeError:
-        return 0
-
-
 def weights_nbytes(model: ir.Model) -> int:
     """Bytes held by the initializers (of the main graph and of If/Loop/Scan bodies) and by
     the tensors of Constant nodes (exporters store weights either way)."""
@@ -752,12 +744,12 @@ def weights_nbytes(model: ir.Model) -> int:
     for graph in graphs.values():
         for value in graph.initializers.values():
             if value.const_value is not None:
-                total += tensor_nbytes(value.const_value)
+                total += ops.tensor_nbytes(value.const_value)
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             attr = node.attributes.get("value")
             if attr is not None and attr.type == ir.AttributeType.TENSOR:
-                total += tensor_nbytes(attr.as_tensor())
+                total += ops.tensor_nbytes(attr.as_tensor())
     return total
 
 
@@ -908,7 +900,7 @@ def save_model(
 
 def _has_large_tensor(model: ir.Model) -> bool:
     return any(
-        v.const_value is not None and tensor_nbytes(v.const_value) >= 1024
+        v.const_value is not None and ops.tensor_nbytes(v.const_value) >= 1024
         for v in model.graph.initializers.values()
     )
 

@@ -28,7 +28,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from onnxzip.errors import InternalError
-from onnxzip.ir.ops import same_dim
+from onnxzip.ir.ops import same_dim, tensor_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -156,13 +156,6 @@ def add_initializer(
     return value
 
 
-def _nbytes(tensor) -> int:
-    try:
-        return int(tensor.nbytes)
-    except TypeError:  # strings
-        return 0
-
-
 def drop_initializer_inputs(model: ir.Model) -> int:
     before = len(model.graph.inputs)
     ir.passes.common.RemoveInitializersFromInputsPass()(model)
@@ -204,7 +197,8 @@ def fold_constants(model: ir.Model) -> int:
         for node in model.graph
         if _foldable(node) and node not in strings and _duplicates_weight(node)
     ]
-    if not any(_foldable(node) for node in model.graph if node not in shared + strings):
+    left_alone = {id(node) for node in shared + strings}
+    if not any(_foldable(node) for node in model.graph if id(node) not in left_alone):
         return 0  # nothing to fold: skip importing onnxscript's optimizer (0.2 s)
     from onnxscript.optimizer import _constant_folding
 
@@ -255,7 +249,7 @@ def _duplicates_weight(node: ir.Node) -> bool:
     for value in node.inputs:
         if value is None or value.const_value is None or value.is_graph_input():
             continue
-        if len(value.uses()) > 1 and _nbytes(value.const_value) >= 1024:
+        if len(value.uses()) > 1 and tensor_nbytes(value.const_value) >= 1024:
             return True
     return False
 

@@ -129,8 +129,11 @@ def main() -> None:
                 model = KINDS[kind](size)
                 path = work / f"{kind}{size}.onnx"
                 onnx.save(model, path)
-                row = {"kind": kind, "nodes": len(model.graph.node), "ort_load_s": None}
-                row["ort_load_s"] = ort_load_seconds(path)
+                row = {
+                    "kind": kind,
+                    "nodes": len(model.graph.node),
+                    "ort_load_s": ort_load_seconds(path),
+                }
                 quantized = work / f"{kind}{size}.int8.onnx"
                 commands = {
                     "inspect": ["inspect", str(path)],

@@ -52,6 +52,14 @@ def attr(node: ir.Node, name: str, default):
     return default if found is None else found.value
 
 
+def tensor_nbytes(tensor) -> int:
+    """Bytes of an IR tensor's data; strings (whose size onnx_ir does not define) count 0."""
+    try:
+        return int(tensor.nbytes)
+    except TypeError:
+        return 0
+
+
 def node_key(node: ir.Node) -> str:
     """A node's identity in reports and plans: its name, else its first output's."""
     return node.name or (node.outputs[0].name if node.outputs else node.op_type)

@@ -46,6 +46,7 @@ from onnxzip.verify import (
     Thresholds,
     VerifyReport,
     is_classifier,
+    snr_db,
     verify,
 )
 
@@ -1095,9 +1096,9 @@ class _Evaluator:
                 noise[t] += float(np.sum((a - b.astype(np.float64)) ** 2))
 
         def snr(t: str) -> float:
-            if noise[t] == 0 or not np.isfinite(noise[t]):
-                return 200.0 if noise[t] == 0 else -200.0
-            return float(np.clip(10 * np.log10(max(signal[t], 1e-30) / noise[t]), -200, 200))
+            if not np.isfinite(noise[t]):
+                return -200.0
+            return float(np.clip(snr_db(signal[t], noise[t]), -200.0, 200.0))
 
         losses = {}
         for key, (ins, outs) in ends.items():
