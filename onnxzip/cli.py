@@ -63,6 +63,18 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _cluster_option(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("parallel work (Ray; results are the same bits as without)")
+    group.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run the sample statistics (calibration, channel moments) and the accuracy guard's "
+        "per-layer sensitivity as Ray tasks: 'local' starts a private Ray instance on this "
+        "machine, 'auto' joins the cluster this machine is part of (or $RAY_ADDRESS), HOST:PORT "
+        "or ray://HOST:PORT a running one (needs pip install 'onnxzip[ray]')",
+    )
+
+
 def _data_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("samples")
     src = group.add_mutually_exclusive_group(required=True)
@@ -517,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(against labels, else agreement with the original); --min-cosine works as a guard target too",
     )
     _threshold_options(p)
+    _cluster_option(p)
     _common(p)
     p.set_defaults(func=_cmd_quantize)
 
@@ -608,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _floor_option(p)
     _engine_options(p)
+    _cluster_option(p)
     _common(p)
     p.set_defaults(func=_cmd_compress)
 
@@ -724,6 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _floor_option(p)
     _engine_options(p)
+    _cluster_option(p)
     _common(p)
     p.set_defaults(func=_cmd_prune)
 
@@ -1151,6 +1166,14 @@ def _main(argv: list[str] | None) -> int:
             from onnxzip import engine
 
             engine.configure(args.training_python, args.offline)
+        if getattr(args, "ray", None):
+            from onnxzip.engine import cluster
+
+            with cluster.using(cluster.RayCluster(args.ray)) as ray_cluster:
+                try:
+                    return args.func(args)
+                finally:
+                    ray_cluster.close()
         return args.func(args)
     except OnnxzipError as exc:
         if debug:

@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from onnxzip import io
 from onnxzip.data import Batch
+from onnxzip.engine import cluster
 from onnxzip.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ def session_options(optimization: str = "all", threads: int | None = None) -> or
     options.graph_optimization_level = OPT_LEVELS[optimization]
     # Failures surface as exceptions, which onnxzip reports in one line: no log spam on stderr.
     options.log_severity_level = 4
+    # Inside a Ray task: as many threads as CPUs the task holds (see onnxzip.engine.cluster).
+    threads = threads or cluster.worker_threads()
     if threads:
         options.intra_op_num_threads = threads
     return options

@@ -7,10 +7,12 @@ scalars per tensor leave the session), a tensor's histogram (the tensor is fetch
 reduced by numpy, one tensor per worker thread: numpy releases the GIL in the heavy loops), and
 per-channel moments of a tensor along an axis (``sum x`` and ``sum x^2`` per channel, in float64;
 inside the graph as Cast-to-double + ReduceSum when the tensor is not fetched anyway). ``run``
-builds one session and streams the samples through it once.
+builds one session and streams the samples through it once, in shards of consecutive batches
+that the active engine may run anywhere (``onnxzip.engine.cluster``).
 
 Every statistic is a sum, a min or a max per batch, so results over shards merge exactly:
-``mean = sum_b S1_b / sum_b n_b``, ``var = sum_b S2_b / n - mean^2``.
+``mean = sum_b S1_b / sum_b n_b``, ``var = sum_b S2_b / n - mean^2``. Shards are merged in
+stream order: the float64 sums are added in the same order on one process or on many.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxzip import progress
+from onnxzip.engine import cluster
 from onnxzip.passes import add_initializer, claim, naming
 from onnxzip.quantize import calibrate as cal
 from onnxzip.runtime import Runner
@@ -63,6 +65,17 @@ class Collected:
     ranges: dict[str, cal.TensorStats] = field(default_factory=dict)
     channels: dict[tuple[str, int], ChannelSums] = field(default_factory=dict)
     samples: int = 0
+
+    def merge(self, other: Collected) -> None:
+        """Folds in the statistics of the samples after these (``other``'s shard)."""
+        for tensor, stats in other.ranges.items():
+            mine = self.ranges.get(tensor)
+            self.ranges[tensor] = stats if mine is None else mine.merge(stats)
+        for key, sums in other.channels.items():
+            mine = self.channels.setdefault(key, ChannelSums())
+            if sums.count:
+                mine.add(sums.sum, sums.squares, sums.count)
+        self.samples += other.samples
 
 
 class Collector:
@@ -177,60 +190,128 @@ class Collector:
         desc: str = "statistics",
         optimization: str = "all",
     ) -> Collected:
-        """One pass over ``samples`` (the ``split`` part) in runs of ``batch_size``."""
+        """One pass over ``samples`` (the ``split`` part) in runs of ``batch_size``.
+
+        The batches are cut into shards of ``SHARD_SAMPLES`` samples (a count fixed by the
+        batch size alone); each shard is reduced on its own, on the active engine
+        (``onnxzip.engine.cluster``: this process, or a Ray task), and the shards' statistics
+        are merged in stream order, so the result is the same bits wherever the shards ran."""
         model, fetched, range_outputs, channel_outputs = self._build()
-        runner = Runner(model, name=name, optimization=optimization)
-        result = Collected(
-            ranges={t: cal.TensorStats(self.bins, hist) for t, hist in self._ranges.items()},
-            channels={key: ChannelSums() for key in self._channels},
-        )
         names = list(fetched)
         names += [o for outs in range_outputs.values() for o in outs]
         names += [o for outs in channel_outputs.values() for o in outs]
         numpy_jobs = [("range", t) for t in self._ranges if t in fetched]
         numpy_jobs += [("channel", key) for key in self._channels if key not in channel_outputs]
+        sweep = _Sweep(
+            cluster.new_key(),
+            model,
+            name,
+            optimization,
+            names,
+            numpy_jobs,
+            range_outputs,
+            channel_outputs,
+            dict(self._ranges),
+            dict(self._channels),
+            self.bins,
+        )
+        per_shard = max(1, math.ceil(SHARD_SAMPLES / samples.batch_size_for(batch_size)))
         total = None
         if samples.count is not None:
             held = math.floor(samples.count * holdout)
             kept = {"all": samples.count, "holdout": held}.get(split, samples.count - held)
-            total = math.ceil(kept / samples.batch_size_for(batch_size))
-        workers = (
-            ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
-            if len(numpy_jobs) > 1
-            else None
+            batches = math.ceil(kept / samples.batch_size_for(batch_size))
+            total = math.ceil(batches / per_shard)
+        shards = _shards(samples.batches(batch_size, split, holdout), per_shard)
+        result = sweep.empty()
+        try:
+            for part in cluster.active().map(
+                _sweep_shard, shards, sweep, total=total, desc=desc, unit="shard"
+            ):
+                result.merge(part)
+        finally:
+            cluster.forget(sweep.key)
+        return result
+
+
+SHARD_SAMPLES = 64  # samples per shard of a sweep (whole batches; at least one)
+
+
+def _shards(batches, per_shard: int):
+    shard = []
+    for batch in batches:
+        shard.append(batch)
+        if len(shard) == per_shard:
+            yield shard
+            shard = []
+    if shard:
+        yield shard
+
+
+@dataclass
+class _Sweep:
+    """What every shard of one sweep needs: the augmented model and where each request's
+    numbers come out of it."""
+
+    key: str  # names this sweep's session in a worker's cache
+    model: ir.Model
+    name: str
+    optimization: str
+    names: list[str]
+    numpy_jobs: list[tuple[str, object]]
+    range_outputs: dict[str, tuple[str, str, str]]
+    channel_outputs: dict[tuple[str, int], tuple[str, ...]]
+    ranges: dict[str, bool]
+    channels: dict[tuple[str, int], bool]
+    bins: int
+
+    def empty(self) -> Collected:
+        return Collected(
+            ranges={t: cal.TensorStats(self.bins, hist) for t, hist in self.ranges.items()},
+            channels={key: ChannelSums() for key in self.channels},
         )
 
-        def reduce(job, out):
-            kind, key = job
-            if kind == "range":
-                result.ranges[key].update(out[key])
-            else:
-                result.channels[key].update(out[key[0]], key[1])
 
-        try:
-            for batch in progress.bar(
-                samples.batches(batch_size, split, holdout), total=total, desc=desc
-            ):
-                out = runner.run(batch, names) if names else {}
-                if workers is not None:
-                    list(workers.map(lambda job, out=out: reduce(job, out), numpy_jobs))
-                else:
-                    for job in numpy_jobs:
-                        reduce(job, out)
-                for tensor, (lo, hi, finite) in range_outputs.items():
-                    if math.isfinite(float(out[finite])):
-                        result.ranges[tensor].update_range(
-                            float(out[lo]), float(out[hi]), len(batch)
-                        )
-                    else:
-                        result.ranges[tensor].update_range(math.nan, math.nan, len(batch))
-                for key, outs in channel_outputs.items():
-                    shape = out[outs[-1]]
-                    count = int(np.prod(shape)) // max(1, int(shape[key[1]]))
-                    squares = out[outs[1]] if len(outs) == 3 else None
-                    result.channels[key].add(out[outs[0]], squares, count)
-                result.samples += len(batch)
-        finally:
+def _sweep_shard(sweep: _Sweep, batches: list) -> Collected:
+    """The statistics of one shard (a task on the active engine)."""
+    runner = cluster.cached(
+        sweep.key,
+        lambda: Runner(sweep.model, name=sweep.name, optimization=sweep.optimization),
+    )
+    result = sweep.empty()
+    workers = (
+        ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+        if len(sweep.numpy_jobs) > 1
+        else None
+    )
+
+    def reduce(job, out):
+        kind, key = job
+        if kind == "range":
+            result.ranges[key].update(out[key])
+        else:
+            result.channels[key].update(out[key[0]], key[1])
+
+    try:
+        for batch in batches:
+            out = runner.run(batch, sweep.names) if sweep.names else {}
             if workers is not None:
-                workers.shutdown()
-        return result
+                list(workers.map(lambda job, out=out: reduce(job, out), sweep.numpy_jobs))
+            else:
+                for job in sweep.numpy_jobs:
+                    reduce(job, out)
+            for tensor, (lo, hi, finite) in sweep.range_outputs.items():
+                if math.isfinite(float(out[finite])):
+                    result.ranges[tensor].update_range(float(out[lo]), float(out[hi]), len(batch))
+                else:
+                    result.ranges[tensor].update_range(math.nan, math.nan, len(batch))
+            for key, outs in sweep.channel_outputs.items():
+                shape = out[outs[-1]]
+                count = int(np.prod(shape)) // max(1, int(shape[key[1]]))
+                squares = out[outs[1]] if len(outs) == 3 else None
+                result.channels[key].add(out[outs[0]], squares, count)
+            result.samples += len(batch)
+    finally:
+        if workers is not None:
+            workers.shutdown()
+    return result

@@ -25,9 +25,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import floors as floors_mod
-from onnxzip import io, passes, progress
+from onnxzip import io, passes
 from onnxzip import metrics as metrics_mod
 from onnxzip.data import Samples
+from onnxzip.engine import cluster
 from onnxzip.errors import DataError, InputError, InternalError, ModelError, NoSamplesError
 from onnxzip.ir import ops
 from onnxzip.ir.ops import node_key
@@ -1290,13 +1291,23 @@ def _sensitivities(
     if len(candidates) > EXACT_SENSITIVITY_LAYERS:
         logger.info("guard: %d layers, sensitivity from one run of each model", len(candidates))
         return evaluator.local_losses(builder.prepared, work, candidates)
-    gains = {}
-    for key in progress.bar(
-        candidates, total=len(candidates), desc="guard: sensitivity", unit="layer"
-    ):
-        model, *_ = builder.build(frozenset([key]))
-        gains[key] = judge(model)[0] - base
-    return gains
+    # One piece per layer on the active engine (this process or Ray tasks), results in order.
+    gains = cluster.active().map(
+        _layer_gain,
+        candidates,
+        (builder, judge, base),
+        total=len(candidates),
+        desc="guard: sensitivity",
+        unit="layer",
+    )
+    return dict(zip(candidates, gains, strict=True))
+
+
+def _layer_gain(context, key: str) -> float:
+    """How much keeping layer ``key`` alone in float raises the judge's level."""
+    builder, judge, base = context
+    model, *_ = builder.build(frozenset([key]))
+    return judge(model)[0] - base
 
 
 __all__ = ["QuantizeConfig", "QuantizeReport", "quantize", "plan_quantization", "calibrate"]
