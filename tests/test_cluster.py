@@ -311,9 +311,7 @@ def test_two_node_cluster_gives_the_same_model_as_one_process(tmp_path):
     node = None
     try:
         address = _wait_for(head_log, r"ray start --address='([^']+)'", head)
-        node = _start(
-            ["--address", address, "--num-cpus=1", f"--temp-dir={temp}"], env, node_log
-        )
+        node = _start(["--address", address, "--num-cpus=1", f"--temp-dir={temp}"], env, node_log)
         _wait_for(node_log, r"Ray runtime started", node)
 
         model, calib, test = _digits()

@@ -44,9 +44,9 @@ logger = logging.getLogger(__name__)
 MAX_RETRIES = 3
 INFLIGHT_PER_CPU = 2
 CONNECT_TIMEOUT_S = 5.0
-# Sessions a Ray worker keeps between tasks (the statistics model of a sweep, reused by every
-# shard that lands on that worker); older ones are dropped.
-WORKER_CACHE_ENTRIES = 2
+# What a Ray worker keeps between tasks: a map's context and what pieces build from it (the
+# session of a sweep's statistics model); older entries are dropped.
+WORKER_CACHE_ENTRIES = 4
 
 
 class ClusterError(InputError):
@@ -158,7 +158,7 @@ class RayCluster:
         self._task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(_run_piece)
         # Each worker imports onnxzip and onnxruntime once, now, all in parallel, rather than
         # inside the first pieces of the first sweep.
-        warm = [self._task.remote((_warm_up, None), i) for i in range(self.workers)]
+        warm = [self._task.remote(((_warm_up, None), None), i) for i in range(self.workers)]
         for ref in warm:
             self._get(ref, "starting the workers")
         logger.info("Ray cluster %s: %d CPUs", address, self.workers)
@@ -179,7 +179,9 @@ class RayCluster:
         """Yields ``fn(context, item)`` for each item, in item order; ``context`` is put in the
         object store once and shared by every task."""
         ray = self._ray
-        shared = ray.put((fn, context))
+        # Put once; each worker fetches and unpickles it once per map (a ref inside a list is
+        # not resolved by Ray before the task runs, so a worker that holds it skips the fetch).
+        shared = (new_key(), [ray.put((fn, context))])
         limit = INFLIGHT_PER_CPU * self.workers
         source = iter(items)
         pending: deque = deque()  # refs in item order
@@ -238,10 +240,17 @@ _CACHE: OrderedDict = OrderedDict()
 
 
 def _run_piece(shared, item):
-    """The Ray task: ``fn(context, item)`` with onnxruntime held to this task's one CPU."""
+    """The Ray task: ``fn(context, item)`` with onnxruntime held to this task's one CPU; the
+    context is fetched from the object store by the first task of the map on this worker."""
     global _IN_WORKER
     _IN_WORKER = True
-    fn, context = shared
+    key, box = shared
+    if box is None:
+        fn, context = key
+    else:
+        import ray
+
+        fn, context = cached(key, lambda: ray.get(box[0]))
     return fn(context, item)
 
 

@@ -539,6 +539,40 @@ class _Builder:
         self._subgraph_weights(model, plan, config)
         return model, plan, kept, inserted, ranges
 
+    def prepare_rebuilds(self, keep_sets: list[frozenset[str]]) -> None:
+        """Calibrates, in one sweep, every tensor the builds with ``keep_sets`` in float will
+        need, and settles the layers those builds would find NaN-touching or mixed-range; so
+        that the builds themselves (pieces on any engine, each on its own copy of this builder)
+        never calibrate or change the builder, and give the same model wherever they run."""
+        if self.config.mode != "static" or not keep_sets:
+            return
+        while True:
+            plans = []
+            for keep in keep_sets:
+                keep = keep | self.nonfinite_nodes | frozenset(self.mixed_joins)
+                model = self.prepared.clone()
+                config = dataclasses.replace(
+                    self.config, exclude=tuple(self.config.exclude) + tuple(sorted(keep))
+                )
+                plans.append((model, plan_quantization(model, config)[0]))
+            self._ensure_stats(sorted({s for _, p in plans for s in p.activations.values()}))
+            changed = False
+            for model, plan in plans:
+                found = self._touching_nonfinite(model, plan) - self.nonfinite_nodes
+                if found:
+                    self.nonfinite_nodes |= found
+                    changed = True
+                mixed = {
+                    k: r
+                    for k, r in self._mixed_range_joins(model, plan).items()
+                    if k not in self.mixed_joins
+                }
+                if mixed:
+                    self.mixed_joins.update(mixed)
+                    changed = True
+            if not changed:
+                return
+
     def _subgraph_weights(self, model: ir.Model, plan: Plan, config: QuantizeConfig) -> None:
         """Weights inside If/Loop/Scan bodies: int8 weight-only (no activation there is
         calibrated); counted with the quantized nodes, named in ``subgraph_nodes``."""
@@ -1291,7 +1325,9 @@ def _sensitivities(
     if len(candidates) > EXACT_SENSITIVITY_LAYERS:
         logger.info("guard: %d layers, sensitivity from one run of each model", len(candidates))
         return evaluator.local_losses(builder.prepared, work, candidates)
-    # One piece per layer on the active engine (this process or Ray tasks), results in order.
+    # One piece per layer on the active engine (this process or Ray tasks), results in order;
+    # what the pieces' builds need is calibrated here first, so no piece changes the builder.
+    builder.prepare_rebuilds([frozenset([key]) for key in candidates])
     gains = cluster.active().map(
         _layer_gain,
         candidates,
