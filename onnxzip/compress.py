@@ -26,7 +26,7 @@ import onnx_ir as ir
 from onnxzip import engine, io, metrics
 from onnxzip.analysis import inspect_model, shapes_for_macs
 from onnxzip.data import Samples
-from onnxzip.engine import EngineUnavailable
+from onnxzip.engine import EngineUnavailable, cluster
 from onnxzip.errors import InputError
 from onnxzip.pruning import PruneConfig, PruneReport, prune, reconstruction_summary
 from onnxzip.quantize import QuantizeConfig, QuantizeReport, quantize
@@ -272,6 +272,7 @@ def _latency(
     return {k: 1000 * float(np.median(v)) for k, v in times.items()}
 
 
+@cluster.accepts_engine
 def compress(
     model,
     samples: Samples,
@@ -286,7 +287,8 @@ def compress(
     ``verify_samples``, when given, replaces the held-out part of ``samples`` for every
     accuracy decision and the final parity (the held-out part is still never trained on).
     ``metric`` (``onnxzip.metrics``), when given, replaces the default floors everywhere they
-    decide: the pruning search, quantization's guard and the final verdict.
+    decide: the pruning search, quantization's guard and the final verdict. ``engine``
+    (keyword, see ``onnxzip.quantize``) runs the sample statistics and the guard on Ray.
     """
     config = config or CompressConfig()
     config.validate()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 import socket
@@ -296,6 +297,17 @@ def active():
     return _ACTIVE.get() or _LOCAL
 
 
+def accepts_engine(function):
+    """Gives a library entry point an ``engine=`` keyword: the block runs ``using(engine)``."""
+
+    @functools.wraps(function)
+    def wrapper(*args, engine=None, **kwargs):
+        with using(engine):
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
 @contextlib.contextmanager
 def using(engine):
     """Runs the block with ``engine`` active: a ``Local`` or ``RayCluster``, ``None`` (keep the
@@ -320,6 +332,7 @@ __all__ = [
     "ClusterError",
     "Local",
     "RayCluster",
+    "accepts_engine",
     "active",
     "cached",
     "forget",

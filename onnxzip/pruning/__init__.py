@@ -27,6 +27,7 @@ import onnx_ir as ir
 from onnxzip import io, passes
 from onnxzip.analysis import inspect_model, shapes_for_macs
 from onnxzip.data import Samples
+from onnxzip.engine import cluster
 from onnxzip.errors import InputError, ModelError
 from onnxzip.ir import ops
 from onnxzip.ir.ops import node_key
@@ -330,6 +331,7 @@ def dead_channels(group: Group, stats: dict) -> np.ndarray:
     return np.nonzero(dead)[0] if seen else np.zeros(0, dtype=np.int64)
 
 
+@cluster.accepts_engine
 def prune(
     model, config: PruneConfig, *, samples: Samples | None = None, source: str | None = None
 ) -> tuple[ir.Model, PruneReport]:

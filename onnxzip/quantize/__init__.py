@@ -707,6 +707,7 @@ def _resolve_reduce_range(config: QuantizeConfig) -> tuple[QuantizeConfig, str]:
     return dataclasses.replace(config, reduce_range="on"), f"pair-safe ({why})"
 
 
+@cluster.accepts_engine
 def quantize(
     model,
     samples: Samples,
@@ -732,6 +733,10 @@ def quantize(
         floors: check each output against the default floor of its kind (``onnxzip.floors``).
         metric: a task metric (``onnxzip.metrics``) that replaces the default floors in the
             verification and in the floor guard.
+        engine: (keyword) where the sample sweeps and the guard's per-layer rebuilds run: None
+            (this process, or the engine made active by ``onnxzip.engine.cluster.using``),
+            ``"ray"`` (a private Ray instance), ``"auto"`` or a Ray address, or a
+            ``cluster.RayCluster``; the model written is the same bits wherever they ran.
 
     Returns:
         The quantized model (a new object; the input is not modified) and its report.
@@ -1053,6 +1058,8 @@ class GuardReport:
     evaluated_samples: int
     candidates: int
     kept_float: list[GuardStep] = field(default_factory=list)
+    # wall seconds of its phases: rebuilds prepared, per-layer sensitivity, search over prefixes
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 class _Evaluator:
@@ -1285,7 +1292,10 @@ def _search_guard(
     report = GuardReport(target, metric, metric, met, evaluator.samples, len(candidates))
     if met or not candidates:
         return (*first, report)
-    gains = _sensitivities(builder, work, candidates, evaluator, judge, base)
+    t0 = time.perf_counter()
+    gains = _sensitivities(builder, work, candidates, evaluator, judge, base, report.seconds)
+    report.seconds["sensitivity"] = time.perf_counter() - t0 - report.seconds.get("prepare", 0.0)
+    t0 = time.perf_counter()
     order = sorted(candidates, key=lambda k: -gains[k])
     tried: dict[int, tuple] = {}
 
@@ -1306,6 +1316,7 @@ def _search_guard(
     kept = set(order[:lo])
     for key in order[:lo]:
         report.kept_float.append(GuardStep(key, plan.quantized_nodes[key], gains[key], metric))
+    report.seconds["search"] = time.perf_counter() - t0
     logger.info("guard: %d layers kept in float, metric %.4f", lo, metric)
     report.metric_after = metric
     report.met = met
@@ -1317,7 +1328,13 @@ def _search_guard(
 
 
 def _sensitivities(
-    builder: _Builder, work: ir.Model, candidates: list[str], evaluator: _Evaluator, judge, base
+    builder: _Builder,
+    work: ir.Model,
+    candidates: list[str],
+    evaluator: _Evaluator,
+    judge,
+    base,
+    seconds: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Per candidate layer, how much keeping it alone in float raises the judge's level (few
     layers), or the SNR in dB it loses between its inputs and its output in the quantized model
@@ -1327,7 +1344,10 @@ def _sensitivities(
         return evaluator.local_losses(builder.prepared, work, candidates)
     # One piece per layer on the active engine (this process or Ray tasks), results in order;
     # what the pieces' builds need is calibrated here first, so no piece changes the builder.
+    t0 = time.perf_counter()
     builder.prepare_rebuilds([frozenset([key]) for key in candidates])
+    if seconds is not None:
+        seconds["prepare"] = time.perf_counter() - t0
     gains = cluster.active().map(
         _layer_gain,
         candidates,
