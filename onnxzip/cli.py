@@ -68,8 +68,9 @@ def _cluster_option(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--ray",
         metavar="ADDRESS",
-        help="run the sample statistics (calibration, channel moments) and the accuracy guard's "
-        "per-layer sensitivity as Ray tasks: 'local' starts a private Ray instance on this "
+        help="run the sweeps over the samples (calibration, channel moments, verification) and "
+        "the accuracy guard's per-layer sensitivity as Ray tasks: 'local' starts a private Ray "
+        "instance on this "
         "machine, 'auto' joins the cluster this machine is part of (or $RAY_ADDRESS), HOST:PORT "
         "or ray://HOST:PORT a running one (needs pip install 'onnxzip[ray]')",
     )
@@ -401,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="onnxruntime graph optimisation for the comparison (default all, as served)",
     )
+    _cluster_option(p)
     _common(p)
     p.set_defaults(func=_cmd_verify)
 

@@ -37,6 +37,7 @@ Metrics, with ``r`` the reference and ``c`` the candidate:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -429,6 +430,20 @@ class PartAccumulator:
             self.ref_pos += int(np.count_nonzero(rp))
             self.cand_pos += int(np.count_nonzero(cp))
 
+    def merge(self, other: PartAccumulator) -> None:
+        """Folds in the statistics of the batches after these (every field a sum, the
+        cosines a list, the sequence length a maximum)."""
+        for f in dataclasses.fields(self):
+            if f.name == "part":
+                continue
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, list):
+                mine.extend(theirs)
+            elif f.name == "sequence_length":
+                setattr(self, f.name, max(mine, theirs))
+            else:
+                setattr(self, f.name, mine + theirs)
+
     def metrics(self) -> dict[str, float]:
         m: dict[str, float] = {}
         if self.part.kind == INTEGER:
@@ -518,6 +533,18 @@ class Judge:
         for acc in self.parts:
             name = acc.part.output
             acc.add(reference[name], candidate[name], batch.labels, batch.count, len(batch))
+
+    def merge(self, other: Judge) -> None:
+        """Folds in another judge's batches (those after these)."""
+        self._total += other._total
+        self._weight += other._weight
+        if other.parts is None:
+            return
+        if self.parts is None:
+            self.parts = other.parts
+            return
+        for mine, theirs in zip(self.parts, other.parts, strict=True):
+            mine.merge(theirs)
 
     @property
     def task_part(self) -> str:

@@ -192,7 +192,7 @@ class Collector:
     ) -> Collected:
         """One pass over ``samples`` (the ``split`` part) in runs of ``batch_size``.
 
-        The batches are cut into shards of ``SHARD_SAMPLES`` samples (a count fixed by the
+        The batches are cut into shards of ``cluster.SHARD_SAMPLES`` samples (a count fixed by the
         batch size alone); each shard is reduced on its own, on the active engine
         (``onnxzip.engine.cluster``: this process, or a Ray task), and the shards' statistics
         are merged in stream order, so the result is the same bits wherever the shards ran."""
@@ -215,14 +215,14 @@ class Collector:
             dict(self._channels),
             self.bins,
         )
-        per_shard = max(1, math.ceil(SHARD_SAMPLES / samples.batch_size_for(batch_size)))
+        per_shard = max(1, math.ceil(cluster.SHARD_SAMPLES / samples.batch_size_for(batch_size)))
         total = None
         if samples.count is not None:
             held = math.floor(samples.count * holdout)
             kept = {"all": samples.count, "holdout": held}.get(split, samples.count - held)
             batches = math.ceil(kept / samples.batch_size_for(batch_size))
             total = math.ceil(batches / per_shard)
-        shards = _shards(samples.batches(batch_size, split, holdout), per_shard)
+        shards = cluster.shards(samples.batches(batch_size, split, holdout), per_shard)
         result = sweep.empty()
         try:
             for part in cluster.active().map(
@@ -232,20 +232,6 @@ class Collector:
         finally:
             cluster.forget(sweep.key)
         return result
-
-
-SHARD_SAMPLES = 64  # samples per shard of a sweep (whole batches; at least one)
-
-
-def _shards(batches, per_shard: int):
-    shard = []
-    for batch in batches:
-        shard.append(batch)
-        if len(shard) == per_shard:
-            yield shard
-            shard = []
-    if shard:
-        yield shard
 
 
 @dataclass

@@ -30,9 +30,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import floors as floors_mod
-from onnxzip import io, progress
+from onnxzip import io
 from onnxzip import metrics as metrics_mod
 from onnxzip.data import Samples, input_specs
+from onnxzip.engine import cluster
 from onnxzip.errors import InputError
 from onnxzip.report import table
 from onnxzip.runtime import Runner, expose
@@ -247,6 +248,20 @@ class OutputAccumulator:
                 self.cand_correct += int((ca == labels).sum())
                 self.labelled += len(labels)
 
+    def merge(self, other: OutputAccumulator) -> None:
+        """Folds in the statistics of the batches after these."""
+        self.elements += other.elements
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.sum_abs += other.sum_abs
+        self.sum_ref2 += other.sum_ref2
+        self.sum_diff2 += other.sum_diff2
+        self.cosines.extend(other.cosines)
+        self.agree += other.agree
+        self.samples += other.samples
+        self.ref_correct += other.ref_correct
+        self.cand_correct += other.cand_correct
+        self.labelled += other.labelled
+
     def result(self, name: str) -> OutputParity:
         cos = np.concatenate(self.cosines) if self.cosines else np.ones(1)
         return OutputParity(
@@ -389,6 +404,7 @@ class ReferenceOutputs:
         return self.complete and self._key(samples, batch_size, split, holdout, opt) == self.key
 
 
+@cluster.accepts_engine
 def verify(
     reference,
     candidate,
@@ -451,42 +467,58 @@ def verify(
     cached = reference_outputs is not None and reference_outputs.serves(
         samples, batch_size, split, holdout, optimization
     )
-    ref_run = None if cached else Runner(ref_model, name=ref_name, optimization=optimization)
-    cand_run = Runner(cand_model, name=cand_name, optimization=optimization)
     outputs = [
         v for v in ref_model.graph.outputs if v.type is None or isinstance(v.type, ir.TensorType)
     ]
     if not outputs:
         raise InputError(f"{ref_name}: no tensor outputs to compare (sequences, maps, optionals)")
-    accumulators = {v.name: OutputAccumulator(is_classifier(v)) for v in outputs}
     names = [v.name for v in outputs]
     explicit = any(getattr(thresholds, f.name) is not None for f in dataclasses.fields(thresholds))
     task = metrics_mod.as_metric(metric)
-    judge = (
-        floors_mod.Judge(outputs, task) if task is not None or (floors and not explicit) else None
-    )
+    judging = task is not None or (floors and not explicit)
     total = None
-    if samples.count is not None and split == "all":
-        total = math.ceil(samples.count / samples.batch_size_for(batch_size))
-    count = 0
     if cached:
         pairs = zip(reference_outputs.batches, reference_outputs.outputs, strict=True)
+        batches = len(reference_outputs.batches)
     else:
         pairs = ((b, None) for b in samples.batches(batch_size, split, holdout))
-    for batch, ref_out in progress.bar(pairs, total=total, desc="verify"):
-        if ref_out is None:
-            ref_out = ref_run.run(batch, names)
-        cand_out = cand_run.run(batch, names)
-        for name in names:
-            r, c = ref_out[name], cand_out[name]
-            if r.shape != c.shape:
-                raise InputError(
-                    f"{cand_name}: output '{name}' has shape {list(c.shape)}, the reference's is {list(r.shape)}"
-                )
-            accumulators[name].add(r, c, batch.labels, batch.count)
-        if judge is not None:
-            judge.add(ref_out, cand_out, batch)
-        count += len(batch)
+        batches = None
+        if samples.count is not None and split == "all":
+            batches = math.ceil(samples.count / samples.batch_size_for(batch_size))
+    per_shard = max(1, math.ceil(cluster.SHARD_SAMPLES / samples.batch_size_for(batch_size)))
+    if batches is not None:
+        total = math.ceil(batches / per_shard)
+    # Shards of consecutive batches on the active engine (this process or Ray tasks), their
+    # sums merged in stream order: the same numbers wherever they ran.
+    context = _Comparison(
+        cluster.new_key(),
+        None if cached else ref_model,
+        cand_model,
+        ref_name,
+        cand_name,
+        optimization,
+        outputs,
+        task,
+        judging,
+    )
+    parity = _Parity(
+        {v.name: OutputAccumulator(is_classifier(v)) for v in outputs},
+        floors_mod.Judge(outputs, task) if judging else None,
+    )
+    try:
+        for part in cluster.active().map(
+            _compare_shard,
+            cluster.shards(pairs, per_shard),
+            context,
+            total=total,
+            desc="verify",
+            unit="shard",
+        ):
+            parity.merge(part)
+    finally:
+        cluster.forget(context.key + "/reference")
+        cluster.forget(context.key + "/candidate")
+    accumulators, judge, count = parity.accumulators, parity.judge, parity.samples
     results = [accumulators[n].result(n) for n in names]
     report = VerifyReport(
         reference=ref_name,
@@ -522,6 +554,74 @@ def verify(
     for failure in report.failures:
         logger.info("parity check failed: %s", failure)
     return report
+
+
+@dataclass
+class _Comparison:
+    """What every shard of one comparison needs."""
+
+    key: str  # names this comparison's sessions in a worker's cache
+    reference: ir.Model | None  # None: the reference outputs travel with the batches
+    candidate: ir.Model
+    reference_name: str
+    candidate_name: str
+    optimization: str
+    outputs: list[ir.Value]
+    task: object
+    judging: bool
+
+
+@dataclass
+class _Parity:
+    """The parity sums of some consecutive batches."""
+
+    accumulators: dict[str, OutputAccumulator]
+    judge: floors_mod.Judge | None
+    samples: int = 0
+
+    def merge(self, other: _Parity) -> None:
+        """Folds in the sums of the batches after these (``other``'s shard)."""
+        for name, acc in self.accumulators.items():
+            acc.merge(other.accumulators[name])
+        if self.judge is not None:
+            self.judge.merge(other.judge)
+        self.samples += other.samples
+
+
+def _compare_shard(context: _Comparison, pairs: list) -> _Parity:
+    """Both models on one shard of (batch, reference outputs or None) pairs."""
+    c = context
+    names = [v.name for v in c.outputs]
+    ref_run = None
+    if c.reference is not None:
+        ref_run = cluster.cached(
+            c.key + "/reference",
+            lambda: Runner(c.reference, name=c.reference_name, optimization=c.optimization),
+        )
+    cand_run = cluster.cached(
+        c.key + "/candidate",
+        lambda: Runner(c.candidate, name=c.candidate_name, optimization=c.optimization),
+    )
+    part = _Parity(
+        {v.name: OutputAccumulator(is_classifier(v)) for v in c.outputs},
+        floors_mod.Judge(c.outputs, c.task) if c.judging else None,
+    )
+    for batch, ref_out in pairs:
+        if ref_out is None:
+            ref_out = ref_run.run(batch, names)
+        cand_out = cand_run.run(batch, names)
+        for name in names:
+            r, o = ref_out[name], cand_out[name]
+            if r.shape != o.shape:
+                raise InputError(
+                    f"{c.candidate_name}: output '{name}' has shape {list(o.shape)}, the "
+                    f"reference's is {list(r.shape)}"
+                )
+            part.accumulators[name].add(r, o, batch.labels, batch.count)
+        if part.judge is not None:
+            part.judge.add(ref_out, cand_out, batch)
+        part.samples += len(batch)
+    return part
 
 
 def _expose_all(model: ir.Model) -> tuple[ir.Model, dict[str, ir.Node]]:

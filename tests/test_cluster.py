@@ -28,6 +28,7 @@ from onnxzip.data import NpzSamples, SyntheticSamples, input_specs
 from onnxzip.engine import cluster
 from onnxzip.quantize import QuantizeConfig, quantize
 from onnxzip.statistics import Collector
+from onnxzip.verify import verify
 
 ray = pytest.importorskip("ray")  # a dev dependency: CI installs it
 statistics = importlib.import_module("onnxzip.statistics")
@@ -100,7 +101,7 @@ def test_statistics_on_ray_are_the_same_bits_as_in_one_process(ray_cluster):
     local = _sweep(model, calib)
     with cluster.using(ray_cluster):
         remote = _sweep(model, calib)
-    assert calib.count // statistics.SHARD_SAMPLES >= 4  # several shards per worker
+    assert calib.count // cluster.SHARD_SAMPLES >= 4  # several shards per worker
     for a, b in zip(local, remote, strict=True):
         _same(a, b)
     # the shards were statistics of their own, merged: the histograms are not empty
@@ -130,6 +131,29 @@ def test_quantize_with_the_guard_writes_the_same_model_with_ray(ray_cluster):
     assert [(s.snr_gain_db, s.metric_after) for s in local_report.guard.kept_float] == [
         (s.snr_gain_db, s.metric_after) for s in remote_report.guard.kept_float
     ]
+
+
+def test_verify_on_ray_reports_the_same_numbers_and_floors(ray_cluster):
+    model, calib, test = _digits()
+    quantized, _ = quantize(model, calib, QuantizeConfig(calibration="percentile"))
+    local = verify(model, quantized, test, batch_size=8)
+    remote = verify(model, quantized, test, batch_size=8, engine=ray_cluster)
+    assert test.count / 8 / (cluster.SHARD_SAMPLES / 8) > 4  # several shards
+    assert local.samples == remote.samples == test.count
+    assert local.outputs == remote.outputs  # every field, bit for bit
+    assert [(c.part, c.kind, c.value, c.passed) for c in local.floors] == [
+        (c.part, c.kind, c.value, c.passed) for c in remote.floors
+    ]
+    assert local.passed == remote.passed
+
+
+def test_engine_keyword_of_the_api_gives_the_same_model(ray_cluster):
+    model, calib, test = _digits()
+    config = QuantizeConfig(min_cosine=0.9999, calibration="percentile")
+    local, _ = quantize(model, calib, config, verify_samples=test)
+    remote, _ = quantize(model, calib, config, verify_samples=test, engine=ray_cluster)
+    assert io.model_bytes(local) == io.model_bytes(remote)
+    assert cluster.active() is not ray_cluster  # the keyword's engine is not left active
 
 
 def _killing_once(marker: str, real):

@@ -234,6 +234,25 @@ class RayCluster:
             self._ray.shutdown()
 
 
+# -- streams cut into pieces -------------------------------------------------------------------
+
+SHARD_SAMPLES = 64  # samples per shard of a sweep over the data (whole batches; at least one)
+
+
+def shards(batches: Iterable, per_shard: int) -> Iterator[list]:
+    """Consecutive runs of ``per_shard`` items (the last may be shorter). The size comes from
+    the samples and the batch size, never from the number of workers, so the partial sums of
+    a sweep, and their merge, are the same wherever it runs."""
+    shard: list = []
+    for batch in batches:
+        shard.append(batch)
+        if len(shard) == per_shard:
+            yield shard
+            shard = []
+    if shard:
+        yield shard
+
+
 # -- inside a worker ---------------------------------------------------------------------------
 
 _IN_WORKER = False
@@ -332,10 +351,12 @@ __all__ = [
     "ClusterError",
     "Local",
     "RayCluster",
+    "SHARD_SAMPLES",
     "accepts_engine",
     "active",
     "cached",
     "forget",
+    "shards",
     "using",
     "worker_threads",
 ]

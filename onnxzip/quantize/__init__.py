@@ -428,6 +428,9 @@ class _Builder:
         # When bias correction will run, the first calibration sweep also collects the
         # per-channel input means of the layers it corrects (no second pass over the samples).
         self.collect_means = False
+        # Set when the accuracy guard will run: the first sweep also calibrates what its
+        # one-layer-in-float rebuilds read.
+        self.anticipate_guard = False
         self.means: dict[tuple[str, int], np.ndarray] = {}
         # weight-only: E[x^2] per input feature of each weighted MatMul, and the format written
         self.importance: dict[str, np.ndarray] | None = None
@@ -497,7 +500,13 @@ class _Builder:
         means = []
         if self.collect_means and not self.means:
             means = sorted({(n.inputs[0].name, 1) for n in _bias_layers(model, plan)})
-        self._ensure_stats(sorted(set(plan.activations.values())), means)
+        sources = set(plan.activations.values())
+        if self.anticipate_guard and not self.stats:
+            # The guard's rebuilds, each with one layer in float, read a few tensors the full
+            # plan does not (a range a folded activation used to cover): calibrated now, in the
+            # first sweep, not in a second one when the guard starts.
+            sources |= self._rebuild_sources([frozenset([k]) for k in plan.quantized_nodes])
+        self._ensure_stats(sorted(sources), means)
         nonfinite = self._touching_nonfinite(model, plan)
         if nonfinite:
             if nonfinite <= self.nonfinite_nodes:
@@ -539,6 +548,20 @@ class _Builder:
         self._subgraph_weights(model, plan, config)
         return model, plan, kept, inserted, ranges
 
+    def _rebuild_plans(self, keep_sets: list[frozenset[str]]) -> list[tuple[ir.Model, Plan]]:
+        plans = []
+        for keep in keep_sets:
+            keep = keep | self.nonfinite_nodes | frozenset(self.mixed_joins)
+            model = self.prepared.clone()
+            config = dataclasses.replace(
+                self.config, exclude=tuple(self.config.exclude) + tuple(sorted(keep))
+            )
+            plans.append((model, plan_quantization(model, config)[0]))
+        return plans
+
+    def _rebuild_sources(self, keep_sets: list[frozenset[str]]) -> set[str]:
+        return {s for _, p in self._rebuild_plans(keep_sets) for s in p.activations.values()}
+
     def prepare_rebuilds(self, keep_sets: list[frozenset[str]]) -> None:
         """Calibrates, in one sweep, every tensor the builds with ``keep_sets`` in float will
         need, and settles the layers those builds would find NaN-touching or mixed-range; so
@@ -547,14 +570,7 @@ class _Builder:
         if self.config.mode != "static" or not keep_sets:
             return
         while True:
-            plans = []
-            for keep in keep_sets:
-                keep = keep | self.nonfinite_nodes | frozenset(self.mixed_joins)
-                model = self.prepared.clone()
-                config = dataclasses.replace(
-                    self.config, exclude=tuple(self.config.exclude) + tuple(sorted(keep))
-                )
-                plans.append((model, plan_quantization(model, config)[0]))
+            plans = self._rebuild_plans(keep_sets)
             self._ensure_stats(sorted({s for _, p in plans for s in p.activations.values()}))
             changed = False
             for model, plan in plans:
@@ -776,6 +792,7 @@ def quantize(
     builder = _Builder(prepared, samples, config, holdout)
     wanted = config.bias_correction == "on" or (config.bias_correction == "auto" and verifying)
     builder.collect_means = config.mode == "static" and wanted
+    builder.anticipate_guard = config.mode == "static" and config.guarded
     timings["prepare"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
