@@ -330,112 +330,74 @@ def compress(
             targets = [config.target_macs] + (
                 [t for t in MILDER if t > config.target_macs] if budget or floor_budget else []
             )
-
-        def pruned_at(target, refit: bool):
-            t0 = time.perf_counter()
-            result = prune(
-                original,
-                PruneConfig(
-                    ratio=config.ratio if target is None else None,
-                    target_macs=target,
-                    criterion=config.criterion,
-                    batch_size=config.batch_size,
-                    reconstruct=refit,
-                ),
-                samples=_Split(samples, config.holdout, "calibration"),
-                source=source,
-            )
-            timings["prune"] = timings.get("prune", 0.0) + time.perf_counter() - t0
-            return result
-
+        search = _Search(
+            original,
+            samples,
+            config,
+            source,
+            check_samples,
+            check_split,
+            budget,
+            floor_budget,
+            metric,
+            None
+            if report.recovery_skipped is not None or not config.recover_steps
+            else engine.current(),
+        )
+        # Attempts run in order; on an engine with W workers the next W run at once, each
+        # under the recovery mode known when it starts. An attempt that changes the mode
+        # (distillation unavailable, or worse than reconstruction) discards the later ones,
+        # which run again under the new mode: the outcome is the one-at-a-time search's.
         distillation_lost = False  # set once a distillation did worse than no recovery
-        for target in targets:
-            # Without fine-tuning (no engine here, or a model it cannot train) the recovery is
-            # the gradient-free least-squares reconstruction of the affected layers.
-            refit = bool(config.recover_steps) and (
-                report.recovery_skipped is not None or distillation_lost
+        found = False
+        t_search = time.perf_counter()
+        i = 0
+        width = max(1, cluster.active().workers)
+        while i < len(targets) and not found:
+            mode = _mode(config, report.recovery_skipped, distillation_lost)
+            batch = targets[i : i + width]
+            outcomes = cluster.active().map(
+                _attempt,
+                [(t, mode) for t in batch],
+                search,
+                total=len(batch),
+                desc="compress: pruning amounts",
+                unit="attempt",
             )
-            pruned, prune_report = pruned_at(target, refit)
-            before_recovery = pruned
-            recovery = None
-            if config.recover_steps and report.recovery_skipped is None and not distillation_lost:
-                t0 = time.perf_counter()
-                try:
-                    pruned, recovery = recover(
-                        original,
-                        pruned,
-                        samples,
-                        RecoverConfig(
-                            steps=config.recover_steps,
-                            batch_size=config.batch_size,
-                            holdout=config.holdout,
-                        ),
+            for target, outcome in zip(batch, outcomes, strict=False):
+                i += 1
+                for stage, seconds in outcome.seconds.items():
+                    timings[stage] = timings.get(stage, 0.0) + seconds
+                if outcome.skipped is not None:
+                    report.recovery_skipped = outcome.skipped
+                    logger.warning(
+                        "compress: recovering by reconstruction instead: %s", outcome.skipped
                     )
-                except InputError as exc:
-                    # No engine, or onnxruntime-training cannot train this model (an op without
-                    # a gradient or a CPU kernel): pruned again with reconstruction, and the
-                    # report says so in its main output. (prune keeps what reconstruction needs
-                    # to itself, so this prunes twice; once per run, as later attempts refit.)
-                    report.recovery_skipped = str(exc)
-                    logger.warning("compress: recovering by reconstruction instead: %s", exc)
-                    pruned, prune_report = pruned_at(target, True)
-                timings["recover"] = timings.get("recover", 0.0) + time.perf_counter() - t0
-
-            def checked(model):
-                result = verify(
-                    original,
-                    model,
-                    check_samples,
-                    batch_size=config.batch_size,
-                    split=check_split,
-                    holdout=config.holdout,
-                    floors=floor_budget,
-                    metric=metric if floor_budget else None,
-                )
-                ok = _fits(result, config) if budget else result.passed or not floor_budget
-                return result, ok
-
-            check, fits = checked(pruned)
-            if recovery is not None:
-                # Distillation on few samples can do worse on held-out ones than the pruned
-                # model it started from, or than the gradient-free reconstruction (a detector's
-                # scores traded for its boxes): the best of the three is kept, the report says
-                # so, and once distillation has lost, later attempts reconstruct instead.
-                plain, plain_fits = checked(before_recovery)
-                refitted, refit_report = pruned_at(target, True)
-                rcheck, rfits = checked(refitted)
-                with_cos = check.outputs[0].cosine_mean
-                without_cos, refit_cos = plain.outputs[0].cosine_mean, rcheck.outputs[0].cosine_mean
-                best = max((fits, with_cos), (plain_fits, without_cos), (rfits, refit_cos))
-                if best != (fits, with_cos):
-                    distillation_lost = True
-                    report.recovery_not_kept = (
-                        f"held-out cosine {with_cos:.4f} with it, {without_cos:.4f} without, "
-                        f"{refit_cos:.4f} with least-squares reconstruction"
+                if outcome.distilled:
+                    report.recovery_not_kept = outcome.not_kept
+                    distillation_lost |= outcome.not_kept is not None
+                out = outcome.check.outputs[0]
+                report.attempts.append(
+                    Attempt(
+                        target,
+                        outcome.prune_report.macs_after / max(outcome.prune_report.macs_before, 1),
+                        _drop(out),
+                        out.cosine_mean,
+                        outcome.fits,
+                        ratio=config.ratio if target is None else None,
+                        failing=_first_failing(outcome.check),
                     )
-                    recovery = None
-                    if best == (rfits, refit_cos):
-                        pruned, check, fits, prune_report = refitted, rcheck, rfits, refit_report
-                    else:
-                        pruned, check, fits = before_recovery, plain, plain_fits
-                else:
-                    report.recovery_not_kept = None
-            out = check.outputs[0]
-            report.attempts.append(
-                Attempt(
-                    target,
-                    prune_report.macs_after / max(prune_report.macs_before, 1),
-                    _drop(out),
-                    out.cosine_mean,
-                    fits,
-                    ratio=config.ratio if target is None else None,
-                    failing=_first_failing(check),
                 )
-            )
-            if fits:
-                current, report.prune, report.recovery = pruned, prune_report, recovery
-                break
-        else:
+                if outcome.fits:
+                    current = outcome.pruned
+                    report.prune, report.recovery = outcome.prune_report, outcome.recovery
+                    found = True
+                    break
+                if _mode(config, report.recovery_skipped, distillation_lost) != mode:
+                    break  # the attempts after this one ran under the old mode
+            outcomes.close()
+        timings["pruning search"] = time.perf_counter() - t_search
+        if not found:
             logger.warning(
                 "no pruning amount fits the %s: the model is not pruned",
                 "accuracy budget" if budget else "default quality floors",
@@ -498,6 +460,141 @@ def compress(
         timings["latency"] = time.perf_counter() - t0
     report.seconds = timings
     return current, report
+
+
+@dataclass
+class _Search:
+    """What every attempt of the pruning search needs (one piece on the active engine)."""
+
+    original: ir.Model
+    samples: Samples
+    config: CompressConfig
+    source: str
+    check_samples: Samples
+    check_split: str
+    budget: bool
+    floor_budget: bool
+    metric: object
+    training: engine.Engine | None  # the driver's training engine, for distillation
+
+
+@dataclass
+class _Outcome:
+    pruned: ir.Model
+    prune_report: PruneReport
+    recovery: RecoverReport | None
+    check: VerifyReport
+    fits: bool
+    seconds: dict[str, float]
+    skipped: str | None = None  # distillation was refused here: why (then reconstructed)
+    distilled: bool = False  # a distillation ran and was compared
+    not_kept: str | None = None  # it did worse than no recovery or reconstruction: the numbers
+
+
+def _mode(config: CompressConfig, skipped: str | None, lost: bool) -> str:
+    """How an attempt recovers: "distill", "refit" (least squares) or "none"."""
+    if not config.recover_steps:
+        return "none"
+    return "refit" if skipped is not None or lost else "distill"
+
+
+def _attempt(search: _Search, job: tuple) -> _Outcome:
+    """One pruning amount: pruned, recovered as ``mode`` says, checked on the held-out samples."""
+    target, mode = job
+    s, config = search, search.config
+    seconds: dict[str, float] = {}
+    if mode == "distill" and s.training is not None:
+        if not s.training.python.exists():
+            raise cluster.ClusterError(
+                f"the training engine's interpreter {s.training.python} is not on this Ray node: "
+                "install the same environment on every node, or run compress without --ray"
+            )
+        engine.use(s.training)
+
+    def pruned_at(refit: bool):
+        t0 = time.perf_counter()
+        result = prune(
+            s.original,
+            PruneConfig(
+                ratio=config.ratio if target is None else None,
+                target_macs=target,
+                criterion=config.criterion,
+                batch_size=config.batch_size,
+                reconstruct=refit,
+            ),
+            samples=_Split(s.samples, config.holdout, "calibration"),
+            source=s.source,
+        )
+        seconds["prune"] = seconds.get("prune", 0.0) + time.perf_counter() - t0
+        return result
+
+    def checked(model):
+        result = verify(
+            s.original,
+            model,
+            s.check_samples,
+            batch_size=config.batch_size,
+            split=s.check_split,
+            holdout=config.holdout,
+            floors=s.floor_budget,
+            metric=s.metric if s.floor_budget else None,
+        )
+        ok = _fits(result, config) if s.budget else result.passed or not s.floor_budget
+        return result, ok
+
+    # Without fine-tuning (no engine here, or a model it cannot train) the recovery is the
+    # gradient-free least-squares reconstruction of the affected layers.
+    pruned, prune_report = pruned_at(mode == "refit")
+    before_recovery = pruned
+    recovery = None
+    skipped = None
+    if mode == "distill":
+        t0 = time.perf_counter()
+        try:
+            pruned, recovery = recover(
+                s.original,
+                pruned,
+                s.samples,
+                RecoverConfig(
+                    steps=config.recover_steps,
+                    batch_size=config.batch_size,
+                    holdout=config.holdout,
+                ),
+            )
+        except InputError as exc:
+            # No engine, or onnxruntime-training cannot train this model (an op without a
+            # gradient or a CPU kernel): pruned again with reconstruction, and the report says
+            # so in its main output. (prune keeps what reconstruction needs to itself, so this
+            # prunes twice; once per run, as later attempts refit.)
+            skipped = str(exc)
+            pruned, prune_report = pruned_at(True)
+        seconds["recover"] = time.perf_counter() - t0
+    check, fits = checked(pruned)
+    outcome = _Outcome(pruned, prune_report, recovery, check, fits, seconds, skipped)
+    if recovery is not None:
+        # Distillation on few samples can do worse on held-out ones than the pruned model it
+        # started from, or than the gradient-free reconstruction (a detector's scores traded for
+        # its boxes): the best of the three is kept, the report says so, and once distillation
+        # has lost, later attempts reconstruct instead.
+        outcome.distilled = True
+        plain, plain_fits = checked(before_recovery)
+        refitted, refit_report = pruned_at(True)
+        rcheck, rfits = checked(refitted)
+        with_cos = check.outputs[0].cosine_mean
+        without_cos, refit_cos = plain.outputs[0].cosine_mean, rcheck.outputs[0].cosine_mean
+        best = max((fits, with_cos), (plain_fits, without_cos), (rfits, refit_cos))
+        if best != (fits, with_cos):
+            outcome.not_kept = (
+                f"held-out cosine {with_cos:.4f} with it, {without_cos:.4f} without, "
+                f"{refit_cos:.4f} with least-squares reconstruction"
+            )
+            outcome.recovery = None
+            if best == (rfits, refit_cos):
+                outcome.pruned, outcome.check, outcome.fits = refitted, rcheck, rfits
+                outcome.prune_report = refit_report
+            else:
+                outcome.pruned, outcome.check, outcome.fits = before_recovery, plain, plain_fits
+    return outcome
 
 
 class _Split(Samples):

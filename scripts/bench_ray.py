@@ -13,7 +13,10 @@ its own), then each job runs in its own fresh process, alternating, ``--repeat``
 Jobs: the accuracy guard with a target the int8 model misses, so that it measures every
 candidate layer's sensitivity (``--min-cosine``), on the two digits CNNs (real data, the
 held-out digits) and on ResNet-50 (onnx's light architecture, random weights, 128 smooth random
-calibration images, 32 held out; batch 16) whose calibration and guard both run on Ray.
+calibration images, 32 held out; batch 16) whose calibration and guard both run on Ray; and
+``compress``'s budget search on the digits nets (``--target-macs 0.3 --max-drop 0.3``: the
+requested amount misses the budget, milder ones are tried; each attempt prunes, distils
+through the training engine and verifies), whose attempts run two at a time on Ray.
 
 Measured: wall time of each command (median), the stage times from its JSON report
 (calibrate+insert, guard), peak resident memory of the driver, and whether the model bytes
@@ -66,6 +69,24 @@ def models(work: Path, names: list[str]) -> dict[str, dict]:
                     "0.99995",
                     "--calibration",
                     "percentile",
+                ],
+            }
+            continue
+        if name.startswith("compress:"):
+            net = name.split(":", 1)[1]
+            out[name] = {
+                "path": ROOT / "models" / f"{net}.onnx",
+                "command": "compress",
+                "args": [
+                    "--data",
+                    str(ROOT / "models" / "digits_calib.npz"),
+                    "--verify-data",
+                    str(ROOT / "models" / "digits_test.npz"),
+                    "--target-macs",
+                    "0.3",
+                    "--max-drop",
+                    "0.3",
+                    "--no-latency",
                 ],
             }
             continue
@@ -125,7 +146,7 @@ def run_job(model: dict, out: Path, report: Path, extra: list[str]) -> dict:
     cmd = [
         "-m",
         "onnxzip",
-        "quantize",
+        model.get("command", "quantize"),
         str(model["path"]),
         "-o",
         str(out),
@@ -138,8 +159,16 @@ def run_job(model: dict, out: Path, report: Path, extra: list[str]) -> dict:
     result = run_measured([sys.executable, *cmd], ROOT)
     if "error" in result:
         raise SystemExit(f"{' '.join(cmd)}: {result['error']}")
-    seconds = json.loads(report.read_text())["seconds"]
-    guard = json.loads(report.read_text()).get("guard") or {}
+    data = json.loads(report.read_text())
+    if model.get("command") == "compress":
+        result.update(
+            search=data["seconds"].get("pruning search", 0.0),
+            attempts=len(data.get("attempts") or []),
+            bytes=out.read_bytes(),
+        )
+        return result
+    seconds = data["seconds"]
+    guard = data.get("guard") or {}
     result.update(
         calibrate=seconds.get("calibrate+insert", 0.0),
         guard=seconds.get("guard", 0.0),
@@ -156,7 +185,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "ray.json")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument(
-        "--models", nargs="+", default=["digits_resnet", "digits_mobilenet", "resnet50"]
+        "--models",
+        nargs="+",
+        default=[
+            "digits_resnet",
+            "digits_mobilenet",
+            "resnet50",
+            "compress:digits_resnet",
+            "compress:digits_mobilenet",
+        ],
     )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="onnxzip-bench-ray-"))
@@ -166,7 +203,7 @@ def main() -> None:
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     os.environ.pop("RAY_ADDRESS", None)
     head, address, temp = start_cluster(work, dict(os.environ))
-    rows = []
+    rows, searches = [], []
     try:
         for name, model in models(work, args.models).items():
             runs: dict[str, list[dict]] = {"process": [], "ray": []}
@@ -183,6 +220,22 @@ def main() -> None:
             def med(kind: str, field: str, runs=runs) -> float:
                 return statistics.median(r[field] for r in runs[kind])
 
+            if model.get("command") == "compress":
+                row = {
+                    "job": name,
+                    "attempts": runs["process"][0]["attempts"],
+                    "identical_bytes": identical,
+                }
+                for kind in runs:
+                    for field in ("seconds", "search", "peak_mib"):
+                        row[f"{kind}_{field}"] = round(med(kind, field), 3)
+                row["ray_local_seconds"] = round(private["seconds"], 3)
+                row["search_speedup"] = round(
+                    row["process_search"] / max(row["ray_search"], 1e-9), 2
+                )
+                searches.append(row)
+                print(json.dumps(row), flush=True)
+                continue
             row = {
                 "model": name,
                 "candidates": runs["process"][0]["candidates"],
@@ -230,6 +283,18 @@ def main() -> None:
             f"{r['calibrate_guard_ratio']:.2f} | {r['process_seconds']:.1f} / "
             f"{r['ray_seconds']:.1f} / {r['ray_local_seconds']:.1f} | "
             f"{'yes' if r['identical_bytes'] else 'NO'} |"
+        )
+
+    print(
+        "\n| compress budget search | attempts | search s (1 process / Ray 2) | speed-up | "
+        "wall s (1 process / Ray 2 / --ray local) | identical |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in searches:
+        print(
+            f"| {r['job']} | {r['attempts']} | {r['process_search']:.2f} / {r['ray_search']:.2f} "
+            f"| {r['search_speedup']:.2f}x | {r['process_seconds']:.1f} / {r['ray_seconds']:.1f} / "
+            f"{r['ray_local_seconds']:.1f} | {'yes' if r['identical_bytes'] else 'NO'} |"
         )
 
 

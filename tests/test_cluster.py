@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from onnxzip import cli, io
+from onnxzip.compress import CompressConfig, compress
 from onnxzip.data import NpzSamples, SyntheticSamples, input_specs
 from onnxzip.engine import cluster
 from onnxzip.quantize import QuantizeConfig, quantize
@@ -154,6 +155,20 @@ def test_engine_keyword_of_the_api_gives_the_same_model(ray_cluster):
     remote, _ = quantize(model, calib, config, verify_samples=test, engine=ray_cluster)
     assert io.model_bytes(local) == io.model_bytes(remote)
     assert cluster.active() is not ray_cluster  # the keyword's engine is not left active
+
+
+def test_compress_budget_search_runs_attempts_side_by_side_with_the_same_outcome(ray_cluster):
+    """The requested amount misses the budget and milder ones are tried (each pruned, distilled
+    through the training engine, verified); on Ray two attempts run at once."""
+    model, calib, test = _digits()
+    config = CompressConfig(target_macs=0.3, max_drop=0.3, recover_steps=150, latency=False)
+    local, local_report = compress(model, calib, config, verify_samples=test)
+    remote, remote_report = compress(model, calib, config, verify_samples=test, engine=ray_cluster)
+    assert len(local_report.attempts) >= 2  # a search happened
+    assert local_report.attempts == remote_report.attempts
+    assert io.model_bytes(local) == io.model_bytes(remote)
+    assert local_report.recovery_not_kept == remote_report.recovery_not_kept
+    assert local_report.recovery_skipped == remote_report.recovery_skipped
 
 
 def _killing_once(marker: str, real):
@@ -287,6 +302,7 @@ def _wait_for(log: Path, pattern: str, process: subprocess.Popen, seconds: float
 DRIVER = """
 import sys, time, ray
 from onnxzip import io
+from onnxzip.compress import CompressConfig, compress
 from onnxzip.data import NpzSamples, input_specs
 from onnxzip.engine import cluster
 from onnxzip.quantize import QuantizeConfig, quantize

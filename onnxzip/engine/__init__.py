@@ -56,6 +56,7 @@ __all__ = [
     "platform_supported",
     "run_job",
     "setup",
+    "use",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,12 @@ def configure(training_python: str | None = None, offline: bool = False) -> None
     """Which training engine ``current`` returns (reset: the next use locates it again)."""
     global _config
     _config = _Config(training_python, offline)
+
+
+def use(found: Engine) -> None:
+    """Makes ``found`` (an engine located elsewhere, e.g. by a Ray driver) the current one."""
+    if _config.engine != found:
+        _config.engine = found
 
 
 def current() -> Engine:
