@@ -348,13 +348,12 @@ def compress(
         # under the recovery mode known when it starts. An attempt that changes the mode
         # (distillation unavailable, or worse than reconstruction) discards the later ones,
         # which run again under the new mode: the outcome is the one-at-a-time search's.
-        distillation_lost = False  # set once a distillation did worse than no recovery
         found = False
         t_search = time.perf_counter()
         i = 0
         width = max(1, cluster.active().workers)
         while i < len(targets) and not found:
-            mode = _mode(config, report.recovery_skipped, distillation_lost)
+            mode = _mode(config, report)
             batch = targets[i : i + width]
             outcomes = cluster.active().map(
                 _attempt,
@@ -374,8 +373,8 @@ def compress(
                         "compress: recovering by reconstruction instead: %s", outcome.skipped
                     )
                 if outcome.distilled:
+                    # once a distillation did worse than no recovery, later attempts refit
                     report.recovery_not_kept = outcome.not_kept
-                    distillation_lost |= outcome.not_kept is not None
                 out = outcome.check.outputs[0]
                 report.attempts.append(
                     Attempt(
@@ -393,7 +392,7 @@ def compress(
                     report.prune, report.recovery = outcome.prune_report, outcome.recovery
                     found = True
                     break
-                if _mode(config, report.recovery_skipped, distillation_lost) != mode:
+                if _mode(config, report) != mode:
                     break  # the attempts after this one ran under the old mode
             outcomes.close()
         timings["pruning search"] = time.perf_counter() - t_search
@@ -491,11 +490,13 @@ class _Outcome:
     not_kept: str | None = None  # it did worse than no recovery or reconstruction: the numbers
 
 
-def _mode(config: CompressConfig, skipped: str | None, lost: bool) -> str:
-    """How an attempt recovers: "distill", "refit" (least squares) or "none"."""
+def _mode(config: CompressConfig, report: CompressReport) -> str:
+    """How an attempt recovers: "distill", "refit" (least squares: distillation was refused,
+    or did worse than no recovery) or "none"."""
     if not config.recover_steps:
         return "none"
-    return "refit" if skipped is not None or lost else "distill"
+    lost = report.recovery_skipped is not None or report.recovery_not_kept is not None
+    return "refit" if lost else "distill"
 
 
 def _attempt(search: _Search, job: tuple) -> _Outcome:

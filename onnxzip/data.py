@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxzip.errors import DataError, NoSamplesError
+from onnxzip.errors import DataError, NoSamplesError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -263,8 +263,7 @@ _NPZ_ERRORS = (
 def _first_line(exc: BaseException) -> str:
     if isinstance(exc, (SyntaxError, tokenize.TokenError)):
         return "corrupt array header"
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 class Samples:
@@ -311,6 +310,16 @@ class Samples:
         if self.max_batch is not None and requested > self.max_batch:
             return self.max_batch
         return requested
+
+    def batch_count(
+        self, batch_size: int = 32, split: str = "all", holdout: float = DEFAULT_HOLDOUT
+    ) -> int | None:
+        """How many batches ``batches`` yields, when the sample count is known (None else)."""
+        if self.count is None:
+            return None
+        held = holdout_count(self.count, holdout)
+        kept = {"all": self.count, "holdout": held}.get(split, self.count - held)
+        return math.ceil(kept / self.batch_size_for(batch_size))
 
     def batches(
         self, batch_size: int = 32, split: str = "all", holdout: float = DEFAULT_HOLDOUT

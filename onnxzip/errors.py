@@ -11,6 +11,13 @@ EXIT_INPUT = 2
 EXIT_INTERNAL = 3
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a
+    one-line report quotes of an error raised by a library onnxzip calls."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class OnnxzipError(Exception):
     """Base class for errors onnxzip reports as one line."""
 

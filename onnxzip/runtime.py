@@ -20,7 +20,7 @@ import onnxruntime as ort
 from onnxzip import io
 from onnxzip.data import Batch
 from onnxzip.engine import cluster
-from onnxzip.errors import ModelError
+from onnxzip.errors import ModelError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +99,9 @@ class Runner:
         except (
             Exception
         ) as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{name}: onnxruntime cannot load the model: {first}") from exc
+            raise ModelError(
+                f"{name}: onnxruntime cannot load the model: {first_line(exc)}"
+            ) from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -110,8 +111,7 @@ class Runner:
         try:
             results = self.session.run(names, feeds)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{self.name}: onnxruntime failed to run: {first}") from exc
+            raise ModelError(f"{self.name}: onnxruntime failed to run: {first_line(exc)}") from exc
         return dict(zip(names, results, strict=True))
 
 

@@ -215,13 +215,9 @@ class Collector:
             dict(self._channels),
             self.bins,
         )
-        per_shard = max(1, math.ceil(cluster.SHARD_SAMPLES / samples.batch_size_for(batch_size)))
-        total = None
-        if samples.count is not None:
-            held = math.floor(samples.count * holdout)
-            kept = {"all": samples.count, "holdout": held}.get(split, samples.count - held)
-            batches = math.ceil(kept / samples.batch_size_for(batch_size))
-            total = math.ceil(batches / per_shard)
+        per_shard, total = cluster.shard_plan(
+            samples.batch_size_for(batch_size), samples.batch_count(batch_size, split, holdout)
+        )
         shards = cluster.shards(samples.batches(batch_size, split, holdout), per_shard)
         result = sweep.empty()
         try:

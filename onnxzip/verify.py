@@ -476,18 +476,13 @@ def verify(
     explicit = any(getattr(thresholds, f.name) is not None for f in dataclasses.fields(thresholds))
     task = metrics_mod.as_metric(metric)
     judging = task is not None or (floors and not explicit)
-    total = None
     if cached:
         pairs = zip(reference_outputs.batches, reference_outputs.outputs, strict=True)
         batches = len(reference_outputs.batches)
     else:
         pairs = ((b, None) for b in samples.batches(batch_size, split, holdout))
-        batches = None
-        if samples.count is not None and split == "all":
-            batches = math.ceil(samples.count / samples.batch_size_for(batch_size))
-    per_shard = max(1, math.ceil(cluster.SHARD_SAMPLES / samples.batch_size_for(batch_size)))
-    if batches is not None:
-        total = math.ceil(batches / per_shard)
+        batches = samples.batch_count(batch_size, split, holdout)
+    per_shard, total = cluster.shard_plan(samples.batch_size_for(batch_size), batches)
     # Shards of consecutive batches on the active engine (this process or Ray tasks), their
     # sums merged in stream order: the same numbers wherever they ran.
     context = _Comparison(

@@ -48,6 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import run_measured, run_record, smooth_images  # noqa: E402
 
 RAY_BIN = Path(sys.executable).parent / "ray"
+DIGITS_DATA = [
+    "--data",
+    str(ROOT / "models" / "digits_calib.npz"),
+    "--verify-data",
+    str(ROOT / "models" / "digits_test.npz"),
+]
 
 
 def models(work: Path, names: list[str]) -> dict[str, dict]:
@@ -61,10 +67,7 @@ def models(work: Path, names: list[str]) -> dict[str, dict]:
             out[name] = {
                 "path": ROOT / "models" / f"{name}.onnx",
                 "args": [
-                    "--data",
-                    str(ROOT / "models" / "digits_calib.npz"),
-                    "--verify-data",
-                    str(ROOT / "models" / "digits_test.npz"),
+                    *DIGITS_DATA,
                     "--min-cosine",
                     "0.99995",
                     "--calibration",
@@ -78,10 +81,7 @@ def models(work: Path, names: list[str]) -> dict[str, dict]:
                 "path": ROOT / "models" / f"{net}.onnx",
                 "command": "compress",
                 "args": [
-                    "--data",
-                    str(ROOT / "models" / "digits_calib.npz"),
-                    "--verify-data",
-                    str(ROOT / "models" / "digits_test.npz"),
+                    *DIGITS_DATA,
                     "--target-macs",
                     "0.3",
                     "--max-drop",

@@ -80,8 +80,7 @@ def configure(training_python: str | None = None, offline: bool = False) -> None
 
 def use(found: Engine) -> None:
     """Makes ``found`` (an engine located elsewhere, e.g. by a Ray driver) the current one."""
-    if _config.engine != found:
-        _config.engine = found
+    _config.engine = found
 
 
 def current() -> Engine:

@@ -29,6 +29,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import math
 import os
 import socket
 import uuid
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxzip import progress
-from onnxzip.errors import InputError
+from onnxzip.errors import InputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,6 @@ class ClusterError(InputError):
 class Local:
     """Runs every piece in this process, in order."""
 
-    name = "local"
     workers = 1
 
     def map(
@@ -73,12 +73,6 @@ class Local:
         """Yields ``fn(context, item)`` for each item, in order."""
         for item in progress.bar(items, total=total, desc=desc, unit=unit):
             yield fn(context, item)
-
-    def close(self) -> None:
-        pass
-
-    def describe(self) -> str:
-        return "this process"
 
 
 def _parse_address(address: str) -> tuple[str, int] | None:
@@ -111,8 +105,6 @@ class RayCluster:
             ``HOST:PORT`` / ``ray://HOST:PORT`` of a running cluster.
         num_cpus: CPUs of the private instance (``local`` only; default: all of this machine's).
     """
-
-    name = "ray"
 
     def __init__(self, address: str = "local", *, num_cpus: int | None = None):
         try:
@@ -153,19 +145,13 @@ class RayCluster:
             if self._owns:
                 ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ClusterError(f"Ray cluster at {address}: {first}") from exc
+            raise ClusterError(f"Ray cluster at {address}: {first_line(exc)}") from exc
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(_run_piece)
         # Each worker imports onnxzip and onnxruntime once, now, all in parallel, rather than
         # inside the first pieces of the first sweep.
-        warm = [self._task.remote(((_warm_up, None), None), i) for i in range(self.workers)]
-        for ref in warm:
-            self._get(ref, "starting the workers")
+        list(self.map(_warm_up, range(self.workers), desc="starting the workers"))
         logger.info("Ray cluster %s: %d CPUs", address, self.workers)
-
-    def describe(self) -> str:
-        return f"Ray cluster {self.address} ({self.workers} CPUs)"
 
     def map(
         self,
@@ -199,7 +185,6 @@ class RayCluster:
                     pending.append(self._task.remote(shared, item))
                 if not pending:
                     return
-                ray.wait([pending[0]], num_returns=1)
                 result = self._get(pending.popleft(), desc)
                 bar.update(1)
                 yield result
@@ -224,9 +209,9 @@ class RayCluster:
             ray.exceptions.OutOfMemoryError,
             ray.exceptions.ObjectLostError,
         ) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ClusterError(
-                f"Ray: {desc or 'a task'} failed {MAX_RETRIES + 1} times as its worker died: {first}"
+                f"Ray: {desc or 'a task'} failed {MAX_RETRIES + 1} times as its worker died: "
+                f"{first_line(exc)}"
             ) from exc
 
     def close(self) -> None:
@@ -237,6 +222,13 @@ class RayCluster:
 # -- streams cut into pieces -------------------------------------------------------------------
 
 SHARD_SAMPLES = 64  # samples per shard of a sweep over the data (whole batches; at least one)
+
+
+def shard_plan(batch_size: int, batches: int | None) -> tuple[int, int | None]:
+    """(batches per shard, shards) for a stream of ``batches`` runs of ``batch_size`` samples
+    (the count None when unknown): ``SHARD_SAMPLES`` samples of whole batches, at least one."""
+    per_shard = max(1, math.ceil(SHARD_SAMPLES / batch_size))
+    return per_shard, None if batches is None else math.ceil(batches / per_shard)
 
 
 def shards(batches: Iterable, per_shard: int) -> Iterator[list]:
@@ -264,13 +256,10 @@ def _run_piece(shared, item):
     context is fetched from the object store by the first task of the map on this worker."""
     global _IN_WORKER
     _IN_WORKER = True
-    key, box = shared
-    if box is None:
-        fn, context = key
-    else:
-        import ray
+    import ray
 
-        fn, context = cached(key, lambda: ray.get(box[0]))
+    key, box = shared
+    fn, context = cached(key, lambda: ray.get(box[0]))
     return fn(context, item)
 
 

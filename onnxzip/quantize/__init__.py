@@ -483,15 +483,34 @@ class _Builder:
             self.params[src] = (p, lo, hi)
         return self.params[src]
 
+    def _excluding(self, keep_float: frozenset[str]) -> tuple[frozenset[str], QuantizeConfig]:
+        """The layers a build keeps in float (asked for, NaN-touching, mixed-range joins) and
+        the config that excludes them."""
+        keep_float = keep_float | self.nonfinite_nodes | frozenset(self.mixed_joins)
+        if not keep_float:
+            return keep_float, self.config
+        exclude = tuple(self.config.exclude) + tuple(sorted(keep_float))
+        return keep_float, dataclasses.replace(self.config, exclude=exclude)
+
+    def _settle(self, model: ir.Model, plan: Plan) -> bool:
+        """Marks the layers ``plan`` would quantize though their ranges are not finite, or
+        that join inputs of scales too far apart, to stay float; True if it marked any (the
+        plan must then be made again)."""
+        nonfinite = self._touching_nonfinite(model, plan)
+        if nonfinite:
+            if nonfinite <= self.nonfinite_nodes:
+                raise InternalError(f"cannot keep {sorted(nonfinite)} in float")
+            # -inf attention masks and the like: no finite range exists; those layers stay float.
+            self.nonfinite_nodes |= nonfinite
+            return True
+        mixed = self._mixed_range_joins(model, plan)
+        self.mixed_joins.update(mixed)
+        return bool(mixed)
+
     def build(self, keep_float: frozenset[str] = frozenset()):
         model = self.prepared.clone()
-        config = self.config
-        keep_float = keep_float | self.nonfinite_nodes | frozenset(self.mixed_joins)
+        keep_float, config = self._excluding(keep_float)
         _apply_biases(model, {k: b for k, b in self.biases.items() if k not in keep_float})
-        if keep_float:
-            config = dataclasses.replace(
-                config, exclude=tuple(config.exclude) + tuple(sorted(keep_float))
-            )
         if config.mode == "dynamic":
             return self._build_dynamic(model, config, keep_float)
         if config.mode == "weight-only":
@@ -507,16 +526,7 @@ class _Builder:
             # first sweep, not in a second one when the guard starts.
             sources |= self._rebuild_sources([frozenset([k]) for k in plan.quantized_nodes])
         self._ensure_stats(sorted(sources), means)
-        nonfinite = self._touching_nonfinite(model, plan)
-        if nonfinite:
-            if nonfinite <= self.nonfinite_nodes:
-                raise InternalError(f"cannot keep {sorted(nonfinite)} in float")
-            # -inf attention masks and the like: no finite range exists; those layers stay float.
-            self.nonfinite_nodes |= nonfinite
-            return self.build(keep_float)
-        mixed = self._mixed_range_joins(model, plan)
-        if mixed:
-            self.mixed_joins.update(mixed)
+        if self._settle(model, plan):
             return self.build(keep_float)
         act_params: dict[str, qp.QParams] = {}
         ranges = []
@@ -551,12 +561,8 @@ class _Builder:
     def _rebuild_plans(self, keep_sets: list[frozenset[str]]) -> list[tuple[ir.Model, Plan]]:
         plans = []
         for keep in keep_sets:
-            keep = keep | self.nonfinite_nodes | frozenset(self.mixed_joins)
             model = self.prepared.clone()
-            config = dataclasses.replace(
-                self.config, exclude=tuple(self.config.exclude) + tuple(sorted(keep))
-            )
-            plans.append((model, plan_quantization(model, config)[0]))
+            plans.append((model, plan_quantization(model, self._excluding(keep)[1])[0]))
         return plans
 
     def _rebuild_sources(self, keep_sets: list[frozenset[str]]) -> set[str]:
@@ -572,21 +578,7 @@ class _Builder:
         while True:
             plans = self._rebuild_plans(keep_sets)
             self._ensure_stats(sorted({s for _, p in plans for s in p.activations.values()}))
-            changed = False
-            for model, plan in plans:
-                found = self._touching_nonfinite(model, plan) - self.nonfinite_nodes
-                if found:
-                    self.nonfinite_nodes |= found
-                    changed = True
-                mixed = {
-                    k: r
-                    for k, r in self._mixed_range_joins(model, plan).items()
-                    if k not in self.mixed_joins
-                }
-                if mixed:
-                    self.mixed_joins.update(mixed)
-                    changed = True
-            if not changed:
+            if not any([self._settle(model, plan) for model, plan in plans]):
                 return
 
     def _subgraph_weights(self, model: ir.Model, plan: Plan, config: QuantizeConfig) -> None:
@@ -1309,9 +1301,7 @@ def _search_guard(
     report = GuardReport(target, metric, metric, met, evaluator.samples, len(candidates))
     if met or not candidates:
         return (*first, report)
-    t0 = time.perf_counter()
     gains = _sensitivities(builder, work, candidates, evaluator, judge, base, report.seconds)
-    report.seconds["sensitivity"] = time.perf_counter() - t0 - report.seconds.get("prepare", 0.0)
     t0 = time.perf_counter()
     order = sorted(candidates, key=lambda k: -gains[k])
     tried: dict[int, tuple] = {}
@@ -1351,20 +1341,23 @@ def _sensitivities(
     evaluator: _Evaluator,
     judge,
     base,
-    seconds: dict[str, float] | None = None,
+    seconds: dict[str, float],
 ) -> dict[str, float]:
     """Per candidate layer, how much keeping it alone in float raises the judge's level (few
     layers), or the SNR in dB it loses between its inputs and its output in the quantized model
-    (many layers: one run of each model, see ``EXACT_SENSITIVITY_LAYERS``)."""
+    (many layers: one run of each model, see ``EXACT_SENSITIVITY_LAYERS``). Records the wall
+    seconds of its phases in ``seconds`` ("prepare", "sensitivity")."""
     if len(candidates) > EXACT_SENSITIVITY_LAYERS:
         logger.info("guard: %d layers, sensitivity from one run of each model", len(candidates))
-        return evaluator.local_losses(builder.prepared, work, candidates)
+        t0 = time.perf_counter()
+        gains = evaluator.local_losses(builder.prepared, work, candidates)
+        seconds["sensitivity"] = time.perf_counter() - t0
+        return gains
     # One piece per layer on the active engine (this process or Ray tasks), results in order;
     # what the pieces' builds need is calibrated here first, so no piece changes the builder.
     t0 = time.perf_counter()
     builder.prepare_rebuilds([frozenset([key]) for key in candidates])
-    if seconds is not None:
-        seconds["prepare"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
     gains = cluster.active().map(
         _layer_gain,
         candidates,
@@ -1373,7 +1366,9 @@ def _sensitivities(
         desc="guard: sensitivity",
         unit="layer",
     )
-    return dict(zip(candidates, gains, strict=True))
+    gains = dict(zip(candidates, gains, strict=True))
+    seconds["prepare"], seconds["sensitivity"] = t1 - t0, time.perf_counter() - t1
+    return gains
 
 
 def _layer_gain(context, key: str) -> float:
