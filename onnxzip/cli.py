@@ -68,9 +68,9 @@ def _cluster_option(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--ray",
         metavar="ADDRESS",
-        help="run the sweeps over the samples (calibration, channel moments, verification) and "
-        "the accuracy guard's per-layer sensitivity as Ray tasks: 'local' starts a private Ray "
-        "instance on this "
+        help="run the sweeps over the samples (calibration, channel moments, gradient "
+        "statistics, verification), the accuracy guard's per-layer sensitivity and compress's "
+        "budget-search attempts as Ray tasks: 'local' starts a private Ray instance on this "
         "machine, 'auto' joins the cluster this machine is part of (or $RAY_ADDRESS), HOST:PORT "
         "or ray://HOST:PORT a running one (needs pip install 'onnxzip[ray]')",
     )
@@ -649,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ignore 'labels' in the data: use the model's own predictions as targets",
     )
     _engine_options(p)
+    _cluster_option(p)
     _common(p)
     p.set_defaults(func=_cmd_stats)
 

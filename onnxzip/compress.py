@@ -16,6 +16,7 @@ the same search runs until a pruned model holds them. The report says what was t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -345,9 +346,10 @@ def compress(
             else engine.current(),
         )
         # Attempts run in order; on an engine with W workers the next W run at once, each
-        # under the recovery mode known when it starts. An attempt that changes the mode
-        # (distillation unavailable, or worse than reconstruction) discards the later ones,
-        # which run again under the new mode: the outcome is the one-at-a-time search's.
+        # under the recovery mode known when it starts. When an attempt changes the mode
+        # (distillation unavailable, or worse than reconstruction) the later ones of its round
+        # are taken as reconstructed (what a distilling attempt also computes), or run again
+        # where one cannot be: the outcome is the one-at-a-time search's.
         found = False
         t_search = time.perf_counter()
         i = 0
@@ -363,7 +365,11 @@ def compress(
                 desc="compress: pruning amounts",
                 unit="attempt",
             )
-            for target, outcome in zip(batch, outcomes, strict=False):
+            for target, ran in zip(batch, outcomes, strict=False):
+                now = _mode(config, report)
+                outcome = ran if now == mode else ran.under_refit() if now == "refit" else None
+                if outcome is None:
+                    break  # ran under the old mode, and nothing of it holds under this one
                 i += 1
                 for stage, seconds in outcome.seconds.items():
                     timings[stage] = timings.get(stage, 0.0) + seconds
@@ -392,8 +398,6 @@ def compress(
                     report.prune, report.recovery = outcome.prune_report, outcome.recovery
                     found = True
                     break
-                if _mode(config, report) != mode:
-                    break  # the attempts after this one ran under the old mode
             outcomes.close()
         timings["pruning search"] = time.perf_counter() - t_search
         if not found:
@@ -488,6 +492,18 @@ class _Outcome:
     skipped: str | None = None  # distillation was refused here: why (then reconstructed)
     distilled: bool = False  # a distillation ran and was compared
     not_kept: str | None = None  # it did worse than no recovery or reconstruction: the numbers
+    refit: _Outcome | None = None  # a distillation's attempt: the same amount reconstructed
+
+    def under_refit(self) -> _Outcome | None:
+        """What this attempt gives under the "refit" mode, where it ran under "distill": a
+        distillation computes the reconstructed alternative to compare with (and a refused one
+        reconstructs instead), so an attempt that ran beside the one that changed the mode
+        need not run again."""
+        if self.skipped is not None:
+            return dataclasses.replace(self, skipped=None)
+        if self.refit is not None:
+            return dataclasses.replace(self.refit, seconds=self.seconds)
+        return None
 
 
 def _mode(config: CompressConfig, report: CompressReport) -> str:
@@ -505,11 +521,6 @@ def _attempt(search: _Search, job: tuple) -> _Outcome:
     s, config = search, search.config
     seconds: dict[str, float] = {}
     if mode == "distill" and s.training is not None:
-        if not s.training.python.exists():
-            raise cluster.ClusterError(
-                f"the training engine's interpreter {s.training.python} is not on this Ray node: "
-                "install the same environment on every node, or run compress without --ray"
-            )
         engine.use(s.training)
 
     def pruned_at(refit: bool):
@@ -581,6 +592,7 @@ def _attempt(search: _Search, job: tuple) -> _Outcome:
         plain, plain_fits = checked(before_recovery)
         refitted, refit_report = pruned_at(True)
         rcheck, rfits = checked(refitted)
+        outcome.refit = _Outcome(refitted, refit_report, None, rcheck, rfits, seconds)
         with_cos = check.outputs[0].cosine_mean
         without_cos, refit_cos = plain.outputs[0].cosine_mean, rcheck.outputs[0].cosine_mean
         best = max((fits, with_cos), (plain_fits, without_cos), (rfits, refit_cos))

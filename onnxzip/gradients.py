@@ -27,6 +27,7 @@ gradient ``G_b`` of each batch, summed over the group's producers and the channe
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ import onnx_ir as ir
 
 from onnxzip import engine, passes, progress, training
 from onnxzip.data import Samples
+from onnxzip.engine import cluster
 from onnxzip.errors import InputError, ModelError
 from onnxzip.ir import ops
 from onnxzip.ir.ops import node_key
@@ -157,6 +159,48 @@ def _with_energy_loss(twin: ir.Model) -> ir.Model:
     return twin
 
 
+SHARD_SAMPLES = 512  # samples per training-engine job on a cluster (each job starts a worker)
+
+
+def _gradients_of(
+    twin: ir.Model, job: dict, feeds, samples: Samples, batch_size: int, split, holdout
+):
+    """The gradients of every batch of ``feeds``: one training-engine job here, or, on an
+    engine with several workers, one job per shard of ``SHARD_SAMPLES`` samples on each
+    worker. Each batch's gradient is its own training step whatever job runs it (and the same
+    bits at any thread count), and the shards come back in order, so the statistics made
+    from them are the same."""
+    active = cluster.active()
+    if active.workers <= 1:
+        return engine.run_job(twin, batches=feeds, **job)
+    per_shard = max(1, math.ceil(SHARD_SAMPLES / batch_size))
+    total = samples.batch_count(batch_size, split, holdout)
+    parts = list(
+        active.map(
+            _gradient_shard,
+            cluster.shards(feeds, per_shard),
+            (twin, job, engine.current()),
+            total=None if total is None else math.ceil(total / per_shard),
+            desc="gradients: shards",
+            unit="shard",
+        )
+    )
+    if not parts:
+        raise ModelError("gradients: no batches to run")
+    return engine.JobResult(
+        {name: np.concatenate([p.arrays[name] for p in parts]) for name in job["read"]},
+        [x for p in parts for x in p.losses],
+        [x for p in parts for x in p.step_seconds],
+    )
+
+
+def _gradient_shard(context, shard: list[dict]) -> engine.JobResult:
+    """One shard's batches through the training engine (a piece on the active engine)."""
+    twin, job, training = context
+    engine.use(training)
+    return engine.run_job(twin, batches=iter(shard), **job)
+
+
 def _check_twin(model: ir.Model, twin: ir.Model, samples: Samples, batch_size: int) -> None:
     """The rewritten, gated twin computes what the model computes (gates are 1)."""
     batch = next(samples.batches(min(batch_size, 8)))
@@ -256,15 +300,16 @@ def gradient_statistics(
             seen += len(batch)
             yield feeds
 
-    result = engine.run_job(
-        twin,
-        kind="gradients",
-        requires_grad=list(gates),
-        frozen=frozen,
-        batches=feeds_of_batches(),
-        read=list(scatter),
-        loss=loss,
-        what="gradients",
+    job = {
+        "kind": "gradients",
+        "requires_grad": list(gates),
+        "frozen": frozen,
+        "read": list(scatter),
+        "loss": loss,
+        "what": "gradients",
+    }
+    result = _gradients_of(
+        twin, job, feeds_of_batches(), samples, batch_size, split, holdout or 0.5
     )
     totals: dict[int, np.ndarray] = {}
     squares: dict[int, np.ndarray] = {}

@@ -267,6 +267,7 @@ def main() -> None:
         **run_record(),
         "cluster": "ray start --head --num-cpus 2 on this machine",
         "rows": rows,
+        "searches": searches,
     }
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(

@@ -33,6 +33,8 @@ from onnxzip.verify import verify
 
 ray = pytest.importorskip("ray")  # a dev dependency: CI installs it
 statistics = importlib.import_module("onnxzip.statistics")
+compress_module = importlib.import_module("onnxzip.compress")
+gradients_module = importlib.import_module("onnxzip.gradients")
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "digits_resnet.onnx"
@@ -109,6 +111,38 @@ def test_statistics_on_ray_are_the_same_bits_as_in_one_process(ray_cluster):
     assert any(s.hist is not None and s.hist.sum() > 0 for s in local[0].ranges.values())
 
 
+def test_gradient_statistics_on_ray_are_the_same_bits_as_in_one_process(ray_cluster, monkeypatch):
+    """One training-engine job per shard on the workers (each with one onnxruntime thread)
+    against one job of two threads here: every group's sums are the same bits."""
+    from onnxzip.gradients import gradient_statistics
+    from onnxzip.pruning import prepared_groups
+
+    model, calib, _ = _digits()
+    work, groups = prepared_groups(model)
+    local, local_report = gradient_statistics(work, groups, calib, batch_size=32)
+    monkeypatch.setattr(gradients_module, "SHARD_SAMPLES", 96)  # three batches per job
+    shards = []
+    real = cluster.shards
+
+    def recorded(batches, per_shard):
+        for shard in real(batches, per_shard):
+            shards.append(len(shard))
+            yield shard
+
+    monkeypatch.setattr(cluster, "shards", recorded)
+    with cluster.using(ray_cluster):
+        remote, remote_report = gradient_statistics(work, groups, calib, batch_size=32)
+    assert len(shards) >= 4 and set(shards[:-1]) == {3}  # jobs of three batches
+    assert local_report.batches == remote_report.batches == calib.count // 32
+    assert local.keys() == remote.keys() and len(local) >= 4
+    for gid, a in local.items():
+        b = remote[gid]
+        assert a.batches == b.batches
+        assert a.total.tobytes() == b.total.tobytes(), gid
+        assert a.squares.tobytes() == b.squares.tobytes(), gid
+    assert float(np.abs(next(iter(local.values())).total).max()) > 0
+
+
 def _slow_first(_context, item):
     time.sleep(0.4 if item == 0 else 0.0)  # the first item finishes last
     return item * item
@@ -166,12 +200,44 @@ def test_compress_budget_search_runs_attempts_side_by_side_with_the_same_outcome
     remote, remote_report = compress(model, calib, config, verify_samples=test, engine=ray_cluster)
     assert len(local_report.attempts) >= 2  # a search happened
     # the first attempt's distillation loses to reconstruction: the recovery mode changes and
-    # the attempt run beside it on Ray is discarded and run again under the new mode
+    # the attempt run beside it on Ray is taken as reconstructed (what it also computed)
     assert local_report.recovery_not_kept is not None
     assert local_report.attempts == remote_report.attempts
     assert io.model_bytes(local) == io.model_bytes(remote)
     assert local_report.recovery_not_kept == remote_report.recovery_not_kept
     assert local_report.recovery_skipped == remote_report.recovery_skipped
+
+
+class _Wide(cluster.Local):
+    """Runs pieces in this process, but claims three workers, so that the budget search hands
+    out its attempts three at a time; records what it ran."""
+
+    workers = 3
+
+    def __init__(self):
+        self.ran = []
+
+    def map(self, fn, items, context=None, **kwargs):
+        for item in items:
+            if fn is compress_module._attempt:
+                self.ran.append(item)
+            yield fn(context, item)
+
+
+def test_a_mode_change_in_a_round_of_attempts_reruns_nothing():
+    """The attempts run beside the one whose distillation lost are taken as reconstructed,
+    not run again; and the outcome is the one-at-a-time search's."""
+    model, calib, test = _digits()
+    config = CompressConfig(target_macs=0.3, max_drop=0.3, recover_steps=150, latency=False)
+    local, local_report = compress(model, calib, config, verify_samples=test)
+    wide = _Wide()
+    remote, remote_report = compress(model, calib, config, verify_samples=test, engine=wide)
+    assert local_report.recovery_not_kept is not None  # the mode changed at the first attempt
+    assert [mode for _target, mode in wide.ran[:3]] == ["distill"] * 3
+    assert len(wide.ran) == len(remote_report.attempts)  # none of them ran twice
+    assert local_report.attempts == remote_report.attempts
+    assert io.model_bytes(local) == io.model_bytes(remote)
+    assert local_report.recovery_not_kept == remote_report.recovery_not_kept
 
 
 def _killing_once(marker: str, real):
@@ -404,6 +470,23 @@ def test_two_node_cluster_gives_the_same_model_as_one_process(tmp_path):
         )
         assert done.returncode in (0, 1), done.stderr[-3000:]
         assert io.model_bytes(io.load_model(cli_out)) == io.model_bytes(local)
+
+        # gradient statistics: the training engine's job runs on a worker
+        written = {}
+        for where, extra in (("here", []), ("ray", ["--ray", address])):
+            written[where] = tmp_path / f"stats_{where}.npz"
+            done = subprocess.run(
+                [sys.executable, "-m", "onnxzip", "stats", str(MODEL), "-o", str(written[where])]
+                + ["--data", str(CALIB), "-q", *extra],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+        with np.load(written["here"]) as a, np.load(written["ray"]) as b:
+            assert a.files == b.files and len(a.files) >= 10
+            assert all(a[k].tobytes() == b[k].tobytes() for k in a.files)
     finally:
         if node is not None:
             _stop(node)

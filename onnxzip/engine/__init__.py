@@ -32,6 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import io, progress
+from onnxzip.engine import cluster
 from onnxzip.engine.env import (
     INSTEAD,
     WORKER,
@@ -79,7 +80,16 @@ def configure(training_python: str | None = None, offline: bool = False) -> None
 
 
 def use(found: Engine) -> None:
-    """Makes ``found`` (an engine located elsewhere, e.g. by a Ray driver) the current one."""
+    """Makes ``found`` (an engine located elsewhere, e.g. by a Ray driver) the current one.
+
+    Raises:
+        ClusterError: its interpreter is not on this machine (a Ray node without it).
+    """
+    if not found.python.exists():
+        raise cluster.ClusterError(
+            f"the training engine's interpreter {found.python} is not on this Ray node: "
+            "install the same environment on every node, or run without --ray"
+        )
     _config.engine = found
 
 
@@ -134,13 +144,16 @@ def run_job(
     batch_size: int | None = None,
     what: str = "training",
     desc: str | None = None,
+    threads: int | None = None,
 ) -> JobResult:
     """Runs one job in the training worker (see ``worker.py`` for the job kinds).
 
     ``kind`` is ``"gradients"`` (each batch once; ``read`` gradients per batch) or ``"train"``
     (AdamW, one step per learning rate; ``read`` trained values). ``loss`` is None (the twin's
     first output is the loss), ``"cross-entropy"`` (adds a ``labels`` input) or
-    ``{"block": NAME, "options": {...}}`` naming an ``onnxblock.loss`` block.
+    ``{"block": NAME, "options": {...}}`` naming an ``onnxblock.loss`` block. ``threads`` is
+    the worker's onnxruntime intra-op thread count (default: one inside a Ray task, whose CPU it
+    was given, else onnxruntime's default).
 
     Raises:
         EngineUnavailable: no training engine here, or the worker died (exit code 2).
@@ -169,6 +182,7 @@ def run_job(
             "shuffle_seed": shuffle_seed,
             "batch_size": batch_size,
             "sizes": sizes,
+            "threads": threads if threads is not None else cluster.worker_threads(),
         }
         (folder / "job.json").write_text(json.dumps(job))
         total = len(job["learning_rates"]) if kind == "train" else count

@@ -163,8 +163,16 @@ def run(folder: Path) -> None:
             raise JobFailed("build", str(exc)) from exc
         try:  # sessions over the gradient graph: where a missing kernel shows (ResizeGrad)
             state = api.CheckpointState.load_checkpoint(str(art / "checkpoint"))
+            options = ort.SessionOptions()
+            if job.get("threads"):  # a Ray task's one CPU; else onnxruntime's default
+                options.intra_op_num_threads = int(job["threads"])
+                options.inter_op_num_threads = 1
             module = api.Module(
-                str(art / "training_model.onnx"), state, str(art / "eval_model.onnx"), device="cpu"
+                str(art / "training_model.onnx"),
+                state,
+                str(art / "eval_model.onnx"),
+                device="cpu",
+                session_options=options,
             )
             optimizer = None
             if train:
