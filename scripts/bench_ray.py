@@ -16,7 +16,9 @@ held-out digits) and on ResNet-50 (onnx's light architecture, random weights, 12
 calibration images, 32 held out; batch 16) whose calibration and guard both run on Ray; and
 ``compress``'s budget search on the digits nets (``--target-macs 0.3 --max-drop 0.3``: the
 requested amount misses the budget, milder ones are tried; each attempt prunes, distils
-through the training engine and verifies), whose attempts run two at a time on Ray.
+through the training engine and verifies), whose attempts run two at a time on Ray; and
+``stats`` (gradient statistics through the training engine) on MobileNetV2 at 112x112 with 1024
+synthetic samples, one training-engine job per 512-sample shard on Ray.
 
 Measured: wall time of each command (median), the stage times from its JSON report
 (calibrate+insert, guard), peak resident memory of the driver, and whether the model bytes
@@ -90,6 +92,18 @@ def models(work: Path, names: list[str]) -> dict[str, dict]:
                 ],
             }
             continue
+        if name.startswith("stats:"):
+            # gradient statistics: one training-engine job per 512-sample shard on Ray
+            model = zoo.mobilenet_v2(resolution=112)
+            path = work / "mobilenet_v2_112.onnx"
+            io.save_model(model, path)
+            out[name] = {
+                "path": path,
+                "command": "stats",
+                "suffix": ".npz",
+                "args": ["--synthetic", "1024"],
+            }
+            continue
         model = zoo.from_light("resnet50")
         path = work / "resnet50.onnx"
         io.save_model(model, path)
@@ -160,6 +174,14 @@ def run_job(model: dict, out: Path, report: Path, extra: list[str]) -> dict:
     if "error" in result:
         raise SystemExit(f"{' '.join(cmd)}: {result['error']}")
     data = json.loads(report.read_text())
+    if model.get("command") == "stats":
+        with np.load(out) as arrays:
+            result.update(
+                search=data["seconds"],
+                attempts=data["batches"],
+                bytes=b"".join(k.encode() + arrays[k].tobytes() for k in sorted(arrays.files)),
+            )
+        return result
     if model.get("command") == "compress":
         result.update(
             search=data["seconds"].get("pruning search", 0.0),
@@ -193,6 +215,7 @@ def main() -> None:
             "resnet50",
             "compress:digits_resnet",
             "compress:digits_mobilenet",
+            "stats:mobilenet_v2",
         ],
     )
     args = parser.parse_args()
@@ -207,12 +230,15 @@ def main() -> None:
     try:
         for name, model in models(work, args.models).items():
             runs: dict[str, list[dict]] = {"process": [], "ray": []}
+            suffix = model.get("suffix", ".onnx")
             for i in range(args.repeat):
                 for kind, extra in (("process", []), ("ray", ["--ray", address])):
                     runs[kind].append(
-                        run_job(model, work / f"{kind}{i}.onnx", work / f"{kind}{i}.json", extra)
+                        run_job(model, work / f"{kind}{i}{suffix}", work / f"{kind}{i}.json", extra)
                     )
-            private = run_job(model, work / "local.onnx", work / "local.json", ["--ray", "local"])
+            private = run_job(
+                model, work / f"local{suffix}", work / "local.json", ["--ray", "local"]
+            )
             reference = runs["process"][0]["bytes"]
             identical = all(r["bytes"] == reference for rs in runs.values() for r in rs)
             identical &= private["bytes"] == reference
@@ -220,7 +246,7 @@ def main() -> None:
             def med(kind: str, field: str, runs=runs) -> float:
                 return statistics.median(r[field] for r in runs[kind])
 
-            if model.get("command") == "compress":
+            if model.get("command") in ("compress", "stats"):
                 row = {
                     "job": name,
                     "attempts": runs["process"][0]["attempts"],
@@ -287,7 +313,7 @@ def main() -> None:
         )
 
     print(
-        "\n| compress budget search | attempts | search s (1 process / Ray 2) | speed-up | "
+        "\n| job | attempts / batches | s (1 process / Ray 2) | speed-up | "
         "wall s (1 process / Ray 2 / --ray local) | identical |"
     )
     print("|---|---|---|---|---|---|")
