@@ -12,8 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from onnxzip import __version__, progress
+from onnxzip import __version__, leases, progress
 from onnxzip.errors import (
+    EXIT_INPUT,
     EXIT_INTERNAL,
     EXIT_OK,
     EXIT_PARITY,
@@ -37,6 +38,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("output and diagnostics")
     group.add_argument(
         "--json", type=Path, metavar="PATH", help="also write the report as JSON to PATH"
+    )
+    group.add_argument(
+        "--no-follow",
+        action="store_true",
+        help="refuse an output path (-o, --json) that is a symbolic link (default: write "
+        "through it to its target; the link stays)",
     )
     group.add_argument(
         "-q", "--quiet", action="store_true", help="no progress bars, only errors and results"
@@ -271,15 +278,8 @@ def _probe_writable(folder: Path, path: Path) -> None:
     os.rmdir(probe)
 
 
-def _check_paths(args: argparse.Namespace) -> None:
-    """Before any work: nothing a run writes may land on a file it reads, on a directory, or on
-    something that is not a regular file; a symbolic link is written through, never replaced.
-
-    Outputs are ``-o`` and ``--json``; inputs are the models (with their external data files)
-    and the data files.
-    """
-    import stat
-
+def _input_paths(args: argparse.Namespace) -> dict[Path, str]:
+    """What a run reads, resolved: its models, their external data files, its data files."""
     from onnxzip import io
 
     inputs: dict[Path, str] = {}
@@ -298,6 +298,19 @@ def _check_paths(args: argparse.Namespace) -> None:
         path = getattr(args, attr, None)
         if path is not None and path.is_file():
             inputs[path.resolve()] = f"the data file {path}"
+    return inputs
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Before any work: nothing a run writes may land on a file it reads, on a directory, or on
+    something that is not a regular file; a symbolic link is written through, never replaced.
+
+    Outputs are ``-o`` and ``--json``; inputs are the models (with their external data files)
+    and the data files.
+    """
+    import stat
+
+    inputs = args.inputs_read = _input_paths(args)
     outputs = [
         (flag, getattr(args, attr))
         for flag, attr in (("-o", "output"), ("--json", "json"))
@@ -307,6 +320,11 @@ def _check_paths(args: argparse.Namespace) -> None:
     for flag, path in outputs:
         if path.is_symlink() and not path.exists():
             raise InputError(f"{path}: {flag} is a symbolic link to nothing ({os.readlink(path)})")
+        if path.is_symlink() and getattr(args, "no_follow", False):
+            raise InputError(
+                f"{path}: {flag} is a symbolic link (to {os.readlink(path)}) and --no-follow "
+                "refuses to write through it"
+            )
         if path.exists():
             mode = path.stat().st_mode
             if stat.S_ISDIR(mode):
@@ -1151,7 +1169,8 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return _main(argv)
+        with leases.holding():  # external data files held against truncation (Linux)
+            return _main(argv)
     finally:
         for sig, handler in saved.items():
             if handler is not None:
@@ -1161,6 +1180,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    args = None
     try:
         args = build_parser().parse_args(argv)
         _configure_logging(args)
@@ -1190,10 +1210,22 @@ def _main(argv: list[str] | None) -> int:
     except Terminated:
         print("onnxzip: terminated", file=sys.stderr)
         return 143
+    except leases.InputChanged as exc:
+        print(f"onnxzip: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except BrokenPipeError:
         # The reader of stdout went away (`| head`): the work is done, nothing more to say.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except FileNotFoundError as exc:
+        read = getattr(args, "inputs_read", None) or {}
+        vanished = exc.filename and read.get(Path(exc.filename).resolve())
+        if debug or not vanished:
+            raise
+        print(
+            f"onnxzip: error: {exc.filename}: removed during the run ({vanished})", file=sys.stderr
+        )
+        return EXIT_INPUT
     except Exception as exc:
         if debug:
             raise

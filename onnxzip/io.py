@@ -42,6 +42,7 @@ import onnx.version_converter
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from onnxzip import leases
 from onnxzip.errors import InputError, ModelError
 from onnxzip.ir import ops
 
@@ -699,6 +700,8 @@ def load_model(model, *, name: str | None = None) -> ir.Model:
         source = name or str(path)
         proto = _read_proto(path)
         base_dir = path.parent
+        for location in _external_locations(proto):
+            leases.hold(base_dir / location)  # the command line: held against truncation
     else:
         raise InputError(f"cannot load a model from {type(model).__name__}")
     proto = normalize_proto(proto, source, base_dir)
@@ -912,11 +915,15 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
         proto = onnx.load(str(p), load_external_data=False)
     except Exception:  # not a model: load_model reports that in its own words
         return []
+    return [p.parent / location for location in _external_locations(proto)]
+
+
+def _external_locations(proto: onnx.ModelProto) -> list[str]:
     locations = set()
     for tensor in proto.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             locations.update(e.value for e in tensor.external_data if e.key == "location")
-    return [p.parent / location for location in sorted(locations)]
+    return sorted(locations)
 
 
 def file_size(path: str | os.PathLike) -> int:

@@ -584,6 +584,29 @@ def test_output_through_a_symbolic_link_keeps_the_link(tmp_path, resnet_path, ca
     assert json.loads(report.read_text())  # the report went to the link's target
 
 
+def test_no_follow_refuses_an_output_that_is_a_symbolic_link(
+    tmp_path, resnet_path, calib_npz, capsys
+):
+    real = tmp_path / "real.onnx"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.onnx"
+    link.symlink_to(real)
+    code, _, err = run_cli(
+        ["quantize", resnet_path, "-o", link, "--data", calib_npz, "--no-follow"], capsys
+    )
+    _refused_one_line(code, err, "-o is a symbolic link")
+    assert "--no-follow" in err and real.read_bytes() == b"old" and link.is_symlink()
+    report = tmp_path / "report.json"
+    report.symlink_to(real)
+    out = tmp_path / "out.onnx"
+    code, _, err = run_cli(
+        ["quantize", resnet_path, "-o", out, "--data", calib_npz, "--json", report, "--no-follow"],
+        capsys,
+    )
+    _refused_one_line(code, err, "--json is a symbolic link")
+    assert not out.exists() and real.read_bytes() == b"old"
+
+
 # -- reading is bounded ---------------------------------------------------------------------------
 
 
@@ -768,3 +791,90 @@ def test_string_initializers_pass_through_every_writer(args, tmp_path, capsys):
     x = rng.normal(size=(3, 8)).astype(np.float32)
     y, names = session.run(None, {"x": x})
     assert y.shape == (3, 8) and list(names) == ["cat", "dog"]
+
+
+# -- inputs changed during a run ------------------------------------------------------------------
+
+
+def _external_model(tmp: Path) -> tuple[Path, Path]:
+    """The 32 MB two-Gemm model with its weights in ``big.onnx.data``."""
+    path = _big_model(tmp)
+    proto = onnx.load(path)
+    onnx.save(proto, path, save_as_external_data=True, location="big.onnx.data", size_threshold=0)
+    return path, tmp / "big.onnx.data"
+
+
+def _leases_work_here(folder: Path) -> bool:
+    """Whether this file system grants read leases (Linux; not NFS, for instance)."""
+    import fcntl
+
+    probe = folder / "lease-probe"
+    probe.write_bytes(b"x")
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        fcntl.fcntl(fd, 1024, fcntl.F_RDLCK)  # F_SETLEASE
+        fcntl.fcntl(fd, 1024, fcntl.F_UNLCK)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def _wait_for_lease(proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(
+            "LEASE" in line and f" {proc.pid} " in line
+            for line in Path("/proc/locks").read_text().splitlines()
+        ):
+            return
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.05)
+    raise AssertionError("the run took no lease on its external data")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="read leases are Linux's")
+def test_external_data_opened_for_writing_mid_run_stops_in_one_line(tmp_path):
+    """Truncating a memory-mapped data file would end the run with SIGBUS: the run holds a read
+    lease, so the writer waits, the run stops with one line and exit 2, writes nothing, and the
+    writer proceeds once it is gone."""
+    if not _leases_work_here(tmp_path):
+        pytest.skip("this file system grants no leases")
+    model, data = _external_model(tmp_path)
+    out = tmp_path / "out" / "p.onnx"
+    out.parent.mkdir()
+    args = ["prune", model, "-o", out, "--ratio", "0.3", "--synthetic", "64"]
+    proc = _start([*args, "--recover-steps", "200000"], tmp_path)
+    _wait_for_lease(proc)
+    with open(data, "r+b") as handle:  # blocks until the run has let go of the file
+        handle.truncate(16)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "big.onnx.data" in lines[0], err
+    assert "opened for writing by another process" in lines[0]
+    assert list(out.parent.iterdir()) == []
+    assert data.stat().st_size == 16  # the writer went ahead afterwards
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="read leases are Linux's")
+def test_external_data_deleted_mid_run_is_one_line_or_a_complete_run(tmp_path):
+    model, data = _external_model(tmp_path)
+    out = tmp_path / "out" / "p.onnx"
+    out.parent.mkdir()
+    proc = _start(["prune", model, "-o", out, "--ratio", "0.3", "--synthetic", "64"], tmp_path)
+    if _leases_work_here(tmp_path):
+        _wait_for_lease(proc)  # loaded
+    else:
+        time.sleep(2)
+    data.unlink()
+    _, err = proc.communicate(timeout=300)
+    if proc.returncode == 0:
+        onnx.checker.check_model(str(out), full_check=True)
+    else:
+        assert proc.returncode == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "big.onnx.data" in lines[0], err
+        assert [p for p in out.parent.iterdir() if not p.name.startswith(".")] == []
