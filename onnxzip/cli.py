@@ -482,6 +482,29 @@ def build_parser() -> argparse.ArgumentParser:
         "the layers that break it in float",
     )
     q.add_argument(
+        "--preset",
+        choices=["auto", "transformer", "default"],
+        default="auto",
+        help="static int8 layout: transformer quantizes only MatMul/Gemm weights and their "
+        "inputs (outputs, attention, softmax and normalisation stay float) with SmoothQuant; "
+        "default every op with an int8 kernel; auto picks transformer for graphs with softmax "
+        "attention, a normalisation and more weight MatMuls than convolutions (default)",
+    )
+    q.add_argument(
+        "--smooth-quant",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="SmoothQuant: per-channel factors move activation outliers into the MatMul "
+        "weights (exact in float); auto: on in the transformer preset (default)",
+    )
+    q.add_argument(
+        "--smooth-alpha",
+        type=float,
+        metavar="A",
+        help="SmoothQuant strength in [0, 1] (default: searched per MatMul input from the "
+        "quantized product's error on the calibration samples)",
+    )
+    q.add_argument(
         "--bias-correction",
         choices=["auto", "on", "off"],
         default="auto",
@@ -1111,6 +1134,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         reduce_range=args.reduce_range,
         target_opset=args.target_opset,
         floor_guard=not args.no_floor_guard,
+        preset=args.preset,
+        smooth_quant=args.smooth_quant,
+        smooth_alpha=args.smooth_alpha,
     )
     quantized, report = quantize(
         model,

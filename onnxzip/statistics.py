@@ -61,9 +61,44 @@ class ChannelSums:
 
 
 @dataclass
+class ChannelRows:
+    """Per-channel min and max of a tensor over its last axis, and a sample of its rows (the
+    vectors along that axis): every ``ROWS_STRIDE``-th row of each batch, up to ``limit``, in
+    stream order (so shards merge exactly: concatenated in order, cut at the limit)."""
+
+    limit: int
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+    rows: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        x = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+        if not len(x):
+            return
+        lo, hi = x.min(axis=0), x.max(axis=0)
+        self._extend(lo, hi, x[:: max(1, len(x) // ROWS_PER_BATCH)])
+
+    def merge(self, other: ChannelRows) -> None:
+        if other.lo is not None:
+            self._extend(other.lo, other.hi, other.rows)
+
+    def _extend(self, lo, hi, rows) -> None:
+        self.lo = lo if self.lo is None else np.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else np.maximum(self.hi, hi)
+        have = 0 if self.rows is None else len(self.rows)
+        if have < self.limit:
+            take = rows[: self.limit - have]
+            self.rows = take if self.rows is None else np.concatenate([self.rows, take])
+
+
+ROWS_PER_BATCH = 64  # rows a ChannelRows keeps of each batch, at most (evenly spaced)
+
+
+@dataclass
 class Collected:
     ranges: dict[str, cal.TensorStats] = field(default_factory=dict)
     channels: dict[tuple[str, int], ChannelSums] = field(default_factory=dict)
+    rows: dict[str, ChannelRows] = field(default_factory=dict)
     samples: int = 0
 
     def merge(self, other: Collected) -> None:
@@ -75,6 +110,8 @@ class Collected:
             mine = self.channels.setdefault(key, ChannelSums())
             if sums.count:
                 mine.add(sums.sum, sums.squares, sums.count)
+        for tensor, rows in other.rows.items():
+            self.rows.setdefault(tensor, ChannelRows(rows.limit)).merge(rows)
         self.samples += other.samples
 
 
@@ -94,6 +131,7 @@ class Collector:
         self.in_graph = in_graph
         self._ranges: dict[str, bool] = {}  # tensor -> histogram wanted
         self._channels: dict[tuple[str, int], bool] = {}  # (tensor, axis) -> squares wanted
+        self._rows: dict[str, int] = {}  # tensor -> rows to keep
 
     def range(self, tensor: str, histogram: bool = False) -> None:
         self._ranges[tensor] = self._ranges.get(tensor, False) or histogram
@@ -102,8 +140,13 @@ class Collector:
         key = (tensor, axis)
         self._channels[key] = self._channels.get(key, False) or squares
 
+    def channel_rows(self, tensor: str, limit: int) -> None:
+        """Per-channel min/max over the last axis and up to ``limit`` sampled rows
+        (``ChannelRows``); the tensor is fetched."""
+        self._rows[tensor] = max(self._rows.get(tensor, 0), limit)
+
     def __bool__(self) -> bool:
-        return bool(self._ranges or self._channels)
+        return bool(self._ranges or self._channels or self._rows)
 
     def _build(self):
         """The augmented model and, per request, the session outputs that carry it."""
@@ -125,6 +168,7 @@ class Collector:
             and len(values[key[0]].shape) > key[1]
         )
         fetched |= {key[0] for key in self._channels if key not in in_graph_channels}
+        fetched |= set(self._rows)
         present = {v.name for v in graph.outputs}
         for name in sorted(fetched - present):
             graph.outputs.append(values[name])
@@ -202,6 +246,7 @@ class Collector:
         names += [o for outs in channel_outputs.values() for o in outs]
         numpy_jobs = [("range", t) for t in self._ranges if t in fetched]
         numpy_jobs += [("channel", key) for key in self._channels if key not in channel_outputs]
+        numpy_jobs += [("rows", t) for t in self._rows]
         sweep = _Sweep(
             cluster.new_key(),
             model,
@@ -214,6 +259,7 @@ class Collector:
             dict(self._ranges),
             dict(self._channels),
             self.bins,
+            dict(self._rows),
         )
         per_shard, total = cluster.shard_plan(
             samples.batch_size_for(batch_size), samples.batch_count(batch_size, split, holdout)
@@ -246,11 +292,13 @@ class _Sweep:
     ranges: dict[str, bool]
     channels: dict[tuple[str, int], bool]
     bins: int
+    rows: dict[str, int] = field(default_factory=dict)
 
     def empty(self) -> Collected:
         return Collected(
             ranges={t: cal.TensorStats(self.bins, hist) for t, hist in self.ranges.items()},
             channels={key: ChannelSums() for key in self.channels},
+            rows={t: ChannelRows(limit) for t, limit in self.rows.items()},
         )
 
 
@@ -271,6 +319,8 @@ def _sweep_shard(sweep: _Sweep, batches: list) -> Collected:
         kind, key = job
         if kind == "range":
             result.ranges[key].update(out[key])
+        elif kind == "rows":
+            result.rows[key].update(out[key])
         else:
             result.channels[key].update(out[key[0]], key[1])
 

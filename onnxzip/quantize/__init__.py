@@ -34,7 +34,7 @@ from onnxzip.ir import ops
 from onnxzip.ir.ops import node_key
 from onnxzip.quantize import calibrate as cal
 from onnxzip.quantize import params as qp
-from onnxzip.quantize import weight_only
+from onnxzip.quantize import smooth, weight_only
 from onnxzip.quantize.dynamic import quantize_dynamic
 from onnxzip.quantize.qdq import InsertResult, insert_qdq
 from onnxzip.quantize.rules import QUANTIZATION_RULES, Context, Plan
@@ -112,6 +112,11 @@ class QuantizeConfig:
     # write this default-domain opset (for runtimes older than the installed onnxruntime);
     # None keeps the model's own
     target_opset: int | None = None
+    # static: "transformer" quantizes MatMul/Gemm weights and inputs only, with SmoothQuant;
+    # "default" every op with a QLinear kernel; "auto" chooses by the graph (smooth.is_transformer)
+    preset: str = "auto"
+    smooth_quant: str = "auto"  # auto: on in the transformer preset; on; off
+    smooth_alpha: float | None = None  # SmoothQuant strength; None: searched per MatMul input
 
     @property
     def guarded(self) -> bool:
@@ -161,6 +166,14 @@ class QuantizeConfig:
             raise InputError(f"--min-cosine must be in [-1, 1], got {self.min_cosine}")
         if self.bins < 16:
             raise InputError(f"histogram bins must be at least 16, got {self.bins}")
+        if self.preset not in ("auto", "transformer", "default"):
+            raise InputError(
+                f"unknown preset '{self.preset}' (choose auto, transformer or default)"
+            )
+        if self.smooth_quant not in ("auto", "on", "off"):
+            raise InputError(f"SmoothQuant must be auto, on or off, got '{self.smooth_quant}'")
+        if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
+            raise InputError(f"SmoothQuant strength must be in [0, 1], got {self.smooth_alpha}")
 
 
 @dataclass
@@ -204,6 +217,7 @@ class QuantizeReport:
     parity: VerifyReport | None = None
     weight_range: str = ""  # why the weights use the full or the pair-safe range
     fallback: str | None = None  # why the mode asked for was replaced (the floors broke)
+    smooth_quant: str | None = None  # what SmoothQuant did (static, transformer preset)
     weight_format: str | None = None  # weight-only: qdq or nbits, as written
     subgraph_nodes: list[str] = field(default_factory=list)  # inside If/Loop/Scan bodies
 
@@ -233,7 +247,18 @@ class QuantizeReport:
                 f"mode         dynamic (no calibration); verified on {self.data}",
                 "weights      int8 per output column; activations uint8, quantized at run time",
             ]
-        return [
+        preset = (
+            [
+                "preset       transformer: MatMul/Gemm weights and inputs int8, outputs, "
+                "attention, softmax and normalisation float"
+                + (f"; {self.smooth_quant}" if self.smooth_quant else "")
+            ]
+            if c.preset == "transformer"
+            else [f"smoothing    {self.smooth_quant}"]
+            if self.smooth_quant
+            else []
+        )
+        return preset + [
             "calibration  none (nothing to calibrate)"
             if not self.quantized_ops
             else f"calibration  {c.calibration}{f' {c.percentile}' if c.calibration == 'percentile' else ''} on "
@@ -313,13 +338,23 @@ def _excluded(node: ir.Node, exclude: tuple[str, ...]) -> bool:
 def plan_quantization(model: ir.Model, config: QuantizeConfig) -> tuple[Plan, list[KeptFloat]]:
     """Runs the per-op rules over the main graph in topological order."""
     plan = Plan()
-    ctx = Context(plan, config.per_channel, config.symmetric_activations, config.quantize_softmax)
+    transformer = config.preset == "transformer"
+    ctx = Context(
+        plan,
+        config.per_channel,
+        config.symmetric_activations,
+        config.quantize_softmax,
+        transformer,
+    )
     find = QUANTIZATION_RULES.finder(model.opset_imports)
     kept = []
     for node in model.graph:
         key = node_key(node)
         handler = find(node)
         if handler is None:
+            continue
+        if transformer and node.op_type not in ("MatMul", "Gemm"):
+            plan.kept_float[key] = "the transformer preset quantizes MatMul/Gemm inputs only"
             continue
         if _excluded(node, config.exclude):
             kept.append(KeptFloat(key, node.op_type, "excluded by the user"))
@@ -781,11 +816,34 @@ def quantize(
             holdout,
         )
         holdout, split = 0.0, "all"
+    if config.preset == "auto":
+        chosen = (
+            "transformer"
+            if config.mode == "static" and smooth.is_transformer(prepared)
+            else "default"
+        )
+        config = dataclasses.replace(config, preset=chosen)
+    plain = prepared  # without SmoothQuant: what the dynamic fallback quantizes
+    smoothing = None
+    if config.mode == "static" and (
+        config.smooth_quant == "on"
+        or (config.smooth_quant == "auto" and config.preset == "transformer")
+    ):
+        t_smooth = time.perf_counter()
+        prepared, smoothing = smooth.smooth(
+            prepared,
+            samples,
+            batch_size=config.batch_size,
+            holdout=holdout,
+            alpha=config.smooth_alpha,
+            exclude=lambda node: _excluded(node, config.exclude),
+        )
+        timings["smooth"] = time.perf_counter() - t_smooth
     builder = _Builder(prepared, samples, config, holdout)
     wanted = config.bias_correction == "on" or (config.bias_correction == "auto" and verifying)
     builder.collect_means = config.mode == "static" and wanted
     builder.anticipate_guard = config.mode == "static" and config.guarded
-    timings["prepare"] = time.perf_counter() - t0
+    timings["prepare"] = time.perf_counter() - t0 - timings.get("smooth", 0.0)
 
     t0 = time.perf_counter()
     work, plan, kept, inserted, ranges = builder.build()
@@ -843,6 +901,7 @@ def quantize(
         **_built_fields(work, plan, kept, inserted, ranges),
         guard=guard_report,
         bias_correction=bias_note,
+        smooth_quant=smoothing.describe() if smoothing is not None else None,
         weight_range=weight_range,
         weight_format=builder.weight_format,
         subgraph_nodes=builder.subgraph_nodes,
@@ -879,7 +938,7 @@ def quantize(
             # the reference outputs do not depend on the metric: reuse them
             evaluator = evaluator or _Evaluator(original, data, split, config)
             evaluator.metric = metric
-            dynamic = _dynamic_fallback(prepared, samples, config, holdout, evaluator)
+            dynamic = _dynamic_fallback(plain, samples, config, holdout, evaluator)
             if dynamic is not None:
                 builder, result = dynamic
                 work, plan, kept, inserted, ranges = result

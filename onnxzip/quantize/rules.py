@@ -80,6 +80,9 @@ class Context:
     per_channel: bool
     symmetric_activations: bool
     quantize_softmax: bool
+    # the transformer preset: MatMul/Gemm weights and their inputs only; outputs stay float
+    # (onnxruntime runs DQ -> MatMul as MatMulIntegerToFloat), everything else float
+    transformer: bool = False
 
     def mark_activation(self, value: ir.Value, range_from: ir.Value | None = None) -> None:
         name = self.plan.resolve(value.name)
@@ -160,7 +163,7 @@ def _gemm(node: ir.Node, ctx: Context) -> str | None:
         ):
             ctx.plan.biases[(key, 2)] = (a.name, 1)
     out = node.outputs[0]
-    if not out.is_graph_output():
+    if not out.is_graph_output() and not ctx.transformer:
         ctx.mark_activation(out)  # QGemm with a float output serves graph outputs
     return None
 
@@ -177,10 +180,12 @@ def _matmul(node: ir.Node, ctx: Context) -> str | None:
         if weight.ndim != 2:
             return "constant B is not 2-D"
         ctx.plan.weights[(key, 1)] = weight_channel_axis(node) % 2 if ctx.per_channel else None
+    elif ctx.transformer:
+        return "an activation x activation MatMul (attention) stays float in the transformer preset"
     else:
         ctx.mark_activation(b)
     out = node.outputs[0]
-    if not out.is_graph_output():
+    if not out.is_graph_output() and not ctx.transformer:
         ctx.mark_activation(out)
     return None
 
