@@ -126,6 +126,8 @@ def prepare(work: Path, name: str) -> dict:
         dynamic = ["quantize", path, "-o", "{out}", "--data", calib, "--mode", "dynamic"]
         rows["onnxzip int8"] = onnxzip_cmd(*dynamic)
         rows["onnxzip int8, guarded"] = onnxzip_cmd(*dynamic, "--min-cosine", "0.9993")
+        # static int8 with the transformer preset (chosen by the graph) and SmoothQuant
+        rows["onnxzip static int8"] = onnxzip_cmd("quantize", path, "-o", "{out}", "--data", calib)
         rows["onnxzip prune + int8"] = compress_cmd(
             path, "{out}", calib, "--prune", "0.1", *MINILM_PRUNE, "--quantize", "dynamic"
         )

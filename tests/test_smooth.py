@@ -73,7 +73,9 @@ def test_smoothquant_raises_the_static_int8_snr_on_outlier_channels():
     assert off.smooth_quant is None and "SmoothQuant on" in on.smooth_quant
     assert snr_on > snr_off + 6.0, (snr_off, snr_on)
     # a fixed strength is taken as given
-    fixed, _ = _snr(model, QuantizeConfig(preset="transformer", smooth_alpha=0.5), samples)
+    fixed, _ = _snr(
+        model, QuantizeConfig(preset="transformer", smooth_quant="on", smooth_alpha=0.5), samples
+    )
     assert "strength 0.5-0.5" in fixed.smooth_quant
 
 
@@ -130,3 +132,16 @@ def test_bad_smoothquant_options_are_refused():
         QuantizeConfig(smooth_alpha=1.5).validate()
     with pytest.raises(Exception, match="unknown preset"):
         QuantizeConfig(preset="llm").validate()
+
+
+def test_smoothquant_that_does_not_bring_the_whole_model_closer_is_not_kept():
+    """The strength search judges each MatMul alone; auto keeps the result only when the held-out
+    outputs are closer with it. On the random-weight Llama-style export (no outlier channels)
+    it is not, and the model written is the one without it."""
+    model = io.load_model(EXPORTED / "llama_dynamo.onnx")
+    samples = NpzSamples(EXPORTED / "llama_ids.npz", input_specs(model))
+    plain, off = quantize(model, samples, QuantizeConfig(smooth_quant="off"), floors=False)
+    chosen, auto = quantize(model, samples, QuantizeConfig(), floors=False)
+    assert auto.smooth_quant.startswith("SmoothQuant not kept: held-out output SNR")
+    assert io.model_bytes(chosen) == io.model_bytes(plain)
+    assert auto.parity.outputs[0].snr_db == off.parity.outputs[0].snr_db

@@ -839,10 +839,15 @@ def quantize(
             exclude=lambda node: _excluded(node, config.exclude),
         )
         timings["smooth"] = time.perf_counter() - t_smooth
-    builder = _Builder(prepared, samples, config, holdout)
     wanted = config.bias_correction == "on" or (config.bias_correction == "auto" and verifying)
-    builder.collect_means = config.mode == "static" and wanted
-    builder.anticipate_guard = config.mode == "static" and config.guarded
+
+    def new_builder(model: ir.Model) -> _Builder:
+        made = _Builder(model, samples, config, holdout)
+        made.collect_means = config.mode == "static" and wanted
+        made.anticipate_guard = config.mode == "static" and config.guarded
+        return made
+
+    builder = new_builder(prepared)
     timings["prepare"] = time.perf_counter() - t0 - timings.get("smooth", 0.0)
 
     t0 = time.perf_counter()
@@ -852,6 +857,28 @@ def quantize(
     data = verify_samples or samples
     bias_note = None
     evaluator = None  # reference outputs on the verification samples, computed once when needed
+    smooth_note = smoothing.describe() if smoothing is not None else None
+    if smoothing is not None and smoothing.activations and config.smooth_quant == "auto":
+        if verifying:
+            # The strength search judges each MatMul alone: kept only when the whole model is
+            # closer on the held-out samples with it than without (as bias correction's auto).
+            t0 = time.perf_counter()
+            evaluator = _Evaluator(original, data, split, config)
+            unsmoothed = new_builder(plain)
+            candidate = unsmoothed.build()
+            with_snr = evaluator.score(work, config)[1]
+            without_snr = evaluator.score(candidate[0], config)[1]
+            if without_snr >= with_snr:
+                builder, (work, plan, kept, inserted, ranges) = unsmoothed, candidate
+                smooth_note = (
+                    f"SmoothQuant not kept: held-out output SNR {with_snr:.2f} dB with it, "
+                    f"{without_snr:.2f} dB without"
+                )
+            else:
+                smooth_note += (
+                    f"; held-out output SNR {with_snr:.2f} dB ({without_snr:.2f} without)"
+                )
+            timings["smooth"] += time.perf_counter() - t0
     if config.mode == "static" and wanted:
         t0 = time.perf_counter()
         biases = correct_biases(prepared, work, plan, samples, config, holdout, builder.means)
@@ -861,7 +888,7 @@ def quantize(
             candidate = builder.build()
             use = config.bias_correction == "on"
             if config.bias_correction == "auto" and verifying:
-                evaluator = _Evaluator(original, data, split, config)
+                evaluator = evaluator or _Evaluator(original, data, split, config)
                 before = evaluator.score(work, config)[1]
                 after = evaluator.score(candidate[0], config)[1]
                 use = after > before
@@ -901,7 +928,7 @@ def quantize(
         **_built_fields(work, plan, kept, inserted, ranges),
         guard=guard_report,
         bias_correction=bias_note,
-        smooth_quant=smoothing.describe() if smoothing is not None else None,
+        smooth_quant=smooth_note,
         weight_range=weight_range,
         weight_format=builder.weight_format,
         subgraph_nodes=builder.subgraph_nodes,

@@ -14,9 +14,11 @@ product on rows sampled from the calibration samples: activation per tensor, asy
 its calibrated range, weight per channel, symmetric int8 — the scheme the model is then quantized
 with.
 
-``X / s`` is a ``Mul`` by ``1 / s`` on the path to those MatMuls only (other readers of ``X``, such
-as a residual ``Add``, keep ``X``); onnxruntime runs it as one cheap elementwise op before the
-activation's QuantizeLinear. (Folding ``1 / s`` into a per-channel QuantizeLinear scale instead is
+Where ``X`` is read by those MatMuls alone and made by a normalisation with a constant scale (and
+bias) or by a Mul by a constant vector (a decomposed RMSNorm's weight), ``1 / s`` is folded into
+those constants (pre-norm decoders: no new op). Otherwise ``X / s`` is a ``Mul`` by ``1 / s`` on
+the path to those MatMuls only (other readers of ``X``, such as a residual ``Add``, keep ``X``);
+onnxruntime runs it as one cheap elementwise op before the activation's QuantizeLinear. (Folding ``1 / s`` into a per-channel QuantizeLinear scale instead is
 exact too, but onnxruntime's per-axis QuantizeLinear made MiniLM 4x slower.)
 """
 
@@ -192,23 +194,63 @@ def smooth(
     return model, report
 
 
+def _fold_into_producer(x: ir.Value, nodes: list[ir.Node], s: np.ndarray, graph) -> bool:
+    """``X / s`` without a new op, where ``X`` is read by these MatMuls alone and made by a
+    normalisation with a constant scale (and bias), or by a Mul by a constant over the last
+    axis (a decomposed RMSNorm's weight): those constants are divided by ``s``."""
+    producer = x.producer()
+    if producer is None or x.is_graph_output():
+        return False
+    if {id(use[0]) for use in x.uses()} != {id(n) for n in nodes}:
+        return False  # another reader (a residual Add) needs X itself
+    k = s.shape[0]
+    if producer.op_type in NORMALIZATIONS - {
+        "SkipLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+    }:
+        if len(producer.outputs) > 1 and any(o.uses() for o in producer.outputs[1:]):
+            return False
+        positions = [
+            i for i in (1, 2) if i < len(producer.inputs) and producer.inputs[i] is not None
+        ]
+    elif producer.op_type == "Mul":
+        positions = [i for i in (0, 1) if const_array(producer.inputs[i]) is not None][:1]
+    else:
+        return False
+    if not positions:
+        return False
+    arrays = [const_array(producer.inputs[i]) for i in positions]
+    if any(
+        a is None or a.dtype != np.float32 or a.shape[-1:] != (k,) or a.size != k for a in arrays
+    ):
+        return False
+    for i, a in zip(positions, arrays, strict=True):
+        name = f"{producer.inputs[i].name}_smoothed"
+        producer.replace_input_with(
+            i, passes.add_initializer(graph, name, (a / s.reshape(a.shape)).astype(np.float32))
+        )
+    return True
+
+
 def _apply(model: ir.Model, nodes: list[ir.Node], weights: list[np.ndarray], s) -> None:
     graph = model.graph
     x = nodes[0].inputs[0]
-    inverse = passes.add_initializer(
-        graph, f"{x.name}_smooth_inverse", (1.0 / s).astype(np.float32)
-    )
-    mul = ir.node("Mul", [x, inverse], name=f"{NAME_PREFIX}{x.name}")
-    out = mul.outputs[0]
-    out.name = f"{x.name}_smoothed"
-    passes.claim(graph, out.name)
-    out.dtype, out.shape = x.dtype, x.shape
-    graph.insert_before(nodes[0], mul)
+    if not _fold_into_producer(x, nodes, s, graph):
+        inverse = passes.add_initializer(
+            graph, f"{x.name}_smooth_inverse", (1.0 / s).astype(np.float32)
+        )
+        mul = ir.node("Mul", [x, inverse], name=f"{NAME_PREFIX}{x.name}")
+        out = mul.outputs[0]
+        out.name = f"{x.name}_smoothed"
+        passes.claim(graph, out.name)
+        out.dtype, out.shape = x.dtype, x.shape
+        graph.insert_before(nodes[0], mul)
+        for node in nodes:
+            node.replace_input_with(0, out)
     for node, w in zip(nodes, weights, strict=True):
         scaled = passes.add_initializer(
             graph, f"{node.inputs[1].name}_smoothed", (s[:, None] * w).astype(np.float32)
         )
-        node.replace_input_with(0, out)
         node.replace_input_with(1, scaled)
 
 
