@@ -33,6 +33,7 @@ from onnxzip.errors import DataError, InputError, InternalError, ModelError, NoS
 from onnxzip.ir import ops
 from onnxzip.ir.ops import node_key
 from onnxzip.quantize import calibrate as cal
+from onnxzip.quantize import dynamic as dynamic_mod
 from onnxzip.quantize import params as qp
 from onnxzip.quantize import smooth, weight_only
 from onnxzip.quantize.dynamic import quantize_dynamic
@@ -580,6 +581,8 @@ class _Builder:
         inserted = insert_qdq(
             model, plan, act_params, config.activation_type, config.reduce_range == "on"
         )
+        if config.preset == "transformer":
+            self._embedding_tables(model, plan, config, keep_float)
         for k in kept:
             if k.node in self.nonfinite_nodes:
                 k.reason = "NaN/Inf (or no values) in its activations on the calibration samples"
@@ -668,6 +671,22 @@ class _Builder:
         if not keys:
             raise InternalError(f"tensors {sorted(bad)} hold NaN/Inf but no node owns them")
         return frozenset(keys)
+
+    def _embedding_tables(self, model, plan: Plan, config: QuantizeConfig, keep_float) -> None:
+        """Embedding tables (``Gather`` from a constant table) as int8 rows with a scale per
+        column, as dynamic mode stores them: most of an encoder's bytes."""
+        with passes.naming(model.graph):
+            for node in list(model.graph):
+                key = node_key(node)
+                if (
+                    node.op_type != "Gather"
+                    or node.domain not in ("", "ai.onnx")
+                    or key in keep_float
+                    or _excluded(node, config.exclude)
+                ):
+                    continue
+                if dynamic_mod.quantize_table(model.graph, node, key) is None:
+                    plan.quantized_nodes[key] = "Gather"
 
     def _build_dynamic(self, model: ir.Model, config: QuantizeConfig, keep_float: frozenset[str]):
         result = quantize_dynamic(model, tuple(config.exclude), config.reduce_range == "on")

@@ -71,7 +71,7 @@ def float_weight(node: ir.Node) -> tuple[np.ndarray | None, str | None]:
 MIN_TABLE = 4096  # elements: smaller Gather tables (index maps, shape helpers) stay as they are
 
 
-def _quantize_table(graph: ir.Graph, node: ir.Node, key: str) -> str | None:
+def quantize_table(graph: ir.Graph, node: ir.Node, key: str) -> str | None:
     """An embedding lookup ``Gather(table, ids)`` on axis 0 of a constant float table becomes
     ``DequantizeLinear(Gather(table_q, ids), s, 0, axis=-1)``: rows are gathered as int8 codes and
     dequantized with one symmetric scale per column (the embedding feature). Returns why not."""
@@ -116,7 +116,7 @@ def quantize_dynamic(
             result.kept_float[key] = "excluded by the user"
             continue
         if node.op_type == "Gather":
-            reason = _quantize_table(graph, node, key)
+            reason = quantize_table(graph, node, key)
             if reason is None:
                 result.quantized[key] = "Gather"
             continue

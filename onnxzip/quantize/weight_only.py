@@ -49,7 +49,7 @@ from onnxzip.passes import (
     remove_unused_initializers,
     replace_node,
 )
-from onnxzip.quantize.dynamic import MIN_TABLE, _quantize_table, _weight_matrix, float_weight
+from onnxzip.quantize.dynamic import MIN_TABLE, _weight_matrix, float_weight, quantize_table
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def quantize_weights(
             table = node.inputs[0]
             if any(not _handled(u.node, u.idx) for u in table.uses()):
                 continue  # some reader would keep the float table: storing it twice
-            if _quantize_table(graph, node, key) is None:
+            if quantize_table(graph, node, key) is None:
                 result.quantized[key] = "Gather"
     if fmt == "qdq" and model.opset_imports.get("", 0) < 21:
         raise ValueError("blocked DequantizeLinear needs opset 21")
