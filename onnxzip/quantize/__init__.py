@@ -687,6 +687,7 @@ class _Builder:
                     continue
                 if dynamic_mod.quantize_table(model.graph, node, key) is None:
                     plan.quantized_nodes[key] = "Gather"
+        passes.remove_unused_initializers(model)  # the float tables
 
     def _build_dynamic(self, model: ir.Model, config: QuantizeConfig, keep_float: frozenset[str]):
         result = quantize_dynamic(model, tuple(config.exclude), config.reduce_range == "on")
