@@ -152,3 +152,42 @@ def test_smoothquant_that_does_not_bring_the_whole_model_closer_is_not_kept():
     assert auto.smooth_quant.startswith("SmoothQuant not kept: held-out output SNR")
     assert io.model_bytes(chosen) == io.model_bytes(plain)
     assert auto.parity.outputs[0].snr_db == off.parity.outputs[0].snr_db
+
+
+def test_smoothing_of_gemm_projections_is_exact_in_float():
+    """GPT-2's exported projections are Gemms (weights [K, N], no transB): smoothed too."""
+    model = io.load_model(EXPORTED / "gpt2_dynamo.onnx")
+    samples = NpzSamples(EXPORTED / "gpt2_ids.npz", input_specs(model))
+    smoothed, report = smooth.smooth(model, samples, batch_size=8, holdout=0.2)
+    gemms = sum(1 for n in model.graph if n.op_type == "Gemm" and smooth.weight_matmul(n))
+    assert gemms >= 4 and report.matmuls >= gemms
+    batch = next(samples.batches(4))
+    a = Runner(model, optimization="none").run(batch)
+    b = Runner(smoothed, optimization="none").run(batch)
+    for name, x in a.items():
+        np.testing.assert_allclose(b[name], x, rtol=1e-4, atol=1e-5 * float(np.abs(x).max()))
+
+
+def test_a_fixed_strength_on_a_transposed_gemm_keeps_its_outputs():
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.3, (8, 16)).astype(np.float32)  # transB=1: [N, K]
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "c"], ["y"], transB=1, alpha=0.5)],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.ones(8, np.float32), "c")],
+    )
+    model = io.load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    samples = SyntheticSamples(input_specs(model), 64, seed=1)
+    smoothed, report = smooth.smooth(model, samples, batch_size=16, holdout=0.2, alpha=0.5)
+    assert report.matmuls == 1
+    gemm = next(n for n in smoothed.graph if n.op_type == "Gemm")
+    assert gemm.inputs[1].const_value.numpy().shape == (8, 16)  # still [N, K]
+    assert not np.array_equal(gemm.inputs[1].const_value.numpy(), w)
+    batch = next(samples.batches(16))
+    a = Runner(model, optimization="none").run(batch)["y"]
+    b = Runner(smoothed, optimization="none").run(batch)["y"]
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)

@@ -2,7 +2,7 @@
 
 Transformer activations carry a few channels far larger than the rest (LayerNorm outputs, the
 FFN's GELU output): one per-tensor int8 scale sized for them rounds every other channel to a
-handful of levels. For a MatMul ``Y = X W`` with a constant weight ``W [K, N]``, a per-channel
+handful of levels. For a MatMul (or Gemm) ``Y = X W`` with a constant weight ``W [K, N]``, a per-channel
 factor ``s_k`` moves that spread into the weight, exactly in float:
 
     Y = (X / s) (diag(s) W),    s_k = max|X_k|^a / max|W_k,:|^(1 - a)
@@ -66,16 +66,33 @@ class SmoothReport:
         )
 
 
+def _attr(node: ir.Node, name: str, default: int) -> int:
+    return node.attributes[name].as_int() if name in node.attributes else default
+
+
+def weight_kn(node: ir.Node) -> np.ndarray | None:
+    """The constant float weight of a MatMul or Gemm as ``[K, N]`` (what ``X [.., K]``
+    multiplies), or None."""
+    if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+        return None
+    if len(node.inputs) < 2 or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
+        return None
+    weight = const_array(node.inputs[1])
+    if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
+        return None
+    return weight.T if node.op_type == "Gemm" and _attr(node, "transB", 0) else weight
+
+
+def _store_kn(node: ir.Node, w_kn: np.ndarray) -> np.ndarray:
+    """``w_kn`` in the layout the node's weight input has."""
+    return w_kn.T if node.op_type == "Gemm" and _attr(node, "transB", 0) else w_kn
+
+
 def weight_matmul(node: ir.Node) -> bool:
-    """A MatMul of a float activation by a constant 2-D float weight."""
-    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
-        return False
-    x, w = node.inputs[0], node.inputs[1]
-    weight = const_array(w)
+    """A MatMul (or Gemm) of a float activation by a constant 2-D float weight."""
+    x = node.inputs[0] if node.inputs else None
     return (
-        weight is not None
-        and weight.ndim == 2
-        and weight.dtype == np.float32
+        weight_kn(node) is not None
         and x is not None
         and const_array(x) is None
         and x.dtype == ir.DataType.FLOAT
@@ -93,7 +110,7 @@ def is_transformer(model: ir.Model) -> bool:
         return False
     if not (NORMALIZATIONS & set(types) or "ReduceMean" in types):
         return False
-    weighted = sum(1 for n in model.graph if weight_matmul(n) or n.op_type == "Gemm")
+    weighted = sum(1 for n in model.graph if weight_matmul(n))
     return weighted >= 2 and weighted > types.count("Conv")
 
 
@@ -179,7 +196,7 @@ def smooth(
             found = stats.rows.get(name)
             if found is None or found.rows is None:
                 continue
-            weights = [const_array(n.inputs[1]) for n in nodes]
+            weights = [weight_kn(n) for n in nodes]
             if found.lo.shape != (weights[0].shape[0],):
                 continue  # not a [..., K] activation
             chosen, s = _search(found.rows, found.lo, found.hi, weights, alphas)
@@ -249,7 +266,9 @@ def _apply(model: ir.Model, nodes: list[ir.Node], weights: list[np.ndarray], s) 
             node.replace_input_with(0, out)
     for node, w in zip(nodes, weights, strict=True):
         scaled = passes.add_initializer(
-            graph, f"{node.inputs[1].name}_smoothed", (s[:, None] * w).astype(np.float32)
+            graph,
+            f"{node.inputs[1].name}_smoothed",
+            _store_kn(node, (s[:, None] * w).astype(np.float32)),
         )
         node.replace_input_with(1, scaled)
 
