@@ -501,9 +501,7 @@ class _Outcome:
         need not run again."""
         if self.skipped is not None:
             return dataclasses.replace(self, skipped=None)
-        if self.refit is not None:
-            return dataclasses.replace(self.refit, seconds=self.seconds)
-        return None
+        return self.refit  # None where no distillation ran (its seconds are this attempt's)
 
 
 def _mode(config: CompressConfig, report: CompressReport) -> str:

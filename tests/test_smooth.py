@@ -16,6 +16,7 @@ from conftest import ROOT
 
 from onnxzip import io
 from onnxzip.data import NpzSamples, SyntheticSamples, input_specs
+from onnxzip.errors import InputError
 from onnxzip.quantize import QuantizeConfig, quantize, smooth
 from onnxzip.runtime import Runner
 from testmodels import zoo
@@ -135,9 +136,9 @@ def test_exported_encoder_static_int8_is_closer_with_the_transformer_preset(name
 
 
 def test_bad_smoothquant_options_are_refused():
-    with pytest.raises(Exception, match="strength must be in"):
+    with pytest.raises(InputError, match="strength must be in"):
         QuantizeConfig(smooth_alpha=1.5).validate()
-    with pytest.raises(Exception, match="unknown preset"):
+    with pytest.raises(InputError, match="unknown preset"):
         QuantizeConfig(preset="llm").validate()
 
 

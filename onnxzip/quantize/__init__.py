@@ -901,7 +901,10 @@ def quantize(
             timings["smooth"] += time.perf_counter() - t0
     if config.mode == "static" and wanted:
         t0 = time.perf_counter()
-        biases = correct_biases(prepared, work, plan, samples, config, holdout, builder.means)
+        # the builder's float model: the unsmoothed one when SmoothQuant was not kept
+        biases = correct_biases(
+            builder.prepared, work, plan, samples, config, holdout, builder.means
+        )
         layers = len(biases)
         if layers:
             builder.biases = biases

@@ -32,7 +32,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import passes
+from onnxzip.ir import ops
 from onnxzip.passes import const_array
+from onnxzip.quantize import params as qp
 from onnxzip.statistics import Collector
 
 logger = logging.getLogger(__name__)
@@ -66,26 +68,22 @@ class SmoothReport:
         )
 
 
-def _attr(node: ir.Node, name: str, default: int) -> int:
-    return node.attributes[name].as_int() if name in node.attributes else default
-
-
 def weight_kn(node: ir.Node) -> np.ndarray | None:
     """The constant float weight of a MatMul or Gemm as ``[K, N]`` (what ``X [.., K]``
     multiplies), or None."""
     if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
         return None
-    if len(node.inputs) < 2 or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
+    if len(node.inputs) < 2 or (node.op_type == "Gemm" and ops.attr(node, "transA", 0)):
         return None
     weight = const_array(node.inputs[1])
     if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
         return None
-    return weight.T if node.op_type == "Gemm" and _attr(node, "transB", 0) else weight
+    return weight.T if node.op_type == "Gemm" and ops.attr(node, "transB", 0) else weight
 
 
 def _store_kn(node: ir.Node, w_kn: np.ndarray) -> np.ndarray:
     """``w_kn`` in the layout the node's weight input has."""
-    return w_kn.T if node.op_type == "Gemm" and _attr(node, "transB", 0) else w_kn
+    return w_kn.T if node.op_type == "Gemm" and ops.attr(node, "transB", 0) else w_kn
 
 
 def weight_matmul(node: ir.Node) -> bool:
@@ -123,16 +121,15 @@ def _groups(model: ir.Model, exclude) -> dict[str, list[ir.Node]]:
 
 
 def _quantize_activation(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = (hi - lo) / 255.0 or 1.0
-    zero = np.round(-lo / scale)
-    return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
+    """``x`` through Q/DQ with the per-tensor uint8 parameters of the range ``[lo, hi]``."""
+    params = qp.activation_params(lo, hi)
+    return qp.dequantize(qp.quantize(x, params), params)
 
 
 def _quantize_weight(w: np.ndarray) -> np.ndarray:
-    scale = np.abs(w).max(axis=0, keepdims=True) / 127.0
-    scale[scale == 0] = 1.0
-    return np.clip(np.round(w / scale), -127, 127) * scale
+    """A ``[K, N]`` weight through Q/DQ, symmetric int8 per output column."""
+    params = qp.weight_params(w, axis=1)
+    return qp.dequantize(qp.quantize(w, params, symmetric_weight=True), params)
 
 
 def _factors(absmax: np.ndarray, wmax: np.ndarray, alpha: float | None) -> np.ndarray:
