@@ -1016,11 +1016,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     pruned, report = prune(model, config, samples=samples, source=str(args.model))
     text = report.format()
     split, holdout = "all", 0.0
-    if args.recover_steps:
+    if args.recover_steps and samples is None:
+        raise InputError("--recover-steps needs --data (or --synthetic) to train on")
+    if args.recover_steps and report.unchanged_because is None:
         from onnxzip.recover import RecoverConfig, recover
 
-        if samples is None:
-            raise InputError("--recover-steps needs --data (or --synthetic) to train on")
         recovery = RecoverConfig(
             steps=args.recover_steps,
             learning_rate=args.recover_lr,
@@ -1035,7 +1035,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         )
         split, holdout = ("holdout", args.holdout) if args.holdout > 0 else ("all", 0.0)
     _save(pruned, args)
-    if samples is not None:
+    if report.unchanged_because is not None:
+        text += (
+            f"\n\nNOTHING PRUNED: {report.unchanged_because}; the model written is the input "
+            "model (no parity verdict)"
+        )
+    elif samples is not None:
         from onnxzip.verify import verify
 
         report.parity = verify(

@@ -189,10 +189,35 @@ class CompressReport:
                 "kept in float: "
                 + ", ".join(f"{k.node} ({k.reason})" for k in self.quantize.kept_float),
             ]
-        if self.parity is not None:
+        nothing = self.nothing_done()
+        if nothing is not None:
+            lines += ["", f"NOTHING COMPRESSED: {nothing} (no parity verdict)"]
+        elif self.parity is not None:
             lines += ["", self.parity.format()]
         lines += ["", "time      " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())]
         return "\n".join(lines)
+
+    def nothing_done(self) -> str | None:
+        """Why the model written computes what the input did (no channel removed, no layer
+        quantized), or None when something was compressed."""
+        pruned = self.prune is not None and self.prune.unchanged_because is None
+        quantized = self.quantize is not None and bool(self.quantize.quantized_ops)
+        if pruned or quantized:
+            return None
+        why = []
+        if self.prune is None or self.prune.unchanged_because is not None:
+            why.append(
+                "no pruning amount held the "
+                + ("accuracy budget" if self.config.max_drop is not None else "quality floors")
+                if self.attempts
+                else "nothing was pruned"
+                + (f" ({self.prune.unchanged_because})" if self.prune is not None else "")
+            )
+        if self.quantize is None:
+            why.append("quantization was not asked for")
+        else:
+            why.append("quantization kept every layer in float (see 'kept in float')")
+        return "; ".join(why) + "; the model written is the input model"
 
 
 def _ratio(a, b):

@@ -192,6 +192,21 @@ def _widens(node: ir.Node) -> bool:
     return isinstance(k, int) and isinstance(c, int) and c > k
 
 
+def _keeps_last_axis(value: ir.Value, src: ir.Node) -> bool:
+    """``value`` is ``src``'s output, or a Reshape of it that keeps the last axis (a Softmax
+    below opset 13 over the last axis, written as Reshape-Softmax-Reshape on loading)."""
+    producer = value.producer()
+    if producer is src:
+        return True
+    if producer is None or producer.op_type != "Reshape" or producer.inputs[0] is None:
+        return False
+    if producer.inputs[0].producer() is not src:
+        return False
+    inner = src.outputs[0].shape
+    last = value.shape[-1] if value.shape is not None and len(value.shape) else None
+    return isinstance(last, int) and (inner is None or inner[-1] == last)
+
+
 def _static(shape) -> list[int | None]:
     return [d if isinstance(d, int) else None for d in shape]
 
@@ -227,13 +242,11 @@ def classify(value: ir.Value, shape=None) -> Part:
             return Part(name, CLASS_SCORES, f"[N, {shape[1]}] class scores", class_axis=1)
         return Part(name, REGRESSION, "[N, D] with D unknown")
     softmax_axis = None
-    if (
-        src is not None
-        and src.op_type in ("Softmax", "LogSoftmax")
-        and src.inputs[0].shape is not None
-    ):
-        softmax_axis = attr(src, "axis", -1) % len(src.inputs[0].shape)
-    if src is not None and src is value.producer() and softmax_axis == rank - 1:
+    if src is not None and src.op_type in ("Softmax", "LogSoftmax"):
+        # Softmax keeps its input's shape: the output's rank counts where the input's is unknown
+        known = src.inputs[0].shape
+        softmax_axis = attr(src, "axis", -1) % (len(known) if known is not None else rank)
+    if src is not None and _keeps_last_axis(value, src) and softmax_axis == rank - 1:
         return Part(
             name, CLASS_PER_POSITION, f"{src.op_type} over the last axis", class_axis=rank - 1
         )

@@ -631,6 +631,12 @@ def _expose_all(model: ir.Model) -> tuple[ir.Model, dict[str, ir.Node]]:
     return expose(model, producers), producers
 
 
+# The share of a run's batch (``samples.max_batch``) the per-node comparison uses: its two
+# sessions expose every tensor (about twice the intermediate bytes each, outputs plus arena, where
+# ``analysis.RUN_OVERHEAD`` allows three for one run).
+PER_NODE_BATCH_SHARE = 0.375
+
+
 def compare_nodes(
     reference: ir.Model,
     candidate: ir.Model,
@@ -653,12 +659,16 @@ def compare_nodes(
     stats: dict[str, list[float]] = {n: [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0] for n in shared}
     # max_abs, max_ref, sum_ref2, sum_diff2, dot, sum_cand2, shape_mismatch
     seen = 0
-    for batch in samples.batches(min(batch_size, max_samples), split, holdout):
+    # Both models hold every tensor at once here, with no buffer reuse, where one plain run
+    # holds a few: the batch is PER_NODE_BATCH_SHARE of the one the memory budget allows a run.
+    size = min(batch_size, max_samples, samples.max_batch or batch_size)
+    size = max(1, int(size * PER_NODE_BATCH_SHARE))
+    for batch in samples.batches(size, split, holdout):
         ref_out = ref_run.run(batch, shared)
         cand_out = cand_run.run(batch, shared)
         for name in shared:
             s = stats[name]
-            r, c = ref_out[name], cand_out[name]
+            r, c = ref_out.pop(name), cand_out.pop(name)
             if r.shape != c.shape or r.dtype.kind not in "fiub" or c.dtype.kind not in "fiub":
                 s[6] = 1.0
                 continue

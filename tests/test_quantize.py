@@ -777,3 +777,35 @@ def test_concat_of_mixed_ranges_stays_float_so_each_part_keeps_its_scale(monkeyp
     monkeypatch.setattr(qmod, "MIXED_RANGE_RATIO", 1e9)  # the join quantized with one scale
     _, shared = quantize(model, samples, QuantizeConfig(floor_guard=False))
     assert probabilities_snr(shared) < 5 and not shared.parity.passed
+
+
+def test_an_activation_read_inside_an_if_body_is_not_folded_away(tmp_path, capsys):
+    """Folding a ReLU into its Conv's range removes the node; a reader inside an If body keeps
+    reading float tensors, so it would see the Conv's output before the ReLU (negative values:
+    a VAD's decoder read its encoder that way and its state output fell to cosine 0.13). The
+    ReLU stays when a body reads it, and the output keeps the float model's values."""
+    proto = onnx.parser.parse_model(
+        H + "g (float[N, 4, 8] x, bool c) => (float[N, 8, 8] y) {\n"
+        " a = Conv <pads = [1, 1]> (x, w)\n r = Relu (a)\n"
+        " y = If (c) <then_branch = t () => (float[N, 8, 8] yt) { yt = Identity (r) },\n"
+        "  else_branch = e () => (float[N, 8, 8] ye) { ye = Neg (r) }> }"
+    )
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.5, (8, 4, 3)).astype(np.float32)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
+    path, out_path, data = tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "d.npz"
+    onnx.save(proto, str(path))
+    x = rng.normal(0, 1, (32, 4, 8)).astype(np.float32)
+    np.savez(data, x=x, c=np.array(True))
+    code, out, err = run_cli(
+        ["quantize", path, "-o", out_path, "--data", data, "--no-floors"], capsys
+    )
+    assert code == 0, err
+    q = onnx.load(str(out_path))
+    assert "Relu" in [n.op_type for n in q.graph.node]
+    assert "QuantizeLinear" in [n.op_type for n in q.graph.node]
+    feed = {"x": x, "c": np.array(True)}
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
+    got = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"]).run(None, feed)
+    assert want[0].min() >= 0 and got[0].min() >= 0  # the ReLU still applies in the branch
+    assert 10 * np.log10((want[0] ** 2).sum() / ((want[0] - got[0]) ** 2).sum()) > 30

@@ -119,6 +119,7 @@ class PruneReport:
     compensation: str | None = None  # whether mean compensation was kept, and why
     target_met: bool | None = None  # with target_macs: whether the pruned MACs reach it
     reconstruction: list | None = None  # reconstruct.LayerFit per affected layer, when run
+    body_weights: int = 0  # weighted nodes inside If/Loop/Scan bodies (never pruned)
 
     def format(self) -> str:
         pruned = [g for g in self.groups if g.kept < g.channels]
@@ -161,10 +162,31 @@ class PruneReport:
         if any(g.kept < g.channels for g in self.groups):
             return None
         if not self.groups:
+            if self.body_weights:
+                return (
+                    f"no prunable channel group: the {self.body_weights} Conv/Gemm/MatMul "
+                    "weights all sit inside If/Loop/Scan bodies, which are not pruned"
+                )
             return "no prunable channel group (no Conv, ConvTranspose, Gemm or MatMul weights)"
         if all(g.reason for g in self.groups):
             return f"all {len(self.groups)} groups are blocked (reasons per group below)"
         return "the ratio or target leaves every group whole"
+
+
+def _body_weights(model: ir.Model) -> int:
+    """Weighted nodes inside If/Loop/Scan bodies."""
+    return sum(
+        1
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        if node.graph is not model.graph
+        and node.op_type in ops.FLOAT_WEIGHTED_OPS
+        and len(node.inputs) > 1
+        and node.inputs[1] is not None
+        and (
+            node.inputs[1].const_value is not None
+            or getattr(node.inputs[1].producer(), "op_type", None) == "Constant"
+        )
+    )
 
 
 def format_groups(groups: list[GroupReport]) -> str:
@@ -514,6 +536,7 @@ def prune(
         weight_bytes_after=after.weight_bytes,
         ratio_used=ratio,
         seconds=timings,
+        body_weights=_body_weights(original),
     )
     report.unchanged_because = report.nothing_pruned_because()
     report.compensation = compensation_note

@@ -282,6 +282,10 @@ def _fold_activation(node: ir.Node, ctx: Context) -> str | None:
         return "producer is not a quantized op"
     if len(x.uses()) != 1 or x.is_graph_output():
         return "the pre-activation tensor has other uses or is a graph output"
+    if any(user.graph is not node.graph for user, _ in y.uses()):
+        # Readers inside If/Loop/Scan bodies keep reading float tensors; without the node they
+        # would read the producer's output before the activation.
+        return "its output is read inside an If/Loop/Scan body"
     if node.op_type == "Clip":
         lo = (
             const_array(node.inputs[1])
