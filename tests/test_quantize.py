@@ -809,3 +809,16 @@ def test_an_activation_read_inside_an_if_body_is_not_folded_away(tmp_path, capsy
     got = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"]).run(None, feed)
     assert want[0].min() >= 0 and got[0].min() >= 0  # the ReLU still applies in the branch
     assert 10 * np.log10((want[0] ** 2).sum() / ((want[0] - got[0]) ** 2).sum()) > 30
+
+
+def test_prune_of_a_model_whose_weights_sit_in_if_bodies_says_nothing_pruned(tmp_path, capsys):
+    """Every weight inside an If branch: prune names that and says NOTHING PRUNED, not PASS."""
+    path = _if_model(tmp_path, with_weight=True)
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.default_rng(1).normal(0.2, 1, (16, 32)).astype(np.float32))
+    code, out, err = run_cli(
+        ["prune", path, "-o", tmp_path / "p.onnx", "--ratio", "0.3", "--data", data], capsys
+    )
+    assert code == 0, err
+    assert "weights all sit inside If/Loop/Scan bodies" in out
+    assert "NOTHING PRUNED" in out and "PASS" not in out
