@@ -204,19 +204,19 @@ class CompressReport:
         quantized = self.quantize is not None and bool(self.quantize.quantized_ops)
         if pruned or quantized:
             return None
-        why = []
-        if self.prune is None or self.prune.unchanged_because is not None:
-            why.append(
-                "no pruning amount held the "
-                + ("accuracy budget" if self.config.max_drop is not None else "quality floors")
-                if self.attempts
-                else "nothing was pruned"
-                + (f" ({self.prune.unchanged_because})" if self.prune is not None else "")
-            )
+        if self.prune is not None:  # the pruning taken removed nothing
+            why = [f"nothing was pruned ({self.prune.unchanged_because})"]
+        elif self.attempts:  # none was taken
+            budget = "accuracy budget" if self.config.max_drop is not None else "quality floors"
+            why = [f"no pruning amount held the {budget}"]
+        else:
+            why = ["pruning was not asked for"]
         if self.quantize is None:
             why.append("quantization was not asked for")
-        else:
+        elif self.quantize.kept_float:
             why.append("quantization kept every layer in float (see 'kept in float')")
+        else:
+            why.append("quantization found nothing to quantize")
         return "; ".join(why) + "; the model written is the input model"
 
 

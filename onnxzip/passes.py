@@ -162,7 +162,8 @@ def drop_initializer_inputs(model: ir.Model) -> int:
     return before - len(model.graph.inputs)
 
 
-def _is_constant(value: ir.Value | None) -> bool:
+def is_constant(value: ir.Value | None) -> bool:
+    """An initializer or a Constant node's output (an absent optional input counts too)."""
     if value is None:
         return True
     if value.is_graph_input():
@@ -177,7 +178,7 @@ def _foldable(node: ir.Node) -> bool:
     return (
         node.op_type != "Constant"
         and bool(node.inputs)
-        and all(_is_constant(v) for v in node.inputs)
+        and all(is_constant(v) for v in node.inputs)
     )
 
 

@@ -661,7 +661,7 @@ def compare_nodes(
     seen = 0
     # Both models hold every tensor at once here, with no buffer reuse, where one plain run
     # holds a few: the batch is PER_NODE_BATCH_SHARE of the one the memory budget allows a run.
-    size = min(batch_size, max_samples, samples.max_batch or batch_size)
+    size = samples.batch_size_for(min(batch_size, max_samples))
     size = max(1, int(size * PER_NODE_BATCH_SHARE))
     for batch in samples.batches(size, split, holdout):
         ref_out = ref_run.run(batch, shared)

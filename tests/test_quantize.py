@@ -822,3 +822,16 @@ def test_prune_of_a_model_whose_weights_sit_in_if_bodies_says_nothing_pruned(tmp
     assert code == 0, err
     assert "weights all sit inside If/Loop/Scan bodies" in out
     assert "NOTHING PRUNED" in out and "PASS" not in out
+
+
+def test_compress_of_a_model_with_nothing_to_compress_says_so_instead_of_pass(tmp_path, capsys):
+    """No weight anywhere: compress names why nothing was pruned or quantized, no PASS."""
+    path = _if_model(tmp_path, with_weight=False)
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.default_rng(1).normal(0.2, 1, (16, 32)).astype(np.float32))
+    code, out, err = run_cli(
+        ["compress", path, "-o", tmp_path / "c.onnx", "--data", data, "--no-latency"], capsys
+    )
+    assert code == 0, err
+    assert "NOTHING COMPRESSED: nothing was pruned (no prunable channel group" in out
+    assert "quantization found nothing to quantize" in out and "PASS" not in out

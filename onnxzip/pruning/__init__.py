@@ -182,10 +182,7 @@ def _body_weights(model: ir.Model) -> int:
         and node.op_type in ops.FLOAT_WEIGHTED_OPS
         and len(node.inputs) > 1
         and node.inputs[1] is not None
-        and (
-            node.inputs[1].const_value is not None
-            or getattr(node.inputs[1].producer(), "op_type", None) == "Constant"
-        )
+        and passes.is_constant(node.inputs[1])
     )
 
 
