@@ -7,6 +7,7 @@ rest (x100), the activation outliers real transformers have and that per-tensor 
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import numpy as np
 import onnx
@@ -24,12 +25,12 @@ from testmodels import zoo
 EXPORTED = ROOT / "tests" / "data" / "exported"
 
 
-def _encoder_with_outliers() -> object:
+def _encoder_with_outliers(scale: float = 100.0) -> object:
     model = zoo.bert_encoder(layers=2, hidden=64, heads=4, ffn=256, vocab=300, seed=1)
     for node in model.graph:
         if node.op_type == "LayerNormalization":
             gamma = node.inputs[1].const_value.numpy().copy()
-            gamma[[3, 17, 40]] *= 100.0
+            gamma[[3, 17, 40]] *= scale
             node.inputs[1].const_value = io_tensor(gamma, node.inputs[1].name)
     return model
 
@@ -67,16 +68,19 @@ def _snr(model, config, samples):
 
 
 def test_smoothquant_raises_the_static_int8_snr_on_outlier_channels():
-    model = _encoder_with_outliers()
+    # x30 outliers: at x100 the final LayerNorm's own outlier channels carry nearly all of the
+    # output's energy, so the output SNR hardly sees the other channels the outliers squeeze.
+    # Pair-safe weights (reduce range on) run the same arithmetic on every CPU; the strength
+    # search scores them in that range.
+    model = _encoder_with_outliers(30.0)
     samples = _samples(model, 128)
-    off, snr_off = _snr(model, QuantizeConfig(preset="transformer", smooth_quant="off"), samples)
-    on, snr_on = _snr(model, QuantizeConfig(preset="transformer"), samples)
+    base = QuantizeConfig(preset="transformer", reduce_range="on")
+    off, snr_off = _snr(model, dataclasses.replace(base, smooth_quant="off"), samples)
+    on, snr_on = _snr(model, base, samples)
     assert off.smooth_quant is None and "SmoothQuant on" in on.smooth_quant
     assert snr_on > snr_off + 6.0, (snr_off, snr_on)
     # a fixed strength is taken as given
-    fixed, _ = _snr(
-        model, QuantizeConfig(preset="transformer", smooth_quant="on", smooth_alpha=0.5), samples
-    )
+    fixed, _ = _snr(model, dataclasses.replace(base, smooth_quant="on", smooth_alpha=0.5), samples)
     assert "strength 0.5-0.5" in fixed.smooth_quant
 
 

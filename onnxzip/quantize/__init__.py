@@ -856,6 +856,7 @@ def quantize(
             batch_size=config.batch_size,
             holdout=holdout,
             alpha=config.smooth_alpha,
+            pair_safe=config.reduce_range == "on",
             exclude=lambda node: _excluded(node, config.exclude),
         )
         timings["smooth"] = time.perf_counter() - t_smooth

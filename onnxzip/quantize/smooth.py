@@ -126,9 +126,10 @@ def _quantize_activation(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return qp.dequantize(qp.quantize(x, params), params)
 
 
-def _quantize_weight(w: np.ndarray) -> np.ndarray:
-    """A ``[K, N]`` weight through Q/DQ, symmetric int8 per output column."""
-    params = qp.weight_params(w, axis=1)
+def _quantize_weight(w: np.ndarray, pair_safe: bool) -> np.ndarray:
+    """A ``[K, N]`` weight through Q/DQ, symmetric int8 per output column, in the range the
+    build will store it in (``pair_safe``: see onnxzip.quantize.params)."""
+    params = qp.weight_params(w, axis=1, pair_safe=pair_safe)
     return qp.dequantize(qp.quantize(w, params, symmetric_weight=True), params)
 
 
@@ -139,7 +140,7 @@ def _factors(absmax: np.ndarray, wmax: np.ndarray, alpha: float | None) -> np.nd
     return np.clip(s, *SCALE_LIMITS)
 
 
-def _search(rows, lo, hi, weights, alphas) -> tuple[float | None, np.ndarray]:
+def _search(rows, lo, hi, weights, alphas, pair_safe) -> tuple[float | None, np.ndarray]:
     """The strength whose quantized product is closest to the float one on ``rows``."""
     x = rows.astype(np.float32)
     ws = [w.astype(np.float32) for w in weights]
@@ -152,7 +153,11 @@ def _search(rows, lo, hi, weights, alphas) -> tuple[float | None, np.ndarray]:
         s = _factors(absmax, wmax, alpha).astype(np.float32)
         xq = _quantize_activation(x / s, float((lo / s).min()), float((hi / s).max()))
         error = sum(
-            float(np.square(xq @ _quantize_weight(s[:, None] * w) - y, dtype=np.float64).sum())
+            float(
+                np.square(
+                    xq @ _quantize_weight(s[:, None] * w, pair_safe) - y, dtype=np.float64
+                ).sum()
+            )
             for w, y in zip(ws, exact, strict=True)
         )
         if alpha is None:
@@ -170,10 +175,12 @@ def smooth(
     batch_size: int,
     holdout: float,
     alpha: float | None = None,
+    pair_safe: bool = False,
     exclude=lambda node: False,
 ) -> tuple[ir.Model, SmoothReport]:
     """A copy of ``model`` with SmoothQuant factors moved into its weight MatMuls (see the
-    module docstring); ``alpha`` fixes the strength instead of searching it."""
+    module docstring); ``alpha`` fixes the strength instead of searching it; ``pair_safe``
+    scores the strengths with the weight range the build stores (reduce range on)."""
     start = time.perf_counter()
     report = SmoothReport()
     groups = _groups(model, exclude)
@@ -196,7 +203,7 @@ def smooth(
             weights = [weight_kn(n) for n in nodes]
             if found.lo.shape != (weights[0].shape[0],):
                 continue  # not a [..., K] activation
-            chosen, s = _search(found.rows, found.lo, found.hi, weights, alphas)
+            chosen, s = _search(found.rows, found.lo, found.hi, weights, alphas, pair_safe)
             report.alphas[name] = chosen
             if chosen is None:
                 continue
