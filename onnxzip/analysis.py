@@ -209,22 +209,52 @@ def node_macs(node: ir.Node, batch_names: set[str]) -> int | None:
     return ops.node_macs(node, lambda value: _const_shape(value, batch_names))
 
 
+# The input ports of quantized ops that hold scales and zero points: quantization parameters,
+# which are counted in the weight bytes but not as parameters (a quantized model has as many
+# parameters as its float one).
+_QUANTIZATION_PORTS = {
+    "QuantizeLinear": {1, 2},
+    "DequantizeLinear": {1, 2},
+    "DynamicQuantizeLinear": set(),
+    "MatMulInteger": {2, 3},
+    "ConvInteger": {2, 3},
+    "MatMulIntegerToFloat": {2, 3, 4, 5},
+    "DynamicQuantizeMatMul": {2, 3},
+    "MatMulNBits": {2, 3},
+    "QLinearConv": {1, 2, 4, 5, 6, 7},
+    "QLinearMatMul": {1, 2, 4, 5, 6, 7},
+}
+
+
+def _quantization_parameter(value: ir.Value) -> bool:
+    uses = value.uses()
+    return bool(uses) and all(u.idx in _QUANTIZATION_PORTS.get(u.node.op_type, ()) for u in uses)
+
+
 def _parameters(model: ir.Model) -> tuple[int, int]:
+    """The values of the model's float and quantized weights and biases (not its shapes,
+    indices, scales or zero points), and the bytes of every constant."""
     count = nbytes = 0
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if tensor is None or tensor.dtype in _INDEX_TYPES:
-            continue
-        count += math.prod(tensor.shape.numpy())
-        nbytes += ops.tensor_nbytes(tensor)
+    tensors = [
+        (v, v.const_value) for v in model.graph.initializers.values() if v.const_value is not None
+    ]
     for node in model.graph:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             attr = node.attributes.get("value")
             if attr is not None and attr.type == ir.AttributeType.TENSOR:
-                tensor = attr.as_tensor()
-                if tensor.dtype not in _INDEX_TYPES:
-                    count += math.prod(tensor.shape.numpy())
-                    nbytes += ops.tensor_nbytes(tensor)
+                tensors.append((node.outputs[0], attr.as_tensor()))
+    for value, tensor in tensors:
+        if tensor.dtype in _INDEX_TYPES:
+            continue
+        nbytes += ops.tensor_nbytes(tensor)
+        if _quantization_parameter(value):
+            continue
+        packed = next((u.node for u in value.uses() if u.node.op_type == "MatMulNBits"), None)
+        if packed is not None and "K" in packed.attributes and "N" in packed.attributes:
+            # codes packed several to a byte: the weight's own K x N values
+            count += packed.attributes["K"].as_int() * packed.attributes["N"].as_int()
+        else:
+            count += math.prod(tensor.shape.numpy())
     return int(count), int(nbytes)
 
 

@@ -213,10 +213,11 @@ class CompressReport:
             why = ["pruning was not asked for"]
         if self.quantize is None:
             why.append("quantization was not asked for")
-        elif self.quantize.kept_float:
-            why.append("quantization kept every layer in float (see 'kept in float')")
         else:
-            why.append("quantization found nothing to quantize")
+            why.append(
+                "quantization quantized nothing"
+                + (f" ({self.quantize.nothing_because})" if self.quantize.nothing_because else "")
+            )
         return "; ".join(why) + "; the model written is the input model"
 
 

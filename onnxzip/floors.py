@@ -457,6 +457,10 @@ class PartAccumulator:
             else:
                 setattr(self, f.name, mine + theirs)
 
+    def counts(self) -> dict[str, int]:
+        """The rows each rate metric counted."""
+        return {"top1": self.positions, "sequence": self.sequences, "exact": self.elements}
+
     def metrics(self) -> dict[str, float]:
         m: dict[str, float] = {}
         if self.part.kind == INTEGER:
@@ -484,12 +488,41 @@ class PartAccumulator:
         return m
 
 
+# rate floors whose evidence grows with the rows counted (samples, positions, pixels, elements)
+RATE_METRICS = ("top1", "sequence", "exact")
+# A rate floor p held on n rows with none differing shows, at 95 % confidence, a differing rate
+# of at most 3 / n (the rule of three): below 3 / (1 - p) rows, even a perfect score cannot show
+# the floor, and PASS says so.
+RULE_OF_THREE = 3.0
+
+
 @dataclass
 class FloorCheck:
     part: str
     kind: str
     floor: Floor
     value: float | None  # None: not measurable on these samples (no labels, no positives)
+    count: int | None = None  # the rows a rate metric counted
+
+    @property
+    def rows_needed(self) -> int | None:
+        """The rows on which a perfect score shows this rate floor at 95 % confidence."""
+        f = self.floor
+        if f.metric not in RATE_METRICS or f.at_most or not 0 < f.bound < 1:
+            return None
+        return math.ceil(RULE_OF_THREE / (1.0 - f.bound) - 1e-9)
+
+    @property
+    def weak(self) -> bool:
+        """Held, but on fewer rows than could show it."""
+        needed = self.rows_needed
+        return (
+            self.passed
+            and self.value is not None
+            and self.count is not None
+            and needed is not None
+            and self.count < needed
+        )
 
     @property
     def passed(self) -> bool:
@@ -511,7 +544,13 @@ def check(accumulators: list[PartAccumulator]) -> list[FloorCheck]:
         metrics = acc.metrics()
         for floor in acc.part.floors:
             checks.append(
-                FloorCheck(acc.part.name, acc.part.kind, floor, metrics.get(floor.metric))
+                FloorCheck(
+                    acc.part.name,
+                    acc.part.kind,
+                    floor,
+                    metrics.get(floor.metric),
+                    acc.counts().get(floor.metric),
+                )
             )
     return checks
 

@@ -243,7 +243,7 @@ def gradient_statistics(
         raise InputError("gradients: no prunable group to score")
     if training.differentiable(twin):
         _check_twin(model, twin, samples, batch_size)
-    fixed = training.fix_batch(twin, batch_size)
+    fixed = training.fix_batch(twin, batch_size, samples)
     outputs = [v for v in twin.graph.outputs]
     classifier = next((v for v in outputs if is_classifier(v)), None)
     labelled = use_labels and samples.has_labels and classifier is not None

@@ -28,7 +28,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from onnxzip.errors import InternalError
-from onnxzip.ir.ops import same_dim, tensor_nbytes
+from onnxzip.ir.ops import FLOAT_WEIGHTED_OPS, same_dim, tensor_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +172,24 @@ def is_constant(value: ir.Value | None) -> bool:
         return True
     producer = value.producer()
     return producer is not None and producer.op_type == "Constant"
+
+
+def weighted_layers(model: ir.Model) -> tuple[dict[str, int], dict[str, int]]:
+    """Conv, ConvTranspose, Gemm and MatMul nodes with a constant weight, per op: those of the
+    main graph and those inside If/Loop/Scan bodies."""
+    main: dict[str, int] = {}
+    bodies: dict[str, int] = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if (
+            node.op_type in FLOAT_WEIGHTED_OPS
+            and node.domain in ("", "ai.onnx")
+            and len(node.inputs) > 1
+            and node.inputs[1] is not None
+            and is_constant(node.inputs[1])
+        ):
+            where = main if node.graph is model.graph else bodies
+            where[node.op_type] = where.get(node.op_type, 0) + 1
+    return main, bodies
 
 
 def _foldable(node: ir.Node) -> bool:

@@ -233,7 +233,7 @@ def recover(
     rewritten = training.differentiable(base)
     if rewritten or passes.batchnorm_to_affine(base):
         _check_same(student, base, samples, config)
-    fixed = training.fix_batch(base, config.batch_size)
+    fixed = training.fix_batch(base, config.batch_size, samples)
     teacher_run = Runner(teacher_model, name="teacher")
     twin, targets = _training_twin(
         base, config.temperature, _loss_weights(teacher_run, student, samples, config)

@@ -178,19 +178,40 @@ def _integer_nearest(node: ir.Node) -> list[int] | None:
     return factors
 
 
-def fix_batch(model: ir.Model, batch: int) -> bool:
-    """Gives every graph input a fixed first dimension when an AveragePool's gradient would
-    meet a symbolic batch (onnxruntime-training 1.19 mis-sizes it, even crashing with SIGFPE)."""
-    if not any(n.op_type == "AveragePool" for n in model.graph):
+def fix_batch(model: ir.Model, batch: int, samples=None) -> bool:
+    """Fixes the graph inputs' dimensions that onnxruntime-training 1.19's pooling gradients
+    need static: MaxPool's and AveragePool's gradients crash (SIGSEGV) on symbolic spatial
+    dimensions, and AveragePool's mis-sizes a symbolic batch (even crashing with SIGFPE). The
+    non-batch dimensions are taken from ``samples`` (their first batch), the batch is fixed to
+    ``batch`` where an AveragePool needs it. Returns whether the batch was fixed."""
+    pools = {n.op_type for n in model.graph if n.domain in ("", "ai.onnx")}
+    pools &= {"MaxPool", "AveragePool"}
+    if not pools:
         return False
-    changed = False
+    observed = {}
+    if samples is not None:
+        first = next(iter(samples.batches(1)), None)
+        if first is not None:
+            observed = {k: np.shape(v) for k, v in first.inputs.items()}
+    changed = batch_fixed = False
     for value in model.graph.inputs:
-        if value.shape is not None and len(value.shape) and not isinstance(value.shape[0], int):
-            value.shape = ir.Shape([batch, *list(value.shape)[1:]])
+        if value.shape is None or not len(value.shape):
+            continue
+        dims = list(value.shape)
+        seen = observed.get(value.name)
+        if seen is not None and len(seen) == len(dims):
+            for axis in range(1, len(dims)):
+                if not isinstance(dims[axis], int):
+                    dims[axis] = int(seen[axis])
+        if "AveragePool" in pools and not isinstance(dims[0], int):
+            dims[0] = batch
+            batch_fixed = True
+        if dims != list(value.shape):
+            value.shape = ir.Shape(dims)
             changed = True
-    if changed:  # stale symbolic shapes downstream would contradict the fixed batch
+    if changed:  # stale symbolic shapes downstream would contradict the fixed dimensions
         for node in model.graph:
             for value in node.outputs:
                 if not value.is_graph_output():
                     value.shape = None
-    return changed
+    return batch_fixed

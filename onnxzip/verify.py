@@ -167,6 +167,19 @@ class VerifyReport:
                     ],
                 )
             )
+            weak = [c for c in self.floors if c.weak]
+            if weak:
+                lines.append("")
+                lines.append(
+                    "evidence   too few rows to show "
+                    + "; ".join(
+                        f"{c.part} {floors_mod.METRIC_NAMES[c.floor.metric]} >= "
+                        f"{c.floor.bound:g} ({c.count} counted, {c.rows_needed} needed)"
+                        for c in weak
+                    )
+                    + ": with none differing, n rows bound the differing rate only below 3/n "
+                    "(95 % confidence); verify on more samples"
+                )
         elif self.floors_note:
             lines.append("")
             lines.append(f"floors     {self.floors_note}")
@@ -192,8 +205,18 @@ class VerifyReport:
                         f"{n.max_abs_error:.4g}, relative {n.relative_error:.3g}, SNR {n.snr_db:.1f} dB"
                     )
         lines.append("")
-        lines.append("PASS" if self.passed else "FAIL: " + "; ".join(self.failures))
+        if not self.passed:
+            lines.append("FAIL: " + "; ".join(self.failures))
+        elif self.weak_evidence:
+            lines.append("PASS on too few samples to show every floor (see evidence above)")
+        else:
+            lines.append("PASS")
         return "\n".join(lines)
+
+    @property
+    def weak_evidence(self) -> bool:
+        """Every floor held, but some on fewer rows than could show it."""
+        return any(c.weak for c in self.floors or ())
 
 
 def _pct(x: float | None) -> float | None:

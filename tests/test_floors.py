@@ -151,6 +151,23 @@ def test_identical_models_hold_every_floor(resnet_path, test_npz):
     assert all(c.value is not None for c in report.floors)  # the test digits carry labels
 
 
+def test_a_pass_on_too_few_samples_to_show_a_floor_says_so():
+    """No disagreement in n samples bounds the disagreement rate only below 3/n (95 %): a
+    0.98 top-1 floor needs 150 samples before a perfect score can show it."""
+    proto = _model("g (float[N, 8] x) => (float[N, 8] y) { y = Relu (x) }")
+    specs = input_specs(io.load_model(proto))
+    few = verify(proto, proto, SyntheticSamples(specs, 20, seed=0))
+    (top1,) = [c for c in few.floors if c.floor.metric == "top1"]
+    assert few.passed and top1.value == 1.0 and top1.count == 20 and top1.rows_needed == 150
+    assert few.weak_evidence and top1.weak
+    text = few.format()
+    assert "(20 counted, 150 needed)" in text
+    assert text.endswith("PASS on too few samples to show every floor (see evidence above)")
+    enough = verify(proto, proto, SyntheticSamples(specs, 160, seed=0))
+    assert enough.passed and not enough.weak_evidence
+    assert enough.format().endswith("\nPASS") and "evidence" not in enough.format()
+
+
 def test_accuracy_floor_with_labels_fails_a_model_that_lost_its_task(
     resnet_path, test_npz, tmp_path
 ):

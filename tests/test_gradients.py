@@ -244,6 +244,45 @@ def test_ops_without_gradient_builders_are_rewritten_and_averagepool_batch_is_fi
     io.save_model(recovered, tmp_path / "r.onnx")
 
 
+@pytest.mark.parametrize(
+    "pool",
+    [
+        "MaxPool <kernel_shape=[5,5], pads=[2,2,2,2], strides=[1,1]>",  # YOLOv8's SPPF
+        "AveragePool <kernel_shape=[3,3], pads=[1,1,1,1], strides=[1,1]>",
+    ],
+)
+def test_pooling_with_symbolic_height_and_width_trains(pool, tmp_path):
+    """onnxruntime-training 1.19's MaxPool and AveragePool gradients crash (SIGSEGV) on
+    symbolic spatial dimensions: the twins take them from the samples."""
+    from onnxzip.recover import RecoverConfig, recover
+
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "g (float[batch,3,height,width] x) => (float[batch,4] y) {\n"
+        " a = Conv <pads=[1,1,1,1]> (x, w1)\n r = Relu (a)\n"
+        f" m = {pool} (r)\n c = Conv (m, w2)\n"
+        " p = GlobalAveragePool (c)\n f = Flatten (p)\n y = Gemm <transB=1> (f, w3) }"
+    )
+    rng = np.random.default_rng(0)
+    for name, shape in {"w1": (8, 3, 3, 3), "w2": (6, 8, 1, 1), "w3": (4, 6)}.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(0, 0.5, shape).astype(np.float32), name)
+        )
+    model = io.load_model(proto)
+    x = rng.normal(size=(24, 3, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    samples = NpzSamples(tmp_path / "x.npz", input_specs(model))
+    work, groups = prepared_groups(model)
+    stats, report = gradient_statistics(work, groups, samples, batch_size=8)
+    assert report.batches == 3 and all(s.score("taylor").any() for s in stats.values())
+    pruned, _ = prune(model, PruneConfig(ratio=0.3), samples=samples)
+    recovered, rec = recover(model, pruned, samples, RecoverConfig(steps=10, batch_size=8))
+    assert rec.steps == 10 and rec.samples_seen > 0 and np.isfinite(rec.losses).all()
+    assert recovered.graph.inputs[0].shape[2] == "height"  # the model written stays dynamic
+    other = {"x": rng.normal(size=(2, 3, 20, 16)).astype(np.float32)}
+    assert Runner(recovered).session.run(None, other)[0].shape == (2, 4)
+
+
 def test_an_op_without_gradient_is_named_and_prune_falls_back_to_l1():
     proto = onnx.parser.parse_model(
         '<ir_version: 8, opset_import: ["" : 17]>\n'

@@ -834,4 +834,27 @@ def test_compress_of_a_model_with_nothing_to_compress_says_so_instead_of_pass(tm
     )
     assert code == 0, err
     assert "NOTHING COMPRESSED: nothing was pruned (no prunable channel group" in out
-    assert "quantization found nothing to quantize" in out and "PASS" not in out
+    assert "quantization quantized nothing" in out and "PASS" not in out
+
+
+def test_dynamic_mode_on_a_conv_net_names_the_mode_as_why_nothing_was_quantized(tmp_path):
+    """Dynamic int8 quantizes MatMul/Gemm weights: on a network of Convs it quantizes nothing,
+    and says that static int8 is the mode for those layers."""
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "g (float[N, 3, 16, 16] x) => (float[N, 8, 16, 16] y) "
+        "{ c = Conv <pads = [1, 1, 1, 1]> (x, w) y = Relu (c) }"
+    )
+    rng = np.random.default_rng(0)
+    proto.graph.initializer.append(
+        onnx.numpy_helper.from_array(rng.normal(0, 1, (8, 3, 3, 3)).astype(np.float32), "w")
+    )
+    samples = SyntheticSamples(input_specs(io.load_model(proto)), 16, seed=0)
+    _, report = quantize(proto, samples, QuantizeConfig(mode="dynamic"))
+    assert report.quantized_ops == {}
+    assert report.nothing_because.startswith(
+        "dynamic mode quantizes Gemm and MatMul weights; this model's weighted layers are Conv x1"
+    )
+    assert "NOTHING QUANTIZED: dynamic mode quantizes" in report.format()
+    _, static = quantize(proto, samples, QuantizeConfig())
+    assert static.quantized_ops.get("Conv") == 1 and static.nothing_because is None

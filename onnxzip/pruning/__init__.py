@@ -175,15 +175,7 @@ class PruneReport:
 
 def _body_weights(model: ir.Model) -> int:
     """Weighted nodes inside If/Loop/Scan bodies."""
-    return sum(
-        1
-        for node in ir.traversal.RecursiveGraphIterator(model.graph)
-        if node.graph is not model.graph
-        and node.op_type in ops.FLOAT_WEIGHTED_OPS
-        and len(node.inputs) > 1
-        and node.inputs[1] is not None
-        and passes.is_constant(node.inputs[1])
-    )
+    return sum(passes.weighted_layers(model)[1].values())
 
 
 def format_groups(groups: list[GroupReport]) -> str:

@@ -221,6 +221,7 @@ class QuantizeReport:
     smooth_quant: str | None = None  # what SmoothQuant did (static, transformer preset)
     weight_format: str | None = None  # weight-only: qdq or nbits, as written
     subgraph_nodes: list[str] = field(default_factory=list)  # inside If/Loop/Scan bodies
+    nothing_because: str | None = None  # why nothing was quantized, when nothing was
 
     def _mode_lines(self) -> list[str]:
         c = self.config
@@ -278,9 +279,7 @@ class QuantizeReport:
             + (
                 ", ".join(f"{op} x{n}" for op, n in sorted(self.quantized_ops.items()))
                 if self.quantized_ops
-                else "NOTHING: no node of the main graph was quantized"
-                + (" (see 'kept in float')" if self.kept_float else "")
-                + "; weights inside If/Loop/Scan bodies, if any, stay float"
+                else f"NOTHING: {self.nothing_because or 'no node was quantized'}"
             ),
             *(
                 [
@@ -322,12 +321,37 @@ class QuantizeReport:
         if not self.quantized_ops:
             lines += [
                 "",
-                "NOTHING QUANTIZED: the model written is the float model (no parity verdict)",
+                f"NOTHING QUANTIZED: {self.nothing_because or 'no node was quantized'}; the "
+                "model written is the float model (no parity verdict)",
             ]
         elif self.parity is not None:
             lines.append("")
             lines.append(self.parity.format())
         return "\n".join(lines)
+
+
+# the weighted layers each mode quantizes (embedding tables aside)
+MODE_OPS = {"dynamic": ("Gemm", "MatMul"), "weight-only": ("Gemm", "MatMul")}
+
+
+def nothing_quantized_because(model: ir.Model, mode: str, kept_float: list) -> str:
+    """Why a build of ``model`` in ``mode`` quantized nothing, in one clause."""
+    main, bodies = passes.weighted_layers(model)
+    handled = MODE_OPS.get(mode)
+    if handled is not None and main and not any(op in main for op in handled):
+        found = ", ".join(f"{op} x{n}" for op, n in sorted(main.items()))
+        return (
+            f"{mode} mode quantizes {' and '.join(handled)} weights; this model's weighted "
+            f"layers are {found}, which static int8 (mode static, the default) quantizes"
+        )
+    if kept_float:
+        return "every candidate layer was kept in float (see 'kept in float')"
+    if bodies and not main:
+        return (
+            f"the model's {sum(bodies.values())} weighted layers all sit inside If/Loop/Scan "
+            "bodies, whose activations calibration does not observe"
+        )
+    return "no layer with a quantizable weight or activation"
 
 
 def _excluded(node: ir.Node, exclude: tuple[str, ...]) -> bool:
@@ -1010,6 +1034,10 @@ def quantize(
             t0 = time.perf_counter()
             report.parity = final_verify(work)
             timings["verify"] += time.perf_counter() - t0
+    if not report.quantized_ops:
+        report.nothing_because = nothing_quantized_because(
+            prepared, report.config.mode, report.kept_float
+        )
     return work, report
 
 
