@@ -11,6 +11,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import onnx.parser
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from conftest import run_cli
@@ -858,3 +859,31 @@ def test_dynamic_mode_on_a_conv_net_names_the_mode_as_why_nothing_was_quantized(
     assert "NOTHING QUANTIZED: dynamic mode quantizes" in report.format()
     _, static = quantize(proto, samples, QuantizeConfig())
     assert static.quantized_ops.get("Conv") == 1 and static.nothing_because is None
+
+
+def test_a_bias_too_large_for_its_weight_scale_raises_the_weight_scale_instead_of_saturating():
+    """A channel with near-zero weights and a large (folded BatchNorm) bias: ``b / (S_x S_w)``
+    overflows int32, and saturated, the channel's output loses its bias. The weight scale is
+    raised so that the bias fits; the channel keeps its value."""
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "g (float[N, 4, 6, 6] x) => (float[N, 3, 6, 6] y) { c = Conv (x, w, b) y = Relu (c) }"
+    )
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.5, (3, 4, 1, 1)).astype(np.float32)
+    w[1] = 1e-9  # a dead channel
+    b = np.array([0.1, 10.0, -0.2], np.float32)
+    for name, array in {"w": w, "b": b}.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    samples = SyntheticSamples(input_specs(io.load_model(proto)), 32, seed=0)
+    quantized, report = quantize(
+        proto, samples, QuantizeConfig(bias_correction="off"), floors=False
+    )
+    assert report.quantized_ops.get("Conv") == 1
+    x = rng.uniform(0, 1, (4, 4, 6, 6)).astype(np.float32)
+    got = ort.InferenceSession(
+        ir.to_proto(quantized).SerializeToString(), providers=["CPUExecutionProvider"]
+    ).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got[:, 1], 10.0, rtol=1e-3)  # saturated, it read about 0
+    want = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    assert 10 * np.log10((want**2).sum() / ((want - got) ** 2).sum()) > 30

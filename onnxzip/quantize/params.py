@@ -203,6 +203,34 @@ def bias_params(x_scale: np.ndarray, w_params: QParams) -> QParams:
     return QParams(scale, np.zeros(scale.shape, dtype=np.int32), axis)
 
 
+# The largest bias code a weight's scale is raised to keep within: half the int32 range, so
+# that the accumulator the bias starts adds the products to has room left.
+BIAS_CODE_LIMIT = 2**30
+
+
+def fit_bias(w_params: QParams, x_scale, b: np.ndarray) -> tuple[QParams, int]:
+    """Weight parameters whose scales are raised, channel by channel, until ``b`` in int32 at
+    ``S_x * S_w`` stays within BIAS_CODE_LIMIT; and how many channels were raised.
+
+    A channel whose weights are nearly zero but whose (folded BatchNorm) bias is not gets a
+    tiny weight scale, and its bias code ``b / (S_x S_w)`` then overflows int32: saturated, the
+    channel's output is wrong by most of its bias. Its weights lose resolution instead, which
+    costs little: they are small next to the bias they feed (onnxruntime's quantizer adjusts
+    weight scales for int32 biases the same way).
+    """
+    scale = w_params.scale.astype(np.float64)
+    need = np.abs(np.asarray(b, np.float64)) / (float(x_scale) * BIAS_CODE_LIMIT)
+    if scale.ndim == 0:
+        need = np.asarray(need.max(initial=0.0))
+    elif need.shape != scale.shape:
+        return w_params, 0
+    raised = need > scale
+    if not raised.any():
+        return w_params, 0
+    fitted = np.where(raised, need, scale).astype(np.float32)
+    return QParams(fitted, w_params.zero_point, w_params.axis), int(np.count_nonzero(raised))
+
+
 def quantize_bias(b: np.ndarray, params: QParams) -> tuple[np.ndarray, int]:
     """Bias codes in int32 and how many saturated (a sign the input scale is far too small)."""
     b = np.asarray(b, dtype=np.float64)

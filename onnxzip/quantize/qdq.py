@@ -128,9 +128,14 @@ def insert_qdq(
             dq.outputs[0].name = names.fresh(f"{tensor}_dequantized")
         pairs += 1
 
-    # 3. Weights: int8 codes, per-channel scales, one DQ per (initializer, axis).
+    # 3. Weights: int8 codes, per-channel scales, one DQ per (initializer, axis); a weight
+    # read by one layer gets scales its int32 bias fits (params.fit_bias).
     weight_params: dict[tuple[str, int], qp.QParams] = {}
     shared_dq: dict[tuple[str, int | None, bool], tuple[ir.Value, qp.QParams]] = {}
+    bias_of = {
+        (key, w_index): (index, x_name) for (key, index), (x_name, w_index) in plan.biases.items()
+    }
+    raised = 0
     for (key, index), axis in plan.weights.items():
         node = nodes[key]
         w_value = node.inputs[index]
@@ -139,6 +144,11 @@ def insert_qdq(
         if cache not in shared_dq:
             w = const_array(w_value)
             p = qp.weight_params(w, axis, pair_safe=safe)
+            bias = bias_of.get((key, index))
+            x_params = activation_params.get(plan.resolve(bias[1])) if bias else None
+            if x_params is not None and len(w_value.uses()) == 1:
+                p, n = qp.fit_bias(p, x_params.scale, const_array(node.inputs[bias[0]]))
+                raised += n
             codes = qp.quantize(w, p, symmetric_weight=True)
             q_init = _scalar_init(graph, names, f"{w_value.name}_quantized", codes)
             s_init = _scalar_init(graph, names, f"{w_value.name}_scale", p.scale)
@@ -219,6 +229,8 @@ def insert_qdq(
         graph.insert_before(node, dq)
         node.replace_input_with(index, dq.outputs[0])
         biases += 1
+    if raised:
+        logger.info("%d weight channels' scales raised so that their int32 biases fit", raised)
     if saturated:
         logger.warning(
             "%d bias values saturated int32: their layers' input scales are tiny", saturated
