@@ -44,7 +44,9 @@ def differentiable(model: ir.Model) -> list[str]:
     HardSwish(x) = x * Clip(x + 3, 0, 6) / 6; HardSigmoid(x) = Clip(alpha x + beta, 0, 1);
     PRelu(x, s) = Relu(x) - s * Relu(-x); Sum of n > 2 inputs = a chain of Add; nearest
     Resize by integer factors = Unsqueeze, Expand, Reshape (element i reads i // f); a
-    LayerNormalization with one output gets its mean and inverse-deviation outputs declared.
+    LayerNormalization with one output gets its mean and inverse-deviation outputs declared;
+    ConvTranspose = a stride-1 Conv of the zero-upsampled input with the flipped, transposed
+    kernel (``ConvTransposeGrad`` has no CPU kernel in 1.19).
     Returns the rewritten op types. Exact up to float rounding; callers check the outputs.
     """
     graph = model.graph
@@ -131,6 +133,8 @@ def differentiable(model: ir.Model) -> list[str]:
             )
             out = ir.node("Reshape", [expand.outputs[0], target.outputs[0]], name=f"{p}_reshape")
             replace_node(graph, node, [unsq, expand, shape, target, out], out.outputs[0])
+        elif op == "ConvTranspose" and (made := _conv_transpose_as_conv(graph, node, p)):
+            replace_node(graph, node, *made)
         elif op == "Sum" and len(node.inputs) > 2:
             adds, total = [], node.inputs[0]
             for j, term in enumerate(node.inputs[1:]):
@@ -146,6 +150,95 @@ def differentiable(model: ir.Model) -> list[str]:
             if value.name is None:
                 value.name = f"{node.name}_out"
     return done
+
+
+def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
+    a = node.attributes.get(name)
+    return list(a.as_ints()) if a is not None else default
+
+
+def _conv_transpose_as_conv(graph: ir.Graph, node: ir.Node, p: str):
+    """``ConvTranspose(x, W, B)`` as ops that have gradient builders, or None where the
+    attributes are outside what the rewrite spells (auto_pad, output_shape).
+
+    Along each spatial axis of stride ``s``, kernel ``k``, dilation ``d``, pads ``b, e`` and
+    output padding ``o``: insert ``s - 1`` zeros after every input element (Unsqueeze an axis
+    of 1 after it, Pad it to ``s``, Reshape the pair into one axis), keep ``d (k - 1) - b``
+    zeros before and ``d (k - 1) - e + o - (s - 1)`` after (Pad where positive, Slice where
+    negative), then a stride-1 Conv with dilation ``d`` whose kernel is ``W`` with input and
+    output channels swapped per group and every spatial axis reversed (Reshape, Transpose,
+    Gather with reversed indices: the trained weight stays ``W``). The output length is
+    ``s (L - 1) + 1 + 2 d (k - 1) - b - e + o - d (k - 1)``, ConvTranspose's.
+    """
+    x, w = node.inputs[0], node.inputs[1]
+    kernel = const_array(w)
+    if x is None or x.shape is None or kernel is None or kernel.ndim < 3:
+        return None
+    if "output_shape" in node.attributes:
+        return None
+    auto_pad = node.attributes.get("auto_pad")
+    if auto_pad is not None and auto_pad.as_string() not in ("NOTSET", ""):
+        return None
+    rank = kernel.ndim - 2
+    if len(x.shape) != rank + 2:
+        return None
+    k = list(kernel.shape[2:])
+    strides = _ints(node, "strides", [1] * rank)
+    dilations = _ints(node, "dilations", [1] * rank)
+    pads = _ints(node, "pads", [0] * (2 * rank))
+    extra = _ints(node, "output_padding", [0] * rank)
+    group = node.attributes["group"].as_int() if "group" in node.attributes else 1
+    ci, co_g = kernel.shape[0], kernel.shape[1]
+    if ci % group:
+        return None
+    made: list[ir.Node] = []
+
+    def add(op, inputs, **attributes):
+        n = ir.node(op, inputs, attributes=attributes or None, name=f"{p}_{len(made)}")
+        made.append(n)
+        return n.outputs[0]
+
+    def const(name, values):
+        return add_initializer(graph, f"{p}_{name}", np.asarray(values, np.int64))
+
+    # zero insertion: [N, C, L1, ..] -> [N, C, L1, 1, L2, 1, ..] -> pad each 1 to s -> merge
+    y = x
+    if any(s > 1 for s in strides):
+        axes = [3 + 2 * i for i in range(rank)]
+        y = add("Unsqueeze", [y, const("axes", axes)])
+        pad_end = [0] * (2 + 2 * rank)
+        for i, s in enumerate(strides):
+            pad_end[3 + 2 * i] = s - 1
+        y = add("Pad", [y, const("zeros", [0] * (2 + 2 * rank) + pad_end)])
+        shape = add("Shape", [x])
+        target = add("Mul", [shape, const("strides", [1, 1, *strides])])
+        y = add("Reshape", [y, target])
+    before = [d * (kk - 1) - pads[i] for i, (d, kk) in enumerate(zip(dilations, k, strict=True))]
+    after = [
+        d * (kk - 1) - pads[rank + i] + extra[i] - (s - 1)
+        for i, (d, kk, s) in enumerate(zip(dilations, k, strides, strict=True))
+    ]
+    crop_begin = [max(0, -v) for v in before]
+    crop_end = [max(0, -v) for v in after]
+    if any(crop_begin) or any(crop_end):
+        axes = list(range(2, rank + 2))
+        ends = [-v if v else np.iinfo(np.int64).max for v in crop_end]
+        y = add("Slice", [y, const("starts", crop_begin), const("ends", ends), const("sax", axes)])
+    grow = [max(0, v) for v in before] + [max(0, v) for v in after]
+    if any(grow):
+        y = add("Pad", [y, const("pads", [0, 0] + grow[:rank] + [0, 0] + grow[rank:])])
+    # kernel: [Ci, Co/g, k..] -> [g, Ci/g, Co/g, k..] -> [g, Co/g, Ci/g, k..] -> [Co, Ci/g, k..]
+    kern = add("Reshape", [w, const("wsplit", [group, ci // group, co_g, *k])])
+    kern = add("Transpose", [kern], perm=[0, 2, 1, *range(3, rank + 3)])
+    kern = add("Reshape", [kern, const("wmerge", [group * co_g, ci // group, *k])])
+    for i, kk in enumerate(k):
+        if kk > 1:
+            kern = add("Gather", [kern, const(f"flip{i}", list(range(kk - 1, -1, -1)))], axis=2 + i)
+    inputs = [y, kern]
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        inputs.append(node.inputs[2])
+    out = add("Conv", inputs, dilations=dilations, group=group)
+    return made, out
 
 
 def _integer_nearest(node: ir.Node) -> list[int] | None:
