@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common
 
 from onnxzip import progress
 from onnxzip.data import Samples
@@ -115,15 +116,20 @@ def _in_rows(node: ir.Node, x: np.ndarray, flat: np.ndarray, out_hw: tuple) -> n
     sh, sw = _attr(node, "strides", [1, 1])
     dh, dw = _attr(node, "dilations", [1, 1])
     pads = _attr(node, "pads", [0, 0, 0, 0])
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     oh, ow = out_hw
     ni, rest = np.divmod(flat, oh * ow)
     hi, wi = np.divmod(rest, ow)
-    rows_h = (hi * sh)[:, None] + (np.arange(kh) * dh)[None, :]  # [R, kh]
-    rows_w = (wi * sw)[:, None] + (np.arange(kw) * dw)[None, :]  # [R, kw]
-    patches = xp[ni[:, None, None, None], np.arange(x.shape[1])[None, :, None, None],
-                 rows_h[:, None, :, None], rows_w[:, None, None, :]]  # fmt: skip
-    return patches.reshape(len(flat), -1)
+    # input coordinates of each patch element; those in the padding read zero (the input is
+    # indexed where it is, not padded whole: a large feature map would be copied per layer)
+    rows_h = (hi * sh - pads[0])[:, None] + (np.arange(kh) * dh)[None, :]  # [R, kh]
+    rows_w = (wi * sw - pads[1])[:, None] + (np.arange(kw) * dw)[None, :]  # [R, kw]
+    inside_h = (rows_h >= 0) & (rows_h < x.shape[2])
+    inside_w = (rows_w >= 0) & (rows_w < x.shape[3])
+    patches = x[ni[:, None, None, None], np.arange(x.shape[1])[None, :, None, None],
+                np.clip(rows_h, 0, x.shape[2] - 1)[:, None, :, None],
+                np.clip(rows_w, 0, x.shape[3] - 1)[:, None, None, :]]  # fmt: skip
+    inside = inside_h[:, None, :, None] & inside_w[:, None, None, :]
+    return np.where(inside, patches, 0).reshape(len(flat), -1).astype(np.float64)
 
 
 def _relative_error(pred: np.ndarray, target: np.ndarray) -> float:
@@ -194,14 +200,14 @@ def reconstruct(
     for node, _in_axis, out_axis in progress.bar(todo, desc="reconstruct", unit="layer"):
         name = node_key(node)
         student = Runner(
-            expose(pruned, [node.inputs[0].name]), name="pruned model", optimization="none"
+            _prefix(pruned, node.inputs[0].name), name="pruned model", optimization="none"
         )
         xs = []
         # The same batches again (the stream is deterministic), not kept in memory.
         stream = samples.batches(batch_size, split, holdout or 0.5)
         for (flat, out_hw), batch in zip(picked[name], stream, strict=False):
             x = student.run(batch, [node.inputs[0].name])[node.inputs[0].name]
-            xs.append(_in_rows(node, x.astype(np.float64), flat, out_hw))
+            xs.append(_in_rows(node, x, flat, out_hw).astype(np.float64))
         x_rows = np.concatenate(xs)
         y_rows = np.concatenate(wanted[name])
         order = rng.permutation(len(x_rows))
@@ -239,6 +245,18 @@ def reconstruct(
         fits.append(LayerFit(name, node.op_type, len(x_rows), before, after))
         logger.info("reconstruct %s: relative error %.4f -> %.4f", name, before, after)
     return pruned, fits
+
+
+def _prefix(model: ir.Model, name: str) -> ir.Model:
+    """A copy of ``model`` that computes only the tensor ``name``: the nodes it depends on
+    (a layer early in the graph is refitted at the cost of the graph up to it, not of all)."""
+    exposed = expose(model, [name])
+    graph = exposed.graph
+    target = next(v for v in graph.outputs if v.name == name)
+    graph.outputs.clear()
+    graph.outputs.append(target)
+    onnx_ir.passes.common.RemoveUnusedNodesPass()(exposed)
+    return exposed
 
 
 def _compensation_add(node: ir.Node) -> ir.Node | None:
