@@ -29,7 +29,13 @@ from onnxzip.analysis import inspect_model, shapes_for_macs
 from onnxzip.data import Samples
 from onnxzip.engine import EngineUnavailable, cluster
 from onnxzip.errors import InputError
-from onnxzip.pruning import PruneConfig, PruneReport, prune, reconstruction_summary
+from onnxzip.pruning import (
+    PruneConfig,
+    PruneReport,
+    prune,
+    reconstruction_summary,
+    unprunable_because,
+)
 from onnxzip.quantize import QuantizeConfig, QuantizeReport, quantize
 from onnxzip.recover import RecoverConfig, RecoverReport, recover
 from onnxzip.report import table
@@ -96,6 +102,7 @@ class CompressReport:
     recovery: RecoverReport | None = None
     recovery_skipped: str | None = None  # why no recovery ran although steps were asked for
     recovery_not_kept: str | None = None  # distillation ran but did worse on held-out samples
+    prune_skipped: str | None = None  # why pruning was asked for but could remove nothing
     quantize: QuantizeReport | None = None
     parity: VerifyReport | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
@@ -162,6 +169,8 @@ class CompressReport:
                     ],
                 ),
             ]
+        if self.prune_skipped is not None:
+            lines += ["", f"pruning   none: {self.prune_skipped}"]
         if self.recovery_skipped is not None:
             lines += ["", f"NOT FINE-TUNED: no distillation ({self.recovery_skipped})"]
             fits = self.prune.reconstruction if self.prune is not None else None
@@ -204,7 +213,9 @@ class CompressReport:
         quantized = self.quantize is not None and bool(self.quantize.quantized_ops)
         if pruned or quantized:
             return None
-        if self.prune is not None:  # the pruning taken removed nothing
+        if self.prune_skipped is not None:
+            why = [f"nothing was pruned ({self.prune_skipped})"]
+        elif self.prune is not None:  # the pruning taken removed nothing
             why = [f"nothing was pruned ({self.prune.unchanged_because})"]
         elif self.attempts:  # none was taken
             budget = "accuracy budget" if self.config.max_drop is not None else "quality floors"
@@ -340,6 +351,10 @@ def compress(
     pruning = config.ratio is not None or (
         config.target_macs is not None and config.target_macs < 1
     )
+    if pruning:
+        # A model none of whose groups can lose a channel: no search, no training engine.
+        report.prune_skipped = unprunable_because(original, source=source)
+        pruning = report.prune_skipped is None
     if pruning and config.recover_steps:
         # Found (or created, on first use) before the stages, so its time is not recovery's.
         t0 = time.perf_counter()

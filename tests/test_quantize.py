@@ -835,6 +835,9 @@ def test_compress_of_a_model_with_nothing_to_compress_says_so_instead_of_pass(tm
     )
     assert code == 0, err
     assert "NOTHING COMPRESSED: nothing was pruned (no prunable channel group" in out
+    # known from the graph: no pruning search, no training engine started
+    assert "pruning   none: no prunable channel group" in out
+    assert "pruning amounts tried" not in out and "training engine" not in out
     assert "quantization quantized nothing" in out and "PASS" not in out
 
 

@@ -161,16 +161,30 @@ class PruneReport:
         """Why the model came out unchanged, or None when channels were removed."""
         if any(g.kept < g.channels for g in self.groups):
             return None
-        if not self.groups:
-            if self.body_weights:
-                return (
-                    f"no prunable channel group: the {self.body_weights} Conv/Gemm/MatMul "
-                    "weights all sit inside If/Loop/Scan bodies, which are not pruned"
-                )
-            return "no prunable channel group (no Conv, ConvTranspose, Gemm or MatMul weights)"
-        if all(g.reason for g in self.groups):
-            return f"all {len(self.groups)} groups are blocked (reasons per group below)"
+        unprunable = _unprunable_because(self.groups, self.body_weights)
+        if unprunable is not None:
+            return unprunable
         return "the ratio or target leaves every group whole"
+
+
+def _unprunable_because(groups, body_weights: int) -> str | None:
+    """Why no group of a model can lose a channel, or None when one can."""
+    if not groups:
+        if body_weights:
+            return (
+                f"no prunable channel group: the {body_weights} Conv/Gemm/MatMul "
+                "weights all sit inside If/Loop/Scan bodies, which are not pruned"
+            )
+        return "no prunable channel group (no Conv, ConvTranspose, Gemm or MatMul weights)"
+    if all(g.reason for g in groups):
+        return f"all {len(groups)} groups are blocked (see inspect --groups)"
+    return None
+
+
+def unprunable_because(model, *, source: str | None = None) -> str | None:
+    """Why pruning cannot remove any channel of ``model`` (no group, or every group blocked),
+    or None when some group can be pruned: known from the graph alone, before any statistics."""
+    return _unprunable_because(analyse(model, source=source), _body_weights(io.load_model(model)))
 
 
 def _body_weights(model: ir.Model) -> int:
@@ -611,4 +625,13 @@ def analyse(model, *, source: str | None = None) -> list[GroupReport]:
     ]
 
 
-__all__ = ["PruneConfig", "PruneReport", "GroupReport", "prune", "analyse", "find_groups", "select"]
+__all__ = [
+    "PruneConfig",
+    "PruneReport",
+    "GroupReport",
+    "prune",
+    "analyse",
+    "find_groups",
+    "select",
+    "unprunable_because",
+]
