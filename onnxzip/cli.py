@@ -100,6 +100,7 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
     )
     _memory_option(group)
     _batch_axis_option(group)
+    _state_option(group)
     group.add_argument("--seed", type=int, default=0, help="seed for --synthetic (default 0)")
     group.add_argument(
         "--holdout",
@@ -119,6 +120,27 @@ def _batch_axis_option(group) -> None:
         help="the axis of input NAME that counts samples (a state [2, batch, 128] has 1; 'none' "
         "for an input every sample shares); found from the data when not given",
     )
+
+
+def _state_option(group) -> None:
+    group.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        metavar="IN=OUT",
+        help="a streaming model's state input IN and the output OUT that feeds it at the next "
+        "step: the samples are then the steps of one stream, in order; calibration and training "
+        "see the states the float model carries, and verification runs each model on its own",
+    )
+
+
+def _stateful(model, samples, args: argparse.Namespace, source: str):
+    """``samples`` as one stream carrying the --state pairs (onnxzip.stateful), if given."""
+    if samples is None or not getattr(args, "state", None):
+        return samples
+    from onnxzip.stateful import StatefulSamples, parse_pairs
+
+    return StatefulSamples(samples, model, parse_pairs(args.state, model, source), source)
 
 
 def _batch_axes(args: argparse.Namespace) -> dict[str, int | None] | None:
@@ -593,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _memory_option(p)
     _batch_axis_option(p)
+    _state_option(p)
     p.add_argument(
         "--holdout",
         type=_fraction,
@@ -755,6 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _memory_option(p)
     _batch_axis_option(p)
+    _state_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed for --synthetic (default 0)")
     p.add_argument(
         "--reconstruct",
@@ -896,6 +920,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         verify_samples = open_samples(
             input_specs(model), args.verify_data, batch_axes=_batch_axes(args)
         )
+    samples = _stateful(model, samples, args, str(args.model))
+    verify_samples = _stateful(model, verify_samples, args, str(args.model))
     memory = _fit_memory(model, samples, args, verify_samples)
     compressed, report = compress(
         model, samples, config, verify_samples=verify_samples, source=str(args.model), metric=metric
@@ -999,6 +1025,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         samples = open_samples(
             input_specs(model), args.data, args.synthetic, args.seed, batch_axes=_batch_axes(args)
         )
+        samples = _stateful(model, samples, args, str(args.model))
         memory = _fit_memory(model, samples, args)
     config = PruneConfig(
         ratio=args.ratio,
@@ -1072,6 +1099,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     samples = open_samples(
         input_specs(reference), args.data, args.synthetic, args.seed, batch_axes=_batch_axes(args)
     )
+    samples = _stateful(reference, samples, args, str(args.reference))
     memory = _fit_memory(reference, samples, args)
     thresholds = _thresholds(args)
     report = verify(
@@ -1114,6 +1142,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         if args.verify_data is not None
         else None
     )
+    samples = _stateful(model, samples, args, str(args.model))
+    verify_samples = _stateful(model, verify_samples, args, str(args.model))
     memory = _fit_memory(model, samples, args, verify_samples)
     config = QuantizeConfig(
         calibration=args.calibration,

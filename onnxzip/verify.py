@@ -446,6 +446,7 @@ def verify(
     reference_outputs: ReferenceOutputs | None = None,
     floors: bool = True,
     metric=None,
+    states: list[tuple[str, str]] | None = None,
 ) -> VerifyReport:
     """Runs ``reference`` and ``candidate`` in onnxruntime on ``samples`` and compares outputs.
 
@@ -468,6 +469,9 @@ def verify(
         metric: a task metric (``onnxzip.metrics``: a name, ``module:function``, a callable
             ``f(reference, candidate, batch) -> float`` or a ``TaskMetric``); given, its mean
             over the samples is checked against its floor instead of the default floors.
+        states: (state input, state output) pairs of a streaming model: the samples are the
+            steps of one stream, and each model runs over it on its own carried state
+            (``onnxzip.stateful``).
 
     Returns:
         A ``VerifyReport``.
@@ -477,6 +481,7 @@ def verify(
         ModelError: a model cannot be loaded or run.
     """
     thresholds = thresholds or Thresholds()
+    states = states or getattr(samples, "pairs", None)  # a stream: each model on its own state
     ref_name = reference_name or (
         str(reference) if not isinstance(reference, ir.Model) else "reference"
     )
@@ -487,8 +492,10 @@ def verify(
     cand_model = io.load_model(candidate, name=cand_name)
     _check_compatible(ref_model, cand_model, ref_name, cand_name)
 
-    cached = reference_outputs is not None and reference_outputs.serves(
-        samples, batch_size, split, holdout, optimization
+    cached = (
+        not states
+        and reference_outputs is not None
+        and reference_outputs.serves(samples, batch_size, split, holdout, optimization)
     )
     outputs = [
         v for v in ref_model.graph.outputs if v.type is None or isinstance(v.type, ir.TensorType)
@@ -502,6 +509,19 @@ def verify(
     if cached:
         pairs = zip(reference_outputs.batches, reference_outputs.outputs, strict=True)
         batches = len(reference_outputs.batches)
+    elif states:
+        from onnxzip.stateful import StatefulSamples
+
+        # each model on its own carried state: the candidate's drift through it is measured
+        own = [
+            StatefulSamples(getattr(samples, "base", samples), m, states, n)
+            for m, n in ((ref_model, ref_name), (cand_model, cand_name))
+        ]
+        for stream in own:
+            stream.max_batch = samples.max_batch
+        streams = [s.batches(batch_size, split, holdout) for s in own]
+        pairs = ((r, None, c) for r, c in zip(*streams, strict=True))
+        batches = samples.batch_count(batch_size, split, holdout)
     else:
         pairs = ((b, None) for b in samples.batches(batch_size, split, holdout))
         batches = samples.batch_count(batch_size, split, holdout)
@@ -541,8 +561,13 @@ def verify(
     report = VerifyReport(
         reference=ref_name,
         candidate=cand_name,
-        data=samples.describe()
-        + ("" if split == "all" else f" ({split} split, fraction {holdout:g})"),
+        data=(getattr(samples, "base", samples) if states else samples).describe()
+        + ("" if split == "all" else f" ({split} split, fraction {holdout:g})")
+        + (
+            f"; each model on its own state ({', '.join(f'{i}<-{o}' for i, o in states)})"
+            if states
+            else ""
+        ),
         synthetic=samples.synthetic,
         samples=count,
         outputs=results,
@@ -624,10 +649,10 @@ def _compare_shard(context: _Comparison, pairs: list) -> _Parity:
         {v.name: OutputAccumulator(is_classifier(v)) for v in c.outputs},
         floors_mod.Judge(c.outputs, c.task) if c.judging else None,
     )
-    for batch, ref_out in pairs:
+    for batch, ref_out, *own in pairs:  # own: the candidate's batch (its carried states)
         if ref_out is None:
             ref_out = ref_run.run(batch, names)
-        cand_out = cand_run.run(batch, names)
+        cand_out = cand_run.run(own[0] if own else batch, names)
         for name in names:
             r, o = ref_out[name], cand_out[name]
             if r.shape != o.shape:
