@@ -103,6 +103,7 @@ class CompressReport:
     recovery_skipped: str | None = None  # why no recovery ran although steps were asked for
     recovery_not_kept: str | None = None  # distillation ran but did worse on held-out samples
     prune_skipped: str | None = None  # why pruning was asked for but could remove nothing
+    pruning_dropped: str | None = None  # why the pruning found was not kept after quantizing
     quantize: QuantizeReport | None = None
     parity: VerifyReport | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
@@ -171,6 +172,8 @@ class CompressReport:
             ]
         if self.prune_skipped is not None:
             lines += ["", f"pruning   none: {self.prune_skipped}"]
+        if self.pruning_dropped is not None:
+            lines += ["", f"pruning   DROPPED: {self.pruning_dropped}"]
         if self.recovery_skipped is not None:
             lines += ["", f"NOT FINE-TUNED: no distillation ({self.recovery_skipped})"]
             fits = self.prune.reconstruction if self.prune is not None else None
@@ -483,20 +486,56 @@ def compress(
         min_cosine=config.min_cosine,
         max_accuracy_drop=None if config.max_drop is None else config.max_drop / 100,
     )
-    report.parity = verify(
-        original,
-        current,
-        check_samples,
-        thresholds=thresholds,
-        batch_size=config.batch_size,
-        split=check_split,
-        holdout=config.holdout,
-        reference_name=source,
-        candidate_name="compressed",
-        floors=config.floors,
-        metric=metric,
-    )
+
+    def final(model: ir.Model) -> VerifyReport:
+        return verify(
+            original,
+            model,
+            check_samples,
+            thresholds=thresholds,
+            batch_size=config.batch_size,
+            split=check_split,
+            holdout=config.holdout,
+            reference_name=source,
+            candidate_name="compressed",
+            floors=config.floors,
+            metric=metric,
+        )
+
+    report.parity = final(current)
     timings["verify"] = time.perf_counter() - t0
+    if (
+        not report.parity.passed
+        and report.prune is not None
+        and report.prune.unchanged_because is None
+        and config.quantize != "none"
+        and config.ratio is None  # a fixed ratio asked for is kept whatever it costs
+        and (budget or floor_budget)
+    ):
+        # The pruning held the budget alone, and quantization held it against the pruned
+        # model, but both together break it: quantized alone, the model may still hold it.
+        t0 = time.perf_counter()
+        broke = "; ".join(report.parity.failures)
+        alone, alone_report = quantize(
+            original,
+            samples,
+            dataclasses.replace(qconfig, max_drop=config.max_drop),
+            source=source,
+            verify_samples=verify_samples,
+            floors=config.floors,
+            metric=metric,
+        )
+        alone_parity = final(alone)
+        timings["quantize"] += time.perf_counter() - t0
+        if alone_parity.passed:
+            report.pruning_dropped = (
+                f"pruned to {report.attempts[-1].macs:.3g} of the MACs and quantized, the model "
+                f"broke the {'accuracy budget' if budget else 'quality floors'} ({broke}); "
+                "quantized alone it holds them"
+            )
+            current, report.quantize, report.parity = alone, alone_report, alone_parity
+            report.prune = report.recovery = None
+            report.recovery_not_kept = None
     report.after = _summary(current, shapes)
     if config.latency:
         t0 = time.perf_counter()

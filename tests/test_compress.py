@@ -161,3 +161,56 @@ def test_compress_goes_on_without_recovery_when_the_model_cannot_be_trained(
     assert report.prune.reconstruction  # the affected layers were refitted instead
     assert report.after["parameters"] < report.before["parameters"]
     io.save_model(small, tmp_path / "small.onnx")
+
+
+def test_pruning_that_breaks_the_floors_once_quantized_is_dropped(
+    resnet_path, calib_npz, test_npz, monkeypatch
+):
+    """The pruned model holds the floors, quantization holds them against the pruned model,
+    but together they break them (here: a quantizer that ruins whatever pruned model it is
+    given): compress quantizes the unpruned model instead and says so."""
+    import importlib
+
+    compress_mod = importlib.import_module("onnxzip.compress")
+    real = compress_mod.quantize
+
+    def ruin_pruned(model, samples, config, **kwargs):
+        quantized, report = real(model, samples, config, **kwargs)
+        if model is not original[0]:  # the pruned model: its classifier weights shuffled
+            for value in quantized.graph.initializers.values():
+                array = value.const_value.numpy()
+                if array.dtype == np.int8 and array.ndim == 2:
+                    shuffled = np.random.default_rng(0).permutation(array.reshape(-1))
+                    value.const_value = io_tensor(shuffled.reshape(array.shape), value.name)
+        return quantized, report
+
+    def io_tensor(array, name):
+        import onnx_ir as ir
+
+        return ir.Tensor(array, name=name)
+
+    specs = input_specs(io.load_model(resnet_path))
+    original = [None]
+    real_load = compress_mod.io.load_model
+
+    def load(model, *args, **kwargs):
+        loaded = real_load(model, *args, **kwargs)
+        if original[0] is None:
+            original[0] = loaded
+        return loaded
+
+    monkeypatch.setattr(compress_mod, "quantize", ruin_pruned)
+    monkeypatch.setattr(compress_mod.io, "load_model", load)
+    model, report = compress(
+        resnet_path,
+        NpzSamples(calib_npz, specs),
+        CompressConfig(latency=False, recover_steps=100),
+        verify_samples=NpzSamples(test_npz, specs),
+    )
+    assert report.attempts and report.attempts[-1].fits  # a pruning held the floors alone
+    assert report.pruning_dropped is not None and "quantized alone it holds them" in (
+        report.pruning_dropped
+    )
+    assert report.prune is None and report.parity.passed
+    assert report.after["macs"] == report.before["macs"]  # the model is not pruned
+    assert "pruning   DROPPED: pruned to" in report.format()
