@@ -318,6 +318,11 @@ class QuantizeReport:
                 f"accuracy guard: {g.target}: {state}; {measure} "
                 f"on {g.evaluated_samples} held-out samples, {len(g.kept_float)} of {g.candidates} layers kept in float"
             )
+            if g.candidates and len(g.kept_float) > g.candidates / 2:
+                lines.append(
+                    "               most layers stay float: expect little or no speed-up over "
+                    "fp32 (Q/DQ between float layers costs time); measure before serving it"
+                )
         if not self.quantized_ops:
             lines += [
                 "",
