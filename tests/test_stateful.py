@@ -19,7 +19,8 @@ from onnxzip.verify import verify
 STREAM = """
 <ir_version: 8, opset_import: ["" : 17]>
 g (float[N, 4] x, float[2, N, 4] state) => (float[N, 4] y, float[2, N, 4] stateN) {
-    kept = Mul (state, decay)
+    decayed = Mul (state, decay)
+    kept = Add (decayed, offset)
     stateN = Add (kept, x)
     first = Gather <axis = 0> (stateN, zero)
     y = Tanh (first)
@@ -27,11 +28,12 @@ g (float[N, 4] x, float[2, N, 4] state) => (float[N, 4] y, float[2, N, 4] stateN
 """
 
 
-def _stream(decay: float) -> onnx.ModelProto:
+def _stream(decay: float, offset: float = 0.0) -> onnx.ModelProto:
     proto = onnx.parser.parse_model(STREAM)
     proto.graph.initializer.extend(
         [
             onnx.numpy_helper.from_array(np.float32(decay), "decay"),
+            onnx.numpy_helper.from_array(np.float32(offset), "offset"),
             onnx.numpy_helper.from_array(np.int64(0), "zero"),
         ]
     )
@@ -134,3 +136,39 @@ def test_quantize_calibrates_on_the_carried_states(tmp_path, capsys):
     ranges = {r["tensor"]: r for r in json.loads((tmp_path / "q.json").read_text())["ranges"]}
     assert ranges["state"]["observed_max"] - ranges["state"]["observed_min"] > 0.5
     assert "each model on its own state" in text
+
+
+def test_the_accuracy_guard_judges_candidates_on_their_own_state(tmp_path):
+    """The guard's evaluator, given a stream, runs each candidate on its own carried state (as
+    the final verification does). A candidate whose state is off by a little at each step holds
+    the floors step by step on the reference's states, but its own state drifts by the sum of
+    those errors: that is what the guard must see."""
+    from onnxzip.quantize import QuantizeConfig, _Evaluator
+
+    ref = io.load_model(_stream(0.95))
+    cand = io.load_model(_stream(0.95, offset=0.01))
+    base = NpzSamples(_data(tmp_path, steps=80), input_specs(ref))
+    pairs = [("state", "stateN")]
+    stream = StatefulSamples(base, ref, pairs, "ref")
+    config = QuantizeConfig(batch_size=8)
+    evaluator = _Evaluator(ref, stream, "holdout", config)
+    # teacher-forced, step by step on the reference's states: every floor holds
+    forced = floors_judge(ref, cand, stream)
+    assert all(c.passed for c in forced)
+    checks, _ = evaluator.floor_checks(cand)
+    assert not all(c.passed for c in checks)  # on its own state it drifts
+    checks, levels = evaluator.floor_checks(ref)
+    assert all(c.passed for c in checks) and min(levels.values()) == np.inf
+    assert not verify(ref, cand, stream, split="holdout", holdout=0.5).passed
+
+
+def floors_judge(ref, cand, stream):
+    from onnxzip import floors
+    from onnxzip.runtime import Runner
+
+    judge = floors.Judge(list(ref.graph.outputs))
+    a, b = Runner(ref), Runner(cand)
+    names = [v.name for v in ref.graph.outputs]
+    for batch in stream.batches(8, "holdout", 0.5):
+        judge.add(a.run(batch, names), b.run(batch, names), batch)
+    return judge.checks()

@@ -1226,6 +1226,8 @@ class _Evaluator:
         metric: metrics_mod.TaskMetric | None = None,
     ):
         self.metric = metric
+        self.data, self.split = data, split
+        self.batch_size, self.holdout = config.batch_size, config.holdout or 0.5
         self.runs = ReferenceOutputs(
             original,
             data,
@@ -1250,8 +1252,16 @@ class _Evaluator:
         part a level to raise: its SNR in dB, or the task metric's score."""
         run = Runner(model, name="candidate", optimization="all")
         judge = floors_mod.Judge(self.outputs, self.metric)
-        for batch, ref in zip(self.batches, self.reference, strict=True):
-            judge.add(ref, run.run(batch, self.names), batch)
+        fed = iter(self.batches)
+        pairs = getattr(self.data, "pairs", None)
+        if pairs:  # a stream: the candidate runs on its own carried state, as verify runs it
+            from onnxzip.stateful import StatefulSamples
+
+            own = StatefulSamples(self.data.base, model, pairs, "candidate")
+            own.max_batch = self.data.max_batch
+            fed = own.batches(self.batch_size, self.split, self.holdout)
+        for batch, ref, feed in zip(self.batches, self.reference, fed, strict=False):
+            judge.add(ref, run.run(feed, self.names), batch)
         return judge.checks(), judge.levels()
 
     def local_losses(
