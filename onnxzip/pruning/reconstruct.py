@@ -197,18 +197,25 @@ def reconstruct(
         seen += len(batch)
         if seen >= max_samples:
             break
-    for node, _in_axis, out_axis in progress.bar(todo, desc="reconstruct", unit="layer"):
+    # Layers in graph order; the next layers none of which reads another's output (sibling
+    # heads, parallel branches) get their inputs from one pass: each input depends only on
+    # the layers upstream of it, already refitted, so the fits are those of one pass each.
+    upstream = _upstream_layers(pruned, [n for n, _, _ in todo])
+    rows: dict[str, np.ndarray] = {}
+    for index, (node, _in_axis, out_axis) in enumerate(
+        progress.bar(todo, desc="reconstruct", unit="layer")
+    ):
         name = node_key(node)
-        student = Runner(
-            _prefix(pruned, node.inputs[0].name), name="pruned model", optimization="none"
-        )
-        xs = []
-        # The same batches again (the stream is deterministic), not kept in memory.
-        stream = samples.batches(batch_size, split, holdout or 0.5)
-        for (flat, out_hw), batch in zip(picked[name], stream, strict=False):
-            x = student.run(batch, [node.inputs[0].name])[node.inputs[0].name]
-            xs.append(_in_rows(node, x, flat, out_hw).astype(np.float64))
-        x_rows = np.concatenate(xs)
+        if name not in rows:
+            group = [todo[index][0]]
+            for later, _, _ in todo[index + 1 :]:
+                if any(id(g) in upstream[id(later)] for g in group):
+                    break
+                group.append(later)
+            rows.update(
+                _layer_rows(pruned, group, picked, samples, batch_size, split, holdout or 0.5)
+            )
+        x_rows = rows.pop(name)
         y_rows = np.concatenate(wanted[name])
         order = rng.permutation(len(x_rows))
         cut = max(1, len(order) // 5)
@@ -247,16 +254,59 @@ def reconstruct(
     return pruned, fits
 
 
-def _prefix(model: ir.Model, name: str) -> ir.Model:
-    """A copy of ``model`` that computes only the tensor ``name``: the nodes it depends on
+def _prefix(model: ir.Model, names: list[str]) -> ir.Model:
+    """A copy of ``model`` that computes only the tensors ``names``: the nodes they depend on
     (a layer early in the graph is refitted at the cost of the graph up to it, not of all)."""
-    exposed = expose(model, [name])
+    exposed = expose(model, names)
     graph = exposed.graph
-    target = next(v for v in graph.outputs if v.name == name)
+    targets = [next(v for v in graph.outputs if v.name == name) for name in names]
     graph.outputs.clear()
-    graph.outputs.append(target)
+    graph.outputs.extend(targets)
     onnx_ir.passes.common.RemoveUnusedNodesPass()(exposed)
     return exposed
+
+
+def _upstream_layers(model: ir.Model, layers: list[ir.Node]) -> dict[int, set[int]]:
+    """Per layer (by id), the ids of the other ``layers`` its input depends on."""
+    wanted = {id(n) for n in layers}
+    memo: dict[int, frozenset[int]] = {}
+    for node in model.graph:  # topological: every producer is seen before its readers
+        found: set[int] = set()
+        for value in node.inputs:
+            producer = value.producer() if value is not None else None
+            if producer is not None and id(producer) in memo:
+                found |= memo[id(producer)]
+                if id(producer) in wanted:
+                    found.add(id(producer))
+        memo[id(node)] = frozenset(found)
+    result = {}
+    for layer in layers:
+        producer = layer.inputs[0].producer()
+        above = set(memo.get(id(producer), frozenset())) if producer is not None else set()
+        if producer is not None and id(producer) in wanted:
+            above.add(id(producer))
+        result[id(layer)] = above
+    return result
+
+
+def _layer_rows(pruned, group, picked, samples, batch_size, split, holdout) -> dict:
+    """The picked input rows of every layer of ``group`` in the pruned model, from one pass
+    over the same batches the targets came from (the stream is deterministic)."""
+    names = list(dict.fromkeys(n.inputs[0].name for n in group))
+    student = Runner(_prefix(pruned, names), name="pruned model", optimization="none")
+    xs: dict[str, list[np.ndarray]] = {node_key(n): [] for n in group}
+    stream = samples.batches(batch_size, split, holdout)
+    for k, batch in enumerate(stream):
+        if k >= max(len(picked[node_key(n)]) for n in group):
+            break
+        out = student.run(batch, names)
+        for n in group:
+            if k < len(picked[node_key(n)]):
+                flat, out_hw = picked[node_key(n)][k]
+                xs[node_key(n)].append(
+                    _in_rows(n, out[n.inputs[0].name], flat, out_hw).astype(np.float64)
+                )
+    return {key: np.concatenate(parts) for key, parts in xs.items()}
 
 
 def _compensation_add(node: ir.Node) -> ir.Node | None:
