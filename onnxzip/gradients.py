@@ -243,6 +243,12 @@ def gradient_statistics(
         raise InputError("gradients: no prunable group to score")
     if training.differentiable(twin):
         _check_twin(model, twin, samples, batch_size)
+    blocked = training.control_flow_on_gradient_path(twin, list(gates))
+    if blocked is not None:
+        raise engine.WorkerFailed(
+            f"gradients: op {blocked} has no gradient in onnxruntime-training (control flow "
+            "between the channels and the loss)"
+        )
     fixed = training.fix_batch(twin, batch_size, samples)
     outputs = [v for v in twin.graph.outputs]
     classifier = next((v for v in outputs if is_classifier(v)), None)

@@ -249,6 +249,13 @@ def recover(
         if name not in trainable and v.dtype is not None and v.dtype.is_floating_point()
     ]
 
+    blocked = training.control_flow_on_gradient_path(twin, trainable)
+    if blocked is not None:
+        raise engine.WorkerFailed(
+            f"recovery: op {blocked} has no gradient in onnxruntime-training (control flow "
+            "between the weights and the loss)"
+        )
+
     out_names = [v.name for v in student.graph.outputs]
     float_outputs = [v for v in student.graph.outputs if v.dtype == ir.DataType.FLOAT]
     classifier = {v.name: is_classifier(v) for v in float_outputs}

@@ -152,6 +152,37 @@ def differentiable(model: ir.Model) -> list[str]:
     return done
 
 
+CONTROL_FLOW = ("If", "Loop", "Scan")
+
+
+def control_flow_on_gradient_path(model: ir.Model, trainable: list[str]) -> str | None:
+    """The first If/Loop/Scan of the main graph that reads (itself, or from a body) a value
+    computed from the ``trainable`` weights, or None. onnxruntime-training 1.19 has no gradient
+    for control flow, and its gradient builder aborts the process on one (SIGABRT) instead of
+    refusing it: such a twin is refused here, by name."""
+    graph = model.graph
+    reached = {id(graph.initializers[n]) for n in trainable if n in graph.initializers}
+    for node in graph:  # topological order
+        reads = list(node.inputs)
+        for attr in node.attributes.values():  # bodies read outer values by reference
+            bodies = (
+                [attr.as_graph()]
+                if attr.type == ir.AttributeType.GRAPH
+                else list(attr.as_graphs())
+                if attr.type == ir.AttributeType.GRAPHS
+                else []
+            )
+            for body in bodies:
+                reads += [
+                    v for inner in ir.traversal.RecursiveGraphIterator(body) for v in inner.inputs
+                ]
+        if any(v is not None and id(v) in reached for v in reads):
+            if node.op_type in CONTROL_FLOW and node.domain in ("", "ai.onnx"):
+                return node.op_type
+            reached.update(id(v) for v in node.outputs)
+    return None
+
+
 def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
     a = node.attributes.get(name)
     return list(a.as_ints()) if a is not None else default

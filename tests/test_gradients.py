@@ -520,3 +520,57 @@ def test_distillation_standardises_features_of_very_different_spreads():
     np.testing.assert_allclose(weighted, weighted.mean(), rtol=0.05)  # each feature counts alike
     alike = rng.normal(0, 1, (64, 32)) * rng.uniform(0.5, 2, 32)
     np.testing.assert_array_equal(feature_weights(alike.astype(np.float32)), np.ones(32))
+
+
+def test_control_flow_between_the_weights_and_the_loss_is_refused_by_name(tmp_path):
+    """onnxruntime-training 1.19 aborts the process (SIGABRT) building the gradient of an If:
+    the twin is refused before, by name, and compress then reconstructs and says why."""
+    import onnx.helper as oh
+
+    from onnxzip.engine import WorkerFailed
+    from onnxzip.recover import RecoverConfig, recover
+    from onnxzip.training import control_flow_on_gradient_path
+
+    branch = lambda op, name: oh.make_graph(  # noqa: E731
+        [oh.make_node(op, ["r"], [f"{name}_y"])],
+        name,
+        [],
+        [oh.make_tensor_value_info(f"{name}_y", onnx.TensorProto.FLOAT, None)],
+    )
+    rng = np.random.default_rng(0)
+    graph = oh.make_graph(
+        [
+            oh.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+            oh.make_node("Relu", ["c"], ["r"]),
+            oh.make_node(
+                "If",
+                ["flag"],
+                ["u"],
+                then_branch=branch("Relu", "then"),
+                else_branch=branch("Neg", "else"),
+            ),
+            oh.make_node("GlobalAveragePool", ["u"], ["p"]),
+            oh.make_node("Flatten", ["p"], ["f"]),
+            oh.make_node("Gemm", ["f", "w2"], ["y"], transB=1),
+        ],
+        "if_net",
+        [
+            oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8]),
+            oh.make_tensor_value_info("flag", onnx.TensorProto.BOOL, []),
+        ],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])],
+        [
+            onnx.numpy_helper.from_array(rng.normal(size=(6, 3, 3, 3)).astype(np.float32), "w"),
+            onnx.numpy_helper.from_array(np.zeros(6, np.float32), "b"),
+            onnx.numpy_helper.from_array(rng.normal(size=(4, 6)).astype(np.float32), "w2"),
+        ],
+    )
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model = io.load_model(proto)
+    assert control_flow_on_gradient_path(model, ["w"]) == "If"
+    assert control_flow_on_gradient_path(model, ["w2"]) is None  # downstream of the If
+    x = rng.normal(size=(16, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x, flag=np.array(True))
+    samples = NpzSamples(tmp_path / "x.npz", input_specs(model))
+    with pytest.raises(WorkerFailed, match="op If has no gradient in onnxruntime-training"):
+        recover(model, model.clone(), samples, RecoverConfig(steps=2, batch_size=8))
