@@ -243,6 +243,7 @@ def gradient_statistics(
         raise InputError("gradients: no prunable group to score")
     if training.differentiable(twin):
         _check_twin(model, twin, samples, batch_size)
+    training.unshare_weights(twin, gates)
     blocked = training.control_flow_on_gradient_path(twin, list(gates))
     if blocked is not None:
         raise engine.WorkerFailed(

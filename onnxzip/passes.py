@@ -125,6 +125,19 @@ def claim(graph: ir.Graph, name: str) -> None:
         taken.add(name)
 
 
+def fresh_name(graph: ir.Graph, name: str) -> str:
+    """``name``, or ``name_1``, ``name_2``, ...: the first no value of ``graph`` uses, claimed."""
+    taken = _NAMING.get(graph)
+    if taken is None:
+        taken = _taken_names(graph)
+    unique, i = name, 1
+    while unique in taken or unique in graph.initializers:
+        unique = f"{name}_{i}"
+        i += 1
+    claim(graph, unique)
+    return unique
+
+
 def add_initializer(
     graph: ir.Graph, name: str, array: np.ndarray, *, name_is_unique: bool = False
 ) -> ir.Value:
@@ -133,16 +146,7 @@ def add_initializer(
     ``name_is_unique`` skips the check when the caller already guarantees it; inside a
     ``naming`` scope the check costs one set lookup.
     """
-    unique = name
-    if not name_is_unique:
-        taken = _NAMING.get(graph)
-        if taken is None:
-            taken = _taken_names(graph)
-        i = 1
-        while unique in taken or unique in graph.initializers:
-            unique = f"{name}_{i}"
-            i += 1
-        claim(graph, unique)
+    unique = name if name_is_unique else fresh_name(graph, name)
     array = np.asarray(array)
     # ir.Tensor directly: ir.tensor's protocol checks cost more than the rest of this function.
     if array.dtype.kind in "OSU":  # strings: onnx_ir's own string tensor

@@ -233,12 +233,13 @@ def recover(
     rewritten = training.differentiable(base)
     if rewritten or passes.batchnorm_to_affine(base):
         _check_same(student, base, samples, config)
+    trainable = _trainable(student)
+    training.unshare_weights(base, trainable)
     fixed = training.fix_batch(base, config.batch_size, samples)
     teacher_run = Runner(teacher_model, name="teacher")
     twin, targets = _training_twin(
         base, config.temperature, _loss_weights(teacher_run, student, samples, config)
     )
-    trainable = _trainable(student)
     if not trainable:
         raise InputError(
             "recovery: the model has no trainable weights (Conv/Gemm/MatMul initializers)"

@@ -152,6 +152,36 @@ def differentiable(model: ir.Model) -> list[str]:
     return done
 
 
+@bulk_edit
+def unshare_weights(model: ir.Model, trainable) -> int:
+    """Gives every reader but the first of a frozen float initializer read more than once its
+    own copy of it, as a separate initializer.
+
+    onnxruntime-training 1.19 names the gradient outputs of ops whose gradient node emits every
+    input's gradient at once (``LayerNormalizationGrad``: dX, dScale, dBias) after the input
+    itself, once per reader: a scale shared by several LayerNormalizations (the dynamo exporter
+    merges equal initializers, so every freshly initialised norm of a vision transformer reads
+    one tensor) makes a graph with ``Duplicate definition of name (W_grad)``, frozen or not.
+    ``Identity`` copies do not help: onnxruntime merges identical nodes before it builds the
+    gradient. A frozen weight is never written back, so separate copies are exact; trainable
+    weights (``trainable``) stay shared, so tied weights stay tied. Returns the copies made.
+    """
+    graph = model.graph
+    keep = set(trainable)
+    made = 0
+    for name, value in list(graph.initializers.items()):
+        if name in keep or value.dtype is None or not value.dtype.is_floating_point():
+            continue
+        if value.const_value is None:
+            continue
+        uses = [(node, i) for node, i in value.uses() if node.graph is graph]
+        for node, i in uses[1:]:
+            copy = add_initializer(graph, f"{name}_copy", value.const_value.numpy())
+            node.replace_input_with(i, copy)
+            made += 1
+    return made
+
+
 CONTROL_FLOW = ("If", "Loop", "Scan")
 
 

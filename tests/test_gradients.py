@@ -574,3 +574,59 @@ def test_control_flow_between_the_weights_and_the_loss_is_refused_by_name(tmp_pa
     samples = NpzSamples(tmp_path / "x.npz", input_specs(model))
     with pytest.raises(WorkerFailed, match="op If has no gradient in onnxruntime-training"):
         recover(model, model.clone(), samples, RecoverConfig(steps=2, batch_size=8))
+
+
+SHARED_NORM = """
+<ir_version: 10, opset_import: ["" : 20]>
+g (float[N,5,8] x) => (float[N,5,6] y) {
+    a = MatMul (x, w1)
+    n1 = LayerNormalization <axis=-1> (a, s, b)
+    g1 = Gelu (n1)
+    c = MatMul (g1, w2)
+    d = MatMul (g1, w2)
+    e = Add (c, d)
+    n2 = LayerNormalization <axis=-1> (e, s, b)
+    y = MatMul (n2, w3)
+}
+"""
+
+
+def test_norm_weights_shared_by_several_readers_train(tmp_path):
+    """The dynamo exporter merges equal initializers, so the LayerNormalizations of a vision
+    transformer read one scale and one bias; onnxruntime-training 1.19 then rejects the graph
+    ('Duplicate definition of name (s_grad)'). The twin gives every later reader of a frozen
+    weight its own copy; a trained weight read twice (tied) stays one weight."""
+    from onnxzip.recover import RecoverConfig, recover
+    from onnxzip.training import unshare_weights
+
+    proto = onnx.parser.parse_model(SHARED_NORM)
+    rng = np.random.default_rng(0)
+    shapes = {"w1": (8, 16), "w2": (16, 16), "w3": (16, 6), "s": (16,), "b": (16,)}
+    for name, shape in shapes.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(0, 0.5, shape).astype(np.float32), name)
+        )
+    model = io.load_model(proto)
+    twin = model.clone()
+    assert unshare_weights(twin, ["w1", "w2", "w3"]) == 2
+    norms = [n for n in twin.graph if n.op_type == "LayerNormalization"]
+    assert len({id(v) for n in norms for v in n.inputs[1:]}) == 4
+    readers = [n for n in twin.graph if n.op_type == "MatMul" and n.inputs[1].name == "w2"]
+    assert len(readers) == 2  # tied stays tied
+    x = rng.normal(size=(2, 5, 8)).astype(np.float32)
+    from onnxzip.data import Batch
+
+    want = Runner(model, optimization="none").run(Batch({"x": x}))["y"]
+    got = Runner(twin, optimization="none").run(Batch({"x": x}))["y"]
+    np.testing.assert_array_equal(got, want)
+
+    samples = SyntheticSamples(input_specs(model), 64, seed=1)
+    student = model.clone()  # a damaged student (its norms cap every channel group)
+    w3 = student.graph.initializers["w3"]
+    w3.const_value = ir.tensor(w3.const_value.numpy() * 0.5, name="w3")
+    recovered, rec = recover(model, student, samples, RecoverConfig(steps=16, batch_size=8))
+    assert rec.last_loss < 0.5 * rec.first_loss
+    assert set(recovered.graph.initializers) == set(model.graph.initializers)
+    norms = [n for n in recovered.graph if n.op_type == "LayerNormalization"]
+    assert {n.inputs[1].name for n in norms} == {"s"}
+    io.save_model(recovered, tmp_path / "r.onnx")
