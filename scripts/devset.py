@@ -4,7 +4,7 @@ Models: the three ONNX models inside the ``ddddocr`` 1.6.1 wheel from PyPI (``pi
 --no-deps``; real weights: a CTC text recognizer, its older QDQ-quantized sibling and a
 YOLOX-style detector whose single output concatenates boxes and scores), plus the committed
 torch.onnx exports under ``tests/data/exported`` (BERT, Llama-style GQA, GPT-2; dynamo and
-TorchScript exporters; their token sequences).
+TorchScript exporters; a ViT from dynamo; their token sequences).
 
 Data, all real and offline, made the way ddddocr feeds its models:
 * ``ocr.npz``: 40 text lines rendered with PIL (letters and digits, four fonts sizes), grey,
@@ -126,6 +126,7 @@ def build(cache: Path) -> dict[str, tuple[Path, Path]]:
                 exported / f"{arch}_{exporter}.onnx",
                 exported / f"{arch}_ids.npz",
             )
+    corpus["vit_dynamo"] = (exported / "vit_dynamo.onnx", exported / "vit_pixels.npz")
     return corpus
 
 

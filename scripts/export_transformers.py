@@ -13,7 +13,11 @@ Architectures: ``bert`` (BertModel: 2 layers, hidden 32, 4 heads, GELU FFN 64) a
 (LlamaForCausalLM: 2 layers, hidden 64, 8 query heads sharing 2 key/value heads, RMSNorm,
 rotary, SiLU-gated FFN 128, untied head) and ``gpt2`` (GPT2LMHeadModel: 2 layers, hidden 32, 4
 heads, its Conv1D projections as Gemm between run-time reshapes, output weight tied to the token
-embedding). The graphs hold what exported transformers hold: head
+embedding) and ``vit`` (ViTForImageClassification: 32 x 32 images, 8 x 8 patches, 2 layers,
+hidden 32, 4 heads, 10 classes; its LayerNorms keep their initial ones and zeros, so the dynamo
+exporter merges them into one scale and one bias read by every norm, as it does for any
+model trained from a fresh config; dynamo only; ``vit_pixels.npz`` holds 16 crops of
+scikit-image's photos). The graphs hold what exported transformers hold: head
 reshapes whose targets are computed at run time (``Concat(Shape gathers, [-1], [head size])``),
 the dynamo exporter's K-transpose spelled Reshape-Transpose-Reshape, NaN guards after Softmax,
 rotary Slice/Neg/Concat, GQA's Unsqueeze-Expand-Reshape. ``<arch>_ids.npz`` holds 16 token
@@ -34,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "data" / "exported"
 VOCAB, SEQUENCES, LENGTH = 100, 16, 12
-ARCHITECTURES = ("bert", "llama", "gpt2")
+ARCHITECTURES = ("bert", "llama", "gpt2", "vit")
 
 
 BENCH = {
@@ -90,12 +94,28 @@ def build(arch: str):
             use_cache=False,
         )
         model = transformers.GPT2LMHeadModel(config)  # output weight tied to the embedding
+    elif arch == "vit":
+        config = transformers.ViTConfig(
+            image_size=32,
+            patch_size=8,
+            num_channels=3,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            num_labels=10,
+        )
+        model = transformers.ViTForImageClassification(config)
     else:
         raise ValueError(arch)
     with torch.no_grad():
-        for p in model.parameters():  # trained-looking values: no two equal tensors
+        for name, p in model.named_parameters():  # trained-looking values: no two equal tensors
+            if arch == "vit" and ("layernorm" in name.lower() or "norm." in name):
+                continue  # initial ones and zeros: merged by the exporter
             p.copy_(torch.randn_like(p) * (0.5 / max(1, p.shape[-1]) ** 0.5) + (p.ndim == 1) * 0.1)
     model.eval()
+    if arch == "vit":
+        return model
 
     class Wrapper(torch.nn.Module):
         def __init__(self, inner):
@@ -109,9 +129,57 @@ def build(arch: str):
     return Wrapper(model).eval()
 
 
+def photo_crops(count: int = SEQUENCES, size: int = 32) -> np.ndarray:
+    """``count`` crops of scikit-image's bundled photos, RGB in CHW, normalised as ViT's
+    image processor does ((x / 255 - 0.5) / 0.5)."""
+    from PIL import Image
+    from skimage import data
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    rng = np.random.default_rng(0)
+    crops = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        side = int(rng.integers(96, min(photo.shape[:2])))
+        top = int(rng.integers(0, photo.shape[0] - side + 1))
+        left = int(rng.integers(0, photo.shape[1] - side + 1))
+        crop = Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size))
+        crops.append(np.asarray(crop, np.float32).transpose(2, 0, 1))
+    return ((np.stack(crops) / 255.0 - 0.5) / 0.5).astype(np.float32)
+
+
+def export_vit(out: Path) -> None:
+    import torch
+
+    model = build("vit")
+    pixels = photo_crops()
+    np.savez(out / "vit_pixels.npz", pixel_values=pixels)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values):
+            return self.inner(pixel_values=pixel_values).logits
+
+    torch.onnx.export(
+        Logits(model).eval(),
+        (torch.from_numpy(pixels[:2]),),
+        str(out / "vit_dynamo.onnx"),
+        input_names=["pixel_values"],
+        output_names=["logits"],
+        dynamo=True,
+        dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
+    )
+
+
 def export(arch: str, out: Path, sequences: int = SEQUENCES, length: int = LENGTH) -> None:
     import torch
 
+    if arch == "vit":
+        export_vit(out)
+        return
     model = build(arch)
     rng = np.random.default_rng(0)
     vocab = BENCH["vocab_size"] if arch == "llama_bench" else VOCAB
@@ -172,6 +240,9 @@ def main() -> None:
         help="instead, the int4 benchmark's decoder (27M parameters, not committed): "
         "llama_bench.onnx and 64 sequences of 32 tokens",
     )
+    parser.add_argument(
+        "--arch", choices=ARCHITECTURES, action="append", help="only these (default: all)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     warnings.filterwarnings("ignore")
@@ -179,7 +250,7 @@ def main() -> None:
         export("llama_bench", args.out, sequences=64, length=32)
         print(f"wrote the benchmark decoder to {args.out}")
         return
-    for arch in ARCHITECTURES:
+    for arch in args.arch or ARCHITECTURES:
         export(arch, args.out)
         print(f"wrote {arch} exports to {args.out}")
 

@@ -2,7 +2,7 @@
 
 The corpus: the transformers torch.onnx exported (``tests/data/exported``: BERT, Llama-style GQA
 decoder and GPT-2, each from the dynamo exporter with external data and from the TorchScript
-exporter) with their token sequences, and the shipped digits nets with their images. Each run
+exporter; a ViT image classifier from the dynamo exporter) with their token sequences, and the shipped digits nets with their images. Each run
 must end with exit 0 (done), 1 (done, a quality floor failed: these transformers have random
 weights, so their next-token floors may) or 2 with one line; never 3, a signal, a traceback or
 stray files. Every model written passes onnx's full check and runs in onnxruntime on the data.
@@ -26,6 +26,7 @@ CORPUS = {
         for arch in ("bert", "llama", "gpt2")
         for exporter in ("dynamo", "ts")
     },
+    "vit_dynamo": (EXPORTED / "vit_dynamo.onnx", EXPORTED / "vit_pixels.npz"),
     "digits_resnet": (MODELS / "digits_resnet.onnx", MODELS / "digits_test.npz"),
     "digits_mobilenet": (MODELS / "digits_mobilenet.onnx", MODELS / "digits_test.npz"),
 }
