@@ -305,9 +305,12 @@ def snr_db(signal: float, noise: float) -> float:
     """10 log10(signal / noise): inf for no noise, -inf for no signal."""
     if noise == 0:
         return math.inf
-    if signal == 0:
+    ratio = signal / noise
+    if math.isnan(ratio):  # inf noise on an inf signal (a candidate that overflowed)
         return -math.inf
-    return 10.0 * math.log10(signal / noise)
+    if ratio <= 0:  # no signal, or one that underflows against infinite noise
+        return -math.inf
+    return 10.0 * math.log10(ratio)
 
 
 def is_classifier(value: ir.Value) -> bool:

@@ -118,3 +118,17 @@ def test_fixed_batch_light_model_against_itself():
     samples = SyntheticSamples(input_specs(model), 3)
     report = verify(path, path, samples, batch_size=8, thresholds=Thresholds(min_cosine=1.0))
     assert report.passed and report.samples == 3  # batch fixed at 1 in the model: three runs
+
+
+def test_snr_of_an_overflowed_candidate_is_minus_infinity():
+    """A quantized Reciprocal of a zero variance gives inf: the per-node diff of a real
+    classifier then ended in 'math domain error' (exit 3) instead of naming that node."""
+    import math
+
+    from onnxzip.verify import snr_db
+
+    assert snr_db(1.0, math.inf) == -math.inf
+    assert snr_db(math.inf, math.inf) == -math.inf
+    assert snr_db(1e-300, 1e300) == -math.inf  # underflows to 0
+    assert snr_db(0.0, 1.0) == -math.inf and snr_db(1.0, 0.0) == math.inf
+    assert snr_db(100.0, 1.0) == 20.0

@@ -38,7 +38,12 @@ from onnxzip.quantize import params as qp
 from onnxzip.quantize import smooth, weight_only
 from onnxzip.quantize.dynamic import quantize_dynamic
 from onnxzip.quantize.qdq import InsertResult, insert_qdq
-from onnxzip.quantize.rules import QUANTIZATION_RULES, Context, Plan
+from onnxzip.quantize.rules import (
+    QUANTIZATION_RULES,
+    Context,
+    Plan,
+    normalisation_statistics,
+)
 from onnxzip.report import table
 from onnxzip.runtime import Runner, channel_moments, expose, int8_pairs_saturate
 from onnxzip.statistics import Collector
@@ -375,6 +380,7 @@ def plan_quantization(model: ir.Model, config: QuantizeConfig) -> tuple[Plan, li
         config.symmetric_activations,
         config.quantize_softmax,
         transformer,
+        statistics=normalisation_statistics(model.graph),
     )
     find = QUANTIZATION_RULES.finder(model.opset_imports)
     kept = []

@@ -83,6 +83,9 @@ class Context:
     # the transformer preset: MatMul/Gemm weights and their inputs only; outputs stay float
     # (onnxruntime runs DQ -> MatMul as MatMulIntegerToFloat), everything else float
     transformer: bool = False
+    # values on the statistics path of a normalisation spelled in primitive ops (see
+    # ``normalisation_statistics``): binary ops that read them stay float
+    statistics: frozenset[str] = frozenset()
 
     def mark_activation(self, value: ir.Value, range_from: ir.Value | None = None) -> None:
         name = self.plan.resolve(value.name)
@@ -96,6 +99,93 @@ class Context:
             self.plan.constants.add((node_key(node), index))
         else:
             self.mark_activation(value)
+
+
+# Reductions whose output is a statistic of an activation (a mean, a sum of squares, a norm)
+_REDUCTIONS = (
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceSumSquare",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceLogSumExp",
+)
+# ops that carry a statistic on (elementwise on it, or reshaping it) without mixing it back in
+_CARRY = (
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "Sqrt",
+    "Reciprocal",
+    "Max",
+    "Min",
+    "Clip",
+    "Exp",
+    "Log",
+    "Neg",
+    "Abs",
+    "Identity",
+    "Cast",
+    "Reshape",
+    "Expand",
+    "Squeeze",
+    "Unsqueeze",
+    "Transpose",
+    "Tile",
+)
+STATISTICS_REASON = (
+    "normalisation statistics (a mean, a variance, its reciprocal square root) stay float: "
+    "one 8-bit scale cannot hold them"
+)
+
+
+def normalisation_statistics(graph: ir.Graph) -> frozenset[str]:
+    """The values of ``graph`` on the statistics path of a normalisation written in primitive
+    ops, as older torch exports and tf2onnx write LayerNorm (``ReduceMean``, ``Sub``, ``Pow``,
+    ``ReduceMean``, ``Add eps``, ``Sqrt``, ``Div``) and RMSNorm, GroupNorm or L2 normalisation.
+
+    A statistic is the output of a reduction of an activation, or of an op from ``_CARRY``
+    whose every non-constant input is a statistic (``var + eps``, its ``Sqrt``, ``Reciprocal``,
+    broadcasts). The square whose mean is the variance (``Mul(d, d)``, ``Pow(d, 2)`` read only by
+    reductions) belongs to the path too. Quantizing these to 8 bits per tensor breaks the
+    normalisation: ``1/sigma`` spans orders of magnitude across rows, the squares square the
+    activations' range. Binary ops that read or produce them stay float; the normalised
+    activation after them is quantized as before.
+    """
+    stats: set[str] = set()
+
+    def reads_activation(node: ir.Node) -> bool:
+        x = node.inputs[0] if node.inputs else None
+        return x is not None and const_array(x) is None
+
+    for node in graph:  # topological order
+        if node.domain not in ("", "ai.onnx") or not node.outputs:
+            continue
+        # float inputs computed at run time (a broadcast's shape tensor does not count)
+        varying = [
+            v
+            for v in node.inputs
+            if v is not None
+            and (v.dtype is None or v.dtype.is_floating_point())
+            and const_array(v) is None
+        ]
+        if node.op_type in _REDUCTIONS and reads_activation(node):
+            stats.update(v.name for v in node.outputs if v.name)
+        elif node.op_type in _CARRY and varying and all(v.name in stats for v in varying):
+            stats.update(v.name for v in node.outputs if v.name)
+        elif node.op_type in ("Mul", "Pow") and varying:
+            same = node.op_type == "Pow" or (
+                len(node.inputs) == 2 and node.inputs[0] is node.inputs[1]
+            )
+            out = node.outputs[0]
+            readers = [user for user, _ in out.uses()]
+            if same and readers and all(r.op_type in _REDUCTIONS for r in readers):
+                stats.add(out.name)
+    return frozenset(stats)
 
 
 Handler = Callable[[ir.Node, Context], str | None]
@@ -199,6 +289,8 @@ def _binary(node: ir.Node, ctx: Context) -> str | None:
         return "inputs are not float32"
     if all(const_array(v) is not None for v in node.inputs):
         return "both inputs are constants"
+    if any(v is not None and v.name in ctx.statistics for v in (*node.inputs, *node.outputs)):
+        return STATISTICS_REASON
     for i in range(2):
         ctx.mark_input(node, i)
     ctx.mark_activation(node.outputs[0])
