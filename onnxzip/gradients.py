@@ -241,7 +241,7 @@ def gradient_statistics(
     twin, gates = _gated_twin(model, groups)
     if not gates:
         raise InputError("gradients: no prunable group to score")
-    if training.differentiable(twin):
+    if training.differentiable(twin, samples):
         _check_twin(model, twin, samples, batch_size)
     training.unshare_weights(twin, gates)
     blocked = training.control_flow_on_gradient_path(twin, list(gates))

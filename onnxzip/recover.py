@@ -230,7 +230,7 @@ def recover(
     passes.fold_batchnorm(student)
     _check_same(original_student, student, samples, config)
     base = student.clone()  # the trained weights go back into ``student``, which keeps its ops
-    rewritten = training.differentiable(base)
+    rewritten = training.differentiable(base, samples)
     if rewritten or passes.batchnorm_to_affine(base):
         _check_same(student, base, samples, config)
     trainable = _trainable(student)

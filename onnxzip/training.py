@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxzip.errors import InputError
+from onnxzip.errors import InputError, ModelError
 from onnxzip.passes import add_initializer, bulk_edit, const_array, replace_node
 
 
@@ -37,20 +37,32 @@ def _const(graph: ir.Graph, name: str, value: float) -> ir.Value:
     return add_initializer(graph, name, np.array(value, np.float32))
 
 
-@bulk_edit
-def differentiable(model: ir.Model) -> list[str]:
+def differentiable(model: ir.Model, samples=None) -> list[str]:
     """Rewrites ops onnxruntime-training 1.19 has no gradient builder for into ops it has.
 
     HardSwish(x) = x * Clip(x + 3, 0, 6) / 6; HardSigmoid(x) = Clip(alpha x + beta, 0, 1);
     PRelu(x, s) = Relu(x) - s * Relu(-x); Sum of n > 2 inputs = a chain of Add; nearest
-    Resize by integer factors = Unsqueeze, Expand, Reshape (element i reads i // f); a
-    LayerNormalization with one output gets its mean and inverse-deviation outputs declared;
-    ConvTranspose = a stride-1 Conv of the zero-upsampled input with the flipped, transposed
-    kernel (``ConvTransposeGrad`` has no CPU kernel in 1.19).
+    Resize by integer factors = Unsqueeze, Expand, Reshape (element i reads i // f); any other
+    Resize of the last two axes (bilinear, bicubic, nearest at any scale or coordinate mode) =
+    one MatMul per resized axis with its interpolation matrix (``_resize_as_matmuls``; sizes
+    from the graph, else from the first sample of ``samples``, whose height and width the
+    twin's inputs then take); InstanceNormalization = its statistics in ReduceMean, Sub, Mul,
+    Sqrt, Div (no gradient builder in 1.19; GroupNorm exports as one); a LayerNormalization
+    with one output gets its mean and inverse-deviation outputs declared; ConvTranspose = a
+    stride-1 Conv of the zero-upsampled input with the flipped, transposed kernel
+    (``ConvTransposeGrad`` has no CPU kernel in 1.19).
     Returns the rewritten op types. Exact up to float rounding; callers check the outputs.
     """
+    observed = _observed_resize_inputs(model, samples)
+    return _differentiable(model, observed)
+
+
+@bulk_edit
+def _differentiable(model: ir.Model, observed: dict) -> list[str]:
     graph = model.graph
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
     done = []
+    used_observed = False
     for i, node in enumerate(list(graph)):
         if node.domain not in ("", "ai.onnx"):
             continue
@@ -133,6 +145,11 @@ def differentiable(model: ir.Model) -> list[str]:
             )
             out = ir.node("Reshape", [expand.outputs[0], target.outputs[0]], name=f"{p}_reshape")
             replace_node(graph, node, [unsq, expand, shape, target, out], out.outputs[0])
+        elif op == "Resize" and (made := _resize_as_matmuls(graph, node, p, opset, observed)):
+            replace_node(graph, node, *made[:2])
+            used_observed |= made[2]
+        elif op == "InstanceNormalization" and (made := _instance_norm(graph, node, p, opset)):
+            replace_node(graph, node, *made)
         elif op == "ConvTranspose" and (made := _conv_transpose_as_conv(graph, node, p)):
             replace_node(graph, node, *made)
         elif op == "Sum" and len(node.inputs) > 2:
@@ -149,7 +166,214 @@ def differentiable(model: ir.Model) -> list[str]:
         for value in node.outputs:
             if value.name is None:
                 value.name = f"{node.name}_out"
+    if used_observed:  # the matrices hold the samples' sizes: so do the twin's inputs
+        _fix_inputs(model, observed.get(_INPUT_SHAPES, {}))
     return done
+
+
+_INPUT_SHAPES = object()  # key of the observed graph-input shapes in ``observed``
+_RESIZE_MODES = ("nearest", "linear", "cubic")
+
+
+def _string(node: ir.Node, name: str, default: str) -> str:
+    a = node.attributes.get(name)
+    return a.as_string() if a is not None else default
+
+
+def _resize_candidate(node: ir.Node) -> bool:
+    """Whether ``_resize_as_matmuls`` may rewrite this Resize (the integer-nearest rewrite
+    aside): a mode whose map is linear in the input, over the axes the inputs name."""
+    if node.op_type != "Resize" or node.domain not in ("", "ai.onnx"):
+        return False
+    if _integer_nearest(node) is not None or len(node.inputs) < 3:
+        return False
+    if _string(node, "mode", "nearest") not in _RESIZE_MODES:
+        return False
+    if _string(node, "coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
+        return False  # extrapolates a constant outside the box: affine, not linear
+    if "axes" in node.attributes:
+        return False
+    return _string(node, "keep_aspect_ratio_policy", "stretch") == "stretch"
+
+
+def _observed_resize_inputs(model: ir.Model, samples) -> dict:
+    """Shapes of the inputs of the Resizes whose sizes the graph leaves open, seen on one
+    sample (with the graph inputs' shapes under ``_INPUT_SHAPES``); empty without samples."""
+    wanted = []
+    for n in model.graph:
+        if not _resize_candidate(n) or n.inputs[0] is None or not n.inputs[0].name:
+            continue
+        x = n.inputs[0]
+        if x.shape is None or not all(isinstance(d, int) for d in list(x.shape)[-2:]):
+            wanted.append(x.name)
+        if _resize_spec(n) is None and n.outputs[0].name:  # sizes computed at run time
+            wanted.append(n.outputs[0].name)
+    if not wanted or samples is None:
+        return {}
+    from onnxzip.runtime import Runner  # a session of its own, only when needed
+
+    first = next(iter(samples.batches(1)), None)
+    if first is None:
+        return {}
+    probe = model.clone()
+    values = {v.name: v for n in probe.graph for v in n.outputs if v.name}
+    values.update({v.name: v for v in probe.graph.inputs})
+    existing = {v.name for v in probe.graph.outputs}
+    for name in wanted:
+        if name in values and name not in existing:
+            probe.graph.outputs.append(values[name])
+    try:
+        out = Runner(probe, name="resize sizes", optimization="none").run(first, wanted)
+    except ModelError:  # no observation: those Resizes stay (and the recovery says why)
+        return {}
+    observed = {name: tuple(np.shape(array)) for name, array in out.items()}
+    observed[_INPUT_SHAPES] = {k: np.shape(v) for k, v in first.inputs.items()}
+    return observed
+
+
+def _resize_spec(node: ir.Node) -> tuple[bool, list] | None:
+    """(True, sizes) or (False, scales) of a Resize whose sizes or scales are constants."""
+    scales = const_array(node.inputs[2]) if node.inputs[2] is not None else None
+    sizes = (
+        const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    )
+    if sizes is not None and sizes.size:
+        return True, [int(v) for v in sizes]
+    if scales is not None and scales.size:
+        return False, [float(v) for v in scales]
+    return None
+
+
+def _interpolation(node: ir.Node, opset: int, length: int, spec: float, by_sizes: bool):
+    """The matrix ``A^T`` ([length, out]) of ``node``'s Resize along one axis of ``length``:
+    onnxruntime's own Resize, with the node's attributes, applied to the unit vectors (an input
+    ``[1, L, 1, L]`` holding the identity, only the last axis resized by ``spec``, a scale or
+    an output size). Nearest, linear and cubic interpolation are separable, so the Resize of
+    several axes is the product of these per-axis maps."""
+    from onnxzip.runtime import Runner
+
+    x = ir.Value(
+        name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, length, 1, length])
+    )
+    if by_sizes:
+        extra = [
+            None,
+            None,
+            ir.Value(name="sizes", const_value=ir.tensor(np.array([1, length, 1, int(spec)]))),
+        ]
+    else:
+        scales = np.array([1, 1, 1, spec], np.float32)
+        extra = [
+            ir.Value(name="roi", const_value=ir.tensor(np.zeros(0, np.float32))),
+            ir.Value(name="scales", const_value=ir.tensor(scales)),
+        ]
+    attributes = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
+    resize = ir.Node("", "Resize", [x, *extra], attributes, name="resize")
+    resize.outputs[0].name = "y"
+    graph = ir.Graph(
+        [x],
+        [resize.outputs[0]],
+        nodes=[resize],
+        initializers=[v for v in extra if v is not None],
+        opset_imports={"": opset},
+    )
+    model = ir.Model(graph, ir_version=8 if opset < 19 else 9)
+    from onnxzip.data import Batch
+
+    eye = np.eye(length, dtype=np.float32).reshape(1, length, 1, length)
+    y = Runner(model, name="interpolation", optimization="none").run(Batch({"x": eye}))["y"]
+    return np.ascontiguousarray(y[0, :, 0, :])
+
+
+def _resize_as_matmuls(graph: ir.Graph, node: ir.Node, p: str, opset: int, observed: dict):
+    """``Resize(x)`` of the last two axes as ``A_h @ x @ A_w^T`` (MatMul broadcasts ``A_h``
+    over the leading axes), with the interpolation matrices of ``_interpolation``; None where
+    the rewrite does not apply (another mode, other axes, sizes unknown). onnxruntime-training
+    1.19 has no CPU kernel for ``ResizeGrad``: every recovery of a model with bilinear
+    upsampling (segmentation decoders, feature pyramids) stopped there. Returns (nodes, output,
+    whether the sizes came from the samples)."""
+    if opset < 11 or not _resize_candidate(node):
+        return None
+    x = node.inputs[0]
+    dims = list(x.shape) if x.shape is not None else None
+    from_samples = False
+    if dims is None or not all(isinstance(d, int) for d in dims[-2:]):
+        seen = observed.get(x.name)
+        if seen is None:
+            return None
+        dims, from_samples = list(seen), True
+    rank = len(dims)
+    if rank < 3:
+        return None
+    given = _resize_spec(node)
+    if given is None:  # sizes computed at run time (Concat of Shape reads and constants)
+        seen = observed.get(node.outputs[0].name)
+        if seen is None or len(seen) != rank:
+            return None
+        given, from_samples = (True, [int(v) for v in seen]), True
+    by_sizes, spec = given
+    if len(spec) != rank:
+        return None
+    # only the last two axes may change (leading dims may be symbolic: the twin's outputs
+    # are checked against the model's before any step)
+    for a in range(rank - 2):
+        if by_sizes and isinstance(dims[a], int) and spec[a] != dims[a]:
+            return None
+        if not by_sizes and spec[a] != 1.0:
+            return None
+    nodes, current = [], x
+    for a in (rank - 1, rank - 2):  # the last axis first
+        matrix = _interpolation(node, opset, int(dims[a]), spec[a], by_sizes)  # [L, L']
+        if matrix.shape[0] == matrix.shape[1] and np.array_equal(matrix, np.eye(len(matrix))):
+            continue  # this axis keeps its size and its values (a Resize to the same size)
+        if a == rank - 1:
+            w = add_initializer(graph, f"{p}_interp_w", matrix)
+            mm = ir.node("MatMul", [current, w], name=f"{p}_matmul_w")
+        else:
+            h = add_initializer(graph, f"{p}_interp_h", np.ascontiguousarray(matrix.T))
+            mm = ir.node("MatMul", [h, current], name=f"{p}_matmul_h")
+        nodes.append(mm)
+        current = mm.outputs[0]
+    if not nodes:
+        nodes.append(ir.node("Identity", [x], name=f"{p}_identity"))
+        current = nodes[0].outputs[0]
+    return nodes, current, from_samples
+
+
+def _instance_norm(graph: ir.Graph, node: ir.Node, p: str, opset: int):
+    """``InstanceNormalization(x, scale, B)`` over the axes after the channel axis:
+    ``(x - mean) / sqrt(mean((x - mean)^2) + eps) * scale[c] + B[c]``, in ops that have
+    gradient builders; None where the rank or the parameters are unknown."""
+    x, scale, bias = node.inputs[0], node.inputs[1], node.inputs[2]
+    rank = len(x.shape) if x.shape is not None else None
+    gamma, beta = const_array(scale), const_array(bias)
+    if rank is None or rank < 3 or gamma is None or beta is None:
+        return None
+    eps = node.attributes["epsilon"].as_float() if "epsilon" in node.attributes else 1e-5
+    axes = list(range(2, rank))
+    shape = [len(gamma)] + [1] * (rank - 2)
+
+    def mean(value: ir.Value, tag: str) -> ir.Node:
+        if opset >= 18:
+            axes_value = add_initializer(graph, f"{p}_axes_{tag}", np.array(axes, np.int64))
+            return ir.node("ReduceMean", [value, axes_value], name=f"{p}_{tag}")
+        return ir.node(
+            "ReduceMean", [value], attributes={"axes": axes, "keepdims": 1}, name=f"{p}_{tag}"
+        )
+
+    mu = mean(x, "mean")
+    centred = ir.node("Sub", [x, mu.outputs[0]], name=f"{p}_centre")
+    square = ir.node("Mul", [centred.outputs[0], centred.outputs[0]], name=f"{p}_square")
+    var = mean(square.outputs[0], "var")
+    shifted = ir.node("Add", [var.outputs[0], _const(graph, f"{p}_eps", eps)], name=f"{p}_eps")
+    std = ir.node("Sqrt", [shifted.outputs[0]], name=f"{p}_std")
+    normed = ir.node("Div", [centred.outputs[0], std.outputs[0]], name=f"{p}_div")
+    g = add_initializer(graph, f"{p}_scale", gamma.reshape(shape).astype(np.float32))
+    b = add_initializer(graph, f"{p}_bias", beta.reshape(shape).astype(np.float32))
+    scaled = ir.node("Mul", [normed.outputs[0], g], name=f"{p}_mul")
+    out = ir.node("Add", [scaled.outputs[0], b], name=f"{p}_add")
+    nodes = [mu, centred, square, var, shifted, std, normed, scaled, out]
+    return nodes, out.outputs[0]
 
 
 @bulk_edit
@@ -347,6 +571,12 @@ def fix_batch(model: ir.Model, batch: int, samples=None) -> bool:
         first = next(iter(samples.batches(1)), None)
         if first is not None:
             observed = {k: np.shape(v) for k, v in first.inputs.items()}
+    return _fix_inputs(model, observed, batch if "AveragePool" in pools else None)
+
+
+def _fix_inputs(model: ir.Model, observed: dict, batch: int | None = None) -> bool:
+    """Gives the graph inputs the non-batch dimensions ``observed`` (input name -> shape of a
+    sample) and, with ``batch``, a fixed batch; returns whether the batch was fixed."""
     changed = batch_fixed = False
     for value in model.graph.inputs:
         if value.shape is None or not len(value.shape):
@@ -357,7 +587,7 @@ def fix_batch(model: ir.Model, batch: int, samples=None) -> bool:
             for axis in range(1, len(dims)):
                 if not isinstance(dims[axis], int):
                     dims[axis] = int(seen[axis])
-        if "AveragePool" in pools and not isinstance(dims[0], int):
+        if batch is not None and not isinstance(dims[0], int):
             dims[0] = batch
             batch_fixed = True
         if dims != list(value.shape):

@@ -630,3 +630,142 @@ def test_norm_weights_shared_by_several_readers_train(tmp_path):
     norms = [n for n in recovered.graph if n.op_type == "LayerNormalization"]
     assert {n.inputs[1].name for n in norms} == {"s"}
     io.save_model(recovered, tmp_path / "r.onnx")
+
+
+INTERPOLATING = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,H,W] x) => (float[N,4] y) {
+    a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+    r = Relu (a)
+    u = Resize <ATTRS> (r, roi, scales, SIZES)
+    c = Conv <pads=[1,1,1,1]> (u, w2)
+    g = GlobalAveragePool (c)
+    f = Flatten (g)
+    y = Gemm <transB=1> (f, w3, b3)
+}
+"""
+RUN_TIME_SIZES = """
+    s = Shape <end=2> (r)
+    SIZES = Concat <axis=0> (s, hw)
+"""
+
+
+@pytest.mark.parametrize(
+    "attrs, scales, sizes",
+    [
+        ('mode="linear"', [1, 1, 2, 2], None),  # torch bilinear, align_corners=False
+        ('mode="linear", coordinate_transformation_mode="align_corners"', None, [12, 20]),
+        ('mode="cubic"', [1, 1, 2, 1.5], None),
+        ('mode="nearest"', [1, 1, 2, 3], None),  # half_pixel: not a plain repeat
+        (
+            'mode="linear", coordinate_transformation_mode="pytorch_half_pixel"',
+            [1, 1, 0.5, 1],
+            None,
+        ),
+        ('mode="linear"', None, "run time"),  # Concat(Shape(x)[:2], [h, w]), symbolic H, W
+    ],
+)
+def test_interpolating_resize_trains_through_matmuls(attrs, scales, sizes, tmp_path):
+    """onnxruntime-training 1.19 has no CPU kernel for ResizeGrad: every recovery of a model
+    with bilinear upsampling (a segmentation decoder, a feature pyramid) fell back to
+    reconstruction. Any Resize of the last two axes is a linear map per axis: the twin applies
+    each axis's interpolation matrix (computed by onnxruntime's own Resize) with a MatMul,
+    checked to compute what the Resize computes; sizes the graph leaves open come from the
+    samples. Recovery then trains, and the recovered model keeps its Resize."""
+    from onnxzip.data import Batch
+    from onnxzip.recover import RecoverConfig, recover
+    from onnxzip.training import differentiable
+
+    text = INTERPOLATING.replace("ATTRS", attrs)
+    if sizes == "run time":
+        text = text.replace("    u = Resize", RUN_TIME_SIZES.strip("\n") + "\n    u = Resize")
+        text = text.replace("scales, SIZES", ", SIZES")
+    elif sizes is None:
+        text = text.replace(", SIZES)", ")")
+    else:  # constant sizes name every axis: a model of one fixed input shape
+        text = text.replace("scales, SIZES", ", sizes").replace("[N,3,H,W]", "[1,3,8,10]")
+    proto = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(0)
+    shapes = {"w1": (6, 3, 3, 3), "b1": (6,), "w2": (5, 6, 3, 3), "w3": (4, 5), "b3": (4,)}
+    for name, shape in shapes.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(0, 0.5, shape).astype(np.float32), name)
+        )
+    extra = {"roi": np.zeros(0, np.float32)}
+    if scales is not None:
+        extra["scales"] = np.array(scales, np.float32)
+    if sizes == "run time":
+        extra["hw"] = np.array([13, 11], np.int64)
+    elif sizes is not None:
+        extra["sizes"] = np.array([1, 6, *sizes], np.int64)
+    for name, array in extra.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    model = io.load_model(proto)
+    np.savez(tmp_path / "x.npz", x=rng.normal(size=(32, 3, 8, 10)).astype(np.float32))
+    samples = NpzSamples(tmp_path / "x.npz", input_specs(model))
+    twin = model.clone()
+    assert differentiable(twin, samples) == ["Resize"]
+    assert "Resize" not in {n.op_type for n in twin.graph}
+    x = next(samples.batches(1 if isinstance(sizes, list) else 2)).inputs["x"]
+    want = Runner(model, optimization="none").run(Batch({"x": x}))["y"]
+    got = Runner(twin, optimization="none").run(Batch({"x": x}))["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if isinstance(sizes, list):
+        return  # a batch of one: no training batches of 8 through it
+    pruned, _ = prune(model, PruneConfig(ratio=0.3), samples=samples)
+    recovered, rec = recover(model, pruned, samples, RecoverConfig(steps=24, batch_size=8))
+    assert np.mean(rec.losses[-3:]) < np.mean(rec.losses[:3])
+    assert "Resize" in {n.op_type for n in recovered.graph}
+    io.save_model(recovered, tmp_path / "r.onnx")
+
+
+NORMALISED = """
+<ir_version: 8, opset_import: ["" : OPSET]>
+g (float[N,3,8,8] x) => (float[N,4] y) {
+    a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+    n = InstanceNormalization <epsilon=0.001> (a, gamma, beta)
+    r = Relu (n)
+    c = Conv <pads=[1,1,1,1]> (r, w2)
+    g = GlobalAveragePool (c)
+    f = Flatten (g)
+    y = Gemm <transB=1> (f, w3, b3)
+}
+"""
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_instance_normalization_trains_through_its_statistics(opset, tmp_path):
+    """InstanceNormalization has no gradient builder in onnxruntime-training 1.19 (a
+    GroupNorm exports as one: wav2vec2's feature encoder): the twin spells out its statistics
+    (ReduceMean with axes as an attribute before opset 18, as an input from it)."""
+    from onnxzip.data import Batch
+    from onnxzip.recover import RecoverConfig, recover
+    from onnxzip.training import differentiable
+
+    proto = onnx.parser.parse_model(NORMALISED.replace("OPSET", str(opset)))
+    rng = np.random.default_rng(1)
+    shapes = {
+        "w1": (6, 3, 3, 3),
+        "b1": (6,),
+        "gamma": (6,),
+        "beta": (6,),
+        "w2": (5, 6, 3, 3),
+        "w3": (4, 5),
+        "b3": (4,),
+    }
+    for name, shape in shapes.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(0, 0.5, shape).astype(np.float32), name)
+        )
+    model = io.load_model(proto)
+    twin = model.clone()
+    assert differentiable(twin) == ["InstanceNormalization"]
+    x = rng.normal(size=(4, 3, 8, 8)).astype(np.float32)
+    want = Runner(model, optimization="none").run(Batch({"x": x}))["y"]
+    got = Runner(twin, optimization="none").run(Batch({"x": x}))["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    samples = SyntheticSamples(input_specs(model), 32, seed=2)
+    pruned, _ = prune(model, PruneConfig(ratio=0.3), samples=samples)
+    recovered, rec = recover(model, pruned, samples, RecoverConfig(steps=24, batch_size=8))
+    assert np.mean(rec.losses[-3:]) < np.mean(rec.losses[:3])
+    assert "InstanceNormalization" in {n.op_type for n in recovered.graph}
