@@ -152,6 +152,8 @@ def _differentiable(model: ir.Model, observed: dict) -> list[str]:
             replace_node(graph, node, *made)
         elif op == "ConvTranspose" and (made := _conv_transpose_as_conv(graph, node, p)):
             replace_node(graph, node, *made)
+        elif op in _SPELLED and (made := _SPELLED[op](_Spell(graph, p, opset), node)):
+            replace_node(graph, node, *made)
         elif op == "Sum" and len(node.inputs) > 2:
             adds, total = [], node.inputs[0]
             for j, term in enumerate(node.inputs[1:]):
@@ -435,6 +437,233 @@ def control_flow_on_gradient_path(model: ir.Model, trainable: list[str]) -> str 
                 return node.op_type
             reached.update(id(v) for v in node.outputs)
     return None
+
+
+class _Spell:
+    """Builds the ops of one rewrite: ``op`` adds a node and returns its output, ``c`` a
+    constant; ``done(out)`` hands (nodes, output) to ``replace_node``."""
+
+    def __init__(self, graph: ir.Graph, prefix: str, opset: int):
+        self.graph, self.prefix, self.opset = graph, prefix, opset
+        self.nodes: list[ir.Node] = []
+
+    def op(self, op_type: str, *inputs: ir.Value, **attributes) -> ir.Value:
+        name = f"{self.prefix}_{op_type.lower()}{len(self.nodes)}"
+        node = ir.node(op_type, list(inputs), attributes=attributes or None, name=name)
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def c(self, value, dtype=np.float32) -> ir.Value:
+        return add_initializer(self.graph, f"{self.prefix}_const", np.array(value, dtype))
+
+    def reduce(self, op_type: str, x: ir.Value, axes, keepdims: int) -> ir.Value:
+        """A Reduce op in the form of this opset (axes as an input from 18; ReduceSum's from
+        13); ``axes`` None reduces every axis."""
+        since = 13 if op_type == "ReduceSum" else 18
+        if axes is None:
+            return self.op(op_type, x, keepdims=keepdims)
+        if self.opset >= since:
+            return self.op(op_type, x, self.c(list(axes), np.int64), keepdims=keepdims)
+        return self.op(op_type, x, axes=list(axes), keepdims=keepdims)
+
+    def done(self, out: ir.Value):
+        return self.nodes, out
+
+
+def _attr_float(node: ir.Node, name: str, default: float) -> float:
+    a = node.attributes.get(name)
+    return a.as_float() if a is not None else default
+
+
+def _softplus(s: _Spell, x: ir.Value) -> ir.Value:
+    # log(1 + e^x) = relu(x) + log(1 + e^-|x|): no overflow for large |x|
+    tail = s.op("Log", s.op("Add", s.c(1.0), s.op("Exp", s.op("Neg", s.op("Abs", x)))))
+    return s.op("Add", s.op("Relu", x), tail)
+
+
+def _elu_tail(s: _Spell, x: ir.Value, alpha: float, inner: float = 1.0) -> ir.Value:
+    """``alpha (e^(min(x, 0) / inner) - 1)``: Elu's, Selu's and Celu's negative side, 0 at x >= 0."""
+    low = s.op("Min", x, s.c(0.0))
+    if inner != 1.0:
+        low = s.op("Div", low, s.c(inner))
+    return s.op("Mul", s.c(alpha), s.op("Sub", s.op("Exp", low), s.c(1.0)))
+
+
+def _spell_softplus(s: _Spell, node: ir.Node):
+    return s.done(_softplus(s, node.inputs[0]))
+
+
+def _spell_mish(s: _Spell, node: ir.Node):
+    x = node.inputs[0]
+    return s.done(s.op("Mul", x, s.op("Tanh", _softplus(s, x))))
+
+
+def _spell_elu(s: _Spell, node: ir.Node):
+    x, alpha = node.inputs[0], _attr_float(node, "alpha", 1.0)
+    return s.done(s.op("Add", s.op("Relu", x), _elu_tail(s, x, alpha)))
+
+
+def _spell_selu(s: _Spell, node: ir.Node):
+    x = node.inputs[0]
+    alpha = _attr_float(node, "alpha", 1.67326319217681884765625)
+    gamma = _attr_float(node, "gamma", 1.05070102214813232421875)
+    elu = s.op("Add", s.op("Relu", x), _elu_tail(s, x, alpha))
+    return s.done(s.op("Mul", s.c(gamma), elu))
+
+
+def _spell_celu(s: _Spell, node: ir.Node):
+    x, alpha = node.inputs[0], _attr_float(node, "alpha", 1.0)
+    return s.done(s.op("Add", s.op("Relu", x), _elu_tail(s, x, alpha, inner=alpha)))
+
+
+def _spell_softsign(s: _Spell, node: ir.Node):
+    x = node.inputs[0]
+    return s.done(s.op("Div", x, s.op("Add", s.c(1.0), s.op("Abs", x))))
+
+
+def _spell_thresholded_relu(s: _Spell, node: ir.Node):
+    x, alpha = node.inputs[0], _attr_float(node, "alpha", 1.0)
+    return s.done(s.op("Where", s.op("Greater", x, s.c(alpha)), x, s.c(0.0)))
+
+
+def _reduce_axes(node: ir.Node):
+    """(axes or None for all, keepdims) of a Reduce node in either opset form; None where
+    the axes are computed at run time or an empty list means no reduction."""
+    keepdims = node.attributes["keepdims"].as_int() if "keepdims" in node.attributes else 1
+    noop = node.attributes.get("noop_with_empty_axes")
+    if "axes" in node.attributes:
+        axes = list(node.attributes["axes"].as_ints())
+    elif len(node.inputs) > 1 and node.inputs[1] is not None:
+        given = const_array(node.inputs[1])
+        if given is None:
+            return None
+        axes = [int(a) for a in given.reshape(-1)]
+    else:
+        axes = []
+    if not axes:
+        if noop is not None and noop.as_int():
+            return None
+        axes = None
+    return axes, keepdims
+
+
+def _spell_sum_square(s: _Spell, node: ir.Node):
+    found = _reduce_axes(node)
+    if found is None:
+        return None
+    x = node.inputs[0]
+    return s.done(s.reduce("ReduceSum", s.op("Mul", x, x), *found))
+
+
+def _spell_extreme(s: _Spell, node: ir.Node):
+    """ReduceMax / ReduceMin (no gradient builders in 1.19) as the mean of the elements equal
+    to the extreme: ``sum(x * M) / sum(M)``, ``M = (x == extreme)`` (a boolean mask, through
+    which no gradient flows). The same value; the gradient goes to the extreme element, split
+    evenly between ties."""
+    found = _reduce_axes(node)
+    if found is None:
+        return None
+    axes, keepdims = found
+    x = node.inputs[0]
+    if x.dtype is None or not x.dtype.is_floating_point():
+        return None  # shape arithmetic on integers: nothing to differentiate
+    extreme = s.reduce(node.op_type, x, axes, 1)
+    mask = s.op("Cast", s.op("Equal", x, extreme), to=x.dtype)
+    total = s.reduce("ReduceSum", s.op("Mul", x, mask), axes, keepdims)
+    return s.done(s.op("Div", total, s.reduce("ReduceSum", mask, axes, keepdims)))
+
+
+def _spell_lp_norm(s: _Spell, node: ir.Node):
+    x = node.inputs[0]
+    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else -1
+    order = node.attributes["p"].as_int() if "p" in node.attributes else 2
+    if order == 2:
+        norm = s.reduce("ReduceL2", x, [axis], 1)
+    elif order == 1:
+        norm = s.reduce("ReduceSum", s.op("Abs", x), [axis], 1)
+    else:
+        return None
+    # a zero vector stays zero (onnxruntime's LpNormalization), not 0 / 0
+    return s.done(s.op("Div", x, s.op("Max", norm, s.c(1e-30))))
+
+
+def _spell_pad(s: _Spell, node: ir.Node):
+    """Reflect and edge padding (no gradient builder for those modes in 1.19) as a Gather of
+    each padded axis with constant indices (reflect: ``p, ..., 1, 0, 1, ..., L-1, L-2, ...``;
+    edge: the first and last index repeated); needs the padded axes' lengths."""
+    mode = _string(node, "mode", "constant")
+    x = node.inputs[0]
+    if mode not in ("reflect", "edge") or x.shape is None:
+        return None
+    if len(node.inputs) > 3 and node.inputs[3] is not None:
+        return None  # axes given: rare, not spelled out here
+    if "pads" in node.attributes:
+        pads = list(node.attributes["pads"].as_ints())
+    elif len(node.inputs) > 1 and (given := const_array(node.inputs[1])) is not None:
+        pads = [int(v) for v in given.reshape(-1)]
+    else:
+        return None
+    rank = len(x.shape)
+    if len(pads) != 2 * rank or any(v < 0 for v in pads):
+        return None
+    current = x
+    for axis in range(rank):
+        before, after = pads[axis], pads[axis + rank]
+        if not before and not after:
+            continue
+        length = x.shape[axis]
+        if not isinstance(length, int) or (mode == "reflect" and max(before, after) >= length):
+            return None
+        inner = list(range(length))
+        if mode == "reflect":
+            index = inner[before:0:-1] + inner + inner[-2 : -2 - after : -1]
+        else:
+            index = [0] * before + inner + [length - 1] * after
+        current = s.op("Gather", current, s.c(index, np.int64), axis=axis)
+    return s.done(current)
+
+
+def _spell_depth_space(s: _Spell, node: ir.Node):
+    """DepthToSpace (DCR or CRD) and SpaceToDepth as Reshape, Transpose, Reshape (their
+    definitions); needs static channels, height and width."""
+    x = node.inputs[0]
+    if x.shape is None or len(x.shape) != 4:
+        return None
+    _, c, h, w = x.shape
+    if not all(isinstance(d, int) for d in (c, h, w)):
+        return None
+    b = node.attributes["blocksize"].as_int()
+    if node.op_type == "DepthToSpace":
+        if _string(node, "mode", "DCR") == "DCR":
+            split, perm = [0, b, b, c // (b * b), h, w], [0, 3, 4, 1, 5, 2]
+        else:
+            split, perm = [0, c // (b * b), b, b, h, w], [0, 1, 4, 2, 5, 3]
+        final = [0, c // (b * b), h * b, w * b]
+    else:
+        split, perm = [0, c, h // b, b, w // b, b], [0, 3, 5, 1, 2, 4]
+        final = [0, c * b * b, h // b, w // b]
+    # a 0 in a Reshape target copies the batch
+    parts = s.op("Reshape", x, s.c(split, np.int64))
+    moved = s.op("Transpose", parts, perm=perm)
+    return s.done(s.op("Reshape", moved, s.c(final, np.int64)))
+
+
+_SPELLED = {
+    "Softplus": _spell_softplus,
+    "Mish": _spell_mish,
+    "Elu": _spell_elu,
+    "Selu": _spell_selu,
+    "Celu": _spell_celu,
+    "Softsign": _spell_softsign,
+    "ThresholdedRelu": _spell_thresholded_relu,
+    "ReduceSumSquare": _spell_sum_square,
+    "ReduceMax": _spell_extreme,
+    "ReduceMin": _spell_extreme,
+    "LpNormalization": _spell_lp_norm,
+    "Pad": _spell_pad,
+    "DepthToSpace": _spell_depth_space,
+    "SpaceToDepth": _spell_depth_space,
+}
 
 
 def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
