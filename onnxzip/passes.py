@@ -240,9 +240,11 @@ def fold_constants(model: ir.Model) -> int:
         for i, value in enumerate(node.inputs)
         if value is not None and value.const_value is not None
     ]
+    stand_ins = []
     for node, i, value in hidden:
         stand_in = ir.Value(name=f"{value.name}__tied", type=value.type, shape=value.shape)
         node.replace_input_with(i, stand_in)
+        stand_ins.append((stand_in, value))
     if shared:
         logger.info(
             "not folding %d node(s) that would copy a weight other nodes read (tied weights)",
@@ -255,8 +257,10 @@ def fold_constants(model: ir.Model) -> int:
         _constant_folding.fold_constants(model, input_size_limit=2**40, output_size_limit=2**40)
     finally:
         quiet.setLevel(level)
-        for node, i, value in hidden:
-            node.replace_input_with(i, value)
+        # Every reader of a stand-in, not only the hidden node: the folder forwards an
+        # Identity of one to the Identity's readers (a TorchScript export's shared bias).
+        for stand_in, value in stand_ins:
+            stand_in.replace_all_uses_with(value, replace_graph_outputs=True)
     return before - model.graph.num_nodes()
 
 

@@ -14,7 +14,7 @@ from oracles import assert_oracle, build, masked_and_pruned, prepared, with_weig
 
 from onnxzip import io, passes
 from onnxzip.analysis import inspect_model
-from onnxzip.data import SyntheticSamples, input_specs
+from onnxzip.data import Batch, SyntheticSamples, input_specs
 from onnxzip.errors import InputError
 from onnxzip.pruning import PruneConfig, find_groups, prune
 from onnxzip.runtime import Runner
@@ -728,3 +728,41 @@ def test_tied_weights_stay_tied_and_the_model_never_grows():
     assert io.weights_nbytes(pruned) <= before
     tied = [v for v in pruned.graph.initializers.values() if v.const_value.shape[0] == 100]
     assert len(tied) == 1 and len(tied[0].uses()) == 2
+
+
+def test_a_shared_bias_read_through_identities_is_not_left_dangling(tmp_path):
+    """The TorchScript exporter writes one zero bias read by several convolutions through
+    Identity nodes. The folder forwarded the Identity of the hidden shared bias to its Conv,
+    which kept reading the stand-in: every command on a TorchScript MobileNetV2 ended in exit
+    3 ('outer-scope value')."""
+    text = (
+        "g (float[N, 3, 8, 8] x) => (float[N, 300, 8, 8] y) {\n"
+        " a = Conv <pads = [1, 1, 1, 1]> (x, w1, b)\n r = Relu (a)\n b2 = Identity (b)\n"
+        " b3 = Identity (b)\n c = Conv <group = 300> (r, w2, b2)\n"
+        " w3 = Reshape (v3, s3)\n d = Conv <group = 300> (c, w3, b3)\n y = Add (d, r) }"
+    )
+    rng = np.random.default_rng(0)
+    proto = with_weights(
+        text,
+        {
+            "w1": rng.normal(0, 1, (300, 3, 3, 3)),
+            "b": np.full(300, 0.1),  # 1.2 KB, read three times
+            "w2": rng.normal(0, 1, (300, 1, 1, 1)),
+            "v3": rng.normal(0, 1, 300),  # something else to fold: the folder runs
+        },
+    )
+    proto.graph.initializer.append(
+        onnx.numpy_helper.from_array(np.array([300, 1, 1, 1], np.int64), "s3")
+    )
+    model = io.load_model(proto)
+    work = model.clone()
+    passes.PRUNING(work)
+    produced = {v.name for n in work.graph for v in n.outputs}
+    read = {v.name for n in work.graph for v in n.inputs if v is not None}
+    assert read <= produced | {"x"} | set(work.graph.initializers), read
+    work.clone()  # raised 'outer-scope value' before
+    x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    want = Runner(model, optimization="none").run(Batch({"x": x}))["y"]
+    np.testing.assert_allclose(
+        Runner(work, optimization="none").run(Batch({"x": x}))["y"], want, rtol=1e-5, atol=1e-5
+    )
