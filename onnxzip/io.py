@@ -31,6 +31,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx.checker
 import onnx.defs
@@ -178,6 +179,115 @@ def _convert_opset(proto: onnx.ModelProto, target: int, source: str) -> onnx.Mod
     _check_interface_kept(proto, converted, f"{source}: converting opset {version} to {target}")
     logger.info("%s: converted opset %s -> %d", source, version, target)
     return converted
+
+
+# onnxruntime registers these in the default domain below the opsets that define them (or in no
+# ONNX opset at all); its transformer optimizer writes them into models of any opset.
+_ORT_DEFAULT_DOMAIN_OPS = {"LayerNormalization": 17, "SimplifiedLayerNormalization": None}
+_PARKED = "onnxzip.parked"  # a private domain for the time of an opset conversion
+
+
+def _standardise_ort_ops(proto: onnx.ModelProto, source: str) -> onnx.ModelProto | None:
+    """A copy of ``proto`` in which onnxruntime's default-domain extensions are standard ONNX,
+    or None when there are none. Both are exact:
+
+    * ``LayerNormalization`` below opset 17 (onnxruntime's own schema, the one ONNX adopted at
+      17): the model's default opset is raised to 17 (every other op converted by onnx's
+      version converter, the LayerNormalizations parked in a private domain meanwhile);
+    * ``SimplifiedLayerNormalization`` (RMSNorm, in no ONNX opset): spelled out as
+      ``x / sqrt(mean(x^2 over the axes from axis) + epsilon) * scale``, the pattern
+      onnxruntime fuses back into its kernel when it loads the model.
+    """
+    version = _default_opset(proto)
+    found = {
+        n.op_type
+        for n in proto.graph.node
+        if n.domain in ("", "ai.onnx") and n.op_type in _ORT_DEFAULT_DOMAIN_OPS
+    }
+    if version is None or not found:
+        return None
+    if found == {"LayerNormalization"} and version >= 17:
+        return None
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    if "SimplifiedLayerNormalization" in found:
+        _spell_rms_norms(copy)
+    if version < 17 and any(n.op_type == "LayerNormalization" for n in copy.graph.node):
+        layer_norms = [
+            n for n in copy.graph.node if n.op_type == "LayerNormalization" and n.domain == ""
+        ]
+        for node in layer_norms:
+            node.domain = _PARKED
+        copy.opset_import.append(onnx.helper.make_opsetid(_PARKED, 1))
+        copy = _convert_opset(copy, 17, source)
+        for node in copy.graph.node:
+            if node.domain == _PARKED:
+                node.domain = ""
+        kept = [o for o in copy.opset_import if o.domain != _PARKED]
+        del copy.opset_import[:]
+        copy.opset_import.extend(kept)
+    logger.info("%s: onnxruntime's default-domain %s written as standard ONNX", source, found)
+    return copy
+
+
+def _spell_rms_norms(proto: onnx.ModelProto) -> None:
+    """Replaces every default-domain ``SimplifiedLayerNormalization`` of the main graph with
+    standard ops (the Reduce form of the model's opset: axes as an input from 18)."""
+    opset = _default_opset(proto) or MIN_OPSET
+    nodes = []
+    made = []
+    for node in proto.graph.node:
+        if node.op_type != "SimplifiedLayerNormalization" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axis, eps = int(attrs.get("axis", -1)), float(attrs.get("epsilon", 1e-5))
+        p = f"{node.name or node.output[0]}__rms"
+        x, scale, y = node.input[0], node.input[1], node.output[0]
+        rank = _rank_of(proto, x)
+        if axis < 0 and rank is None:
+            axis_list = list(range(axis, 0))
+        else:
+            start = axis % rank if rank is not None else axis
+            axis_list = list(range(start, rank)) if rank is not None else [start]
+        made.append(onnx.numpy_helper.from_array(np.array(eps, np.float32), f"{p}_eps"))
+        square = onnx.helper.make_node("Mul", [x, x], [f"{p}_sq"], name=f"{p}_sq")
+        if opset >= 18:
+            made.append(onnx.numpy_helper.from_array(np.array(axis_list, np.int64), f"{p}_axes"))
+            mean = onnx.helper.make_node(
+                "ReduceMean", [f"{p}_sq", f"{p}_axes"], [f"{p}_ms"], name=f"{p}_ms", keepdims=1
+            )
+        else:
+            mean = onnx.helper.make_node(
+                "ReduceMean", [f"{p}_sq"], [f"{p}_ms"], name=f"{p}_ms", axes=axis_list, keepdims=1
+            )
+        shifted = onnx.helper.make_node("Add", [f"{p}_ms", f"{p}_eps"], [f"{p}_v"], name=f"{p}_v")
+        root = onnx.helper.make_node("Sqrt", [f"{p}_v"], [f"{p}_rms"], name=f"{p}_rms")
+        normed = onnx.helper.make_node("Div", [x, f"{p}_rms"], [f"{p}_n"], name=f"{p}_n")
+        scaled = onnx.helper.make_node("Mul", [f"{p}_n", scale], [y], name=f"{p}_scale")
+        nodes += [square, mean, shifted, root, normed, scaled]
+        for extra in node.output[1:]:  # the inverse RMS output, where declared and read
+            if extra:
+                nodes.append(
+                    onnx.helper.make_node("Reciprocal", [f"{p}_rms"], [extra], name=f"{p}_inv")
+                )
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    proto.graph.initializer.extend(made)
+
+
+def _rank_of(proto: onnx.ModelProto, name: str) -> int | None:
+    for value in (*proto.graph.value_info, *proto.graph.input, *proto.graph.output):
+        if value.name == name and value.type.tensor_type.HasField("shape"):
+            return len(value.type.tensor_type.shape.dim)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:
+        return None
+    for value in inferred.graph.value_info:
+        if value.name == name and value.type.tensor_type.HasField("shape"):
+            return len(value.type.tensor_type.shape.dim)
+    return None
 
 
 def _ranks(values) -> dict[str, int | None]:
@@ -636,9 +746,13 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     if proto.ir_version <= 0 or not proto.HasField("graph"):
         raise ModelError(f"{source}: not an ONNX model (no IR version or no graph)")
     has_external = _check_external_data(proto, path.parent, source)
+    standard = None if has_external else _standardise_ort_ops(proto, source)
     try:
         # The bytes in hand are checked as they are; with external data the checker needs the
         # path to find the tensors' files.
+        if standard is not None:
+            onnx.checker.check_model(standard)
+            return standard
         onnx.checker.check_model(str(path) if has_external else data)
     except Exception as exc:  # ValidationError, or C++ errors surfaced as RuntimeError
         raise ModelError(f"{source}: fails onnx.checker: {_one_line(exc)}") from exc
@@ -689,8 +803,8 @@ def load_model(model, *, name: str | None = None) -> ir.Model:
         source = name or "model"
         base_dir = _external_base_dir(model)
     elif isinstance(model, onnx.ModelProto):
-        proto = model
         source = name or "model"
+        proto = _standardise_ort_ops(model, source) or model
         try:
             onnx.checker.check_model(proto)
         except Exception as exc:

@@ -369,3 +369,51 @@ def test_a_batch_stored_as_zero_is_symbolic(tmp_path, capsys):
         None, {"x": np.ones((5, 8), np.float32)}
     )
     assert y.shape == (5, 4)
+
+
+def test_onnxruntime_default_domain_norms_are_read_as_standard_onnx(tmp_path):
+    """onnxruntime's transformer optimizer writes LayerNormalization into opset-14 models (its
+    own schema before ONNX adopted it at 17) and SimplifiedLayerNormalization (RMSNorm, in no
+    ONNX opset): onnx's checker refused every command on such a model. They are read as
+    standard ONNX: the opset raised to 17, RMSNorm spelled out; outputs as onnxruntime
+    computes them from the file as shipped."""
+    import onnx.helper as oh
+    import onnxruntime as ort
+
+    from onnxzip.data import Batch
+    from onnxzip.runtime import Runner
+
+    rng = np.random.default_rng(0)
+    graph = oh.make_graph(
+        [
+            oh.make_node("MatMul", ["x", "w"], ["a"]),
+            oh.make_node("LayerNormalization", ["a", "g", "b"], ["n"], axis=-1, epsilon=1e-5),
+            oh.make_node("Relu", ["n"], ["r"]),
+            oh.make_node("SimplifiedLayerNormalization", ["r", "s"], ["y"], axis=-1, epsilon=1e-6),
+        ],
+        "ort_norms",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 5, 8])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 5, 16])],
+        [
+            onnx.numpy_helper.from_array(rng.normal(size=(8, 16)).astype(np.float32), "w"),
+            onnx.numpy_helper.from_array(rng.uniform(0.5, 2, 16).astype(np.float32), "g"),
+            onnx.numpy_helper.from_array(rng.normal(size=16).astype(np.float32), "b"),
+            onnx.numpy_helper.from_array(rng.uniform(0.5, 2, 16).astype(np.float32), "s"),
+        ],
+    )
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 14)])
+    proto.ir_version = 8
+    path = tmp_path / "optimized.onnx"
+    path.write_bytes(proto.SerializeToString())  # as the optimizer saves it: no checker
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(proto)
+    model = io.load_model(path)
+    assert model.opset_imports[""] == 17
+    types = [n.op_type for n in model.graph]
+    assert "LayerNormalization" in types and "SimplifiedLayerNormalization" not in types
+    x = rng.normal(size=(3, 5, 8)).astype(np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    want = session.run(None, {"x": x})[0]
+    got = Runner(model, optimization="none").run(Batch({"x": x}))["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    io.save_model(model, tmp_path / "standard.onnx")  # passes the full check

@@ -766,3 +766,46 @@ def test_a_shared_bias_read_through_identities_is_not_left_dangling(tmp_path):
     np.testing.assert_allclose(
         Runner(work, optimization="none").run(Batch({"x": x}))["y"], want, rtol=1e-5, atol=1e-5
     )
+
+
+def test_the_rewrite_reads_ranks_from_any_shape_it_has():
+    """Shape inference can leave a tensor unshaped (a TorchScript LeViT at opset 11: every
+    value after a Reshape to a run-time target): the rewrite took the rank of a Split's input
+    from that tensor alone and ended prune and compress in exit 3 (TypeError)."""
+    from onnxzip.pruning import prepared_groups, rewrite
+
+    text = (
+        "g (float[N, 6] x) => (float[N, 3] y) {\n"
+        " a = MatMul (x, w1)\n r = Relu (a)\n p, q = Split <axis = -1> (r, sizes)\n"
+        " c = MatMul (p, w2)\n d = MatMul (q, w3)\n y = Add (c, d) }"
+    )
+    rng = np.random.default_rng(0)
+    proto = with_weights(
+        text,
+        {
+            "w1": rng.normal(0, 1, (6, 12)),
+            "w2": rng.normal(0, 1, (4, 3)),
+            "w3": rng.normal(0, 1, (8, 3)),
+        },
+    )
+    proto.graph.initializer.append(
+        onnx.numpy_helper.from_array(np.array([4, 8], np.int64), "sizes")
+    )
+    model = io.load_model(proto)
+    work, groups = prepared_groups(model)
+    group = next(g for g in groups if g.blocked_by is None)
+    for node in work.graph:  # as inference left them: only the split outputs keep a shape
+        for value in node.outputs:
+            if node.op_type != "Split" and not value.is_graph_output():
+                value.shape = None
+    masked = model.clone()
+    w1 = masked.graph.initializers["w1"].const_value.numpy().copy()
+    w1[:, [1, 6]] = 0.0  # one channel of each split part, zeroed: the masking oracle
+    masked.graph.initializers["w1"].const_value = ir.tensor(w1, name="w1")
+    pruned = rewrite.apply(work, groups, {group.id: np.array([1, 6])})
+    split = next(n for n in pruned.graph if n.op_type == "Split")
+    assert list(split.inputs[1].const_value.numpy()) == [3, 7]
+    x = rng.normal(size=(5, 6)).astype(np.float32)
+    want = Runner(masked, optimization="none").run(Batch({"x": x}))["y"]
+    got = Runner(pruned, optimization="none").run(Batch({"x": x}))["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -127,7 +127,10 @@ def apply(
             changes = {a: n for (v, a), n in removed_in_space.items() if v == out.name and n}
             if changes and const_array(node.inputs[1]) is not None:
                 shape = const_array(node.inputs[1]).copy()
-                offset = len(out.shape) - shape.size  # Expand's shape may be shorter
+                rank = _rank(out)
+                if rank is None:  # Reshape: the target's length; Expand: at least that
+                    rank = max(shape.size, _rank(node.inputs[0]) or 0)
+                offset = rank - shape.size  # Expand's shape may be shorter
                 for a, n in changes.items():
                     if shape[a - offset] > follows:
                         shape[a - offset] -= n
@@ -138,8 +141,11 @@ def apply(
                 _shrink_runtime_target(graph, node, changes, follows)
         elif node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None:
             axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
-            rank = len(node.inputs[0].shape)
-            removed = [removed_in_space.get((out.name, axis % rank), 0) for out in node.outputs]
+            rank = next((r for r in (_rank(v) for v in (node.inputs[0], *node.outputs)) if r), None)
+            if rank is None and axis < 0:
+                raise InternalError(f"pruning rewrite: {node_key(node)}: Split of unknown rank")
+            axis = axis % rank if rank else axis
+            removed = [removed_in_space.get((out.name, axis), 0) for out in node.outputs]
             if any(removed):
                 sizes = const_array(node.inputs[1]).copy() - np.asarray(removed, dtype=np.int64)
                 node.replace_input_with(
@@ -151,6 +157,10 @@ def apply(
         return io.reinfer_shapes(model)
     except ModelError as exc:  # the rewrite, not the user's model, is inconsistent
         raise InternalError(f"pruning rewrite: {exc}") from exc
+
+
+def _rank(value: ir.Value | None) -> int | None:
+    return None if value is None or value.shape is None else len(value.shape)
 
 
 def _shrink_runtime_target(
@@ -166,7 +176,7 @@ def _shrink_runtime_target(
     concat = target_concat(old_target)
     pieces = target_pieces(node.inputs[1])
     inputs = list(concat.inputs)
-    skew = len(node.outputs[0].shape) - len(pieces)
+    skew = (_rank(node.outputs[0]) or len(pieces)) - len(pieces)
     for a, n in changes.items():
         _, k, offset = pieces[a - skew]
         array = const_array(inputs[k])  # inputs[k]: with any earlier change to it
