@@ -250,6 +250,7 @@ def gradient_statistics(
             f"gradients: op {blocked} has no gradient in onnxruntime-training (control flow "
             "between the channels and the loss)"
         )
+    batch_size = training.batch_within(samples, batch_size, split, holdout or 0.5)
     fixed = training.fix_batch(twin, batch_size, samples)
     outputs = [v for v in twin.graph.outputs]
     classifier = next((v for v in outputs if is_classifier(v)), None)

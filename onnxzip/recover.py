@@ -25,6 +25,7 @@ of the graph.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -223,6 +224,10 @@ def recover(
     config = config or RecoverConfig()
     config.validate()
     start = time.perf_counter()
+    split = "calibration" if config.holdout > 0 else "all"
+    size = training.batch_within(samples, config.batch_size, split, config.holdout or 0.5)
+    if size != config.batch_size:  # fewer training samples than a batch: one batch of them all
+        config = dataclasses.replace(config, batch_size=size)
     teacher_model = io.load_model(teacher, name="teacher")
     original_student = student
     student = student.clone()

@@ -785,6 +785,20 @@ def _integer_nearest(node: ir.Node) -> list[int] | None:
     return factors
 
 
+def batch_within(samples, batch: int, split: str, holdout: float) -> int:
+    """``batch``, or the number of samples in ``split`` when there are fewer: a twin whose batch
+    is fixed (``fix_batch``) then still gets a batch of its size (with 16 samples and the
+    default 32, every recovery of a model with an AveragePool had none)."""
+    count = getattr(samples, "count", None)
+    if count is None:
+        return batch
+    from onnxzip.data import holdout_count
+
+    held = holdout_count(count, holdout)
+    kept = {"all": count, "holdout": held}.get(split, count - held)
+    return batch if kept <= 0 else min(batch, kept)
+
+
 def fix_batch(model: ir.Model, batch: int, samples=None) -> bool:
     """Fixes the graph inputs' dimensions that onnxruntime-training 1.19's pooling gradients
     need static: MaxPool's and AveragePool's gradients crash (SIGSEGV) on symbolic spatial

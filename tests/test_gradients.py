@@ -244,6 +244,22 @@ def test_ops_without_gradient_builders_are_rewritten_and_averagepool_batch_is_fi
     io.save_model(recovered, tmp_path / "r.onnx")
 
 
+def test_a_fixed_batch_larger_than_the_samples_shrinks_to_them():
+    """An AveragePool fixes the twin's batch; with 16 samples (13 after the held-out part) and
+    the default batch of 32 there was no batch of that size, so recovery and the statistics
+    stopped ('no batch of the fixed size 32'). The fixed batch is the samples there are."""
+    from onnxzip.recover import RecoverConfig, recover
+
+    model = exotic()
+    samples = SyntheticSamples(input_specs(model), 16, seed=4)
+    work, groups = prepared_groups(model)
+    _, report = gradient_statistics(work, groups, samples, batch_size=32)
+    assert report.batches == 1
+    pruned, _ = prune(model, PruneConfig(ratio=0.3), samples=samples)
+    _, rec = recover(model, pruned, samples, RecoverConfig(steps=6, batch_size=32, holdout=0.2))
+    assert rec.samples_seen == 6 * 13 and np.isfinite(rec.last_loss)
+
+
 @pytest.mark.parametrize(
     "pool",
     [
