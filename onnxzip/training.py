@@ -648,7 +648,87 @@ def _spell_depth_space(s: _Spell, node: ir.Node):
     return s.done(s.op("Reshape", moved, s.c(final, np.int64)))
 
 
+def _spell_einsum(s: _Spell, node: ir.Node):
+    """A two-operand Einsum (no gradient builder in 1.19) as Transposes, Reshapes and one
+    MatMul: letters in both operands and the output are batch axes (kept, leading), letters in
+    both operands only are contracted, letters of one operand and the output are its free axes;
+    a letter of one operand alone is summed first. Each operand becomes ``[batch.., F, K]`` /
+    ``[batch.., K, G]`` (the free and contracted groups merged by a Reshape, which needs their
+    sizes when a group has several letters), the product is split back and put in the output's
+    order. None for one or three operands, ellipses, repeated letters or unknown sizes."""
+    if len(node.inputs) != 2 or "equation" not in node.attributes:
+        return None
+    equation = node.attributes["equation"].as_string().replace(" ", "")
+    if "..." in equation or "->" not in equation:
+        return None
+    lhs, out = equation.split("->")
+    terms = lhs.split(",")
+    if len(terms) != 2 or any(len(set(t)) != len(t) for t in (*terms, out)):
+        return None
+    a_letters, b_letters = terms
+    a, b = node.inputs
+    sizes: dict[str, int | None] = {}
+    for value, letters in ((a, a_letters), (b, b_letters)):
+        if value.shape is None or len(value.shape) != len(letters):
+            return None
+        for letter, dim in zip(letters, value.shape, strict=True):
+            if isinstance(dim, int):
+                sizes[letter] = dim
+            else:
+                sizes.setdefault(letter, None)
+    batch = [c for c in out if c in a_letters and c in b_letters]
+    contracted = [c for c in a_letters if c in b_letters and c not in out]
+    free_a = [c for c in a_letters if c in out and c not in b_letters]
+    free_b = [c for c in b_letters if c in out and c not in a_letters]
+
+    def target(groups) -> list[int] | None:
+        """Reshape target: the batch copied (0), then each group's size (at most one group
+        with a size known at run time only: -1)."""
+        dims = []
+        for g in groups:
+            if any(sizes.get(c) is None for c in g):
+                dims.append(-1)  # the one group of a size known at run time only
+            else:
+                dims.append(int(np.prod([sizes[c] for c in g])))
+        return [0] * len(batch) + dims if dims.count(-1) <= 1 else None
+
+    reshapes = {
+        "left": target([free_a, contracted]),
+        "right": target([contracted, free_b]),
+        "split": target([[c] for c in free_a + free_b]),
+    }
+    if any(t is None for t in reshapes.values()):
+        return None
+
+    def prepared(value, letters, groups, reshape):
+        """``value`` with letters only it has summed, in the order ``batch + groups``, each
+        group of ``groups`` merged into one axis (a lone letter as it is, none as size 1)."""
+        lone = [i for i, c in enumerate(letters) if c not in out and c not in contracted]
+        if lone:
+            value = s.reduce("ReduceSum", value, lone, 0)
+            letters = "".join(c for i, c in enumerate(letters) if i not in lone)
+        order = batch + [c for g in groups for c in g]
+        perm = [letters.index(c) for c in order]
+        if perm != list(range(len(perm))):
+            value = s.op("Transpose", value, perm=perm)
+        if any(len(g) != 1 for g in groups):
+            value = s.op("Reshape", value, s.c(reshape, np.int64))
+        return value
+
+    left = prepared(a, a_letters, [free_a, contracted], reshapes["left"])
+    right = prepared(b, b_letters, [contracted, free_b], reshapes["right"])
+    product = s.op("MatMul", left, right)  # [batch.., F, G]
+    order = batch + free_a + free_b
+    if len(free_a) != 1 or len(free_b) != 1:
+        product = s.op("Reshape", product, s.c(reshapes["split"], np.int64))
+    perm = [order.index(c) for c in out]
+    if perm != list(range(len(perm))):
+        product = s.op("Transpose", product, perm=perm)
+    return s.done(product)
+
+
 _SPELLED = {
+    "Einsum": _spell_einsum,
     "Softplus": _spell_softplus,
     "Mish": _spell_mish,
     "Elu": _spell_elu,

@@ -870,3 +870,63 @@ def test_ops_without_gradient_builders_are_spelled_in_ops_that_have_them(op, tmp
     _, rec = recover(model, student, samples, RecoverConfig(steps=16, batch_size=8))
     assert all(np.isfinite(rec.losses))
     assert np.mean(rec.losses[-4:]) < np.mean(rec.losses[:4])
+
+
+@pytest.mark.parametrize(
+    "equation, a_shape, b_shape",
+    [
+        ("bi,ij->bj", [8], [8, 5]),  # a dense layer (tf2onnx's EinsumDense)
+        ("bhid,bhjd->bhij", [2, 3, 8], "a"),  # attention scores: batch, free, contracted
+        ("bhij,bhjd->bhid", [2, 3, 8], [1, 2, 8, 4]),  # broadcast batch axis of 1
+        ("bi,bj->bij", [8], "a"),  # outer product: nothing contracted
+        ("bsk,ck->bcs", [3, 8], [4, 8]),  # output in another order
+        ("bxyk,kj->bjxy", [2, 3, 8], [8, 5]),  # two free letters merged, then split
+        ("bik,kj->bj", [3, 8], [8, 5]),  # a letter of one operand alone: summed first
+    ],
+)
+def test_einsum_trains_through_transposes_and_a_matmul(equation, a_shape, b_shape):
+    """Einsum has no gradient builder in onnxruntime-training 1.19 (TorchScript exports of
+    torch.einsum, tf2onnx's EinsumDense): a two-operand Einsum becomes Transposes, Reshapes
+    and one MatMul, checked against onnxruntime's Einsum, and recovery trains through it."""
+    import onnx.helper as oh
+
+    from onnxzip.data import Batch
+    from onnxzip.recover import RecoverConfig, recover
+    from onnxzip.training import differentiable
+
+    rng = np.random.default_rng(5)
+    k = a_shape[-1]
+    nodes = [oh.make_node("MatMul", ["x", "w1"], ["a"])]
+    inits = [onnx.numpy_helper.from_array(rng.normal(0, 0.5, (k, k)).astype(np.float32), "w1")]
+    if b_shape == "a":  # two activations: the second from its own trained weight
+        nodes.append(oh.make_node("MatMul", ["x", "w2"], ["b"]))
+        w2 = rng.normal(0, 0.5, (k, k)).astype(np.float32)
+        inits.append(onnx.numpy_helper.from_array(w2, "w2"))
+    else:
+        b = rng.normal(0, 0.5, b_shape).astype(np.float32)
+        inits.append(onnx.numpy_helper.from_array(b, "b"))
+    nodes.append(oh.make_node("Einsum", ["a", "b"], ["y"], equation=equation))
+    b_dims = [2, *a_shape] if b_shape == "a" else b_shape
+    out = np.einsum(equation, np.zeros([2, *a_shape]), np.zeros(b_dims)).shape
+    graph = oh.make_graph(
+        nodes,
+        "einsum",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", *a_shape])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", *out[1:]])],
+        inits,
+    )
+    model = io.load_model(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]))
+    twin = model.clone()
+    assert differentiable(twin) == ["Einsum"]
+    assert "Einsum" not in {n.op_type for n in twin.graph}
+    x = rng.normal(size=(2, *a_shape)).astype(np.float32)
+    want = Runner(model, optimization="none").run(Batch({"x": x}))["y"]
+    got = Runner(twin, optimization="none").run(Batch({"x": x}))["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    samples = SyntheticSamples(input_specs(model), 32, seed=2)
+    student = model.clone()
+    w1 = student.graph.initializers["w1"]
+    damaged = w1.const_value.numpy() * (1 + 0.5 * rng.normal(size=w1.const_value.shape))
+    w1.const_value = ir.tensor(damaged.astype(np.float32), name="w1")
+    _, rec = recover(model, student, samples, RecoverConfig(steps=16, batch_size=8))
+    assert np.mean(rec.losses[-4:]) < np.mean(rec.losses[:4])
