@@ -948,3 +948,47 @@ def test_a_layernorm_spelled_in_primitive_ops_keeps_its_statistics_in_float(tmp_
     _, every = quantize(model, samples, config)
     kept, quantized = report.parity.outputs[0].snr_db, every.parity.outputs[0].snr_db
     assert kept > quantized + 10.0 and kept > 8.0, (kept, quantized)  # measured 11.4 / -1.9
+
+
+def test_when_the_static_guard_keeps_everything_float_dynamic_int8_with_its_guard_is_tried(
+    tmp_path,
+):
+    """A text recognizer (PP-OCR) whose every static layer breaks its whole-sequence floor
+    came back as NOTHING QUANTIZED, while dynamic int8 with its own guard held the floors with
+    most MatMuls int8. Here static breaks on calibration ranges the verification data exceeds,
+    plain dynamic breaks on one weight whose column outliers round the rest away; dynamic with
+    the guard keeps that one float and the other int8."""
+    import onnx.helper as oh
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.5, (8, 16)).astype(np.float32)
+    w1[:, 15] = -5.0  # channel 15 is dead after the Relu...
+    w2 = rng.normal(0, 0.3, (16, 12)).astype(np.float32)
+    w2[15, :] = 60.0  # ...and holds each column's outlier
+    graph = oh.make_graph(
+        [
+            oh.make_node("MatMul", ["x", "w1"], ["a"]),
+            oh.make_node("Relu", ["a"], ["r"]),
+            oh.make_node("MatMul", ["r", "w2"], ["l"]),
+            oh.make_node("Softmax", ["l"], ["y"], axis=-1),
+        ],
+        "per_position",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 6, 8])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 6, 12])],
+        [onnx.numpy_helper.from_array(w1, "w1"), onnx.numpy_helper.from_array(w2, "w2")],
+    )
+    model = io.load_model(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]))
+    x = np.abs(rng.normal(size=(200, 6, 8))).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", x=x[:100] * 0.05)
+    np.savez(tmp_path / "ver.npz", x=x[100:])
+    calibration = NpzSamples(tmp_path / "cal.npz", input_specs(model))
+    held_out = NpzSamples(tmp_path / "ver.npz", input_specs(model))
+    quantized, report = quantize(model, calibration, QuantizeConfig(), verify_samples=held_out)
+    assert report.config.mode == "dynamic"
+    assert "kept every layer in float" in report.fallback
+    assert report.quantized_ops == {"MatMul": 1} and report.parity.passed
+    assert [k.node for k in report.kept_float if "accuracy guard" in k.reason] == ["l"]
+    assert "MatMulInteger" in {n.op_type for n in quantized.graph} or "DynamicQuantizeLinear" in {
+        n.op_type for n in quantized.graph
+    }
+    io.save_model(quantized, tmp_path / "q.onnx")

@@ -1036,9 +1036,27 @@ def quantize(
                 )
                 report.config = builder.config
             else:
+                failed = [c.describe() for c in report.parity.floors if not c.passed]
                 work, plan, kept, inserted, ranges, report.guard = _floor_guard(
                     builder, (work, plan, kept, inserted, ranges), evaluator, config
                 )
+                # The guard kept every static layer in float: dynamic int8 with its own guard
+                # may still keep some weights int8 (a text recognizer whose every static
+                # layer breaks a whole-sequence floor, while most of its MatMuls do not).
+                guarded = (
+                    _dynamic_guarded(plain, samples, config, holdout, evaluator)
+                    if not plan.quantized_nodes
+                    else None
+                )
+                if guarded is not None:
+                    builder, (work, plan, kept, inserted, ranges, report.guard) = guarded
+                    report.fallback = (
+                        "dynamic int8: static int8 broke the default floors ("
+                        + "; ".join(failed)
+                        + ") and its accuracy guard kept every layer in float; dynamic int8 "
+                        "holds them with the layers its own guard keeps in float"
+                    )
+                    report.config = builder.config
             for name, value in _built_fields(work, plan, kept, inserted, ranges).items():
                 setattr(report, name, value)
             timings["guard"] = time.perf_counter() - t0
@@ -1381,6 +1399,26 @@ def _dynamic_fallback(prepared, samples, config, holdout, evaluator):
         return None
     logger.info("static int8 broke the default floors; dynamic int8 holds them")
     return builder, result
+
+
+def _dynamic_guarded(prepared, samples, config, holdout, evaluator):
+    """(builder, guarded build) of dynamic int8 with the floor guard, when it keeps some layer
+    int8 and holds every default floor; None otherwise (or when the mode is not static)."""
+    if config.mode != "static":
+        return None
+    dyn_config = dataclasses.replace(config, mode="dynamic")
+    builder = _Builder(prepared, samples, dyn_config, holdout)
+    first = builder.build()
+    if not first[1].quantized_nodes:
+        return None
+    guarded = _floor_guard(builder, first, evaluator, dyn_config)
+    if not guarded[1].quantized_nodes:
+        return None
+    checks, _ = evaluator.floor_checks(guarded[0])
+    if not all(c.passed for c in checks):
+        return None
+    logger.info("static int8 kept nothing; dynamic int8 with its guard holds the floors")
+    return builder, guarded
 
 
 FLOOR_TARGET = "the default floors of the outputs' kinds"
