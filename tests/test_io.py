@@ -417,3 +417,18 @@ def test_onnxruntime_default_domain_norms_are_read_as_standard_onnx(tmp_path):
     got = Runner(model, optimization="none").run(Batch({"x": x}))["y"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     io.save_model(model, tmp_path / "standard.onnx")  # passes the full check
+    # the same with its weights in an external data file (as large models are saved)
+    folder = tmp_path / "external"
+    folder.mkdir()
+    onnx.save(
+        proto,
+        folder / "m.onnx",
+        save_as_external_data=True,
+        size_threshold=0,
+        location="m.onnx.data",
+    )
+    external = io.load_model(folder / "m.onnx")
+    assert external.opset_imports[""] == 17
+    got = Runner(external, optimization="none").run(Batch({"x": x}))["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in folder.iterdir()) == ["m.onnx", "m.onnx.data"]
