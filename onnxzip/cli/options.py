@@ -1,0 +1,399 @@
+"""Option groups and helpers the commands share: samples, floors, thresholds, outputs, the
+checks of every path a run reads and writes, and how a report is emitted."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from onnxzip.errors import (
+    InputError,
+)
+
+logger = logging.getLogger("onnxzip")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in one line with exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InputError(f"{self.prog}: {message} (see --help)")
+
+
+def common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output and diagnostics")
+    group.add_argument(
+        "--json", type=Path, metavar="PATH", help="also write the report as JSON to PATH"
+    )
+    group.add_argument(
+        "--no-follow",
+        action="store_true",
+        help="refuse an output path (-o, --json) that is a symbolic link (default: write "
+        "through it to its target; the link stays)",
+    )
+    group.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars, only errors and results"
+    )
+    group.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    group.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "training engine (onnxruntime-training 1.19.2 in its own environment, for gradients "
+        "and recovery)"
+    )
+    group.add_argument(
+        "--training-python",
+        metavar="PATH",
+        help="interpreter that has onnxruntime-training 1.19.2 (default: $ONNXZIP_TRAINING_PYTHON, "
+        "else the environment onnxzip creates in its cache folder on first use)",
+    )
+    group.add_argument(
+        "--offline",
+        action="store_true",
+        help="never download: refuse to create the training environment if it is missing",
+    )
+
+
+def cluster_option(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("parallel work (Ray; results are the same bits as without)")
+    group.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run the sweeps over the samples (calibration, channel moments, gradient "
+        "statistics, verification), the accuracy guard's per-layer sensitivity and compress's "
+        "budget-search attempts as Ray tasks: 'local' starts a private Ray instance on this "
+        "machine, 'auto' joins the cluster this machine is part of (or $RAY_ADDRESS), HOST:PORT "
+        "or ray://HOST:PORT a running one (needs pip install 'onnxzip[ray]')",
+    )
+
+
+def data_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("samples")
+    src = group.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--data",
+        type=Path,
+        metavar="D",
+        help=".npz keyed by input name (optional 'labels'), or a folder of them",
+    )
+    src.add_argument(
+        "--synthetic", type=int, metavar="N", help="use N random samples (reported as synthetic)"
+    )
+    group.add_argument(
+        "--batch-size", type=int, default=32, metavar="B", help="samples per run (default 32)"
+    )
+    memory_option(group)
+    batch_axis_option(group)
+    state_option(group)
+    group.add_argument("--seed", type=int, default=0, help="seed for --synthetic (default 0)")
+    group.add_argument(
+        "--holdout",
+        type=fraction,
+        metavar="F",
+        help="held-out fraction F of --data: verify compares on it only; quantize keeps it out of "
+        "calibration and verifies on it (default there 0.2; 0 calibrates on everything)",
+    )
+
+
+def batch_axis_option(group) -> None:
+    group.add_argument(
+        "--batch-axis",
+        action="append",
+        default=[],
+        metavar="NAME=AXIS",
+        help="the axis of input NAME that counts samples (a state [2, batch, 128] has 1; 'none' "
+        "for an input every sample shares); found from the data when not given",
+    )
+
+
+def state_option(group) -> None:
+    group.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        metavar="IN=OUT",
+        help="a streaming model's state input IN and the output OUT that feeds it at the next "
+        "step: the samples are then the steps of one stream, in order; calibration and training "
+        "see the states the float model carries, and verification runs each model on its own",
+    )
+
+
+def stateful(model, samples, args: argparse.Namespace, source: str):
+    """``samples`` as one stream carrying the --state pairs (onnxzip.stateful), if given."""
+    if samples is None or not getattr(args, "state", None):
+        return samples
+    from onnxzip.stateful import StatefulSamples, parse_pairs
+
+    return StatefulSamples(samples, model, parse_pairs(args.state, model, source), source)
+
+
+def batch_axes(args: argparse.Namespace) -> dict[str, int | None] | None:
+    axes: dict[str, int | None] = {}
+    for item in getattr(args, "batch_axis", []):
+        name, sep, axis = item.partition("=")
+        if not sep or not name:
+            raise InputError(f"--batch-axis '{item}': expected NAME=AXIS, like state=1")
+        if axis.strip().lower() == "none":
+            axes[name] = None
+            continue
+        try:
+            axes[name] = int(axis)
+        except ValueError:
+            raise InputError(f"--batch-axis '{item}': AXIS must be an integer or none") from None
+    return axes or None
+
+
+def memory_option(group) -> None:
+    group.add_argument(
+        "--memory-budget",
+        type=size,
+        metavar="SIZE",
+        help="bytes one run of the samples may take (like 8G or 512M): batches shrink to fit "
+        "(default: half the memory available at start)",
+    )
+
+
+def size(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    raw = text.strip().lower().removesuffix("b").removesuffix("i")
+    factor = units.get(raw[-1:], 1)
+    try:
+        value = float(raw[:-1] if raw[-1:] in units else raw) * factor
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (like 8G or 512M)") from None
+    if value < 2**20:
+        raise argparse.ArgumentTypeError(f"a memory budget under 1 MiB: {text!r}")
+    return int(value)
+
+
+def fit_memory(model, samples, args: argparse.Namespace, verify_samples=None) -> str:
+    """Caps the samples' batches (and the verification samples', at the same cap: one
+    estimate) to the memory budget; the line that says so when it bites."""
+    from onnxzip.analysis import fit_memory
+
+    fit = fit_memory(model, samples, args.batch_size, args.memory_budget)
+    if verify_samples is not None and fit.capped:
+        verify_samples.max_batch = fit.batch
+    logger.info("memory: %s", fit.describe())
+    return f"memory       {fit.describe()}\n" if fit.capped else ""
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def floor_option(group) -> None:
+    group.add_argument(
+        "--no-floors",
+        action="store_true",
+        help="do not check the default quality floor of each output's kind (see README, "
+        "'Quality floors'); for exploration: the verdict then means only that no threshold failed",
+    )
+    group.add_argument(
+        "--metric",
+        metavar="NAME|MODULE:FUNCTION",
+        help="task metric f(reference, candidate, batch) -> score, replacing the default floors "
+        "(shipped: top1, detection, detection-no-objectness)",
+    )
+    group.add_argument(
+        "--min-metric",
+        type=float,
+        metavar="X",
+        help="the task metric's floor (default: the shipped metric's own)",
+    )
+
+
+def metric_of(args: argparse.Namespace):
+    if getattr(args, "metric", None) is None:
+        if getattr(args, "min_metric", None) is not None:
+            raise InputError("--min-metric needs --metric")
+        return None
+    from onnxzip import metrics
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # module:function from the directory the user is in
+    return metrics.load(args.metric, args.min_metric)
+
+
+def threshold_options(parser: argparse.ArgumentParser) -> None:
+    t = parser.add_argument_group(
+        "thresholds (exit 1 when one fails; given, they replace the default floors)"
+    )
+    floor_option(t)
+    t.add_argument(
+        "--min-cosine", type=float, metavar="C", help="minimum mean per-sample cosine similarity"
+    )
+    t.add_argument("--min-snr", type=float, metavar="DB", help="minimum SNR in dB")
+    t.add_argument("--max-abs-error", type=float, metavar="E", help="maximum absolute error")
+    t.add_argument(
+        "--min-top1", type=fraction, metavar="F", help="minimum top-1 agreement, a fraction (0.99)"
+    )
+    t.add_argument(
+        "--max-accuracy-drop",
+        type=fraction,
+        metavar="F",
+        help="maximum accuracy drop against labels, a fraction (0.01 = one point)",
+    )
+
+
+def thresholds_of(args: argparse.Namespace):
+    from onnxzip.verify import Thresholds
+
+    return Thresholds(
+        min_cosine=args.min_cosine,
+        min_snr_db=args.min_snr,
+        max_abs_error=args.max_abs_error,
+        min_top1=args.min_top1,
+        max_accuracy_drop=args.max_accuracy_drop,
+    )
+
+
+def output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="OUT", help="where to write the model"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="allow OUT to be the input model's path"
+    )
+    parser.add_argument(
+        "--target-opset",
+        type=int,
+        metavar="N",
+        help="write default-domain opset N, for runtimes older than the installed onnxruntime "
+        "(default: keep the model's own; below 13 it becomes 13)",
+    )
+
+
+def probe_writable(folder: Path, path: Path) -> None:
+    """Outputs are written in a temporary folder beside them and renamed into place: create and
+    remove one such folder now (named like them, so a run killed in between leaves nothing the
+    next run does not clean up), so that an unwritable folder (read-only, /proc) is refused
+    before the work rather than after it."""
+    import tempfile
+
+    try:
+        probe = tempfile.mkdtemp(prefix=f".onnxzip-{os.getpid()}-probe-", dir=folder)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write in '{folder}': {exc.strerror or exc}") from exc
+    os.rmdir(probe)
+
+
+def input_paths(args: argparse.Namespace) -> dict[Path, str]:
+    """What a run reads, resolved: its models, their external data files, its data files."""
+    from onnxzip import io
+
+    inputs: dict[Path, str] = {}
+    for attr, what in (
+        ("model", "the input model"),
+        ("reference", "the reference model"),
+        ("candidate", "the candidate model"),
+    ):
+        path = getattr(args, attr, None)
+        if path is not None and path.exists():
+            inputs[path.resolve()] = f"{what} {path}"
+            if path.is_file():
+                for data in io.external_data_files(path):
+                    inputs[data.resolve()] = f"the external data of {path}"
+    for attr in ("data", "verify_data"):
+        path = getattr(args, attr, None)
+        if path is not None and path.is_file():
+            inputs[path.resolve()] = f"the data file {path}"
+    return inputs
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Before any work: nothing a run writes may land on a file it reads, on a directory, or on
+    something that is not a regular file; a symbolic link is written through, never replaced.
+
+    Outputs are ``-o`` and ``--json``; inputs are the models (with their external data files)
+    and the data files.
+    """
+    import stat
+
+    inputs = args.inputs_read = input_paths(args)
+    outputs = [
+        (flag, getattr(args, attr))
+        for flag, attr in (("-o", "output"), ("--json", "json"))
+        if getattr(args, attr, None) is not None
+    ]
+    seen: dict[Path, str] = {}
+    for flag, path in outputs:
+        if path.is_symlink() and not path.exists():
+            raise InputError(f"{path}: {flag} is a symbolic link to nothing ({os.readlink(path)})")
+        if path.is_symlink() and getattr(args, "no_follow", False):
+            raise InputError(
+                f"{path}: {flag} is a symbolic link (to {os.readlink(path)}) and --no-follow "
+                "refuses to write through it"
+            )
+        if path.exists():
+            mode = path.stat().st_mode
+            if stat.S_ISDIR(mode):
+                raise InputError(f"{path}: is a directory; {flag} takes a file path")
+            if not stat.S_ISREG(mode):
+                raise InputError(f"{path}: {flag} is not a regular file (a device, FIFO or socket)")
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            raise InputError(f"{path}: output folder '{folder}' does not exist")
+        probe_writable(path.resolve().parent, path)
+        target = path.resolve()
+        if target in seen:
+            raise InputError(f"{path}: {flag} and {seen[target]} name the same file")
+        seen[target] = flag
+        what = inputs.get(target)
+        if what is None:
+            continue
+        if flag == "-o" and what.startswith("the input model"):
+            if getattr(args, "overwrite", False):
+                continue
+            raise InputError(f"{path}: is the input model; choose another -o or pass --overwrite")
+        raise InputError(f"{path}: {flag} would overwrite {what}; choose another path")
+
+
+def emit(report, args: argparse.Namespace, text: str) -> None:
+    if args.json is not None:  # first: a reader that closes stdout early must not lose it
+        from onnxzip.report import write_json
+
+        write_json(report, args.json)
+        logger.info("report written to %s", args.json)
+    print(text)
+
+
+def save(model, args: argparse.Namespace) -> None:
+    """Writes the output in the input's layout: weights in an external data file when the
+    input kept them in one (or when they exceed 2 GB)."""
+    from onnxzip import io
+
+    io.save_model(model, args.output, external=bool(io.external_data_files(args.model)))
+
+
+def write_npz(path: Path, arrays: dict) -> None:
+    """Atomic .npz write: a temporary file beside the target, then a rename (a symbolic link is
+    written through)."""
+    import tempfile
+
+    import numpy as np
+
+    if path.is_symlink():
+        path = path.resolve()
+
+    fd, tmp = tempfile.mkstemp(
+        prefix=".onnxzip-", suffix=".npz", dir=path.parent if str(path.parent) else "."
+    )
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
