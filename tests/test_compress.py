@@ -222,3 +222,28 @@ def test_pruning_that_breaks_the_floors_once_quantized_is_dropped(
     assert report.prune is None and report.parity.passed
     assert report.after["macs"] == report.before["macs"]  # the model is not pruned
     assert "pruning   DROPPED: pruned to" in report.format()
+
+
+def test_the_summary_groups_the_layers_kept_in_float_by_why():
+    """A detector's guard kept 23 layers in float, each with its own cost in dB: the summary
+    printed them as one line of 3,000 characters. Grouped by reason, six named per reason."""
+    from onnxzip.compress import kept_float_lines
+    from onnxzip.quantize import KeptFloat
+
+    kept = [
+        KeptFloat(
+            f"Conv_{i}",
+            "Conv",
+            f"accuracy guard (default floors): quantizing it alone "
+            f"cost {i / 3:.2f} dB on output[0:4 on axis 2]",
+        )
+        for i in range(9)
+    ] + [KeptFloat("Concat_9", "Concat", "its inputs need scales 21x apart")]
+    lines = kept_float_lines(kept)
+    assert lines[0] == "kept in float: 10 layers"
+    assert lines[1] == (
+        "  accuracy guard (default floors): what quantizing it alone cost on output[0:4 on "
+        "axis 2]: Conv_0, Conv_1, Conv_2, Conv_3, Conv_4, Conv_5 (+3 more)"
+    )
+    assert lines[2] == "  its inputs need scales 21x apart: Concat_9"
+    assert len(lines) == 3
