@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -37,7 +36,7 @@ from onnxzip.pruning import (
     reconstruction_summary,
     unprunable_because,
 )
-from onnxzip.quantize import QuantizeConfig, QuantizeReport, quantize
+from onnxzip.quantize import QuantizeConfig, QuantizeReport, kept_float_lines, quantize
 from onnxzip.recover import RecoverConfig, RecoverReport, recover
 from onnxzip.report import table
 from onnxzip.runtime import session_options
@@ -683,26 +682,6 @@ def _attempt(search: _Search, job: tuple) -> _Outcome:
             else:
                 outcome.pruned, outcome.check, outcome.fits = before_recovery, plain, plain_fits
     return outcome
-
-
-KEPT_SHOWN = 6  # layers named per reason in the summary (the JSON report lists every one)
-
-
-def kept_float_lines(kept) -> list[str]:
-    """The layers quantization kept in float, grouped by why (an accuracy guard's per-layer
-    cost left out of the grouping), at most ``KEPT_SHOWN`` named per reason."""
-    groups: dict[str, list[str]] = {}
-    for k in kept:
-        why = re.sub(
-            r"quantizing it alone cost -?[\d.]+ dB", "what quantizing it alone cost", k.reason
-        )
-        groups.setdefault(why, []).append(k.node)
-    lines = [f"kept in float: {len(kept)} layer{'s' if len(kept) != 1 else ''}"]
-    for why, nodes in groups.items():
-        named = ", ".join(nodes[:KEPT_SHOWN])
-        more = f" (+{len(nodes) - KEPT_SHOWN} more)" if len(nodes) > KEPT_SHOWN else ""
-        lines.append(f"  {why}: {named}{more}")
-    return lines
 
 
 class _Split(Samples):

@@ -315,11 +315,15 @@ class Samples:
         self, batch_size: int = 32, split: str = "all", holdout: float = DEFAULT_HOLDOUT
     ) -> int | None:
         """How many batches ``batches`` yields, when the sample count is known (None else)."""
+        kept = self.count_in(split, holdout)
+        return None if kept is None else math.ceil(kept / self.batch_size_for(batch_size))
+
+    def count_in(self, split: str = "all", holdout: float = DEFAULT_HOLDOUT) -> int | None:
+        """How many samples ``split`` holds, when the sample count is known (None else)."""
         if self.count is None:
             return None
         held = holdout_count(self.count, holdout)
-        kept = {"all": self.count, "holdout": held}.get(split, self.count - held)
-        return math.ceil(kept / self.batch_size_for(batch_size))
+        return {"all": self.count, "holdout": held}.get(split, self.count - held)
 
     def batches(
         self, batch_size: int = 32, split: str = "all", holdout: float = DEFAULT_HOLDOUT

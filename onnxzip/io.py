@@ -183,7 +183,7 @@ def _convert_opset(proto: onnx.ModelProto, target: int, source: str) -> onnx.Mod
 
 # onnxruntime registers these in the default domain below the opsets that define them (or in no
 # ONNX opset at all); its transformer optimizer writes them into models of any opset.
-_ORT_DEFAULT_DOMAIN_OPS = {"LayerNormalization": 17, "SimplifiedLayerNormalization": None}
+_ORT_DEFAULT_DOMAIN_OPS = ("LayerNormalization", "SimplifiedLayerNormalization")
 _PARKED = "onnxzip.parked"  # a private domain for the time of an opset conversion
 
 
@@ -212,10 +212,10 @@ def _standardise_ort_ops(proto: onnx.ModelProto, source: str) -> onnx.ModelProto
     copy.CopyFrom(proto)
     if "SimplifiedLayerNormalization" in found:
         _spell_rms_norms(copy)
-    if version < 17 and any(n.op_type == "LayerNormalization" for n in copy.graph.node):
-        layer_norms = [
-            n for n in copy.graph.node if n.op_type == "LayerNormalization" and n.domain == ""
-        ]
+    layer_norms = [
+        n for n in copy.graph.node if n.op_type == "LayerNormalization" and n.domain == ""
+    ]
+    if version < 17 and layer_norms:
         for node in layer_norms:
             node.domain = _PARKED
         copy.opset_import.append(onnx.helper.make_opsetid(_PARKED, 1))
@@ -236,6 +236,7 @@ def _spell_rms_norms(proto: onnx.ModelProto) -> None:
     opset = _default_opset(proto) or MIN_OPSET
     nodes = []
     made = []
+    ranks = _ranks_of(proto)
     for node in proto.graph.node:
         if node.op_type != "SimplifiedLayerNormalization" or node.domain not in ("", "ai.onnx"):
             nodes.append(node)
@@ -244,7 +245,7 @@ def _spell_rms_norms(proto: onnx.ModelProto) -> None:
         axis, eps = int(attrs.get("axis", -1)), float(attrs.get("epsilon", 1e-5))
         p = f"{node.name or node.output[0]}__rms"
         x, scale, y = node.input[0], node.input[1], node.output[0]
-        rank = _rank_of(proto, x)
+        rank = ranks(x)
         if axis < 0 and rank is None:
             axis_list = list(range(axis, 0))
         else:
@@ -276,18 +277,24 @@ def _spell_rms_norms(proto: onnx.ModelProto) -> None:
     proto.graph.initializer.extend(made)
 
 
-def _rank_of(proto: onnx.ModelProto, name: str) -> int | None:
-    for value in (*proto.graph.value_info, *proto.graph.input, *proto.graph.output):
-        if value.name == name and value.type.tensor_type.HasField("shape"):
-            return len(value.type.tensor_type.shape.dim)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
-    except Exception:
-        return None
-    for value in inferred.graph.value_info:
-        if value.name == name and value.type.tensor_type.HasField("shape"):
-            return len(value.type.tensor_type.shape.dim)
-    return None
+def _ranks_of(proto: onnx.ModelProto):
+    """``rank(name)``: a value's rank from the stored shapes, else from one shape inference of
+    the model (run on the first value the stored shapes do not give)."""
+    known = _ranks([*proto.graph.value_info, *proto.graph.input, *proto.graph.output])
+    inferred: dict[str, int | None] | None = None
+
+    def rank(name: str) -> int | None:
+        nonlocal inferred
+        if known.get(name) is not None:
+            return known[name]
+        if inferred is None:
+            try:
+                inferred = _ranks(onnx.shape_inference.infer_shapes(proto).graph.value_info)
+            except Exception:
+                inferred = {}
+        return inferred.get(name)
+
+    return rank
 
 
 def _ranks(values) -> dict[str, int | None]:
@@ -752,7 +759,7 @@ def _read_proto(path: Path) -> onnx.ModelProto:
         # path to find the tensors' files.
         if standard is not None:
             if has_external:
-                _check_beside(standard, path.parent)
+                _check_with_empty_external_tensors(standard, path.parent)
             else:
                 onnx.checker.check_model(standard)
             return standard
@@ -1035,7 +1042,7 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
     return [p.parent / location for location in _external_locations(proto)]
 
 
-def _check_beside(proto: onnx.ModelProto, base_dir: Path) -> None:
+def _check_with_empty_external_tensors(proto: onnx.ModelProto, base_dir: Path) -> None:
     """Runs onnx's checker on a model whose tensors live in external files (checked already by
     ``_check_external_data``: present, inside ``base_dir``, long enough) without reading them:
     each external tensor is checked as an empty inline one (this check does not infer shapes,

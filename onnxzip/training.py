@@ -9,10 +9,13 @@ The twins run in the training engine's worker process (``onnxzip.engine.run_job`
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx_ir as ir
 
 from onnxzip.errors import InputError, ModelError
+from onnxzip.ir.ops import attr
 from onnxzip.passes import add_initializer, bulk_edit, const_array, replace_node
 
 
@@ -148,8 +151,6 @@ def _differentiable(model: ir.Model, observed: dict) -> list[str]:
         elif op == "Resize" and (made := _resize_as_matmuls(graph, node, p, opset, observed)):
             replace_node(graph, node, *made[:2])
             used_observed |= made[2]
-        elif op == "InstanceNormalization" and (made := _instance_norm(graph, node, p, opset)):
-            replace_node(graph, node, *made)
         elif op == "ConvTranspose" and (made := _conv_transpose_as_conv(graph, node, p)):
             replace_node(graph, node, *made)
         elif op in _SPELLED and (made := _SPELLED[op](_Spell(graph, p, opset), node)):
@@ -177,11 +178,6 @@ _INPUT_SHAPES = object()  # key of the observed graph-input shapes in ``observed
 _RESIZE_MODES = ("nearest", "linear", "cubic")
 
 
-def _string(node: ir.Node, name: str, default: str) -> str:
-    a = node.attributes.get(name)
-    return a.as_string() if a is not None else default
-
-
 def _resize_candidate(node: ir.Node) -> bool:
     """Whether ``_resize_as_matmuls`` may rewrite this Resize (the integer-nearest rewrite
     aside): a mode whose map is linear in the input, over the axes the inputs name."""
@@ -189,13 +185,13 @@ def _resize_candidate(node: ir.Node) -> bool:
         return False
     if _integer_nearest(node) is not None or len(node.inputs) < 3:
         return False
-    if _string(node, "mode", "nearest") not in _RESIZE_MODES:
+    if attr(node, "mode", "nearest") not in _RESIZE_MODES:
         return False
-    if _string(node, "coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
+    if attr(node, "coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
         return False  # extrapolates a constant outside the box: affine, not linear
     if "axes" in node.attributes:
         return False
-    return _string(node, "keep_aspect_ratio_policy", "stretch") == "stretch"
+    return attr(node, "keep_aspect_ratio_policy", "stretch") == "stretch"
 
 
 def _observed_resize_inputs(model: ir.Model, samples) -> dict:
@@ -251,7 +247,19 @@ def _interpolation(node: ir.Node, opset: int, length: int, spec: float, by_sizes
     onnxruntime's own Resize, with the node's attributes, applied to the unit vectors (an input
     ``[1, L, 1, L]`` holding the identity, only the last axis resized by ``spec``, a scale or
     an output size). Nearest, linear and cubic interpolation are separable, so the Resize of
-    several axes is the product of these per-axis maps."""
+    several axes is the product of these per-axis maps. One session per distinct map: a feature
+    pyramid's Resizes, and every recovery attempt of a search, ask for the same few."""
+    key = tuple(
+        sorted(
+            (a.name, a.type, tuple(a.value) if isinstance(a.value, list) else a.value)
+            for a in node.attributes.values()
+        )
+    )
+    return _interpolation_matrix(key, opset, length, spec, by_sizes).copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _interpolation_matrix(attributes: tuple, opset: int, length: int, spec, by_sizes: bool):
     from onnxzip.runtime import Runner
 
     x = ir.Value(
@@ -269,8 +277,7 @@ def _interpolation(node: ir.Node, opset: int, length: int, spec: float, by_sizes
             ir.Value(name="roi", const_value=ir.tensor(np.zeros(0, np.float32))),
             ir.Value(name="scales", const_value=ir.tensor(scales)),
         ]
-    attributes = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
-    resize = ir.Node("", "Resize", [x, *extra], attributes, name="resize")
+    resize = ir.Node("", "Resize", [x, *extra], [ir.Attr(*a) for a in attributes], name="resize")
     resize.outputs[0].name = "y"
     graph = ir.Graph(
         [x],
@@ -342,42 +349,6 @@ def _resize_as_matmuls(graph: ir.Graph, node: ir.Node, p: str, opset: int, obser
     return nodes, current, from_samples
 
 
-def _instance_norm(graph: ir.Graph, node: ir.Node, p: str, opset: int):
-    """``InstanceNormalization(x, scale, B)`` over the axes after the channel axis:
-    ``(x - mean) / sqrt(mean((x - mean)^2) + eps) * scale[c] + B[c]``, in ops that have
-    gradient builders; None where the rank or the parameters are unknown."""
-    x, scale, bias = node.inputs[0], node.inputs[1], node.inputs[2]
-    rank = len(x.shape) if x.shape is not None else None
-    gamma, beta = const_array(scale), const_array(bias)
-    if rank is None or rank < 3 or gamma is None or beta is None:
-        return None
-    eps = node.attributes["epsilon"].as_float() if "epsilon" in node.attributes else 1e-5
-    axes = list(range(2, rank))
-    shape = [len(gamma)] + [1] * (rank - 2)
-
-    def mean(value: ir.Value, tag: str) -> ir.Node:
-        if opset >= 18:
-            axes_value = add_initializer(graph, f"{p}_axes_{tag}", np.array(axes, np.int64))
-            return ir.node("ReduceMean", [value, axes_value], name=f"{p}_{tag}")
-        return ir.node(
-            "ReduceMean", [value], attributes={"axes": axes, "keepdims": 1}, name=f"{p}_{tag}"
-        )
-
-    mu = mean(x, "mean")
-    centred = ir.node("Sub", [x, mu.outputs[0]], name=f"{p}_centre")
-    square = ir.node("Mul", [centred.outputs[0], centred.outputs[0]], name=f"{p}_square")
-    var = mean(square.outputs[0], "var")
-    shifted = ir.node("Add", [var.outputs[0], _const(graph, f"{p}_eps", eps)], name=f"{p}_eps")
-    std = ir.node("Sqrt", [shifted.outputs[0]], name=f"{p}_std")
-    normed = ir.node("Div", [centred.outputs[0], std.outputs[0]], name=f"{p}_div")
-    g = add_initializer(graph, f"{p}_scale", gamma.reshape(shape).astype(np.float32))
-    b = add_initializer(graph, f"{p}_bias", beta.reshape(shape).astype(np.float32))
-    scaled = ir.node("Mul", [normed.outputs[0], g], name=f"{p}_mul")
-    out = ir.node("Add", [scaled.outputs[0], b], name=f"{p}_add")
-    nodes = [mu, centred, square, var, shifted, std, normed, scaled, out]
-    return nodes, out.outputs[0]
-
-
 @bulk_edit
 def unshare_weights(model: ir.Model, trainable) -> int:
     """Gives every reader but the first of a frozen float initializer read more than once its
@@ -420,12 +391,12 @@ def control_flow_on_gradient_path(model: ir.Model, trainable: list[str]) -> str 
     reached = {id(graph.initializers[n]) for n in trainable if n in graph.initializers}
     for node in graph:  # topological order
         reads = list(node.inputs)
-        for attr in node.attributes.values():  # bodies read outer values by reference
+        for attribute in node.attributes.values():  # bodies read outer values by reference
             bodies = (
-                [attr.as_graph()]
-                if attr.type == ir.AttributeType.GRAPH
-                else list(attr.as_graphs())
-                if attr.type == ir.AttributeType.GRAPHS
+                [attribute.as_graph()]
+                if attribute.type == ir.AttributeType.GRAPH
+                else list(attribute.as_graphs())
+                if attribute.type == ir.AttributeType.GRAPHS
                 else []
             )
             for body in bodies:
@@ -470,11 +441,6 @@ class _Spell:
         return self.nodes, out
 
 
-def _attr_float(node: ir.Node, name: str, default: float) -> float:
-    a = node.attributes.get(name)
-    return a.as_float() if a is not None else default
-
-
 def _softplus(s: _Spell, x: ir.Value) -> ir.Value:
     # log(1 + e^x) = relu(x) + log(1 + e^-|x|): no overflow for large |x|
     tail = s.op("Log", s.op("Add", s.c(1.0), s.op("Exp", s.op("Neg", s.op("Abs", x)))))
@@ -499,20 +465,20 @@ def _spell_mish(s: _Spell, node: ir.Node):
 
 
 def _spell_elu(s: _Spell, node: ir.Node):
-    x, alpha = node.inputs[0], _attr_float(node, "alpha", 1.0)
+    x, alpha = node.inputs[0], attr(node, "alpha", 1.0)
     return s.done(s.op("Add", s.op("Relu", x), _elu_tail(s, x, alpha)))
 
 
 def _spell_selu(s: _Spell, node: ir.Node):
     x = node.inputs[0]
-    alpha = _attr_float(node, "alpha", 1.67326319217681884765625)
-    gamma = _attr_float(node, "gamma", 1.05070102214813232421875)
+    alpha = attr(node, "alpha", 1.67326319217681884765625)
+    gamma = attr(node, "gamma", 1.05070102214813232421875)
     elu = s.op("Add", s.op("Relu", x), _elu_tail(s, x, alpha))
     return s.done(s.op("Mul", s.c(gamma), elu))
 
 
 def _spell_celu(s: _Spell, node: ir.Node):
-    x, alpha = node.inputs[0], _attr_float(node, "alpha", 1.0)
+    x, alpha = node.inputs[0], attr(node, "alpha", 1.0)
     return s.done(s.op("Add", s.op("Relu", x), _elu_tail(s, x, alpha, inner=alpha)))
 
 
@@ -522,17 +488,16 @@ def _spell_softsign(s: _Spell, node: ir.Node):
 
 
 def _spell_thresholded_relu(s: _Spell, node: ir.Node):
-    x, alpha = node.inputs[0], _attr_float(node, "alpha", 1.0)
+    x, alpha = node.inputs[0], attr(node, "alpha", 1.0)
     return s.done(s.op("Where", s.op("Greater", x, s.c(alpha)), x, s.c(0.0)))
 
 
 def _reduce_axes(node: ir.Node):
     """(axes or None for all, keepdims) of a Reduce node in either opset form; None where
     the axes are computed at run time or an empty list means no reduction."""
-    keepdims = node.attributes["keepdims"].as_int() if "keepdims" in node.attributes else 1
-    noop = node.attributes.get("noop_with_empty_axes")
+    keepdims = attr(node, "keepdims", 1)
     if "axes" in node.attributes:
-        axes = list(node.attributes["axes"].as_ints())
+        axes = list(attr(node, "axes", []))
     elif len(node.inputs) > 1 and node.inputs[1] is not None:
         given = const_array(node.inputs[1])
         if given is None:
@@ -541,7 +506,7 @@ def _reduce_axes(node: ir.Node):
     else:
         axes = []
     if not axes:
-        if noop is not None and noop.as_int():
+        if attr(node, "noop_with_empty_axes", 0):
             return None
         axes = None
     return axes, keepdims
@@ -575,8 +540,7 @@ def _spell_extreme(s: _Spell, node: ir.Node):
 
 def _spell_lp_norm(s: _Spell, node: ir.Node):
     x = node.inputs[0]
-    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else -1
-    order = node.attributes["p"].as_int() if "p" in node.attributes else 2
+    axis, order = attr(node, "axis", -1), attr(node, "p", 2)
     if order == 2:
         norm = s.reduce("ReduceL2", x, [axis], 1)
     elif order == 1:
@@ -591,14 +555,14 @@ def _spell_pad(s: _Spell, node: ir.Node):
     """Reflect and edge padding (no gradient builder for those modes in 1.19) as a Gather of
     each padded axis with constant indices (reflect: ``p, ..., 1, 0, 1, ..., L-1, L-2, ...``;
     edge: the first and last index repeated); needs the padded axes' lengths."""
-    mode = _string(node, "mode", "constant")
+    mode = attr(node, "mode", "constant")
     x = node.inputs[0]
     if mode not in ("reflect", "edge") or x.shape is None:
         return None
     if len(node.inputs) > 3 and node.inputs[3] is not None:
         return None  # axes given: rare, not spelled out here
     if "pads" in node.attributes:
-        pads = list(node.attributes["pads"].as_ints())
+        pads = list(attr(node, "pads", []))
     elif len(node.inputs) > 1 and (given := const_array(node.inputs[1])) is not None:
         pads = [int(v) for v in given.reshape(-1)]
     else:
@@ -632,9 +596,9 @@ def _spell_depth_space(s: _Spell, node: ir.Node):
     _, c, h, w = x.shape
     if not all(isinstance(d, int) for d in (c, h, w)):
         return None
-    b = node.attributes["blocksize"].as_int()
+    b = attr(node, "blocksize", 1)
     if node.op_type == "DepthToSpace":
-        if _string(node, "mode", "DCR") == "DCR":
+        if attr(node, "mode", "DCR") == "DCR":
             split, perm = [0, b, b, c // (b * b), h, w], [0, 3, 4, 1, 5, 2]
         else:
             split, perm = [0, c // (b * b), b, b, h, w], [0, 1, 4, 2, 5, 3]
@@ -648,6 +612,24 @@ def _spell_depth_space(s: _Spell, node: ir.Node):
     return s.done(s.op("Reshape", moved, s.c(final, np.int64)))
 
 
+def _spell_instance_norm(s: _Spell, node: ir.Node):
+    """``InstanceNormalization(x, scale, B)`` over the axes after the channel axis:
+    ``(x - mean) / sqrt(mean((x - mean)^2) + eps) * scale[c] + B[c]`` (no gradient builder in
+    1.19; a GroupNorm exports as one); None where the rank or the parameters are unknown."""
+    x = node.inputs[0]
+    gamma, beta = const_array(node.inputs[1]), const_array(node.inputs[2])
+    if x.shape is None or len(x.shape) < 3 or gamma is None or beta is None:
+        return None
+    axes = list(range(2, len(x.shape)))
+    per_channel = [len(gamma)] + [1] * len(axes)
+    centred = s.op("Sub", x, s.reduce("ReduceMean", x, axes, 1))
+    var = s.reduce("ReduceMean", s.op("Mul", centred, centred), axes, 1)
+    std = s.op("Sqrt", s.op("Add", var, s.c(attr(node, "epsilon", 1e-5))))
+    normed = s.op("Div", centred, std)
+    scaled = s.op("Mul", normed, s.c(gamma.reshape(per_channel)))
+    return s.done(s.op("Add", scaled, s.c(beta.reshape(per_channel))))
+
+
 def _spell_einsum(s: _Spell, node: ir.Node):
     """A two-operand Einsum (no gradient builder in 1.19) as Transposes, Reshapes and one
     MatMul: letters in both operands and the output are batch axes (kept, leading), letters in
@@ -658,7 +640,7 @@ def _spell_einsum(s: _Spell, node: ir.Node):
     order. None for one or three operands, ellipses, repeated letters or unknown sizes."""
     if len(node.inputs) != 2 or "equation" not in node.attributes:
         return None
-    equation = node.attributes["equation"].as_string().replace(" ", "")
+    equation = attr(node, "equation", "").replace(" ", "")
     if "..." in equation or "->" not in equation:
         return None
     lhs, out = equation.split("->")
@@ -728,6 +710,7 @@ def _spell_einsum(s: _Spell, node: ir.Node):
 
 
 _SPELLED = {
+    "InstanceNormalization": _spell_instance_norm,
     "Einsum": _spell_einsum,
     "Softplus": _spell_softplus,
     "Mish": _spell_mish,
@@ -839,16 +822,11 @@ def _integer_nearest(node: ir.Node) -> list[int] | None:
     """The integer factors of a Resize that repeats each element: nearest mode, constant
     integer scales, and a coordinate mapping under which output ``i`` reads input ``i // f``
     (asymmetric with floor or round-prefer-floor rounding); None otherwise."""
-
-    def attr(name: str, default: str) -> str:
-        a = node.attributes.get(name)
-        return a.as_string() if a is not None else default
-
-    if attr("mode", "nearest") != "nearest" or len(node.inputs) < 3:
+    if attr(node, "mode", "nearest") != "nearest" or len(node.inputs) < 3:
         return None
-    if attr("coordinate_transformation_mode", "half_pixel") != "asymmetric":
+    if attr(node, "coordinate_transformation_mode", "half_pixel") != "asymmetric":
         return None
-    if attr("nearest_mode", "round_prefer_floor") not in ("floor", "round_prefer_floor"):
+    if attr(node, "nearest_mode", "round_prefer_floor") not in ("floor", "round_prefer_floor"):
         return None
     if len(node.inputs) > 3 and node.inputs[3] is not None:
         return None  # sizes given: factors are not spelled out
@@ -869,14 +847,8 @@ def batch_within(samples, batch: int, split: str, holdout: float) -> int:
     """``batch``, or the number of samples in ``split`` when there are fewer: a twin whose batch
     is fixed (``fix_batch``) then still gets a batch of its size (with 16 samples and the
     default 32, every recovery of a model with an AveragePool had none)."""
-    count = getattr(samples, "count", None)
-    if count is None:
-        return batch
-    from onnxzip.data import holdout_count
-
-    held = holdout_count(count, holdout)
-    kept = {"all": count, "holdout": held}.get(split, count - held)
-    return batch if kept <= 0 else min(batch, kept)
+    kept = samples.count_in(split, holdout)
+    return batch if not kept else min(batch, kept)
 
 
 def fix_batch(model: ir.Model, batch: int, samples=None) -> bool:

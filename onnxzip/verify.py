@@ -306,9 +306,9 @@ def snr_db(signal: float, noise: float) -> float:
     if noise == 0:
         return math.inf
     ratio = signal / noise
-    if math.isnan(ratio):  # inf noise on an inf signal (a candidate that overflowed)
-        return -math.inf
-    if ratio <= 0:  # no signal, or one that underflows against infinite noise
+    # no signal, one that underflows against infinite noise, or inf / inf (an overflowed
+    # candidate, NaN)
+    if not ratio > 0:
         return -math.inf
     return 10.0 * math.log10(ratio)
 

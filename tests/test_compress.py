@@ -227,8 +227,7 @@ def test_pruning_that_breaks_the_floors_once_quantized_is_dropped(
 def test_the_summary_groups_the_layers_kept_in_float_by_why():
     """A detector's guard kept 23 layers in float, each with its own cost in dB: the summary
     printed them as one line of 3,000 characters. Grouped by reason, six named per reason."""
-    from onnxzip.compress import kept_float_lines
-    from onnxzip.quantize import KeptFloat
+    from onnxzip.quantize import KeptFloat, kept_float_lines
 
     kept = [
         KeptFloat(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -370,8 +371,12 @@ def _excluded(node: ir.Node, exclude: tuple[str, ...]) -> bool:
     )
 
 
-def plan_quantization(model: ir.Model, config: QuantizeConfig) -> tuple[Plan, list[KeptFloat]]:
-    """Runs the per-op rules over the main graph in topological order."""
+def plan_quantization(
+    model: ir.Model, config: QuantizeConfig, statistics: frozenset[str] | None = None
+) -> tuple[Plan, list[KeptFloat]]:
+    """Runs the per-op rules over the main graph in topological order. ``statistics``: the
+    model's ``normalisation_statistics`` when the caller has them (a builder plans one prepared
+    model many times), else found here."""
     plan = Plan()
     transformer = config.preset == "transformer"
     ctx = Context(
@@ -380,7 +385,7 @@ def plan_quantization(model: ir.Model, config: QuantizeConfig) -> tuple[Plan, li
         config.symmetric_activations,
         config.quantize_softmax,
         transformer,
-        statistics=normalisation_statistics(model.graph),
+        statistics=normalisation_statistics(model.graph) if statistics is None else statistics,
     )
     find = QUANTIZATION_RULES.finder(model.opset_imports)
     kept = []
@@ -486,6 +491,8 @@ class _Builder:
         self.samples = samples
         self.config = config
         self.holdout = holdout
+        # found once: every build plans a clone of ``prepared`` (the guard builds many)
+        self.statistics = normalisation_statistics(prepared.graph)
         self.stats: dict[str, cal.TensorStats] = {}
         self.calibrated = 0
         self.params: dict[str, tuple[qp.QParams, float, float]] = {}
@@ -586,7 +593,7 @@ class _Builder:
             return self._build_dynamic(model, config, keep_float)
         if config.mode == "weight-only":
             return self._build_weight_only(model, config, keep_float)
-        plan, kept = plan_quantization(model, config)
+        plan, kept = plan_quantization(model, config, self.statistics)
         means = []
         if self.collect_means and not self.means:
             means = sorted({(n.inputs[0].name, 1) for n in _bias_layers(model, plan)})
@@ -635,7 +642,8 @@ class _Builder:
         plans = []
         for keep in keep_sets:
             model = self.prepared.clone()
-            plans.append((model, plan_quantization(model, self._excluding(keep)[1])[0]))
+            config = self._excluding(keep)[1]
+            plans.append((model, plan_quantization(model, config, self.statistics)[0]))
         return plans
 
     def _rebuild_sources(self, keep_sets: list[frozenset[str]]) -> set[str]:
@@ -1024,19 +1032,17 @@ def quantize(
             # the reference outputs do not depend on the metric: reuse them
             evaluator = evaluator or _Evaluator(original, data, split, config)
             evaluator.metric = metric
+            failed = "; ".join(c.describe() for c in report.parity.floors if not c.passed)
             dynamic = _dynamic_fallback(plain, samples, config, holdout, evaluator)
             if dynamic is not None:
                 builder, result = dynamic
                 work, plan, kept, inserted, ranges = result
-                failed = [c.describe() for c in report.parity.floors if not c.passed]
                 report.fallback = (
-                    "dynamic int8: static int8 broke the default floors ("
-                    + "; ".join(failed)
-                    + "), dynamic int8 holds every floor on the held-out samples"
+                    f"dynamic int8: static int8 broke the default floors ({failed}), dynamic "
+                    "int8 holds every floor on the held-out samples"
                 )
                 report.config = builder.config
             else:
-                failed = [c.describe() for c in report.parity.floors if not c.passed]
                 work, plan, kept, inserted, ranges, report.guard = _floor_guard(
                     builder, (work, plan, kept, inserted, ranges), evaluator, config
                 )
@@ -1051,10 +1057,9 @@ def quantize(
                 if guarded is not None:
                     builder, (work, plan, kept, inserted, ranges, report.guard) = guarded
                     report.fallback = (
-                        "dynamic int8: static int8 broke the default floors ("
-                        + "; ".join(failed)
-                        + ") and its accuracy guard kept every layer in float; dynamic int8 "
-                        "holds them with the layers its own guard keeps in float"
+                        f"dynamic int8: static int8 broke the default floors ({failed}) and its "
+                        "accuracy guard kept every layer in float; dynamic int8 holds them with "
+                        "the layers its own guard keeps in float"
                     )
                     report.config = builder.config
             for name, value in _built_fields(work, plan, kept, inserted, ranges).items():
@@ -1384,41 +1389,64 @@ def _guard(builder: _Builder, first, evaluator: _Evaluator, config: QuantizeConf
     return _search_guard(builder, first, evaluator, target, candidates, judge, reason)
 
 
+def _dynamic_build(prepared, samples, config, holdout):
+    """(builder, build) of dynamic int8 in place of static, when it quantizes something; None
+    otherwise (or when the mode asked for is not static)."""
+    if config.mode != "static":
+        return None
+    builder = _Builder(prepared, samples, dataclasses.replace(config, mode="dynamic"), holdout)
+    result = builder.build()
+    return (builder, result) if result[1].quantized_nodes else None
+
+
+def _holds(evaluator, model) -> bool:
+    checks, _ = evaluator.floor_checks(model)
+    return all(c.passed for c in checks)
+
+
 def _dynamic_fallback(prepared, samples, config, holdout, evaluator):
     """(builder, build result) of dynamic int8 when it quantizes something and holds every
     default floor on the evaluator's held-out batches; None otherwise."""
-    if config.mode != "static":
-        return None
-    dyn_config = dataclasses.replace(config, mode="dynamic")
-    builder = _Builder(prepared, samples, dyn_config, holdout)
-    result = builder.build()
-    if not result[1].quantized_nodes:
-        return None
-    checks, _ = evaluator.floor_checks(result[0])
-    if not all(c.passed for c in checks):
+    built = _dynamic_build(prepared, samples, config, holdout)
+    if built is None or not _holds(evaluator, built[1][0]):
         return None
     logger.info("static int8 broke the default floors; dynamic int8 holds them")
-    return builder, result
+    return built
 
 
 def _dynamic_guarded(prepared, samples, config, holdout, evaluator):
     """(builder, guarded build) of dynamic int8 with the floor guard, when it keeps some layer
     int8 and holds every default floor; None otherwise (or when the mode is not static)."""
-    if config.mode != "static":
+    built = _dynamic_build(prepared, samples, config, holdout)
+    if built is None:
         return None
-    dyn_config = dataclasses.replace(config, mode="dynamic")
-    builder = _Builder(prepared, samples, dyn_config, holdout)
-    first = builder.build()
-    if not first[1].quantized_nodes:
-        return None
-    guarded = _floor_guard(builder, first, evaluator, dyn_config)
-    if not guarded[1].quantized_nodes:
-        return None
-    checks, _ = evaluator.floor_checks(guarded[0])
-    if not all(c.passed for c in checks):
+    builder, first = built
+    guarded = _floor_guard(builder, first, evaluator, builder.config)
+    if not guarded[1].quantized_nodes or not _holds(evaluator, guarded[0]):
         return None
     logger.info("static int8 kept nothing; dynamic int8 with its guard holds the floors")
     return builder, guarded
+
+
+KEPT_SHOWN = 6  # layers named per reason in the summary (the JSON report lists every one)
+
+
+def kept_float_lines(kept) -> list[str]:
+    """The layers quantization kept in float, grouped by why (the per-layer cost the guards'
+    ``reason`` functions write left out of the grouping), at most ``KEPT_SHOWN`` named per
+    reason: a one-glance summary for ``compress`` (the JSON report has each reason)."""
+    groups: dict[str, list[str]] = {}
+    for k in kept:
+        why = re.sub(
+            r"quantizing it alone cost -?[\d.]+ dB", "what quantizing it alone cost", k.reason
+        )
+        groups.setdefault(why, []).append(k.node)
+    lines = [f"kept in float: {len(kept)} layer{'s' if len(kept) != 1 else ''}"]
+    for why, nodes in groups.items():
+        named = ", ".join(nodes[:KEPT_SHOWN])
+        more = f" (+{len(nodes) - KEPT_SHOWN} more)" if len(nodes) > KEPT_SHOWN else ""
+        lines.append(f"  {why}: {named}{more}")
+    return lines
 
 
 FLOOR_TARGET = "the default floors of the outputs' kinds"

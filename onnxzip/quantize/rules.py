@@ -157,11 +157,6 @@ def normalisation_statistics(graph: ir.Graph) -> frozenset[str]:
     activation after them is quantized as before.
     """
     stats: set[str] = set()
-
-    def reads_activation(node: ir.Node) -> bool:
-        x = node.inputs[0] if node.inputs else None
-        return x is not None and const_array(x) is None
-
     for node in graph:  # topological order
         if node.domain not in ("", "ai.onnx") or not node.outputs:
             continue
@@ -173,7 +168,7 @@ def normalisation_statistics(graph: ir.Graph) -> frozenset[str]:
             and (v.dtype is None or v.dtype.is_floating_point())
             and const_array(v) is None
         ]
-        if node.op_type in _REDUCTIONS and reads_activation(node):
+        if node.op_type in _REDUCTIONS and node.inputs and node.inputs[0] in varying:
             stats.update(v.name for v in node.outputs if v.name)
         elif node.op_type in _CARRY and varying and all(v.name in stats for v in varying):
             stats.update(v.name for v in node.outputs if v.name)
