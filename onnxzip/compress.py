@@ -26,6 +26,7 @@ import onnx_ir as ir
 
 from onnxzip import engine, io, metrics
 from onnxzip.analysis import inspect_model, shapes_for_macs
+from onnxzip.config import ConfigError, option
 from onnxzip.data import Samples
 from onnxzip.engine import EngineUnavailable, cluster
 from onnxzip.errors import InputError
@@ -47,35 +48,74 @@ logger = logging.getLogger(__name__)
 MILDER = (0.5, 0.6, 0.7, 0.8, 0.9)  # MACs targets tried, from the requested one up, under a budget
 
 
+def _default_prune() -> PruneConfig:
+    return PruneConfig(target_macs=0.5)
+
+
 @dataclass
 class CompressConfig:
-    target_macs: float | None = 0.5  # None: no pruning
-    ratio: float | None = None  # prune this fraction of every group instead of a MACs target
-    criterion: str = "l1"
-    recover_steps: int = 500
-    quantize: str = "int8"  # int8 | dynamic | none
-    calibration: str = "minmax"
-    reduce_range: str = "auto"  # see QuantizeConfig.reduce_range
-    max_drop: float | None = None  # top-1 points
-    min_cosine: float | None = None
-    holdout: float = 0.2
-    batch_size: int = 32
-    latency: bool = True
-    target_opset: int | None = None  # see QuantizeConfig.target_opset
+    """Options of ``compress``: one config per stage, and the job's own options.
+
+    ``prune`` (None: no pruning) gives the criterion, the scope and what is left alone, and
+    how much: a ``target_macs`` (searched milder under a budget or the floors) or a fixed
+    ``ratio``; ``recover`` (None: no recovery at all) the distillation; ``quantize`` (None: no
+    quantization) the mode and everything else of the quantizer. The job's ``holdout``,
+    ``batch_size`` and ``target_opset``, and its budget (``max_drop``, ``min_cosine``), hold
+    for every stage and replace the stage configs' fields of those names.
+    """
+
+    prune: PruneConfig | None = field(default_factory=_default_prune)
+    recover: RecoverConfig | None = field(default_factory=RecoverConfig)
+    quantize: QuantizeConfig | None = field(default_factory=QuantizeConfig)
+    max_drop: float | None = option(None, "at most X top-1 points below the original", metavar="X")
+    min_cosine: float | None = option(None, "at least this mean output cosine", metavar="C")
+    holdout: float = option(
+        0.2,
+        "fraction of the samples no stage trains or calibrates on; every accuracy decision "
+        "and the final parity use it",
+        metavar="F",
+    )
+    batch_size: int = option(32, cli=False)
+    latency: bool = option(
+        True,
+        "measure latency for the report",
+        negate="--no-latency",
+        negate_help="skip the latency measurement in the report",
+    )
+    target_opset: int | None = option(None, cli=False)  # see QuantizeConfig.target_opset
     # without a budget, the default floor of each output's kind is the budget (onnxzip.floors)
-    floors: bool = True
+    floors: bool = option(True, cli=False)
 
     def validate(self) -> None:
-        if self.quantize not in ("int8", "dynamic", "none"):
-            raise InputError(f"--quantize must be int8, dynamic or none, got '{self.quantize}'")
-        if self.target_macs is not None and not 0 < self.target_macs <= 1:
-            raise InputError(f"--target-macs must be in (0, 1], got {self.target_macs}")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise ConfigError("max_drop", f"{{name}} must be at least 0, got {self.max_drop}")
+        if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
+            raise ConfigError("min_cosine", f"{{name}} must be in [-1, 1], got {self.min_cosine}")
         if not 0 < self.holdout < 1:
-            raise InputError(f"--holdout must be in (0, 1), got {self.holdout}")
-        if self.ratio is not None and not 0 <= self.ratio < 1:
-            raise InputError(f"--prune ratio must be in [0, 1), got {self.ratio}")
-        if self.recover_steps < 0:
-            raise InputError(f"--recover-steps must be at least 0, got {self.recover_steps}")
+            raise ConfigError("holdout", f"{{name}} must be in (0, 1), got {self.holdout}")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"{{name}} must be at least 1, got {self.batch_size}")
+        for stage in (self.prune, self.recover, self.quantize):
+            if stage is not None:
+                self.stage(stage).validate()
+
+    def stage(self, config):
+        """A stage's config with the job's own fields in place of its copies."""
+        own = {"batch_size": self.batch_size, "holdout": self.holdout}
+        if isinstance(config, QuantizeConfig):
+            own.update(
+                target_opset=self.target_opset, max_drop=self.max_drop, min_cosine=self.min_cosine
+            )
+        if isinstance(config, PruneConfig):
+            own.pop("holdout")
+        return dataclasses.replace(config, **own)
+
+    @property
+    def pruning(self) -> bool:
+        p = self.prune
+        return p is not None and (
+            p.ratio is not None or (p.target_macs is not None and p.target_macs < 1)
+        )
 
 
 @dataclass
@@ -342,19 +382,19 @@ def compress(
     # Without an explicit budget the default floors are the budget: a pruning amount whose
     # result no longer holds them is not taken, a milder one is tried.
     # (A fixed ratio asked for is pruned whatever it costs; the final verdict says so.)
-    floor_budget = config.floors and not budget and config.ratio is None
+    floor_budget = (
+        config.floors and not budget and (config.prune is None or config.prune.ratio is None)
+    )
     check_samples, check_split = (
         (verify_samples, "all") if verify_samples is not None else (samples, "holdout")
     )
 
-    pruning = config.ratio is not None or (
-        config.target_macs is not None and config.target_macs < 1
-    )
+    pruning = config.pruning
     if pruning:
         # A model none of whose groups can lose a channel: no search, no training engine.
         report.prune_skipped = unprunable_because(original, source=source)
         pruning = report.prune_skipped is None
-    if pruning and config.recover_steps:
+    if pruning and config.recover is not None:
         # Found (or created, on first use) before the stages, so its time is not recovery's.
         t0 = time.perf_counter()
         try:
@@ -365,12 +405,11 @@ def compress(
         if time.perf_counter() - t0 > 1.0:
             timings["training engine setup"] = time.perf_counter() - t0
     if pruning:
-        if config.ratio is not None:  # a fixed amount: nothing to search
+        if config.prune.ratio is not None:  # a fixed amount: nothing to search
             targets = [None]
         else:
-            targets = [config.target_macs] + (
-                [t for t in MILDER if t > config.target_macs] if budget or floor_budget else []
-            )
+            asked = config.prune.target_macs
+            targets = [asked] + ([t for t in MILDER if t > asked] if budget or floor_budget else [])
         search = _Search(
             original,
             samples,
@@ -382,7 +421,7 @@ def compress(
             floor_budget,
             metric,
             None
-            if report.recovery_skipped is not None or not config.recover_steps
+            if report.recovery_skipped is not None or config.recover is None
             else engine.current(),
         )
         # Attempts run in order; on an engine with W workers the next W run at once, each
@@ -429,7 +468,7 @@ def compress(
                         _drop(out),
                         out.cosine_mean,
                         outcome.fits,
-                        ratio=config.ratio if target is None else None,
+                        ratio=config.prune.ratio if target is None else None,
                         failing=_first_failing(outcome.check),
                     )
                 )
@@ -446,7 +485,7 @@ def compress(
                 "accuracy budget" if budget else "default quality floors",
             )
 
-    if config.quantize != "none":
+    if config.quantize is not None:
         t0 = time.perf_counter()
         remaining = None
         if config.max_drop is not None:
@@ -456,16 +495,7 @@ def compress(
                 else 0.0
             )
             remaining = max(0.0, config.max_drop - (used or 0.0))
-        qconfig = QuantizeConfig(
-            calibration=config.calibration,
-            reduce_range=config.reduce_range,
-            target_opset=config.target_opset,
-            mode="dynamic" if config.quantize == "dynamic" else "static",
-            batch_size=config.batch_size,
-            holdout=config.holdout,
-            max_drop=remaining,
-            min_cosine=config.min_cosine,
-        )
+        qconfig = dataclasses.replace(config.stage(config.quantize), max_drop=remaining)
         current, report.quantize = quantize(
             current,
             samples,
@@ -504,8 +534,8 @@ def compress(
         not report.parity.passed
         and report.prune is not None
         and report.prune.unchanged_because is None
-        and config.quantize != "none"
-        and config.ratio is None  # a fixed ratio asked for is kept whatever it costs
+        and config.quantize is not None
+        and config.prune.ratio is None  # a fixed ratio asked for is kept whatever it costs
         and (budget or floor_budget)
     ):
         # The pruning held the budget alone, and quantization held it against the pruned
@@ -583,7 +613,7 @@ class _Outcome:
 def _mode(config: CompressConfig, report: CompressReport) -> str:
     """How an attempt recovers: "distill", "refit" (least squares: distillation was refused,
     or did worse than no recovery) or "none"."""
-    if not config.recover_steps:
+    if config.recover is None:
         return "none"
     lost = report.recovery_skipped is not None or report.recovery_not_kept is not None
     return "refit" if lost else "distill"
@@ -601,11 +631,10 @@ def _attempt(search: _Search, job: tuple) -> _Outcome:
         t0 = time.perf_counter()
         result = prune(
             s.original,
-            PruneConfig(
-                ratio=config.ratio if target is None else None,
+            dataclasses.replace(
+                config.stage(config.prune),
+                ratio=config.prune.ratio if target is None else None,
                 target_macs=target,
-                criterion=config.criterion,
-                batch_size=config.batch_size,
                 reconstruct=refit,
             ),
             samples=_Split(s.samples, config.holdout, "calibration"),
@@ -641,11 +670,7 @@ def _attempt(search: _Search, job: tuple) -> _Outcome:
                 s.original,
                 pruned,
                 s.samples,
-                RecoverConfig(
-                    steps=config.recover_steps,
-                    batch_size=config.batch_size,
-                    holdout=config.holdout,
-                ),
+                config.stage(config.recover),
             )
         except InputError as exc:
             # No engine, or onnxruntime-training cannot train this model (an op without a

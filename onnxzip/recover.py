@@ -35,6 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import engine, io, passes, progress, training
+from onnxzip.config import ConfigError, option
 from onnxzip.data import Samples
 from onnxzip.errors import InputError, ModelError
 from onnxzip.runtime import Runner
@@ -53,19 +54,31 @@ _TRAINABLE_OPS = {
 
 @dataclass
 class RecoverConfig:
-    steps: int = 500
-    learning_rate: float = 5e-3  # AdamW, cosine decay to 0 over the steps
-    batch_size: int = 32
-    temperature: float = 4.0  # tried 1, 2, 4, 6 on the digits nets at half the MACs: 4 was best
-    holdout: float = 0.2  # the held-out part of the samples is never trained on
+    """Options of ``recover``: distillation from the original through the training engine."""
+
+    steps: int = option(500, "distillation steps", metavar="N", flag="--recover-steps")
+    # AdamW, cosine decay to 0 over the steps
+    learning_rate: float = option(
+        5e-3, "AdamW learning rate, cosine decay to 0", metavar="LR", flag="--recover-lr"
+    )
+    batch_size: int = option(32, cli=False)
+    # tried 1, 2, 4, 6 on the digits nets at half the MACs: 4 was best
+    temperature: float = option(
+        4.0, "distillation temperature", metavar="T", flag="--recover-temperature"
+    )
+    holdout: float = option(0.2, cli=False)  # the held-out part of the samples is never trained on
 
     def validate(self) -> None:
         if self.steps < 1:
-            raise InputError(f"--recover-steps must be at least 1, got {self.steps}")
+            raise ConfigError("steps", f"{{name}} must be at least 1, got {self.steps}")
         if not self.learning_rate > 0:
-            raise InputError(f"learning rate must be positive, got {self.learning_rate}")
+            raise ConfigError(
+                "learning_rate", f"{{name}} must be positive, got {self.learning_rate}"
+            )
         if not self.temperature > 0:
-            raise InputError(f"temperature must be positive, got {self.temperature}")
+            raise ConfigError("temperature", f"{{name}} must be positive, got {self.temperature}")
+        if not 0 <= self.holdout < 1:
+            raise ConfigError("holdout", f"{{name}} must be in [0, 1), got {self.holdout}")
 
 
 @dataclass

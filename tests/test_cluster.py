@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnxzip import cli, io
+from onnxzip import PruneConfig, RecoverConfig, cli, io
 from onnxzip.compress import CompressConfig, compress
 from onnxzip.data import NpzSamples, SyntheticSamples, input_specs
 from onnxzip.engine import cluster
@@ -195,7 +195,12 @@ def test_compress_budget_search_runs_attempts_side_by_side_with_the_same_outcome
     """The requested amount misses the budget and milder ones are tried (each pruned, distilled
     through the training engine, verified); on Ray two attempts run at once."""
     model, calib, test = _digits()
-    config = CompressConfig(target_macs=0.3, max_drop=0.3, recover_steps=150, latency=False)
+    config = CompressConfig(
+        prune=PruneConfig(target_macs=0.3),
+        recover=RecoverConfig(steps=150),
+        max_drop=0.3,
+        latency=False,
+    )
     local, local_report = compress(model, calib, config, verify_samples=test)
     remote, remote_report = compress(model, calib, config, verify_samples=test, engine=ray_cluster)
     assert len(local_report.attempts) >= 2  # a search happened
@@ -228,7 +233,12 @@ def test_a_mode_change_in_a_round_of_attempts_reruns_nothing():
     """The attempts run beside the one whose distillation lost are taken as reconstructed,
     not run again; and the outcome is the one-at-a-time search's."""
     model, calib, test = _digits()
-    config = CompressConfig(target_macs=0.3, max_drop=0.3, recover_steps=150, latency=False)
+    config = CompressConfig(
+        prune=PruneConfig(target_macs=0.3),
+        recover=RecoverConfig(steps=150),
+        max_drop=0.3,
+        latency=False,
+    )
     local, local_report = compress(model, calib, config, verify_samples=test)
     wide = _Wide()
     remote, remote_report = compress(model, calib, config, verify_samples=test, engine=wide)
@@ -371,6 +381,7 @@ def _wait_for(log: Path, pattern: str, process: subprocess.Popen, seconds: float
 DRIVER = """
 import sys, time, ray
 from onnxzip import io
+from onnxzip import PruneConfig, QuantizeConfig, RecoverConfig
 from onnxzip.compress import CompressConfig, compress
 from onnxzip.data import NpzSamples, input_specs
 from onnxzip.engine import cluster

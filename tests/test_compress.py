@@ -9,7 +9,7 @@ import onnx
 import pytest
 from conftest import run_cli
 
-from onnxzip import io
+from onnxzip import PruneConfig, QuantizeConfig, RecoverConfig, io
 from onnxzip.compress import CompressConfig, compress
 from onnxzip.data import NpzSamples, input_specs
 
@@ -33,7 +33,12 @@ def test_bare_compress_halves_macs_quantizes_and_keeps_accuracy(resnet_path, cal
 
 def test_budget_searches_milder_pruning(resnet_path, calib_npz, test_npz):
     specs = input_specs(io.load_model(resnet_path))
-    config = CompressConfig(target_macs=0.3, max_drop=0.3, recover_steps=150, latency=False)
+    config = CompressConfig(
+        prune=PruneConfig(target_macs=0.3),
+        recover=RecoverConfig(steps=150),
+        max_drop=0.3,
+        latency=False,
+    )
     _, report = compress(
         resnet_path,
         NpzSamples(calib_npz, specs),
@@ -50,7 +55,7 @@ def test_budget_searches_milder_pruning(resnet_path, calib_npz, test_npz):
 def test_fixed_ratio_is_one_attempt_reported_as_a_ratio(resnet_path, calib_npz):
     specs = input_specs(io.load_model(resnet_path))
     config = CompressConfig(
-        target_macs=None, ratio=0.25, recover_steps=0, quantize="none", latency=False
+        prune=PruneConfig(ratio=0.25), recover=None, quantize=None, latency=False
     )
     _, report = compress(resnet_path, NpzSamples(calib_npz, specs), config)
     (attempt,) = report.attempts
@@ -62,7 +67,11 @@ def test_fixed_ratio_is_one_attempt_reported_as_a_ratio(resnet_path, calib_npz):
 @pytest.mark.parametrize("quantize", ["none", "dynamic"])
 def test_stages_can_be_switched(quantize, mobilenet_path, calib_npz):
     specs = input_specs(io.load_model(mobilenet_path))
-    config = CompressConfig(target_macs=None, quantize=quantize, latency=False)
+    config = CompressConfig(
+        prune=None,
+        quantize=None if quantize == "none" else QuantizeConfig(mode=quantize),
+        latency=False,
+    )
     model, report = compress(mobilenet_path, NpzSamples(calib_npz, specs), config)
     assert report.prune is None and report.attempts == []
     if quantize == "none":
@@ -160,7 +169,11 @@ def test_compress_goes_on_without_recovery_when_the_model_cannot_be_trained(
     model = io.load_model(proto)
     samples = NpzSamples(calib_npz, input_specs(model))
     small, report = compress(
-        model, samples, CompressConfig(ratio=0.25, recover_steps=5, latency=False)
+        model,
+        samples,
+        CompressConfig(
+            prune=PruneConfig(ratio=0.25), recover=RecoverConfig(steps=5), latency=False
+        ),
     )
     assert report.recovery is None
     assert why in report.recovery_skipped
@@ -212,7 +225,7 @@ def test_pruning_that_breaks_the_floors_once_quantized_is_dropped(
     model, report = compress(
         resnet_path,
         NpzSamples(calib_npz, specs),
-        CompressConfig(latency=False, recover_steps=100),
+        CompressConfig(latency=False, recover=RecoverConfig(steps=100)),
         verify_samples=NpzSamples(test_npz, specs),
     )
     assert report.attempts and report.attempts[-1].fits  # a pruning held the floors alone

@@ -245,6 +245,7 @@ def test_vision_transformer_with_merged_norm_weights_recovers_by_distillation():
     fresh config reads one scale and one bias. onnxruntime-training rejected that twin
     ('Duplicate definition of name (…layernorm_before.weight_grad)') and compress fell back to
     reconstruction; now it distils, and the model keeps one shared scale."""
+    from onnxzip import PruneConfig
     from onnxzip.compress import CompressConfig, compress
     from onnxzip.data import NpzSamples, input_specs
 
@@ -252,7 +253,9 @@ def test_vision_transformer_with_merged_norm_weights_recovers_by_distillation():
     norms = [n for n in model.graph if n.op_type == "LayerNormalization"]
     assert len(norms) == 5 and len({n.inputs[1].name for n in norms}) == 1  # the layout tested
     samples = NpzSamples(DATA / "vit_pixels.npz", input_specs(model))
-    small, report = compress(model, samples, CompressConfig(ratio=0.5, latency=False))
+    small, report = compress(
+        model, samples, CompressConfig(prune=PruneConfig(ratio=0.5), latency=False)
+    )
     # distillation ran (kept, or measured against reconstruction on the held-out rows)
     assert not report.recovery_skipped, report.recovery_skipped
     assert report.recovery is not None or "with it" in report.recovery_not_kept

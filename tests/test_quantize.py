@@ -375,7 +375,7 @@ def test_accuracy_guard_on_many_layers_ranks_them_from_one_run_of_each_model(
     between its inputs and its output (one run of the reference and of the quantized model)
     instead of one build per layer, and finds how many to keep by binary search: the builds
     grow with the log of the layer count, and the target still holds."""
-    q = importlib.import_module("onnxzip.quantize")  # the package: onnxzip.quantize is the function
+    q = importlib.import_module("onnxzip.quantize.guard")
 
     specs = input_specs(io.load_model(mobilenet_path))
     samples = NpzSamples(calib_npz, specs)
@@ -740,7 +740,7 @@ def test_concat_of_mixed_ranges_stays_float_so_each_part_keeps_its_scale(monkeyp
     the probabilities no levels (0 dB); the join kept float keeps them at their own scale."""
     import importlib
 
-    qmod = importlib.import_module("onnxzip.quantize")
+    qmod = importlib.import_module("onnxzip.quantize.builder")
     rng = np.random.default_rng(0)
     proto = onnx.parser.parse_model(
         H + "g (float[N, 4, 8, 8] x) => (float[N, 6, 8, 8] y) { b = Conv (x, wb)\n"
@@ -943,7 +943,7 @@ def test_a_layernorm_spelled_in_primitive_ops_keeps_its_statistics_in_float(tmp_
     samples = NpzSamples(tmp_path / "x.npz", input_specs(model))
     config = QuantizeConfig(floor_guard=False)
     _, report = quantize(model, samples, config)
-    module = sys.modules["onnxzip.quantize"]  # the package name is also its function's
+    module = sys.modules["onnxzip.quantize.builder"]
     monkeypatch.setattr(module, "normalisation_statistics", lambda graph: frozenset())
     _, every = quantize(model, samples, config)
     kept, quantized = report.parity.outputs[0].snr_db, every.parity.outputs[0].snr_db

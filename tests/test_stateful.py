@@ -143,7 +143,8 @@ def test_the_accuracy_guard_judges_candidates_on_their_own_state(tmp_path):
     the final verification does). A candidate whose state is off by a little at each step holds
     the floors step by step on the reference's states, but its own state drifts by the sum of
     those errors: that is what the guard must see."""
-    from onnxzip.quantize import QuantizeConfig, _Evaluator
+    from onnxzip.quantize import QuantizeConfig
+    from onnxzip.quantize.guard import _Evaluator
 
     ref = io.load_model(_stream(0.95))
     cand = io.load_model(_stream(0.95, offset=0.01))

@@ -6,16 +6,18 @@ import argparse
 import logging
 from pathlib import Path
 
+from onnxzip.cli import quantize as quantize_cli
 from onnxzip.cli.options import (
+    add_config_options,
     batch_axes,
     batch_axis_option,
     cluster_option,
     common,
+    config_kwargs,
     emit,
     engine_options,
     fit_memory,
     floor_option,
-    fraction,
     memory_option,
     metric_of,
     output_options,
@@ -23,12 +25,27 @@ from onnxzip.cli.options import (
     state_option,
     stateful,
 )
+from onnxzip.compress import CompressConfig
+from onnxzip.config import Mode
 from onnxzip.errors import (
     EXIT_OK,
     EXIT_PARITY,
 )
+from onnxzip.pruning.config import PruneConfig
+from onnxzip.quantize.config import QuantizeConfig
+from onnxzip.recover import RecoverConfig
 
 logger = logging.getLogger("onnxzip")
+
+# --quantize: the quantizer's mode, or none
+QUANTIZE_MODES = {"int8": Mode.STATIC, "dynamic": Mode.DYNAMIC, "weight-only": Mode.WEIGHT_ONLY}
+QUANTIZE_MODES["none"] = None
+# the stage configs' fields that are options of this command (the quantizer's as in quantize,
+# but for its mode, set by --quantize, and its guard target, the job's budget)
+PRUNING = ["criterion", "scope", "max_group_ratio", "round_to"]
+RECOVERY = ["steps", "learning_rate", "temperature"]
+QUANTIZATION = [f for f in quantize_cli.QUANTIZATION if f not in ("mode", "max_drop")]
+WEIGHT_ONLY = quantize_cli.WEIGHT_ONLY
 
 
 def register(sub) -> None:
@@ -50,65 +67,35 @@ def register(sub) -> None:
     memory_option(p)
     batch_axis_option(p)
     state_option(p)
-    p.add_argument(
-        "--holdout",
-        type=fraction,
-        default=0.2,
-        metavar="F",
-        help="fraction of --data no stage trains or calibrates on; every accuracy decision and the "
-        "final parity use it (0.2)",
+    add_config_options(p, p, CompressConfig, ["holdout"])
+    stages = p.add_argument_group("pruning")
+    amount = stages.add_mutually_exclusive_group()
+    add_config_options(
+        p,
+        amount,
+        PruneConfig,
+        ["target_macs", "ratio"],
+        defaults={"target_macs": 0.5},
+        flags={"ratio": "--prune"},
     )
-    c = p.add_argument_group("stages")
-    prune_group = c.add_mutually_exclusive_group()
-    prune_group.add_argument(
-        "--target-macs",
-        type=float,
-        default=0.5,
-        metavar="F",
-        help="prune to at most F x the MACs (default 0.5)",
+    amount.add_argument("--no-prune", action="store_true", help="skip pruning")
+    add_config_options(p, stages, PruneConfig, PRUNING)
+    recovery = p.add_argument_group(
+        "recovery (distillation from the original, no labels needed; 0 steps: none)"
     )
-    prune_group.add_argument(
-        "--prune",
-        type=float,
-        metavar="R",
-        dest="prune_ratio",
-        help="prune this fraction of every channel group instead of a MACs target",
-    )
-    prune_group.add_argument("--no-prune", action="store_true", help="skip pruning")
-    c.add_argument(
-        "--criterion",
-        default="l1",
-        help="pruning criterion (l1, l2, bn, taylor, fisher, grad-stability)",
-    )
-    c.add_argument(
-        "--recover-steps",
-        type=int,
-        default=500,
-        metavar="N",
-        help="distillation steps after pruning (default 500; 0 skips recovery)",
-    )
-    c.add_argument(
+    add_config_options(p, recovery, RecoverConfig, RECOVERY)
+    q = p.add_argument_group("quantization (see quantize --help)")
+    q.add_argument(
         "--quantize",
-        choices=["int8", "dynamic", "none"],
+        choices=list(QUANTIZE_MODES),
         default="int8",
-        help="static int8 QDQ (default), dynamic (transformers) or none",
+        help="static int8 QDQ (default), dynamic (transformers), weight-only (decoders) or none",
     )
-    c.add_argument(
-        "--calibration", choices=["minmax", "percentile", "entropy", "mse"], default="minmax"
-    )
-    c.add_argument(
-        "--reduce-range",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="pair-safe int8 weights for x86 CPUs without VNNI (see quantize --help)",
-    )
+    add_config_options(p, q, QuantizeConfig, QUANTIZATION + WEIGHT_ONLY)
     b = p.add_argument_group(
         "accuracy budget (the pruning amount is searched; exit 1 if it cannot hold)"
     )
-    b.add_argument(
-        "--max-drop", type=float, metavar="X", help="at most X top-1 points below the original"
-    )
-    b.add_argument("--min-cosine", type=float, metavar="C", help="at least this mean output cosine")
+    add_config_options(p, b, CompressConfig, ["max_drop", "min_cosine"])
     p.add_argument(
         "--verify-data",
         type=Path,
@@ -116,9 +103,7 @@ def register(sub) -> None:
         help="samples for every accuracy decision and the final parity "
         "(default: the held-out part of --data)",
     )
-    p.add_argument(
-        "--no-latency", action="store_true", help="skip the latency measurement in the report"
-    )
+    add_config_options(p, p, CompressConfig, ["latency"])
     floor_option(p)
     engine_options(p)
     cluster_option(p)
@@ -128,24 +113,32 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from onnxzip import io
-    from onnxzip.compress import CompressConfig, compress
+    from onnxzip.compress import compress
     from onnxzip.data import input_specs, open_samples
 
     model = io.load_model(args.model, name=str(args.model))
     samples = open_samples(input_specs(model), args.data, batch_axes=batch_axes(args))
+    scope = config_kwargs(QuantizeConfig, args, ["exclude"])["exclude"]
+    mode = QUANTIZE_MODES[args.quantize]
     config = CompressConfig(
-        target_macs=None if args.no_prune or args.prune_ratio is not None else args.target_macs,
-        ratio=args.prune_ratio,
-        criterion=args.criterion,
-        recover_steps=args.recover_steps,
-        quantize=args.quantize,
-        calibration=args.calibration,
-        reduce_range=args.reduce_range,
-        max_drop=args.max_drop,
-        min_cosine=args.min_cosine,
-        holdout=args.holdout,
+        prune=None
+        if args.no_prune
+        else PruneConfig(
+            **config_kwargs(PruneConfig, args, ["ratio", "target_macs", *PRUNING]),
+            exclude=scope,
+        )
+        if args.ratio is None
+        else PruneConfig(**config_kwargs(PruneConfig, args, ["ratio", *PRUNING]), exclude=scope),
+        recover=None
+        if args.steps == 0
+        else RecoverConfig(**config_kwargs(RecoverConfig, args, RECOVERY)),
+        quantize=None
+        if mode is None
+        else QuantizeConfig(
+            **config_kwargs(QuantizeConfig, args, QUANTIZATION + WEIGHT_ONLY), mode=mode
+        ),
+        **config_kwargs(CompressConfig, args, ["holdout", "max_drop", "min_cosine", "latency"]),
         batch_size=args.batch_size,
-        latency=not args.no_latency,
         target_opset=args.target_opset,
         floors=not args.no_floors,
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 from onnxzip import __version__, leases, progress
 from onnxzip.cli import compress, inspect, prune, quantize, setup_training, stats, verify
 from onnxzip.cli.options import Parser, check_paths
+from onnxzip.config import ConfigError
 from onnxzip.errors import (
     EXIT_INPUT,
     EXIT_INTERNAL,
@@ -111,7 +112,11 @@ def _main(argv: list[str] | None) -> int:
         if debug:
             raise
         what = "internal error" if isinstance(exc, InternalError) else "error"
-        print(f"onnxzip: {what}: {exc}", file=sys.stderr)
+        text = str(exc)
+        if isinstance(exc, ConfigError):  # named by the flag that set the field
+            flags = getattr(args, "config_flags", None) or {}
+            text = exc.named(flags.get(exc.field, exc.field))
+        print(f"onnxzip: {what}: {text}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("onnxzip: interrupted", file=sys.stderr)

@@ -98,6 +98,7 @@ def data_options(parser: argparse.ArgumentParser) -> None:
         help="held-out fraction F of --data: verify compares on it only; quantize keeps it out of "
         "calibration and verifies on it (default there 0.2; 0 calibrates on everything)",
     )
+    remember_flags(parser, {"holdout": "--holdout", "batch_size": "--batch-size"})
 
 
 def batch_axis_option(group) -> None:
@@ -245,6 +246,7 @@ def threshold_options(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help="maximum accuracy drop against labels, a fraction (0.01 = one point)",
     )
+    remember_flags(parser, {"min_cosine": "--min-cosine"})
 
 
 def thresholds_of(args: argparse.Namespace):
@@ -273,6 +275,7 @@ def output_options(parser: argparse.ArgumentParser) -> None:
         help="write default-domain opset N, for runtimes older than the installed onnxruntime "
         "(default: keep the model's own; below 13 it becomes 13)",
     )
+    remember_flags(parser, {"target_opset": "--target-opset"})
 
 
 def probe_writable(folder: Path, path: Path) -> None:
@@ -397,3 +400,104 @@ def write_npz(path: Path, arrays: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def add_config_options(
+    parser: argparse.ArgumentParser,
+    group,
+    cls,
+    names: list[str],
+    *,
+    defaults: dict | None = None,
+    flags: dict[str, str] | None = None,
+) -> None:
+    """Adds to ``group`` one option per field ``names`` of the config dataclass ``cls``, as the
+    field declares it (``onnxzip.config.option``): the flag, the type or the enum's choices, the
+    default (``defaults`` overrides it for this command) and the help, with the default
+    appended. The option's dest is the field's name; ``config_kwargs`` reads them back. The
+    flags are remembered on ``parser`` so that an error naming a field names its flag."""
+    import dataclasses
+    import typing
+
+    from onnxzip.config import IgnoredScope, enum_of, hints
+
+    types = hints(cls)
+    declared = {f.name: f for f in dataclasses.fields(cls)}
+    flag_of = {}
+    for name in names:
+        f, tp = declared[name], types[name]
+        meta = f.metadata
+        if defaults and name in defaults:
+            default = defaults[name]
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = (flags or {}).get(name) or meta.get("flag") or "--" + name.replace("_", "-")
+        text = meta["help"]
+        kind = enum_of(tp)
+        if tp is bool:
+            if default:
+                flag = meta["negate"]
+                group.add_argument(
+                    flag, dest=name, action="store_false", help=meta.get("negate_help", text)
+                )
+            else:
+                group.add_argument(flag, dest=name, action="store_true", help=text)
+        elif kind is not None:
+            group.add_argument(
+                flag,
+                dest=name,
+                choices=kind.values(),
+                default=None if default is None else str(default),
+                help=f"{text} (default {default})",
+            )
+        elif tp is IgnoredScope:
+            group.add_argument(
+                flag, dest=name, nargs="+", default=[], metavar=meta.get("metavar"), help=text
+            )
+            if "patterns_flag" in meta:
+                group.add_argument(
+                    meta["patterns_flag"],
+                    dest=f"{name}_patterns",
+                    nargs="+",
+                    default=[],
+                    metavar="REGEX",
+                    help=meta["patterns_help"],
+                )
+        else:
+            base = next(t for t in (tp, *typing.get_args(tp)) if t in (int, float, str))
+            group.add_argument(
+                flag,
+                dest=name,
+                type=base,
+                default=default,
+                metavar=meta.get("metavar"),
+                choices=meta.get("choices"),
+                help=text + ("" if default is None else f" (default {default})"),
+            )
+        flag_of[name] = flag
+    remember_flags(parser, flag_of)
+
+
+def remember_flags(parser: argparse.ArgumentParser, flag_of: dict[str, str]) -> None:
+    """Records which flag sets which config field (read when a ConfigError is reported)."""
+    known = dict(parser.get_default("config_flags") or {})
+    known.update(flag_of)
+    parser.set_defaults(config_flags=known)
+
+
+def config_kwargs(cls, args: argparse.Namespace, names: list[str]) -> dict:
+    """The values of the options ``add_config_options`` added for ``names``, as keyword
+    arguments of ``cls``."""
+    from onnxzip.config import IgnoredScope, hints
+
+    types = hints(cls)
+    out = {}
+    for name in names:
+        value = getattr(args, name)
+        if types[name] is IgnoredScope:
+            items = tuple(value or ())
+            value = IgnoredScope(
+                names=items, types=items, patterns=tuple(getattr(args, f"{name}_patterns", ()))
+            )
+        out[name] = value
+    return out

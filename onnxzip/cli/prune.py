@@ -7,10 +7,12 @@ import logging
 from pathlib import Path
 
 from onnxzip.cli.options import (
+    add_config_options,
     batch_axes,
     batch_axis_option,
     cluster_option,
     common,
+    config_kwargs,
     emit,
     engine_options,
     fit_memory,
@@ -28,8 +30,13 @@ from onnxzip.errors import (
     EXIT_PARITY,
     InputError,
 )
+from onnxzip.pruning.config import PruneConfig
+from onnxzip.recover import RecoverConfig
 
 logger = logging.getLogger("onnxzip")
+
+# PruneConfig's fields that are options of this command, besides how much
+PRUNING = ["criterion", "scope", "max_group_ratio", "round_to", "exclude"]
 
 
 def register(sub) -> None:
@@ -39,49 +46,8 @@ def register(sub) -> None:
     p.add_argument("model", type=Path, metavar="MODEL")
     output_options(p)
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument(
-        "--ratio",
-        type=float,
-        metavar="R",
-        help="fraction of prunable channels to remove, in [0, 1)",
-    )
-    how.add_argument(
-        "--target-macs", type=float, metavar="F", help="prune until MACs <= F x the original's"
-    )
-    p.add_argument(
-        "--criterion",
-        default="l1",
-        help="channel importance: l1, l2, bn, or from gradients (needs --data): taylor, fisher, "
-        "grad-stability (default l1)",
-    )
-    p.add_argument(
-        "--scope",
-        choices=["global", "local"],
-        default="global",
-        help="one threshold over normalised scores (global, default) or the same ratio per group",
-    )
-    p.add_argument(
-        "--max-group-ratio",
-        type=float,
-        default=0.9,
-        metavar="F",
-        help="never remove more than this fraction of one group (0.9)",
-    )
-    p.add_argument(
-        "--round-to",
-        type=int,
-        default=0,
-        metavar="N",
-        help="keep channel counts multiples of N (default 0 = automatic: 16 for groups of 64+ "
-        "channels, 8 from 32, else any count)",
-    )
-    p.add_argument(
-        "--exclude",
-        nargs="+",
-        default=[],
-        metavar="NODE",
-        help="leave the groups of these nodes alone",
-    )
+    add_config_options(p, how, PruneConfig, ["ratio", "target_macs"])
+    add_config_options(p, p, PruneConfig, PRUNING)
     p.add_argument(
         "--data",
         type=Path,
@@ -96,22 +62,14 @@ def register(sub) -> None:
     batch_axis_option(p)
     state_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed for --synthetic (default 0)")
-    p.add_argument(
-        "--reconstruct",
-        action="store_true",
-        help="with --data: refit every layer whose inputs lost channels by least squares on the "
-        "samples (gradient-free recovery; no training engine needed)",
-    )
+    add_config_options(p, p, PruneConfig, ["reconstruct"])
     r = p.add_argument_group("recovery (distillation from the original, no labels needed)")
-    r.add_argument(
-        "--recover-steps",
-        type=int,
-        default=0,
-        metavar="N",
-        help="fine-tune the pruned model for N steps on --data (default 0: no recovery)",
-    )
-    r.add_argument(
-        "--recover-lr", type=float, default=5e-3, metavar="LR", help="AdamW learning rate (5e-3)"
+    add_config_options(
+        p,
+        r,
+        RecoverConfig,
+        ["steps", "learning_rate"],
+        defaults={"steps": 0},
     )
     r.add_argument(
         "--holdout",
@@ -130,7 +88,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from onnxzip import io
     from onnxzip.data import input_specs, open_samples
-    from onnxzip.pruning import PruneConfig, prune
+    from onnxzip.pruning import prune
 
     if args.data is not None and args.synthetic is not None:
         raise InputError("give either --data or --synthetic, not both")
@@ -147,29 +105,21 @@ def run(args: argparse.Namespace) -> int:
         samples = stateful(model, samples, args, str(args.model))
         memory = fit_memory(model, samples, args)
     config = PruneConfig(
-        ratio=args.ratio,
-        target_macs=args.target_macs,
-        criterion=args.criterion,
-        scope=args.scope,
-        max_group_ratio=args.max_group_ratio,
-        round_to=args.round_to,
-        exclude=tuple(args.exclude),
+        **config_kwargs(PruneConfig, args, ["ratio", "target_macs", *PRUNING, "reconstruct"]),
         batch_size=args.batch_size,
-        reconstruct=args.reconstruct,
     )
     if args.reconstruct and samples is None:
         raise InputError("--reconstruct needs --data (or --synthetic) to fit on")
     pruned, report = prune(model, config, samples=samples, source=str(args.model))
     text = report.format()
     split, holdout = "all", 0.0
-    if args.recover_steps and samples is None:
+    if args.steps and samples is None:
         raise InputError("--recover-steps needs --data (or --synthetic) to train on")
-    if args.recover_steps and report.unchanged_because is None:
-        from onnxzip.recover import RecoverConfig, recover
+    if args.steps and report.unchanged_because is None:
+        from onnxzip.recover import recover
 
         recovery = RecoverConfig(
-            steps=args.recover_steps,
-            learning_rate=args.recover_lr,
+            **config_kwargs(RecoverConfig, args, ["steps", "learning_rate"]),
             batch_size=args.batch_size,
             holdout=args.holdout,
         )

@@ -32,6 +32,7 @@ from onnxzip.errors import InputError, ModelError
 from onnxzip.ir import ops
 from onnxzip.ir.ops import node_key
 from onnxzip.pruning import importance, reconstruct, rewrite
+from onnxzip.pruning.config import GRADIENT_CRITERIA, PruneConfig
 from onnxzip.pruning.groups import Group, GroupBuilder, identity
 from onnxzip.pruning.rules import rule_for
 from onnxzip.report import table
@@ -39,50 +40,6 @@ from onnxzip.runtime import Runner, channel_moments
 from onnxzip.verify import OutputAccumulator, snr_db
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PruneConfig:
-    """Options of ``prune``; ``ratio`` or ``target_macs`` says how much."""
-
-    ratio: float | None = None
-    target_macs: float | None = None
-    criterion: str = "l1"
-    scope: str = "global"  # or "local"
-    max_group_ratio: float = 0.9
-    round_to: int = 0  # 0: automatic, 16 for groups of >= 64 channels, 8 from 32, else 1
-    exclude: tuple[str, ...] = ()
-    batch_size: int = 32  # for the channel statistics, when samples are given
-    # Mean compensation of the removed channels (with samples): "auto" keeps it only when it
-    # lowers the output error on the samples; dead channels are always compensated (exact).
-    compensation: str = "auto"
-    # With samples: refit each layer whose inputs lost channels by least squares on the samples
-    # (gradient-free recovery, pruning/reconstruct.py)
-    reconstruct: bool = False
-
-    def validate(self) -> None:
-        if (self.ratio is None) == (self.target_macs is None):
-            raise InputError("give exactly one of --ratio and --target-macs")
-        if self.ratio is not None and not 0 <= self.ratio < 1:
-            raise InputError(f"--ratio must be in [0, 1), got {self.ratio}")
-        if self.target_macs is not None and not 0 < self.target_macs <= 1:
-            raise InputError(f"--target-macs must be in (0, 1], got {self.target_macs}")
-        if not 0 < self.max_group_ratio < 1:
-            raise InputError(f"--max-group-ratio must be in (0, 1), got {self.max_group_ratio}")
-        if self.round_to < 0:
-            raise InputError(f"--round-to must be at least 0 (0 = automatic), got {self.round_to}")
-        if self.compensation not in ("auto", "on", "off"):
-            raise InputError(f"compensation must be auto, on or off, got '{self.compensation}'")
-        if self.scope not in ("global", "local"):
-            raise InputError(f"scope must be global or local, got '{self.scope}'")
-        if (
-            self.criterion not in importance.CRITERIA
-            and self.criterion not in importance.GRADIENT_CRITERIA
-        ):
-            raise InputError(
-                f"unknown criterion '{self.criterion}' (choose from "
-                f"{', '.join(sorted(importance.CRITERIA) + list(importance.GRADIENT_CRITERIA))})"
-            )
 
 
 @dataclass
@@ -387,7 +344,7 @@ def prune(
 
     gradients = None
     gradients_failed = None
-    if config.criterion in importance.GRADIENT_CRITERIA:
+    if config.criterion in GRADIENT_CRITERIA:
         if samples is None:
             raise InputError(
                 f"criterion '{config.criterion}' needs samples (--data) for its gradients"
@@ -404,12 +361,16 @@ def prune(
         timings["gradients"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    excluded = set(config.exclude)
+    by_key = {node_key(n): n for n in work.graph} if config.exclude else {}
     scores, notes = {}, {}
     for g in groups:
         if g.blocked:
             continue
-        if excluded & (set(g.members()) | {m.node for m in g.slices} | {m.owner for m in g.slices}):
+        keys = set(g.members()) | {m.node for m in g.slices} | {m.owner for m in g.slices}
+        if config.exclude and any(
+            config.exclude.matches_name(k) or (k in by_key and config.exclude.matches(by_key[k]))
+            for k in keys
+        ):
             notes[g.id] = "excluded by the user"
             continue
         s, note = importance.score(g, config.criterion, gradients)

@@ -19,14 +19,15 @@ from collections.abc import Callable
 import numpy as np
 
 from onnxzip.passes import const_array, dequantized_array
+from onnxzip.pruning.config import GRADIENT_CRITERIA
 from onnxzip.pruning.groups import Group
 
-Criterion = Callable[[Group], tuple[np.ndarray, str | None]]
-CRITERIA: dict[str, Criterion] = {}
+ScoreFn = Callable[[Group], tuple[np.ndarray, str | None]]
+CRITERIA: dict[str, ScoreFn] = {}
 
 
 def register(name: str):
-    def wrap(fn: Criterion) -> Criterion:
+    def wrap(fn: ScoreFn) -> ScoreFn:
         CRITERIA[name] = fn
         return fn
 
@@ -85,9 +86,6 @@ def bn(group: Group) -> tuple[np.ndarray, str | None]:
     if not found:
         return l1(group)[0], "no BatchNormalization in the group: scored by l1"
     return scores, None
-
-
-GRADIENT_CRITERIA = ("taylor", "fisher", "grad-stability")
 
 
 def score(

@@ -43,7 +43,6 @@ from onnxzip.quantize.params import activation_params, qrange
 logger = logging.getLogger(__name__)
 
 DEFAULT_BINS = 2048
-METHODS = ("minmax", "percentile", "entropy", "mse")
 
 
 _MIN_RADIUS = 2.0**-100  # keeps bins / radius finite in float32

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from onnxzip.config import IgnoredScope
 from onnxzip.passes import (
     add_initializer,
     bulk_edit,
@@ -101,18 +102,19 @@ def quantize_table(graph: ir.Graph, node: ir.Node, key: str) -> str | None:
 
 @bulk_edit
 def quantize_dynamic(
-    model: ir.Model, exclude: tuple[str, ...] = (), pair_safe: bool = False
+    model: ir.Model, exclude: IgnoredScope | tuple[str, ...] = (), pair_safe: bool = False
 ) -> DynamicResult:
     """Rewrites eligible MatMul/Gemm nodes of ``model`` in place; ``pair_safe`` as in
     ``params.weight_params`` (embedding tables are only gathered, so they keep the full range)."""
     graph = model.graph
+    exclude = IgnoredScope.of(exclude)
     result = DynamicResult()
     activations: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
     for node in list(graph):
         if node.op_type not in ("MatMul", "Gemm", "Gather") or node.domain not in ("", "ai.onnx"):
             continue
         key = node.name or node.outputs[0].name
-        if node.name in exclude or key in exclude or node.op_type in exclude:
+        if exclude.matches(node):
             result.kept_float[key] = "excluded by the user"
             continue
         if node.op_type == "Gather":

@@ -42,6 +42,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from onnxzip.config import IgnoredScope
 from onnxzip.passes import (
     add_initializer,
     bulk_edit,
@@ -54,8 +55,6 @@ from onnxzip.quantize.dynamic import MIN_TABLE, _weight_matrix, float_weight, qu
 logger = logging.getLogger(__name__)
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
-METHODS = ("rtn", "mse")
-FORMATS = ("auto", "qdq", "nbits")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
@@ -201,7 +200,7 @@ def quantize_weights(
     symmetric: bool = True,
     fmt: str = "auto",
     importance: dict[str, np.ndarray] | None = None,
-    exclude: tuple[str, ...] = (),
+    exclude: IgnoredScope | tuple[str, ...] = (),
     accuracy_level: int = 4,
     tables: bool = True,
     codes: dict[str, BlockCodes] | None = None,
@@ -210,6 +209,7 @@ def quantize_weights(
     ``model`` in place, and (``tables``) every embedding Gather. ``importance`` maps an input
     tensor name to ``E[x^2]`` per feature (for data-aware clipping)."""
     graph = model.graph
+    exclude = IgnoredScope.of(exclude)
     fmt = resolve_format(model, fmt)
     result = WeightOnlyResult(format=fmt)
     if tables:
@@ -219,7 +219,7 @@ def quantize_weights(
             if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
                 continue
             key = node.name or node.outputs[0].name
-            if node.name in exclude or key in exclude or "Gather" in exclude:
+            if exclude.matches(node):
                 continue
             table = node.inputs[0]
             if any(not _handled(u.node, u.idx) for u in table.uses()):
@@ -233,7 +233,7 @@ def quantize_weights(
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             continue
         key = node.name or node.outputs[0].name
-        if node.name in exclude or key in exclude or node.op_type in exclude:
+        if exclude.matches(node):
             result.kept_float[key] = "excluded by the user"
             continue
         x = node.inputs[0]
@@ -360,12 +360,15 @@ def _dequantize_node(graph: ir.Graph, node: ir.Node, key: str, blocks: BlockCode
 
 
 @bulk_edit
-def quantize_subgraph_weights(model: ir.Model, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+def quantize_subgraph_weights(
+    model: ir.Model, exclude: IgnoredScope | tuple[str, ...] = ()
+) -> dict[str, str]:
     """Weights of MatMul/Gemm inside If/Loop/Scan bodies, whose activations calibration does
     not observe, as int8 per output column: ``DequantizeLinear(codes, scale, axis=1)`` feeds
     the op (opset 13+), activations stay float. Returns the quantized nodes (key -> op)."""
     from onnxzip.quantize import params as qp
 
+    exclude = IgnoredScope.of(exclude)
     done: dict[str, str] = {}
     encoded: dict[tuple[int, int], ir.Value] = {}
     for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
@@ -375,7 +378,7 @@ def quantize_subgraph_weights(model: ir.Model, exclude: tuple[str, ...] = ()) ->
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             continue
         key = node.name or node.outputs[0].name
-        if node.name in exclude or key in exclude or node.op_type in exclude:
+        if exclude.matches(node):
             continue
         w, _ = float_weight(node)
         value = node.inputs[1]
