@@ -26,6 +26,7 @@ _startup.install()
 from onnxzip import _lazy_imports  # noqa: F401
 from onnxzip.analysis import InspectReport, inspect_model
 from onnxzip.compress import CompressConfig, CompressReport, compress
+from onnxzip.config import IgnoredScope
 from onnxzip.data import Batch, InputSpec, Samples, input_specs, open_samples
 from onnxzip.errors import DataError, InputError, ModelError, OnnxzipError, ParityError
 from onnxzip.io import load_model, save_model
@@ -40,6 +41,7 @@ __all__ = [
     "CompressConfig",
     "CompressReport",
     "DataError",
+    "IgnoredScope",
     "InputError",
     "InputSpec",
     "InspectReport",

@@ -161,7 +161,7 @@ class IgnoredScope:
                 re.compile(p)
             except re.error as exc:
                 raise ConfigError(
-                    field_name, f"{{name}} pattern {p!r} is not a regular expression: {exc}"
+                    field_name, f"{{name}}: pattern {p!r} is not a regular expression: {exc}"
                 ) from None
 
 

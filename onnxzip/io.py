@@ -840,17 +840,18 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.to_proto(model)
 
 
-def model_bytes(model: ir.Model) -> bytes:
+def model_bytes(model: ir.Model, stubs: frozenset[str] = frozenset()) -> bytes:
     """The serialised model with every tensor inline, for an in-memory onnxruntime session.
 
     Tensors still in external data files (models loaded from disk keep them memory-mapped) are
-    read into the message; only for models under 2 GB.
+    read into the message; only for models under 2 GB. ``stubs`` names external tensors left
+    as they are (their data reach onnxruntime another way).
     """
     proto = ir.to_proto(model)
     base_dirs = {
         name: value.const_value.base_dir
         for name, value in model.graph.initializers.items()
-        if isinstance(value.const_value, ir.ExternalTensor)
+        if isinstance(value.const_value, ir.ExternalTensor) and name not in stubs
     }
     for tensor in proto.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.name in base_dirs:
@@ -1033,13 +1034,32 @@ def _has_large_tensor(model: ir.Model) -> bool:
 
 
 def external_data_files(path: str | os.PathLike) -> list[Path]:
-    """The external data files a model file references (none when it cannot be read)."""
+    """The external data files a model file references (none when it cannot be read).
+
+    Remembered per file version (inode, size, modification time): a command asks before its
+    work, to guard its inputs, and again when it writes its output in the input's layout,
+    and parsing a 100 MB model for that took 0.1 s each time."""
     p = Path(path)
+    try:
+        st = p.stat()
+        version = (str(p.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        version = None
+    if version is not None and version in _LOCATIONS:
+        return [p.parent / location for location in _LOCATIONS[version]]
     try:
         proto = onnx.load(str(p), load_external_data=False)
     except Exception:  # not a model: load_model reports that in its own words
         return []
-    return [p.parent / location for location in _external_locations(proto)]
+    locations = list(_external_locations(proto))
+    if version is not None:
+        if len(_LOCATIONS) >= 8:
+            _LOCATIONS.pop(next(iter(_LOCATIONS)))
+        _LOCATIONS[version] = locations
+    return [p.parent / location for location in locations]
+
+
+_LOCATIONS: dict[tuple, list[str]] = {}
 
 
 def _check_with_empty_external_tensors(proto: onnx.ModelProto, base_dir: Path) -> None:

@@ -177,22 +177,41 @@ class Collector:
             """Appends one node; its output, named ``name``, is a graph output when fetched."""
             node = ir.node(op, inputs, attributes=attributes or {}, name=name)
             out = node.outputs[0]
-            out.name, out.type, out.shape = name, ir.TensorType(dtype), ir.Shape(shape)
+            out.name, out.type = name, ir.TensorType(dtype)
+            out.shape = None if shape is None else ir.Shape(shape)
             claim(graph, name)
             graph.append(node)
             if fetch:
                 graph.outputs.append(out)
             return out
 
+        opset = model.opset_imports.get("", 13)
+
+        def reduce(op, value, name, dtype, axes, shape, fetch=True) -> ir.Value:
+            """``op`` over ``axes`` (all when None), axes as an input where the opset says so."""
+            inputs, attributes = [value], {"keepdims": 0}
+            if axes is not None:
+                if opset >= (13 if op == "ReduceSum" else 18):
+                    inputs.append(add_initializer(graph, f"{name}_axes", np.array(axes, np.int64)))
+                else:
+                    attributes["axes"] = list(axes)
+            return add(op, inputs, name, dtype, shape, attributes, fetch)
+
         range_outputs = {}
         for name in self._ranges:
             if name in fetched:
                 continue
             value = values[name]
-            # ReduceMin/Max skip NaN in onnxruntime; the sum is NaN or Inf when x holds either
-            # (a finite float32 sum past 3.4e38 would also trip it: no sane activation does that).
+            # Reduced over the axes after the first two (the whole tensor when its rank is
+            # unknown): onnxruntime spreads a reduction over its threads by output element, so
+            # [N, C] partial minima come out about twice as fast as one scalar; numpy takes the
+            # min of those (the same value). ReduceMin/Max skip NaN in onnxruntime; the sum is
+            # NaN or Inf when x holds either (a finite float32 sum past 3.4e38 would also trip
+            # it: no sane activation does that).
+            rank = len(value.shape) if value.shape is not None else None
+            axes = list(range(min(2, rank - 1), rank)) if rank is not None and rank >= 2 else None
             range_outputs[name] = tuple(
-                add(op, [value], f"{name}__{op}", value.dtype, [], {"keepdims": 0}).name
+                reduce(op, value, f"{name}__{op}", value.dtype, axes, None).name
                 for op in ("ReduceMin", "ReduceMax", "ReduceSum")
             )
         channel_outputs = {}
@@ -201,12 +220,29 @@ class Collector:
             value = values[name]
             rank, channels = len(value.shape), value.shape[axis]
             stem = f"{name}__ch{axis}"
-            x = add("Cast", [value], f"{stem}_f64", double, value.shape, {"to": double}, False)
+            squares = self._channels[(name, axis)]
+            x, kept = value, rank
+            if not squares and axis < rank - 1:
+                # Means only (bias correction): the axes after the channel axis are summed in
+                # float32 first (an image row's or a sequence's worth of values), the rest in
+                # float64, so the whole tensor is never cast (the cast cost 18x the float32
+                # sum). Variances keep float64 throughout: E[x^2] - E[x]^2 cancels.
+                x = reduce(
+                    "ReduceSum",
+                    x,
+                    f"{stem}_part",
+                    value.dtype,
+                    list(range(axis + 1, rank)),
+                    value.shape[: axis + 1],
+                    fetch=False,
+                )
+                kept = axis + 1
+            x = add("Cast", [x], f"{stem}_f64", double, x.shape, {"to": double}, False)
             axes = add_initializer(
-                graph, f"{stem}_axes", np.array([a for a in range(rank) if a != axis], np.int64)
+                graph, f"{stem}_axes", np.array([a for a in range(kept) if a != axis], np.int64)
             )
             summed = [x]
-            if self._channels[(name, axis)]:
+            if squares:
                 summed.append(add("Mul", [x, x], f"{stem}_sq", double, value.shape, fetch=False))
             outs = [
                 add(
@@ -333,8 +369,10 @@ def _sweep_shard(sweep: _Sweep, batches: list) -> Collected:
                 for job in sweep.numpy_jobs:
                     reduce(job, out)
             for tensor, (lo, hi, finite) in sweep.range_outputs.items():
-                if math.isfinite(float(out[finite])):
-                    result.ranges[tensor].update_range(float(out[lo]), float(out[hi]), len(batch))
+                if math.isfinite(float(np.sum(out[finite], dtype=np.float64))):
+                    result.ranges[tensor].update_range(
+                        float(np.min(out[lo])), float(np.max(out[hi])), len(batch)
+                    )
                 else:
                     result.ranges[tensor].update_range(math.nan, math.nan, len(batch))
             for key, outs in sweep.channel_outputs.items():

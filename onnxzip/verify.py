@@ -450,6 +450,7 @@ def verify(
     floors: bool = True,
     metric=None,
     states: list[tuple[str, str]] | None = None,
+    candidate_outputs: list[dict[str, np.ndarray]] | None = None,
 ) -> VerifyReport:
     """Runs ``reference`` and ``candidate`` in onnxruntime on ``samples`` and compares outputs.
 
@@ -467,6 +468,8 @@ def verify(
             fraction ``holdout`` that calibration never sees; see ``onnxzip.data``).
         reference_outputs: the reference's outputs on these very batches, already computed
             (used only when it holds every batch of the same samples, split and batch size).
+        candidate_outputs: the candidate's outputs on the batches of ``reference_outputs``,
+            already computed (a decision that scored it): used with them, not run again.
         floors: check every output (or slice) against the default floor of its kind
             (``onnxzip.floors``); explicit ``thresholds`` replace the floors.
         metric: a task metric (``onnxzip.metrics``: a name, ``module:function``, a callable
@@ -509,7 +512,13 @@ def verify(
     explicit = any(getattr(thresholds, f.name) is not None for f in dataclasses.fields(thresholds))
     task = metrics_mod.as_metric(metric)
     judging = task is not None or (floors and not explicit)
-    if cached:
+    known = cached and candidate_outputs is not None
+    if known:
+        pairs = zip(
+            reference_outputs.batches, reference_outputs.outputs, candidate_outputs, strict=True
+        )
+        batches = len(reference_outputs.batches)
+    elif cached:
         pairs = zip(reference_outputs.batches, reference_outputs.outputs, strict=True)
         batches = len(reference_outputs.batches)
     elif states:
@@ -534,7 +543,7 @@ def verify(
     context = _Comparison(
         cluster.new_key(),
         None if cached else ref_model,
-        cand_model,
+        None if known else cand_model,
         ref_name,
         cand_name,
         optimization,
@@ -608,7 +617,7 @@ class _Comparison:
 
     key: str  # names this comparison's sessions in a worker's cache
     reference: ir.Model | None  # None: the reference outputs travel with the batches
-    candidate: ir.Model
+    candidate: ir.Model | None  # None: so do the candidate's
     reference_name: str
     candidate_name: str
     optimization: str
@@ -644,18 +653,24 @@ def _compare_shard(context: _Comparison, pairs: list) -> _Parity:
             c.key + "/reference",
             lambda: Runner(c.reference, name=c.reference_name, optimization=c.optimization),
         )
-    cand_run = cluster.cached(
-        c.key + "/candidate",
-        lambda: Runner(c.candidate, name=c.candidate_name, optimization=c.optimization),
-    )
+    cand_run = None
+    if c.candidate is not None:
+        cand_run = cluster.cached(
+            c.key + "/candidate",
+            lambda: Runner(c.candidate, name=c.candidate_name, optimization=c.optimization),
+        )
     part = _Parity(
         {v.name: OutputAccumulator(is_classifier(v)) for v in c.outputs},
         floors_mod.Judge(c.outputs, c.task) if c.judging else None,
     )
-    for batch, ref_out, *own in pairs:  # own: the candidate's batch (its carried states)
+    # the third item: the candidate's batch (its carried states), or its outputs already known
+    for batch, ref_out, *own in pairs:
         if ref_out is None:
             ref_out = ref_run.run(batch, names)
-        cand_out = cand_run.run(own[0] if own else batch, names)
+        if cand_run is None:
+            cand_out = own[0]
+        else:
+            cand_out = cand_run.run(own[0] if own else batch, names)
         for name in names:
             r, o = ref_out[name], cand_out[name]
             if r.shape != o.shape:

@@ -36,7 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import ORT_STATIC_WORKER, image_model, latency, run_measured, run_record  # noqa: E402
+from benchlib import (  # noqa: E402
+    image_model,
+    latency,
+    ort_static_command,
+    run_measured,
+    run_record,
+)
 
 from onnxzip import io  # noqa: E402
 from onnxzip.data import NpzSamples, input_specs  # noqa: E402
@@ -109,17 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                         ]
                     else:
                         scratch = tempfile.mkdtemp(dir=work)
-                        commands[tool] = [
-                            sys.executable,
-                            "-c",
-                            ORT_STATIC_WORKER,
-                            str(m["path"]),
-                            str(out),
-                            str(m["calib"]),
-                            METHODS[method],
-                            str(m["batch"]),
-                            scratch,
-                        ]
+                        commands[tool] = ort_static_command(
+                            m["path"], out, m["calib"], METHODS[method], m["batch"], scratch
+                        )
                 # Alternate the two tools, `repeat` times each: the median wall time and the
                 # largest peak memory are reported.
                 measured = {tool: [] for tool in commands}

@@ -157,6 +157,24 @@ quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=Tr
 """
 
 
+def ort_static_command(
+    model: Path, out: Path, calib: Path, method: str, batch: int, scratch: Path
+) -> list[str]:
+    """onnxruntime's recommended static flow as one fresh-process command (ORT_STATIC_WORKER);
+    ``method`` is its CalibrationMethod name (MinMax, Percentile, Entropy)."""
+    return [
+        sys.executable,
+        "-c",
+        ORT_STATIC_WORKER,
+        str(model),
+        str(out),
+        str(calib),
+        method,
+        str(batch),
+        str(scratch),
+    ]
+
+
 def image_model(work: Path, name: str) -> dict:
     """ResNet-50 (onnx's light architecture) or the zoo's MobileNetV2, random weights, saved in
     ``work`` with 32 calibration and 16 validation smooth random images."""

@@ -12,6 +12,7 @@ from onnxzip.data import NpzSamples, SyntheticSamples, input_specs
 from onnxzip.quantize import QuantizeConfig, quantize
 from onnxzip.runtime import Runner, expose
 from onnxzip.statistics import Collector
+from onnxzip.verify import verify
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +88,13 @@ def test_quantize_defaults_read_the_samples_once_and_run_the_reference_once(
     resnet, calib_npz, monkeypatch
 ):
     """Calibration ranges and bias correction's input means come from one sweep; the final
-    verification reuses the reference outputs the bias-correction decision computed."""
+    verification reuses the reference outputs the bias-correction decision computed, and the
+    outputs of the candidate it kept."""
     import importlib
 
     created = []
-    for path in ("onnxzip.statistics", "onnxzip.verify", "onnxzip.quantize"):
-        module = importlib.import_module(path)  # the package face exports functions of these names
+    for path in ("onnxzip.statistics", "onnxzip.verify", "onnxzip.quantize.guard"):
+        module = importlib.import_module(path)
         real = module.Runner
 
         def counting(model, _real=real, **kwargs):
@@ -101,10 +103,105 @@ def test_quantize_defaults_read_the_samples_once_and_run_the_reference_once(
 
         monkeypatch.setattr(module, "Runner", counting)
     samples = NpzSamples(calib_npz, input_specs(resnet))
-    _, report = quantize(resnet, samples, QuantizeConfig())
+    quantized, report = quantize(resnet, samples, QuantizeConfig())
     assert report.bias_correction is not None and "without" in report.bias_correction
     assert report.parity is not None and report.parity.samples > 0
-    # one calibration sweep, one reference, the two bias-correction candidates, the result
+    # one calibration sweep, one reference, the two bias-correction candidates (the one kept
+    # is not run again for the final verification)
     assert sorted(created) == sorted(
-        ["calibration model", "reference", "candidate", "candidate", "quantized"]
+        ["calibration model", "reference", "candidate", "candidate"]
     ), created
+    # the final verdict is the one a fresh verification of the result gives
+    fresh = verify(
+        resnet,
+        quantized,
+        samples,
+        split="holdout",
+        holdout=0.2,
+        batch_size=32,
+    )
+    mine, theirs = report.parity.outputs[0], fresh.outputs[0]
+    assert (mine.snr_db, mine.cosine_mean, mine.top1_agreement) == (
+        theirs.snr_db,
+        theirs.cosine_mean,
+        theirs.top1_agreement,
+    )
+    assert report.parity.passed == fresh.passed
+
+
+def test_ranges_of_ranks_two_to_four_and_float32_partial_means_match_numpy(resnet):
+    """Ranges are reduced in the graph over the axes after the first two (rank 3 and 4) or the
+    last (rank 2) and finished in numpy: the same min and max as numpy's over the whole tensor.
+    Means without variances sum the axes after the channel in float32 first."""
+    from testmodels import zoo
+
+    bert = zoo.bert_encoder(pooling=True)
+    samples = SyntheticSamples(input_specs(bert), 24, seed=3)
+    hidden = [n.outputs[0].name for n in bert.graph if n.op_type == "LayerNormalization"][:2]
+    pooled = bert.graph.outputs[0].name  # [N, hidden]
+    names = [*hidden, pooled]
+    collector = Collector(bert)
+    for name in names:
+        collector.range(name)
+    collector.channel_moments(hidden[0], 1, squares=False)  # [N, S, H] by sequence position
+    got = collector.run(samples, 8)
+    runner = Runner(expose(bert, names))
+    arrays = {
+        n: np.concatenate([runner.run(b, names)[n] for b in samples.batches(8)]) for n in names
+    }
+    for n in names:
+        assert got.ranges[n].min == float(arrays[n].min()) and got.ranges[n].max == float(
+            arrays[n].max()
+        )
+    x = arrays[hidden[0]].astype(np.float64)
+    np.testing.assert_allclose(
+        got.channels[(hidden[0], 1)].mean(), x.mean(axis=(0, 2)), rtol=1e-6, atol=1e-7
+    )
+
+    # four-dimensional: per-channel means of Conv inputs, as bias correction asks for them
+    names = _tensors(resnet)
+    samples = SyntheticSamples(input_specs(resnet), 40, seed=2)
+    collector = Collector(resnet)
+    for name in names:
+        collector.channel_moments(name, 1, squares=False)
+    got = collector.run(samples, 16)
+    runner = Runner(expose(resnet, names))
+    for n in names:
+        x = np.concatenate([runner.run(b, names)[n] for b in samples.batches(16)])
+        per_channel = np.moveaxis(x.astype(np.float64), 1, 0).reshape(x.shape[1], -1)
+        np.testing.assert_allclose(
+            got.channels[(n, 1)].mean(), per_channel.mean(1), rtol=1e-6, atol=1e-7
+        )
+
+
+def test_runner_hands_large_initializers_over_and_leaves_the_model_as_it_was(resnet):
+    """Initializers of 64 KiB and more reach onnxruntime as arrays, not in the serialised
+    model: the outputs are those of a session made from the whole model's bytes, and the
+    model keeps its tensors."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from onnxzip import runtime
+    from onnxzip.passes import add_initializer
+
+    model = resnet.clone()
+    graph = model.graph
+    big = np.random.default_rng(0).normal(size=(128, 256)).astype(np.float32)  # 128 KiB
+    node = ir.node(
+        "ReduceSum", [add_initializer(graph, "big", big)], attributes={"keepdims": 0}, name="s"
+    )
+    out = node.outputs[0]
+    out.name, out.type, out.shape = "big_sum", ir.TensorType(ir.DataType.FLOAT), ir.Shape([])
+    graph.append(node)
+    graph.outputs.append(out)
+    before = {k: v.const_value for k, v in graph.initializers.items()}
+    runner = Runner(model)
+    assert {k: v.const_value for k, v in graph.initializers.items()} == before
+    data, handed = runtime._graph_bytes(model, ort.SessionOptions())
+    assert len(data) < big.nbytes and any(a.shape == big.shape for a in handed[0])
+    whole = ort.InferenceSession(io.model_bytes(model), providers=["CPUExecutionProvider"])
+    batch = next(SyntheticSamples(input_specs(model), 4, seed=1).batches(4))
+    got = runner.run(batch)
+    names = [o.name for o in whole.get_outputs()]
+    for name, value in zip(names, whole.run(None, batch.inputs), strict=True):
+        np.testing.assert_array_equal(got[name], value)

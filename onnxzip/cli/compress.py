@@ -111,24 +111,16 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from onnxzip import io
-    from onnxzip.compress import compress
-    from onnxzip.data import input_specs, open_samples
-
-    model = io.load_model(args.model, name=str(args.model))
-    samples = open_samples(input_specs(model), args.data, batch_axes=batch_axes(args))
+def config_of(args: argparse.Namespace) -> CompressConfig:
+    """The CompressConfig the options describe (each stage's from its own fields)."""
     scope = config_kwargs(QuantizeConfig, args, ["exclude"])["exclude"]
     mode = QUANTIZE_MODES[args.quantize]
-    config = CompressConfig(
-        prune=None
-        if args.no_prune
-        else PruneConfig(
-            **config_kwargs(PruneConfig, args, ["ratio", "target_macs", *PRUNING]),
-            exclude=scope,
-        )
-        if args.ratio is None
-        else PruneConfig(**config_kwargs(PruneConfig, args, ["ratio", *PRUNING]), exclude=scope),
+    prune = None
+    if not args.no_prune:  # a fixed ratio, or the MACs target (0.5 unless given)
+        amount = ["ratio"] if args.ratio is not None else ["target_macs"]
+        prune = PruneConfig(**config_kwargs(PruneConfig, args, amount + PRUNING), exclude=scope)
+    return CompressConfig(
+        prune=prune,
         recover=None
         if args.steps == 0
         else RecoverConfig(**config_kwargs(RecoverConfig, args, RECOVERY)),
@@ -142,6 +134,16 @@ def run(args: argparse.Namespace) -> int:
         target_opset=args.target_opset,
         floors=not args.no_floors,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from onnxzip import io
+    from onnxzip.compress import compress
+    from onnxzip.data import input_specs, open_samples
+
+    model = io.load_model(args.model, name=str(args.model))
+    samples = open_samples(input_specs(model), args.data, batch_axes=batch_axes(args))
+    config = config_of(args)
     metric = metric_of(args)
     verify_samples = None
     if args.verify_data is not None:

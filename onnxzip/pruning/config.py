@@ -74,7 +74,9 @@ class PruneConfig:
         if (self.ratio is None) == (self.target_macs is None):
             raise ConfigError("ratio", "give exactly one of {name} and target_macs")
         if self.ratio is not None and not 0 <= self.ratio < 1:
-            raise ConfigError("ratio", f"{{name}} must be in [0, 1), got {self.ratio}")
+            raise ConfigError(
+                "ratio", f"{{name}}: a ratio of channels must be in [0, 1), got {self.ratio}"
+            )
         if self.target_macs is not None and not 0 < self.target_macs <= 1:
             raise ConfigError("target_macs", f"{{name}} must be in (0, 1], got {self.target_macs}")
         if not 0 < self.max_group_ratio < 1:

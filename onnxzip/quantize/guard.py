@@ -66,10 +66,18 @@ class _Evaluator:
         self.samples = self.runs.samples
         self.has_labels = all(b.labels is not None for b in self.batches)
         self.outputs = [v for v in original.graph.outputs if v.name in self.names]
+        # the outputs of the last models scored, so the final verification need not rerun the
+        # one kept (model id -> (model, outputs per batch))
+        self.scored: dict[int, tuple[ir.Model, list[dict[str, np.ndarray]]]] = {}
         if config.max_drop is not None and not any(self.classifier.values()):
             raise InputError(
                 "--max-drop needs an output of class scores ([N, C]); use --min-cosine instead"
             )
+
+    def outputs_of(self, model: ir.Model) -> list[dict[str, np.ndarray]] | None:
+        """The outputs ``score`` computed for this very model, if it is one of the last two."""
+        found = self.scored.get(id(model))
+        return found[1] if found is not None and found[0] is model else None
 
     def floor_checks(self, model: ir.Model) -> tuple[list, dict[str, float]]:
         """The default floors (or the task metric's) on the held-out batches, and per checked
@@ -139,10 +147,15 @@ class _Evaluator:
         """(target metric, mean output SNR in dB, target met)."""
         run = Runner(model, name="candidate", optimization="all")
         acc = {n: OutputAccumulator(self.classifier[n]) for n in self.names}
+        outs = []
         for batch, ref in zip(self.batches, self.reference, strict=True):
             out = run.run(batch, self.names)
+            outs.append(out)
             for n in self.names:
                 acc[n].add(ref[n], out[n], batch.labels, batch.count)
+        self.scored[id(model)] = (model, outs)
+        while len(self.scored) > 2:
+            self.scored.pop(next(iter(self.scored)))
         results = [acc[n].result(n) for n in self.names]
         snr = float(np.mean([min(r.snr_db, 200.0) for r in results]))
         met = True

@@ -255,6 +255,7 @@ def quantize(
                 reference_outputs=evaluator.runs if evaluator is not None else None,
                 floors=floors,
                 metric=metric,
+                candidate_outputs=evaluator.outputs_of(model) if evaluator is not None else None,
             )
 
         report.parity = final_verify(built.model)
