@@ -47,16 +47,29 @@ def compile_package() -> None:
 
 
 def run_measured(cmd: list[str], cwd: Path) -> dict:
-    """Runs a command in a fresh process: wall seconds and peak RSS (MiB) from the OS."""
+    """Runs a command in a fresh process: wall seconds and peak RSS (MiB) from the OS.
+
+    An onnxzip command that writes a model gets ``--keep-failed``: a result that breaks a
+    floor is then written too (as OUT.failed.onnx, moved to OUT here) and measured, with
+    ``verdict: FAIL`` in the record."""
     compile_package()
+    cmd = [str(c) for c in cmd]
+    writer = "onnxzip" in cmd[:3] and "-o" in cmd and "--keep-failed" not in cmd
+    if writer:
+        cmd = [*cmd, "--keep-failed"]
     out = subprocess.run(
         [sys.executable, "-c", LAUNCHER, *cmd], cwd=cwd, capture_output=True, text=True, check=True
     )
     info = json.loads(out.stdout)
     result = {"seconds": info["seconds"], "peak_mib": info["peak_mib"]}
     if info["code"] == 1 and "onnxzip" in " ".join(map(str, cmd[:3])):
-        # onnxzip's verdict: a default quality floor failed; the model was written and is measured
+        # onnxzip's verdict: a default quality floor failed; the model is measured all the same
         result["verdict"] = "FAIL"
+        if writer:
+            target = Path(cwd, cmd[cmd.index("-o") + 1])
+            failed = target.with_name(f"{target.stem}.failed{target.suffix or '.onnx'}")
+            if failed.exists():
+                failed.replace(target)
     elif info["code"] != 0:
         lines = [line for line in info["stderr"].strip().splitlines() if line.strip()]
         result["error"] = lines[-1] if lines else f"exit code {info['code']}"

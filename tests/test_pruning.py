@@ -450,14 +450,20 @@ def test_cli_prune_says_fail_and_exits_1_when_the_pruned_model_lost_its_task(
     resnet_path, test_npz, tmp_path, capsys
 ):
     """Half the channels removed without recovery: the digits net no longer classifies like the
-    original, and the default class-score floors say so (the model is still written)."""
+    original, and the default class-score floors say so. Nothing is written to -o (it only
+    ever holds a model that passed); --keep-failed writes it under a name that says so."""
     out = tmp_path / "p.onnx"
-    code, stdout, _ = run_cli(
-        ["prune", resnet_path, "-o", out, "--ratio", "0.5", "--data", test_npz], capsys
-    )
-    assert code == 1 and out.exists()
+    args = ["prune", resnet_path, "-o", out, "--ratio", "0.5", "--data", test_npz]
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 1 and not out.exists() and not (tmp_path / "p.failed.onnx").exists()
     assert "FAIL: logits (class scores): top-1 agreement" in stdout
     assert "\nPASS" not in stdout
+    assert f"FAILED: nothing written to {out} (--keep-failed writes" in stdout
+    code, stdout, _ = run_cli([*args, "--keep-failed"], capsys)
+    assert code == 1 and not out.exists()
+    failed = tmp_path / "p.failed.onnx"
+    assert f"FAILED: wrote it as {failed} (--keep-failed)" in stdout
+    assert inspect_model(failed).macs < inspect_model(resnet_path).macs  # the pruned model
 
 
 def test_cli_prune_with_recovery(resnet_path, calib_npz, tmp_path, capsys):

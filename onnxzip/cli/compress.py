@@ -21,9 +21,9 @@ from onnxzip.cli.options import (
     memory_option,
     metric_of,
     output_options,
-    save,
     state_option,
     stateful,
+    write_result,
 )
 from onnxzip.compress import CompressConfig
 from onnxzip.config import Mode
@@ -156,6 +156,6 @@ def run(args: argparse.Namespace) -> int:
     compressed, report = compress(
         model, samples, config, verify_samples=verify_samples, source=str(args.model), metric=metric
     )
-    save(compressed, args)
-    emit(report, args, memory + report.format() + f"\n\nwrote {args.output}")
+    written = write_result(compressed, args, report.parity.passed)
+    emit(report, args, memory + report.format() + f"\n\n{written}")
     return EXIT_OK if report.parity.passed else EXIT_PARITY

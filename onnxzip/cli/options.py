@@ -269,6 +269,13 @@ def output_options(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="allow OUT to be the input model's path"
     )
     parser.add_argument(
+        "--keep-failed",
+        action="store_true",
+        help="when the result breaks a floor or threshold (exit 1), still write it, as "
+        "OUT's name with .failed before the suffix (default: write nothing, so that OUT only "
+        "ever holds a model that passed)",
+    )
+    parser.add_argument(
         "--target-opset",
         type=int,
         metavar="N",
@@ -330,6 +337,8 @@ def check_paths(args: argparse.Namespace) -> None:
         for flag, attr in (("-o", "output"), ("--json", "json"))
         if getattr(args, attr, None) is not None
     ]
+    if getattr(args, "keep_failed", False):
+        outputs.append(("--keep-failed", failed_path(args.output)))
     seen: dict[Path, str] = {}
     for flag, path in outputs:
         if path.is_symlink() and not path.exists():
@@ -372,12 +381,34 @@ def emit(report, args: argparse.Namespace, text: str) -> None:
     print(text)
 
 
-def save(model, args: argparse.Namespace) -> None:
+def save(model, args: argparse.Namespace, path: Path | None = None) -> None:
     """Writes the output in the input's layout: weights in an external data file when the
     input kept them in one (or when they exceed 2 GB)."""
     from onnxzip import io
 
-    io.save_model(model, args.output, external=bool(io.external_data_files(args.model)))
+    io.save_model(model, path or args.output, external=bool(io.external_data_files(args.model)))
+
+
+def failed_path(output: Path) -> Path:
+    """Where --keep-failed writes a result that broke its floors: OUT with .failed before the
+    suffix (small.onnx -> small.failed.onnx)."""
+    return output.with_name(f"{output.stem}.failed{output.suffix or '.onnx'}")
+
+
+def write_result(model, args: argparse.Namespace, passed: bool) -> str:
+    """Writes the result to -o when it passed; one that failed only with --keep-failed, and
+    under a name that says so. The line the report ends with."""
+    if passed:
+        save(model, args)
+        return f"wrote {args.output}"
+    if getattr(args, "keep_failed", False):
+        path = failed_path(args.output)
+        save(model, args, path)
+        return f"FAILED: wrote it as {path} (--keep-failed); nothing written to {args.output}"
+    return (
+        f"FAILED: nothing written to {args.output} (--keep-failed writes the model as "
+        f"{failed_path(args.output)})"
+    )
 
 
 def write_npz(path: Path, arrays: dict) -> None:

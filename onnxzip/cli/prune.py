@@ -21,9 +21,9 @@ from onnxzip.cli.options import (
     memory_option,
     metric_of,
     output_options,
-    save,
     state_option,
     stateful,
+    write_result,
 )
 from onnxzip.errors import (
     EXIT_OK,
@@ -130,7 +130,6 @@ def run(args: argparse.Namespace) -> int:
             f"{r.first_loss:.4f} -> {r.last_loss:.4f}, {r.seconds:.1f} s"
         )
         split, holdout = ("holdout", args.holdout) if args.holdout > 0 else ("all", 0.0)
-    save(pruned, args)
     if report.unchanged_because is not None:
         text += (
             f"\n\nNOTHING PRUNED: {report.unchanged_because}; the model written is the input "
@@ -153,5 +152,7 @@ def run(args: argparse.Namespace) -> int:
         )
         text += "\n\n" + report.parity.format()
 
-    emit(report, args, memory + text + f"\n\nwrote {args.output}")
-    return EXIT_OK if report.parity is None or report.parity.passed else EXIT_PARITY
+    passed = report.parity is None or report.parity.passed
+    written = write_result(pruned, args, passed)
+    emit(report, args, memory + text + f"\n\n{written}")
+    return EXIT_OK if passed else EXIT_PARITY

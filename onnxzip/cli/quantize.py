@@ -17,10 +17,10 @@ from onnxzip.cli.options import (
     fit_memory,
     metric_of,
     output_options,
-    save,
     stateful,
     threshold_options,
     thresholds_of,
+    write_result,
 )
 from onnxzip.errors import (
     EXIT_OK,
@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         floors=not args.no_floors,
         metric=metric,
     )
-    save(quantized, args)
-    emit(report, args, memory + report.format() + f"\n\nwrote {args.output}")
-    return EXIT_OK if report.parity is None or report.parity.passed else EXIT_PARITY
+    passed = report.parity is None or report.parity.passed
+    written = write_result(quantized, args, passed)
+    emit(report, args, memory + report.format() + f"\n\n{written}")
+    return EXIT_OK if passed else EXIT_PARITY
