@@ -16,7 +16,13 @@ All statistics are accumulated batch by batch, so memory does not grow with the 
 Per-node mode exposes every intermediate tensor that both models share by name and compares
 them on a few batches, in the reference's topological order; the first tensor whose relative
 error ``max |r - c| / max |r|`` exceeds a tolerance names the first diverging node, and the
-tensor with the lowest SNR names the worst.
+tensor with the lowest SNR names the worst. Every quantized layer diverges that way, so the
+diff also ranks nodes by what quantization does not explain. One int8 rounding of a tensor
+costs about ``10 log10(12 E[r^2] / step^2)`` of SNR with ``step = (max r - min r) / 255`` (the
+range holding 0); a node's loss is ``min(SNR of its compared inputs, that rounding SNR) - SNR
+of its output`` in dB, at least 0. A node losing far more than that is where the error
+grows (a saturating activation, a division, a head whose output range is narrow), and the
+output slices that break their floors are named by the floors themselves.
 """
 
 from __future__ import annotations
@@ -75,6 +81,12 @@ class NodeParity:
     relative_error: float
     cosine: float
     snr_db: float
+    # SNR lost at this node beyond what quantization explains: the lower of its compared
+    # inputs' SNRs and one int8 rounding of its own values, minus its output's SNR (0 or more)
+    snr_lost_db: float = 0.0
+    # the SNR one uint8 rounding of the reference values gives (what quantizing this tensor
+    # alone is expected to cost)
+    rounding_snr_db: float = math.inf
 
 
 @dataclass
@@ -86,6 +98,8 @@ class PerNodeReport:
     first_diverging: NodeParity | None
     worst: NodeParity | None
     nodes: list[NodeParity] = field(default_factory=list)
+    # the nodes that lose the most SNR between their inputs and their output, most first
+    largest_losses: list[NodeParity] = field(default_factory=list)
 
 
 @dataclass
@@ -204,6 +218,26 @@ class VerifyReport:
                         f"  {label}: node '{n.node}' ({n.op_type}) output '{n.tensor}': max abs "
                         f"{n.max_abs_error:.4g}, relative {n.relative_error:.3g}, SNR {n.snr_db:.1f} dB"
                     )
+            if p.largest_losses:
+                lines.append(
+                    "  where the error grows (SNR lost beyond its inputs' SNR and one int8 "
+                    "rounding of its own values, which costs what 'rounding' says):"
+                )
+                lines.append(
+                    table(
+                        ["node", "op", "SNR in dB", "lost dB", "rounding dB"],
+                        [
+                            [
+                                n.node,
+                                n.op_type,
+                                round(n.snr_db, 1),
+                                round(n.snr_lost_db, 1),
+                                round(n.rounding_snr_db, 1),
+                            ]
+                            for n in p.largest_losses
+                        ],
+                    )
+                )
         lines.append("")
         if not self.passed:
             lines.append("FAIL: " + "; ".join(self.failures))
@@ -722,8 +756,10 @@ def compare_nodes(
     cand_names = set(cand_run.output_names)
     # ref_producers was filled in graph order, which is topological: "first" means upstream-most.
     shared = [n for n in ref_producers if n in cand_names]
-    stats: dict[str, list[float]] = {n: [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0] for n in shared}
-    # max_abs, max_ref, sum_ref2, sum_diff2, dot, sum_cand2, shape_mismatch
+    stats: dict[str, list[float]] = {
+        n: [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, math.inf, -math.inf, 0.0] for n in shared
+    }
+    # max_abs, max_ref, sum_ref2, sum_diff2, dot, sum_cand2, shape_mismatch, min_r, max_r, count
     seen = 0
     # Both models hold every tensor at once here, with no buffer reuse, where one plain run
     # holds a few: the batch is PER_NODE_BATCH_SHARE of the one the memory budget allows a run.
@@ -744,6 +780,9 @@ def compare_nodes(
             if d.size:
                 s[0] = max(s[0], float(np.max(np.abs(d))))
                 s[1] = max(s[1], float(np.max(np.abs(r))))
+                s[7] = min(s[7], float(np.min(r)))
+                s[8] = max(s[8], float(np.max(r)))
+                s[9] += r.size
             s[2] += float((r * r).sum())
             s[3] += float((d * d).sum())
             s[4] += float((r * c).sum())
@@ -753,7 +792,7 @@ def compare_nodes(
             break
     nodes, skipped = [], []
     for name in shared:
-        max_abs, max_ref, ref2, diff2, dot, cand2, mismatch = stats[name]
+        max_abs, max_ref, ref2, diff2, dot, cand2, mismatch, lo, hi, count = stats[name]
         if mismatch:
             skipped.append(name)
             continue
@@ -771,8 +810,22 @@ def compare_nodes(
                 else (0.0 if max_abs == 0 else math.inf),
                 cosine=cosine,
                 snr_db=snr_db(ref2, diff2),
+                rounding_snr_db=_rounding_snr(ref2 / count if count else 0.0, lo, hi),
             )
         )
+    by_tensor = {n.tensor: n for n in nodes}
+    for n in nodes:
+        if not math.isfinite(n.snr_db):
+            continue
+        ins = [
+            by_tensor[v.name] for v in ref_producers[n.tensor].inputs if v and v.name in by_tensor
+        ]
+        # What quantization explains: the error its inputs brought, or one rounding of its own
+        # values (a layer reading exact inputs loses what its int8 output costs, no more).
+        explained = min([n.rounding_snr_db, *(i.snr_db for i in ins)])
+        if math.isfinite(explained):
+            n.snr_lost_db = max(0.0, explained - n.snr_db)
+    ranked = sorted((n for n in nodes if n.snr_lost_db > 0), key=lambda n: -n.snr_lost_db)
     diverging = [n for n in nodes if n.relative_error > tolerance]
     first = diverging[0] if diverging else None
     worst = min(diverging, key=lambda n: (n.snr_db, -n.relative_error)) if diverging else None
@@ -784,4 +837,17 @@ def compare_nodes(
         first_diverging=first,
         worst=worst,
         nodes=nodes,
+        largest_losses=ranked[:LOSSES_SHOWN],
     )
+
+
+LOSSES_SHOWN = 5  # nodes the per-node report lists by SNR lost
+
+
+def _rounding_snr(mean_square: float, lo: float, hi: float) -> float:
+    """SNR in dB of one uint8 rounding of values with this mean square over [lo, hi] (the
+    range widened to hold 0, as activation quantization does): noise step^2 / 12."""
+    step = (max(hi, 0.0) - min(lo, 0.0)) / 255.0
+    if step <= 0 or mean_square <= 0 or not math.isfinite(step):
+        return math.inf
+    return 10.0 * math.log10(12.0 * mean_square / (step * step))

@@ -132,3 +132,39 @@ def test_snr_of_an_overflowed_candidate_is_minus_infinity():
     assert snr_db(1e-300, 1e300) == -math.inf  # underflows to 0
     assert snr_db(0.0, 1.0) == -math.inf and snr_db(1.0, 0.0) == math.inf
     assert snr_db(100.0, 1.0) == 20.0
+
+
+def test_per_node_ranks_the_node_where_the_error_grows_not_the_first_rounded_one(tmp_path):
+    """Both MatMuls carry the same small weight error (as int8 weights would); their difference
+    cancels most of the signal, so the Sub loses far more SNR than its inputs brought: the
+    per-node diff ranks it first, while the first diverging tensor is just the first MatMul."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(16, 16)).astype(np.float32)
+    w2 = (w1 + 0.01 * rng.normal(size=w1.shape)).astype(np.float32)
+
+    def model(a, b):
+        h = onnx.helper
+        graph = h.make_graph(
+            [
+                h.make_node("MatMul", ["x", "w1"], ["p"], name="p"),
+                h.make_node("MatMul", ["x", "w2"], ["q"], name="q"),
+                h.make_node("Sub", ["p", "q"], ["d"], name="d"),
+                h.make_node("Relu", ["d"], ["y"], name="y"),
+            ],
+            "g",
+            [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 16])],
+            [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 16])],
+            [onnx.numpy_helper.from_array(a, "w1"), onnx.numpy_helper.from_array(b, "w2")],
+        )
+        return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+    noisy = [(w + 1e-3 * rng.normal(size=w.shape)).astype(np.float32) for w in (w1, w2)]
+    samples = SyntheticSamples([InputSpec("x", np.dtype("float32"), ("N", 16))], 64, seed=1)
+    report = verify(model(w1, w2), model(*noisy), samples, per_node=True, floors=False)
+    p = report.per_node
+    assert p.first_diverging.op_type == "MatMul"
+    top = p.largest_losses[0]
+    assert top.op_type == "Sub" and top.snr_lost_db > 20.0, p.largest_losses
+    matmul = next(n for n in p.nodes if n.op_type == "MatMul")
+    assert math.isfinite(matmul.rounding_snr_db) and matmul.rounding_snr_db > 30.0
+    assert "where the error grows" in report.format()
