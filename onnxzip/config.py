@@ -79,6 +79,7 @@ class WeightFormat(Choice):
 class WeightMethod(Choice):
     RTN = "rtn"
     MSE = "mse"
+    GPTQ = "gptq"
 
 
 class Criterion(Choice):

@@ -94,9 +94,19 @@ class Runner:
                     )
             else:
                 data, arrays = _graph_bytes(model, options)
-                self.session = ort.InferenceSession(
-                    data, options, providers=["CPUExecutionProvider"]
-                )
+                try:
+                    self.session = ort.InferenceSession(
+                        data, options, providers=["CPUExecutionProvider"]
+                    )
+                except Exception:
+                    if not arrays[0]:
+                        raise
+                    # onnxruntime refused the handed-over arrays (it had dropped an
+                    # initializer it saw no use for, say): the whole model as bytes instead
+                    options = session_options(optimization, threads)
+                    self.session = ort.InferenceSession(
+                        io.model_bytes(model), options, providers=["CPUExecutionProvider"]
+                    )
                 del arrays  # copied into the session: alive until it was made
         except (
             Exception
@@ -138,6 +148,8 @@ def _graph_bytes(model: ir.Model, options: ort.SessionOptions) -> tuple[bytes, l
             tensor is None
             or tensor.nbytes < HANDED_OVER_BYTES
             or tensor.dtype not in _HANDED_OVER_TYPES
+            or not value.uses()  # onnxruntime drops an unused initializer before the handover
+            or value.is_graph_input()
         ):
             continue
         swapped[name] = tensor

@@ -95,10 +95,34 @@ ROWS_PER_BATCH = 64  # rows a ChannelRows keeps of each batch, at most (evenly s
 
 
 @dataclass
+class Covariance:
+    """Streamed ``sum x x^T`` over the rows of a tensor's last axis (float64), and the row
+    count: the Hessian ``E[x x^T]`` of a layer reading it, as GPTQ uses it."""
+
+    count: int = 0
+    total: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        rows = x.reshape(-1, x.shape[-1]).astype(np.float64) if x.ndim else x.reshape(1, 1)
+        gram = rows.T @ rows
+        self.total = gram if self.total is None else self.total + gram
+        self.count += len(rows)
+
+    def merge(self, other: Covariance) -> None:
+        if other.total is not None:
+            self.total = other.total if self.total is None else self.total + other.total
+            self.count += other.count
+
+    def mean(self) -> np.ndarray | None:
+        return None if self.total is None or not self.count else self.total / self.count
+
+
+@dataclass
 class Collected:
     ranges: dict[str, cal.TensorStats] = field(default_factory=dict)
     channels: dict[tuple[str, int], ChannelSums] = field(default_factory=dict)
     rows: dict[str, ChannelRows] = field(default_factory=dict)
+    covariances: dict[str, Covariance] = field(default_factory=dict)
     samples: int = 0
 
     def merge(self, other: Collected) -> None:
@@ -112,6 +136,8 @@ class Collected:
                 mine.add(sums.sum, sums.squares, sums.count)
         for tensor, rows in other.rows.items():
             self.rows.setdefault(tensor, ChannelRows(rows.limit)).merge(rows)
+        for tensor, cov in other.covariances.items():
+            self.covariances.setdefault(tensor, Covariance()).merge(cov)
         self.samples += other.samples
 
 
@@ -132,6 +158,7 @@ class Collector:
         self._ranges: dict[str, bool] = {}  # tensor -> histogram wanted
         self._channels: dict[tuple[str, int], bool] = {}  # (tensor, axis) -> squares wanted
         self._rows: dict[str, int] = {}  # tensor -> rows to keep
+        self._covariances: set[str] = set()
 
     def range(self, tensor: str, histogram: bool = False) -> None:
         self._ranges[tensor] = self._ranges.get(tensor, False) or histogram
@@ -145,8 +172,13 @@ class Collector:
         (``ChannelRows``); the tensor is fetched."""
         self._rows[tensor] = max(self._rows.get(tensor, 0), limit)
 
+    def covariance(self, tensor: str) -> None:
+        """``sum x x^T`` over the rows of the tensor's last axis (``Covariance``); the tensor
+        is fetched. Its memory is the last axis squared, in float64."""
+        self._covariances.add(tensor)
+
     def __bool__(self) -> bool:
-        return bool(self._ranges or self._channels or self._rows)
+        return bool(self._ranges or self._channels or self._rows or self._covariances)
 
     def _build(self):
         """The augmented model and, per request, the session outputs that carry it."""
@@ -168,7 +200,7 @@ class Collector:
             and len(values[key[0]].shape) > key[1]
         )
         fetched |= {key[0] for key in self._channels if key not in in_graph_channels}
-        fetched |= set(self._rows)
+        fetched |= set(self._rows) | self._covariances
         present = {v.name for v in graph.outputs}
         for name in sorted(fetched - present):
             graph.outputs.append(values[name])
@@ -283,6 +315,7 @@ class Collector:
         numpy_jobs = [("range", t) for t in self._ranges if t in fetched]
         numpy_jobs += [("channel", key) for key in self._channels if key not in channel_outputs]
         numpy_jobs += [("rows", t) for t in self._rows]
+        numpy_jobs += [("covariance", t) for t in sorted(self._covariances)]
         sweep = _Sweep(
             cluster.new_key(),
             model,
@@ -296,6 +329,7 @@ class Collector:
             dict(self._channels),
             self.bins,
             dict(self._rows),
+            sorted(self._covariances),
         )
         per_shard, total = cluster.shard_plan(
             samples.batch_size_for(batch_size), samples.batch_count(batch_size, split, holdout)
@@ -329,12 +363,14 @@ class _Sweep:
     channels: dict[tuple[str, int], bool]
     bins: int
     rows: dict[str, int] = field(default_factory=dict)
+    covariances: list[str] = field(default_factory=list)
 
     def empty(self) -> Collected:
         return Collected(
             ranges={t: cal.TensorStats(self.bins, hist) for t, hist in self.ranges.items()},
             channels={key: ChannelSums() for key in self.channels},
             rows={t: ChannelRows(limit) for t, limit in self.rows.items()},
+            covariances={t: Covariance() for t in self.covariances},
         )
 
 
@@ -357,6 +393,8 @@ def _sweep_shard(sweep: _Sweep, batches: list) -> Collected:
             result.ranges[key].update(out[key])
         elif kind == "rows":
             result.rows[key].update(out[key])
+        elif kind == "covariance":
+            result.covariances[key].update(out[key])
         else:
             result.channels[key].update(out[key[0]], key[1])
 

@@ -6,8 +6,8 @@ rotary, vocabulary 8192; random weights, so parity only, no task accuracy). Each
 own process:
 
 * ``onnxzip quantize --mode weight-only`` at its defaults (int4, blocks of 32, symmetric,
-  clipping by the inputs' E[x^2] on the samples; MatMulNBits at this opset), and with
-  ``--weight-method rtn``;
+  clipping by the inputs' E[x^2] on the samples; MatMulNBits at this opset), with
+  ``--weight-method rtn`` and with ``--weight-method gptq``;
 * onnxruntime's ``MatMulNBitsQuantizer`` at the same bits and block (its default algorithm,
   MLAS round to nearest, symmetric);
 * onnxruntime's ``quantize_dynamic`` (int8 weights, QOperator) and onnxzip's dynamic int8.
@@ -102,6 +102,12 @@ def main() -> None:
                 + ["--mode", "weight-only", "--weight-method", "rtn", "--data", calib]
                 + ["--holdout", "0"],
                 work / "zip4rtn.onnx",
+            ),
+            "onnxzip int4 gptq": (
+                ["-m", "onnxzip", "quantize", model, "-o", work / "zip4gptq.onnx"]
+                + ["--mode", "weight-only", "--weight-method", "gptq", "--data", calib]
+                + ["--holdout", "0"],
+                work / "zip4gptq.onnx",
             ),
             "MatMulNBitsQuantizer int4": (
                 ["-c", NBITS_WORKER, model, work / "ort4.onnx"],

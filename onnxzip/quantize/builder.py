@@ -351,8 +351,10 @@ class _Builder:
     def _build_weight_only(
         self, model: ir.Model, config: QuantizeConfig, keep_float: frozenset[str]
     ):
-        if config.weight_method == "mse" and self.importance is None:
-            # E[x^2] per input feature of every weighted MatMul: one sweep, computed once
+        gptq = config.weight_method == "gptq"
+        if config.weight_method in ("mse", "gptq") and self.importance is None:
+            # E[x^2] per input feature (mse) or E[x x^T] (gptq) of every weighted MatMul's
+            # input: one sweep, computed once
             collector = Collector(self.prepared)
             names = weight_only.input_features(self.prepared)
             ranks = {
@@ -362,7 +364,9 @@ class _Builder:
                 if v is not None and v.shape is not None
             }
             for name in names:
-                if name in ranks:
+                if gptq:
+                    collector.covariance(name)
+                elif name in ranks:
                     collector.channel_moments(name, ranks[name] - 1)
             found = (
                 collector.run(
@@ -380,13 +384,16 @@ class _Builder:
                 name: np.asarray(sums.squares, np.float64) / max(1, sums.count)
                 for (name, _), sums in (found.channels.items() if found else [])
             }
+            for name, cov in found.covariances.items() if found else []:
+                if cov.mean() is not None:
+                    self.importance[name] = cov.mean()
         result = weight_only.quantize_weights(
             model,
             bits=config.weight_bits,
             block_size=config.block_size,
             symmetric=not config.weight_zero_point,
             fmt=config.weight_format,
-            importance=self.importance if config.weight_method == "mse" else None,
+            importance=self.importance if config.weight_method in ("mse", "gptq") else None,
             exclude=config.exclude,
             accuracy_level=config.accuracy_level,
             codes=self.block_codes,

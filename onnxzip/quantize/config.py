@@ -70,7 +70,9 @@ class QuantizeConfig:
     weight_method: WeightMethod = option(
         WeightMethod.MSE,
         "weight-only: rtn: round to nearest; mse: each block's range clipped to minimise the "
-        "output error weighted by the inputs' E[x^2] on the samples",
+        "output error weighted by the inputs' E[x^2] on the samples; gptq: GPTQ, each row's "
+        "rounding error compensated by the rows not yet quantized, through the inputs' E[x x^T] "
+        "(memory: K^2 x 8 bytes per distinct MatMul input)",
     )
     accuracy_level: int = option(
         4,

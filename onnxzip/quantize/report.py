@@ -73,12 +73,17 @@ class QuantizeReport:
                 if self.weight_format == "qdq"
                 else "com.microsoft MatMulNBits (onnxruntime)"
             )
+            data = f"{self.calibration_samples} samples of {self.data}" + (
+                " (SYNTHETIC)" if self.synthetic else ""
+            )
             method = (
-                f"clipping by E[x^2] on {self.calibration_samples} samples of {self.data}"
-                f"{' (SYNTHETIC)' if self.synthetic else ''}"
+                f"clipping by E[x^2] on {data}"
                 if c.weight_method == "mse" and self.calibration_samples
-                else "round to nearest (no E[x^2]: the weighted inputs' shapes are unknown)"
-                if c.weight_method == "mse"
+                else f"GPTQ with E[x x^T] on {data}"
+                if c.weight_method == "gptq" and self.calibration_samples
+                else "round to nearest (no input statistics: the weighted inputs' shapes are "
+                "unknown)"
+                if c.weight_method in ("mse", "gptq")
                 else "round to nearest"
             )
             return [

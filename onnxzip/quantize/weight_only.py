@@ -10,6 +10,9 @@ with ``m`` the block's value of largest magnitude (it lands exactly on the most 
 so all ``2^b`` levels are used: MLAS's convention) and ``[lo, hi]`` the block's range widened to
 hold 0. Codes are rounded to nearest (ties to even) and clipped to their range.
 
+GPTQ (``method="gptq"``, ``quantize_gptq``) uses the whole Hessian ``E[x x^T]`` instead: each
+row's rounding error is compensated by the rows after it.
+
 Data-aware clipping (``method="mse"``): each (block, column) range is shrunk by the factor
 ``c`` in ``CLIP_GRID`` that minimises ``sum_k E[x_k^2] (w_k - w^_k)^2``, the expected output error
 of that block when the inputs are uncorrelated (the diagonal of the layer's Hessian ``E[x x^T]``;
@@ -149,6 +152,85 @@ def quantize_blocks(
     )
 
 
+GPTQ_DAMP = 0.01  # added to the Hessian's diagonal, times its mean (GPTQ's default)
+GPTQ_BATCH = 128  # rows quantized between two updates of the rest (a multiple of the block)
+
+
+def quantize_gptq(
+    w: np.ndarray,
+    hessian: np.ndarray,
+    bits: int = 4,
+    block_size: int = 32,
+    symmetric: bool = True,
+) -> BlockCodes:
+    """Block-wise codes of ``w [K, N]`` by GPTQ (Frantar et al., 2022): rows (input features)
+    are quantized one after another, and each row's rounding error is spread over the rows not
+    yet quantized so that the layer's output error ``(W - W^)^T H (W - W^)`` stays small, with
+    ``H = E[x x^T]`` from the calibration samples.
+
+    With ``U`` the upper Cholesky factor of ``H^-1`` (after damping ``H += d mean(diag H) I``),
+    quantizing row ``i`` to ``q_i`` gives the error ``e = (w_i - q_i) / U_ii`` and the update
+    ``w_j -= U_ij e`` for every later row ``j``; rows go in batches of ``GPTQ_BATCH`` whose
+    updates to the rest are applied at once (one matrix product). A block's scales (and zero
+    points) are chosen from its rows as updated when the block is reached, as the codes of
+    ``quantize_blocks`` without clipping. An input feature that is always 0 (``H_ii = 0``)
+    gets the weight 0.
+    """
+    k, n = w.shape
+    W = w.astype(np.float64).copy()
+    H = np.asarray(hessian, np.float64).copy()
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    W[dead] = 0.0
+    H[np.diag_indices(k)] += GPTQ_DAMP * float(np.mean(np.diag(H)))
+    try:
+        U = np.linalg.cholesky(np.linalg.inv(H)).T
+    except np.linalg.LinAlgError:  # not positive definite even damped: round to nearest
+        return quantize_blocks(w, bits, block_size, symmetric)
+    blocks = -(-k // block_size)
+    codes = np.zeros((k, n), np.float64)
+    scales = np.ones((blocks, n), np.float32)
+    zeros = np.zeros((blocks, n), np.float64) if not symmetric else None
+    step = max(block_size, GPTQ_BATCH // block_size * block_size)
+    for i1 in range(0, k, step):
+        i2 = min(i1 + step, k)
+        W1 = W[i1:i2].copy()
+        errors = np.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            row = i1 + i
+            if row % block_size == 0:
+                group = W1[i : i + block_size].astype(np.float32)
+                padded = np.zeros((1, block_size, n), np.float32)
+                padded[0, : len(group)] = group
+                _, scale, zero = _encode(padded, np.ones((1, n), np.float32), bits, symmetric)
+                scales[row // block_size] = scale[0]
+                if zeros is not None:
+                    zeros[row // block_size] = zero[0]
+            g = row // block_size
+            s = scales[g].astype(np.float64)
+            if symmetric:
+                low = -(2 ** (bits - 1))
+                q = np.clip(np.rint(W1[i] / s), low, -low - 1)
+                deq = q * s
+            else:
+                z = zeros[g]
+                q = np.clip(np.rint(W1[i] / s) + z, 0, 2**bits - 1)
+                deq = (q - z) * s
+            codes[row] = q
+            err = (W1[i] - deq) / U1[i, i]
+            W1[i:] -= np.outer(U1[i, i:], err)
+            errors[i] = err
+        W[i2:] -= U[i1:i2, i2:].T @ errors
+    return BlockCodes(
+        codes.astype(np.int8 if symmetric else np.uint8),
+        scales,
+        zeros.astype(np.uint8) if zeros is not None else None,
+        bits,
+        block_size,
+    )
+
+
 def pack_nbits(blocks: BlockCodes) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """MatMulNBits' inputs: packed codes ``[N, blocks, bs * bits / 8]`` uint8, scales
     ``[N * blocks]`` and packed zero points (asymmetric only)."""
@@ -207,7 +289,8 @@ def quantize_weights(
 ) -> WeightOnlyResult:
     """Rewrites every MatMul (and default-attribute Gemm) with a constant float32 weight of
     ``model`` in place, and (``tables``) every embedding Gather. ``importance`` maps an input
-    tensor name to ``E[x^2]`` per feature (for data-aware clipping)."""
+    tensor name to ``E[x^2]`` per feature (data-aware clipping) or to the Hessian
+    ``E[x x^T]`` (GPTQ)."""
     graph = model.graph
     exclude = IgnoredScope.of(exclude)
     fmt = resolve_format(model, fmt)
@@ -258,7 +341,7 @@ def quantize_weights(
             result.kept_float[key] = "too small for MatMulNBits"
             continue
         rows = importance.get(x.name) if importance else None
-        if rows is not None and rows.shape != (k,):
+        if rows is not None and rows.shape not in ((k,), (k, k)):
             rows = None
         cache = id(value) if node.op_type == "MatMul" else id(node)
         if cache not in encoded:
@@ -266,7 +349,9 @@ def quantize_weights(
             # rebuilds): the clipping search runs once per weight.
             name = value.name if node.op_type == "MatMul" else f"{value.name}@{key}"
             found = codes.get(name) if codes is not None else None
-            if found is None:
+            if found is None and rows is not None and rows.ndim == 2:  # a Hessian: GPTQ
+                found = quantize_gptq(w, rows, bits, block_size, symmetric)
+            elif found is None:
                 found = quantize_blocks(w, bits, block_size, symmetric, rows)
                 if codes is not None:
                     codes[name] = found
