@@ -1,8 +1,9 @@
 """onnxruntime sessions for onnxzip's numeric checks.
 
 Every number onnxzip reports about a model's outputs comes from onnxruntime's CPU provider.
-Models under 2 GB are handed over as bytes; larger ones are written with external data to a
-temporary folder first, since protobuf cannot hold them in one message.
+A model reaches it as the serialised graph with its large weights handed over as arrays, so the
+message stays under protobuf's 2 GB whatever the weights weigh; only when that fails is the
+model written with external data to a temporary folder first.
 """
 
 from __future__ import annotations
@@ -84,30 +85,34 @@ class Runner:
     ):
         self.name = name
         options = session_options(optimization, threads)
+        providers = ["CPUExecutionProvider"]
         try:
-            if io.weights_nbytes(model) > io.EXTERNAL_DATA_THRESHOLD:
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = Path(tmp) / "model.onnx"
-                    io.save_model(model, path)
+            # The graph with its large weights handed over as arrays: under protobuf's 2 GB
+            # whatever the weights weigh (a model written to a temporary folder only when even
+            # that is too big, or when onnxruntime refuses the handover)
+            data, arrays = _graph_bytes(model, options)
+            try:
+                if len(data) > io.EXTERNAL_DATA_THRESHOLD:
+                    raise OverflowError("the graph alone is over protobuf's limit")
+                self.session = ort.InferenceSession(data, options, providers=providers)
+            except Exception:
+                if not arrays[0] and len(data) <= io.EXTERNAL_DATA_THRESHOLD:
+                    raise
+                # onnxruntime refused the handed-over arrays (it had dropped an initializer it
+                # saw no use for, say): the whole model, as bytes or as a file
+                options = session_options(optimization, threads)
+                if io.weights_nbytes(model) > io.EXTERNAL_DATA_THRESHOLD:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        path = Path(tmp) / "model.onnx"
+                        io.save_model(model, path)
+                        self.session = ort.InferenceSession(
+                            os.fspath(path), options, providers=providers
+                        )
+                else:
                     self.session = ort.InferenceSession(
-                        os.fspath(path), options, providers=["CPUExecutionProvider"]
+                        io.model_bytes(model), options, providers=providers
                     )
-            else:
-                data, arrays = _graph_bytes(model, options)
-                try:
-                    self.session = ort.InferenceSession(
-                        data, options, providers=["CPUExecutionProvider"]
-                    )
-                except Exception:
-                    if not arrays[0]:
-                        raise
-                    # onnxruntime refused the handed-over arrays (it had dropped an
-                    # initializer it saw no use for, say): the whole model as bytes instead
-                    options = session_options(optimization, threads)
-                    self.session = ort.InferenceSession(
-                        io.model_bytes(model), options, providers=["CPUExecutionProvider"]
-                    )
-                del arrays  # copied into the session: alive until it was made
+            del arrays  # copied into the session: alive until it was made
         except (
             Exception
         ) as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types

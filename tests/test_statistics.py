@@ -208,3 +208,26 @@ def test_runner_hands_large_initializers_over_and_leaves_the_model_as_it_was(res
     names = [o.name for o in whole.get_outputs()]
     for name, value in zip(names, whole.run(None, batch.inputs), strict=True):
         np.testing.assert_array_equal(got[name], value)
+
+
+def test_a_model_over_the_message_limit_runs_by_handover_or_from_a_file(resnet, monkeypatch):
+    """Weights over protobuf's limit reach onnxruntime as arrays beside a small graph; a graph
+    that alone is over the limit goes through a temporary file. Same outputs either way."""
+    from onnxzip import runtime
+
+    batch = next(SyntheticSamples(input_specs(resnet), 4, seed=3).batches(4))
+    want = Runner(resnet).run(batch)
+    saved = []
+    real_save = runtime.io.save_model
+    monkeypatch.setattr(
+        runtime.io, "save_model", lambda *a, **k: saved.append(1) or real_save(*a, **k)
+    )
+    monkeypatch.setattr(runtime.io, "EXTERNAL_DATA_THRESHOLD", 64 * 1024)  # weights are over it
+    monkeypatch.setattr(runtime, "HANDED_OVER_BYTES", 1024)
+    for name, value in Runner(resnet).run(batch).items():
+        np.testing.assert_array_equal(value, want[name])
+    assert saved == []  # handed over: no file
+    monkeypatch.setattr(runtime.io, "EXTERNAL_DATA_THRESHOLD", 1000)  # the graph alone is over
+    for name, value in Runner(resnet).run(batch).items():
+        np.testing.assert_array_equal(value, want[name])
+    assert saved == [1]
