@@ -231,3 +231,30 @@ def test_a_model_over_the_message_limit_runs_by_handover_or_from_a_file(resnet, 
     for name, value in Runner(resnet).run(batch).items():
         np.testing.assert_array_equal(value, want[name])
     assert saved == [1]
+
+
+def test_large_float_weights_are_fed_as_inputs_and_quantized_ones_stay_initializers(
+    resnet, calib_npz, monkeypatch
+):
+    """Above LARGE_WEIGHTS_BYTES of float weights a session takes them as inputs fed with every
+    run (onnxruntime keeps no copy): the same outputs up to float rounding, the model left with
+    its initializers in their order; the int8 weights of a QDQ model stay initializers, so its
+    int8 kernels are fused as served."""
+    from onnxzip import runtime
+
+    batch = next(SyntheticSamples(input_specs(resnet), 8, seed=4).batches(8))
+    want = Runner(resnet).run(batch)
+    before = [(k, id(v)) for k, v in resnet.graph.initializers.items()]
+    inputs_before = [v.name for v in resnet.graph.inputs]
+    monkeypatch.setattr(runtime, "HANDED_OVER_BYTES", 1024)
+    monkeypatch.setattr(runtime, "LARGE_WEIGHTS_BYTES", 1)
+    fed = Runner(resnet)
+    assert len(fed.weights) > 3 and all(a.dtype == np.float32 for a in fed.weights.values())
+    assert [(k, id(v)) for k, v in resnet.graph.initializers.items()] == before
+    assert [v.name for v in resnet.graph.inputs] == inputs_before
+    for name, value in fed.run(batch).items():
+        np.testing.assert_allclose(value, want[name], rtol=1e-4, atol=1e-5)
+    quantized, _ = quantize(resnet, NpzSamples(calib_npz, input_specs(resnet)), QuantizeConfig())
+    runner = Runner(quantized)
+    dequantized = {n.inputs[0].name for n in quantized.graph if n.op_type == "DequantizeLinear"}
+    assert not dequantized & set(runner.weights)
