@@ -992,3 +992,20 @@ def test_when_the_static_guard_keeps_everything_float_dynamic_int8_with_its_guar
         n.op_type for n in quantized.graph
     }
     io.save_model(quantized, tmp_path / "q.onnx")
+
+
+def test_the_report_counts_layers_kept_float_for_one_shared_reason_instead_of_listing_them():
+    """A transformer's attention MatMuls read no weight: every one is kept in float for the same
+    reason. The printed table names the first few and counts the rest; the report keeps all."""
+    from onnxzip.quantize.report import KEPT_SHOWN
+    from testmodels import zoo
+
+    model = zoo.bert_encoder(layers=4)
+    samples = SyntheticSamples(input_specs(model), 16, seed=0)
+    _, report = quantize(model, samples, QuantizeConfig(mode="dynamic"), floors=False)
+    reasons = [k.reason for k in report.kept_float]
+    shared = max(set(reasons), key=reasons.count)
+    assert reasons.count(shared) == 8 > KEPT_SHOWN
+    text = report.format()
+    assert f"(+{8 - KEPT_SHOWN} more)" in text
+    assert text.count(shared) == KEPT_SHOWN + 1

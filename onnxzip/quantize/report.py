@@ -145,12 +145,18 @@ class QuantizeReport:
         if self.kept_float:
             lines.append("")
             lines.append("kept in float:")
-            lines.append(
-                table(
-                    ["node", "op", "reason"],
-                    [[k.node, k.op_type, k.reason] for k in self.kept_float],
-                )
-            )
+            # a reason shared word for word by many layers (the attention MatMuls of a
+            # transformer, which read no weight) shows its first few and a count
+            count: dict[str, int] = {}
+            rows = []
+            for k in self.kept_float:
+                count[k.reason] = count.get(k.reason, 0) + 1
+                if count[k.reason] <= KEPT_SHOWN:
+                    rows.append([k.node, k.op_type, k.reason])
+            for why, n in count.items():
+                if n > KEPT_SHOWN:
+                    rows.append([f"(+{n - KEPT_SHOWN} more)", "", why])
+            lines.append(table(["node", "op", "reason"], rows))
         if self.bias_correction:
             lines.append(f"bias correction  {self.bias_correction}")
         if self.guard is not None:
