@@ -863,6 +863,26 @@ def model_bytes(model: ir.Model, stubs: frozenset[str] = frozenset()) -> bytes:
     return proto.SerializeToString()
 
 
+def drop_resident_pages(model: ir.Model) -> None:
+    """Lets the OS drop the resident pages of every memory-mapped external tensor of the main
+    graph (``madvise(MADV_DONTNEED)``: the mapping stays, and a later read faults the data back
+    in from the file), so that weights already used stop counting in the process's memory."""
+    for value in model.graph.initializers.values():
+        drop_pages(value.const_value)
+
+
+def drop_pages(tensor) -> None:
+    """``drop_resident_pages`` for one tensor (nothing for a tensor held in memory)."""
+    import mmap
+
+    raw = getattr(tensor, "raw", None) if isinstance(tensor, ir.ExternalTensor) else None
+    if raw is not None and not raw.closed and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            raw.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
+
 def weights_nbytes(model: ir.Model) -> int:
     """Bytes held by the initializers (of the main graph and of If/Loop/Scan bodies) and by
     the tensors of Constant nodes (exporters store weights either way)."""

@@ -106,6 +106,53 @@ def naming(graph: ir.Graph):
         _NAMING.pop(graph, None)
 
 
+# Element types of the outputs of ops quantization writes, where the inputs do not say them
+_OUTPUT_TYPES = {
+    "DynamicQuantizeLinear": (ir.DataType.UINT8, ir.DataType.FLOAT, ir.DataType.UINT8),
+    "MatMulInteger": (ir.DataType.INT32,),
+    "ConvInteger": (ir.DataType.INT32,),
+}
+# ops whose output has the element type of their first input
+_SAME_TYPE = frozenset(
+    {
+        "Gather", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
+        "Slice", "Concat", "Mul", "Add", "Sub", "Div", "Relu", "MatMul", "MatMulNBits",
+        "Expand", "Tile",
+    }
+)  # fmt: skip
+
+
+def type_outputs(model: ir.Model) -> int:
+    """Gives the untyped outputs of main-graph nodes their element type where the op and its
+    inputs determine it (the nodes quantization adds: DynamicQuantizeLinear, MatMulInteger, Q/DQ,
+    Cast, the Gather of int8 table rows, elementwise arithmetic), in graph order, so a model
+    quantization wrote is as typed as the one it read (``io.load_model`` takes it as it is,
+    without a round trip through a protobuf). Shapes are left to onnx's inference. Returns how
+    many outputs were typed."""
+    typed = 0
+    for node in model.graph:
+        if all(v.type is not None or not v.name for v in node.outputs):
+            continue
+        dtypes: tuple = ()
+        first = node.inputs[0] if node.inputs else None
+        if node.op_type in _OUTPUT_TYPES:
+            dtypes = _OUTPUT_TYPES[node.op_type]
+        elif node.op_type == "Cast" and "to" in node.attributes:
+            dtypes = (ir.DataType(node.attributes["to"].as_int()),)
+        elif node.op_type == "QuantizeLinear":
+            zero = node.inputs[2] if len(node.inputs) > 2 else None
+            dtypes = (zero.dtype if zero is not None and zero.dtype else ir.DataType.UINT8,)
+        elif node.op_type == "DequantizeLinear" and len(node.inputs) > 1:
+            dtypes = (node.inputs[1].dtype,)
+        elif node.op_type in _SAME_TYPE and first is not None:
+            dtypes = (first.dtype,)
+        for value, dtype in zip(node.outputs, dtypes, strict=False):
+            if value.type is None and value.name and dtype is not None:
+                value.type = ir.TensorType(dtype)
+                typed += 1
+    return typed
+
+
 def bulk_edit(fn):
     """Runs ``fn(model_or_graph, ...)`` inside a ``naming`` scope of its (main) graph."""
 

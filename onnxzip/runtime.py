@@ -170,19 +170,7 @@ def _graph_bytes(
         ):
             continue
         swapped[name] = tensor
-    inputs: dict[str, ir.Value] = {}
-    if fed is not None:
-        inputs = {
-            name: graph.initializers[name]
-            for name, tensor in swapped.items()
-            if tensor.dtype in _FLOAT_TYPES
-            and all(
-                u.node.domain in ("", "ai.onnx") and u.node.op_type not in _QUANTIZED_READERS
-                for u in graph.initializers[name].uses()
-            )
-        }
-        if sum(swapped[name].nbytes for name in inputs) < LARGE_WEIGHTS_BYTES:
-            inputs = {}
+    inputs = {n: graph.initializers[n] for n in _fed(model, swapped)} if fed is not None else {}
     for name, tensor in swapped.items():
         if name not in inputs:
             graph.initializers[name].const_value = ir.ExternalTensor(
@@ -210,6 +198,34 @@ def _graph_bytes(
     if swapped:
         options.add_external_initializers(list(swapped), values)
     return data, [arrays, values]
+
+
+def _fed(model: ir.Model, handed: dict[str, ir.TensorProtocol]) -> list[str]:
+    """Which of the ``handed`` initializers a session takes as inputs: the float weights no
+    quantization op reads, when they weigh ``LARGE_WEIGHTS_BYTES`` or more in all."""
+    names = [
+        name
+        for name, tensor in handed.items()
+        if tensor.dtype in _FLOAT_TYPES
+        and all(
+            u.node.domain in ("", "ai.onnx") and u.node.op_type not in _QUANTIZED_READERS
+            for u in model.graph.initializers[name].uses()
+        )
+    ]
+    return names if sum(handed[n].nbytes for n in names) >= LARGE_WEIGHTS_BYTES else []
+
+
+def feeds_weights(model: ir.Model) -> bool:
+    """Whether a ``Runner`` of this model feeds its weights as inputs (see ``_graph_bytes``)."""
+    handed = {
+        name: value.const_value
+        for name, value in model.graph.initializers.items()
+        if value.const_value is not None
+        and value.const_value.nbytes >= HANDED_OVER_BYTES
+        and value.uses()
+        and not value.is_graph_input()
+    }
+    return bool(_fed(model, handed))
 
 
 # Float weights of this many bytes in all, read by no quantization op, are fed as inputs (see

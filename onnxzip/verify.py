@@ -36,7 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import floors as floors_mod
-from onnxzip import io
+from onnxzip import io, runtime
 from onnxzip import metrics as metrics_mod
 from onnxzip.data import Samples, input_specs
 from onnxzip.engine import cluster
@@ -418,8 +418,9 @@ class ReferenceOutputs:
     """The reference model's tensor outputs on the batches of one split, computed once, so that
     every candidate scored against them sees the same samples and the reference runs once.
 
-    ``limit`` stops after the batch that reaches that many samples; ``complete`` says whether
-    every batch of the split is held (only then can ``verify`` use it in place of a new run).
+    ``limit`` stops after the batch that reaches that many samples, ``max_bytes`` after the
+    batch whose outputs pass that many bytes; ``complete`` says whether every batch of the
+    split is held (only then can ``verify`` use it in place of a new run).
     """
 
     def __init__(
@@ -433,6 +434,7 @@ class ReferenceOutputs:
         limit: int | None = None,
         optimization: str = "all",
         name: str = "reference",
+        max_bytes: int | None = None,
     ):
         runner = Runner(model, name=name, optimization=optimization)
         self.key = self._key(samples, batch_size, split, holdout, optimization)
@@ -444,13 +446,16 @@ class ReferenceOutputs:
         self.batches: list = []
         self.outputs: list[dict[str, np.ndarray]] = []
         self.complete = True
-        seen = 0
+        seen = held = 0
         for batch in samples.batches(batch_size, split, holdout):
-            if limit is not None and seen >= limit:
+            if (limit is not None and seen >= limit) or (
+                max_bytes is not None and held > max_bytes
+            ):
                 self.complete = False  # one more batch exists: not every sample is held
                 break
             self.batches.append(batch)
             self.outputs.append(runner.run(batch, self.names) if self.names else {})
+            held += sum(a.nbytes for a in self.outputs[-1].values())
             seen += len(batch)
         self.samples = seen
 
@@ -462,6 +467,10 @@ class ReferenceOutputs:
         self, samples: Samples, batch_size: int, split: str, holdout: float, opt: str
     ) -> bool:
         return self.complete and self._key(samples, batch_size, split, holdout, opt) == self.key
+
+
+# Outputs of a large reference computed before its candidate runs, at most (see verify)
+REFERENCE_BYTES = 1 << 30
 
 
 @cluster.accepts_engine
@@ -537,6 +546,22 @@ def verify(
         and reference_outputs is not None
         and reference_outputs.serves(samples, batch_size, split, holdout, optimization)
     )
+    if not cached and not states and runtime.feeds_weights(ref_model):
+        # A model whose weights are fed to its session (hundreds of MB and more): its outputs
+        # first, then its weights' pages dropped, then the candidate, so that the two never
+        # hold their weights at once (when the outputs fit REFERENCE_BYTES)
+        reference_outputs = ReferenceOutputs(
+            ref_model,
+            samples,
+            batch_size,
+            split,
+            holdout,
+            optimization=optimization,
+            name=ref_name,
+            max_bytes=REFERENCE_BYTES,
+        )
+        io.drop_resident_pages(ref_model)
+        cached = reference_outputs.complete
     outputs = [
         v for v in ref_model.graph.outputs if v.type is None or isinstance(v.type, ir.TensorType)
     ]

@@ -185,7 +185,14 @@ class _Builder:
         self.mixed_joins.update(mixed)
         return bool(mixed)
 
-    def build(self, keep_float: frozenset[str] = frozenset()):
+    def build(self, keep_float: frozenset[str] = frozenset()) -> Built:
+        """The prepared model quantized with the layers ``keep_float`` left float, every new
+        value typed (``passes.type_outputs``)."""
+        built = self._build(keep_float)
+        passes.type_outputs(built.model)
+        return built
+
+    def _build(self, keep_float: frozenset[str]) -> Built:
         model = self.prepared.clone()
         keep_float, config = self._excluding(keep_float)
         _apply_biases(model, {k: b for k, b in self.biases.items() if k not in keep_float})
@@ -380,6 +387,7 @@ class _Builder:
                 else None
             )
             self.calibrated = max(self.calibrated, found.samples if found else 0)
+            io.drop_resident_pages(self.prepared)  # the sweep read every weight: let them go
             self.importance = {
                 name: np.asarray(sums.squares, np.float64) / max(1, sums.count)
                 for (name, _), sums in (found.channels.items() if found else [])

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from onnxzip import io
 from onnxzip.config import IgnoredScope
 from onnxzip.passes import (
     add_initializer,
@@ -84,6 +85,7 @@ def quantize_table(graph: ir.Graph, node: ir.Node, key: str) -> str | None:
         return "gathers along another axis than the rows"
     params = qp.weight_params(table, axis=1)
     codes = qp.quantize(table, params, symmetric_weight=True)
+    io.drop_pages(node.inputs[0].const_value)  # read once: its pages may go
     t_q = add_initializer(graph, f"{key}.table_quantized", codes)
     t_scale = add_initializer(graph, f"{key}.table_scale", params.scale.astype(np.float32))
     t_zp = add_initializer(graph, f"{key}.table_zero_point", np.zeros(table.shape[1], np.int8))
@@ -131,6 +133,7 @@ def quantize_dynamic(
             bias = node.inputs[2]
         params = qp.weight_params(w, axis=1, pair_safe=pair_safe)
         codes = qp.quantize(w, params, symmetric_weight=True)
+        io.drop_pages(node.inputs[1].const_value)  # read once: its pages may go
         base = key
         w_q = add_initializer(graph, f"{base}.weight_quantized", codes)
         w_zp = add_initializer(graph, f"{base}.weight_zero_point", np.zeros(w.shape[1], np.int8))

@@ -45,6 +45,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from onnxzip import io
 from onnxzip.config import IgnoredScope
 from onnxzip.passes import (
     add_initializer,
@@ -357,6 +358,7 @@ def quantize_weights(
                     codes[name] = found
             encoded[cache] = (found, None)
         blocks, shared = encoded[cache]
+        io.drop_pages(value.const_value)  # read once: its pages may go
         bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
         if fmt == "qdq":
             if shared is None:
