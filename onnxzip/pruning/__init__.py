@@ -410,6 +410,7 @@ def prune(
         ratio = config.ratio
     removal = select(groups, scores, ratio, config)
     timings["select"] = time.perf_counter() - t0
+    io.drop_resident_pages(work)  # scoring read every weight once: let their pages go
 
     means = None
     dead_count = {}
@@ -417,6 +418,7 @@ def prune(
     if samples is not None:
         t0 = time.perf_counter()
         stats = channel_statistics(work, groups, samples, config.batch_size)
+        io.drop_resident_pages(work)  # that sweep's session read every weight
         means = {k: v[0] for k, v in stats.items()}
         for g in groups:
             if g.id not in scores:
@@ -437,14 +439,18 @@ def prune(
     kept = weight_kept(work, groups, removal) if refit else None
     compensated = dead_only if config.compensation == "off" else None  # None: every removed one
     pruned = rewrite.apply(work, groups, removal, means, compensated)
+    io.drop_resident_pages(work)  # the slices are copies: the full weights' pages may go
     compensation_note = None
     if plain is not None:
         # Mean compensation is first-order: on some models (a transformer whose activations
         # have rare, huge outliers) the shifted biases hurt more than they help downstream.
         alternative = rewrite.apply(plain, find_groups(plain), removal, means, dead_only)
+        io.drop_resident_pages(plain)
         with_db, without_db = _output_snr(original, [pruned, alternative], samples, config)
+        io.drop_resident_pages(original)  # the reference's weights, read by that check
         if without_db > with_db:
             pruned = alternative
+        del alternative  # the one not taken goes now, not when prune returns
         compensation_note = (
             f"{'applied' if with_db >= without_db else 'not applied'}: output SNR "
             f"{with_db:.2f} dB with, {without_db:.2f} dB without, on the samples"
