@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import re
 import typing
 from dataclasses import dataclass, field
@@ -177,7 +178,10 @@ def option(default=None, help: str = "", **cli):
     return field(default=default, metadata=meta)
 
 
+@functools.cache
 def hints(cls) -> dict[str, object]:
+    """A config class's resolved field annotations (resolved once: configs are made anew by
+    ``dataclasses.replace`` for every candidate a guard builds)."""
     return typing.get_type_hints(cls)
 
 

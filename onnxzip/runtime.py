@@ -158,18 +158,7 @@ def _graph_bytes(
     prepacked weights: 1.8x there). Weights that a DequantizeLinear or a fused quantized op
     reads stay initializers, or onnxruntime would not fuse them into its int8 kernels."""
     graph = model.graph
-    swapped: dict[str, ir.TensorProtocol] = {}
-    for name, value in graph.initializers.items():
-        tensor = value.const_value
-        if (
-            tensor is None
-            or tensor.nbytes < HANDED_OVER_BYTES
-            or tensor.dtype not in _HANDED_OVER_TYPES
-            or not value.uses()  # onnxruntime drops an unused initializer before the handover
-            or value.is_graph_input()
-        ):
-            continue
-        swapped[name] = tensor
+    swapped = _handed(model)
     inputs = {n: graph.initializers[n] for n in _fed(model, swapped)} if fed is not None else {}
     for name, tensor in swapped.items():
         if name not in inputs:
@@ -215,17 +204,22 @@ def _fed(model: ir.Model, handed: dict[str, ir.TensorProtocol]) -> list[str]:
     return names if sum(handed[n].nbytes for n in names) >= LARGE_WEIGHTS_BYTES else []
 
 
-def feeds_weights(model: ir.Model) -> bool:
-    """Whether a ``Runner`` of this model feeds its weights as inputs (see ``_graph_bytes``)."""
-    handed = {
+def _handed(model: ir.Model) -> dict[str, ir.TensorProtocol]:
+    """The main-graph initializers a session gets other than inside the serialised model."""
+    return {
         name: value.const_value
         for name, value in model.graph.initializers.items()
         if value.const_value is not None
         and value.const_value.nbytes >= HANDED_OVER_BYTES
-        and value.uses()
+        and value.const_value.dtype in _HANDED_OVER_TYPES
+        and value.uses()  # onnxruntime drops an unused initializer before the handover
         and not value.is_graph_input()
     }
-    return bool(_fed(model, handed))
+
+
+def feeds_weights(model: ir.Model) -> bool:
+    """Whether a ``Runner`` of this model feeds its weights as inputs (see ``_graph_bytes``)."""
+    return bool(_fed(model, _handed(model)))
 
 
 # Float weights of this many bytes in all, read by no quantization op, are fed as inputs (see

@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip.engine import cluster
+from onnxzip.ir import ops
 from onnxzip.passes import add_initializer, claim, naming
 from onnxzip.quantize import calibrate as cal
 from onnxzip.runtime import Runner
@@ -223,7 +224,7 @@ class Collector:
             """``op`` over ``axes`` (all when None), axes as an input where the opset says so."""
             inputs, attributes = [value], {"keepdims": 0}
             if axes is not None:
-                if opset >= (13 if op == "ReduceSum" else 18):
+                if ops.axes_as_input(op, opset):
                     inputs.append(add_initializer(graph, f"{name}_axes", np.array(axes, np.int64)))
                 else:
                     attributes["axes"] = list(axes)

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip.errors import InputError, ModelError
+from onnxzip.ir import ops
 from onnxzip.ir.ops import attr
 from onnxzip.passes import add_initializer, bulk_edit, const_array, replace_node
 
@@ -430,10 +431,9 @@ class _Spell:
     def reduce(self, op_type: str, x: ir.Value, axes, keepdims: int) -> ir.Value:
         """A Reduce op in the form of this opset (axes as an input from 18; ReduceSum's from
         13); ``axes`` None reduces every axis."""
-        since = 13 if op_type == "ReduceSum" else 18
         if axes is None:
             return self.op(op_type, x, keepdims=keepdims)
-        if self.opset >= since:
+        if ops.axes_as_input(op_type, self.opset):
             return self.op(op_type, x, self.c(list(axes), np.int64), keepdims=keepdims)
         return self.op(op_type, x, axes=list(axes), keepdims=keepdims)
 

@@ -10,7 +10,6 @@ from onnxzip.cli import quantize as quantize_cli
 from onnxzip.cli.options import (
     add_config_options,
     batch_axes,
-    batch_axis_option,
     cluster_option,
     common,
     config_kwargs,
@@ -18,10 +17,9 @@ from onnxzip.cli.options import (
     engine_options,
     fit_memory,
     floor_option,
-    memory_option,
     metric_of,
     output_options,
-    state_option,
+    run_options,
     stateful,
     write_result,
 )
@@ -38,8 +36,12 @@ from onnxzip.recover import RecoverConfig
 logger = logging.getLogger("onnxzip")
 
 # --quantize: the quantizer's mode, or none
-QUANTIZE_MODES = {"int8": Mode.STATIC, "dynamic": Mode.DYNAMIC, "weight-only": Mode.WEIGHT_ONLY}
-QUANTIZE_MODES["none"] = None
+QUANTIZE_MODES = {
+    "int8": Mode.STATIC,
+    "dynamic": Mode.DYNAMIC,
+    "weight-only": Mode.WEIGHT_ONLY,
+    "none": None,
+}
 # the stage configs' fields that are options of this command (the quantizer's as in quantize,
 # but for its mode, set by --quantize, and its guard target, the job's budget)
 PRUNING = ["criterion", "scope", "max_group_ratio", "round_to"]
@@ -61,12 +63,7 @@ def register(sub) -> None:
         metavar="D",
         help=".npz keyed by input name (optional 'labels'), or a folder of them",
     )
-    p.add_argument(
-        "--batch-size", type=int, default=32, metavar="B", help="samples per run (default 32)"
-    )
-    memory_option(p)
-    batch_axis_option(p)
-    state_option(p)
+    run_options(p)
     add_config_options(p, p, CompressConfig, ["holdout"])
     stages = p.add_argument_group("pruning")
     amount = stages.add_mutually_exclusive_group()

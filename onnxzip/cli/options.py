@@ -84,12 +84,7 @@ def data_options(parser: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--synthetic", type=int, metavar="N", help="use N random samples (reported as synthetic)"
     )
-    group.add_argument(
-        "--batch-size", type=int, default=32, metavar="B", help="samples per run (default 32)"
-    )
-    memory_option(group)
-    batch_axis_option(group)
-    state_option(group)
+    run_options(group)
     group.add_argument("--seed", type=int, default=0, help="seed for --synthetic (default 0)")
     group.add_argument(
         "--holdout",
@@ -99,6 +94,17 @@ def data_options(parser: argparse.ArgumentParser) -> None:
         "calibration and verifies on it (default there 0.2; 0 calibrates on everything)",
     )
     remember_flags(parser, {"holdout": "--holdout", "batch_size": "--batch-size"})
+
+
+def run_options(group) -> None:
+    """How the samples are run, for every command that runs them: batch size, memory budget,
+    batch axes and streaming states."""
+    group.add_argument(
+        "--batch-size", type=int, default=32, metavar="B", help="samples per run (default 32)"
+    )
+    memory_option(group)
+    batch_axis_option(group)
+    state_option(group)
 
 
 def batch_axis_option(group) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 from onnxzip.cli.options import (
     add_config_options,
     batch_axes,
-    batch_axis_option,
     cluster_option,
     common,
     config_kwargs,
@@ -18,10 +17,9 @@ from onnxzip.cli.options import (
     fit_memory,
     floor_option,
     fraction,
-    memory_option,
     metric_of,
     output_options,
-    state_option,
+    run_options,
     stateful,
     write_result,
 )
@@ -55,12 +53,7 @@ def register(sub) -> None:
         help="samples: dead channels go for free, biases absorb what is removed, parity reported",
     )
     p.add_argument("--synthetic", type=int, metavar="N", help="verify on N random samples instead")
-    p.add_argument(
-        "--batch-size", type=int, default=32, metavar="B", help="samples per run (default 32)"
-    )
-    memory_option(p)
-    batch_axis_option(p)
-    state_option(p)
+    run_options(p)
     p.add_argument("--seed", type=int, default=0, help="seed for --synthetic (default 0)")
     add_config_options(p, p, PruneConfig, ["reconstruct"])
     r = p.add_argument_group("recovery (distillation from the original, no labels needed)")

@@ -52,6 +52,12 @@ def attr(node: ir.Node, name: str, default):
     return default if found is None else found.value
 
 
+def axes_as_input(op_type: str, opset: int) -> bool:
+    """Whether a Reduce op takes its axes as a second input at this default-domain opset
+    (ReduceSum from 13, the other reductions from 18) rather than as an attribute."""
+    return opset >= (13 if op_type == "ReduceSum" else 18)
+
+
 def tensor_nbytes(tensor) -> int:
     """Bytes of an IR tensor's data; strings (whose size onnx_ir does not define) count 0."""
     try:
