@@ -1147,7 +1147,9 @@ def reinfer_shapes(model: ir.Model, name: str = "model") -> ir.Model:
     """A copy of ``model`` with every intermediate shape inferred anew, strictly.
 
     For rewritten graphs: stale shapes are dropped first, and any inconsistency the rewrite
-    introduced is an error rather than a model that fails later.
+    introduced is an error rather than a model that fails later. The copy shares the main
+    graph's tensors with ``model``: large weights are never serialised for inference (they were
+    a second copy of every weight while it ran, and most of its time).
 
     Raises:
         ModelError: shape inference fails.
@@ -1161,7 +1163,23 @@ def reinfer_shapes(model: ir.Model, name: str = "model") -> ir.Model:
         for value in node.outputs:
             if not value.is_graph_output():
                 value.shape = None
-    proto = ir.to_proto(model)
+    # In-memory weights reach the message as external-data stubs: their dims, not their data
+    held = {
+        value.name: value.const_value
+        for value in model.graph.initializers.values()
+        if value.const_value is not None
+        and not isinstance(value.const_value, ir.ExternalTensor)
+        and value.const_value.size > _SMALL_TENSOR
+    }
+    for key, tensor in held.items():
+        model.graph.initializers[key].const_value = ir.ExternalTensor(
+            _SHAPE_ONLY, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=key
+        )
+    try:
+        proto = ir.to_proto(model)
+    finally:
+        for key, tensor in held.items():
+            model.graph.initializers[key].const_value = tensor
     del proto.graph.value_info[:]
     try:
         _infer_shapes_in_place(proto, strict=True, base_dir=_external_base_dir(model))
@@ -1170,9 +1188,14 @@ def reinfer_shapes(model: ir.Model, name: str = "model") -> ir.Model:
             f"{name}: shape inference failed after rewriting: {_one_line(exc)}"
         ) from exc
     result = ir.serde.deserialize_model(proto)
+    for key, tensor in held.items():
+        result.graph.initializers[key].const_value = tensor
     for base_dir in base_dirs:
         ir.external_data.set_base_dir(result.graph, base_dir)
     return result
+
+
+_SHAPE_ONLY = "onnxzip-shape-only"  # the external-data location of a stub for shape inference
 
 
 ENGINE_MAX_OPSET = 21  # onnxruntime-training 1.19.2, the training engine

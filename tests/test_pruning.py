@@ -815,3 +815,44 @@ def test_the_rewrite_reads_ranks_from_any_shape_it_has():
     want = Runner(masked, optimization="none").run(Batch({"x": x}))["y"]
     got = Runner(pruned, optimization="none").run(Batch({"x": x}))["y"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rewrites_of_clones_share_their_cut_weights_and_inference_copies_none(resnet_path):
+    """The compensation decision rewrites two clones of one model that differ in their biases
+    only: each cut weight is held once, and re-inferring shapes does not copy a weight."""
+    from onnxzip.pruning import prepared_groups, rewrite
+
+    work, groups = prepared_groups(io.load_model(resnet_path))
+    plain, fresh = work.clone(), work.clone()
+    removal = {g.id: np.array([0, 1]) for g in groups if not g.blocked and g.size > 4}
+    assert removal
+    slices: dict = {}
+    first = rewrite.apply(work, groups, removal, slices=slices)
+    second = rewrite.apply(plain, find_groups(plain), removal, slices=slices)
+    alone = rewrite.apply(fresh, find_groups(fresh), removal)
+    large = [
+        name
+        for name, v in first.graph.initializers.items()
+        if v.const_value is not None and v.const_value.size > 1024
+    ]
+    assert large
+    held = [a for _, a in slices.values()]
+    for name in large:
+        a = first.graph.initializers[name].const_value.numpy()
+        b = second.graph.initializers[name].const_value.numpy()
+        c = alone.graph.initializers[name].const_value.numpy()
+        np.testing.assert_array_equal(a, c)
+        if any(np.shares_memory(a, h) for h in held):  # a cut weight: one array for both
+            assert np.shares_memory(a, b)
+    assert (
+        sum(
+            any(np.shares_memory(first.graph.initializers[n].const_value.numpy(), h) for h in held)
+            for n in large
+        )
+        >= 2
+    )
+    x = np.random.default_rng(0).normal(size=(3, 1, 8, 8)).astype(np.float32)
+    outs = [Runner(m).run(Batch({"input": x})) for m in (first, second, alone)]
+    for out in outs[1:]:
+        for name, value in outs[0].items():
+            np.testing.assert_array_equal(out[name], value)

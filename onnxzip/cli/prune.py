@@ -79,9 +79,10 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from onnxzip import io
+    from onnxzip import io, runtime
     from onnxzip.data import input_specs, open_samples
     from onnxzip.pruning import prune
+    from onnxzip.verify import REFERENCE_BYTES, ReferenceOutputs
 
     if args.data is not None and args.synthetic is not None:
         raise InputError("give either --data or --synthetic, not both")
@@ -103,7 +104,22 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.reconstruct and samples is None:
         raise InputError("--reconstruct needs --data (or --synthetic) to fit on")
-    pruned, report = prune(model, config, samples=samples, source=str(args.model))
+    reference_outputs = None
+    if (
+        samples is not None
+        and not args.steps
+        and not getattr(samples, "pairs", None)  # a stream: each model on its own state
+        and runtime.feeds_weights(model)
+    ):
+        # A large model: its outputs now, while it is the only model in memory (the pruning
+        # decision and the final verification both compare against them)
+        reference_outputs = ReferenceOutputs(
+            model, samples, args.batch_size, name=str(args.model), max_bytes=REFERENCE_BYTES
+        )
+        io.drop_resident_pages(model)
+    pruned, report = prune(
+        model, config, samples=samples, source=str(args.model), reference_outputs=reference_outputs
+    )
     text = report.format()
     split, holdout = "all", 0.0
     if args.steps and samples is None:
@@ -142,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
             candidate_name=str(args.output),
             floors=not args.no_floors,
             metric=metric,
+            reference_outputs=reference_outputs,
         )
         text += "\n\n" + report.parity.format()
 

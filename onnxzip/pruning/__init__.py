@@ -37,7 +37,7 @@ from onnxzip.pruning.groups import Group, GroupBuilder, identity
 from onnxzip.pruning.rules import rule_for
 from onnxzip.report import table
 from onnxzip.runtime import Runner, channel_moments
-from onnxzip.verify import OutputAccumulator, snr_db
+from onnxzip.verify import REFERENCE_BYTES, OutputAccumulator, ReferenceOutputs, snr_db
 
 logger = logging.getLogger(__name__)
 
@@ -315,12 +315,19 @@ def dead_channels(group: Group, stats: dict) -> np.ndarray:
 
 @cluster.accepts_engine
 def prune(
-    model, config: PruneConfig, *, samples: Samples | None = None, source: str | None = None
+    model,
+    config: PruneConfig,
+    *,
+    samples: Samples | None = None,
+    source: str | None = None,
+    reference_outputs: ReferenceOutputs | None = None,
 ) -> tuple[ir.Model, PruneReport]:
     """Prunes ``model`` (path, ModelProto or onnx_ir.Model); the input is not modified.
 
     With ``samples``, channels that are constant on them (dead) are removed on top of the
     selection, and every consumer's bias absorbs the mean contribution of what was removed.
+    ``reference_outputs``: the model's outputs on every sample (split "all", optimisation
+    "all", ``config.batch_size``), when the caller has them (``verify`` can use the same).
 
     Raises:
         InputError: bad options or model.
@@ -434,20 +441,37 @@ def prune(
         timings["statistics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    if plain is not None and (
+        reference_outputs is None
+        or not reference_outputs.serves(samples, config.batch_size, "all", 0.0, "all")
+    ):
+        # The original's outputs for the compensation decision, before any sliced copy of the
+        # weights exists: the original's weights and the pruned ones are never resident at once
+        reference_outputs = ReferenceOutputs(
+            original,
+            samples,
+            config.batch_size,
+            name="original",
+            # held only while it costs less than the weights' second copy it saves
+            max_bytes=min(REFERENCE_BYTES, max(io.weights_nbytes(original), 16 << 20)),
+        )
+        io.drop_resident_pages(original)
     refit = config.reconstruct and samples is not None
     reference = work.clone() if refit else None  # the rewrite below slices work's tensors
     kept = weight_kept(work, groups, removal) if refit else None
     compensated = dead_only if config.compensation == "off" else None  # None: every removed one
-    pruned = rewrite.apply(work, groups, removal, means, compensated)
-    io.drop_resident_pages(work)  # the slices are copies: the full weights' pages may go
+    slices: dict = {}  # the cut weights, shared by the two candidates of the decision
+    pruned = rewrite.apply(work, groups, removal, means, compensated, slices)
     compensation_note = None
     if plain is not None:
         # Mean compensation is first-order: on some models (a transformer whose activations
         # have rare, huge outliers) the shifted biases hurt more than they help downstream.
-        alternative = rewrite.apply(plain, find_groups(plain), removal, means, dead_only)
-        io.drop_resident_pages(plain)
-        with_db, without_db = _output_snr(original, [pruned, alternative], samples, config)
-        io.drop_resident_pages(original)  # the reference's weights, read by that check
+        # The alternative differs in its biases only: it shares every cut weight with ``pruned``.
+        alternative = rewrite.apply(plain, find_groups(plain), removal, means, dead_only, slices)
+        plain = None
+        with_db, without_db = _output_snr(
+            original, [pruned, alternative], samples, config, reference_outputs
+        )
         if without_db > with_db:
             pruned = alternative
         del alternative  # the one not taken goes now, not when prune returns
@@ -457,6 +481,7 @@ def prune(
         )
     elif means is not None and config.compensation == "on":
         compensation_note = "applied"
+    del slices
     timings["rewrite"] = time.perf_counter() - t0
     fits = None
     if refit:
@@ -559,14 +584,35 @@ def reconstruction_summary(fits: list) -> str:
 
 
 def _output_snr(
-    original: ir.Model, candidates: list[ir.Model], samples: Samples, config: PruneConfig
+    original: ir.Model,
+    candidates: list[ir.Model],
+    samples: Samples,
+    config: PruneConfig,
+    reference: ReferenceOutputs,
 ) -> list[float]:
-    """Output SNR (dB, float outputs pooled) of each candidate against the original on samples."""
-    reference = Runner(original, name="original", optimization="basic")
-    runners = [Runner(c, name="candidate", optimization="basic") for c in candidates]
+    """Output SNR (dB, float outputs pooled) of each candidate against the original on samples.
+
+    With every reference output at hand, the candidates run one after the other (one session
+    at a time); otherwise all three models run batch by batch."""
+    if reference.complete:
+        scores = []
+        for candidate in candidates:
+            runner = Runner(candidate, name="candidate")
+            acc = OutputAccumulator(classifier=False)
+            for batch, want in zip(reference.batches, reference.outputs, strict=True):
+                got = runner.run(batch)
+                for name, w in want.items():
+                    if w.dtype.kind == "f":
+                        acc.add(w, got[name], None, batch.count)
+            del runner
+            io.drop_resident_pages(candidate)  # its uncut weights, still memory-mapped
+            scores.append(snr_db(acc.sum_ref2, acc.sum_diff2))
+        return scores
+    original_runner = Runner(original, name="original")
+    runners = [Runner(c, name="candidate") for c in candidates]
     pooled = [OutputAccumulator(classifier=False) for _ in candidates]
     for batch in samples.batches(config.batch_size):
-        want = {name: w for name, w in reference.run(batch).items() if w.dtype.kind == "f"}
+        want = {n: w for n, w in original_runner.run(batch).items() if w.dtype.kind == "f"}
         for acc, runner in zip(pooled, runners, strict=True):
             got = runner.run(batch)
             for name, w in want.items():

@@ -57,12 +57,18 @@ def apply(
     removal: dict[int, np.ndarray],
     means: dict[tuple[str, int], np.ndarray] | None = None,
     compensated: dict[int, np.ndarray] | None = None,
+    slices: dict | None = None,
 ) -> ir.Model:
     """Removes ``removal[group.id]`` channels from each group; returns the re-inferred model.
 
     With ``means`` (the mean of each consumed channel position over sample data), each consumer
     adds what the removed channels contributed on average to its bias (see ``compensate``): for
     the channels in ``compensated`` when given (e.g. only the dead ones), else for all removed.
+
+    ``slices`` (a dict kept by the caller) shares the cut arrays between rewrites of clones of
+    one model: a tensor cut the same way again is the array cut before, not a second copy of
+    it (two rewrites that differ only in their biases hold the weights once). Each full tensor's
+    memory-mapped pages are let go once it is cut.
     """
     graph = model.graph
     nodes = {node_key(n): n for n in graph}
@@ -93,26 +99,35 @@ def apply(
             w = dequantized_array(node.inputs[1])
             depthwise[name] = w.shape[0] // node.attributes["group"].as_int()
 
+    slices = {} if slices is None else slices
     for name, per_node in cuts.items():
         value = values[name]
-        array = const_array(value)
+        full = value.const_value
         specs = {
             n: tuple(sorted((a, tuple(sorted(p))) for a, p in axes.items()))
             for n, axes in per_node.items()
         }
+
+        def cut(spec, axes, value=value, full=full):
+            key = (id(full), spec)
+            if key not in slices:  # the tensor is held with its slice, so its id stays its own
+                slices[key] = (full, _cut(const_array(value), axes))
+            return slices[key][1]
+
         readers = {node_key(u.node) for u in value.uses()}
         if len(set(specs.values())) == 1 and readers <= set(specs):
-            sliced = _cut(array, per_node[next(iter(per_node))])
+            owner = next(iter(per_node))
+            sliced = cut(specs[owner], per_node[owner])
             value.const_value = ir.tensor(sliced, name=value.name)
             value.shape = ir.Shape(sliced.shape)
-            continue
-        for owner, axes in per_node.items():
-            node = nodes[owner]
-            sliced = _cut(array, axes)
-            copy = add_initializer(graph, f"{name}_{owner}", sliced)
-            for i, inp in enumerate(node.inputs):
-                if inp is value:
-                    node.replace_input_with(i, copy)
+        else:
+            for owner, axes in per_node.items():
+                node = nodes[owner]
+                copy = add_initializer(graph, f"{name}_{owner}", cut(specs[owner], axes))
+                for i, inp in enumerate(node.inputs):
+                    if inp is value:
+                        node.replace_input_with(i, copy)
+        io.drop_pages(full)  # cut: the full tensor's pages may go
 
     for name, multiplier in depthwise.items():
         node = nodes[name]
