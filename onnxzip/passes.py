@@ -66,6 +66,10 @@ def dequantized_array(value: ir.Value | None) -> np.ndarray | None:
         shape = [1] * q.ndim
         shape[axis] = scale.size
         scale, zero = scale.reshape(shape), zero.reshape(shape)
+    if q.dtype.itemsize <= 2 and q.dtype.kind in "iu" and scale.dtype == np.float32:
+        # 8- and 16-bit codes: q - zero is exact in float32 and the product of it and a float32
+        # scale rounds once either way, so float32 gives the float64 path's bits, 2x faster
+        return (q.astype(np.float32) - zero.astype(np.float32)) * scale
     return ((q.astype(np.int64) - zero) * scale.astype(np.float64)).astype(np.float32)
 
 

@@ -114,6 +114,7 @@ class _Builder:
         self.importance: dict[str, np.ndarray] | None = None
         self.weight_format: str | None = None
         self.block_codes: dict = {}  # weight-only: each weight's codes, kept across rebuilds
+        self.weight_codes: dict = {}  # static int8: each weight's codes, kept across rebuilds
         # nodes inside If/Loop/Scan bodies whose weights were quantized (weight-only int8)
         self.subgraph_nodes: list[str] = []
 
@@ -228,7 +229,12 @@ class _Builder:
                 raise InternalError(f"shared tensor '{tensor}' has no calibrated source")
             act_params[tensor] = act_params[root]
         inserted = insert_qdq(
-            model, plan, act_params, config.activation_type, config.reduce_range == "on"
+            model,
+            plan,
+            act_params,
+            config.activation_type,
+            config.reduce_range == "on",
+            weight_codes=self.weight_codes,
         )
         if config.preset == "transformer":
             self._embedding_tables(model, plan, config, keep_float)

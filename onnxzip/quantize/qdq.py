@@ -61,10 +61,13 @@ def insert_qdq(
     activation_params: dict[str, qp.QParams],
     activation_type: str = "uint8",
     pair_safe: bool = False,
+    weight_codes: dict | None = None,
 ) -> InsertResult:
     """Edits ``model`` in place. ``activation_params`` maps every planned tensor to its params;
     ``pair_safe`` picks the weight scales of ``params.weight_params(pair_safe=True)`` for every
-    weight the rules did not mark as full-range (a depthwise Conv's)."""
+    weight the rules did not mark as full-range (a depthwise Conv's). ``weight_codes`` (a dict
+    the caller keeps across builds of one prepared model) holds each weight's int8 codes: a
+    rebuild that gives a weight the same scales takes its codes from there."""
     graph = model.graph
     names = _Names(graph)
     nodes = {node_key(n): n for n in graph}
@@ -149,7 +152,7 @@ def insert_qdq(
             if x_params is not None and len(w_value.uses()) == 1:
                 p, n = qp.fit_bias(p, x_params.scale, const_array(node.inputs[bias[0]]))
                 raised += n
-            codes = qp.quantize(w, p, symmetric_weight=True)
+            codes = _weight_codes(weight_codes, w_value, w, axis, p)
             q_init = _scalar_init(graph, names, f"{w_value.name}_quantized", codes)
             s_init = _scalar_init(graph, names, f"{w_value.name}_scale", p.scale)
             z_init = _scalar_init(graph, names, f"{w_value.name}_zero_point", p.zero_point)
@@ -238,6 +241,24 @@ def insert_qdq(
 
     remove_unused_initializers(model)
     return InsertResult(pairs, len(shared_dq), biases, saturated)
+
+
+def _weight_codes(
+    cache: dict | None, value: ir.Value, w: np.ndarray, axis: int | None, p: qp.QParams
+) -> np.ndarray:
+    """``w``'s symmetric int8 codes under ``p``, from ``cache`` when the same tensor was
+    quantized with the same scales before (a hit must be the very tensor object, so a cache
+    that travelled to another process never serves a different tensor of the same name)."""
+    if cache is None:
+        return qp.quantize(w, p, symmetric_weight=True)
+    zero = np.asarray(p.zero_point)
+    key = (value.name, axis, p.axis, np.asarray(p.scale).tobytes(), zero.tobytes(), zero.dtype.str)
+    hit = cache.get(key)
+    if hit is not None and hit[0] is value.const_value:
+        return hit[1]
+    codes = qp.quantize(w, p, symmetric_weight=True)
+    cache[key] = (value.const_value, codes)
+    return codes
 
 
 def _ensure_before(graph: ir.Graph, producer: ir.Node | None, consumer: ir.Node) -> None:
