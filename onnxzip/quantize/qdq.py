@@ -66,8 +66,9 @@ def insert_qdq(
     """Edits ``model`` in place. ``activation_params`` maps every planned tensor to its params;
     ``pair_safe`` picks the weight scales of ``params.weight_params(pair_safe=True)`` for every
     weight the rules did not mark as full-range (a depthwise Conv's). ``weight_codes`` (a dict
-    the caller keeps across builds of one prepared model) holds each weight's int8 codes: a
-    rebuild that gives a weight the same scales takes its codes from there."""
+    the caller keeps across builds of one prepared model) holds each weight's parameters and
+    int8 codes: a rebuild takes a weight's parameters, and its codes under the same scales,
+    from there."""
     graph = model.graph
     names = _Names(graph)
     nodes = {node_key(n): n for n in graph}
@@ -146,7 +147,7 @@ def insert_qdq(
         cache = (w_value.name, axis, safe)
         if cache not in shared_dq:
             w = const_array(w_value)
-            p = qp.weight_params(w, axis, pair_safe=safe)
+            p = _weight_params(weight_codes, w_value, w, axis, safe)
             bias = bias_of.get((key, index))
             x_params = activation_params.get(plan.resolve(bias[1])) if bias else None
             if x_params is not None and len(w_value.uses()) == 1:
@@ -241,6 +242,22 @@ def insert_qdq(
 
     remove_unused_initializers(model)
     return InsertResult(pairs, len(shared_dq), biases, saturated)
+
+
+def _weight_params(
+    cache: dict | None, value: ir.Value, w: np.ndarray, axis: int | None, safe: bool
+) -> qp.QParams:
+    """``params.weight_params`` of ``w``, from ``cache`` when the very tensor object was given
+    parameters on the same axis before (they depend on the weight alone)."""
+    if cache is None:
+        return qp.weight_params(w, axis, pair_safe=safe)
+    key = ("params", value.name, axis, safe)
+    hit = cache.get(key)
+    if hit is not None and hit[0] is value.const_value:
+        return hit[1]
+    p = qp.weight_params(w, axis, pair_safe=safe)
+    cache[key] = (value.const_value, p)
+    return p
 
 
 def _weight_codes(
