@@ -856,3 +856,28 @@ def test_rewrites_of_clones_share_their_cut_weights_and_inference_copies_none(re
     for out in outs[1:]:
         for name, value in outs[0].items():
             np.testing.assert_array_equal(out[name], value)
+
+
+def test_nothing_prunable_skips_the_statistics_sweep_and_the_compensation_decision(monkeypatch):
+    """Every group blocked: no channel can go, so prune neither sweeps the samples for channel
+    statistics nor runs the two candidates of the compensation decision; the model's bytes are
+    the input's."""
+    import onnxzip.pruning as pruning_mod
+
+    model = build(
+        "g (float[N,3,8,8] x) => (float[N,4,8,8] y, int64[4] s) { a = Conv (x, w1)\n"
+        " s = Shape (a)\n y = Conv (a, w2) }",
+        {"w1": (4, 3, 1, 1), "w2": (4, 4, 1, 1)},
+    )
+    assert all(g.blocked for g in find_groups(model))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a sweep ran for a model with nothing to prune")
+
+    monkeypatch.setattr(pruning_mod, "channel_statistics", refuse)
+    monkeypatch.setattr(pruning_mod, "_output_snr", refuse)
+    samples = SyntheticSamples(input_specs(model), 8)
+    pruned, report = prune(model, PruneConfig(ratio=0.3), samples=samples)
+    assert report.compensation is None
+    assert "statistics" not in report.seconds
+    assert io.model_bytes(pruned) == io.model_bytes(model)

@@ -109,3 +109,33 @@ def test_degenerate_and_non_finite_values():
     s = stats_of(np.array([1.0, np.nan, np.inf, 2.0], np.float32))
     assert s.nonfinite == 2 and s.range("minmax") == (1.0, 2.0)
     assert TensorStats().range("minmax") == (0.0, 0.0)
+
+
+def test_calibration_runs_are_sized_from_a_real_sample_when_the_model_has_symbolic_dims(tmp_path):
+    """A text recogniser's input is [N, 3, H, W] with H and W symbolic: the run size comes from
+    the samples' 3 x 48 x 320 images, not from the one fixed dimension (3 elements a sample,
+    which would give whole batches of 32 images: 2.1x the calibration time on PP-OCRv4's
+    recogniser)."""
+    import onnx.parser
+
+    from onnxzip import io
+    from onnxzip.data import input_specs, open_samples
+    from onnxzip.quantize.config import QuantizeConfig
+    from onnxzip.quantize.plan import (
+        HISTOGRAM_RUN_ELEMENTS,
+        MINMAX_RUN_ELEMENTS,
+        _calibration_run,
+    )
+
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "g (float[N,3,H,W] x) => (float[N,3,H,W] y) { y = Relu (x) }"
+    )
+    specs = input_specs(io.load_model(proto))
+    path = tmp_path / "lines.npz"
+    np.savez(path, x=np.zeros((40, 3, 48, 320), np.float32))
+    samples = open_samples(specs, path)
+    config = QuantizeConfig()
+    per_sample = 3 * 48 * 320
+    assert _calibration_run(config, samples, False) == MINMAX_RUN_ELEMENTS // per_sample == 13
+    assert _calibration_run(config, samples, True) == HISTOGRAM_RUN_ELEMENTS // per_sample == 3

@@ -422,7 +422,7 @@ def prune(
     means = None
     dead_count = {}
     dead_only: dict[int, np.ndarray] = {}  # removed channels that are dead: compensated exactly
-    if samples is not None:
+    if samples is not None and scores:  # no group scored: no channel can go, dead or not
         t0 = time.perf_counter()
         stats = channel_statistics(work, groups, samples, config.batch_size)
         io.drop_resident_pages(work)  # that sweep's session read every weight
@@ -441,6 +441,8 @@ def prune(
         timings["statistics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    if not any(len(v) for v in removal.values()):
+        plain = None  # nothing removed: nothing to compensate, no decision to make
     if plain is not None and (
         reference_outputs is None
         or not reference_outputs.serves(samples, config.batch_size, "all", 0.0, "all")

@@ -47,10 +47,16 @@ MINMAX_RUN_ELEMENTS = 600_000
 
 
 def _calibration_run(config: QuantizeConfig, samples: Samples, histogram: bool) -> int:
-    per_sample = max(
-        1,
-        sum(math.prod(d for d in s.shape[1:] if isinstance(d, int)) for s in samples.specs),
-    )
+    fixed = all(isinstance(d, int) for s in samples.specs for d in s.shape[1:])
+    if fixed or getattr(samples, "pairs", None):  # a stream's samples come from running it
+        per_sample = sum(
+            math.prod(d for d in s.shape[1:] if isinstance(d, int)) for s in samples.specs
+        )
+    else:  # symbolic image sizes or sequence lengths: one real sample's size
+        from onnxzip.analysis import sample_shapes
+
+        per_sample = sum(math.prod(dims) for dims in sample_shapes(samples).values())
+    per_sample = max(1, per_sample)
     budget = HISTOGRAM_RUN_ELEMENTS if histogram else MINMAX_RUN_ELEMENTS
     return max(1, min(config.batch_size, budget // per_sample))
 
