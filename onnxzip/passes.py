@@ -424,6 +424,85 @@ def fold_batchnorm(model: ir.Model) -> list[str]:
     return folded
 
 
+def fold_conv_affine(model: ir.Model) -> list[str]:
+    """Folds a ``Mul``, ``Div``, ``Add`` or ``Sub`` by a constant that is one value or one value
+    per output channel (``[C, 1, ..]``, ``[1, C, 1, ..]``) into the preceding Conv's weight and
+    bias, as onnxruntime's ConvMulFusion / ConvAddFusion do on the float model: a scale or shift
+    after a convolution (a bias tf2onnx writes as its own ``Add``, PP-LCNetV3's learnable
+    scalar affine) is then no int8 op of its own with a rounding of its own. Returns the folded
+    nodes' names."""
+    graph = model.graph
+    folded = []
+    for node in list(graph):
+        if node.op_type not in ("Mul", "Div", "Add", "Sub") or node.domain not in ("", "ai.onnx"):
+            continue
+        if len(node.inputs) != 2 or any(v is None for v in node.inputs):
+            continue
+        index = next((i for i, v in enumerate(node.inputs) if const_array(v) is None), None)
+        if index is None or const_array(node.inputs[1 - index]) is None:
+            continue
+        if index != 0 and node.op_type in ("Div", "Sub"):
+            continue  # c / conv, c - conv: not affine in the conv's output
+        conv_out = node.inputs[index]
+        conv = conv_out.producer()
+        if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx"):
+            continue
+        if _only_use(conv_out) is not node or len(conv.outputs) != 1:
+            continue
+        w = const_array(conv.inputs[1])
+        has_bias = len(conv.inputs) > 2 and conv.inputs[2] is not None
+        b = const_array(conv.inputs[2]) if has_bias else None
+        if w is None or (has_bias and b is None) or w.dtype != np.float32:
+            continue
+        c = const_array(node.inputs[1 - index])
+        out = node.outputs[0]
+        cout = w.shape[0]
+        if (
+            c.dtype != w.dtype
+            or c.ndim > w.ndim
+            or (
+                out.shape is not None and conv_out.shape is not None and out.shape != conv_out.shape
+            )
+        ):
+            continue  # the constant broadcasts the output to another shape
+        if c.size == 1:
+            per = np.full(cout, float(c.reshape(())), np.float64)
+        else:
+            dims = list(c.shape)
+            while dims and dims[0] == 1 and len(dims) >= w.ndim:
+                dims.pop(0)  # a leading batch axis of 1
+            if len(dims) != w.ndim - 1 or dims[0] != cout or any(d != 1 for d in dims[1:]):
+                continue
+            per = c.reshape(cout).astype(np.float64)
+        w64 = w.astype(np.float64)
+        b64 = np.zeros(cout) if b is None else b.astype(np.float64)
+        if node.op_type == "Mul":
+            w64, b64 = w64 * per.reshape(-1, *([1] * (w.ndim - 1))), b64 * per
+        elif node.op_type == "Div":
+            if not np.all(per != 0):
+                continue
+            w64, b64 = w64 / per.reshape(-1, *([1] * (w.ndim - 1))), b64 / per
+        else:
+            b64 = b64 + per if node.op_type == "Add" else b64 - per
+        base = conv.name or conv_out.name or "conv"
+        if node.op_type in ("Mul", "Div"):
+            conv.replace_input_with(
+                1, add_initializer(graph, f"{base}.weight_scaled", w64.astype(w.dtype))
+            )
+        b_value = add_initializer(graph, f"{base}.bias_folded", b64.astype(w.dtype))
+        if not has_bias:
+            conv.resize_inputs(3)
+        conv.replace_input_with(2, b_value)
+        name = out.name
+        out.replace_all_uses_with(conv_out, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        conv_out.name = name  # the folded tensor keeps the op's output name, as BN folding does
+        folded.append(node.name or name)
+    if folded:
+        remove_unused_initializers(model)
+    return folded
+
+
 def _only_use(value: ir.Value) -> ir.Node | None:
     uses = value.uses()
     if len(uses) != 1 or value.is_graph_output():
@@ -614,6 +693,13 @@ class FoldBatchNorm(_Step):
         return fold_batchnorm(model)
 
 
+class FoldConvAffine(_Step):
+    key = "conv_affine_folded"
+
+    def apply(self, model):
+        return fold_conv_affine(model)
+
+
 class UnfoldTransposes(_Step):
     key = "transposes_unfolded"
 
@@ -656,8 +742,9 @@ class Pipeline:
 PRUNING = Pipeline(
     "pruning", [DropInitializerInputs, FoldConstants, LiftConstants, SumToAdd, UnfoldTransposes]
 )
-# quantization also folds BatchNormalization into the convolutions, as onnxruntime would
-QUANTIZATION = Pipeline("quantization", [*PRUNING.steps, FoldBatchNorm])
+# quantization also folds BatchNormalization, and constant scales and shifts per output channel,
+# into the convolutions, as onnxruntime would
+QUANTIZATION = Pipeline("quantization", [*PRUNING.steps, FoldBatchNorm, FoldConvAffine])
 # the trainable twin: BatchNormalization folded or made an affine map (never batch statistics)
 TRAINING_TWIN = Pipeline("training twin", [LiftConstants, FoldBatchNorm, BatchNormToAffine])
 

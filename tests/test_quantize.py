@@ -1009,3 +1009,79 @@ def test_the_report_counts_layers_kept_float_for_one_shared_reason_instead_of_li
     text = report.format()
     assert f"(+{8 - KEPT_SHOWN} more)" in text
     assert text.count(shared) == KEPT_SHOWN + 1
+
+
+def _conv_affine_model() -> onnx.ModelProto:
+    """Conv -> Mul [1,C,1,1] -> Add [C,1,1] -> Relu -> Conv -> Sub scalar -> Div scalar, beside
+    affine ops that must stay: a Mul along the width, a Conv read twice, a constant minus a
+    Conv."""
+    text = (
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "g (float[N,3,8,8] x) => (float[N,4,8,8] y, float[N,4,8,8] z, float[N,4,8,8] u) {\n"
+        " a = Conv <pads=[1,1,1,1]> (x, w1)\n s = Mul (a, c1)\n t = Add (s, c2)\n r = Relu (t)\n"
+        " b = Conv (r, w2, b2)\n d = Sub (b, c3)\n y = Div (d, c4)\n"
+        " e = Conv (r, w3)\n z = Mul (e, cw)\n"
+        " f = Conv (r, w4)\n g2 = Add (f, c2)\n h = Mul (f, c1)\n u0 = Add (g2, h)\n"
+        " k = Conv (r, w5)\n v = Sub (c3, k)\n u = Add (u0, v)\n}"
+    )
+    rng = np.random.default_rng(0)
+    tensors = {
+        "w1": rng.normal(0, 0.5, (4, 3, 3, 3)),
+        "c1": rng.uniform(0.2, 2.0, (1, 4, 1, 1)),
+        "c2": rng.normal(0, 1.0, (4, 1, 1)),
+        "w2": rng.normal(0, 0.5, (4, 4, 1, 1)),
+        "b2": rng.normal(0, 0.5, (4,)),
+        "c3": np.array(0.3),
+        "c4": np.array(-1.7),
+        "w3": rng.normal(0, 0.5, (4, 4, 1, 1)),
+        "cw": rng.uniform(0.5, 1.5, (8,)),
+        "w4": rng.normal(0, 0.5, (4, 4, 1, 1)),
+        "w5": rng.normal(0, 0.5, (4, 4, 1, 1)),
+    }
+    proto = onnx.parser.parse_model(text)
+    for name, array in tensors.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(np.asarray(array, np.float32), name)
+        )
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def test_constant_scales_and_shifts_per_channel_fold_into_the_preceding_conv():
+    """Per output channel (or scalar) Mul/Add/Sub/Div by a constant after a Conv read only by
+    it go into the Conv's weight and bias, as onnxruntime folds them in the float model: the
+    prepared model computes what the original does (onnxruntime, 1e-5 relative), and the ops
+    that are not such a map stay (a scale along the width, a Conv read twice, c - conv)."""
+    proto = _conv_affine_model()
+    model = io.load_model(proto)
+    done = passes.QUANTIZATION(model)
+    assert len(done["conv_affine_folded"]) == 4
+    ops = Counter(n.op_type for n in model.graph)
+    assert ops["Sub"] == 1 and ops["Div"] == 0  # c3 - k stays
+    assert ops["Mul"] == 2  # the width scale and the Mul of the Conv read twice
+    assert ops["Add"] == 3  # f + c2 (f read twice), u0 + v, and the sum
+    assert {n.op_type for n in model.graph if n.outputs[0].name in ("y", "t")} == {"Conv"}
+    x = np.random.default_rng(1).normal(size=(5, 3, 8, 8)).astype(np.float32)
+    want = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
+    got = ort.InferenceSession(io.model_bytes(model)).run(None, {"x": x})
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(np.abs(a).max()))
+
+
+def test_folded_conv_affine_quantizes_as_one_int8_conv(tmp_path):
+    """After the fold no QLinearMul/QLinearAdd is left for the scale and shift: the int8 model
+    runs the first Conv (its scale and shift inside) as one quantized Conv, and stays close to
+    the float model."""
+    proto = _conv_affine_model()
+    rng = np.random.default_rng(2)
+    samples = SyntheticSamples(input_specs(io.load_model(proto)), 32, seed=3)
+    q, report = quantize(proto, samples, QuantizeConfig(holdout=0.0, bias_correction="off"))
+    qops = Counter(n.op_type for n in q.graph)
+    assert qops["Div"] == 0 and qops["Mul"] == 2  # the width scale and the twice-read Conv's
+    assert qops["QuantizeLinear"] > 0 and report.quantized_ops.get("Conv") == 5
+    x = rng.normal(size=(4, 3, 8, 8)).astype(np.float32)
+    want = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
+    got = ort.InferenceSession(io.model_bytes(q)).run(None, {"x": x})
+    for a, b in zip(want, got, strict=True):
+        cos = float(np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+        assert cos > 0.99
