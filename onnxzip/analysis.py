@@ -83,6 +83,9 @@ class InspectReport:
     int8_weights: tuple[int, int] | None = None
     # the input shapes MACs were counted at (from samples or --input-shape), None: the model's
     macs_shapes: dict[str, list[int]] | None = None
+    # weighted ops inside If/Loop/Scan bodies, which MACs do not count (a branch or an
+    # iteration count is a run-time choice)
+    macs_uncounted: int = 0
 
     def format(self, per_node: bool = False) -> str:
         lines = [
@@ -111,6 +114,11 @@ class InspectReport:
         if self.macs_shapes:
             note += " at input shapes " + ", ".join(
                 f"{k}={'x'.join(map(str, v))}" for k, v in self.macs_shapes.items()
+            )
+        if self.macs_uncounted:
+            note += (
+                f" (main graph only: {self.macs_uncounted} weighted ops inside If/Loop/Scan "
+                "bodies not counted)"
             )
         lines.append(f"MACs        {self.macs:,} per sample{note}")
         if self.int8_weights is not None:
@@ -233,12 +241,20 @@ def _quantization_parameter(value: ir.Value) -> bool:
 
 def _parameters(model: ir.Model) -> tuple[int, int]:
     """The values of the model's float and quantized weights and biases (not its shapes,
-    indices, scales or zero points), and the bytes of every constant."""
+    indices, scales or zero points), and the bytes of every constant: those of the main graph
+    and of If/Loop/Scan bodies (an exporter may keep a model's every weight in the branches of
+    an If, as silero-vad's does)."""
     count = nbytes = 0
+    graphs = {id(model.graph): model.graph}
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    graphs.update((id(n.graph), n.graph) for n in nodes)
     tensors = [
-        (v, v.const_value) for v in model.graph.initializers.values() if v.const_value is not None
+        (v, v.const_value)
+        for graph in graphs.values()
+        for v in graph.initializers.values()
+        if v.const_value is not None
     ]
-    for node in model.graph:
+    for node in nodes:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             attr = node.attributes.get("value")
             if attr is not None and attr.type == ir.AttributeType.TENSOR:
@@ -448,9 +464,11 @@ def inspect_model(
     }
 
     histogram = Counter()
+    uncounted = 0
     for node in ir.traversal.RecursiveGraphIterator(graph):
         key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
         histogram[key] += 1
+        uncounted += node.graph is not graph and ops.counts_macs(node)
 
     per_node = []
     complete = True
@@ -481,4 +499,5 @@ def inspect_model(
         macs_per_node=per_node,
         int8_weights=int8_weight_risk(ir_model),
         macs_shapes=dict(input_shapes) if input_shapes else None,
+        macs_uncounted=int(uncounted),
     )

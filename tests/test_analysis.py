@@ -183,3 +183,42 @@ def test_inspect_names_the_kind_each_output_is_judged_as(resnet_path):
     report = inspect_model(resnet_path)
     assert report.outputs[0].kinds == ["class scores"]
     assert "output      logits: float32[N, 10]  (class scores)" in report.format()
+
+
+def test_weights_inside_if_branches_are_parameters_and_their_macs_are_named_uncounted():
+    """silero-vad keeps every weight in the branches of an If (one per sample rate): inspect
+    counts them as parameters and says its MACs cover the main graph only."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+
+    def branch(name: str, c: int) -> onnx.GraphProto:
+        w = onnx.numpy_helper.from_array(rng.normal(size=(c, 3)).astype(np.float32), f"{name}_w")
+        return helper.make_graph(
+            [helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_y"])],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_y", onnx.TensorProto.FLOAT, ["N", 3])],
+            initializer=[w],
+        )
+
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "If", ["flag"], ["y"], then_branch=branch("a", 3), else_branch=branch("b", 3)
+            )
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("flag", onnx.TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3]),
+        ],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    report = inspect_model(io.load_model(model))
+    assert report.parameters == 18 and report.weight_bytes == 72
+    assert report.macs_uncounted == 2
+    assert "2 weighted ops inside If/Loop/Scan bodies not counted" in report.format()
