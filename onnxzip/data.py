@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 LABELS = "labels"
 DEFAULT_HOLDOUT = 0.2
 SYNTHETIC_DIM = 16  # size given to symbolic non-batch dimensions of synthetic samples
+# the sizes tried in turn when the model does not run at SYNTHETIC_DIM (a detector that
+# downsamples 32x and adds its feature pyramid's levels needs a multiple of 32)
+SYNTHETIC_DIMS_TRIED = (SYNTHETIC_DIM, 32, 64, 128, 224, 256, 320, 512, 640)
 
 
 @dataclass(frozen=True)
@@ -645,7 +648,7 @@ class SyntheticSamples(Samples):
     """``count`` random samples drawn from the input specs (seeded). Reports say they are synthetic.
 
     Floats are standard normal, integers uniform in {0, 1}, booleans fair coins; symbolic
-    non-batch dimensions get size ``SYNTHETIC_DIM``.
+    non-batch dimensions get size ``SYNTHETIC_DIM`` (or the size ``fit_dim`` found).
     """
 
     synthetic = True
@@ -670,15 +673,45 @@ class SyntheticSamples(Samples):
                 )
         self.count = count
         self.seed = seed
+        self.dim = SYNTHETIC_DIM
+
+    def symbolic_dims(self) -> list[str]:
+        """The names of the inputs' symbolic dimensions other than the batch axis."""
+        names = []
+        for spec in self.specs:
+            a = spec.batch_axis
+            for i, d in enumerate(spec.shape):
+                if not isinstance(d, int) and (self.unbatched or i != a):
+                    names.append(str(d) if d is not None else f"{spec.name}[{i}]")
+        return list(dict.fromkeys(names))
+
+    def fit_dim(self, runs) -> int:
+        """Gives the symbolic non-batch dimensions the first size of ``SYNTHETIC_DIMS_TRIED``
+        at which ``runs(batch)`` (one sample) says the model runs, and returns it.
+
+        Raises:
+            DataError: the model runs at none of them.
+        """
+        for dim in SYNTHETIC_DIMS_TRIED:
+            self.dim = dim
+            if runs(next(iter(self.batches(1)))):
+                return dim
+        self.dim = SYNTHETIC_DIM
+        raise DataError(
+            f"--synthetic: the model runs at none of the sizes {SYNTHETIC_DIMS_TRIED[0]}-"
+            f"{SYNTHETIC_DIMS_TRIED[-1]} given to its symbolic dimensions "
+            f"({', '.join(self.symbolic_dims())}); give --data with real samples"
+        )
 
     def describe(self) -> str:
-        return f"{self.count} synthetic samples"
+        sized = f", symbolic dimensions {self.dim}" if self.dim != SYNTHETIC_DIM else ""
+        return f"{self.count} synthetic samples{sized}"
 
     def _sample_shape(self, spec: InputSpec) -> list[int]:
-        """One sample's shape: symbolic dimensions get ``SYNTHETIC_DIM``."""
+        """One sample's shape: symbolic dimensions get ``self.dim``."""
         a = spec.batch_axis
         full = spec.shape if self.unbatched or a is None else spec.shape[:a] + spec.shape[a + 1 :]
-        return [d if isinstance(d, int) else SYNTHETIC_DIM for d in full]
+        return [d if isinstance(d, int) else self.dim for d in full]
 
     def chunks(self) -> Iterator[Batch]:
         rng = np.random.default_rng(self.seed)

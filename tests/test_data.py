@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnx.parser
 import pytest
+from conftest import run_cli
 
 from onnxzip.data import InputSpec, NpzSamples, SyntheticSamples, holdout_count, open_samples
 from onnxzip.errors import DataError
@@ -237,3 +240,40 @@ def test_a_state_input_carries_its_batch_on_axis_1_and_a_scalar_is_shared(tmp_pa
     )
     assert bad.returncode == 2 and "batch axis 7" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def _kernel_model(path, k: int) -> None:
+    """[N, 3, H, W] -> a k x k Conv without padding: it runs only where H and W are >= k."""
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "g (float[N,3,H,W] x) => (float[N,2,A,B] y) { y = Conv (x, w) }"
+    )
+    w = np.random.default_rng(0).normal(size=(2, 3, k, k)).astype(np.float32)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
+    onnx.save(proto, path)
+
+
+def test_synthetic_samples_take_the_first_size_the_model_runs_at(tmp_path, capsys):
+    """16 x 16 random images are too small for a 17 x 17 kernel: the command line tries the
+    next size (32) on one sample before calibrating, and says so; a model that runs at none of
+    the sizes is refused in one line (exit 2), nothing written."""
+    model = tmp_path / "big_kernel.onnx"
+    _kernel_model(model, 17)
+    code, out, err = run_cli(
+        ["quantize", model, "-o", tmp_path / "q.onnx", "--synthetic", "8", "--no-floors"], capsys
+    )
+    assert code == 0, err
+    assert "8 synthetic samples, symbolic dimensions 32" in out
+    assert (tmp_path / "q.onnx").exists()
+    code, out, err = run_cli(["verify", model, tmp_path / "q.onnx", "--synthetic", "4"], capsys)
+    assert code in (0, 1) and "symbolic dimensions 32" in out, err
+
+    huge = tmp_path / "huge_kernel.onnx"
+    _kernel_model(huge, 700)
+    code, out, err = run_cli(
+        ["quantize", huge, "-o", tmp_path / "h.onnx", "--synthetic", "8"], capsys
+    )
+    assert code == 2
+    assert "runs at none of the sizes 16-640" in err and "(H, W)" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "h.onnx").exists()

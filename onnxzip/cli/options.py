@@ -139,6 +139,29 @@ def stateful(model, samples, args: argparse.Namespace, source: str):
     return StatefulSamples(samples, model, parse_pairs(args.state, model, source), source)
 
 
+def fit_synthetic(model, samples) -> None:
+    """Synthetic samples of a model with symbolic image sizes or sequence lengths: the first
+    size the model runs at (``SyntheticSamples.fit_dim``; one sample per size tried). A size
+    the model refuses would otherwise fail deep in calibration with onnxruntime's words."""
+    from onnxzip.data import SyntheticSamples
+    from onnxzip.errors import ModelError
+    from onnxzip.runtime import Runner
+
+    if not isinstance(samples, SyntheticSamples) or not samples.symbolic_dims():
+        return
+    runner = Runner(model, name="model", optimization="basic")
+
+    def runs(batch) -> bool:
+        try:
+            runner.run(batch)
+        except ModelError:
+            return False
+        return True
+
+    dim = samples.fit_dim(runs)
+    logger.info("synthetic samples: symbolic dimensions of size %d", dim)
+
+
 def batch_axes(args: argparse.Namespace) -> dict[str, int | None] | None:
     axes: dict[str, int | None] = {}
     for item in getattr(args, "batch_axis", []):

@@ -15,6 +15,7 @@ from onnxzip.cli.options import (
     data_options,
     emit,
     fit_memory,
+    fit_synthetic,
     metric_of,
     output_options,
     stateful,
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     model = io.load_model(args.model, name=str(args.model))
     specs = input_specs(model)
     samples = open_samples(specs, args.data, args.synthetic, args.seed, batch_axes=batch_axes(args))
+    fit_synthetic(model, samples)
     verify_samples = (
         open_samples(specs, args.verify_data, batch_axes=batch_axes(args))
         if args.verify_data is not None

@@ -14,6 +14,7 @@ from onnxzip.cli.options import (
     emit,
     engine_options,
     fit_memory,
+    fit_synthetic,
     write_npz,
 )
 from onnxzip.errors import (
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     samples = open_samples(
         input_specs(model), args.data, args.synthetic, args.seed, batch_axes=batch_axes(args)
     )
+    fit_synthetic(model, samples)
     fit_memory(model, samples, args)
     work, groups = prepared_groups(model)
     stats, report = gradient_statistics(

@@ -13,6 +13,7 @@ from onnxzip.cli.options import (
     data_options,
     emit,
     fit_memory,
+    fit_synthetic,
     metric_of,
     stateful,
     threshold_options,
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     samples = open_samples(
         input_specs(reference), args.data, args.synthetic, args.seed, batch_axes=batch_axes(args)
     )
+    fit_synthetic(reference, samples)
     samples = stateful(reference, samples, args, str(args.reference))
     memory = fit_memory(reference, samples, args)
     thresholds = thresholds_of(args)
