@@ -87,7 +87,9 @@ CASES = {
         {"QLinearConv": 2, "QLinearAdd": 1, "QLinearMul": 1, "QLinearConcat": 1},
     ),
     "add_constant": (
-        "g (float[N,4,8,8] x) => (float[N,4,8,8] y) { a = Conv (x, w)\n y = Add(a, c) }",
+        # (after a Relu: a constant Add right after the Conv is folded into it)
+        "g (float[N,4,8,8] x) => (float[N,4,8,8] y) { a = Conv (x, w)\n r = Relu (a)\n"
+        " y = Add(r, c) }",
         {"w": (4, 4, 1, 1), "c": (1, 4, 1, 1)},
         {"QLinearConv": 1, "QLinearAdd": 1},
     ),
