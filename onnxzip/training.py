@@ -844,9 +844,12 @@ def _integer_nearest(node: ir.Node) -> list[int] | None:
 
 
 def batch_within(samples, batch: int, split: str, holdout: float) -> int:
-    """``batch``, or the number of samples in ``split`` when there are fewer: a twin whose batch
-    is fixed (``fix_batch``) then still gets a batch of its size (with 16 samples and the
-    default 32, every recovery of a model with an AveragePool had none)."""
+    """The size of the batches ``samples.batches(batch, ...)`` yields (the memory budget's cap
+    and a batch the model fixes applied), or the number of samples in ``split`` when there are
+    fewer: a twin whose batch is fixed (``fix_batch``) then still gets a batch of its size (with
+    16 samples and the default 32, every recovery of a model with an AveragePool had none; with
+    batches capped to 18 by the memory budget, PP-OCRv4's recognizer had none of 32)."""
+    batch = samples.batch_size_for(batch)
     kept = samples.count_in(split, holdout)
     return batch if not kept else min(batch, kept)
 

@@ -260,6 +260,20 @@ def test_a_fixed_batch_larger_than_the_samples_shrinks_to_them():
     assert rec.samples_seen == 6 * 13 and np.isfinite(rec.last_loss)
 
 
+def test_a_fixed_batch_follows_the_memory_budgets_cap():
+    """The memory budget caps batches below the requested size (PP-OCRv4's recognizer: 18 of
+    32): the AveragePool twin's fixed batch is the capped size, so recovery distils instead of
+    stopping with 'no batch of the fixed size 32', and every step sees a capped batch."""
+    from onnxzip.recover import RecoverConfig, recover
+
+    model = exotic()
+    samples = SyntheticSamples(input_specs(model), 40, seed=4)
+    samples.max_batch = 6
+    pruned, _ = prune(model, PruneConfig(ratio=0.3), samples=samples)
+    _, rec = recover(model, pruned, samples, RecoverConfig(steps=5, batch_size=32, holdout=0.2))
+    assert rec.samples_seen == 5 * 6 and np.isfinite(rec.last_loss)
+
+
 @pytest.mark.parametrize(
     "pool",
     [
