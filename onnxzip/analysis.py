@@ -146,15 +146,25 @@ class InspectReport:
         return "\n".join(lines)
 
 
+# in ``batch_names``: the model's batch dimension has no name (skl2onnx writes ``[None, 64]``)
+UNNAMED_BATCH = ""
+
+
 def _dims(value: ir.Value, batch_names: set[str]) -> list[int] | None:
     if value.shape is None:
         return None
     dims = []
-    for d in value.shape:
+    for i, d in enumerate(value.shape):
         if isinstance(d, int):
             dims.append(d)
         elif d.value is not None and d.value in batch_names:
             dims.append(1)
+        elif (
+            i == 0
+            and UNNAMED_BATCH in batch_names
+            and (d.value is None or d.value.startswith("unk__"))
+        ):
+            dims.append(1)  # a leading dim unnamed (or named by onnx's inference) like the batch
         else:
             return None
     return dims
@@ -454,13 +464,12 @@ def inspect_model(
             input_shapes = None
     graph = ir_model.graph
     batch_names = {
-        v.shape[0].value
+        v.shape[0].value or UNNAMED_BATCH
         for v in graph.inputs
         if not v.is_initializer()
         and v.shape is not None
         and len(v.shape) > 0
         and isinstance(v.shape[0], ir.SymbolicDim)
-        and v.shape[0].value
     }
 
     histogram = Counter()

@@ -502,7 +502,9 @@ def _infer_through_fused_ops(
             if m.output_dims is not None:
                 attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
                 dims = m.output_dims(attrs, [dims_of(i, known) if i else None for i in node.input])
-                if src in known:
+                if have is not None and have.type.tensor_type.elem_type:
+                    elem = have.type.tensor_type.elem_type  # onnx typed it: keep that
+                elif src in known:
                     elem = known[src].type.tensor_type.elem_type
                 elif src in initializers:
                     elem = initializers[src].data_type
@@ -829,10 +831,50 @@ def load_model(model, *, name: str | None = None) -> ir.Model:
     else:
         raise InputError(f"cannot load a model from {type(model).__name__}")
     proto = normalize_proto(proto, source, base_dir)
+    _refuse_map_types(proto, source)
     result = ir.serde.deserialize_model(proto)
     if base_dir is not None:
         ir.external_data.set_base_dir(result.graph, str(base_dir))
     return result
+
+
+def _has_map(t: onnx.TypeProto) -> bool:
+    kind = t.WhichOneof("value")
+    if kind == "map_type":
+        return True
+    if kind == "sequence_type":
+        return _has_map(t.sequence_type.elem_type)
+    if kind == "optional_type":
+        return _has_map(t.optional_type.elem_type)
+    return False
+
+
+def _refuse_map_types(proto: onnx.ModelProto, source: str) -> None:
+    """A value typed as a map (or a sequence of maps: scikit-learn classifiers' ZipMap output,
+    skl2onnx's default) is refused in one line: the IR onnxzip edits models in has no map type.
+
+    Raises:
+        ModelError: naming the first such value and the export option that avoids it.
+    """
+    for graph in _graphs(proto):
+        for kind, values in (
+            ("input", graph.input),
+            ("output", graph.output),
+            ("value", graph.value_info),
+        ):
+            for v in values:
+                if _has_map(v.type):
+                    zipmap = any(n.op_type == "ZipMap" and v.name in n.output for n in graph.node)
+                    hint = (
+                        " (a ZipMap: export without it, e.g. skl2onnx's "
+                        "options={'zipmap': False}, for a tensor of class probabilities)"
+                        if zipmap
+                        else ""
+                    )
+                    raise ModelError(
+                        f"{source}: {kind} '{v.name}' is a map or a sequence of maps, which "
+                        f"onnxzip cannot edit{hint}"
+                    )
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:

@@ -222,3 +222,93 @@ def test_weights_inside_if_branches_are_parameters_and_their_macs_are_named_unco
     assert report.parameters == 18 and report.weight_bytes == 72
     assert report.macs_uncounted == 2
     assert "2 weighted ops inside If/Loop/Scan bodies not counted" in report.format()
+
+
+def _sklearn_mlp(zipmap: bool = False) -> onnx.ModelProto:
+    """The graph skl2onnx writes for StandardScaler + MLPClassifier: an ai.onnx.ml Scaler (onnx
+    types its output but gives it no shape), an unnamed batch dimension, MatMul + Add layers;
+    with ``zipmap`` the probabilities also go out as a sequence of maps."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "w1": rng.normal(size=(8, 16)),
+        "b1": rng.normal(size=(1, 16)),
+        "w2": rng.normal(size=(16, 4)),
+        "b2": rng.normal(size=(1, 4)),
+    }
+    nodes = [
+        helper.make_node(
+            "Scaler", ["X"], ["s"], domain="ai.onnx.ml", offset=[0.5] * 8, scale=[2.0] * 8
+        ),
+        helper.make_node("Cast", ["s"], ["c"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["c", "w1"], ["m1"]),
+        helper.make_node("Add", ["m1", "b1"], ["a1"]),
+        helper.make_node("Relu", ["a1"], ["r1"]),
+        helper.make_node("MatMul", ["r1", "w2"], ["m2"]),
+        helper.make_node("Add", ["m2", "b2"], ["a2"]),
+        helper.make_node("Softmax", ["a2"], ["probabilities"], axis=1),
+    ]
+    outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 4])]
+    if zipmap:
+        nodes.append(
+            helper.make_node(
+                "ZipMap",
+                ["probabilities"],
+                ["zipped"],
+                domain="ai.onnx.ml",
+                classlabels_int64s=[0, 1, 2, 3],
+            )
+        )
+        outputs.append(
+            helper.make_value_info(
+                "zipped",
+                helper.make_sequence_type_proto(
+                    helper.make_map_type_proto(
+                        TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, None)
+                    )
+                ),
+            )
+        )
+    graph = helper.make_graph(
+        nodes,
+        "sklearn",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 8])],
+        outputs,
+        initializer=[
+            onnx.numpy_helper.from_array(a.astype(np.float32), n) for n, a in weights.items()
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)]
+    )
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_shapes_infer_through_sklearn_preprocessing_and_an_unnamed_batch_counts_as_one():
+    """After an ai.onnx.ml Scaler every shape used to be lost: MACs 0 and no channel group, so
+    prune said the model had no MatMul weights. Now the Scaler's output has its input's shape,
+    MACs are exact per sample, and the hidden layer is a prunable group."""
+    from onnxzip import passes
+    from onnxzip.pruning import find_groups
+
+    model = io.load_model(_sklearn_mlp())
+    report = inspect_model(model)
+    assert report.macs == 8 * 16 + 16 * 4 and report.macs_complete
+    work = model.clone()
+    passes.PRUNING(work)
+    groups = find_groups(work)
+    assert [g.size for g in groups if not g.blocked] == [16]
+
+
+def test_a_zipmap_output_is_refused_in_one_line(tmp_path, capsys):
+    """onnxzip's IR has no map type: a ZipMap output (skl2onnx's default) is refused with exit 2
+    and the export option that avoids it, not an internal error."""
+    path = tmp_path / "zipmap.onnx"
+    onnx.save(_sklearn_mlp(zipmap=True), path)
+    code, out, err = run_cli(["inspect", path], capsys)
+    assert code == 2
+    assert "output 'zipped' is a map or a sequence of maps" in err and "zipmap" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -313,6 +313,17 @@ ACTIVATION_MS = Metatype(
     shape_from=0,
 )
 
+# scikit-learn's preprocessing as skl2onnx writes it (ai.onnx.ml): elementwise, output 0 has
+# the shape of the input; onnx's inference gives its element type (float for Scaler and
+# Normalizer whatever comes in) but no shape, and every shape after it was lost
+ML_ELEMENTWISE = Metatype(
+    "elementwise preprocessing (ai.onnx.ml)",
+    ("Scaler", "Normalizer", "Binarizer", "Imputer"),
+    domain="ai.onnx.ml",
+    shape_from=0,
+    output_dims=lambda attrs, dims: dims[0] if dims else None,
+)
+
 METATYPES: tuple[Metatype, ...] = (
     CONVOLUTION,
     CONV_TRANSPOSE,
@@ -327,6 +338,7 @@ METATYPES: tuple[Metatype, ...] = (
     GROUP_QUERY_ATTENTION,
     EMBED_LAYER_NORM,
     ROTARY,
+    ML_ELEMENTWISE,
 )
 _BY_OP: dict[tuple[str, str], Metatype] = {
     (m.domain, op): m for m in METATYPES for op in m.op_types
