@@ -1087,3 +1087,26 @@ def test_folded_conv_affine_quantizes_as_one_int8_conv(tmp_path):
     for a, b in zip(want, got, strict=True):
         cos = float(np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b)))
         assert cos > 0.99
+
+
+def test_dynamic_mode_names_the_verification_data_it_was_verified_on(tmp_path, capsys):
+    """With --verify-data the dynamic report's mode line names that file (it named the
+    calibration file, which dynamic mode does not even read for ranges)."""
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "g (float[N,8] x) => (float[N,4] y) { m = MatMul (x, w1)\n r = Relu (m)\n"
+        " y = MatMul (r, w2) }"
+    )
+    rng = np.random.default_rng(0)
+    for name, shape in {"w1": (8, 16), "w2": (16, 4)}.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+        )
+    model, calib, check = tmp_path / "mlp.onnx", tmp_path / "calib.npz", tmp_path / "check.npz"
+    onnx.save(proto, model)
+    np.savez(calib, x=rng.normal(size=(32, 8)).astype(np.float32))
+    np.savez(check, x=rng.normal(size=(32, 8)).astype(np.float32))
+    args = ["quantize", model, "-o", tmp_path / "q.onnx", "--data", calib, "--mode", "dynamic"]
+    code, out, err = run_cli([*args, "--verify-data", check, "--no-floors"], capsys)
+    assert code == 0, err
+    assert f"verified on {check}" in out

@@ -225,6 +225,7 @@ def quantize(
         config=config,
         source=source,
         data=samples.describe(),
+        verified_on=verify_samples.describe() if verify_samples is not None else None,
         synthetic=samples.synthetic,
         calibration_samples=builder.calibrated,
         prepared=prepared_info,

@@ -64,6 +64,7 @@ class QuantizeReport:
     weight_format: str | None = None  # weight-only: qdq or nbits, as written
     subgraph_nodes: list[str] = field(default_factory=list)  # inside If/Loop/Scan bodies
     nothing_because: str | None = None  # why nothing was quantized, when nothing was
+    verified_on: str | None = None  # the verification samples, when not ``data``'s held-out part
 
     def _mode_lines(self) -> list[str]:
         c = self.config
@@ -93,7 +94,7 @@ class QuantizeReport:
             ]
         if c.mode == "dynamic":
             return [
-                f"mode         dynamic (no calibration); verified on {self.data}",
+                f"mode         dynamic (no calibration); verified on {self.verified_on or self.data}",
                 "weights      int8 per output column; activations uint8, quantized at run time",
             ]
         preset = (
