@@ -22,7 +22,9 @@ the 2 GB protobuf limit get their tensors in an external data file beside the mo
 
 from __future__ import annotations
 
+import base64
 import errno
+import json
 import logging
 import os
 import re
@@ -830,12 +832,105 @@ def load_model(model, *, name: str | None = None) -> ir.Model:
             leases.hold(base_dir / location)  # the command line: held against truncation
     else:
         raise InputError(f"cannot load a model from {type(model).__name__}")
+    proto = _detach_zipmaps(proto)
     proto = normalize_proto(proto, source, base_dir)
     _refuse_map_types(proto, source)
     result = ir.serde.deserialize_model(proto)
     if base_dir is not None:
         ir.external_data.set_base_dir(result.graph, str(base_dir))
     return result
+
+
+# Model metadata key under which a detached ZipMap waits to be put back when the model is saved
+ZIPMAP_KEY = "onnxzip.detached_zipmap"
+
+
+def _detach_zipmaps(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A scikit-learn classifier's ZipMap (probabilities as a sequence of maps, skl2onnx's
+    default) cut off the main graph: the tensor it reads becomes a graph output in its place
+    (what verification compares), and the node, its output and where it stood are kept in the
+    model's metadata for ``save_model`` to put back. The IR onnxzip edits in has no map type.
+    Returns ``proto`` unchanged when there is no such ZipMap (a copy otherwise)."""
+    graph = proto.graph
+    outputs = [o.name for o in graph.output]
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    found = [
+        n
+        for n in graph.node
+        if n.op_type == "ZipMap"
+        and n.domain == "ai.onnx.ml"
+        and len(n.output) == 1
+        and n.output[0] in outputs
+        and not readers.get(n.output[0])
+        and len(n.input) == 1
+    ]
+    if not found:
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    graph = copy.graph
+    records = []
+    for zipmap in found:
+        out = zipmap.output[0]
+        index = [o.name for o in graph.output].index(out)
+        info = graph.output[index]
+        tensor = zipmap.input[0]
+        added = tensor not in [o.name for o in graph.output]
+        records.append(
+            {
+                "node": base64.b64encode(zipmap.SerializeToString()).decode(),
+                "output": base64.b64encode(info.SerializeToString()).decode(),
+                "index": index,
+                "added": added,
+                "tensor": tensor,
+            }
+        )
+        del graph.output[index]
+        if added:
+            graph.output.insert(index, onnx.helper.make_value_info(tensor, onnx.TypeProto()))
+        kept = [n for n in graph.node if not (n.op_type == "ZipMap" and list(n.output) == [out])]
+        del graph.node[:]
+        graph.node.extend(kept)
+    inferred = onnx.shape_inference.infer_shapes(copy)  # the new output's type and shape
+    types = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for i, o in enumerate(graph.output):
+        if not o.type.HasField("tensor_type") and o.name in types:
+            graph.output[i].CopyFrom(types[o.name])
+    entry = copy.metadata_props.add()
+    entry.key, entry.value = ZIPMAP_KEY, json.dumps(records)
+    return copy
+
+
+def _reattach_zipmaps(proto: onnx.ModelProto, target) -> onnx.ModelProto:
+    """Puts back what ``_detach_zipmaps`` cut off (on a written model's proto)."""
+    entries = [e for e in proto.metadata_props if e.key == ZIPMAP_KEY]
+    if not entries:
+        return proto
+    records = json.loads(entries[0].value)
+    kept = [e for e in proto.metadata_props if e.key != ZIPMAP_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    graph = proto.graph
+    produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    produced |= {t.name for t in graph.initializer}
+    for record in reversed(records):
+        node = onnx.NodeProto.FromString(base64.b64decode(record["node"]))
+        info = onnx.ValueInfoProto.FromString(base64.b64decode(record["output"]))
+        if record["tensor"] not in produced:
+            raise ModelError(
+                f"{target}: the ZipMap's input '{record['tensor']}' is gone from the model"
+            )
+        names = [o.name for o in graph.output]
+        if record["added"] and record["tensor"] in names:
+            del graph.output[names.index(record["tensor"])]
+        graph.node.append(node)
+        graph.output.insert(min(record["index"], len(graph.output)), info)
+    if not any(o.domain == "ai.onnx.ml" for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid("ai.onnx.ml", 1))
+    return proto
 
 
 def _has_map(t: onnx.TypeProto) -> bool:
@@ -1044,6 +1139,9 @@ def save_model(
     try:
         tmp_model = tmp_dir / target.name
         data = None if data_name else model_bytes(model)
+        detached = ZIPMAP_KEY in model.metadata_props
+        if data is not None and detached:
+            data = _reattach_zipmaps(onnx.ModelProto.FromString(data), target).SerializeToString()
         if data is not None:  # checked before any byte reaches the disk
             _check_full(data, target)
         try:
@@ -1065,6 +1163,9 @@ def save_model(
                     f"{target}: disk full or file too large while writing ({exc.strerror})"
                 ) from exc
             raise InputError(f"{target}: cannot write: {exc.strerror or exc}") from exc
+        if data is None and detached:  # the graph's proto only: the weights stay in their file
+            written = onnx.load(str(tmp_model), load_external_data=False)
+            tmp_model.write_bytes(_reattach_zipmaps(written, target).SerializeToString())
         if data is None:  # with external data the checker reads the files just written
             _check_full(str(tmp_model), target)
             with open(tmp_model, "rb") as handle:
