@@ -86,6 +86,8 @@ class InspectReport:
     # weighted ops inside If/Loop/Scan bodies, which MACs do not count (a branch or an
     # iteration count is a run-time choice)
     macs_uncounted: int = 0
+    # (output, tensor) of each ZipMap cut off while onnxzip works and put back when it writes
+    detached: list[tuple[str, str]] = field(default_factory=list)
 
     def format(self, per_node: bool = False) -> str:
         lines = [
@@ -101,6 +103,11 @@ class InspectReport:
                 dims = ", ".join("?" if d is None else str(d) for d in t.shape)
                 judged = f"  ({'; '.join(t.kinds)})" if t.kinds else ""
                 lines.append(f"{kind:<11} {t.name}: {t.dtype}[{dims}]{judged}")
+        for name, tensor in self.detached:
+            lines.append(
+                f"output      {name}: ZipMap of {tensor} (a sequence of maps: cut off while "
+                "onnxzip works, put back in every model it writes)"
+            )
         lines.append(f"nodes       {self.nodes}")
         lines.append(f"parameters  {self.parameters:,}")
         lines.append(f"weights     {self.weight_bytes:,} bytes")
@@ -509,4 +516,5 @@ def inspect_model(
         int8_weights=int8_weight_risk(ir_model),
         macs_shapes=dict(input_shapes) if input_shapes else None,
         macs_uncounted=int(uncounted),
+        detached=io.detached_outputs(ir_model),
     )

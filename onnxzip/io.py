@@ -904,6 +904,18 @@ def _detach_zipmaps(proto: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
+def detached_outputs(model: ir.Model) -> list[tuple[str, str]]:
+    """(output, tensor it maps) of each ZipMap ``load_model`` cut off this model."""
+    text = model.metadata_props.get(ZIPMAP_KEY)
+    if not text:
+        return []
+    found = []
+    for record in json.loads(text):
+        info = onnx.ValueInfoProto.FromString(base64.b64decode(record["output"]))
+        found.append((info.name, record["tensor"]))
+    return found
+
+
 def _reattach_zipmaps(proto: onnx.ModelProto, target) -> onnx.ModelProto:
     """Puts back what ``_detach_zipmaps`` cut off (on a written model's proto)."""
     entries = [e for e in proto.metadata_props if e.key == ZIPMAP_KEY]

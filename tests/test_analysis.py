@@ -224,10 +224,11 @@ def test_weights_inside_if_branches_are_parameters_and_their_macs_are_named_unco
     assert "2 weighted ops inside If/Loop/Scan bodies not counted" in report.format()
 
 
-def _sklearn_mlp(zipmap: bool = False) -> onnx.ModelProto:
+def _sklearn_mlp(zipmap: bool = False, tensor_output: bool = True) -> onnx.ModelProto:
     """The graph skl2onnx writes for StandardScaler + MLPClassifier: an ai.onnx.ml Scaler (onnx
     types its output but gives it no shape), an unnamed batch dimension, MatMul + Add layers;
-    with ``zipmap`` the probabilities also go out as a sequence of maps."""
+    with ``zipmap`` the probabilities also go out as a sequence of maps (and, without
+    ``tensor_output``, only so, as skl2onnx writes them by default)."""
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
@@ -250,6 +251,9 @@ def _sklearn_mlp(zipmap: bool = False) -> onnx.ModelProto:
         helper.make_node("Softmax", ["a2"], ["probabilities"], axis=1),
     ]
     outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 4])]
+    if zipmap and not tensor_output:
+        nodes.append(helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1))
+        outputs = [helper.make_tensor_value_info("label", TensorProto.INT64, [None, 1])]
     if zipmap:
         nodes.append(
             helper.make_node(
@@ -303,8 +307,9 @@ def test_shapes_infer_through_sklearn_preprocessing_and_an_unnamed_batch_counts_
     assert [g.size for g in groups if not g.blocked] == [16]
 
 
+@pytest.mark.parametrize("tensor_output", [True, False])
 def test_a_zipmap_output_is_cut_off_for_the_work_and_put_back_in_the_written_model(
-    tmp_path, capsys
+    tensor_output, tmp_path, capsys
 ):
     """onnxzip's IR has no map type: a ZipMap output (skl2onnx's default for classifiers) was an
     internal error. It is cut off at load (the probabilities it reads are what verification
@@ -314,7 +319,7 @@ def test_a_zipmap_output_is_cut_off_for_the_work_and_put_back_in_the_written_mod
     import onnxruntime as ort
 
     path, out = tmp_path / "zipmap.onnx", tmp_path / "q.onnx"
-    onnx.save(_sklearn_mlp(zipmap=True), path)
+    onnx.save(_sklearn_mlp(zipmap=True, tensor_output=tensor_output), path)
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "calib.npz", X=rng.normal(size=(64, 8)).astype(np.float32))
     code, stdout, err = run_cli(
@@ -323,12 +328,15 @@ def test_a_zipmap_output_is_cut_off_for_the_work_and_put_back_in_the_written_mod
     assert code == 0, err
     written = onnx.load(out)
     onnx.checker.check_model(written, full_check=True)
-    assert [o.name for o in written.graph.output] == ["probabilities", "zipped"]
+    names = ["probabilities", "zipped"] if tensor_output else ["label", "zipped"]
+    assert [o.name for o in written.graph.output] == names
     assert not [e for e in written.metadata_props if e.key.startswith("onnxzip")]
     x = rng.normal(size=(6, 8)).astype(np.float32)
     want = ort.InferenceSession(str(path)).run(None, {"X": x})
     got = ort.InferenceSession(str(out)).run(None, {"X": x})
     assert isinstance(got[1], list) and isinstance(got[1][0], dict)
+    code, stdout, err = run_cli(["inspect", path, "--json", tmp_path / "i.json"], capsys)
+    assert code == 0 and "output      zipped: ZipMap of probabilities" in stdout
     assert sorted(got[1][0]) == [0, 1, 2, 3]
     np.testing.assert_allclose(got[0], want[0], atol=0.05)
 
