@@ -244,38 +244,35 @@ def insert_qdq(
     return InsertResult(pairs, len(shared_dq), biases, saturated)
 
 
-def _weight_params(
-    cache: dict | None, value: ir.Value, w: np.ndarray, axis: int | None, safe: bool
-) -> qp.QParams:
-    """``params.weight_params`` of ``w``, from ``cache`` when the very tensor object was given
-    parameters on the same axis before (they depend on the weight alone)."""
+def _cached(cache: dict | None, key: tuple, value: ir.Value, compute):
+    """``compute()``, or what it gave before for ``key`` on the very tensor object of ``value``
+    (a cache that travelled to another process never serves a different tensor of the same
+    name); ``cache`` None: no caching."""
     if cache is None:
-        return qp.weight_params(w, axis, pair_safe=safe)
-    key = ("params", value.name, axis, safe)
+        return compute()
     hit = cache.get(key)
     if hit is not None and hit[0] is value.const_value:
         return hit[1]
-    p = qp.weight_params(w, axis, pair_safe=safe)
-    cache[key] = (value.const_value, p)
-    return p
+    result = compute()
+    cache[key] = (value.const_value, result)
+    return result
+
+
+def _weight_params(
+    cache: dict | None, value: ir.Value, w: np.ndarray, axis: int | None, safe: bool
+) -> qp.QParams:
+    """``params.weight_params`` of ``w`` (they depend on the weight and the axis alone)."""
+    key = ("params", value.name, axis, safe)
+    return _cached(cache, key, value, lambda: qp.weight_params(w, axis, pair_safe=safe))
 
 
 def _weight_codes(
     cache: dict | None, value: ir.Value, w: np.ndarray, axis: int | None, p: qp.QParams
 ) -> np.ndarray:
-    """``w``'s symmetric int8 codes under ``p``, from ``cache`` when the same tensor was
-    quantized with the same scales before (a hit must be the very tensor object, so a cache
-    that travelled to another process never serves a different tensor of the same name)."""
-    if cache is None:
-        return qp.quantize(w, p, symmetric_weight=True)
+    """``w``'s symmetric int8 codes under ``p`` (the same codes for the same scales)."""
     zero = np.asarray(p.zero_point)
     key = (value.name, axis, p.axis, np.asarray(p.scale).tobytes(), zero.tobytes(), zero.dtype.str)
-    hit = cache.get(key)
-    if hit is not None and hit[0] is value.const_value:
-        return hit[1]
-    codes = qp.quantize(w, p, symmetric_weight=True)
-    cache[key] = (value.const_value, codes)
-    return codes
+    return _cached(cache, key, value, lambda: qp.quantize(w, p, symmetric_weight=True))
 
 
 def _ensure_before(graph: ir.Graph, producer: ir.Node | None, consumer: ir.Node) -> None:
