@@ -503,6 +503,55 @@ def fold_conv_affine(model: ir.Model) -> list[str]:
     return folded
 
 
+def fold_matmul_add(model: ir.Model) -> list[str]:
+    """Turns a ``MatMul`` of a rank-2 activation by a constant 2-D weight, followed by an ``Add``
+    of a constant bias (``[N]`` or ``[1, N]``) that reads nothing else, into one ``Gemm`` with
+    that bias, as onnxruntime's MatMulAddFusion does in the float model (a scikit-learn or
+    Keras dense layer): quantized, the bias is then an int32 input of the int8 kernel instead
+    of an 8-bit Add with a rounding of its own. Returns the folded Adds' names."""
+    graph = model.graph
+    folded = []
+    for node in list(graph):
+        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        index = next((i for i, v in enumerate(node.inputs) if const_array(v) is None), None)
+        if index is None or node.inputs[1 - index] is None:
+            continue
+        bias = const_array(node.inputs[1 - index])
+        mm_out = node.inputs[index]
+        mm = mm_out.producer() if mm_out is not None else None
+        if mm is None or mm.op_type != "MatMul" or mm.domain not in ("", "ai.onnx"):
+            continue
+        if bias is None or _only_use(mm_out) is not node:
+            continue
+        x, w_value = mm.inputs
+        w = const_array(w_value)
+        if w is None or w.ndim != 2 or w.dtype != np.float32 or bias.dtype != w.dtype:
+            continue
+        if x.shape is None or len(x.shape) != 2 or const_array(x) is not None:
+            continue
+        n = w.shape[1]
+        if bias.shape not in ((n,), (1, n)):
+            continue
+        out = node.outputs[0]
+        b_value = add_initializer(
+            graph, f"{mm.name or mm_out.name or 'matmul'}.bias", bias.reshape(n).astype(w.dtype)
+        )
+        gemm = ir.node("Gemm", [x, w_value, b_value], name=mm.name or None)
+        gemm.outputs[0].dtype = out.dtype
+        gemm.outputs[0].shape = out.shape
+        graph.insert_before(mm, gemm)
+        name = out.name
+        out.replace_all_uses_with(gemm.outputs[0], replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        graph.remove(mm, safe=True)
+        gemm.outputs[0].name = name
+        folded.append(node.name or name)
+    if folded:
+        remove_unused_initializers(model)
+    return folded
+
+
 def _only_use(value: ir.Value) -> ir.Node | None:
     uses = value.uses()
     if len(uses) != 1 or value.is_graph_output():
@@ -700,6 +749,13 @@ class FoldConvAffine(_Step):
         return fold_conv_affine(model)
 
 
+class FoldMatMulAdd(_Step):
+    key = "matmul_add_folded"
+
+    def apply(self, model):
+        return fold_matmul_add(model)
+
+
 class UnfoldTransposes(_Step):
     key = "transposes_unfolded"
 
@@ -743,8 +799,10 @@ PRUNING = Pipeline(
     "pruning", [DropInitializerInputs, FoldConstants, LiftConstants, SumToAdd, UnfoldTransposes]
 )
 # quantization also folds BatchNormalization, and constant scales and shifts per output channel,
-# into the convolutions, as onnxruntime would
-QUANTIZATION = Pipeline("quantization", [*PRUNING.steps, FoldBatchNorm, FoldConvAffine])
+# into the convolutions, and a dense layer's MatMul + Add into a Gemm, as onnxruntime would
+QUANTIZATION = Pipeline(
+    "quantization", [*PRUNING.steps, FoldBatchNorm, FoldConvAffine, FoldMatMulAdd]
+)
 # the trainable twin: BatchNormalization folded or made an affine map (never batch statistics)
 TRAINING_TWIN = Pipeline("training twin", [LiftConstants, FoldBatchNorm, BatchNormToAffine])
 

@@ -1110,3 +1110,56 @@ def test_dynamic_mode_names_the_verification_data_it_was_verified_on(tmp_path, c
     code, out, err = run_cli([*args, "--verify-data", check, "--no-floors"], capsys)
     assert code == 0, err
     assert f"verified on {check}" in out
+
+
+def test_a_dense_layers_matmul_and_bias_add_fold_into_one_gemm(tmp_path):
+    """A rank-2 activation times a constant weight plus a constant bias ([N] or [1, N]) becomes
+    one Gemm, as onnxruntime fuses it in the float model; a 3-D MatMul (a transformer's), a
+    MatMul whose output is read twice and an Add of two activations stay. The prepared model
+    computes what the original does (onnxruntime, 1e-5), and int8 runs the dense layers as
+    QGemm with int32 biases."""
+    text = (
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "g (float[N,8] x, float[N,3,8] s) => (float[N,4] y, float[N,3,4] t, float[N,4] u) {\n"
+        " m1 = MatMul (x, w1)\n a1 = Add (m1, b1)\n r = Relu (a1)\n m2 = MatMul (r, w2)\n"
+        " y = Add (b2, m2)\n"
+        " m3 = MatMul (s, w2b)\n t = Add (m3, b3)\n"
+        " m4 = MatMul (r, w2)\n a4 = Add (m4, b3)\n u = Add (a4, m4)\n}"
+    )
+    rng = np.random.default_rng(0)
+    tensors = {
+        "w1": rng.normal(size=(8, 16)),
+        "b1": rng.normal(size=(16,)),
+        "w2": rng.normal(size=(16, 4)),
+        "b2": rng.normal(size=(1, 4)),
+        "w2b": rng.normal(size=(8, 4)),
+        "b3": rng.normal(size=(4,)),
+    }
+    proto = onnx.parser.parse_model(text)
+    for name, array in tensors.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(np.asarray(array, np.float32), name)
+        )
+    onnx.checker.check_model(proto, full_check=True)
+    model = io.load_model(proto)
+    done = passes.QUANTIZATION(model)
+    assert len(done["matmul_add_folded"]) == 2
+    ops = Counter(n.op_type for n in model.graph)
+    assert ops["Gemm"] == 2 and ops["MatMul"] == 2 and ops["Add"] == 3
+    feeds = {
+        "x": rng.normal(size=(5, 8)).astype(np.float32),
+        "s": rng.normal(size=(5, 3, 8)).astype(np.float32),
+    }
+    want = ort.InferenceSession(proto.SerializeToString()).run(None, feeds)
+    got = ort.InferenceSession(io.model_bytes(model)).run(None, feeds)
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(np.abs(a).max()))
+    samples = SyntheticSamples(input_specs(io.load_model(proto)), 32, seed=3)
+    q, report = quantize(proto, samples, QuantizeConfig(holdout=0.0, bias_correction="off"))
+    assert report.quantized_ops.get("Gemm") == 2 and report.biases_quantized >= 2
+    optimized = ort.SessionOptions()
+    optimized.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    optimized.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(io.model_bytes(q), optimized)
+    fused = Counter(n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node)
+    assert fused["QGemm"] == 2
