@@ -881,3 +881,29 @@ def test_nothing_prunable_skips_the_statistics_sweep_and_the_compensation_decisi
     assert report.compensation is None
     assert "statistics" not in report.seconds
     assert io.model_bytes(pruned) == io.model_bytes(model)
+
+
+def test_an_already_quantized_model_is_named_as_such_when_nothing_can_be_pruned():
+    """A model whose layers are fused int8 kernels (MatMulInteger here; QLinearConv in an older
+    ddddocr recognizer) has no float weight to prune: the reason says it is already quantized
+    and what to do, instead of 'no Conv, ConvTranspose, Gemm or MatMul weights'."""
+    from onnx import TensorProto, helper
+
+    from onnxzip.pruning import unprunable_because
+
+    w = onnx.numpy_helper.from_array(
+        np.random.default_rng(0).integers(-127, 127, (4, 3)).astype(np.int8), "w"
+    )
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, ["N", 3])],
+        initializer=[w],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto, full_check=True)
+    reason = unprunable_because(proto)
+    assert reason is not None and "already quantized (1 layer in fused" in reason
+    assert "prune its float original" in reason

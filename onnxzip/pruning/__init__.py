@@ -77,6 +77,7 @@ class PruneReport:
     target_met: bool | None = None  # with target_macs: whether the pruned MACs reach it
     reconstruction: list | None = None  # reconstruct.LayerFit per affected layer, when run
     body_weights: int = 0  # weighted nodes inside If/Loop/Scan bodies (never pruned)
+    fused_quantized: int = 0  # layers already in fused quantized kernels (QLinearConv, ...)
 
     def format(self) -> str:
         pruned = [g for g in self.groups if g.kept < g.channels]
@@ -118,19 +119,41 @@ class PruneReport:
         """Why the model came out unchanged, or None when channels were removed."""
         if any(g.kept < g.channels for g in self.groups):
             return None
-        unprunable = _unprunable_because(self.groups, self.body_weights)
+        unprunable = _unprunable_because(self.groups, self.body_weights, self.fused_quantized)
         if unprunable is not None:
             return unprunable
         return "the ratio or target leaves every group whole"
 
 
-def _unprunable_because(groups, body_weights: int) -> str | None:
+# Ops that hold a layer's weights already quantized, fused into one kernel (a QDQ model's
+# Conv/MatMul/Gemm still read float through DequantizeLinear, and are pruned as such)
+_FUSED_QUANTIZED = frozenset(
+    {
+        "QLinearConv",
+        "QLinearMatMul",
+        "ConvInteger",
+        "MatMulInteger",
+        "QGemm",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+        "MatMulNBits",
+    }
+)
+
+
+def _unprunable_because(groups, body_weights: int, fused_quantized: int = 0) -> str | None:
     """Why no group of a model can lose a channel, or None when one can."""
     if not groups:
         if body_weights:
             return (
                 f"no prunable channel group: the {body_weights} Conv/Gemm/MatMul "
                 "weights all sit inside If/Loop/Scan bodies, which are not pruned"
+            )
+        if fused_quantized:
+            return (
+                f"no prunable channel group: the model is already quantized ({fused_quantized} "
+                f"layer{'s' if fused_quantized != 1 else ''} in fused int8/int4 kernels such as "
+                "QLinearConv); prune its float original, then quantize"
             )
         return "no prunable channel group (no Conv, ConvTranspose, Gemm or MatMul weights)"
     if all(g.reason for g in groups):
@@ -141,12 +164,23 @@ def _unprunable_because(groups, body_weights: int) -> str | None:
 def unprunable_because(model, *, source: str | None = None) -> str | None:
     """Why pruning cannot remove any channel of ``model`` (no group, or every group blocked),
     or None when some group can be pruned: known from the graph alone, before any statistics."""
-    return _unprunable_because(analyse(model, source=source), _body_weights(io.load_model(model)))
+    loaded = io.load_model(model)
+    return _unprunable_because(
+        analyse(model, source=source), _body_weights(loaded), _fused_quantized(loaded)
+    )
 
 
 def _body_weights(model: ir.Model) -> int:
     """Weighted nodes inside If/Loop/Scan bodies."""
     return sum(passes.weighted_layers(model)[1].values())
+
+
+def _fused_quantized(model: ir.Model) -> int:
+    """Layers whose weights sit quantized inside a fused kernel (``_FUSED_QUANTIZED``)."""
+    return sum(
+        n.op_type in _FUSED_QUANTIZED and n.domain in ("", "ai.onnx", "com.microsoft")
+        for n in model.graph
+    )
 
 
 def format_groups(groups: list[GroupReport]) -> str:
@@ -534,6 +568,7 @@ def prune(
         ratio_used=ratio,
         seconds=timings,
         body_weights=_body_weights(original),
+        fused_quantized=_fused_quantized(original),
     )
     report.unchanged_because = report.nothing_pruned_because()
     report.compensation = compensation_note
