@@ -262,16 +262,13 @@ def _parameters(model: ir.Model) -> tuple[int, int]:
     and of If/Loop/Scan bodies (an exporter may keep a model's every weight in the branches of
     an If, as silero-vad's does)."""
     count = nbytes = 0
-    graphs = {id(model.graph): model.graph}
-    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
-    graphs.update((id(n.graph), n.graph) for n in nodes)
     tensors = [
         (v, v.const_value)
-        for graph in graphs.values()
+        for graph in io.all_graphs(model)
         for v in graph.initializers.values()
         if v.const_value is not None
     ]
-    for node in nodes:
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             attr = node.attributes.get("value")
             if attr is not None and attr.type == ir.AttributeType.TENSOR:

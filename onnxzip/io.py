@@ -848,15 +848,12 @@ ZIPMAP_KEY = "onnxzip.detached_zipmap"
 def _detach_zipmaps(proto: onnx.ModelProto) -> onnx.ModelProto:
     """A scikit-learn classifier's ZipMap (probabilities as a sequence of maps, skl2onnx's
     default) cut off the main graph: the tensor it reads becomes a graph output in its place
-    (what verification compares), and the node, its output and where it stood are kept in the
-    model's metadata for ``save_model`` to put back. The IR onnxzip edits in has no map type.
+    (what verification compares; ``normalize_proto``'s inference types it), and the node, its
+    output and where it stood are kept in the model's metadata for ``save_model`` to put back. The IR onnxzip edits in has no map type.
     Returns ``proto`` unchanged when there is no such ZipMap (a copy otherwise)."""
     graph = proto.graph
     outputs = [o.name for o in graph.output]
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    read = {name for node in graph.node for name in node.input}
     found = [
         n
         for n in graph.node
@@ -864,7 +861,7 @@ def _detach_zipmaps(proto: onnx.ModelProto) -> onnx.ModelProto:
         and n.domain == "ai.onnx.ml"
         and len(n.output) == 1
         and n.output[0] in outputs
-        and not readers.get(n.output[0])
+        and n.output[0] not in read
         and len(n.input) == 1
     ]
     if not found:
@@ -894,11 +891,6 @@ def _detach_zipmaps(proto: onnx.ModelProto) -> onnx.ModelProto:
         kept = [n for n in graph.node if not (n.op_type == "ZipMap" and list(n.output) == [out])]
         del graph.node[:]
         graph.node.extend(kept)
-    inferred = onnx.shape_inference.infer_shapes(copy)  # the new output's type and shape
-    types = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
-    for i, o in enumerate(graph.output):
-        if not o.type.HasField("tensor_type") and o.name in types:
-            graph.output[i].CopyFrom(types[o.name])
     entry = copy.metadata_props.add()
     entry.key, entry.value = ZIPMAP_KEY, json.dumps(records)
     return copy
@@ -1032,13 +1024,18 @@ def drop_pages(tensor) -> None:
             pass
 
 
+def all_graphs(model: ir.Model) -> list[ir.Graph]:
+    """The main graph and every If/Loop/Scan body that holds a node, nested ones included."""
+    graphs = {id(model.graph): model.graph}
+    graphs.update((id(n.graph), n.graph) for n in ir.traversal.RecursiveGraphIterator(model.graph))
+    return list(graphs.values())
+
+
 def weights_nbytes(model: ir.Model) -> int:
     """Bytes held by the initializers (of the main graph and of If/Loop/Scan bodies) and by
     the tensors of Constant nodes (exporters store weights either way)."""
     total = 0
-    graphs = {id(model.graph): model.graph}
-    graphs.update((id(n.graph), n.graph) for n in ir.traversal.RecursiveGraphIterator(model.graph))
-    for graph in graphs.values():
+    for graph in all_graphs(model):
         for value in graph.initializers.values():
             if value.const_value is not None:
                 total += ops.tensor_nbytes(value.const_value)

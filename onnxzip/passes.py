@@ -366,6 +366,33 @@ def sum_to_add(model: ir.Model) -> int:
 
 
 @bulk_edit
+def _absorb(
+    graph: ir.Graph,
+    conv: ir.Node,
+    node: ir.Node,
+    weight: np.ndarray | None,
+    bias: np.ndarray,
+    tags: tuple[str, str],
+) -> None:
+    """Gives ``conv`` the folded ``weight`` (None: its own stays) and ``bias``, and removes
+    ``node``, the per-channel map after it that they absorbed; the Conv's output takes over the
+    node's output name, so per-node diffs and graph outputs line up. The new initializers are
+    ``<conv>.<tags[0]>`` and ``<conv>.<tags[1]>``."""
+    conv_out = conv.outputs[0]
+    base = conv.name or conv_out.name or "conv"
+    if weight is not None:
+        conv.replace_input_with(1, add_initializer(graph, f"{base}.{tags[0]}", weight))
+    b_value = add_initializer(graph, f"{base}.{tags[1]}", bias)
+    if len(conv.inputs) < 3:
+        conv.resize_inputs(3)
+    conv.replace_input_with(2, b_value)
+    out = node.outputs[0]
+    name = out.name
+    out.replace_all_uses_with(conv_out, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    conv_out.name = name
+
+
 def fold_batchnorm(model: ir.Model) -> list[str]:
     """Folds BatchNormalization into the preceding Conv/ConvTranspose; returns folded BN names."""
     graph = model.graph
@@ -405,21 +432,9 @@ def fold_batchnorm(model: ir.Model) -> list[str]:
             w_new = (w64 * s).reshape(w.shape)
         b0 = np.zeros(cout) if b is None else b.astype(np.float64)
         b_new = (b0 - mean.astype(np.float64)) * scale + beta.astype(np.float64)
-        base = conv.name or conv_out.name or "conv"
-        w_value = add_initializer(graph, f"{base}.weight_bnfold", w_new.astype(w.dtype))
-        b_value = add_initializer(graph, f"{base}.bias_bnfold", b_new.astype(w.dtype))
-        conv.replace_input_with(1, w_value)
-        if len(conv.inputs) > 2:
-            conv.replace_input_with(2, b_value)
-        else:
-            conv.resize_inputs(3)
-            conv.replace_input_with(2, b_value)
-        bn_out = bn.outputs[0]
-        name = bn_out.name
-        bn_out.replace_all_uses_with(conv_out, replace_graph_outputs=True)
-        graph.remove(bn, safe=True)
-        conv_out.name = name  # the folded tensor keeps the BN output's name: per-node diffs line up
-        folded.append(bn.name or name)
+        tags = ("weight_bnfold", "bias_bnfold")
+        _absorb(graph, conv, bn, w_new.astype(w.dtype), b_new.astype(w.dtype), tags)
+        folded.append(bn.name or conv_out.name)
     remove_unused_initializers(model)
     return folded
 
@@ -439,7 +454,8 @@ def fold_conv_affine(model: ir.Model) -> list[str]:
         if len(node.inputs) != 2 or any(v is None for v in node.inputs):
             continue
         index = next((i for i, v in enumerate(node.inputs) if const_array(v) is None), None)
-        if index is None or const_array(node.inputs[1 - index]) is None:
+        c = const_array(node.inputs[1 - index]) if index is not None else None
+        if c is None:
             continue
         if index != 0 and node.op_type in ("Div", "Sub"):
             continue  # c / conv, c - conv: not affine in the conv's output
@@ -454,7 +470,6 @@ def fold_conv_affine(model: ir.Model) -> list[str]:
         b = const_array(conv.inputs[2]) if has_bias else None
         if w is None or (has_bias and b is None) or w.dtype != np.float32:
             continue
-        c = const_array(node.inputs[1 - index])
         out = node.outputs[0]
         cout = w.shape[0]
         if (
@@ -484,20 +499,9 @@ def fold_conv_affine(model: ir.Model) -> list[str]:
             w64, b64 = w64 / per.reshape(-1, *([1] * (w.ndim - 1))), b64 / per
         else:
             b64 = b64 + per if node.op_type == "Add" else b64 - per
-        base = conv.name or conv_out.name or "conv"
-        if node.op_type in ("Mul", "Div"):
-            conv.replace_input_with(
-                1, add_initializer(graph, f"{base}.weight_scaled", w64.astype(w.dtype))
-            )
-        b_value = add_initializer(graph, f"{base}.bias_folded", b64.astype(w.dtype))
-        if not has_bias:
-            conv.resize_inputs(3)
-        conv.replace_input_with(2, b_value)
-        name = out.name
-        out.replace_all_uses_with(conv_out, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        conv_out.name = name  # the folded tensor keeps the op's output name, as BN folding does
-        folded.append(node.name or name)
+        scaled = w64.astype(w.dtype) if node.op_type in ("Mul", "Div") else None
+        _absorb(graph, conv, node, scaled, b64.astype(w.dtype), ("weight_scaled", "bias_folded"))
+        folded.append(node.name or conv_out.name)
     if folded:
         remove_unused_initializers(model)
     return folded

@@ -338,7 +338,15 @@ def test_a_zipmap_output_is_cut_off_for_the_work_and_put_back_in_the_written_mod
     code, stdout, err = run_cli(["inspect", path, "--json", tmp_path / "i.json"], capsys)
     assert code == 0 and "output      zipped: ZipMap of probabilities" in stdout
     assert sorted(got[1][0]) == [0, 1, 2, 3]
-    np.testing.assert_allclose(got[0], want[0], atol=0.05)
+    mapped = np.array([[row[k] for k in range(4)] for row in got[1]], np.float32)
+    original = np.array([[row[k] for k in range(4)] for row in want[1]], np.float32)
+    # the ZipMap put back reads the written model's probabilities, and the int8 model predicts
+    # what the original does on these rows
+    np.testing.assert_array_equal(mapped.argmax(1), original.argmax(1))
+    if tensor_output:
+        np.testing.assert_array_equal(mapped, got[0])
+    else:
+        np.testing.assert_array_equal(got[0].ravel(), original.argmax(1))
 
 
 def test_a_map_typed_input_is_refused_in_one_line(tmp_path, capsys):

@@ -164,9 +164,10 @@ def _unprunable_because(groups, body_weights: int, fused_quantized: int = 0) -> 
 def unprunable_because(model, *, source: str | None = None) -> str | None:
     """Why pruning cannot remove any channel of ``model`` (no group, or every group blocked),
     or None when some group can be pruned: known from the graph alone, before any statistics."""
-    loaded = io.load_model(model)
+    source = source or (str(model) if not isinstance(model, ir.Model) else "model")
+    loaded = io.load_model(model, name=source)  # once: analyse takes the loaded model as it is
     return _unprunable_because(
-        analyse(model, source=source), _body_weights(loaded), _fused_quantized(loaded)
+        analyse(loaded, source=source), _body_weights(loaded), _fused_quantized(loaded)
     )
 
 
