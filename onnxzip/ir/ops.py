@@ -348,6 +348,20 @@ WEIGHTED_OPS = frozenset(
 )
 # the float ops among them (integer forms count only for MACs and saturation checks)
 FLOAT_WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# Ops that hold a layer's weights already quantized inside one fused kernel (a QDQ model's
+# Conv/MatMul/Gemm still read float weights through DequantizeLinear)
+FUSED_QUANTIZED_OPS = frozenset(
+    {
+        "QLinearConv",
+        "QLinearMatMul",
+        "ConvInteger",
+        "MatMulInteger",
+        "QGemm",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+        "MatMulNBits",
+    }
+)
 
 
 def metatype(node: ir.Node) -> Metatype | None:

@@ -125,22 +125,6 @@ class PruneReport:
         return "the ratio or target leaves every group whole"
 
 
-# Ops that hold a layer's weights already quantized, fused into one kernel (a QDQ model's
-# Conv/MatMul/Gemm still read float through DequantizeLinear, and are pruned as such)
-_FUSED_QUANTIZED = frozenset(
-    {
-        "QLinearConv",
-        "QLinearMatMul",
-        "ConvInteger",
-        "MatMulInteger",
-        "QGemm",
-        "MatMulIntegerToFloat",
-        "DynamicQuantizeMatMul",
-        "MatMulNBits",
-    }
-)
-
-
 def _unprunable_because(groups, body_weights: int, fused_quantized: int = 0) -> str | None:
     """Why no group of a model can lose a channel, or None when one can."""
     if not groups:
@@ -177,9 +161,9 @@ def _body_weights(model: ir.Model) -> int:
 
 
 def _fused_quantized(model: ir.Model) -> int:
-    """Layers whose weights sit quantized inside a fused kernel (``_FUSED_QUANTIZED``)."""
+    """Layers whose weights sit quantized inside a fused kernel (``ops.FUSED_QUANTIZED_OPS``)."""
     return sum(
-        n.op_type in _FUSED_QUANTIZED and n.domain in ("", "ai.onnx", "com.microsoft")
+        n.op_type in ops.FUSED_QUANTIZED_OPS and n.domain in ("", "ai.onnx", "com.microsoft")
         for n in model.graph
     )
 
