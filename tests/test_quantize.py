@@ -1163,3 +1163,140 @@ def test_a_dense_layers_matmul_and_bias_add_fold_into_one_gemm(tmp_path):
     ort.InferenceSession(io.model_bytes(q), optimized)
     fused = Counter(n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node)
     assert fused["QGemm"] == 2
+
+
+SPECTRAL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,1,512] x) => (float[N,10] y) {
+    re = Conv <strides=[32]> (x, w_re)
+    im = Conv <strides=[32]> (x, w_im)
+    re2 = Mul (re, re)
+    im2 = Mul (im, im)
+    pw = Add (re2, im2)
+    pe = Add (pw, eps)
+    lg = Log (pe)
+    h = Conv <pads=[1, 1]> (lg, w1, b1)
+    r = Relu (h)
+    p = GlobalAveragePool (r)
+    f = Flatten (p)
+    y = Gemm (f, w2, b2)
+}
+"""
+
+
+def _spectral_model(rng):
+    """An audio classifier exported with its feature extraction: a 64-bin Fourier transform
+    written as two strided Convs (cos, sin), power, + eps, Log; then a learned Conv and Gemm."""
+    proto = onnx.parser.parse_model(SPECTRAL)
+    t = np.arange(64)
+    freqs = np.arange(32)[:, None] * (2 * np.pi / 64)
+    window = np.hanning(64)
+    tensors = {
+        "w_re": (np.cos(freqs * t) * window)[:, None, :],
+        "w_im": (np.sin(freqs * t) * window)[:, None, :],
+        "eps": np.array(1e-10),
+        "w1": rng.normal(0, 0.1, (16, 32, 3)),
+        "b1": rng.normal(0, 0.1, 16),
+        "w2": rng.normal(0, 0.3, (10, 16)),
+        "b2": np.zeros(10),
+    }
+    proto.graph.node[-1].attribute.append(onnx.helper.make_attribute("transB", 1))
+    for name, array in tensors.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array.astype(np.float32), name))
+    return io.load_model(proto)
+
+
+def _quiet_and_loud_tones(rng, n):
+    """Frames of a few tones each, at levels spread over 60 dB, with a faint noise floor."""
+    t = np.arange(512)
+    x = np.zeros((n, 1, 512))
+    for i in range(n):
+        for _ in range(3):
+            x[i, 0] += np.sin(2 * np.pi * rng.uniform(0.01, 0.45) * t + rng.uniform(0, 6))
+        x[i, 0] *= 10.0 ** rng.uniform(-3, 0)
+    return (x + rng.normal(0, 1e-5, x.shape)).astype(np.float32)
+
+
+def test_a_spectral_front_end_before_a_logarithm_stays_float_and_the_network_after_it_is_int8(
+    tmp_path, monkeypatch
+):
+    """basic-pitch (a tf2onnx export on PyPI) computes its constant-Q transform inside the
+    graph: Convs, magnitude, Log. Static int8 of those Convs gave 7.7 dB on its note outputs
+    and the guard then kept all 54 layers float; with the front end float the network after
+    the Log quantizes and holds its floors (34 dB). Here: a Fourier transform as Conv."""
+    from onnxzip.quantize import plan_quantization
+    from onnxzip.quantize.rules import LOGARITHM_REASON
+
+    rng = np.random.default_rng(0)
+    model = _spectral_model(rng)
+    plan, _ = plan_quantization(model, QuantizeConfig())
+    front = sorted(k for k, why in plan.kept_float.items() if why == LOGARITHM_REASON)
+    assert front == ["im", "im2", "pe", "pw", "re", "re2"], plan.kept_float
+    assert {"h", "y"} <= set(plan.quantized_nodes)  # the learned layers after the Log
+
+    np.savez(tmp_path / "x.npz", x=_quiet_and_loud_tones(rng, 160))
+    samples = NpzSamples(tmp_path / "x.npz", input_specs(model))
+    config = QuantizeConfig(floor_guard=False)
+    _, report = quantize(model, samples, config)
+    module = sys.modules["onnxzip.quantize.builder"]
+    monkeypatch.setattr(module, "logarithm_front_end", lambda graph: frozenset())
+    _, every = quantize(model, samples, config)
+    kept, quantized = report.parity.outputs[0].snr_db, every.parity.outputs[0].snr_db
+    assert kept > quantized + 10.0 and kept > 25.0, (kept, quantized)  # measured 44.1 / 2.4
+
+
+def test_a_log_after_a_learned_activation_keeps_nothing_before_it_float():
+    """The search stops at a nonlinearity: Log(Relu(conv) + eps) leaves the Conv int8."""
+    from onnxzip.quantize import plan_quantization
+
+    proto = onnx.parser.parse_model(
+        H
+        + """g (float[N,4,8,8] x) => (float[N,6,8,8] y) {
+            c = Conv <pads=[1, 1, 1, 1]> (x, w)
+            r = Relu (c)
+            e = Add (r, eps)
+            l = Log (e)
+            y = Conv (l, w2)
+        }"""
+    )
+    rng = np.random.default_rng(1)
+    for name, array in {
+        "w": rng.normal(0, 0.3, (6, 4, 3, 3)),
+        "eps": np.array(1e-3),
+        "w2": rng.normal(0, 0.3, (6, 6, 1, 1)),
+    }.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array.astype(np.float32), name))
+    plan, _ = plan_quantization(io.load_model(proto), QuantizeConfig())
+    assert {"c", "y"} <= set(plan.quantized_nodes), plan.kept_float
+
+
+def test_dynamic_int8_keeps_a_mel_filter_bank_before_a_logarithm_float(tmp_path):
+    """A mel filter bank as MatMul on a power spectrum: dynamic int8 quantizes its input per
+    tensor, which zeroes the quiet bins the Log then magnifies; it stays float, the learned
+    MatMul after the Log is int8."""
+    proto = onnx.parser.parse_model(
+        H
+        + """g (float[N,65] x) => (float[N,10] y) {
+            m = MatMul (x, mel)
+            e = Add (m, eps)
+            l = Log (e)
+            y = MatMul (l, w)
+        }"""
+    )
+    rng = np.random.default_rng(2)
+    mel = np.maximum(0, 1 - np.abs(np.arange(65)[:, None] / 3.0 - np.arange(20)[None, :]))
+    for name, array in {
+        "mel": mel,
+        "eps": np.array(1e-10),
+        "w": rng.normal(0, 0.3, (20, 10)),
+    }.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array.astype(np.float32), name))
+    model = io.load_model(proto)
+    power = (rng.uniform(size=(64, 65)) * 10.0 ** rng.uniform(-6, 0, (64, 65))).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=power)
+    samples = NpzSamples(tmp_path / "x.npz", input_specs(model))
+    _, report = quantize(model, samples, QuantizeConfig(mode="dynamic"))
+    assert report.quantized_ops == {"MatMul": 1}
+    kept = {k.node: k.reason for k in report.kept_float}
+    assert "spectral front end" in kept["m"], kept
+    assert report.parity.outputs[0].snr_db > 30.0, report.parity.outputs[0].snr_db  # measured 43.7

@@ -34,6 +34,7 @@ from onnxzip.quantize.qdq import InsertResult, insert_qdq
 from onnxzip.quantize.report import GuardReport, KeptFloat, TensorRange
 from onnxzip.quantize.rules import (
     Plan,
+    logarithm_front_end,
     normalisation_statistics,
 )
 from onnxzip.statistics import Collector
@@ -93,6 +94,7 @@ class _Builder:
         self.holdout = holdout
         # found once: every build plans a clone of ``prepared`` (the guard builds many)
         self.statistics = normalisation_statistics(prepared.graph)
+        self.front_end = logarithm_front_end(prepared.graph)
         self.stats: dict[str, cal.TensorStats] = {}
         self.calibrated = 0
         self.params: dict[str, tuple[qp.QParams, float, float]] = {}
@@ -201,7 +203,7 @@ class _Builder:
             return self._build_dynamic(model, config, keep_float)
         if config.mode == "weight-only":
             return self._build_weight_only(model, config, keep_float)
-        plan, kept = plan_quantization(model, config, self.statistics)
+        plan, kept = plan_quantization(model, config, self.statistics, self.front_end)
         means = []
         if self.collect_means and not self.means:
             means = sorted({(n.inputs[0].name, 1) for n in _bias_layers(model, plan)})
@@ -256,7 +258,9 @@ class _Builder:
         for keep in keep_sets:
             model = self.prepared.clone()
             config = self._excluding(keep)[1]
-            plans.append((model, plan_quantization(model, config, self.statistics)[0]))
+            plans.append(
+                (model, plan_quantization(model, config, self.statistics, self.front_end)[0])
+            )
         return plans
 
     def _rebuild_sources(self, keep_sets: list[frozenset[str]]) -> set[str]:

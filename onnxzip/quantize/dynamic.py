@@ -32,6 +32,7 @@ from onnxzip.passes import (
     replace_node,
 )
 from onnxzip.quantize import params as qp
+from onnxzip.quantize.rules import LOGARITHM_REASON, logarithm_front_end
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +113,17 @@ def quantize_dynamic(
     exclude = IgnoredScope.of(exclude)
     result = DynamicResult()
     activations: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
+    front_end = logarithm_front_end(graph)
     for node in list(graph):
         if node.op_type not in ("MatMul", "Gemm", "Gather") or node.domain not in ("", "ai.onnx"):
             continue
         key = node.name or node.outputs[0].name
         if exclude.matches(node):
             result.kept_float[key] = "excluded by the user"
+            continue
+        if key in front_end:
+            # dynamic int8 quantizes the activation per tensor: the same absolute step
+            result.kept_float[key] = LOGARITHM_REASON
             continue
         if node.op_type == "Gather":
             reason = quantize_table(graph, node, key)

@@ -23,9 +23,11 @@ from onnxzip.quantize import calibrate as cal
 from onnxzip.quantize.config import QuantizeConfig
 from onnxzip.quantize.report import KeptFloat
 from onnxzip.quantize.rules import (
+    LOGARITHM_REASON,
     QUANTIZATION_RULES,
     Context,
     Plan,
+    logarithm_front_end,
     normalisation_statistics,
 )
 from onnxzip.statistics import Collector
@@ -62,11 +64,14 @@ def _calibration_run(config: QuantizeConfig, samples: Samples, histogram: bool) 
 
 
 def plan_quantization(
-    model: ir.Model, config: QuantizeConfig, statistics: frozenset[str] | None = None
+    model: ir.Model,
+    config: QuantizeConfig,
+    statistics: frozenset[str] | None = None,
+    front_end: frozenset[str] | None = None,
 ) -> tuple[Plan, list[KeptFloat]]:
-    """Runs the per-op rules over the main graph in topological order. ``statistics``: the
-    model's ``normalisation_statistics`` when the caller has them (a builder plans one prepared
-    model many times), else found here."""
+    """Runs the per-op rules over the main graph in topological order. ``statistics`` and
+    ``front_end``: the model's ``normalisation_statistics`` and ``logarithm_front_end`` when the
+    caller has them (a builder plans one prepared model many times), else found here."""
     plan = Plan()
     transformer = config.preset == "transformer"
     ctx = Context(
@@ -77,6 +82,8 @@ def plan_quantization(
         transformer,
         statistics=normalisation_statistics(model.graph) if statistics is None else statistics,
     )
+    if front_end is None:
+        front_end = logarithm_front_end(model.graph)
     find = QUANTIZATION_RULES.finder(model.opset_imports)
     kept = []
     for node in model.graph:
@@ -92,7 +99,11 @@ def plan_quantization(
             continue
         before = plan.marks()
         try:
-            reason = _empty_tensor(node) or handler(node, ctx)
+            reason = (
+                (LOGARITHM_REASON if key in front_end else None)
+                or _empty_tensor(node)
+                or handler(node, ctx)
+            )
         except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError) as exc:
             # A rule that meets shapes it was not written for keeps the node in float (and
             # says why) instead of ending the run.
