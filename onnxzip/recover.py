@@ -38,6 +38,7 @@ from onnxzip import engine, io, passes, progress, training
 from onnxzip.config import ConfigError, option
 from onnxzip.data import Samples
 from onnxzip.errors import InputError, ModelError
+from onnxzip.ir import ops
 from onnxzip.runtime import Runner
 from onnxzip.verify import is_classifier
 
@@ -93,9 +94,14 @@ class RecoverReport:
 
 
 def _trainable(model: ir.Model) -> list[str]:
-    """Weights and biases of the weighted ops (and constant Add operands after a MatMul)."""
+    """Weights and biases of the weighted ops (and constant Add operands after a MatMul), but
+    not those of a spectral front end (``ops.logarithm_front_end``): fixed signal-processing
+    filters, whose gradients would be the costliest part of every step."""
     names = []
+    front_end = ops.logarithm_front_end(model.graph)
     for node in model.graph:
+        if ops.node_key(node) in front_end:
+            continue
         for index in _TRAINABLE_OPS.get(node.op_type, ()):
             if index >= len(node.inputs) or node.inputs[index] is None:
                 continue

@@ -1224,8 +1224,8 @@ def test_a_spectral_front_end_before_a_logarithm_stays_float_and_the_network_aft
     graph: Convs, magnitude, Log. Static int8 of those Convs gave 7.7 dB on its note outputs
     and the guard then kept all 54 layers float; with the front end float the network after
     the Log quantizes and holds its floors (34 dB). Here: a Fourier transform as Conv."""
+    from onnxzip.ir.ops import LOGARITHM_REASON
     from onnxzip.quantize import plan_quantization
-    from onnxzip.quantize.rules import LOGARITHM_REASON
 
     rng = np.random.default_rng(0)
     model = _spectral_model(rng)
@@ -1300,3 +1300,12 @@ def test_dynamic_int8_keeps_a_mel_filter_bank_before_a_logarithm_float(tmp_path)
     kept = {k.node: k.reason for k in report.kept_float}
     assert "spectral front end" in kept["m"], kept
     assert report.parity.outputs[0].snr_db > 30.0, report.parity.outputs[0].snr_db  # measured 43.7
+
+
+def test_recovery_trains_the_network_after_a_spectral_front_end_not_its_filters():
+    """Distillation freezes the front end's filter banks: fixed signal processing, and the
+    costliest gradients of a step (basic-pitch's constant-Q Convs read the raw audio)."""
+    from onnxzip.recover import _trainable
+
+    model = _spectral_model(np.random.default_rng(0))
+    assert sorted(_trainable(model)) == ["b1", "b2", "w1", "w2"]

@@ -456,3 +456,59 @@ def node_macs(node: ir.Node, dims: DimsFn) -> int | None:
     if m is None or m.macs is None:
         return None
     return m.macs(node, dims)
+
+
+# -- spectral front ends ----------------------------------------------------------------------
+
+# Ops through which a value keeps its magnitude (up to a constant, a sum or a square) on its way
+# to a logarithm: elementwise arithmetic, reductions, data movement, and linear layers (a
+# short-time Fourier transform or a constant-Q filter bank written as Conv, a mel filter bank as
+# MatMul). Not Exp (it turns an absolute error into a relative one) nor any other nonlinearity.
+MAGNITUDE_OPS = frozenset(
+    {
+        *("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs"),
+        *("Max", "Min", "Clip", "Identity", "Cast"),
+        *("ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceL1", "ReduceL2"),
+        *("ReduceMax", "ReduceMin"),
+        *("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Expand", "Tile"),
+        *("Slice", "Concat", "Split", "Gather", "Pad", "AveragePool", "GlobalAveragePool"),
+        *("Conv", "ConvTranspose", "MatMul", "Gemm"),
+    }
+)
+LOGARITHM_REASON = (
+    "it feeds a logarithm through linear and magnitude ops only (a spectral front end): int8's "
+    "absolute step erases the small values a logarithm magnifies"
+)
+
+
+def logarithm_front_end(graph: ir.Graph) -> frozenset[str]:
+    """Keys of the nodes of ``graph`` that compute what a ``Log`` reads through linear and
+    magnitude ops only (``MAGNITUDE_OPS``): an audio model's feature extraction exported with it
+    (frames, a filter bank as Conv or MatMul, ``re^2 + im^2``, ``Sqrt``, ``+ eps``, ``Log``).
+
+    Such a value spans many orders of magnitude and what the logarithm reads is its *relative*
+    precision: one 8-bit step per tensor is a fixed *absolute* error, which turns every value
+    below it into ``log(eps)`` and shifts a log spectrum's floor (and any min/max
+    normalisation after it). The search walks up from each Log's input and stops at anything
+    else (a ReLU, Sigmoid, Softmax, Exp: what a learned network puts between its layers) and
+    at constants, so a Log after a learned network keeps at most the linear layers right
+    before it. Quantization keeps these nodes in float; recovery does not train their weights
+    (fixed signal-processing filters, and the costliest part of a backward pass)."""
+    found: set[str] = set()
+    seen: set[int] = set()
+    todo = [n.inputs[0] for n in graph if n.op_type == "Log" and domain_of(n) == ""]
+    while todo:
+        value = todo.pop()
+        if value is None or id(value) in seen:
+            continue
+        seen.add(id(value))
+        node = value.producer()
+        if node is None or node.graph is not graph or domain_of(node) != "":
+            continue
+        if node.op_type not in MAGNITUDE_OPS:
+            continue
+        found.add(node_key(node))
+        for v in node.inputs:
+            if v is not None and (v.dtype is None or v.dtype.is_floating_point()):
+                todo.append(v)
+    return frozenset(found)

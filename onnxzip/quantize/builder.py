@@ -21,7 +21,7 @@ import onnx_ir as ir
 from onnxzip import io, passes
 from onnxzip.data import Samples
 from onnxzip.errors import DataError, InternalError, ModelError
-from onnxzip.ir.ops import node_key
+from onnxzip.ir.ops import logarithm_front_end, node_key
 from onnxzip.quantize import calibrate as cal
 from onnxzip.quantize import dynamic as dynamic_mod
 from onnxzip.quantize import params as qp
@@ -34,7 +34,6 @@ from onnxzip.quantize.qdq import InsertResult, insert_qdq
 from onnxzip.quantize.report import GuardReport, KeptFloat, TensorRange
 from onnxzip.quantize.rules import (
     Plan,
-    logarithm_front_end,
     normalisation_statistics,
 )
 from onnxzip.statistics import Collector

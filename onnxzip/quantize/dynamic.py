@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from onnxzip import io
 from onnxzip.config import IgnoredScope
+from onnxzip.ir.ops import LOGARITHM_REASON, logarithm_front_end
 from onnxzip.passes import (
     add_initializer,
     bulk_edit,
@@ -32,7 +33,6 @@ from onnxzip.passes import (
     replace_node,
 )
 from onnxzip.quantize import params as qp
-from onnxzip.quantize.rules import LOGARITHM_REASON, logarithm_front_end
 
 logger = logging.getLogger(__name__)
 

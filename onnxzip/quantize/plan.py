@@ -18,16 +18,14 @@ import onnx_ir as ir
 
 from onnxzip.data import Samples
 from onnxzip.ir import ops
-from onnxzip.ir.ops import node_key
+from onnxzip.ir.ops import LOGARITHM_REASON, logarithm_front_end, node_key
 from onnxzip.quantize import calibrate as cal
 from onnxzip.quantize.config import QuantizeConfig
 from onnxzip.quantize.report import KeptFloat
 from onnxzip.quantize.rules import (
-    LOGARITHM_REASON,
     QUANTIZATION_RULES,
     Context,
     Plan,
-    logarithm_front_end,
     normalisation_statistics,
 )
 from onnxzip.statistics import Collector

@@ -183,62 +183,6 @@ def normalisation_statistics(graph: ir.Graph) -> frozenset[str]:
     return frozenset(stats)
 
 
-# ops through which a value keeps its magnitude (up to a constant or a square) on its way to a
-# logarithm: elementwise arithmetic, reductions, data movement, and linear layers (a short-time
-# Fourier transform or a constant-Q filter bank written as Conv, a mel filter bank as MatMul)
-_MAGNITUDE = (
-    *_CARRY,
-    *_REDUCTIONS,
-    "Flatten",
-    "Slice",
-    "Concat",
-    "Split",
-    "Gather",
-    "Pad",
-    "AveragePool",
-    "GlobalAveragePool",
-    "Conv",
-    "ConvTranspose",
-    "MatMul",
-    "Gemm",
-)
-LOGARITHM_REASON = (
-    "it feeds a logarithm through linear and magnitude ops only (a spectral front end): int8's "
-    "absolute step erases the small values a logarithm magnifies"
-)
-
-
-def logarithm_front_end(graph: ir.Graph) -> frozenset[str]:
-    """Keys of the nodes of ``graph`` that compute what a ``Log`` reads through linear and
-    magnitude ops only (``_MAGNITUDE``): an audio model's feature extraction exported with it
-    (frames, a filter bank as Conv or MatMul, ``re^2 + im^2``, ``Sqrt``, ``+ eps``, ``Log``).
-
-    Such a value spans many orders of magnitude and what the logarithm reads is its *relative*
-    precision: one 8-bit step per tensor is a fixed *absolute* error, which turns every value
-    below it into ``log(eps)`` and shifts a log spectrum's floor (and any min/max
-    normalisation after it). The search walks up from each Log's input and stops at anything
-    else (a ReLU, Sigmoid, Softmax, Exp: what a learned network puts between its layers), so a
-    Log after a learned network keeps at most the linear layers right before it in float."""
-    found: set[str] = set()
-    seen: set[int] = set()
-    todo = [n.inputs[0] for n in graph if n.op_type == "Log" and n.domain in ("", "ai.onnx")]
-    while todo:
-        value = todo.pop()
-        if value is None or id(value) in seen or const_array(value) is not None:
-            continue
-        seen.add(id(value))
-        node = value.producer()
-        if node is None or node.graph is not graph or node.domain not in ("", "ai.onnx"):
-            continue
-        if node.op_type not in _MAGNITUDE:
-            continue
-        found.add(node_key(node))
-        for v in node.inputs:
-            if v is not None and (v.dtype is None or v.dtype.is_floating_point()):
-                todo.append(v)
-    return frozenset(found)
-
-
 Handler = Callable[[ir.Node, Context], str | None]
 QUANTIZATION_RULES: Registry[Handler] = Registry("quantization")
 register = QUANTIZATION_RULES.register
