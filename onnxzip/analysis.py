@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import data as data_mod
-from onnxzip import floors, io
+from onnxzip import floors, io, passes
 from onnxzip.errors import InputError, ModelError
 from onnxzip.ir import ops
 from onnxzip.passes import const_array
@@ -332,6 +332,21 @@ def shapes_for_macs(model: ir.Model, samples) -> dict[str, list[int]] | None:
     return None
 
 
+def _shapes_folded(model: ir.Model, name: str) -> ir.Model:
+    """``model``, or a copy with its constant subgraphs folded and shapes inferred again when
+    it has any: shapes computed from constants at run time (a TorchScript export's ``F.pad``
+    pads) leave everything after them unknown until folded, as the stages fold them."""
+    if not any(passes.foldable(n) for n in model.graph):
+        return model
+    folded = model.clone()
+    if not passes.fold_constants(folded):
+        return model
+    try:
+        return io.reinfer_shapes(folded, name)
+    except ModelError:
+        return model
+
+
 def with_input_shapes(model: ir.Model, shapes: dict[str, list[int]], name: str = "model"):
     """A copy of ``model`` with the given graph input shapes and every shape inferred from them.
 
@@ -456,10 +471,10 @@ def inspect_model(
     ir_model = io.load_model(model, name=source)
     if isinstance(model, (str, Path)):
         file_bytes = io.file_size(model)
-    counted = ir_model
+    counted = _shapes_folded(ir_model, source or "model")
     if input_shapes:
         try:
-            counted = with_input_shapes(ir_model, input_shapes, source or "model")
+            counted = with_input_shapes(counted, input_shapes, source or "model")
         except InputError:
             if strict_shapes:
                 raise

@@ -1347,6 +1347,41 @@ def reinfer_shapes(model: ir.Model, name: str = "model") -> ir.Model:
     return result
 
 
+def refresh_shapes(model: ir.Model, name: str = "model") -> int:
+    """Infers anew, in place, the main graph's intermediate shapes that are not known (after a
+    fold made computable what was not: pads or reshape targets computed from constants). Shapes
+    already known stay as they are. Returns how many values got a better shape (0 when
+    inference fails: the shapes stay as they were)."""
+    values = [v for node in model.graph for v in node.outputs if not v.is_graph_output()]
+    before = [(v, v.shape, v.dtype) for v in values]
+    try:
+        fresh = reinfer_shapes(model, name)
+    except ModelError as exc:
+        logger.info("%s: shapes not inferred again after folding: %s", name, exc)
+        fresh = None
+    found = {v.name: v for node in fresh.graph for v in node.outputs if v.name} if fresh else {}
+    better = 0
+    for value, shape, dtype in before:
+        value.shape, value.dtype = shape, dtype
+        new = found.get(value.name)
+        if new is None or new.shape is None or unknown_dims(new.shape) >= unknown_dims(shape):
+            continue
+        value.shape = new.shape
+        value.dtype = value.dtype or new.dtype
+        better += 1
+    return better
+
+
+def unknown_dims(shape: ir.Shape | None) -> int:
+    """Dims shape inference could not tell (unnamed, or ``unk__N``); no shape counts as many."""
+    if shape is None:
+        return 1 << 20
+    return sum(
+        isinstance(d, ir.SymbolicDim) and (d.value is None or d.value.startswith("unk__"))
+        for d in shape
+    )
+
+
 _SHAPE_ONLY = "onnxzip-shape-only"  # the external-data location of a stub for shape inference
 
 

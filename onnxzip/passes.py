@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import weakref
 
@@ -247,7 +248,7 @@ def weighted_layers(model: ir.Model) -> tuple[dict[str, int], dict[str, int]]:
     return main, bodies
 
 
-def _foldable(node: ir.Node) -> bool:
+def foldable(node: ir.Node) -> bool:
     return (
         node.op_type != "Constant"
         and bool(node.inputs)
@@ -265,14 +266,14 @@ def fold_constants(model: ir.Model) -> int:
     read by a Gather and, transposed, by the output MatMul) is not made: it would grow the
     model by that weight and untie it. Such nodes are hidden from the folder for the call.
     """
-    strings = [node for node in model.graph if _foldable(node) and _reads_strings(node)]
+    strings = [node for node in model.graph if foldable(node) and _reads_strings(node)]
     shared = [
         node
         for node in model.graph
-        if _foldable(node) and node not in strings and _duplicates_weight(node)
+        if foldable(node) and node not in strings and _duplicates_weight(node)
     ]
     left_alone = {id(node) for node in shared + strings}
-    if not any(_foldable(node) for node in model.graph if id(node) not in left_alone):
+    if not any(foldable(node) for node in model.graph if id(node) not in left_alone):
         return 0  # nothing to fold: skip importing onnxscript's optimizer (0.2 s)
     from onnxscript.optimizer import _constant_folding
 
@@ -304,8 +305,13 @@ def fold_constants(model: ir.Model) -> int:
     quiet = logging.getLogger("onnx_ir")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # it warns about every initializer it leaves alone
+    options = {}
+    if "should_fold" in inspect.signature(_constant_folding.fold_constants).parameters:
+        options["should_fold"] = _fold_small_constant_of_shape
     try:
-        _constant_folding.fold_constants(model, input_size_limit=2**40, output_size_limit=2**40)
+        _constant_folding.fold_constants(
+            model, input_size_limit=2**40, output_size_limit=2**40, **options
+        )
     finally:
         quiet.setLevel(level)
         # Every reader of a stand-in, not only the hidden node: the folder forwards an
@@ -313,6 +319,24 @@ def fold_constants(model: ir.Model) -> int:
         for stand_in, value in stand_ins:
             stand_in.replace_all_uses_with(value, replace_graph_outputs=True)
     return before - model.graph.num_nodes()
+
+
+# ConstantOfShape outputs up to this many elements are folded (the folder keeps every one, so
+# that a large zero tensor is not written out): TorchScript exports of ``F.pad`` compute a Pad's
+# pads from ``ConstantOfShape`` of a constant, and without folding it neither the pads nor any
+# shape after the Pad is known (MACs, pruning and quantization rules all read those shapes).
+_SMALL_CONSTANT_OF_SHAPE = 4096
+
+
+def _fold_small_constant_of_shape(node: ir.Node) -> bool | None:
+    """The folder's ``should_fold``: True for a small ConstantOfShape, else its own rules."""
+    if node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx"):
+        return None
+    shape = node.inputs[0].const_value if node.inputs and node.inputs[0] is not None else None
+    if shape is None:
+        return None
+    dims = shape.numpy().reshape(-1)
+    return True if np.all(dims >= 0) and int(np.prod(dims)) <= _SMALL_CONSTANT_OF_SHAPE else None
 
 
 def _reads_strings(node: ir.Node) -> bool:
@@ -718,7 +742,16 @@ class FoldConstants(_Step):
     key = "constants_folded"
 
     def apply(self, model):
-        return fold_constants(model)
+        from onnxzip import io
+
+        unknown = any(io.unknown_dims(v.shape) for node in model.graph for v in node.outputs)
+        folded = fold_constants(model)
+        if folded and unknown:
+            # shapes the fold made computable (a Pad's pads, a Reshape's target)
+            better = io.refresh_shapes(model)
+            if better:
+                logger.info("%d shapes known after folding constants", better)
+        return folded
 
 
 class LiftConstants(_Step):
