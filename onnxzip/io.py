@@ -1353,7 +1353,7 @@ def refresh_shapes(model: ir.Model, name: str = "model") -> int:
     already known stay as they are. Returns how many values got a better shape (0 when
     inference fails: the shapes stay as they were)."""
     values = [v for node in model.graph for v in node.outputs if not v.is_graph_output()]
-    before = [(v, v.shape, v.dtype) for v in values]
+    before = [(v, v.shape) for v in values]
     try:
         fresh = reinfer_shapes(model, name)
     except ModelError as exc:
@@ -1361,13 +1361,14 @@ def refresh_shapes(model: ir.Model, name: str = "model") -> int:
         fresh = None
     found = {v.name: v for node in fresh.graph for v in node.outputs if v.name} if fresh else {}
     better = 0
-    for value, shape, dtype in before:
-        value.shape, value.dtype = shape, dtype
+    for value, shape in before:  # reinfer_shapes dropped them: what was known comes back
+        value.shape = shape
         new = found.get(value.name)
         if new is None or new.shape is None or unknown_dims(new.shape) >= unknown_dims(shape):
             continue
         value.shape = new.shape
-        value.dtype = value.dtype or new.dtype
+        if value.dtype is None and new.dtype is not None:
+            value.dtype = new.dtype
         better += 1
     return better
 

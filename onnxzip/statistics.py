@@ -408,6 +408,8 @@ def _sweep_shard(sweep: _Sweep, batches: list) -> Collected:
                 for job in sweep.numpy_jobs:
                     reduce(job, out)
             for tensor, (lo, hi, finite) in sweep.range_outputs.items():
+                if np.size(out[lo]) == 0:
+                    continue  # the tensor is empty in this run: nothing to see
                 if math.isfinite(float(np.sum(out[finite], dtype=np.float64))):
                     result.ranges[tensor].update_range(
                         float(np.min(out[lo])), float(np.max(out[hi])), len(batch)
