@@ -7,13 +7,13 @@ floors are turned off. PASS means every floor held.
 
 | kind | recognised by | default floors |
 | --- | --- | --- |
-| class scores | float ``[N, C]``, ``C >= 2``, not L2-normalised | top-1 agreement >= 0.98; with labels, accuracy drop <= 1 point |
+| class scores | float ``[N, C]``, ``C >= 2``, not L2-normalised, and not a raw head beside another output's Softmax | top-1 agreement >= 0.98; with labels, accuracy drop <= 1 point |
 | class scores per position | float, rank >= 3, Softmax / LogSoftmax over the last axis, or a MatMul / Gemm projection to more features than it reads (float or quantized; CTC and language-model logits) | argmax agreement per position >= 0.99; for sequences of at most 128 positions (text lines), the whole argmax sequence identical in >= 0.95 of the samples |
 | mask | float ``[N, C, H, W]``, ``C >= 2``, from Softmax over axis 1, Conv, ConvTranspose or Resize | per-pixel argmax agreement >= 0.95 |
 | probabilities | produced by Sigmoid, HardSigmoid or Softmax (not the above) | SNR >= 10 dB; F1 of the 0.5 decision >= 0.9 where the reference has positives |
 | embedding | L2-normalised ``[N, D]``, or ``[N, S, D]`` with ``D >= 16`` (hidden states) | mean cosine >= 0.99, min cosine >= 0.95 |
 | one value | one float per sample (``[N]``, ``[N, 1]``, a scalar) | SNR >= 20 dB over the samples (a cosine of one value is always 1) |
-| regression | any other float output (boxes, coordinates, depth, feature maps) | SNR >= 20 dB |
+| regression | any other float output (boxes, coordinates, depth, feature maps; an ``[N, D]`` head the model leaves raw while another output is its Softmax) | SNR >= 20 dB |
 | integer | integer or boolean outputs (indices, ids, masks) | exact element agreement >= 0.99 |
 
 Slices: an output whose non-batch axis is filled by a ``Concat`` of parts of different kinds
@@ -133,6 +133,21 @@ def _source(value: ir.Value) -> ir.Node | None:
     return node
 
 
+def _beside_a_softmax_head(value: ir.Value) -> bool:
+    """Whether another output of the graph is a Softmax/LogSoftmax: a model that turns one head
+    into class probabilities itself leaves its raw heads as regressions (MTCNN's face score
+    beside its box offsets and landmarks), whose argmax decides nothing."""
+    src = value.producer()
+    graph = src.graph if src is not None else None
+    if graph is None:
+        return False
+    for other in graph.outputs:
+        head = _source(other) if other is not value else None
+        if head is not None and head.op_type in ("Softmax", "LogSoftmax"):
+            return True
+    return False
+
+
 def is_l2_normalised(value: ir.Value) -> bool:
     """``LpNormalization(p=2)``, or ``x / f(ReduceL2(x))`` with f a clamp such as Max or Clip."""
     node = value.producer()
@@ -238,6 +253,8 @@ def classify(value: ir.Value, shape=None) -> Part:
             return Part(name, EMBEDDING, "L2-normalised [N, D]")
         if op == "Sigmoid":
             return Part(name, PROBABILITIES, "[N, C] from Sigmoid (independent probabilities)")
+        if op not in ("Softmax", "LogSoftmax") and _beside_a_softmax_head(value):
+            return Part(name, REGRESSION, "[N, D] raw values beside a Softmax head (boxes, points)")
         if shape[1] is not None and shape[1] >= 2:
             return Part(name, CLASS_SCORES, f"[N, {shape[1]}] class scores", class_axis=1)
         return Part(name, REGRESSION, "[N, D] with D unknown")

@@ -35,12 +35,12 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import engine, io, passes, progress, training
+from onnxzip import floors as floors_mod
 from onnxzip.config import ConfigError, option
 from onnxzip.data import Samples
 from onnxzip.errors import InputError, ModelError
 from onnxzip.ir import ops
 from onnxzip.runtime import Runner
-from onnxzip.verify import is_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,25 @@ def _trainable(model: ir.Model) -> list[str]:
     return names
 
 
+def _class_scores(value: ir.Value) -> str | None:
+    """How an output enters the distillation loss: class scores (the floors' kind) as a KL
+    divergence of tempered distributions, given as "logits", "probabilities" (a Softmax's
+    output: its log is the logits up to a constant, which the softmax ignores) or
+    "log-probabilities"; None for every other kind, which is matched by squared error (a box
+    regression through a softmax would only be matched up to a shift of all its values)."""
+    if floors_mod.classify(value).kind != floors_mod.CLASS_SCORES:
+        return None
+    src = value.producer()
+    op = src.op_type if src is not None else None
+    return {"Softmax": "probabilities", "LogSoftmax": "log-probabilities"}.get(op, "logits")
+
+
+def _teacher_distribution(t: np.ndarray, form: str, temperature: float) -> np.ndarray:
+    """The tempered target distribution from a teacher output of class scores ``form``."""
+    logits = np.log(np.maximum(t, 1e-30)) if form == "probabilities" else t
+    return _softmax(logits.astype(np.float64), temperature)
+
+
 def _training_twin(
     student: ir.Model, temperature: float, weights: dict[str, np.ndarray] | None = None
 ) -> tuple[ir.Model, list[str]]:
@@ -131,11 +150,20 @@ def _training_twin(
         target = ir.Value(name=f"distill_target_{i}", type=out.type, shape=out.shape)
         graph.inputs.append(target)
         targets.append(target.name)
-        if is_classifier(out):
+        form = _class_scores(out)
+        if form is not None:
             t = passes.add_initializer(
                 graph, f"distill_temperature_{i}", np.array(temperature, np.float32)
             )
-            scaled = ir.node("Div", [out, t], name=f"distill_scale_{i}")
+            logits, pre = out, []
+            if form == "probabilities":
+                tiny = passes.add_initializer(
+                    graph, f"distill_tiny_{i}", np.array(1e-30, np.float32)
+                )
+                floor = ir.node("Max", [out, tiny], name=f"distill_floor_{i}")
+                log = ir.node("Log", [floor.outputs[0]], name=f"distill_log_{i}")
+                logits, pre = log.outputs[0], [floor, log]
+            scaled = ir.node("Div", [logits, t], name=f"distill_scale_{i}")
             logp = ir.node(
                 "LogSoftmax", [scaled.outputs[0]], attributes={"axis": -1}, name=f"distill_logp_{i}"
             )
@@ -157,7 +185,7 @@ def _training_twin(
                 graph, f"distill_factor_{i}", np.array(-(temperature**2), np.float32)
             )
             loss = ir.node("Mul", [mean.outputs[0], factor], name=f"distill_loss_{i}")
-            new = [scaled, logp, prod, per_sample, mean, loss]
+            new = [*pre, scaled, logp, prod, per_sample, mean, loss]
         else:
             diff = ir.node("Sub", [out, target], name=f"distill_diff_{i}")
             sq = ir.node("Mul", [diff.outputs[0], diff.outputs[0]], name=f"distill_sq_{i}")
@@ -208,7 +236,7 @@ def _loss_weights(teacher_run, student: ir.Model, samples: Samples, config) -> d
         v.name
         for v in student.graph.outputs
         if v.dtype == ir.DataType.FLOAT
-        and not is_classifier(v)
+        and _class_scores(v) is None
         and v.shape is not None
         and len(v.shape)
         and isinstance(v.shape[-1], int)
@@ -283,7 +311,7 @@ def recover(
 
     out_names = [v.name for v in student.graph.outputs]
     float_outputs = [v for v in student.graph.outputs if v.dtype == ir.DataType.FLOAT]
-    classifier = {v.name: is_classifier(v) for v in float_outputs}
+    classifier = {v.name: _class_scores(v) for v in float_outputs}
 
     entropies: list[float] = []  # the teacher's per batch: subtracted so the loss is the KL
     sizes: list[int] = []
@@ -301,8 +329,8 @@ def recover(
                 if v.dtype != ir.DataType.FLOAT:
                     continue
                 t = teacher_out[v.name]
-                if classifier[v.name]:
-                    p = _softmax(t.astype(np.float64), config.temperature)
+                if classifier[v.name] is not None:
+                    p = _teacher_distribution(t, classifier[v.name], config.temperature)
                     plogp = (p * np.log(np.maximum(p, 1e-30))).sum(axis=-1)
                     entropy -= config.temperature**2 * float(np.mean(plogp))
                     feeds[f"distill_target_{i}"] = p.astype(np.float32)

@@ -62,6 +62,39 @@ def test_output_kinds_from_the_graph(graph, kind):
     assert parts[0].floors == floors.DEFAULT_FLOORS[kind]
 
 
+# MTCNN's refinement net: a face score made probabilities by the model's own Softmax, beside raw
+# box offsets and landmarks from the same trunk.
+TWO_HEADS = """
+g (float[N, 8] x) => (float[N, 2] face, float[N, 4] box, float[N, 10] points) {
+    s = Gemm (x, ws)
+    face = Softmax <axis = 1> (s)
+    box = Gemm (x, wb)
+    points = Gemm (x, wp)
+}
+"""
+
+
+def test_raw_heads_beside_a_softmax_head_are_regressions_not_class_scores():
+    """The argmax of four box offsets decides nothing: judged as class scores, MTCNN's box
+    head failed static int8 on top-1 agreement 0.94 (a dynamic fallback with only its Gemms
+    int8); as a regression it holds 21.2 dB and every Conv is int8."""
+    rng = np.random.default_rng(0)
+    weights = {
+        n: rng.normal(size=(8, k)).astype(np.float32) for n, k in (("ws", 2), ("wb", 4), ("wp", 10))
+    }
+    kinds = {
+        name: [p.kind for p in parts] for name, parts in _parts(_model(TWO_HEADS, weights)).items()
+    }
+    assert kinds == {
+        "face": [floors.CLASS_SCORES],
+        "box": [floors.REGRESSION],
+        "points": [floors.REGRESSION],
+    }
+    # without the Softmax head, an [N, C] output is still class scores (logits)
+    alone = _model(TWO_HEADS.replace("face = Softmax <axis = 1> (s)", "face = Relu (s)"), weights)
+    assert [p.kind for p in _parts(alone)["box"]] == [floors.CLASS_SCORES]
+
+
 # A detector head as exporters write it: boxes in pixels (0..320) and class probabilities in one
 # output, concatenated along the last axis.
 DETECTOR = """
