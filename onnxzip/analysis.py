@@ -332,10 +332,17 @@ def shapes_for_macs(model: ir.Model, samples) -> dict[str, list[int]] | None:
     return None
 
 
+FOLD_FOR_MACS_BYTES = 256 * 2**20
+
+
 def _shapes_folded(model: ir.Model, name: str) -> ir.Model:
     """``model``, or a copy with its constant subgraphs folded and shapes inferred again when
     it has any: shapes computed from constants at run time (a TorchScript export's ``F.pad``
-    pads) leave everything after them unknown until folded, as the stages fold them."""
+    pads) leave everything after them unknown until folded, as the stages fold them. Not on
+    models above ``FOLD_FOR_MACS_BYTES`` of weights: a fold of a weight's Transpose would hold
+    a second copy of it just to count."""
+    if io.weights_nbytes(model) > FOLD_FOR_MACS_BYTES:
+        return model
     if not any(passes.foldable(n) for n in model.graph):
         return model
     folded = model.clone()
