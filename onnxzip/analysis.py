@@ -335,23 +335,19 @@ def shapes_for_macs(model: ir.Model, samples) -> dict[str, list[int]] | None:
 FOLD_FOR_MACS_BYTES = 256 * 2**20
 
 
-def _shapes_folded(model: ir.Model, name: str) -> ir.Model:
-    """``model``, or a copy with its constant subgraphs folded and shapes inferred again when
-    it has any: shapes computed from constants at run time (a TorchScript export's ``F.pad``
-    pads) leave everything after them unknown until folded, as the stages fold them. Not on
-    models above ``FOLD_FOR_MACS_BYTES`` of weights: a fold of a weight's Transpose would hold
-    a second copy of it just to count."""
+def _shapes_folded(model: ir.Model) -> ir.Model:
+    """``model``, or a copy with its constant subgraphs folded and the shapes that makes
+    computable inferred (the stages' own ``passes.FoldConstants`` step): shapes computed from
+    constants at run time (a TorchScript export's ``F.pad`` pads) leave everything after them
+    unknown until folded. Not on models above ``FOLD_FOR_MACS_BYTES`` of weights: a fold of a
+    weight's Transpose would hold a second copy of it just to count."""
     if io.weights_nbytes(model) > FOLD_FOR_MACS_BYTES:
         return model
     if not any(passes.foldable(n) for n in model.graph):
         return model
     folded = model.clone()
-    if not passes.fold_constants(folded):
-        return model
-    try:
-        return io.reinfer_shapes(folded, name)
-    except ModelError:
-        return model
+    passes.FoldConstants()(folded)
+    return folded
 
 
 def with_input_shapes(model: ir.Model, shapes: dict[str, list[int]], name: str = "model"):
@@ -478,7 +474,7 @@ def inspect_model(
     ir_model = io.load_model(model, name=source)
     if isinstance(model, (str, Path)):
         file_bytes = io.file_size(model)
-    counted = _shapes_folded(ir_model, source or "model")
+    counted = _shapes_folded(ir_model)
     if input_shapes:
         try:
             counted = with_input_shapes(counted, input_shapes, source or "model")

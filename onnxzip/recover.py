@@ -136,10 +136,14 @@ def _teacher_distribution(t: np.ndarray, form: str, temperature: float) -> np.nd
 
 
 def _training_twin(
-    student: ir.Model, temperature: float, weights: dict[str, np.ndarray] | None = None
+    student: ir.Model,
+    temperature: float,
+    weights: dict[str, np.ndarray] | None = None,
+    forms: dict[str, str | None] | None = None,
 ) -> tuple[ir.Model, list[str]]:
     """The student with its distillation loss as the first output; returns the target inputs.
-    ``weights``: per output, the per-feature weights of its squared error (``feature_weights``)."""
+    ``weights``: per output, the per-feature weights of its squared error (``feature_weights``);
+    ``forms``: per float output, its ``_class_scores`` (found here when not given)."""
     twin = student.clone()
     graph = twin.graph
     outputs = list(graph.outputs)
@@ -150,7 +154,7 @@ def _training_twin(
         target = ir.Value(name=f"distill_target_{i}", type=out.type, shape=out.shape)
         graph.inputs.append(target)
         targets.append(target.name)
-        form = _class_scores(out)
+        form = forms[out.name] if forms is not None else _class_scores(out)
         if form is not None:
             t = passes.add_initializer(
                 graph, f"distill_temperature_{i}", np.array(temperature, np.float32)
@@ -229,14 +233,14 @@ def feature_weights(target: np.ndarray) -> np.ndarray:
     return (weights / weights.mean()).astype(np.float32)
 
 
-def _loss_weights(teacher_run, student: ir.Model, samples: Samples, config) -> dict:
-    """Per regression-like output with a static last axis, its feature weights from the
-    teacher's outputs on the first training batch; only outputs that need them."""
+def _loss_weights(teacher_run, student: ir.Model, samples: Samples, config, forms) -> dict:
+    """Per regression-like output (``forms``: None) with a static last axis, its feature weights
+    from the teacher's outputs on the first training batch; only outputs that need them."""
     candidates = [
         v.name
         for v in student.graph.outputs
         if v.dtype == ir.DataType.FLOAT
-        and _class_scores(v) is None
+        and forms[v.name] is None
         and v.shape is not None
         and len(v.shape)
         and isinstance(v.shape[-1], int)
@@ -289,9 +293,12 @@ def recover(
     training.unshare_weights(base, trainable)
     fixed = training.fix_batch(base, config.batch_size, samples)
     teacher_run = Runner(teacher_model, name="teacher")
-    twin, targets = _training_twin(
-        base, config.temperature, _loss_weights(teacher_run, student, samples, config)
-    )
+    # how each float output enters the loss: decided once, for the twin and for its targets
+    forms = {
+        v.name: _class_scores(v) for v in student.graph.outputs if v.dtype == ir.DataType.FLOAT
+    }
+    weights = _loss_weights(teacher_run, student, samples, config, forms)
+    twin, targets = _training_twin(base, config.temperature, weights, forms)
     if not trainable:
         raise InputError(
             "recovery: the model has no trainable weights (Conv/Gemm/MatMul initializers)"
@@ -310,8 +317,6 @@ def recover(
         )
 
     out_names = [v.name for v in student.graph.outputs]
-    float_outputs = [v for v in student.graph.outputs if v.dtype == ir.DataType.FLOAT]
-    classifier = {v.name: _class_scores(v) for v in float_outputs}
 
     entropies: list[float] = []  # the teacher's per batch: subtracted so the loss is the KL
     sizes: list[int] = []
@@ -329,8 +334,8 @@ def recover(
                 if v.dtype != ir.DataType.FLOAT:
                     continue
                 t = teacher_out[v.name]
-                if classifier[v.name] is not None:
-                    p = _teacher_distribution(t, classifier[v.name], config.temperature)
+                if forms[v.name] is not None:
+                    p = _teacher_distribution(t, forms[v.name], config.temperature)
                     plogp = (p * np.log(np.maximum(p, 1e-30))).sum(axis=-1)
                     entropy -= config.temperature**2 * float(np.mean(plogp))
                     feeds[f"distill_target_{i}"] = p.astype(np.float32)
