@@ -115,6 +115,8 @@ class Part:
     stop: int = 0
     class_axis: int | None = None  # where argmax agreement is taken
     floors: tuple[Floor, ...] = ()
+    # class scores that are probabilities (a Softmax's output): ties are judged on their logs
+    probabilities: bool = False
 
     @property
     def name(self) -> str:
@@ -256,7 +258,13 @@ def classify(value: ir.Value, shape=None) -> Part:
         if op not in ("Softmax", "LogSoftmax") and _beside_a_softmax_head(value):
             return Part(name, REGRESSION, "[N, D] raw values beside a Softmax head (boxes, points)")
         if shape[1] is not None and shape[1] >= 2:
-            return Part(name, CLASS_SCORES, f"[N, {shape[1]}] class scores", class_axis=1)
+            return Part(
+                name,
+                CLASS_SCORES,
+                f"[N, {shape[1]}] class scores",
+                class_axis=1,
+                probabilities=op == "Softmax",
+            )
         return Part(name, REGRESSION, "[N, D] with D unknown")
     softmax_axis = None
     if src is not None and src.op_type in ("Softmax", "LogSoftmax"):
@@ -265,7 +273,11 @@ def classify(value: ir.Value, shape=None) -> Part:
         softmax_axis = attr(src, "axis", -1) % (len(known) if known is not None else rank)
     if src is not None and _keeps_last_axis(value, src) and softmax_axis == rank - 1:
         return Part(
-            name, CLASS_PER_POSITION, f"{src.op_type} over the last axis", class_axis=rank - 1
+            name,
+            CLASS_PER_POSITION,
+            f"{src.op_type} over the last axis",
+            class_axis=rank - 1,
+            probabilities=src.op_type == "Softmax",
         )
     head = _projection(src)
     if head is not None and _widens(head) and shape[-1] is not None and shape[-1] >= 2:
@@ -277,7 +289,13 @@ def classify(value: ir.Value, shape=None) -> Part:
         if src is value.producer() and (
             softmax_axis == 1 or op in ("Conv", "ConvTranspose", "Resize", "Upsample")
         ):
-            return Part(name, MASK, f"[N, {shape[1]}, H, W] from {op}", class_axis=1)
+            return Part(
+                name,
+                MASK,
+                f"[N, {shape[1]}, H, W] from {op}",
+                class_axis=1,
+                probabilities=op == "Softmax",
+            )
     if op in _PROBABILITY_OPS:
         return Part(name, PROBABILITIES, f"from {op}")
     if rank == 3 and shape[-1] is not None and shape[-1] >= 16:
@@ -407,6 +425,7 @@ class PartAccumulator:
     sequences: int = 0
     same_sequences: int = 0
     sequence_length: int = 0
+    ties: int = 0  # rows whose argmaxes differ between classes both models score as tied
 
     def add(
         self,
@@ -439,14 +458,18 @@ class PartAccumulator:
         self.cosines.append(cosine_rows(r.reshape(rows, -1), c.reshape(rows, -1)))
         if p.class_axis is not None and r.ndim > p.class_axis:
             ra, ca = r.argmax(axis=p.class_axis), c.argmax(axis=p.class_axis)
-            self.agree += int((ra == ca).sum())
+            tied = _ties(r, c, ra, ca, p.class_axis, p.probabilities)
+            self.ties += int(tied.sum())
+            self.agree += int((ra == ca).sum()) + int(tied.sum())
             self.positions += int(ra.size)
             if p.kind == CLASS_PER_POSITION and ra.ndim >= 2:
                 # One sequence per sample: its batch axis is the first of the size of the batch
                 # (recognizers write [T, N, C] as often as [N, T, C]).
                 n = samples if samples is not None else rows
                 axis = next((a for a in range(ra.ndim) if ra.shape[a] == n), 0)
-                same = np.moveaxis(ra == ca, axis, 0).reshape(ra.shape[axis], -1).all(axis=1)
+                same = (
+                    np.moveaxis((ra == ca) | tied, axis, 0).reshape(ra.shape[axis], -1).all(axis=1)
+                )
                 self.sequences += int(same.size)
                 self.same_sequences += int(same.sum())
                 self.sequence_length = max(self.sequence_length, ra.size // max(1, same.size))
@@ -505,6 +528,40 @@ class PartAccumulator:
         return m
 
 
+# Two classes whose scores differ by less than this in log-probability (logits: their
+# difference; probabilities: the log of their ratio) are tied: float16's machine epsilon, the
+# resolution at which the same model served in half precision could tell them apart.
+TIE_LOG_RATIO = 2.0**-10
+
+
+def _ties(
+    r: np.ndarray,
+    c: np.ndarray,
+    ra: np.ndarray,
+    ca: np.ndarray,
+    axis: int,
+    probabilities: bool,
+) -> np.ndarray:
+    """Where the argmaxes ``ra`` of ``r`` and ``ca`` of ``c`` differ only between tied classes:
+    the reference scores the candidate's class within ``TIE_LOG_RATIO`` of its own top class,
+    and the candidate scores the reference's class within it of its top class. Such a row is an
+    agreement: its order is below what either model resolves (a random-weight classifier's
+    almost flat softmax), while a candidate that has lost the task puts other classes clearly
+    first. One class confidently first in either model is never a tie."""
+    differ = ra != ca
+    if not differ.any():
+        return differ
+    i, j = np.expand_dims(ra, axis), np.expand_dims(ca, axis)
+
+    def log(x):
+        return np.log(np.maximum(x, np.finfo(np.float64).tiny)) if probabilities else x
+
+    r_i, r_j = log(np.take_along_axis(r, i, axis)), log(np.take_along_axis(r, j, axis))
+    c_i, c_j = log(np.take_along_axis(c, i, axis)), log(np.take_along_axis(c, j, axis))
+    close = (r_i - r_j <= TIE_LOG_RATIO) & (c_j - c_i <= TIE_LOG_RATIO)
+    return differ & np.squeeze(close, axis)
+
+
 # rate floors whose evidence grows with the rows counted (samples, positions, pixels, elements)
 RATE_METRICS = ("top1", "sequence", "exact")
 # A rate floor p held on n rows with none differing shows, at 95 % confidence, a differing rate
@@ -520,6 +577,7 @@ class FloorCheck:
     floor: Floor
     value: float | None  # None: not measurable on these samples (no labels, no positives)
     count: int | None = None  # the rows a rate metric counted
+    ties: int = 0  # of those, rows counted as agreeing because their classes are tied
 
     @property
     def rows_needed(self) -> int | None:
@@ -567,6 +625,7 @@ def check(accumulators: list[PartAccumulator]) -> list[FloorCheck]:
                     floor,
                     metrics.get(floor.metric),
                     acc.counts().get(floor.metric),
+                    acc.ties if floor.metric == "top1" else 0,
                 )
             )
     return checks

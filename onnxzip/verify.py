@@ -181,6 +181,19 @@ class VerifyReport:
                     ],
                 )
             )
+            tied = [c for c in self.floors if c.ties]
+            if tied:
+                lines.append("")
+                lines.append(
+                    "ties       "
+                    + "; ".join(
+                        f"{c.part}: {c.ties} of {c.count} rows differ only between classes both "
+                        "models score as tied"
+                        for c in tied
+                    )
+                    + f" (within {floors_mod.TIE_LOG_RATIO:.3g} in log-probability, float16's "
+                    "resolution), counted as agreeing"
+                )
             weak = [c for c in self.floors if c.weak]
             if weak:
                 lines.append("")

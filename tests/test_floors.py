@@ -364,3 +364,61 @@ def test_a_softmax_below_opset_13_over_the_last_axis_is_class_scores_per_positio
     (parts,) = _parts(proto).values()
     assert [p.kind for p in parts] == [floors.CLASS_PER_POSITION]
     assert parts[0].class_axis == 2
+
+
+def test_a_flip_between_classes_both_models_score_as_tied_counts_as_agreeing():
+    """Class scores whose top two differ by less than float16 can resolve (in log-probability)
+    in the reference and in the candidate are a tie: the row agrees, and the check counts it.
+    A candidate that puts another class clearly first (0.05 in log-probability) still differs,
+    whether the scores are logits or a Softmax's probabilities; so does a candidate that ties
+    classes the reference tells clearly apart."""
+    eps = floors.TIE_LOG_RATIO
+    reference = np.array([[2.0, 2.0 - eps / 4, 0.0], [1.0, 0.5, 0.0], [3.0, 3.0 - eps / 2, 1.0]])
+    tied = np.array([[2.0, 2.0 + eps / 4, 0.0], [1.0, 0.5, 0.0], [3.0, 3.0 + 0.05, 1.0]])
+    for probabilities in (False, True):
+        part = floors.Part(
+            "y",
+            floors.CLASS_SCORES,
+            "test",
+            class_axis=1,
+            floors=floors.DEFAULT_FLOORS[floors.CLASS_SCORES],
+            probabilities=probabilities,
+        )
+
+        def scores(logits, probabilities=probabilities):
+            if not probabilities:
+                return logits
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            return e / e.sum(axis=1, keepdims=True)
+
+        acc = floors.PartAccumulator(part)
+        acc.add(scores(reference), scores(tied), None, None)
+        assert acc.ties == 1  # row 0; row 2's candidate prefers class 1 by 0.05
+        assert acc.metrics()["top1"] == pytest.approx(2 / 3)
+        (top1, _) = floors.check([acc])
+        assert top1.ties == 1 and not top1.passed
+        # a candidate that ties two classes the reference tells apart by 0.5 is no tie
+        flat = np.array([[2.0, 2.0 - eps / 4, 0.0], [0.9, 0.9 + eps / 8, 0.0], [3.0, 2.0, 1.0]])
+        acc = floors.PartAccumulator(part)
+        acc.add(scores(reference), scores(flat), None, None)
+        assert acc.ties == 0 and acc.metrics()["top1"] == pytest.approx(2 / 3)
+
+
+def test_verify_reports_the_rows_it_counted_as_ties(tmp_path):
+    """A candidate that only swaps two classes the reference scores within float16's resolution
+    passes the top-1 floor, and the report says how many rows were ties."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 1, (8, 4)).astype(np.float32)
+    text = "g (float[N,8] x) => (float[N,4] y) { m = MatMul(x, w)\n y = Add(m, b) }"
+    # columns 0 and 1 compute the same score up to a shift far below float16's resolution
+    w[:, 1] = w[:, 0]
+    big = np.array([0.0, 0.0, -50.0, -50.0], np.float32)
+    ref = _model(text, {"w": w, "b": big})
+    cand = _model(text, {"w": w, "b": big + np.array([0, 1e-4, 0, 0], np.float32)})
+    samples = SyntheticSamples(input_specs(io.load_model(ref)), 32, seed=0)
+    report = verify(ref, cand, samples)
+    (top1,) = [c for c in report.floors if c.floor.metric == "top1"]
+    assert top1.value == 1.0 and top1.ties == 32 and report.passed
+    assert "32 of 32 rows differ only between classes both models score as tied" in (
+        report.format()
+    )

@@ -1350,3 +1350,36 @@ def test_distillation_matches_class_scores_by_kl_and_raw_heads_by_squared_error(
     p = np.exp(logits) / np.exp(logits).sum()
     expected = np.exp(logits / 4) / np.exp(logits / 4).sum()
     np.testing.assert_allclose(_teacher_distribution(p, "probabilities", 4.0), expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("text", "weights", "kernel"),
+    [
+        (
+            "g (float[N,16] x) => (float[N,5] y) { g = Gemm <transB=1> (x, w, b)\n y = Softmax(g) }",
+            {"w": (5, 16), "b": (5,)},
+            "QGemm",
+        ),
+        (
+            "g (float[N,7,16] x) => (float[N,7,5] y) { m = MatMul (x, w)\n y = Softmax(m) }",
+            {"w": (16, 5)},
+            "MatMulIntegerToFloat",
+        ),
+    ],
+)
+def test_a_gemm_or_matmul_read_only_by_float_ops_writes_float(text, weights, kernel, tmp_path):
+    """Logits before a float Softmax: the int8 kernel writes float (QGemm without an output
+    scale, MatMulIntegerToFloat) instead of rounding them to 256 levels first, so nothing is
+    dequantized after it; parity against the float model is better than with the pair."""
+    proto = build(text, weights)
+    specs = input_specs(io.load_model(proto))
+    quantized, report = quantize(
+        proto, SyntheticSamples(specs, 256, seed=1), QuantizeConfig(holdout=0)
+    )
+    ops, graph = optimized_ops(quantized, tmp_path)
+    assert ops[kernel] == 1 and ops["Softmax"] == 1, dict(ops)
+    assert ops["DequantizeLinear"] == 0 and ops["QuantizeLinear"] == 1, dict(ops)  # x's only
+    logits = next(n for n in graph.node if n.op_type == kernel).output[0]
+    assert next(n for n in graph.node if n.op_type == "Softmax").input[0] == logits
+    parity = verify(proto, quantized, SyntheticSamples(specs, 64, seed=2))
+    assert parity.outputs[0].cosine_mean > 0.999, parity.outputs[0]

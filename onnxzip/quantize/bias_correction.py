@@ -64,13 +64,8 @@ def correct_biases(
     layers = []
     for n in _bias_layers(prepared, plan):
         key = node_key(n)
-        if key not in q_nodes:
-            continue
-        w = passes.const_array(n.inputs[1])
-        w_q = passes.dequantized_array(q_nodes[key].inputs[1])
-        if w is None or w_q is None or w.shape != w_q.shape:
-            continue
-        layers.append((n, w.astype(np.float64) - w_q.astype(np.float64)))
+        if key in q_nodes:
+            layers.append((n, q_nodes[key]))
     if not layers:
         return {}
     # Conv inputs are NCHW, Gemm inputs [N, K]: the input channel is axis 1 for both.
@@ -89,7 +84,12 @@ def correct_biases(
         )
         means.update({key: m[0] for key, m in moments.items()})
     corrected = {}
-    for layer, diff in layers:
+    for layer, q_layer in layers:  # one layer's difference in memory at a time
+        w = passes.const_array(layer.inputs[1])
+        w_q = passes.dequantized_array(q_layer.inputs[1])
+        if w is None or w_q is None or w.shape != w_q.shape:
+            continue
+        diff = _difference(w, w_q)
         mean = means[(layer.inputs[0].name, 1)]
         if layer.op_type == "Conv":
             delta = diff.reshape(diff.shape[0], diff.shape[1], -1).sum(axis=2) @ mean
@@ -101,6 +101,24 @@ def correct_biases(
             continue
         corrected[node_key(layer)] = (base + delta).astype(np.float32)
     return corrected
+
+
+def _difference(w: np.ndarray, w_q: np.ndarray) -> np.ndarray:
+    """``w - w_q`` in float64, without two float64 copies of the weights when the float32
+    difference is already exact (1.2 s of ResNet-50's bias correction went to those copies).
+    For weights rounded to a grid it is: ``w_q = 0`` gives ``w``, and otherwise
+    ``|w - w_q| <= s / 2 <= |w_q| / 2`` keeps ``w`` within a factor of two of ``w_q``
+    (Sterbenz). Checked, not assumed: Knuth's two-sum gives the float32 subtraction's exact
+    rounding error, and only where it is zero everywhere is the difference converted alone (the
+    same bits as converting both and subtracting)."""
+    if w.dtype == np.float32 and w_q.dtype == np.float32:
+        with np.errstate(all="ignore"):
+            diff = w - w_q
+            bv = diff - w
+            error = (w - (diff - bv)) + (-w_q - bv)
+        if not np.any(error):
+            return diff.astype(np.float64)
+    return w.astype(np.float64) - w_q.astype(np.float64)
 
 
 @passes.bulk_edit

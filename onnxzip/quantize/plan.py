@@ -117,7 +117,35 @@ def plan_quantization(
             plan.kept_float[key] = reason
             if node.op_type in ops.FLOAT_WEIGHTED_OPS or node.op_type in ("Add", "Mul", "Concat"):
                 kept.append(KeptFloat(key, node.op_type, reason))
+    _float_outputs(model, plan)
     return plan, kept
+
+
+# Quantized ops whose onnxruntime kernels also take DQ inputs to a float output: QGemm without
+# an output scale, MatMulIntegerToFloat.
+FLOAT_OUTPUT_OPS = ("Gemm", "MatMul")
+
+
+def _float_outputs(model: ir.Model, plan: Plan) -> None:
+    """Drops the output pair of a quantized Gemm or MatMul that nothing reads quantized: its
+    kernel can write float, and a pair there only rounds the result to 256 levels before
+    float ops (a classifier's logits before a float Softmax: two classes closer than one step
+    of the logits' range came out exactly tied, decided by their index)."""
+    for node in model.graph:
+        if node.op_type not in FLOAT_OUTPUT_OPS or node_key(node) not in plan.quantized_nodes:
+            continue
+        out = node.outputs[0]
+        name = out.name
+        if name not in plan.activations or plan.activations[name] != name:
+            continue
+        others = [
+            t for t, src in plan.activations.items() if t != name and plan.resolve(src) == name
+        ]
+        if others or name in plan.alias.values() or name in plan.shared.values():
+            continue
+        if any(node_key(use.node) in plan.quantized_nodes for use in out.uses()):
+            continue
+        del plan.activations[name]
 
 
 def _empty_tensor(node: ir.Node) -> str | None:
