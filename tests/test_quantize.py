@@ -1383,3 +1383,23 @@ def test_a_gemm_or_matmul_read_only_by_float_ops_writes_float(text, weights, ker
     assert next(n for n in graph.node if n.op_type == "Softmax").input[0] == logits
     parity = verify(proto, quantized, SyntheticSamples(specs, 64, seed=2))
     assert parity.outputs[0].cosine_mean > 0.999, parity.outputs[0]
+
+
+def test_reference_outputs_made_beside_calibration_give_the_same_model_and_verdict(monkeypatch):
+    """The verification reference made in a thread while calibration runs (small models) and
+    made when first needed (large ones) give the same model bytes and the same parity numbers,
+    and the caller's model object is left as it was."""
+    from onnxzip.quantize import pipeline
+
+    model = zoo.mobilenet_v2(resolution=64, classes=10, width=0.5)
+    specs = input_specs(io.load_model(model))
+    samples = SyntheticSamples(specs, 40, seed=4)
+    before = io.model_bytes(io.load_model(model))
+    results = []
+    for limit in (pipeline.REFERENCE_THREAD_BYTES, 0):
+        monkeypatch.setattr(pipeline, "REFERENCE_THREAD_BYTES", limit)
+        original = io.load_model(model)
+        quantized, report = quantize(original, samples, QuantizeConfig(holdout=0.25))
+        assert io.model_bytes(original) == before
+        results.append((io.model_bytes(quantized), report.parity.outputs, report.bias_correction))
+    assert results[0] == results[1]
