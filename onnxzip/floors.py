@@ -27,7 +27,9 @@ contradict (rank) is replaced by the observed one.
 Metrics, with ``r`` the reference and ``c`` the candidate:
 
 * top-1 / argmax agreement: the fraction of rows (samples, positions, pixels) with the same
-  argmax along the class axis;
+  argmax along the class axis, a row whose argmaxes differ only between classes that both models
+  score within ``TIE_LOG_RATIO`` (2^-10, float16's resolution) in log-probability counting as
+  the same (a tie, reported);
 * decision F1: with ``R = r >= 0.5`` and ``C = c >= 0.5``, ``2 |R & C| / (|R| + |C|)``;
 * SNR: ``10 log10(sum r^2 / sum (r - c)^2)``; cosine per sample over its flattened values;
 * exact agreement: the fraction of equal elements;
