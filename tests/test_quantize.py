@@ -1403,3 +1403,92 @@ def test_reference_outputs_made_beside_calibration_give_the_same_model_and_verdi
         assert io.model_bytes(original) == before
         results.append((io.model_bytes(quantized), report.parity.outputs, report.bias_correction))
     assert results[0] == results[1]
+
+
+GELU_TANH = """
+g (float[N,8,32] x) => (float[N,10] y) {
+    m = MatMul (x, w1)
+    h = Add (m, b1)
+    c1 = Mul (k1, h)
+    c2 = Mul (h, c1)
+    c3 = Mul (h, c2)
+    u = Add (h, c3)
+    v = Mul (k2, u)
+    t = Tanh (v)
+    o = Add (one, t)
+    hf = Mul (half, o)
+    g = Mul (h, hf)
+    p = ReduceMax <axes=[1], keepdims=0> (g)
+    y = Gemm <transB=1> (p, w2, b2)
+}
+"""
+
+
+def _gelu_model(rng, text=GELU_TANH):
+    """A dense layer, a GELU in tf2onnx's tanh form (nine elementwise ops), a max over the
+    positions and a classifier."""
+    proto = onnx.parser.parse_model(H + text)
+    tensors = {
+        "w1": rng.normal(0, 0.6, (32, 64)),
+        "b1": rng.normal(0, 0.3, 64),
+        "k1": np.array(0.044715),
+        "k2": np.array(0.7978846),
+        "one": np.array(1.0),
+        "half": np.array(0.5),
+        "w2": rng.normal(0, 0.3, (10, 64)),
+        "b2": np.zeros(10),
+    }
+    for name, array in tensors.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array.astype(np.float32), name))
+    return io.load_model(proto)
+
+
+def test_a_gelu_spelled_in_elementwise_ops_stays_float_and_its_neighbours_are_int8(
+    tmp_path, monkeypatch
+):
+    """magika (Google's file-type classifier on PyPI, a tf2onnx export) writes each GELU as
+    nine Mul/Add/Tanh ops: static int8 rounded x^3 and tanh's input to 8 bits each (12 dB on its
+    class scores, 19.5 dB with the GELUs float). The GELU's nodes stay float, named; the
+    MatMul before it and the Gemm after it are int8, and the output is closer to fp32."""
+    from onnxzip.ir.ops import ISLAND_REASON
+    from onnxzip.quantize import plan_quantization
+
+    rng = np.random.default_rng(0)
+    model = _gelu_model(rng)
+    plan, _ = plan_quantization(model, QuantizeConfig())
+    island = sorted(k for k, why in plan.kept_float.items() if why == ISLAND_REASON)
+    # (Tanh has no quantization rule: float either way)
+    assert island == ["c1", "c2", "c3", "g", "hf", "o", "u", "v"], plan.kept_float
+    assert {"m", "y"} <= set(plan.quantized_nodes) and "t" not in plan.quantized_nodes
+
+    x = rng.normal(0, 1, (160, 8, 32)).astype(np.float32)
+    x[:, :, :4] *= 4.0  # a few loud input features, as real activations have
+    np.savez(tmp_path / "x.npz", x=x)
+    samples = NpzSamples(tmp_path / "x.npz", input_specs(model))
+    kept, quantized = _snr_with_and_without(model, samples, monkeypatch, "activation_islands")
+    assert kept > quantized + 10.0, (kept, quantized)  # measured 35.5 / 20.0
+
+
+def test_a_hardswish_spelled_in_bounded_ops_is_quantized_as_before():
+    """x * clip(x + 3, 0, 6) / 6 (paddle2onnx's HardSwish, 94 of them in PP-PicoDet) keeps
+    bounded ranges and quantizes well: no curving op, no island."""
+    from onnxzip.ir.ops import activation_islands
+
+    proto = onnx.parser.parse_model(
+        H
+        + """g (float[N,4,8,8] x) => (float[N,4,8,8] y) {
+            c = Conv <pads=[1, 1, 1, 1]> (x, w)
+            a = Add (c, three)
+            r = Clip (a, zero, six)
+            m = Mul (c, r)
+            y = Div (m, six)
+        }"""
+    )
+    for name, array in {
+        "w": np.random.default_rng(0).normal(0, 0.3, (4, 4, 3, 3)),
+        "three": np.array(3.0),
+        "zero": np.array(0.0),
+        "six": np.array(6.0),
+    }.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array.astype(np.float32), name))
+    assert activation_islands(io.load_model(proto).graph) == frozenset()

@@ -21,7 +21,7 @@ import onnx_ir as ir
 from onnxzip import io, passes
 from onnxzip.data import Samples
 from onnxzip.errors import DataError, InternalError, ModelError
-from onnxzip.ir.ops import logarithm_front_end, node_key
+from onnxzip.ir.ops import activation_islands, logarithm_front_end, node_key
 from onnxzip.quantize import calibrate as cal
 from onnxzip.quantize import dynamic as dynamic_mod
 from onnxzip.quantize import params as qp
@@ -94,6 +94,7 @@ class _Builder:
         # found once: every build plans a clone of ``prepared`` (the guard builds many)
         self.statistics = normalisation_statistics(prepared.graph)
         self.front_end = logarithm_front_end(prepared.graph)
+        self.islands = activation_islands(prepared.graph)
         self.stats: dict[str, cal.TensorStats] = {}
         self.calibrated = 0
         self.params: dict[str, tuple[qp.QParams, float, float]] = {}
@@ -202,7 +203,7 @@ class _Builder:
             return self._build_dynamic(model, config, keep_float)
         if config.mode == "weight-only":
             return self._build_weight_only(model, config, keep_float)
-        plan, kept = plan_quantization(model, config, self.statistics, self.front_end)
+        plan, kept = plan_quantization(model, config, self.statistics, self.front_end, self.islands)
         means = []
         if self.collect_means and not self.means:
             means = sorted({(n.inputs[0].name, 1) for n in _bias_layers(model, plan)})
@@ -258,7 +259,12 @@ class _Builder:
             model = self.prepared.clone()
             config = self._excluding(keep)[1]
             plans.append(
-                (model, plan_quantization(model, config, self.statistics, self.front_end)[0])
+                (
+                    model,
+                    plan_quantization(model, config, self.statistics, self.front_end, self.islands)[
+                        0
+                    ],
+                )
             )
         return plans
 

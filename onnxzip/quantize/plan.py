@@ -18,7 +18,13 @@ import onnx_ir as ir
 
 from onnxzip.data import Samples
 from onnxzip.ir import ops
-from onnxzip.ir.ops import LOGARITHM_REASON, logarithm_front_end, node_key
+from onnxzip.ir.ops import (
+    ISLAND_REASON,
+    LOGARITHM_REASON,
+    activation_islands,
+    logarithm_front_end,
+    node_key,
+)
 from onnxzip.quantize import calibrate as cal
 from onnxzip.quantize.config import QuantizeConfig
 from onnxzip.quantize.report import KeptFloat
@@ -66,10 +72,12 @@ def plan_quantization(
     config: QuantizeConfig,
     statistics: frozenset[str] | None = None,
     front_end: frozenset[str] | None = None,
+    islands: frozenset[str] | None = None,
 ) -> tuple[Plan, list[KeptFloat]]:
-    """Runs the per-op rules over the main graph in topological order. ``statistics`` and
-    ``front_end``: the model's ``normalisation_statistics`` and ``logarithm_front_end`` when the
-    caller has them (a builder plans one prepared model many times), else found here."""
+    """Runs the per-op rules over the main graph in topological order. ``statistics``,
+    ``front_end`` and ``islands``: the model's ``normalisation_statistics``,
+    ``logarithm_front_end`` and ``activation_islands`` when the caller has them (a builder plans
+    one prepared model many times), else found here."""
     plan = Plan()
     transformer = config.preset == "transformer"
     ctx = Context(
@@ -82,6 +90,8 @@ def plan_quantization(
     )
     if front_end is None:
         front_end = logarithm_front_end(model.graph)
+    if islands is None:
+        islands = activation_islands(model.graph)
     find = QUANTIZATION_RULES.finder(model.opset_imports)
     kept = []
     for node in model.graph:
@@ -99,6 +109,7 @@ def plan_quantization(
         try:
             reason = (
                 (LOGARITHM_REASON if key in front_end else None)
+                or (ISLAND_REASON if key in islands else None)
                 or _empty_tensor(node)
                 or handler(node, ctx)
             )
