@@ -325,11 +325,13 @@ def test_a_stale_declared_output_shape_gives_way_to_the_observed_one():
     assert report.passed
 
 
-def test_static_int8_that_breaks_the_floors_falls_back_to_dynamic_and_says_so():
-    """Logits [N, T, C] whose one class spans a huge range: static int8 quantizes the MatMul
-    output with one coarse scale and the other classes' argmax is lost; dynamic int8 keeps the
-    MatMul output in float and holds every floor, so the defaults choose it and say why."""
-    from onnxzip.quantize import QuantizeConfig, quantize
+def test_static_int8_that_breaks_the_floors_falls_back_to_dynamic_and_says_so(monkeypatch):
+    """Logits [N, T, C] whose one class spans a huge range, with its bias as an Add after the
+    MatMul. Static int8 adds the bias in float to the MatMul's float output (the MatMul's int8
+    kernel writes float): every floor holds. Quantizing that Add too (the rule before) rounds
+    the logits with one coarse scale and the other classes' argmax is lost; dynamic int8 keeps
+    the MatMul output in float and holds every floor, so the defaults choose it and say why."""
+    from onnxzip.quantize import QuantizeConfig, quantize, rules
 
     rng = np.random.default_rng(0)
     w = rng.normal(0, 0.05, (8, 16)).astype(np.float32)
@@ -344,7 +346,13 @@ def test_static_int8_that_breaks_the_floors_falls_back_to_dynamic_and_says_so():
     samples = SyntheticSamples(input_specs(model), 64, seed=1)
     # pair-safe weights on every CPU: exact in onnxruntime's int8 kernels with or without VNNI,
     # so the outcome does not depend on the machine (full-range weights saturate without VNNI)
-    _, static = quantize(model, samples, QuantizeConfig(floor_guard=False, reduce_range="on"))
+    config = QuantizeConfig(floor_guard=False, reduce_range="on")
+    _, static = quantize(model, samples, config)
+    assert static.parity.passed and static.quantized_ops == {"MatMul": 1}
+    assert {k.node: k.reason for k in static.kept_float}["y"] == rules.BIAS_REASON
+
+    monkeypatch.setattr(rules, "_bias_after_layer", lambda node: False)
+    _, static = quantize(model, samples, config)
     assert not static.parity.passed and static.config.mode == "static"
     quantized, report = quantize(model, samples, QuantizeConfig(reduce_range="on"))
     assert report.config.mode == "dynamic" and report.quantized_ops == {"MatMul": 1}

@@ -278,12 +278,52 @@ def _matmul(node: ir.Node, ctx: Context) -> str | None:
 # -- elementwise and pooling ops with QLinear kernels -------------------------------------------
 
 
+# ops that only move or reshape what a layer wrote (its bias still applies to each value)
+_SHAPE_ONLY = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Transpose", "Identity")
+BIAS_REASON = (
+    "a bias the exporter wrote as its own Add after a weighted layer: added in float (an 8-bit "
+    "Add would round the constant and the sum once more)"
+)
+
+
+def _bias_after_layer(node: ir.Node) -> bool:
+    """An ``Add`` of a constant to what a Conv, ConvTranspose, MatMul or Gemm with a constant
+    weight wrote, through ops that only move values (tf2onnx's Conv1D: Conv, Squeeze, Add; a
+    Keras Dense on a sequence: MatMul, Add), read by nothing else on the way. Where the Add
+    follows the layer directly and fits its bias, preparation has folded it already
+    (``passes.fold_conv_affine``, ``passes.fold_matmul_add``)."""
+    if node.op_type != "Add":
+        return False
+    constant = [i for i, v in enumerate(node.inputs) if const_array(v) is not None]
+    if len(constant) != 1:
+        return False
+    value = node.inputs[1 - constant[0]]
+    for _ in range(8):
+        if value is None or len(value.uses()) != 1 or value.is_graph_output():
+            return False
+        producer = value.producer()
+        if producer is None:
+            return False
+        if producer.op_type in _SHAPE_ONLY and producer.domain in ("", "ai.onnx"):
+            value = producer.inputs[0]
+            continue
+        return (
+            producer.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm")
+            and producer.domain in ("", "ai.onnx")
+            and len(producer.inputs) > 1
+            and const_array(producer.inputs[1]) is not None
+        )
+    return False
+
+
 @register("Add", "Mul")
 def _binary(node: ir.Node, ctx: Context) -> str | None:
     if not all(_is_float(v) for v in node.inputs):
         return "inputs are not float32"
     if all(const_array(v) is not None for v in node.inputs):
         return "both inputs are constants"
+    if _bias_after_layer(node):
+        return BIAS_REASON
     if any(v is not None and v.name in ctx.statistics for v in (*node.inputs, *node.outputs)):
         return STATISTICS_REASON
     for i in range(2):
