@@ -233,7 +233,7 @@ class CompressReport:
             lines += [
                 "",
                 f"recovery  {r.steps} steps on {r.samples_seen} samples, distillation loss "
-                f"{r.first_loss:.4f} -> {r.last_loss:.4f}",
+                f"{r.first_loss:.4g} -> {r.last_loss:.4g}",
             ]
         if self.quantize is not None and self.quantize.kept_float:
             lines += ["", *kept_float_lines(self.quantize.kept_float)]

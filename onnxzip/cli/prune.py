@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         r = report.recovery
         text += (
             f"\n\nrecovery    {r.steps} steps on {r.samples_seen} samples, distillation loss "
-            f"{r.first_loss:.4f} -> {r.last_loss:.4f}, {r.seconds:.1f} s"
+            f"{r.first_loss:.4g} -> {r.last_loss:.4g}, {r.seconds:.1f} s"
         )
         split, holdout = ("holdout", args.holdout) if args.holdout > 0 else ("all", 0.0)
     if report.unchanged_because is not None:
