@@ -118,15 +118,15 @@ def _trainable(model: ir.Model) -> list[str]:
 
 def _class_scores(value: ir.Value) -> str | None:
     """How an output enters the distillation loss: class scores (the floors' kind) as a KL
-    divergence of tempered distributions, given as "logits", "probabilities" (a Softmax's
-    output: its log is the logits up to a constant, which the softmax ignores) or
-    "log-probabilities"; None for every other kind, which is matched by squared error (a box
-    regression through a softmax would only be matched up to a shift of all its values)."""
-    if floors_mod.classify(value).kind != floors_mod.CLASS_SCORES:
+    divergence of tempered distributions, given as "probabilities" (a Softmax's output, as the
+    floors' part says: its log is the logits up to a constant, which the softmax ignores) or
+    "logits" (a LogSoftmax's output too: a constant shift); None for every other kind, which is
+    matched by squared error (a box regression through a softmax would only be matched up to a
+    shift of all its values)."""
+    part = floors_mod.classify(value)
+    if part.kind != floors_mod.CLASS_SCORES:
         return None
-    src = value.producer()
-    op = src.op_type if src is not None else None
-    return {"Softmax": "probabilities", "LogSoftmax": "log-probabilities"}.get(op, "logits")
+    return "probabilities" if part.probabilities else "logits"
 
 
 def _teacher_distribution(t: np.ndarray, form: str, temperature: float) -> np.ndarray:

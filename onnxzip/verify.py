@@ -181,32 +181,33 @@ class VerifyReport:
                     ],
                 )
             )
-            tied = [c for c in self.floors if c.ties]
-            if tied:
-                lines.append("")
-                lines.append(
-                    "ties       "
-                    + "; ".join(
+            notes = (
+                (
+                    "ties       ",
+                    [
                         f"{c.part}: {c.ties} of {c.count} rows differ only between classes both "
                         "models score as tied"
-                        for c in tied
-                    )
-                    + f" (within {floors_mod.TIE_LOG_RATIO:.3g} in log-probability, float16's "
-                    "resolution), counted as agreeing"
-                )
-            weak = [c for c in self.floors if c.weak]
-            if weak:
-                lines.append("")
-                lines.append(
-                    "evidence   too few rows to show "
-                    + "; ".join(
+                        for c in self.floors
+                        if c.ties
+                    ],
+                    f" (within {floors_mod.TIE_LOG_RATIO:.3g} in log-probability, float16's "
+                    "resolution), counted as agreeing",
+                ),
+                (
+                    "evidence   too few rows to show ",
+                    [
                         f"{c.part} {floors_mod.METRIC_NAMES[c.floor.metric]} >= "
                         f"{c.floor.bound:g} ({c.count} counted, {c.rows_needed} needed)"
-                        for c in weak
-                    )
-                    + ": with none differing, n rows bound the differing rate only below 3/n "
-                    "(95 % confidence); verify on more samples"
-                )
+                        for c in self.floors
+                        if c.weak
+                    ],
+                    ": with none differing, n rows bound the differing rate only below 3/n "
+                    "(95 % confidence); verify on more samples",
+                ),
+            )
+            for head, items, tail in notes:
+                if items:
+                    lines += ["", head + "; ".join(items) + tail]
         elif self.floors_note:
             lines.append("")
             lines.append(f"floors     {self.floors_note}")

@@ -551,10 +551,12 @@ def activation_islands(graph: ir.Graph) -> frozenset[str]:
     classifier, every GELU node quantized lost 14 dB and 8 % of its top-1 decisions; with the
     islands in float (their input and output still quantized where their neighbours are) the
     rest of the model is int8 at 26 dB."""
+    from onnxzip.passes import is_constant  # passes builds on this module
+
     order = {id(n): i for i, n in enumerate(graph)}
     found: set[str] = set()
     taken: set[int] = set()
-    values = [v for v in graph.inputs] + [v for n in graph for v in n.outputs]
+    values = [*graph.inputs, *(v for n in graph for v in n.outputs)]
     for x in values:
         if x is None or len(x.uses()) < 2:
             continue
@@ -577,11 +579,7 @@ def activation_islands(graph: ir.Graph) -> frozenset[str]:
         inside = {id(x)}
         island = []
         for node in sorted(reach.values(), key=lambda n: order[id(n)]):
-            varying = [
-                v
-                for v in node.inputs
-                if v is not None and v.const_value is None and not _is_constant_node_output(v)
-            ]
+            varying = [v for v in node.inputs if not is_constant(v)]
             if varying and all(id(v) in inside for v in varying):
                 island.append(node)
                 inside.update(id(v) for v in node.outputs)
@@ -601,8 +599,3 @@ def activation_islands(graph: ir.Graph) -> frozenset[str]:
         taken |= members
         found.update(node_key(n) for n in island)
     return frozenset(found)
-
-
-def _is_constant_node_output(value: ir.Value) -> bool:
-    producer = value.producer()
-    return producer is not None and producer.op_type == "Constant" and domain_of(producer) == ""

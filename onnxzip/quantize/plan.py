@@ -142,17 +142,15 @@ def _float_outputs(model: ir.Model, plan: Plan) -> None:
     kernel can write float, and a pair there only rounds the result to 256 levels before
     float ops (a classifier's logits before a float Softmax: two classes closer than one step
     of the logits' range came out exactly tied, decided by their index)."""
+    # tensors whose range another tensor borrows, or whose parameters another reuses
+    lent = {plan.resolve(src) for t, src in plan.activations.items() if t != src}
+    lent |= set(plan.alias.values()) | set(plan.shared.values())
     for node in model.graph:
         if node.op_type not in FLOAT_OUTPUT_OPS or node_key(node) not in plan.quantized_nodes:
             continue
         out = node.outputs[0]
         name = out.name
-        if name not in plan.activations or plan.activations[name] != name:
-            continue
-        others = [
-            t for t, src in plan.activations.items() if t != name and plan.resolve(src) == name
-        ]
-        if others or name in plan.alias.values() or name in plan.shared.values():
+        if plan.activations.get(name) != name or name in lent:
             continue
         if any(node_key(use.node) in plan.quantized_nodes for use in out.uses()):
             continue

@@ -22,8 +22,13 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from onnxzip.ir.ops import (
+    FLOAT_WEIGHTED_OPS,
+    node_key,
+    single_channel_groups,
+    weight_channel_axis,
+)
 from onnxzip.ir.ops import attr as _attr
-from onnxzip.ir.ops import node_key, single_channel_groups, weight_channel_axis
 from onnxzip.ir.registry import Registry
 from onnxzip.passes import const_array
 
@@ -308,7 +313,7 @@ def _bias_after_layer(node: ir.Node) -> bool:
             value = producer.inputs[0]
             continue
         return (
-            producer.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm")
+            producer.op_type in FLOAT_WEIGHTED_OPS
             and producer.domain in ("", "ai.onnx")
             and len(producer.inputs) > 1
             and const_array(producer.inputs[1]) is not None
