@@ -255,7 +255,11 @@ def test_ir_model_and_proto_inputs_accepted():
             "float[N, 2, 5, 5] x", "float[N, 2, 5, 5] x, float[3, 2, 3, 3] w"
         )
     )
+    before = proto.SerializeToString()
     model = io.load_model(proto)
+    # the caller's message is read, not edited (inference added value_info to a copy)
+    assert proto.SerializeToString() == before and not proto.graph.value_info
+    assert {v.name for v in model.graph.inputs} == {"x", "w"}
     again = io.load_model(model)
     assert isinstance(again, ir.Model)
     assert [n.op_type for n in again.graph] == ["Conv", "Relu"]
