@@ -47,7 +47,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxzip import metrics as metrics_mod
-from onnxzip.ir.ops import attr
+from onnxzip.ir.ops import LAYOUT_OPS, attr
 
 CLASS_SCORES = "class scores"
 CLASS_PER_POSITION = "class scores per position"
@@ -101,7 +101,7 @@ DEFAULT_FLOORS: dict[str, tuple[Floor, ...]] = {
 }
 
 # ops that move values without changing what they mean
-_MOVES = ("Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Cast")
+_MOVES = LAYOUT_OPS | {"Cast"}
 _PROBABILITY_OPS = ("Sigmoid", "HardSigmoid", "Softmax")
 
 

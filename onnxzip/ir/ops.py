@@ -346,6 +346,11 @@ _BY_OP: dict[tuple[str, str], Metatype] = {
 WEIGHTED_OPS = frozenset(
     op for m in METATYPES if m.weighted and m.domain == "" for op in m.op_types
 )
+# Ops whose every output value is one of their input's values, only rearranged (the tensor's
+# meaning per value is kept): what floors look through to find the op that wrote a score, and
+# what a bias written after a layer may pass on its way to its Add. Each reader adds what its
+# question allows (floors: Cast; the bias rule: Slice, which drops values but moves none).
+LAYOUT_OPS = frozenset({"Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
 # the float ops among them (integer forms count only for MACs and saturation checks)
 FLOAT_WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 # Ops that hold a layer's weights already quantized inside one fused kernel (a QDQ model's
@@ -470,7 +475,8 @@ MAGNITUDE_OPS = frozenset(
         *("Max", "Min", "Clip", "Identity", "Cast"),
         *("ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceL1", "ReduceL2"),
         *("ReduceMax", "ReduceMin"),
-        *("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Expand", "Tile"),
+        *LAYOUT_OPS,
+        *("Expand", "Tile"),
         *("Slice", "Concat", "Split", "Gather", "Pad", "AveragePool", "GlobalAveragePool"),
         *("Conv", "ConvTranspose", "MatMul", "Gemm"),
     }

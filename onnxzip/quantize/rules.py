@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from onnxzip.ir.ops import (
     FLOAT_WEIGHTED_OPS,
+    LAYOUT_OPS,
     node_key,
     single_channel_groups,
     weight_channel_axis,
@@ -284,7 +285,7 @@ def _matmul(node: ir.Node, ctx: Context) -> str | None:
 
 
 # ops that only move or reshape what a layer wrote (its bias still applies to each value)
-_SHAPE_ONLY = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Transpose", "Identity")
+_SHAPE_ONLY = LAYOUT_OPS | {"Slice"}
 BIAS_REASON = (
     "a bias the exporter wrote as its own Add after a weighted layer: added in float (an 8-bit "
     "Add would round the constant and the sum once more)"
