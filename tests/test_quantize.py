@@ -1270,10 +1270,15 @@ def test_a_log_after_a_learned_activation_keeps_nothing_before_it_float():
     assert {"c", "y"} <= set(plan.quantized_nodes), plan.kept_float
 
 
-def test_dynamic_int8_keeps_a_mel_filter_bank_before_a_logarithm_float(tmp_path):
+@pytest.mark.parametrize(
+    "mode, min_snr",
+    [("dynamic", 30.0), ("weight-only", 20.0)],  # measured 43.7 and 23.5 (-0.4 without the rule)
+)
+def test_a_mel_filter_bank_before_a_logarithm_stays_float(tmp_path, mode, min_snr):
     """A mel filter bank as MatMul on a power spectrum: dynamic int8 quantizes its input per
-    tensor, which zeroes the quiet bins the Log then magnifies; it stays float, the learned
-    MatMul after the Log is int8."""
+    tensor, which zeroes the quiet bins the Log then magnifies, and 4-bit weights let loud bins
+    leak into quiet bands; it stays float (by the rule, not the floor guard), the learned
+    MatMul after the Log is quantized."""
     proto = onnx.parser.parse_model(
         H
         + """g (float[N,65] x) => (float[N,10] y) {
@@ -1295,11 +1300,11 @@ def test_dynamic_int8_keeps_a_mel_filter_bank_before_a_logarithm_float(tmp_path)
     power = (rng.uniform(size=(64, 65)) * 10.0 ** rng.uniform(-6, 0, (64, 65))).astype(np.float32)
     np.savez(tmp_path / "x.npz", x=power)
     samples = NpzSamples(tmp_path / "x.npz", input_specs(model))
-    _, report = quantize(model, samples, QuantizeConfig(mode="dynamic"))
+    _, report = quantize(model, samples, QuantizeConfig(mode=mode, floor_guard=False))
     assert report.quantized_ops == {"MatMul": 1}
     kept = {k.node: k.reason for k in report.kept_float}
     assert "spectral front end" in kept["m"], kept
-    assert report.parity.outputs[0].snr_db > 30.0, report.parity.outputs[0].snr_db  # measured 43.7
+    assert report.parity.outputs[0].snr_db > min_snr, report.parity.outputs[0].snr_db
 
 
 def test_recovery_trains_the_network_after_a_spectral_front_end_not_its_filters():

@@ -47,6 +47,7 @@ import onnx_ir as ir
 
 from onnxzip import io
 from onnxzip.config import IgnoredScope
+from onnxzip.ir.ops import LOGARITHM_REASON, logarithm_front_end
 from onnxzip.passes import (
     add_initializer,
     bulk_edit,
@@ -313,12 +314,19 @@ def quantize_weights(
     if fmt == "qdq" and model.opset_imports.get("", 0) < 21:
         raise ValueError("blocked DequantizeLinear needs opset 21")
     encoded: dict[int, tuple[BlockCodes, ir.Value | None]] = {}
+    # A filter bank feeding a logarithm keeps its weights: a tap off by half a 4-bit step lets
+    # a loud bin leak into a quiet band by more than the band holds, and the logarithm turns
+    # that into a large error (a mel bank on a power spectrum: output SNR -0.4 dB, 23.5 kept).
+    front_end = logarithm_front_end(graph)
     for node in list(graph):
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             continue
         key = node.name or node.outputs[0].name
         if exclude.matches(node):
             result.kept_float[key] = "excluded by the user"
+            continue
+        if key in front_end:
+            result.kept_float[key] = LOGARITHM_REASON
             continue
         x = node.inputs[0]
         w, reason = float_weight(node)
