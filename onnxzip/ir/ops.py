@@ -122,6 +122,9 @@ class Metatype:
     output_dims: Callable[[dict, list], list | None] | None = None
     # the node adds a per-channel bias of the output channels (Conv/Gemm ``b``, BiasGelu ``B``)
     channel_bias_port: int | None = None
+    # quantized (DQ inputs), onnxruntime's kernel may also write float where nothing reads the
+    # output quantized: QGemm without an output scale, MatMulIntegerToFloat
+    float_output: bool = False
 
     @property
     def weighted(self) -> bool:
@@ -184,6 +187,7 @@ GEMM = Metatype(
     in_axis=lambda node: 1 if attr(node, "transB", 0) else 0,
     activation_axis=lambda r: r - 1,
     macs=_gemm_macs,
+    float_output=True,
 )
 MATMUL = Metatype(
     "matmul",
@@ -193,6 +197,7 @@ MATMUL = Metatype(
     in_axis=lambda node: -2,
     activation_axis=lambda r: r - 1,
     macs=_matmul_macs,
+    float_output=True,
 )
 
 # onnxruntime's fused ops (com.microsoft), written by its transformer optimizer. onnx's shape

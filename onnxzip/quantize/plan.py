@@ -132,11 +132,6 @@ def plan_quantization(
     return plan, kept
 
 
-# Quantized ops whose onnxruntime kernels also take DQ inputs to a float output: QGemm without
-# an output scale, MatMulIntegerToFloat.
-FLOAT_OUTPUT_OPS = ("Gemm", "MatMul")
-
-
 def _float_outputs(model: ir.Model, plan: Plan) -> None:
     """Drops the output pair of a quantized Gemm or MatMul that nothing reads quantized: its
     kernel can write float, and a pair there only rounds the result to 256 levels before
@@ -146,7 +141,8 @@ def _float_outputs(model: ir.Model, plan: Plan) -> None:
     lent = {plan.resolve(src) for t, src in plan.activations.items() if t != src}
     lent |= set(plan.alias.values()) | set(plan.shared.values())
     for node in model.graph:
-        if node.op_type not in FLOAT_OUTPUT_OPS or node_key(node) not in plan.quantized_nodes:
+        m = ops.metatype(node)
+        if m is None or not m.float_output or node_key(node) not in plan.quantized_nodes:
             continue
         out = node.outputs[0]
         name = out.name

@@ -7,7 +7,7 @@ changing them), and ReLU/Clip nodes folded into their producer's output range. O
 (``qdq.py``) then builds every Q/DQ pair from these marks.
 
 The layout is the one onnxruntime fuses: ``DQ(x), DQ(w), DQ(b) -> Conv -> Q`` becomes
-QLinearConv; ``Gemm`` becomes QGemm (float output allowed when it is a graph output); ``MatMul``
+QLinearConv; ``Gemm`` becomes QGemm (a float output where nothing reads it quantized); ``MatMul``
 becomes QLinearMatMul or MatMulIntegerToFloat; Add/Mul/Concat/AveragePool/GlobalAveragePool/
 Sigmoid/Softmax become their QLinear kernels; MaxPool, Resize, Reshape, Flatten, Transpose,
 Squeeze and Unsqueeze run directly on 8-bit codes when input and output share parameters.
@@ -253,9 +253,8 @@ def _gemm(node: ir.Node, ctx: Context) -> str | None:
             and _attr(node, "alpha", 1.0) == 1.0
         ):
             ctx.plan.biases[(key, 2)] = (a.name, 1)
-    out = node.outputs[0]
-    if not out.is_graph_output() and not ctx.transformer:
-        ctx.mark_activation(out)  # QGemm with a float output serves graph outputs
+    if not ctx.transformer:  # plan._float_outputs drops it where nothing reads it quantized
+        ctx.mark_activation(node.outputs[0])
     return None
 
 
@@ -275,9 +274,8 @@ def _matmul(node: ir.Node, ctx: Context) -> str | None:
         return "an activation x activation MatMul (attention) stays float in the transformer preset"
     else:
         ctx.mark_activation(b)
-    out = node.outputs[0]
-    if not out.is_graph_output() and not ctx.transformer:
-        ctx.mark_activation(out)
+    if not ctx.transformer:  # plan._float_outputs drops it where nothing reads it quantized
+        ctx.mark_activation(node.outputs[0])
     return None
 
 
