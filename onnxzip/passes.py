@@ -500,7 +500,9 @@ def fold_conv_affine(model: ir.Model) -> list[str]:
             c.dtype != w.dtype
             or c.ndim > w.ndim
             or (
-                out.shape is not None and conv_out.shape is not None and out.shape != conv_out.shape
+                out.shape is not None
+                and conv_out.shape is not None
+                and _differ(out.shape, conv_out.shape)
             )
         ):
             continue  # the constant broadcasts the output to another shape
@@ -529,6 +531,15 @@ def fold_conv_affine(model: ir.Model) -> list[str]:
     if folded:
         remove_unused_initializers(model)
     return folded
+
+
+def _differ(a: ir.Shape, b: ir.Shape) -> bool:
+    """Two shapes known to differ: another rank, or two fixed dims that are not equal. Symbolic
+    dims may be named per tensor (inference names an exporter's unnamed dims after the tensor
+    they belong to: ``y_dim0`` beside ``x_dim0``), so a name alone proves nothing."""
+    return len(a) != len(b) or any(
+        isinstance(x, int) and isinstance(y, int) and x != y for x, y in zip(a, b, strict=True)
+    )
 
 
 def fold_matmul_add(model: ir.Model) -> list[str]:

@@ -20,6 +20,7 @@ from conftest import run_cli
 from onnxzip import io, passes
 from onnxzip.data import NpzSamples, SyntheticSamples, input_specs
 from onnxzip.errors import InputError
+from onnxzip.ir import ops as ops_mod
 from onnxzip.quantize import QuantizeConfig, quantize
 from onnxzip.quantize import params as qp
 from onnxzip.verify import verify
@@ -1073,6 +1074,38 @@ def test_constant_scales_and_shifts_per_channel_fold_into_the_preceding_conv():
     got = ort.InferenceSession(io.model_bytes(model)).run(None, {"x": x})
     for a, b in zip(want, got, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(np.abs(a).max()))
+
+
+def test_a_bias_add_folds_into_its_conv_when_the_exporter_wrote_dims_as_minus_one():
+    """paddle2onnx writes dynamic dims as -1 or "?"; they are read as symbols named after their
+    tensor (the output's ``y_dim0`` beside the Conv's ``x_dim0``), and the fold refused the Add
+    because the two shapes were not the same symbols (every squeeze-excitation bias of PP-OCR's
+    direction classifier stayed an Add of its own). Dims not known to differ do not block it."""
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    b = rng.normal(size=(1, 4, 1, 1)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            onnx.helper.make_node("Add", ["c", "b"], ["y"]),
+        ],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [-1, 3, "?", "?"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [-1, 4, -1, -1])],
+        [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = io.load_model(proto)
+    c = next(n for n in model.graph if n.op_type == "Conv").outputs[0]
+    assert not ops_mod.same_dim(c.shape[0], model.graph.outputs[0].shape[0])  # the premise
+    done = passes.QUANTIZATION(model)
+    assert len(done["conv_affine_folded"]) == 1
+    assert [n.op_type for n in model.graph] == ["Conv"]
+    x = rng.normal(size=(2, 3, 6, 7)).astype(np.float32)
+    (want,) = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
+    (got,) = ort.InferenceSession(io.model_bytes(model)).run(None, {"x": x})
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
 def test_folded_conv_affine_quantizes_as_one_int8_conv(tmp_path):
