@@ -709,6 +709,32 @@ def batchnorm_to_affine(model: ir.Model) -> int:
     return count
 
 
+def remove_identities(model: ir.Model) -> int:
+    """Removes the main graph's ``Identity`` nodes whose output is no graph output, its readers
+    reading the input instead, as onnxruntime's basic optimizer does in the float model.
+    paddle2onnx writes one after nearly every op: between a Conv and the scale and shift after
+    it they kept the fold out, so each of those ops stayed an 8-bit op with a rounding of its
+    own. Returns how many were removed."""
+    graph = model.graph
+    removed = 0
+    for node in list(graph):
+        if node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+            continue
+        if len(node.inputs) != 1 or len(node.outputs) != 1 or node.inputs[0] is None:
+            continue
+        source, out = node.inputs[0], node.outputs[0]
+        if out.is_graph_output():
+            continue
+        if source.type is None:
+            source.type = out.type
+        if source.shape is None:
+            source.shape = out.shape
+        out.replace_all_uses_with(source)
+        graph.remove(node, safe=True)
+        removed += 1
+    return removed
+
+
 def remove_unused_initializers(model: ir.Model) -> None:
     graph = model.graph
     for name in list(graph.initializers):
@@ -783,6 +809,13 @@ class SumToAdd(_Step):
             raise onnx_ir.passes.PostconditionError("a two-input Sum is left")
 
 
+class RemoveIdentities(_Step):
+    key = "identities_removed"
+
+    def apply(self, model):
+        return remove_identities(model)
+
+
 class FoldBatchNorm(_Step):
     key = "batchnorm_folded"
 
@@ -846,10 +879,12 @@ class Pipeline:
 PRUNING = Pipeline(
     "pruning", [DropInitializerInputs, FoldConstants, LiftConstants, SumToAdd, UnfoldTransposes]
 )
-# quantization also folds BatchNormalization, and constant scales and shifts per output channel,
-# into the convolutions, and a dense layer's MatMul + Add into a Gemm, as onnxruntime would
+# quantization also drops Identity nodes, folds BatchNormalization, and constant scales and shifts
+# per output channel, into the convolutions, and a dense layer's MatMul + Add into a Gemm, as
+# onnxruntime would
 QUANTIZATION = Pipeline(
-    "quantization", [*PRUNING.steps, FoldBatchNorm, FoldConvAffine, FoldMatMulAdd]
+    "quantization",
+    [*PRUNING.steps, RemoveIdentities, FoldBatchNorm, FoldConvAffine, FoldMatMulAdd],
 )
 # the trainable twin: BatchNormalization folded or made an affine map (never batch statistics)
 TRAINING_TWIN = Pipeline("training twin", [LiftConstants, FoldBatchNorm, BatchNormToAffine])

@@ -1002,6 +1002,51 @@ def test_when_the_static_guard_keeps_everything_float_dynamic_int8_with_its_guar
     io.save_model(quantized, tmp_path / "q.onnx")
 
 
+def test_when_the_static_guard_keeps_most_layers_float_dynamic_int8_is_taken_if_it_keeps_more(
+    tmp_path,
+):
+    """PP-OCRv5's recognizer: static int8 lost the task (every layer amplifies the noise of the
+    one before), its guard kept 141 of 143 layers float and wrote that as the result, with two
+    small layers int8, while dynamic int8 with its own guard held the floors with more weights
+    int8. Here one clipped branch quantizes well statically (its range is the clip's) and the
+    rest breaks: the static guard keeps 3 of 4 layers float, dynamic keeps two MatMuls int8."""
+    import onnx.helper as oh
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.5, (8, 16)).astype(np.float32)
+    w1[:, 15] = -5.0
+    w2 = rng.normal(0, 0.3, (16, 12)).astype(np.float32)
+    w2[15, :] = 60.0
+    w3 = rng.normal(0, 1.0, (8, 12)).astype(np.float32)
+    constants = {"w1": w1, "w2": w2, "w3": w3, "lo": np.float32(0), "hi": np.float32(0.02)}
+    graph = oh.make_graph(
+        [
+            oh.make_node("MatMul", ["x", "w1"], ["a"]),
+            oh.make_node("Relu", ["a"], ["r"]),
+            oh.make_node("MatMul", ["r", "w2"], ["l"]),
+            oh.make_node("Clip", ["x", "lo", "hi"], ["c"]),
+            oh.make_node("MatMul", ["c", "w3"], ["m"]),
+            oh.make_node("Add", ["l", "m"], ["s"]),
+            oh.make_node("Softmax", ["s"], ["y"], axis=-1),
+        ],
+        "per_position",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 6, 8])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 6, 12])],
+        [onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items()],
+    )
+    model = io.load_model(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]))
+    x = np.abs(rng.normal(size=(200, 6, 8))).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", x=x[:100] * 0.05)
+    np.savez(tmp_path / "ver.npz", x=x[100:])
+    calibration = NpzSamples(tmp_path / "cal.npz", input_specs(model))
+    held_out = NpzSamples(tmp_path / "ver.npz", input_specs(model))
+    _, report = quantize(model, calibration, QuantizeConfig(), verify_samples=held_out)
+    assert report.config.mode == "dynamic" and report.parity.passed
+    assert "kept 3 of 4 layers in float" in report.fallback
+    assert report.quantized_ops == {"MatMul": 2}
+    assert [k.node for k in report.kept_float if "accuracy guard" in k.reason] == ["l"]
+
+
 def test_the_report_counts_layers_kept_float_for_one_shared_reason_instead_of_listing_them():
     """A transformer's attention MatMuls read no weight: every one is kept in float for the same
     reason. The printed table names the first few and counts the rest; the report keeps all."""
@@ -1106,6 +1151,38 @@ def test_a_bias_add_folds_into_its_conv_when_the_exporter_wrote_dims_as_minus_on
     (want,) = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
     (got,) = ort.InferenceSession(io.model_bytes(model)).run(None, {"x": x})
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_identity_nodes_go_so_a_scale_and_shift_behind_them_fold_into_the_conv():
+    """paddle2onnx writes an Identity after nearly every op: Conv, Identity, Mul by a scalar,
+    Identity, Add of a scalar (PP-LCNetV3's learnable affine) kept the fold out, each op an
+    8-bit op of its own. The Identities go (one that writes a graph output stays), the scale
+    and shift fold, and the prepared model computes what the original does."""
+    proto = onnx.parser.parse_model(
+        H
+        + """g (float[N,3,8,8] x) => (float[N,4,8,8] y, float[N,4,8,8] z) {
+            c = Conv <pads = [1, 1, 1, 1]> (x, w)
+            c1 = Identity (c)
+            m = Mul (c1, s)
+            m1 = Identity (m)
+            y = Add (m1, t)
+            z = Identity (y)
+        }"""
+    )
+    rng = np.random.default_rng(5)
+    for name, array in {"w": rng.normal(size=(4, 3, 3, 3)), "s": 0.37, "t": -0.2}.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(np.asarray(array, np.float32), name)
+        )
+    model = io.load_model(proto)
+    done = passes.QUANTIZATION(model)
+    assert done["identities_removed"] == 2
+    assert [n.op_type for n in model.graph] == ["Conv", "Identity"]  # z is a graph output
+    x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    want = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
+    got = ort.InferenceSession(io.model_bytes(model)).run(None, {"x": x})
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(np.abs(a).max()))
 
 
 def test_folded_conv_affine_quantizes_as_one_int8_conv(tmp_path):
