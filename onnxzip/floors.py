@@ -460,7 +460,7 @@ class PartAccumulator:
         self.cosines.append(cosine_rows(r.reshape(rows, -1), c.reshape(rows, -1)))
         if p.class_axis is not None and r.ndim > p.class_axis:
             ra, ca = r.argmax(axis=p.class_axis), c.argmax(axis=p.class_axis)
-            tied = _ties(r, c, ra, ca, p.class_axis, p.probabilities)
+            tied = tied_rows(r, c, ra, ca, p.class_axis, p.probabilities)
             self.ties += int(tied.sum())
             self.agree += int((ra == ca).sum()) + int(tied.sum())
             self.positions += int(ra.size)
@@ -536,7 +536,7 @@ class PartAccumulator:
 TIE_LOG_RATIO = 2.0**-10
 
 
-def _ties(
+def tied_rows(
     r: np.ndarray,
     c: np.ndarray,
     ra: np.ndarray,

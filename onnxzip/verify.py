@@ -274,8 +274,10 @@ def _pct(x: float | None) -> float | None:
 class OutputAccumulator:
     """Streaming parity statistics for one output."""
 
-    def __init__(self, classifier: bool):
+    def __init__(self, classifier: bool, probabilities: bool = False):
         self.classifier = classifier
+        # class scores that are a Softmax's probabilities: ties are judged on their logs
+        self.probabilities = probabilities
         self.elements = 0
         self.max_abs = 0.0
         self.sum_abs = 0.0
@@ -313,7 +315,11 @@ class OutputAccumulator:
         self.samples += len(r)
         if self.classifier:
             ra, ca = r.argmax(axis=1), c.argmax(axis=1)
-            self.agree += int((ra == ca).sum())
+            # a row whose argmaxes differ only between classes both models score as tied agrees,
+            # as the default top-1 floor counts it (floors.tied_rows): --min-top1 and --max-drop
+            # judge the same number the floors do
+            tied = floors_mod.tied_rows(r, c, ra, ca, 1, self.probabilities)
+            self.agree += int((ra == ca).sum()) + int(tied.sum())
             if labels is not None:
                 self.ref_correct += int((ra == labels).sum())
                 self.cand_correct += int((ca == labels).sum())
@@ -359,6 +365,12 @@ def snr_db(signal: float, noise: float) -> float:
     if not ratio > 0:
         return -math.inf
     return 10.0 * math.log10(ratio)
+
+
+def output_accumulator(value: ir.Value) -> OutputAccumulator:
+    """The accumulator for one graph output: class scores or not, probabilities or logits."""
+    classifier = is_classifier(value)
+    return OutputAccumulator(classifier, classifier and floors_mod.classify(value).probabilities)
 
 
 def is_classifier(value: ir.Value) -> bool:
@@ -625,7 +637,7 @@ def verify(
         judging,
     )
     parity = _Parity(
-        {v.name: OutputAccumulator(is_classifier(v)) for v in outputs},
+        {v.name: output_accumulator(v) for v in outputs},
         floors_mod.Judge(outputs, task) if judging else None,
     )
     try:
@@ -733,7 +745,7 @@ def _compare_shard(context: _Comparison, pairs: list) -> _Parity:
             lambda: Runner(c.candidate, name=c.candidate_name, optimization=c.optimization),
         )
     part = _Parity(
-        {v.name: OutputAccumulator(is_classifier(v)) for v in c.outputs},
+        {v.name: output_accumulator(v) for v in c.outputs},
         floors_mod.Judge(c.outputs, c.task) if c.judging else None,
     )
     # the third item: the candidate's batch (its carried states), or its outputs already known

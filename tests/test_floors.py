@@ -430,3 +430,9 @@ def test_verify_reports_the_rows_it_counted_as_ties(tmp_path):
     assert "32 of 32 rows differ only between classes both models score as tied" in (
         report.format()
     )
+    # the table's top-1 agreement and an explicit --min-top1 count the same rows as agreeing
+    assert report.outputs[0].top1_agreement == 1.0
+    assert verify(ref, cand, samples, thresholds=Thresholds(min_top1=0.98)).passed
+    # a candidate that clearly prefers another class is still a disagreement
+    clear = _model(text, {"w": w, "b": big + np.array([0, 0.5, 0, 0], np.float32)})
+    assert verify(ref, clear, samples).outputs[0].top1_agreement == 0.0
