@@ -714,7 +714,9 @@ def remove_identities(model: ir.Model) -> int:
     reading the input instead, as onnxruntime's basic optimizer does in the float model.
     paddle2onnx writes one after nearly every op: between a Conv and the scale and shift after
     it they kept the fold out, so each of those ops stayed an 8-bit op with a rounding of its
-    own. Returns how many were removed."""
+    own. Returns how many were removed. (onnx_ir's ``IdentityEliminationPass`` also removes one
+    that writes a graph output, renaming its input, which breaks a model whose input value is
+    itself a graph output under its own name.)"""
     graph = model.graph
     removed = 0
     for node in list(graph):

@@ -420,6 +420,7 @@ class _Builder:
             exclude=config.exclude,
             accuracy_level=config.accuracy_level,
             codes=self.block_codes,
+            front_end=self.front_end,
         )
         self.weight_format = result.format
         built = self._weights_built(model, result, keep_float)

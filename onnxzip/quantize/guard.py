@@ -29,9 +29,9 @@ from onnxzip.quantize.config import QuantizeConfig
 from onnxzip.quantize.report import FLOOR_TARGET, GuardReport, GuardStep
 from onnxzip.runtime import Runner, expose
 from onnxzip.verify import (
-    OutputAccumulator,
     ReferenceOutputs,
     is_classifier,
+    output_accumulator,
     snr_db,
 )
 
@@ -63,10 +63,6 @@ class _Evaluator:
         self.names = self.runs.names
         self.batches, self.reference = self.runs.batches, self.runs.outputs
         self.classifier = {v.name: is_classifier(v) for v in original.graph.outputs}
-        self.probabilities = {
-            v.name: self.classifier[v.name] and floors_mod.classify(v).probabilities
-            for v in original.graph.outputs
-        }
         self.samples = self.runs.samples
         self.has_labels = all(b.labels is not None for b in self.batches)
         self.outputs = [v for v in original.graph.outputs if v.name in self.names]
@@ -150,7 +146,7 @@ class _Evaluator:
     def score(self, model: ir.Model, config: QuantizeConfig) -> tuple[float, float, bool]:
         """(target metric, mean output SNR in dB, target met)."""
         run = Runner(model, name="candidate", optimization="all")
-        acc = {n: OutputAccumulator(self.classifier[n], self.probabilities[n]) for n in self.names}
+        acc = {v.name: output_accumulator(v) for v in self.outputs}
         outs = []
         for batch, ref in zip(self.batches, self.reference, strict=True):
             out = run.run(batch, self.names)

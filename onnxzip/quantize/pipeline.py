@@ -17,7 +17,6 @@ from onnxzip import metrics as metrics_mod
 from onnxzip.data import Samples
 from onnxzip.engine import cluster
 from onnxzip.errors import InputError, NoSamplesError
-from onnxzip.ir import ops
 from onnxzip.quantize import smooth
 from onnxzip.quantize.bias_correction import correct_biases
 from onnxzip.quantize.builder import _Builder
@@ -296,7 +295,8 @@ def quantize(
                 # The guard kept every static layer in float, or most of them: dynamic int8
                 # with its own guard may keep more weights int8 (a text recognizer whose every
                 # static layer breaks a whole-sequence floor, while most of its MatMuls do
-                # not). It is taken when it holds the floors and quantizes more weights.
+                # not). It is taken when it holds the floors with fewer weight bytes (more of
+                # the same model's weights stored as 8-bit codes).
                 guard = report.guard
                 mostly_float = guard is not None and 2 * len(guard.kept_float) > guard.candidates
                 guarded = (
@@ -306,13 +306,13 @@ def quantize(
                 )
                 if guarded is not None and (
                     not built.plan.quantized_nodes
-                    or _quantized_weights(guarded[1].built) > _quantized_weights(built)
+                    or io.weights_nbytes(guarded[1].built.model) < io.weights_nbytes(built.model)
                 ):
                     static_kept = (
                         "kept every layer in float"
                         if not built.plan.quantized_nodes
                         else f"kept {len(guard.kept_float)} of {guard.candidates} layers in "
-                        f"float, with fewer weights int8 than dynamic int8 keeps"
+                        "float, with more weight bytes than dynamic int8 keeps"
                     )
                     builder, (built, report.guard) = guarded
                     report.fallback = (
@@ -332,24 +332,6 @@ def quantize(
             prepared, report.config.mode, report.kept_float
         )
     return built.model, report
-
-
-def _quantized_weights(built) -> int:
-    """How many weight values of ``built``'s quantized layers are stored as integers."""
-    total = 0
-    for node in built.model.graph:
-        weight = None
-        if node.op_type in ops.FUSED_QUANTIZED_OPS:
-            port = 3 if node.op_type.startswith("QLinear") else 1
-            weight = node.inputs[port] if len(node.inputs) > port else None
-        elif node.op_type == "DequantizeLinear" and any(
-            u.node.op_type in ops.FLOAT_WEIGHTED_OPS and u.idx == 1 for u in node.outputs[0].uses()
-        ):
-            weight = node.inputs[0]
-        array = passes.const_array(weight)
-        if array is not None and array.dtype.kind in "iu":
-            total += array.size
-    return total
 
 
 # Models up to this many bytes of weights get their reference outputs computed in a thread

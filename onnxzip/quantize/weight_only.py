@@ -288,11 +288,13 @@ def quantize_weights(
     accuracy_level: int = 4,
     tables: bool = True,
     codes: dict[str, BlockCodes] | None = None,
+    front_end: frozenset[str] | None = None,
 ) -> WeightOnlyResult:
     """Rewrites every MatMul (and default-attribute Gemm) with a constant float32 weight of
     ``model`` in place, and (``tables``) every embedding Gather. ``importance`` maps an input
     tensor name to ``E[x^2]`` per feature (data-aware clipping) or to the Hessian
-    ``E[x x^T]`` (GPTQ)."""
+    ``E[x x^T]`` (GPTQ). ``front_end``: the model's ``logarithm_front_end`` when the caller has
+    it (a builder quantizes one prepared model many times), else found here."""
     graph = model.graph
     exclude = IgnoredScope.of(exclude)
     fmt = resolve_format(model, fmt)
@@ -317,7 +319,8 @@ def quantize_weights(
     # A filter bank feeding a logarithm keeps its weights: a tap off by half a 4-bit step lets
     # a loud bin leak into a quiet band by more than the band holds, and the logarithm turns
     # that into a large error (a mel bank on a power spectrum: output SNR -0.4 dB, 23.5 kept).
-    front_end = logarithm_front_end(graph)
+    if front_end is None:
+        front_end = logarithm_front_end(graph)
     for node in list(graph):
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             continue
