@@ -707,6 +707,138 @@ def test_heads_behind_a_reshape_whose_target_is_computed_at_run_time():
     assert y.shape == (1, 3, 8)
 
 
+_STACKED_QKV = """
+g (float[N, T, 16] x) => (float[N, T, 16] y) {
+    m = MatMul(x, wqkv)
+    a = Add(m, bqkv)
+    r = Reshape(a, split)
+    t = Transpose<perm = [2, 0, 3, 1, 4]>(r)
+    %s
+    qm = Mul(q0, scale)
+    qshape = Shape(q0)
+    q = Reshape(qm, qshape)
+    kt = Transpose<perm = [0, 1, 3, 2]>(k)
+    sc = MatMul(q, kt)
+    p = Softmax<axis = -1>(sc)
+    c = MatMul(p, v)
+    ct = Transpose<perm = [0, 2, 1, 3]>(c)
+    cr = Reshape(ct, merge)
+    o = MatMul(cr, wo)
+    y = Add(o, bo)
+}
+"""
+_PICKS = {
+    "slice": "qs = Slice(t, i0, i1, i0)\n q0 = Squeeze(qs, i0)\n ks = Slice(t, i1, i2, i0)\n"
+    "k = Squeeze(ks, i0)\n vs = Slice(t, i2, i3, i0)\n v = Squeeze(vs, i0)",
+    "gather": "q0 = Gather<axis = 0>(t, s0)\n k = Gather<axis = 0>(t, s1)\n"
+    "v = Gather<axis = 0>(t, s2)",
+    "split": "qs, ks, vs = Split<axis = 0>(t, ones)\n q0 = Squeeze(qs, i0)\n"
+    "k = Squeeze(ks, i0)\n v = Squeeze(vs, i0)",
+}
+
+
+def _stacked_qkv(pick: str, scale_shape: tuple = (), summed: bool = False) -> ir.Model:
+    rng = np.random.default_rng(0)
+    text = _STACKED_QKV % _PICKS[pick]
+    if summed:  # a second projection, split alike, added after the split
+        text = text.replace(
+            "r = Reshape(a, split)",
+            "r1 = Reshape(a, split)\n m2 = MatMul(x, w2)\n r2 = Reshape(m2, split)\n"
+            " r = Add(r1, r2)",
+        )
+    proto = with_weights(
+        text,
+        {
+            "w2": rng.normal(0, 0.5, (16, 48)),
+            "wqkv": rng.normal(0, 0.5, (16, 48)),
+            "bqkv": rng.normal(0, 0.5, 48),
+            "wo": rng.normal(0, 0.5, (16, 16)),
+            "bo": rng.normal(0, 0.5, 16),
+            "scale": rng.uniform(0.3, 0.7, scale_shape),
+        },
+    )
+    ints = {"split": [0, -1, 3, 4, 4], "merge": [0, -1, 16], "ones": [1, 1, 1]}
+    ints |= {f"i{k}": [k] for k in range(4)} | {f"s{k}": k for k in range(3)}
+    for name, v in ints.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(v, np.int64), name))
+    onnx.checker.check_model(proto, full_check=True)
+    model = io.load_model(proto)
+    passes.PRUNING(model)
+    return model
+
+
+@pytest.mark.parametrize("pick", sorted(_PICKS))
+def test_stacked_qkv_projection_split_as_parts_heads_and_head_size_prunes_whole_heads(pick):
+    """``Reshape(qkv, [0, -1, 3, H, Dh])``, a Transpose, and q, k and v picked along the
+    ``3`` axis (Slice + Squeeze as paddle2onnx writes it, Gather, Split): the heads' axis is
+    ``H``, each head one channel holding its features in all three parts and its output
+    projection rows; the oracle holds, and the target shrinks on ``H`` only. paddle2onnx's
+    ``Reshape(q * scale, Shape(q))`` follows the heads by itself."""
+    model = _stacked_qkv(pick)
+    groups = find_groups(model)
+    heads = [g for g in groups if not g.blocked]
+    assert [g.size for g in heads] == [4], [(g.size, g.reason) for g in groups]
+    (weight,) = [m for m in heads[0].slices if m.value.name == "wqkv"]
+    for h, p in enumerate(weight.positions):
+        want = np.concatenate([np.arange(4 * h, 4 * h + 4) + 16 * part for part in range(3)])
+        np.testing.assert_array_equal(p, want)
+    (rows,) = [m for m in heads[0].slices if m.value.name == "wo"]
+    assert [list(p) for p in rows.positions] == [list(range(4 * h, 4 * h + 4)) for h in range(4)]
+    assert assert_oracle(model, samples=3) == 1
+    _, pruned = masked_and_pruned(model, heads[0].id, [1, 2])
+    targets = [
+        n.inputs[1].const_value.numpy().tolist()
+        for n in pruned.graph
+        if n.op_type == "Reshape" and n.inputs[1].const_value is not None
+    ]
+    assert targets == [[0, -1, 3, 2, 4], [0, -1, 8]]
+    x = np.random.default_rng(1).normal(size=(2, 5, 16)).astype(np.float32)
+    (y,) = Runner(pruned).session.run(None, {"x": x})
+    assert y.shape == (2, 5, 16)
+
+
+def test_a_projection_reached_back_through_the_split_is_cut_by_whole_heads():
+    """The Add after the split reaches the second projection's Reshape from its output, on the
+    heads' axis: its weight columns are cut as the same slabs (oracle)."""
+    model = _stacked_qkv("slice", summed=True)
+    (heads,) = [g for g in find_groups(model) if not g.blocked]
+    assert heads.size == 4
+    (w2,) = [m for m in heads.slices if m.value.name == "w2"]
+    np.testing.assert_array_equal(w2.positions[1], [4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39])
+    assert assert_oracle(model, samples=2) == 1
+
+
+def test_a_per_head_constant_on_the_heads_axis_is_cut_with_its_heads():
+    """A per-head scale broadcast over the heads' axis ([4, 1, 1]) is cut with the heads."""
+    model = _stacked_qkv("gather", (4, 1, 1))
+    (heads,) = [g for g in find_groups(model) if not g.blocked]
+    assert heads.size == 4 and any(m.value.name == "scale" for m in heads.slices)
+    assert assert_oracle(model, samples=2) == 1
+
+
+@pytest.mark.parametrize(
+    "body, out, reason",
+    [
+        ("y = Gather<axis = 1>(r, i)", "[N, 2, 4]", "Gather picks along the channel axis"),
+        ("y = Gather<axis = 2>(r, j)", "[N, 2, 2]", "Gather indices are not constant"),
+        ("b = Reshape(h, zs)\n y = MatMul(b, w)", "[N, 8]", "shape from 'z', outside the group"),
+    ],
+)
+def test_picks_and_borrowed_shapes_that_cannot_follow_the_channels_block(body, out, reason):
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        f"g (float[N, 8] x, float[N, 8] z, int64[2] j) => (float{out} y) <float[8, 8] w> {{\n"
+        "h = MatMul(x, w)\n shape = Constant<value = int64[3] {0, 2, 4}>()\n"
+        "r = Reshape(h, shape)\n i = Constant<value = int64[2] {0, 1}>()\n zs = Shape(z)\n"
+        f"{body}\n}}"
+    )
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((8, 8), np.float32), "w"))
+    model = io.load_model(proto)
+    passes.PRUNING(model)
+    group = find_groups(model)[0]  # the first MatMul's
+    assert group.blocked and reason in group.reason, group.reason
+
+
 def test_tied_weights_stay_tied_and_the_model_never_grows():
     """A tied embedding (read by Gather and, transposed, by the output MatMul): folding the
     Transpose would hold the embedding twice; it stays one weight, read by both."""

@@ -134,6 +134,8 @@ def apply(
         cout = dequantized_array(node.inputs[1]).shape[0]
         node.attributes["group"] = ir.AttrInt64("group", cout // multiplier)
 
+    from onnxzip.pruning.rules import shape_source
+
     for node in list(graph):
         if node.op_type in ("Reshape", "Expand"):
             # Reshape: -1 and 0 follow the input; Expand: 1 follows it. Other values shrink.
@@ -152,7 +154,8 @@ def apply(
                 node.replace_input_with(
                     1, add_initializer(graph, f"{out.name}_shape", shape.astype(np.int64))
                 )
-            elif changes:
+            elif changes and not (node.op_type == "Reshape" and shape_source(node.inputs[1])):
+                # (a target read whole from another tensor's shape follows it by itself)
                 _shrink_runtime_target(graph, node, changes, follows)
         elif node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None:
             axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0

@@ -22,7 +22,7 @@ from onnxzip.ir.ops import node_key
 from onnxzip.ir.ops import rank as _rank
 from onnxzip.ir.registry import Registry
 from onnxzip.passes import const_array, dequantized_array
-from onnxzip.pruning.groups import GroupBuilder, Positions
+from onnxzip.pruning.groups import GroupBuilder, Positions, same_positions
 
 Rule = Callable[[GroupBuilder, ir.Node, tuple, int, Positions], None]
 CHANNEL_RULES: Registry[Rule] = Registry("channel")
@@ -722,6 +722,11 @@ def _reshape(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     a constant (or ``-1``, or ``0`` copying it); the other pieces may be computed at run time.
     """
     x, out = node.inputs[0], node.outputs[0]
+    if port == ("in", 1):
+        return b.block(node, "channels reach Reshape's target shape")
+    like = shape_source(node.inputs[1])
+    if like is not None:
+        return _reshape_like(b, node, port, axis, pos, like)
     pieces = target_pieces(node.inputs[1])
     if pieces is None:
         return b.block(
@@ -749,6 +754,11 @@ def _reshape(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
         return None
     if len(there) > a and _proved_same(here[:a], there[:a]):
         a2 = a
+    elif not forward and (split := _split_from(here, there, a)) is not None:
+        # back from a middle axis of a split: [.., P, H, I] on H -> [.., P * H * I]
+        if spelled(a):
+            b.visit(there_value, split, _slabs(pos, here[split:], a - split), node, target_port)
+        return None
     else:
         # The dims before the channel axis regrouped too (batch and sequence flattened around
         # a Gemm): the static tail from the channel axis on must match a static tail there,
@@ -778,11 +788,174 @@ def _reshape(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     if len(tail_there) == 1 and tail_there[0] == math.prod(tail_here):
         return b.visit(there_value, a2, widen(pos, math.prod(tail_here[1:])), node, target_port)
     if len(tail_here) == 1 and len(tail_there) >= 2 and math.prod(tail_there) == tail_here[0]:
-        narrowed = _heads(b, node, pos, math.prod(tail_there[1:]))
+        # The heads' axis: the first of the split dims, unless parts are picked along it
+        # (``[3, H, Dh]`` of a fused q|k|v projection, sliced, gathered or split into q, k and
+        # v after a Transpose): then the next one.
+        j = 0
+        while forward and j < len(tail_there) - 2 and _parts_taken(there_value, a2 + j):
+            j += 1
+        if j == 0:
+            narrowed = _heads(b, node, pos, math.prod(tail_there[1:]))
+        elif spelled(a2 + j):
+            narrowed = _middle_heads(b, node, pos, tail_there, j)
+        else:
+            return None
         if narrowed is not None:
-            b.visit(there_value, a2, narrowed, node, target_port)
+            b.visit(there_value, a2 + j, narrowed, node, target_port)
         return None
     return b.block(node, "Reshape mixes the channel axis with other axes")
+
+
+def _slab(dims: list[int], j: int, h: int) -> np.ndarray:
+    """The flat positions of index ``h`` on axis ``j`` of ``dims``, every other index taken."""
+    inner = math.prod(dims[j + 1 :])
+    outer = np.arange(math.prod(dims[:j]))[:, None] * dims[j] * inner
+    return (outer + h * inner + np.arange(inner)).reshape(-1)
+
+
+def _slabs(pos: Positions, dims: list[int], j: int) -> Positions:
+    """Positions on axis ``j`` of ``dims`` as flat positions over all of them."""
+    return [
+        np.sort(np.concatenate([_slab(dims, j, int(h)) for h in p]))
+        if len(p)
+        else np.array([], np.int64)
+        for p in pos
+    ]
+
+
+def _middle_heads(b: GroupBuilder, node: ir.Node, pos: Positions, dims: list[int], j: int):
+    """Flat features split as ``dims`` with the heads on axis ``j`` (``[3, H, Dh]``, j = 1):
+    the group's channels merge by head; each must then hold its head's whole slab (its
+    features in every part). Their positions on the heads' axis, or None (blocked)."""
+    heads_of: list[int | None] = []
+    inner = math.prod(dims[j + 1 :])
+    for p in pos:
+        h = np.unique((p // inner) % dims[j])
+        if len(h) > 1:
+            b.block(node, "a channel spans two attention heads")
+            return None
+        heads_of.append(int(h[0]) if len(h) else None)
+    parts: dict = {}
+    for c, h in enumerate(heads_of):
+        parts.setdefault(("head", h) if h is not None else ("alone", c), []).append(c)
+    partition = sorted((np.array(cs) for cs in parts.values()), key=lambda cs: cs[0])
+    if any(len(part) > 1 for part in partition):
+        pos = b.coarsen(partition)(pos)
+    out = []
+    for p in pos:
+        if not len(p):
+            out.append(p)
+            continue
+        h = int((p[0] // inner) % dims[j])
+        if not np.array_equal(np.sort(p), _slab(dims, j, h)):
+            b.block(node, "attention heads are not removed whole")
+            return None
+        out.append(np.array([h], np.int64))
+    return out
+
+
+def _split_from(here: list, there: list, a: int) -> int | None:
+    """The axis ``s`` when ``there`` is ``here`` with its static dims ``s..`` (the channel axis
+    ``a`` inside them, not first) flattened into its last one."""
+    for s in range(a - 1, -1, -1):
+        dims = here[s:]
+        if (
+            len(there) == s + 1
+            and all(isinstance(d, int) for d in dims)
+            and there[s] == math.prod(dims)
+            and _proved_same(here[:s], there[:s])
+        ):
+            return s
+    return None
+
+
+_ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Identity", "Cast", "Relu", "Sigmoid", "Tanh", "Neg")
+
+
+def _parts_taken(value: ir.Value, axis: int, depth: int = 4) -> bool:
+    """Whether a Slice, Gather or Split reading ``value`` (maybe through Transposes and
+    elementwise ops) picks parts along ``axis``."""
+    for use in value.uses():
+        node = use.node
+        rank = _rank(node.inputs[0])
+        if use.idx != 0 or node.domain not in ("", "ai.onnx") or rank is None:
+            continue
+        if node.op_type == "Transpose" and depth:
+            perm = list(_attr(node, "perm", list(range(rank))[::-1]))
+            if _parts_taken(node.outputs[0], perm.index(axis), depth - 1):
+                return True
+        elif node.op_type in _ELEMENTWISE and depth and _rank(node.outputs[0]) == rank:
+            if _parts_taken(node.outputs[0], axis, depth - 1):
+                return True
+        elif node.op_type in ("Gather", "Split") and _attr(node, "axis", 0) % rank == axis:
+            return True
+        elif node.op_type == "Slice":
+            axes_value = ops.optional_input(node, 3)
+            axes = (
+                const_array(axes_value)
+                if axes_value is not None
+                else np.arange(_dim(node.inputs[1], 0) or 0)
+            )
+            if axes is not None and axis in {int(v) % rank for v in axes.reshape(-1)}:
+                return True
+    return False
+
+
+def shape_source(target: ir.Value) -> ir.Value | None:
+    """``T`` when a Reshape target is ``Shape(T)``, the whole of it (a reshape to the shape of
+    another tensor, as paddle2onnx writes after a scaling)."""
+    node = target.producer()
+    if node is None or node.op_type != "Shape" or node.domain not in ("", "ai.onnx"):
+        return None
+    rank = _rank(node.inputs[0])
+    if rank is None or _attr(node, "start", 0) != 0 or _attr(node, "end", rank) < rank:
+        return None
+    return node.inputs[0]
+
+
+def _reshape_like(b: GroupBuilder, node: ir.Node, port, axis, pos, like: ir.Value) -> None:
+    """``Reshape(X, Shape(T))`` where ``X`` and ``T`` have provably the same dims: no change
+    of shape, and ``T`` must carry the same channels on that axis (checked once the group is
+    complete), so both shrink alike."""
+    x, out = node.inputs[0], node.outputs[0]
+    if x.shape is None or like.shape is None or out.shape is None:
+        return b.block(node, "Reshape to another tensor's shape, of unknown rank")
+    if len(x.shape) != len(like.shape) or not all(
+        ops.same_dim(d, e) for d, e in zip(x.shape, like.shape, strict=True)
+    ):
+        return b.block(node, "Reshape to the shape of a tensor whose dims may differ")
+
+    def check(spaces):
+        seen = spaces.get((like.name, axis))
+        if seen is None or not same_positions(seen, pos):
+            return f"Reshape takes its shape from '{like.name}', outside the group"
+        return None
+
+    b.check_at_end(node, check)
+    if port[0] == "in":
+        return b.visit(out, axis, pos, node)
+    return b.visit(x, axis, pos, node, ("in", 0))
+
+
+@register("Gather")
+def _gather(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
+    """Picking along another axis with constant indices keeps the channels (q, k and v taken
+    from a stacked projection); along the channel axis, or channels in the indices, blocks."""
+    if port == ("in", 1):
+        return b.block(node, "channels reach Gather's indices")
+    rank = _rank(node.inputs[0])
+    g = _attr(node, "axis", 0) % rank
+    indices = const_array(node.inputs[1])
+    if indices is None:
+        return b.block(node, "Gather indices are not constant")
+    extra = indices.ndim - 1  # a scalar index removes the axis, k-D indices add k - 1
+    if port[0] == "in":
+        if axis == g:
+            return b.block(node, "Gather picks along the channel axis")
+        return b.visit(node.outputs[0], axis if axis < g else axis + extra, pos, node)
+    if g <= axis < g + indices.ndim:
+        return b.block(node, "channels on the axes of Gather's indices")
+    return b.visit(node.inputs[0], axis if axis < g else axis - extra, pos, node, ("in", 0))
 
 
 @register("Expand")
