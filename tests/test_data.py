@@ -242,14 +242,20 @@ def test_a_state_input_carries_its_batch_on_axis_1_and_a_scalar_is_shared(tmp_pa
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
-def _kernel_model(path, k: int) -> None:
-    """[N, 3, H, W] -> a k x k Conv without padding: it runs only where H and W are >= k."""
+def _kernel_model(path, k: int, hidden: bool = False) -> None:
+    """[N, 3, H, W] -> a k x k Conv without padding: it runs only where H and W are >= k.
+    ``hidden``: four channels, a Relu and a 1 x 1 Conv after it (a group to prune)."""
+    body = "h = Conv (x, w)\n r = Relu (h)\n y = Conv (r, w2)" if hidden else "y = Conv (x, w)"
     proto = onnx.parser.parse_model(
         '<ir_version: 8, opset_import: ["" : 17]>\n'
-        "g (float[N,3,H,W] x) => (float[N,2,A,B] y) { y = Conv (x, w) }"
+        f"g (float[N,3,H,W] x) => (float[N,2,A,B] y) {{ {body} }}"
     )
-    w = np.random.default_rng(0).normal(size=(2, 3, k, k)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4 if hidden else 2, 3, k, k)).astype(np.float32)
     proto.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
+    if hidden:
+        w2 = rng.normal(size=(2, 4, 1, 1)).astype(np.float32)
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(w2, "w2"))
     onnx.save(proto, path)
 
 
@@ -267,6 +273,16 @@ def test_synthetic_samples_take_the_first_size_the_model_runs_at(tmp_path, capsy
     assert (tmp_path / "q.onnx").exists()
     code, out, err = run_cli(["verify", model, tmp_path / "q.onnx", "--synthetic", "4"], capsys)
     assert code in (0, 1) and "symbolic dimensions 32" in out, err
+    # prune as well (it ran its samples at 16 and stopped in onnxruntime with exit 2)
+    two = tmp_path / "two_convs.onnx"
+    _kernel_model(two, 17, hidden=True)
+    code, out, err = run_cli(
+        ["prune", two, "-o", tmp_path / "p.onnx", "--ratio", "0.5", "--synthetic", "4"]
+        + ["--no-floors"],
+        capsys,
+    )
+    assert code == 0 and "symbolic dimensions 32" in out, err
+    assert "1 pruned" in out
 
     huge = tmp_path / "huge_kernel.onnx"
     _kernel_model(huge, 700)

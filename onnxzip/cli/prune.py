@@ -15,6 +15,7 @@ from onnxzip.cli.options import (
     emit,
     engine_options,
     fit_memory,
+    fit_synthetic,
     floor_option,
     fraction,
     metric_of,
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         samples = open_samples(
             input_specs(model), args.data, args.synthetic, args.seed, batch_axes=batch_axes(args)
         )
+        fit_synthetic(model, samples)
         samples = stateful(model, samples, args, str(args.model))
         memory = fit_memory(model, samples, args)
     config = PruneConfig(
