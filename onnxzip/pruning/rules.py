@@ -939,21 +939,20 @@ def _reshape_like(b: GroupBuilder, node: ir.Node, port, axis, pos, like: ir.Valu
 
 @register("Gather")
 def _gather(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
-    """Picking along another axis with constant indices keeps the channels (q, k and v taken
-    from a stacked projection); along the channel axis, or channels in the indices, blocks."""
+    """Picking along another axis keeps the channels, whatever the indices hold (q, k and v
+    taken from a stacked projection; token rows of an embedding table, its features the
+    channels); along the channel axis, or channels in the indices, blocks."""
     if port == ("in", 1):
         return b.block(node, "channels reach Gather's indices")
     rank = _rank(node.inputs[0])
     g = _attr(node, "axis", 0) % rank
-    indices = const_array(node.inputs[1])
-    if indices is None:
-        return b.block(node, "Gather indices are not constant")
-    extra = indices.ndim - 1  # a scalar index removes the axis, k-D indices add k - 1
+    index_rank = _rank(node.inputs[1])
+    extra = index_rank - 1  # a scalar index removes the axis, k-D indices add k - 1
     if port[0] == "in":
         if axis == g:
             return b.block(node, "Gather picks along the channel axis")
         return b.visit(node.outputs[0], axis if axis < g else axis + extra, pos, node)
-    if g <= axis < g + indices.ndim:
+    if g <= axis < g + index_rank:
         return b.block(node, "channels on the axes of Gather's indices")
     return b.visit(node.inputs[0], axis if axis < g else axis - extra, pos, node, ("in", 0))
 
