@@ -511,13 +511,13 @@ def _flatten(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     return b.visit(x, f, narrowed, node, ("in", 0))
 
 
-def _heads(b: GroupBuilder, node: ir.Node, pos: Positions, head: int) -> Positions | None:
-    """Positions of whole heads of ``head`` features, merging the group's channels into heads.
-    Channels with no position here (the key and value features of a fused q|k|v projection,
-    seen on the query's heads) stay as they are."""
+def _merge_by_head(b: GroupBuilder, node: ir.Node, pos: Positions, head_of) -> Positions | None:
+    """The group's channels merged so that each holds one head (``head_of(positions)`` gives
+    each position's head); channels with no position here stay as they are. None (blocked)
+    when a channel spans two heads."""
     heads_of: list[int | None] = []
     for p in pos:
-        h = np.unique(p // head)
+        h = np.unique(head_of(p))
         if len(h) > 1:
             b.block(node, "a channel spans two attention heads")
             return None
@@ -527,8 +527,17 @@ def _heads(b: GroupBuilder, node: ir.Node, pos: Positions, head: int) -> Positio
         parts.setdefault(("head", h) if h is not None else ("alone", c), []).append(c)
     partition = sorted((np.array(cs) for cs in parts.values()), key=lambda cs: cs[0])
     if any(len(part) > 1 for part in partition):
-        merge = b.coarsen(partition)
-        pos = merge(pos)
+        pos = b.coarsen(partition)(pos)
+    return pos
+
+
+def _heads(b: GroupBuilder, node: ir.Node, pos: Positions, head: int) -> Positions | None:
+    """Positions of whole heads of ``head`` features, merging the group's channels into heads.
+    Channels with no position here (the key and value features of a fused q|k|v projection,
+    seen on the query's heads) stay as they are."""
+    pos = _merge_by_head(b, node, pos, lambda p: p // head)
+    if pos is None:
+        return None
     narrowed = narrow(pos, head)
     if narrowed is None:
         b.block(node, "attention heads are not removed whole")
@@ -827,20 +836,10 @@ def _middle_heads(b: GroupBuilder, node: ir.Node, pos: Positions, dims: list[int
     """Flat features split as ``dims`` with the heads on axis ``j`` (``[3, H, Dh]``, j = 1):
     the group's channels merge by head; each must then hold its head's whole slab (its
     features in every part). Their positions on the heads' axis, or None (blocked)."""
-    heads_of: list[int | None] = []
     inner = math.prod(dims[j + 1 :])
-    for p in pos:
-        h = np.unique((p // inner) % dims[j])
-        if len(h) > 1:
-            b.block(node, "a channel spans two attention heads")
-            return None
-        heads_of.append(int(h[0]) if len(h) else None)
-    parts: dict = {}
-    for c, h in enumerate(heads_of):
-        parts.setdefault(("head", h) if h is not None else ("alone", c), []).append(c)
-    partition = sorted((np.array(cs) for cs in parts.values()), key=lambda cs: cs[0])
-    if any(len(part) > 1 for part in partition):
-        pos = b.coarsen(partition)(pos)
+    pos = _merge_by_head(b, node, pos, lambda p: (p // inner) % dims[j])
+    if pos is None:
+        return None
     out = []
     for p in pos:
         if not len(p):
