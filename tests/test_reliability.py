@@ -878,3 +878,36 @@ def test_external_data_deleted_mid_run_is_one_line_or_a_complete_run(tmp_path):
         lines = err.strip().splitlines()
         assert len(lines) == 1 and "big.onnx.data" in lines[0], err
         assert [p for p in out.parent.iterdir() if not p.name.startswith(".")] == []
+
+
+def test_long_passes_are_logged_where_no_bar_can_be_seen(monkeypatch, caplog):
+    """stderr is not a terminal under pytest: no bar is drawn, and a pass that runs past
+    LOG_EVERY_S says how far it got at INFO, with the postfix a bar would show, and how long it
+    took; --quiet (bars off) logs nothing."""
+    import logging
+
+    from onnxzip import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="onnxzip.progress"):
+        bar = progress.bar(None, total=3, desc="recover", unit="step")
+        bar.update(2)
+        bar.set_postfix(loss="0.1234", refresh=False)
+        bar.update(1)
+        bar.close()
+        bar.close()  # once only
+        assert list(progress.bar([1, 2], desc="calibrate")) == [1, 2]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("recover: 2/3 step(s) after")
+    assert lines[1].startswith("recover: 3/3 step(s) after") and lines[1].endswith("loss 0.1234")
+    assert lines[2].startswith("recover: 3 step(s) in") and lines[2].endswith("loss 0.1234")
+    assert not lines[3].startswith("recover")
+    assert sum(line.startswith("calibrate: 2 batch(s) in") for line in lines[3:]) == 1
+    caplog.clear()
+    progress.set_enabled(False)
+    try:
+        with caplog.at_level(logging.INFO, logger="onnxzip.progress"):
+            assert list(progress.bar([1, 2], desc="calibrate")) == [1, 2]
+    finally:
+        progress.set_enabled(None)
+    assert not caplog.records
