@@ -858,6 +858,38 @@ def test_picks_and_borrowed_shapes_that_cannot_follow_the_channels_block(body, o
     assert group.blocked and reason in group.reason, group.reason
 
 
+def test_a_split_half_concatenated_with_its_own_residual_sum_holds_both_positions():
+    """YOLOv8's C2f: cv1's output split in halves, the second half through a bottleneck whose
+    residual Add reads it again, and Concat(half 1, half 2, half 2 + bottleneck) into cv2. The
+    second half's channels reach the Concat output twice, at disjoint positions: each channel
+    holds both (cv2's input rows 4 + c and 8 + c), instead of blocking the group."""
+    rng = np.random.default_rng(0)
+    proto = with_weights(
+        "g (float[N, 3, 8, 8] x) => (float[N, 5, 8, 8] y) {\n"
+        " h = Conv(x, w1)\n a = Relu(h)\n p, q = Split<axis = 1>(a, halves)\n"
+        " m = Conv(q, wm)\n mr = Relu(m)\n m2 = Conv(mr, wm2)\n r = Add(q, m2)\n"
+        " c = Concat<axis = 1>(p, q, r)\n y = Conv(c, w2)\n}",
+        {
+            "w1": rng.normal(0, 0.5, (8, 3, 1, 1)),
+            "wm": rng.normal(0, 0.5, (4, 4, 3, 3)),
+            "wm2": rng.normal(0, 0.5, (4, 4, 1, 1)),
+            "w2": rng.normal(0, 0.5, (5, 12, 1, 1)),
+        },
+    )
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array([4, 4]), "halves"))
+    for node in proto.graph.node:
+        if node.op_type == "Conv" and node.input[1] == "wm":
+            node.attribute.extend([onnx.helper.make_attribute("pads", [1, 1, 1, 1])])
+    model = prepared(io.load_model(proto))
+    groups = find_groups(model)
+    (cv1,) = [g for g in groups if any(m.value.name == "w1" for m in g.slices)]
+    assert not cv1.blocked, cv1.reason
+    rows = [m.positions for m in cv1.slices if m.value.name == "w2"]
+    union = [sorted(set().union(*(r[c].tolist() for r in rows))) for c in range(8)]
+    assert union == [[c] for c in range(4)] + [[4 + c, 8 + c] for c in range(4)]
+    assert assert_oracle(model, samples=2) >= 2  # cv1's group and the bottleneck's
+
+
 def test_tied_weights_stay_tied_and_the_model_never_grows():
     """A tied embedding (read by Gather and, transposed, by the output MatMul): folding the
     Transpose would hold the embedding twice; it stays one weight, read by both."""

@@ -228,11 +228,22 @@ class GroupBuilder:
             key = (value.name, axis)
             seen = self.group.spaces.get(key)
             if seen is not None:
-                if not same_positions(seen, positions) and not self._reconcile(seen, positions):
+                if same_positions(seen, positions) or self._reconcile(seen, positions):
+                    continue
+                if not _disjoint(seen, positions):
                     self.block(
                         from_node,
                         f"tensor '{value.name}' is reached with two different channel maps",
                     )
+                    continue
+                # The channels also occupy other positions of this axis (YOLOv8's C2f block
+                # concatenates a split half and the residual sum of that same half): each
+                # channel holds both sets, and the new positions go on to the tensor's readers
+                # and producer like a first visit.
+                self.group.spaces[key] = [
+                    np.union1d(a, b) for a, b in zip(seen, positions, strict=True)
+                ]
+                self._spread(rule_for, value, axis, positions, from_node, from_port)
                 continue
             if (
                 value.shape is None
@@ -245,26 +256,31 @@ class GroupBuilder:
             if value.is_graph_output():
                 self.block(value.producer(), f"channels reach the graph output '{value.name}'")
                 continue
-            producer = value.producer()
-            if producer is None:
-                if value.is_graph_input():
-                    self.block(None, f"channels reach the graph input '{value.name}'")
-                elif value.const_value is not None and from_node is not None:
-                    # A constant that reaches the channels through ops (Unsqueeze of a per-channel
-                    # scale, say) is cut where it is stored.
-                    self.take(from_node, value, axis, positions, "param")
+            self._spread(rule_for, value, axis, positions, from_node, from_port)
+
+    def _spread(self, rule_for, value, axis, positions, from_node, from_port) -> None:
+        """Applies the rules of ``value``'s producer and readers to the channels at
+        ``positions`` on its ``axis`` (except the node they came from)."""
+        producer = value.producer()
+        if producer is None:
+            if value.is_graph_input():
+                self.block(None, f"channels reach the graph input '{value.name}'")
+            elif value.const_value is not None and from_node is not None:
+                # A constant that reaches the channels through ops (Unsqueeze of a per-channel
+                # scale, say) is cut where it is stored.
+                self.take(from_node, value, axis, positions, "param")
+            return
+        if producer is not from_node:
+            index = list(producer.outputs).index(value)
+            self._apply(rule_for, producer, ("out", index), axis, positions)
+        for use in value.uses():
+            if use.node is from_node and from_port == ("in", use.idx):
                 continue
-            if producer is not from_node:
-                index = list(producer.outputs).index(value)
-                self._apply(rule_for, producer, ("out", index), axis, positions)
-            for use in value.uses():
-                if use.node is from_node and from_port == ("in", use.idx):
-                    continue
-                if use.node is from_node and from_port is None:
-                    continue
-                self._apply(rule_for, use.node, ("in", use.idx), axis, positions)
-                if self.group.blocked:
-                    break
+            if use.node is from_node and from_port is None:
+                continue
+            self._apply(rule_for, use.node, ("in", use.idx), axis, positions)
+            if self.group.blocked:
+                break
 
     def _apply(
         self, rule_for, node: ir.Node, port: tuple[str, int], axis: int, positions: Positions
@@ -307,3 +323,13 @@ def _unknown_rank(node: ir.Node) -> str | None:
         if value.shape is None and (value.uses() or value.is_graph_output()):
             return value.name
     return None
+
+
+def _disjoint(seen: Positions, positions: Positions) -> bool:
+    """Two maps of the same channels whose positions never meet (neither within a channel nor
+    across channels)."""
+    if len(seen) != len(positions):
+        return False
+    a = np.concatenate(seen) if seen else np.array([], np.int64)
+    b = np.concatenate(positions) if positions else np.array([], np.int64)
+    return len(np.intersect1d(a, b)) == 0 and len(np.unique(b)) == len(b)
