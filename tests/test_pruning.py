@@ -746,17 +746,16 @@ def _stacked_qkv(pick: str, scale_shape: tuple = (), summed: bool = False) -> ir
             "r1 = Reshape(a, split)\n m2 = MatMul(x, w2)\n r2 = Reshape(m2, split)\n"
             " r = Add(r1, r2)",
         )
-    proto = with_weights(
-        text,
-        {
-            "w2": rng.normal(0, 0.5, (16, 48)),
-            "wqkv": rng.normal(0, 0.5, (16, 48)),
-            "bqkv": rng.normal(0, 0.5, 48),
-            "wo": rng.normal(0, 0.5, (16, 16)),
-            "bo": rng.normal(0, 0.5, 16),
-            "scale": rng.uniform(0.3, 0.7, scale_shape),
-        },
-    )
+    weights = {
+        "wqkv": rng.normal(0, 0.5, (16, 48)),
+        "bqkv": rng.normal(0, 0.5, 48),
+        "wo": rng.normal(0, 0.5, (16, 16)),
+        "bo": rng.normal(0, 0.5, 16),
+        "scale": rng.uniform(0.3, 0.7, scale_shape),
+    }
+    if summed:
+        weights["w2"] = rng.normal(0, 0.5, (16, 48))
+    proto = with_weights(text, weights)
     ints = {"split": [0, -1, 3, 4, 4], "merge": [0, -1, 16], "ones": [1, 1, 1]}
     ints |= {f"i{k}": [k] for k in range(4)} | {f"s{k}": k for k in range(3)}
     for name, v in ints.items():

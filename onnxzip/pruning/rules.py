@@ -359,7 +359,7 @@ def _transpose(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
 # -- elementwise ops joining branches ------------------------------------------------------------
 
 
-@register(
+_BINARY = (
     "Add",
     "Sub",
     "Mul",
@@ -379,6 +379,9 @@ def _transpose(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     "Or",
     "Xor",
 )
+
+
+@register(*_BINARY)
 def _elementwise(b: GroupBuilder, node: ir.Node, port, axis, pos) -> None:
     out = node.outputs[0]
     out_rank = _rank(out)
@@ -868,9 +871,6 @@ def _split_from(here: list, there: list, a: int) -> int | None:
     return None
 
 
-_ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Identity", "Cast", "Relu", "Sigmoid", "Tanh", "Neg")
-
-
 def _parts_taken(value: ir.Value, axis: int, depth: int = 4) -> bool:
     """Whether a Slice, Gather or Split reading ``value`` (maybe through Transposes and
     elementwise ops) picks parts along ``axis``."""
@@ -883,7 +883,7 @@ def _parts_taken(value: ir.Value, axis: int, depth: int = 4) -> bool:
             perm = list(_attr(node, "perm", list(range(rank))[::-1]))
             if _parts_taken(node.outputs[0], perm.index(axis), depth - 1):
                 return True
-        elif node.op_type in _ELEMENTWISE and depth and _rank(node.outputs[0]) == rank:
+        elif node.op_type in (*_UNARY, *_BINARY) and depth and _rank(node.outputs[0]) == rank:
             if _parts_taken(node.outputs[0], axis, depth - 1):
                 return True
         elif node.op_type in ("Gather", "Split") and _attr(node, "axis", 0) % rank == axis:
