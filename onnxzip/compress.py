@@ -7,8 +7,10 @@ statistics, the recovery fine-tuning and the calibration.
 
 With an accuracy budget (``max_drop`` top-1 points, measured against labels when the samples
 have them, else against the original's predictions; or ``min_cosine``), the pruning amount is
-searched: the requested MACs target first, then progressively milder ones, each pruned,
-recovered and measured on the held-out samples, until one fits the budget; what remains of the
+searched: the requested MACs target first, then the mildest (0.9: when even that one breaks
+the budget nothing is pruned, and no other is tried), then the ones between, from the
+requested one up, each pruned, recovered and measured on the held-out samples, until one fits
+the budget (the mildest when none of those does); what remains of the
 budget goes to quantization, whose accuracy guard keeps harmful layers in float. Without a
 budget the default quality floors of the outputs' kinds (``onnxzip.floors``) are the budget:
 the same search runs until a pruned model holds them. The report says what was tried.
@@ -232,8 +234,7 @@ class CompressReport:
             r = self.recovery
             lines += [
                 "",
-                f"recovery  {r.steps} steps on {r.samples_seen} samples, distillation loss "
-                f"{r.first_loss:.4g} -> {r.last_loss:.4g}",
+                f"recovery  {r.describe()}",
             ]
         if self.quantize is not None and self.quantize.kept_float:
             lines += ["", *kept_float_lines(self.quantize.kept_float)]
@@ -409,7 +410,10 @@ def compress(
             targets = [None]
         else:
             asked = config.prune.target_macs
-            targets = [asked] + ([t for t in MILDER if t > asked] if budget or floor_budget else [])
+            milder = [t for t in MILDER if t > asked] if budget or floor_budget else []
+            # the mildest second: a model that cannot hold the budget even at 0.9 of its MACs
+            # (a pretrained recognizer on a few hundred samples) costs two attempts, not five
+            targets = [asked] + milder[-1:] + milder[:-1]
         search = _Search(
             original,
             samples,
@@ -430,10 +434,13 @@ def compress(
         # are taken as reconstructed (what a distilling attempt also computes), or run again
         # where one cannot be: the outcome is the one-at-a-time search's.
         found = False
+        fallback = None  # the mildest target's outcome, taken when nothing between fits
+        mildest = targets[1] if len(targets) > 2 else None
         t_search = time.perf_counter()
         i = 0
         width = max(1, cluster.active().workers)
-        while i < len(targets) and not found:
+        stop = False
+        while i < len(targets) and not stop:
             mode = _mode(config, report)
             batch = targets[i : i + width]
             outcomes = cluster.active().map(
@@ -472,12 +479,18 @@ def compress(
                         failing=_first_failing(outcome.check),
                     )
                 )
-                if outcome.fits:
-                    current = outcome.pruned
-                    report.prune, report.recovery = outcome.prune_report, outcome.recovery
-                    found = True
+                if target == mildest and target is not None:
+                    stop = not outcome.fits  # nothing milder: the others would not fit either
+                    fallback = outcome if outcome.fits else None
+                elif outcome.fits:
+                    fallback, stop = outcome, True
+                if stop:
                     break
             outcomes.close()
+        if fallback is not None:
+            current = fallback.pruned
+            report.prune, report.recovery = fallback.prune_report, fallback.recovery
+            found = True
         timings["pruning search"] = time.perf_counter() - t_search
         if not found:
             logger.warning(

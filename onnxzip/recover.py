@@ -10,6 +10,8 @@ The training twin is the student with its loss written into the graph:
   ``T``: ``L = -T^2 mean_n sum_c softmax(t / T)[n, c] * log_softmax(s / T)[n, c]``, the
   KL divergence up to the teacher's entropy, a constant (the teacher probabilities arrive as an
   extra input; the reported loss subtracts that constant, so it is the KL divergence itself);
+  class scores per position ``[N, T, C]`` and masks ``[N, C, H, W]`` the same over their class
+  axis, averaged over samples and positions;
 * any other float output: the mean squared error to the teacher's output.
 
 Several outputs add their losses. BatchNormalization after a convolution is folded into it
@@ -59,27 +61,49 @@ class RecoverConfig:
 
     steps: int = option(500, "distillation steps", metavar="N", flag="--recover-steps")
     # AdamW, cosine decay to 0 over the steps
-    learning_rate: float = option(
-        5e-3, "AdamW learning rate, cosine decay to 0", metavar="LR", flag="--recover-lr"
+    learning_rate: float | None = option(
+        None,
+        "AdamW peak learning rate, cosine decay to 0 (default: whichever of 5e-3, 1e-3 and "
+        "2e-4 ends a short trial run at the lowest loss)",
+        metavar="LR",
+        flag="--recover-lr",
     )
     batch_size: int = option(32, cli=False)
     # tried 1, 2, 4, 6 on the digits nets at half the MACs: 4 was best
-    temperature: float = option(
-        4.0, "distillation temperature", metavar="T", flag="--recover-temperature"
+    temperature: float | None = option(
+        None,
+        "distillation temperature (default: per output, the largest of 4, 2 and 1 at which the "
+        "softened teacher still gives its top class half the mass)",
+        metavar="T",
+        flag="--recover-temperature",
     )
     holdout: float = option(0.2, cli=False)  # the held-out part of the samples is never trained on
 
     def validate(self) -> None:
         if self.steps < 1:
             raise ConfigError("steps", f"{{name}} must be at least 1, got {self.steps}")
-        if not self.learning_rate > 0:
+        if self.learning_rate is not None and not self.learning_rate > 0:
             raise ConfigError(
                 "learning_rate", f"{{name}} must be positive, got {self.learning_rate}"
             )
-        if not self.temperature > 0:
+        if self.temperature is not None and not self.temperature > 0:
             raise ConfigError("temperature", f"{{name}} must be positive, got {self.temperature}")
         if not 0 <= self.holdout < 1:
             raise ConfigError("holdout", f"{{name}} must be in [0, 1), got {self.holdout}")
+
+
+# Without a learning rate given, these peak rates are tried (largest first) for
+# ``trial_steps(steps)`` steps each from the pruned weights, and the one whose trial ends at
+# the lowest loss runs the schedule. 5e-3 suits the digits nets, trained from scratch; on a
+# pretrained text recognizer (PP-OCRv5's, 20 % pruned) AdamW's first step at 5e-3 or 2e-3
+# moves every weight so far that the distillation loss jumps from 2.3 to 110 and, at 5e-3,
+# stays there; 2e-4 brings it down to 1.3 in 60 steps.
+LEARNING_RATES = (5e-3, 1e-3, 2e-4)
+
+
+def trial_steps(steps: int) -> int:
+    """Steps of each learning-rate trial: 1/25 of the run, between 4 and 20."""
+    return max(4, min(20, steps // 25))
 
 
 @dataclass
@@ -91,6 +115,25 @@ class RecoverReport:
     last_loss: float
     seconds: float
     losses: list[float] = field(default_factory=list)
+    learning_rate: float = 0.0  # the peak learning rate the schedule ran at
+    # each trial's rate -> the twin's mean loss over its second half (teacher entropy included)
+    tried: dict[float, float] = field(default_factory=dict)
+    temperatures: dict[str, float] = field(default_factory=dict)  # per class-score output
+
+    def describe(self) -> str:
+        """One line: steps, samples, learning rate (and how it was chosen), the loss."""
+        rate = f"learning rate {self.learning_rate:.2g}"
+        if self.tried:
+            rate += " (of " + ", ".join(f"{r:.2g}" for r in self.tried) + " after "
+            rate += f"{trial_steps(self.steps)} trial steps each)"
+        if self.temperatures:
+            rate += ", temperature " + ", ".join(
+                f"{t:g}" for t in sorted(set(self.temperatures.values()), reverse=True)
+            )
+        return (
+            f"{self.steps} steps on {self.samples_seen} samples, {rate}, distillation loss "
+            f"{self.first_loss:.4g} -> {self.last_loss:.4g}"
+        )
 
 
 def _trainable(model: ir.Model) -> list[str]:
@@ -116,32 +159,39 @@ def _trainable(model: ir.Model) -> list[str]:
     return names
 
 
-def _class_scores(value: ir.Value) -> str | None:
-    """How an output enters the distillation loss: class scores (the floors' kind) as a KL
-    divergence of tempered distributions, given as "probabilities" (a Softmax's output, as the
-    floors' part says: its log is the logits up to a constant, which the softmax ignores) or
-    "logits" (a LogSoftmax's output too: a constant shift); None for every other kind, which is
-    matched by squared error (a box regression through a softmax would only be matched up to a
-    shift of all its values)."""
+def _class_scores(value: ir.Value) -> tuple[str, int] | None:
+    """How an output enters the distillation loss: class scores (the floors' kinds: per
+    sample, per position, per pixel of a mask) as a KL divergence of tempered distributions
+    over their class axis, given as ``(form, axis)``: form "probabilities" (a Softmax's output,
+    as the floors' part says: its log is the logits up to a constant, which the softmax
+    ignores) or "logits" (a LogSoftmax's output too: a constant shift); None for every other
+    kind, which is matched by squared error (a box regression through a softmax would only be
+    matched up to a shift of all its values). Per position and per pixel the KL is averaged
+    over positions: squared error on a text recognizer's probabilities over thousands of
+    characters is about 1e-9 at the start, a gradient the optimizer hardly moves on."""
     part = floors_mod.classify(value)
-    if part.kind != floors_mod.CLASS_SCORES:
+    if part.kind not in (floors_mod.CLASS_SCORES, floors_mod.CLASS_PER_POSITION, floors_mod.MASK):
         return None
-    return "probabilities" if part.probabilities else "logits"
+    if part.class_axis is None:
+        return None
+    return ("probabilities" if part.probabilities else "logits", part.class_axis)
 
 
-def _teacher_distribution(t: np.ndarray, form: str, temperature: float) -> np.ndarray:
+def _teacher_distribution(t: np.ndarray, form: tuple[str, int], temperature: float) -> np.ndarray:
     """The tempered target distribution from a teacher output of class scores ``form``."""
-    logits = np.log(np.maximum(t, 1e-30)) if form == "probabilities" else t
-    return _softmax(logits.astype(np.float64), temperature)
+    kind, axis = form
+    logits = np.log(np.maximum(t, 1e-30)) if kind == "probabilities" else t
+    return _softmax(logits.astype(np.float64), temperature, axis)
 
 
 def _training_twin(
     student: ir.Model,
-    temperature: float,
+    temperature: float | dict[str, float],
     weights: dict[str, np.ndarray] | None = None,
-    forms: dict[str, str | None] | None = None,
+    forms: dict[str, tuple[str, int] | None] | None = None,
 ) -> tuple[ir.Model, list[str]]:
     """The student with its distillation loss as the first output; returns the target inputs.
+    ``temperature``: one for every class-score output, or one per output name;
     ``weights``: per output, the per-feature weights of its squared error (``feature_weights``);
     ``forms``: per float output, its ``_class_scores`` (found here when not given)."""
     twin = student.clone()
@@ -156,11 +206,11 @@ def _training_twin(
         targets.append(target.name)
         form = forms[out.name] if forms is not None else _class_scores(out)
         if form is not None:
-            t = passes.add_initializer(
-                graph, f"distill_temperature_{i}", np.array(temperature, np.float32)
-            )
+            tau = temperature[out.name] if isinstance(temperature, dict) else temperature
+            t = passes.add_initializer(graph, f"distill_temperature_{i}", np.array(tau, np.float32))
+            kind, axis = form
             logits, pre = out, []
-            if form == "probabilities":
+            if kind == "probabilities":
                 tiny = passes.add_initializer(
                     graph, f"distill_tiny_{i}", np.array(1e-30, np.float32)
                 )
@@ -169,10 +219,13 @@ def _training_twin(
                 logits, pre = log.outputs[0], [floor, log]
             scaled = ir.node("Div", [logits, t], name=f"distill_scale_{i}")
             logp = ir.node(
-                "LogSoftmax", [scaled.outputs[0]], attributes={"axis": -1}, name=f"distill_logp_{i}"
+                "LogSoftmax",
+                [scaled.outputs[0]],
+                attributes={"axis": axis},
+                name=f"distill_logp_{i}",
             )
             prod = ir.node("Mul", [target, logp.outputs[0]], name=f"distill_prod_{i}")
-            axes = passes.add_initializer(graph, f"distill_axes_{i}", np.array([1], np.int64))
+            axes = passes.add_initializer(graph, f"distill_axes_{i}", np.array([axis], np.int64))
             per_sample = ir.node(
                 "ReduceSum",
                 [prod.outputs[0], axes],
@@ -186,7 +239,7 @@ def _training_twin(
                 name=f"distill_mean_{i}",
             )
             factor = passes.add_initializer(
-                graph, f"distill_factor_{i}", np.array(-(temperature**2), np.float32)
+                graph, f"distill_factor_{i}", np.array(-(tau**2), np.float32)
             )
             loss = ir.node("Mul", [mean.outputs[0], factor], name=f"distill_loss_{i}")
             new = [*pre, scaled, logp, prod, per_sample, mean, loss]
@@ -233,6 +286,35 @@ def feature_weights(target: np.ndarray) -> np.ndarray:
     return (weights / weights.mean()).astype(np.float32)
 
 
+# Without a temperature given, each class-score output takes the largest of these at which the
+# softened teacher's top class keeps at least TOP_MASS of the mass on average (first training
+# batch). Softening shows the student which other classes the teacher finds likely; over
+# thousands of classes it spreads the mass so thin that the top class vanishes from the target:
+# PP-OCRv5's recognizer (18,385 characters) keeps 0.8 % on its top character at 4, 28 % at 2,
+# 82 % at 1; the digits nets 66 % at 4 (and take 4, as before).
+TEMPERATURES = (4.0, 2.0, 1.0)
+TOP_MASS = 0.5
+
+
+def _temperatures(teacher_run, student: ir.Model, samples: Samples, config, forms) -> dict:
+    """Per class-score output (``forms``), its distillation temperature."""
+    names = [name for name, form in forms.items() if form is not None]
+    if config.temperature is not None or not names:
+        return dict.fromkeys(names, config.temperature or TEMPERATURES[0])
+    split = "calibration" if config.holdout > 0 else "all"
+    batch = next(samples.batches(config.batch_size, split, config.holdout or 0.5))
+    outputs = teacher_run.run(batch, names)
+    chosen = {}
+    for name in names:
+        form = forms[name]
+        for t in TEMPERATURES:
+            top = _teacher_distribution(outputs[name], form, t).max(axis=form[1])
+            if float(np.mean(top)) >= TOP_MASS:
+                break
+        chosen[name] = t
+    return chosen
+
+
 def _loss_weights(teacher_run, student: ir.Model, samples: Samples, config, forms) -> dict:
     """Per regression-like output (``forms``: None) with a static last axis, its feature weights
     from the teacher's outputs on the first training batch; only outputs that need them."""
@@ -255,11 +337,11 @@ def _loss_weights(teacher_run, student: ir.Model, samples: Samples, config, form
     return {name: w for name, w in weights.items() if not np.all(w == 1)}
 
 
-def _softmax(x: np.ndarray, temperature: float) -> np.ndarray:
+def _softmax(x: np.ndarray, temperature: float, axis: int = -1) -> np.ndarray:
     z = x / temperature
-    z = z - z.max(axis=-1, keepdims=True)
+    z = z - z.max(axis=axis, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    return e / e.sum(axis=axis, keepdims=True)
 
 
 def recover(
@@ -297,8 +379,14 @@ def recover(
     forms = {
         v.name: _class_scores(v) for v in student.graph.outputs if v.dtype == ir.DataType.FLOAT
     }
+    opset = student.opset_imports.get("", 1)
+    for v in student.graph.outputs:
+        form = forms.get(v.name)
+        if form is not None and opset < 13 and (v.shape is None or form[1] != len(v.shape) - 1):
+            forms[v.name] = None  # LogSoftmax before 13 flattens from its axis on
     weights = _loss_weights(teacher_run, student, samples, config, forms)
-    twin, targets = _training_twin(base, config.temperature, weights, forms)
+    temperatures = _temperatures(teacher_run, student, samples, config, forms)
+    twin, targets = _training_twin(base, temperatures, weights, forms)
     if not trainable:
         raise InputError(
             "recovery: the model has no trainable weights (Conv/Gemm/MatMul initializers)"
@@ -335,9 +423,9 @@ def recover(
                     continue
                 t = teacher_out[v.name]
                 if forms[v.name] is not None:
-                    p = _teacher_distribution(t, forms[v.name], config.temperature)
-                    plogp = (p * np.log(np.maximum(p, 1e-30))).sum(axis=-1)
-                    entropy -= config.temperature**2 * float(np.mean(plogp))
+                    p = _teacher_distribution(t, forms[v.name], temperatures[v.name])
+                    plogp = (p * np.log(np.maximum(p, 1e-30))).sum(axis=forms[v.name][1])
+                    entropy -= temperatures[v.name] ** 2 * float(np.mean(plogp))
                     feeds[f"distill_target_{i}"] = p.astype(np.float32)
                 else:
                     feeds[f"distill_target_{i}"] = t
@@ -346,10 +434,11 @@ def recover(
             yield feeds
 
     # Cosine decay of the learning rate to zero over the steps.
+    peak = config.learning_rate if config.learning_rate is not None else LEARNING_RATES[0]
     rates = [
-        config.learning_rate * 0.5 * (1 + math.cos(math.pi * step / config.steps))
-        for step in range(config.steps)
+        peak * 0.5 * (1 + math.cos(math.pi * step / config.steps)) for step in range(config.steps)
     ]
+    trials = [] if config.learning_rate is not None else [r / peak for r in LEARNING_RATES]
     try:
         result = engine.run_job(
             twin,
@@ -359,6 +448,8 @@ def recover(
             batches=feeds_of_batches(),
             read=trainable,
             learning_rates=rates,
+            trials=trials,
+            trial_steps=trial_steps(config.steps),
             shuffle_seed=0,  # each drawn batch's samples permuted, as a shuffled pass would
             batch_size=config.batch_size if fixed else None,
             what="recovery",
@@ -375,7 +466,6 @@ def recover(
     for name, array in trained.items():
         value = student.graph.initializers[name]
         value.const_value = ir.tensor(array.astype(np.float32), name=name)
-    logger.info("recovery: %d steps, loss %.4f -> %.4f", config.steps, losses[0], losses[-1])
     report = RecoverReport(
         steps=config.steps,
         samples_seen=seen,
@@ -384,7 +474,11 @@ def recover(
         last_loss=losses[-1],
         seconds=time.perf_counter() - start,
         losses=[round(x, 6) for x in losses[:: max(1, len(losses) // 50)]],
+        learning_rate=peak * result.scale,
+        tried=dict(zip(LEARNING_RATES, result.trial_scores, strict=False)),
+        temperatures=temperatures,
     )
+    logger.info("recovery: %s", report.describe())
     return student, report
 
 

@@ -46,10 +46,46 @@ def test_budget_searches_milder_pruning(resnet_path, calib_npz, test_npz):
         verify_samples=NpzSamples(test_npz, specs),
     )
     targets = [a.target_macs for a in report.attempts]
-    assert targets[0] == 0.3 and targets == sorted(targets)
-    assert report.attempts[-1].fits or len(targets) == 6
-    if report.attempts[-1].fits:
-        assert report.attempts[-1].accuracy_drop <= 0.3
+    # the requested amount, the mildest, then the ones between from the requested one up
+    assert targets[0] == 0.3 and (len(targets) == 1 or targets[1] == 0.9)
+    assert targets[2:] == sorted(targets[2:]) and all(0.3 < t < 0.9 for t in targets[2:])
+    fitting = [a for a in report.attempts if a.fits]
+    if fitting:
+        taken = next((a for a in report.attempts if a.fits and a.target_macs != 0.9), fitting[0])
+        assert taken.accuracy_drop <= 0.3
+        assert report.prune.macs_after / report.prune.macs_before == taken.macs
+    else:
+        assert len(targets) == 2 and report.prune is None  # even the mildest broke the budget
+
+
+def test_search_tries_the_mildest_second_and_stops_when_it_fails(mobilenet_path, calib_npz):
+    """A budget no amount holds costs two attempts (the requested one and the mildest); one
+    only the mildest holds tries every amount and takes the mildest."""
+    specs = input_specs(io.load_model(mobilenet_path))
+    samples = NpzSamples(calib_npz, specs)
+
+    def search(target, **budget):
+        config = CompressConfig(
+            prune=PruneConfig(target_macs=target),
+            recover=None,
+            quantize=None,
+            latency=False,
+            **budget,
+        )
+        model, report = compress(mobilenet_path, samples, config)
+        return model, report
+
+    _, report = search(0.5, min_cosine=1.0)
+    assert [a.target_macs for a in report.attempts] == [0.5, 0.9]
+    assert report.prune is None and not any(a.fits for a in report.attempts)
+    _, pair = search(0.8, min_cosine=1.0)  # two amounts: tried in order
+    assert [a.target_macs for a in pair.attempts] == [0.8, 0.9]
+    c8, c9 = (a.cosine for a in pair.attempts)
+    assert c8 < c9
+    model, report = search(0.5, min_cosine=(c8 + c9) / 2)
+    assert [a.target_macs for a in report.attempts] == [0.5, 0.9, 0.6, 0.7, 0.8]
+    assert [a.fits for a in report.attempts] == [False, True, False, False, False]
+    assert report.prune.macs_after / report.prune.macs_before == report.attempts[1].macs
 
 
 def test_fixed_ratio_is_one_attempt_reported_as_a_ratio(resnet_path, calib_npz):

@@ -126,6 +126,52 @@ def test_train_job_is_deterministic_shuffles_and_skips_partial_batches(training_
     np.testing.assert_array_equal(model.graph.initializers["W"].const_value.numpy(), w)
 
 
+def _adam(w, batches, order, rates):
+    """AdamW as the worker steps it (bias correction, beta 0.9 / 0.999, eps 1e-8, no weight
+    decay) on dL/dW = x^T x W, replayed in float64; returns the weights and each step's loss."""
+    w, m, v, losses = w.astype(np.float64), 0.0, 0.0, []
+    for t, (b, rate) in enumerate(zip(order, rates, strict=True), 1):
+        x = batches[b]["x"].astype(np.float64)
+        losses.append(0.5 * float(np.sum((x @ w) ** 2)))
+        g = x.T @ (x @ w)
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        w = w - rate * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+    return w, losses
+
+
+def test_learning_rate_trials_pick_the_lowest_late_loss_and_restart_from_the_weights(
+    training_python,
+):
+    """Each trial runs from the initial weights at its factor of the first rate; the schedule
+    then runs from the initial weights again at the factor whose trial's second half had the
+    lowest mean loss: the weights are those of a plain run at that rate."""
+    model, w = _linear()
+    rng = np.random.default_rng(2)
+    batches = [{"x": rng.normal(size=(4, 4)).astype(np.float32)} for _ in range(3)]
+    rates = [5.0 * (1 - i / 10) for i in range(10)]
+    trials, count = [1.0, 0.1, 0.01], 6
+    kwargs = dict(kind="train", requires_grad=["W"], frozen=[], read=["W"], batch_size=4)
+    result = engine.run_job(
+        model, batches=batches, learning_rates=rates, trials=trials, trial_steps=count, **kwargs
+    )
+    order = [i % 3 for i in range(count)]
+    scores = [
+        float(np.mean(_adam(w, batches, order, [rates[0] * f] * count)[1][count // 2 :]))
+        for f in trials
+    ]
+    np.testing.assert_allclose(result.trial_scores, scores, rtol=1e-3)
+    best = trials[int(np.argmin(scores))]
+    assert best != trials[0]  # 5 per step overshoots weights of about 1: the choice matters
+    assert result.scale == best
+    plain = engine.run_job(
+        model, batches=batches, learning_rates=[r * best for r in rates], **kwargs
+    )
+    np.testing.assert_array_equal(result.arrays["W"], plain.arrays["W"])
+    assert result.losses == plain.losses and len(result.losses) == len(rates)
+    expected, _ = _adam(w, batches, [i % 3 for i in range(10)], [r * best for r in rates])
+    np.testing.assert_allclose(result.arrays["W"], expected, atol=1e-4)
+
+
 def test_twin_above_opset_21_is_converted_for_the_engine_without_changing_the_model(
     tmp_path, training_python
 ):

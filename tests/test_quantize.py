@@ -1458,7 +1458,7 @@ def test_distillation_matches_class_scores_by_kl_and_raw_heads_by_squared_error(
     )
     model = io.load_model(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]))
     forms = {v.name: _class_scores(v) for v in model.graph.outputs}
-    assert forms == {"face": "probabilities", "box": None, "logits": None}  # beside a Softmax
+    assert forms == {"face": ("probabilities", 1), "box": None, "logits": None}  # beside a Softmax
     twin, _ = _training_twin(model, 4.0)
     ops = [n.op_type for n in twin.graph]
     assert ops.count("LogSoftmax") == 1 and ops.count("Log") == 1  # the face score only
@@ -1466,7 +1466,105 @@ def test_distillation_matches_class_scores_by_kl_and_raw_heads_by_squared_error(
     logits = np.array([[2.0, -1.0]])
     p = np.exp(logits) / np.exp(logits).sum()
     expected = np.exp(logits / 4) / np.exp(logits / 4).sum()
-    np.testing.assert_allclose(_teacher_distribution(p, "probabilities", 4.0), expected, rtol=1e-9)
+    np.testing.assert_allclose(
+        _teacher_distribution(p, ("probabilities", 1), 4.0), expected, rtol=1e-9
+    )
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 6), (3, 6, 4, 5)])
+def test_distillation_of_class_scores_per_position_is_the_mean_kl_over_the_class_axis(shape):
+    """A recognizer's [N, T, C] Softmax (and a segmenter's [N, C, H, W] mask logits) are
+    distilled as a KL divergence over the class axis averaged over positions. They used to
+    be matched by squared error on the probabilities (PP-OCRv5's recognizer: a loss of 1e-9 at
+    the start over 18,385 characters, nothing learnt); a sum over axis 1 would sum positions.
+    The twin's loss, run in onnxruntime, equals the KL computed here plus the teacher's
+    entropy."""
+    from onnxzip.recover import _class_scores, _teacher_distribution, _training_twin
+
+    rank, rng = len(shape), np.random.default_rng(0)
+    if rank == 3:
+        n, t, c = shape
+        text = (
+            f"g (float[N,{t},8] x) => (float[N,{t},{c}] y) {{ m = MatMul (x, w)\n y = Softmax(m) }}"
+        )
+        weights, axis, feeds = {"w": (8, c)}, 2, rng.normal(size=(n, t, 8))
+    else:
+        n, c, h, w = shape
+        text = (
+            f"g (float[N,3,{h},{w}] x) => (float[N,{c},{h},{w}] y) "
+            "{ y = Conv <kernel_shape=[1,1]> (x, w) }"
+        )
+        weights, axis, feeds = {"w": (c, 3, 1, 1)}, 1, rng.normal(size=(n, 3, h, w))
+    model = io.load_model(build(text, weights))
+    out = model.graph.outputs[0]
+    form = _class_scores(out)
+    assert form == ("probabilities" if rank == 3 else "logits", axis)
+    twin, targets = _training_twin(model, 4.0, forms={out.name: form})
+    feeds = feeds.astype(np.float32)
+    session = ort.InferenceSession(io.to_proto(model).SerializeToString())
+    student = session.run(None, {"x": feeds})[0].astype(np.float64)
+    # the teacher: the student's scores moved a little
+    teacher = student + rng.normal(scale=0.3, size=student.shape)
+    if rank == 3:
+        teacher = np.exp(teacher) / np.exp(teacher).sum(axis=axis, keepdims=True)
+    p = _teacher_distribution(teacher, form, 4.0)
+    loss = ort.InferenceSession(io.to_proto(twin).SerializeToString()).run(
+        None, {"x": feeds, targets[0]: p.astype(np.float32)}
+    )[0]
+    logits = np.log(student) if rank == 3 else student
+    z = logits / 4.0
+    logq = z - z.max(axis=axis, keepdims=True)
+    logq = logq - np.log(np.exp(logq).sum(axis=axis, keepdims=True))
+    kl = (p * (np.log(p) - logq)).sum(axis=axis).mean()
+    entropy = -(p * np.log(p)).sum(axis=axis).mean()
+    assert float(loss) == pytest.approx(16.0 * (kl + entropy), rel=1e-4)
+
+
+@pytest.mark.parametrize(("classes", "scale", "expected"), [(10, 8.0, 4.0), (3000, 3.0, 1.0)])
+def test_distillation_temperature_keeps_the_teachers_top_class_visible(classes, scale, expected):
+    """Without a temperature given, each class-score output takes the largest of 4, 2 and 1 at
+    which the softened teacher still gives its top class half the mass: over thousands of
+    confident classes 4 spreads it so thin that the target no longer says which class won."""
+    from onnxzip.recover import (
+        TEMPERATURES,
+        TOP_MASS,
+        RecoverConfig,
+        _class_scores,
+        _teacher_distribution,
+        _temperatures,
+    )
+    from onnxzip.runtime import Runner
+
+    text = (
+        f"g (float[N,5,8] x) => (float[N,5,{classes}] y) {{ m = MatMul (x, w)\n y = Softmax(m) }}"
+    )
+    proto = build(text, {"w": (8, classes)})
+    w = proto.graph.initializer[0]
+    rng = np.random.default_rng(0)
+    w.CopyFrom(
+        onnx.numpy_helper.from_array(
+            (scale * rng.normal(size=(8, classes))).astype(np.float32), "w"
+        )
+    )
+    model = io.load_model(proto)
+    samples = SyntheticSamples(input_specs(model), 16, seed=0)
+    forms = {v.name: _class_scores(v) for v in model.graph.outputs}
+    run = Runner(model, name="teacher")
+    chosen = _temperatures(run, model, samples, RecoverConfig(batch_size=16, holdout=0), forms)
+    t = chosen["y"]
+    scores = run.run(next(samples.batches(16, "all", 0.5)), ["y"])["y"]
+
+    def top(tau):
+        return float(np.mean(_teacher_distribution(scores, forms["y"], tau).max(axis=2)))
+
+    assert t in TEMPERATURES
+    assert top(t) >= TOP_MASS or t == TEMPERATURES[-1]
+    assert all(top(tau) < TOP_MASS for tau in TEMPERATURES if tau > t)
+    assert t == expected  # the wide head is softened less
+    fixed = _temperatures(
+        run, model, samples, RecoverConfig(batch_size=16, holdout=0, temperature=3.0), forms
+    )
+    assert fixed == {"y": 3.0}  # a temperature given is taken as it is
 
 
 @pytest.mark.parametrize(

@@ -62,7 +62,7 @@ def register(sub) -> None:
         p,
         r,
         RecoverConfig,
-        ["steps", "learning_rate"],
+        ["steps", "learning_rate", "temperature"],
         defaults={"steps": 0},
     )
     r.add_argument(
@@ -130,16 +130,13 @@ def run(args: argparse.Namespace) -> int:
         from onnxzip.recover import recover
 
         recovery = RecoverConfig(
-            **config_kwargs(RecoverConfig, args, ["steps", "learning_rate"]),
+            **config_kwargs(RecoverConfig, args, ["steps", "learning_rate", "temperature"]),
             batch_size=args.batch_size,
             holdout=args.holdout,
         )
         pruned, report.recovery = recover(model, pruned, samples, recovery)
         r = report.recovery
-        text += (
-            f"\n\nrecovery    {r.steps} steps on {r.samples_seen} samples, distillation loss "
-            f"{r.first_loss:.4g} -> {r.last_loss:.4g}, {r.seconds:.1f} s"
-        )
+        text += f"\n\nrecovery    {r.describe()}, {r.seconds:.1f} s"
         split, holdout = ("holdout", args.holdout) if args.holdout > 0 else ("all", 0.0)
     if report.unchanged_because is not None:
         text += (

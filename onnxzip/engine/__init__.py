@@ -106,6 +106,8 @@ class JobResult:
     losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     batches: list[int] = field(default_factory=list)  # train: which batch each step used
+    scale: float = 1.0  # train with trials: the factor the learning rates were scaled by
+    trial_scores: list[float] = field(default_factory=list)  # each trial's mean late loss
 
 
 class WorkerFailed(ModelError):
@@ -140,6 +142,8 @@ def run_job(
     read: list[str],
     loss: str | dict | None = None,
     learning_rates: list[float] | None = None,
+    trials: list[float] | None = None,
+    trial_steps: int = 0,
     shuffle_seed: int | None = None,
     batch_size: int | None = None,
     what: str = "training",
@@ -149,7 +153,8 @@ def run_job(
     """Runs one job in the training worker (see ``worker.py`` for the job kinds).
 
     ``kind`` is ``"gradients"`` (each batch once; ``read`` gradients per batch) or ``"train"``
-    (AdamW, one step per learning rate; ``read`` trained values). ``loss`` is None (the twin's
+    (AdamW, one step per learning rate; ``read`` trained values; ``trials``: factors of the
+    rates tried for ``trial_steps`` steps each first, the best one kept, as ``worker.py`` says). ``loss`` is None (the twin's
     first output is the loss), ``"cross-entropy"`` (adds a ``labels`` input) or
     ``{"block": NAME, "options": {...}}`` naming an ``onnxblock.loss`` block. ``threads`` is
     the worker's onnxruntime intra-op thread count (default: one inside a Ray task, whose CPU it
@@ -179,13 +184,18 @@ def run_job(
             "loss": loss,
             "read": list(read),
             "learning_rates": [float(r) for r in learning_rates or []],
+            "trials": [float(f) for f in trials or []],
+            "trial_steps": int(trial_steps),
             "shuffle_seed": shuffle_seed,
             "batch_size": batch_size,
             "sizes": sizes,
             "threads": threads if threads is not None else cluster.worker_threads(),
         }
         (folder / "job.json").write_text(json.dumps(job))
-        total = len(job["learning_rates"]) if kind == "train" else count
+        total = count
+        if kind == "train":
+            runs = len(job["trials"]) if len(job["trials"]) > 1 else 0
+            total = len(job["learning_rates"]) + runs * job["trial_steps"]
         _run_worker(engine, folder, total, desc or what, what)
         error = folder / "error.json"
         if error.is_file():
@@ -196,7 +206,12 @@ def run_job(
         with np.load(folder / "result.npz") as data:
             arrays = {k: data[k] for k in data.files}
     return JobResult(
-        arrays, info.get("losses", []), info.get("step_seconds", []), info.get("batches", [])
+        arrays,
+        info.get("losses", []),
+        info.get("step_seconds", []),
+        info.get("batches", []),
+        info.get("scale", 1.0),
+        info.get("trial_scores", []),
     )
 
 

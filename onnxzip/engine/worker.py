@@ -22,7 +22,10 @@ Jobs (``job["kind"]``):
   through the batches; with ``shuffle_seed`` each drawn batch's samples are permuted by one
   ``numpy.random.default_rng(shuffle_seed)``; with ``batch_size`` set, batches of another
   size are skipped without being read (``sizes`` gives each file's samples; a twin whose batch
-  is fixed). Returns the final ``read`` parameters.
+  is fixed). Returns the final ``read`` parameters. With ``trials`` (factors, largest first)
+  and ``trial_steps``, each factor first runs ``trial_steps`` steps at ``factor *
+  learning_rates[0]`` from the initial weights; the schedule then runs from the initial weights
+  again, scaled by the factor whose trial ended at the lowest loss (``scale`` in the result).
 
 ``onnxruntime.training``'s ``__init__`` imports torch (ORTModule); the ``artifacts`` and ``api``
 submodules do not need it, so the package is registered bare, without running that
@@ -34,6 +37,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import os
 import sys
 import tempfile
@@ -161,44 +165,53 @@ def run(folder: Path) -> None:
             raise
         except Exception as exc:  # the gradient builders raise RuntimeErrors with C++ text
             raise JobFailed("build", str(exc)) from exc
-        try:  # sessions over the gradient graph: where a missing kernel shows (ResizeGrad)
-            state = api.CheckpointState.load_checkpoint(str(art / "checkpoint"))
-            options = ort.SessionOptions()
-            if job.get("threads"):  # a Ray task's one CPU; else onnxruntime's default
-                options.intra_op_num_threads = int(job["threads"])
-                options.inter_op_num_threads = 1
-            module = api.Module(
-                str(art / "training_model.onnx"),
-                state,
-                str(art / "eval_model.onnx"),
-                device="cpu",
-                session_options=options,
-            )
-            optimizer = None
-            if train:
-                _cap_ir_version(art / "optimizer_model.onnx")
-                optimizer = api.Optimizer(str(art / "optimizer_model.onnx"), module)
-        except Exception as exc:
-            raise JobFailed("build", str(exc)) from exc
-        module.train()
+        options = ort.SessionOptions()
+        if job.get("threads"):  # a Ray task's one CPU; else onnxruntime's default
+            options.intra_op_num_threads = int(job["threads"])
+            options.inter_op_num_threads = 1
+
+        if train:
+            _cap_ir_version(art / "optimizer_model.onnx")
+
+        def fresh():
+            """Module and optimizer from the checkpoint as written: the initial weights and
+            no optimizer moments (each learning-rate trial and the run start from there)."""
+            try:  # sessions over the gradient graph: where a missing kernel shows (ResizeGrad)
+                state = api.CheckpointState.load_checkpoint(str(art / "checkpoint"))
+                module = api.Module(
+                    str(art / "training_model.onnx"),
+                    state,
+                    str(art / "eval_model.onnx"),
+                    device="cpu",
+                    session_options=options,
+                )
+                optimizer = None
+                if train:
+                    optimizer = api.Optimizer(str(art / "optimizer_model.onnx"), module)
+            except Exception as exc:
+                raise JobFailed("build", str(exc)) from exc
+            module.train()
+            return state, module, optimizer
+
+        state, module, optimizer = fresh()
         names = module.input_names()
-        parameters = state.parameters
         read = job.get("read", [])
         losses, step_seconds = [], []
         grads = {name: [] for name in read}
 
-        def step(feeds):
+        def step(module, feeds):
             try:
                 return float(module(*[np.ascontiguousarray(feeds[n]) for n in names]))
             except Exception as exc:
                 raise JobFailed("step", str(exc)) from exc
 
         if not train:
+            parameters = state.parameters
             for i, path in enumerate(batch_files):
                 with np.load(path) as data:
                     feeds = {k: data[k] for k in data.files}
                 t0 = time.perf_counter()
-                losses.append(step(feeds))
+                losses.append(step(module, feeds))
                 for name in read:  # Parameter.grad is a view the next step overwrites
                     grads[name].append(np.array(parameters[name].grad, copy=True))
                 module.lazy_reset_grad()
@@ -206,37 +219,68 @@ def run(folder: Path) -> None:
                 _emit({"progress": i + 1})
             arrays = {name: np.stack(g) for name, g in grads.items()}
         else:
-            rates = job["learning_rates"]
-            rng = (
-                np.random.default_rng(job["shuffle_seed"])
-                if job.get("shuffle_seed") is not None
-                else None
-            )
             fixed = job.get("batch_size")
             sizes = job["sizes"]  # samples per batch file, so that skipped ones are never read
             if fixed and fixed not in sizes:
                 raise JobFailed("data", f"no batch of the fixed size {fixed}")
-            cursor = 0
-            used = []
-            for i, rate in enumerate(rates):
-                while True:
-                    index = cursor % len(batch_files)
-                    cursor += 1
-                    # Drawn for every batch, skipped ones too: the same order whatever is fixed.
-                    order = rng.permutation(sizes[index]) if rng is not None else None
-                    if not fixed or sizes[index] == fixed:
-                        break
-                with np.load(batch_files[index]) as data:
-                    feeds = {k: data[k] if order is None else data[k][order] for k in data.files}
-                used.append(index)
-                t0 = time.perf_counter()
-                optimizer.set_learning_rate(float(rate))
-                losses.append(step(feeds))
-                optimizer.step()
-                module.lazy_reset_grad()
-                step_seconds.append(time.perf_counter() - t0)
-                _emit({"progress": i + 1, "loss": losses[-1]})
-            arrays = {name: np.array(parameters[name].data, copy=True) for name in read}
+            done = 0
+
+            def schedule(module, optimizer, rates, losses, step_seconds):
+                """``len(rates)`` steps from the first batch on, in the seeded order."""
+                nonlocal done
+                rng = (
+                    np.random.default_rng(job["shuffle_seed"])
+                    if job.get("shuffle_seed") is not None
+                    else None
+                )
+                cursor = 0
+                used = []
+                for rate in rates:
+                    while True:
+                        index = cursor % len(batch_files)
+                        cursor += 1
+                        # Drawn for every batch, skipped ones too: the same order whatever is fixed.
+                        order = rng.permutation(sizes[index]) if rng is not None else None
+                        if not fixed or sizes[index] == fixed:
+                            break
+                    with np.load(batch_files[index]) as data:
+                        feeds = {
+                            k: data[k] if order is None else data[k][order] for k in data.files
+                        }
+                    used.append(index)
+                    t0 = time.perf_counter()
+                    optimizer.set_learning_rate(float(rate))
+                    losses.append(step(module, feeds))
+                    optimizer.step()
+                    module.lazy_reset_grad()
+                    step_seconds.append(time.perf_counter() - t0)
+                    done += 1
+                    _emit({"progress": done, "loss": losses[-1]})
+                return used
+
+            rates = job["learning_rates"]
+            trials = job.get("trials") or []
+            scale, scores = 1.0, []
+            if len(trials) > 1:
+                del state, module, optimizer  # one set of sessions at a time
+                # Each trial factor scales the schedule's first rate, held for ``trial_steps``
+                # steps from the initial weights; the lowest mean loss over the second half of
+                # those steps picks the factor (a diverging trial scores inf).
+                for factor in trials:
+                    _, trial_module, trial_optimizer = fresh()
+                    trial_losses = []
+                    count = int(job["trial_steps"])
+                    schedule(
+                        trial_module, trial_optimizer, [rates[0] * factor] * count, trial_losses, []
+                    )
+                    tail = np.array(trial_losses[count // 2 :], np.float64)
+                    scores.append(float(tail.mean()) if np.all(np.isfinite(tail)) else math.inf)
+                    del trial_module, trial_optimizer
+                best = int(np.argmin(scores))  # the first (the largest factor) on ties
+                scale = float(trials[best])
+                state, module, optimizer = fresh()
+            used = schedule(module, optimizer, [r * scale for r in rates], losses, step_seconds)
+            arrays = {name: np.array(state.parameters[name].data, copy=True) for name in read}
     partial = folder / "result.partial.npz"
     np.savez(partial, **arrays)
     os.replace(partial, folder / "result.npz")
@@ -244,6 +288,8 @@ def run(folder: Path) -> None:
         "losses": losses,
         "step_seconds": step_seconds,
         "batches": used if train else list(range(len(batch_files))),
+        "scale": scale if train else 1.0,
+        "trial_scores": scores if train else [],
         "engine": ort.__version__,
     }
     (folder / "result.partial.json").write_text(json.dumps(info))
