@@ -253,8 +253,8 @@ def test_vision_transformer_with_merged_norm_weights_recovers_by_distillation():
     norms = [n for n in model.graph if n.op_type == "LayerNormalization"]
     assert len(norms) == 5 and len({n.inputs[1].name for n in norms}) == 1  # the layout tested
     samples = NpzSamples(DATA / "vit_pixels.npz", input_specs(model))
-    small, report = compress(
-        model, samples, CompressConfig(prune=PruneConfig(ratio=0.5), latency=False)
+    small, report = compress(  # no quantization: SmoothQuant may give each norm its own scale
+        model, samples, CompressConfig(prune=PruneConfig(ratio=0.5), quantize=None, latency=False)
     )
     # distillation ran (kept, or measured against reconstruction on the held-out rows)
     assert not report.recovery_skipped, report.recovery_skipped

@@ -797,7 +797,12 @@ def test_instance_normalization_trains_through_its_statistics(opset, tmp_path):
     samples = SyntheticSamples(input_specs(model), 32, seed=2)
     pruned, _ = prune(model, PruneConfig(ratio=0.3), samples=samples)
     recovered, rec = recover(model, pruned, samples, RecoverConfig(steps=24, batch_size=8))
-    assert np.mean(rec.losses[-3:]) < np.mean(rec.losses[:3])
+    # the first Conv reaches the loss only through the normalisation's statistics, and only a
+    # gradient moves it (AdamW without weight decay): it trained. (The loss starts at float32
+    # noise on this random model: the losses themselves say nothing.)
+    before = pruned.graph.initializers["w1"].const_value.numpy()
+    after = recovered.graph.initializers["w1"].const_value.numpy()
+    assert np.abs(after - before).max() > 1e-6
     assert "InstanceNormalization" in {n.op_type for n in recovered.graph}
 
 
