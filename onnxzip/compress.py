@@ -433,8 +433,7 @@ def compress(
         # (distillation unavailable, or worse than reconstruction) the later ones of its round
         # are taken as reconstructed (what a distilling attempt also computes), or run again
         # where one cannot be: the outcome is the one-at-a-time search's.
-        found = False
-        fallback = None  # the mildest target's outcome, taken when nothing between fits
+        taken = None  # the outcome kept: the first between that fits, else the mildest's
         mildest = targets[1] if len(targets) > 2 else None
         t_search = time.perf_counter()
         i = 0
@@ -479,20 +478,19 @@ def compress(
                         failing=_first_failing(outcome.check),
                     )
                 )
-                if target == mildest and target is not None:
+                if mildest is not None and target == mildest:
                     stop = not outcome.fits  # nothing milder: the others would not fit either
-                    fallback = outcome if outcome.fits else None
+                    taken = outcome if outcome.fits else None
                 elif outcome.fits:
-                    fallback, stop = outcome, True
+                    taken, stop = outcome, True
                 if stop:
                     break
             outcomes.close()
-        if fallback is not None:
-            current = fallback.pruned
-            report.prune, report.recovery = fallback.prune_report, fallback.recovery
-            found = True
+        if taken is not None:
+            current = taken.pruned
+            report.prune, report.recovery = taken.prune_report, taken.recovery
         timings["pruning search"] = time.perf_counter() - t_search
-        if not found:
+        if taken is None:
             logger.warning(
                 "no pruning amount fits the %s: the model is not pruned",
                 "accuracy budget" if budget else "default quality floors",

@@ -297,30 +297,27 @@ TEMPERATURES = (4.0, 2.0, 1.0)
 TOP_MASS = 0.5
 
 
-def _temperatures(teacher_run, student: ir.Model, samples: Samples, config, forms) -> dict:
-    """Per class-score output (``forms``), its distillation temperature."""
+def _temperatures(config, forms, first: dict) -> dict:
+    """Per class-score output (``forms``), its distillation temperature; ``first``: the
+    teacher's outputs on the first training batch (``_first_outputs``)."""
     names = [name for name, form in forms.items() if form is not None]
-    if config.temperature is not None or not names:
-        return dict.fromkeys(names, config.temperature or TEMPERATURES[0])
-    split = "calibration" if config.holdout > 0 else "all"
-    batch = next(samples.batches(config.batch_size, split, config.holdout or 0.5))
-    outputs = teacher_run.run(batch, names)
+    if config.temperature is not None:
+        return dict.fromkeys(names, config.temperature)
     chosen = {}
     for name in names:
-        form = forms[name]
-
-        def top(t, form=form, scores=outputs[name]):
-            return float(np.mean(_teacher_distribution(scores, form, t).max(axis=form[1])))
-
-        own = top(1.0)
-        chosen[name] = next((t for t in TEMPERATURES if top(t) >= TOP_MASS * own), 1.0)
+        axis = forms[name][1]
+        top = {
+            t: float(np.mean(_teacher_distribution(first[name], forms[name], t).max(axis=axis)))
+            for t in (*TEMPERATURES, 1.0)
+        }
+        chosen[name] = next((t for t in TEMPERATURES if top[t] >= TOP_MASS * top[1.0]), 1.0)
     return chosen
 
 
-def _loss_weights(teacher_run, student: ir.Model, samples: Samples, config, forms) -> dict:
-    """Per regression-like output (``forms``: None) with a static last axis, its feature weights
-    from the teacher's outputs on the first training batch; only outputs that need them."""
-    candidates = [
+def _weighted(student: ir.Model, forms) -> list[str]:
+    """Regression-like outputs (``forms``: None) with a static last axis: those whose squared
+    error may need feature weights."""
+    return [
         v.name
         for v in student.graph.outputs
         if v.dtype == ir.DataType.FLOAT
@@ -330,12 +327,25 @@ def _loss_weights(teacher_run, student: ir.Model, samples: Samples, config, form
         and isinstance(v.shape[-1], int)
         and 1 < v.shape[-1] <= MAX_WEIGHTED_FEATURES
     ]
-    if not candidates:
+
+
+def _first_outputs(teacher_run, samples: Samples, config, forms, student: ir.Model) -> dict:
+    """The teacher's outputs on the first training batch that the loss weights and the
+    temperatures are chosen from: run once, only for the outputs that need them."""
+    names = _weighted(student, forms)
+    if config.temperature is None:
+        names += [name for name, form in forms.items() if form is not None]
+    if not names:
         return {}
     split = "calibration" if config.holdout > 0 else "all"
     batch = next(samples.batches(config.batch_size, split, config.holdout or 0.5))
-    outputs = teacher_run.run(batch, candidates)
-    weights = {name: feature_weights(outputs[name]) for name in candidates}
+    return teacher_run.run(batch, names)
+
+
+def _loss_weights(student: ir.Model, forms, first: dict) -> dict:
+    """Per regression-like output with a static last axis, its feature weights from the
+    teacher's outputs on the first training batch; only outputs that need them."""
+    weights = {name: feature_weights(first[name]) for name in _weighted(student, forms)}
     return {name: w for name, w in weights.items() if not np.all(w == 1)}
 
 
@@ -386,8 +396,9 @@ def recover(
         form = forms.get(v.name)
         if form is not None and opset < 13 and (v.shape is None or form[1] != len(v.shape) - 1):
             forms[v.name] = None  # LogSoftmax before 13 flattens from its axis on
-    weights = _loss_weights(teacher_run, student, samples, config, forms)
-    temperatures = _temperatures(teacher_run, student, samples, config, forms)
+    first = _first_outputs(teacher_run, samples, config, forms, student)
+    weights = _loss_weights(student, forms, first)
+    temperatures = _temperatures(config, forms, first)
     twin, targets = _training_twin(base, temperatures, weights, forms)
     if not trainable:
         raise InputError(

@@ -1533,6 +1533,7 @@ def test_distillation_temperature_keeps_the_teachers_top_class_visible(classes, 
         TOP_MASS,
         RecoverConfig,
         _class_scores,
+        _first_outputs,
         _teacher_distribution,
         _temperatures,
     )
@@ -1553,9 +1554,11 @@ def test_distillation_temperature_keeps_the_teachers_top_class_visible(classes, 
     samples = SyntheticSamples(input_specs(model), 16, seed=0)
     forms = {v.name: _class_scores(v) for v in model.graph.outputs}
     run = Runner(model, name="teacher")
-    chosen = _temperatures(run, model, samples, RecoverConfig(batch_size=16, holdout=0), forms)
-    t = chosen["y"]
+    config = RecoverConfig(batch_size=16, holdout=0)
+    first = _first_outputs(run, samples, config, forms, model)
     scores = run.run(next(samples.batches(16, "all", 0.5)), ["y"])["y"]
+    np.testing.assert_array_equal(first["y"], scores)  # the first batch's
+    t = _temperatures(config, forms, first)["y"]
 
     def top(tau):
         return float(np.mean(_teacher_distribution(scores, forms["y"], tau).max(axis=2)))
@@ -1564,10 +1567,9 @@ def test_distillation_temperature_keeps_the_teachers_top_class_visible(classes, 
     assert top(t) >= TOP_MASS * top(1.0)
     assert all(top(tau) < TOP_MASS * top(1.0) for tau in TEMPERATURES if tau > t)
     assert t == expected  # the wide head is softened less
-    fixed = _temperatures(
-        run, model, samples, RecoverConfig(batch_size=16, holdout=0, temperature=3.0), forms
-    )
-    assert fixed == {"y": 3.0}  # a temperature given is taken as it is
+    given = RecoverConfig(batch_size=16, holdout=0, temperature=3.0)
+    assert _first_outputs(run, samples, given, forms, model) == {}  # nothing to choose: no run
+    assert _temperatures(given, forms, {}) == {"y": 3.0}  # a temperature given is taken as it is
 
 
 @pytest.mark.parametrize(
