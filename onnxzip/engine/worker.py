@@ -262,20 +262,19 @@ def run(folder: Path) -> None:
             trials = job.get("trials") or []
             scale, scores = 1.0, []
             if len(trials) > 1:
-                del state, module, optimizer  # one set of sessions at a time
                 # Each trial factor scales the schedule's first rate, held for ``trial_steps``
-                # steps from the initial weights; the lowest mean loss over the second half of
-                # those steps picks the factor (a diverging trial scores inf).
-                for factor in trials:
-                    _, trial_module, trial_optimizer = fresh()
+                # steps from the initial weights (the first trial in the sessions built above,
+                # each later one in new ones: one set at a time); the lowest mean loss over the
+                # second half of those steps picks the factor (a diverging trial scores inf).
+                count = int(job["trial_steps"])
+                for j, factor in enumerate(trials):
+                    if j:
+                        state, module, optimizer = fresh()
                     trial_losses = []
-                    count = int(job["trial_steps"])
-                    schedule(
-                        trial_module, trial_optimizer, [rates[0] * factor] * count, trial_losses, []
-                    )
+                    schedule(module, optimizer, [rates[0] * factor] * count, trial_losses, [])
                     tail = np.array(trial_losses[count // 2 :], np.float64)
                     scores.append(float(tail.mean()) if np.all(np.isfinite(tail)) else math.inf)
-                    del trial_module, trial_optimizer
+                    del state, module, optimizer
                 best = int(np.argmin(scores))  # the first (the largest factor) on ties
                 scale = float(trials[best])
                 state, module, optimizer = fresh()
